@@ -1,0 +1,36 @@
+"""Rebuild the bundled data slices from the shared copy of the public datasets (deterministic).
+
+    python data/make_slices.py ../shared/data
+
+banking77 (CC BY 4.0, PolyAI): a stratified slice — the first TRAIN_PER_LABEL training rows of each of the 77
+intents, in the source order, and the first TEST_PER_LABEL test rows of each intent.
+"""
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+TRAIN_PER_LABEL, TEST_PER_LABEL = 24, 4
+
+
+def stratified(rows: list[dict], per_label: int) -> list[dict]:
+    taken: dict[str, int] = defaultdict(int)
+    kept = []
+    for row in rows:
+        if taken[row["label"]] < per_label:
+            taken[row["label"]] += 1
+            kept.append({"text": row["text"], "label": row["label"]})
+    return kept
+
+
+def main(shared: Path) -> None:
+    out = Path(__file__).parent / "banking77"
+    for split, per_label in (("train", TRAIN_PER_LABEL), ("test", TEST_PER_LABEL)):
+        rows = [json.loads(line) for line in (shared / "banking77" / f"{split}.jsonl").open(encoding="utf-8")]
+        kept = stratified(rows, per_label)
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        print(f"{split}: {len(kept)} rows")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data"))

@@ -1,0 +1,166 @@
+"""The `tunesmith` command: parse arguments, call one function, print its result. No logic lives here.
+
+Exit codes: 0 success, 2 a user mistake (printed plainly, no traceback), 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tunesmith.errors import TrainingStopped, UserError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tunesmith.config import load_config, resolve_paths
+    from tunesmith.registry import methods
+
+    config = resolve_paths(load_config(args.config, args.overrides))
+    result = methods.get(config.method, key="method")(config)
+    print(f"trained {result.steps} steps; final loss {result.final_loss}; best validation loss {result.best_val_loss}")
+    print(f"{result.tokens_per_s:,.0f} tokens/s; peak memory {result.peak_rss_mb:,.0f} MB")
+    print(f"saved {result.output}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from tunesmith.data.check import check_file
+
+    report = check_file(args.file, args.format, args.method, args.model, args.max_length)
+    print(report.text, file=sys.stderr if report.problems else sys.stdout)
+    return 2 if report.problems else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from tunesmith.models import catalog
+
+    if args.action == "pull":
+        print(catalog.pull(args.name, force=args.force))
+        return 0
+    for entry in catalog.list_models():
+        state = f"cached at {entry['path']}" if entry["cached"] else "not downloaded (tunesmith models pull NAME)"
+        print(f"{entry['name']:<24} {entry['description']}  [{entry['license']}]  {state}")
+    return 0
+
+
+def sampling_from(args: argparse.Namespace):
+    from tunesmith.serve.engine import Sampling
+
+    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tunesmith.serve.engine import Engine
+
+    engine = Engine.load(args.target)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("type a message; an empty line or Ctrl-D ends the chat", file=sys.stderr)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = ""
+        for piece in engine.stream(messages, sampling_from(args)):
+            print(piece, end="", flush=True)
+            reply += piece
+        print()
+        messages.append({"role": "assistant", "content": reply.strip()})
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tunesmith.serve.engine import Engine
+
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise UserError("no prompt given; fix: pass --prompt TEXT (repeatable) or pipe prompts, one per line")
+    engine = Engine.load(args.target)
+    replies = engine.generate([[{"role": "user", "content": prompt}] for prompt in prompts], sampling_from(args))
+    for prompt, reply in zip(prompts, replies):
+        print(json.dumps({"prompt": prompt, "reply": reply}, ensure_ascii=False) if args.jsonl else reply)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import yaml
+
+    from tunesmith.eval.classification import evaluate_base_vs_tuned, format_table
+    from tunesmith.serve.engine import Engine, Sampling, is_run_dir
+
+    run_eval = {}
+    if is_run_dir(args.target):
+        run_eval = yaml.safe_load((args.target / "config.yaml").read_text(encoding="utf-8")).get("eval", {})
+    data = args.data or (Path(run_eval["data"]) if run_eval.get("data") else None)
+    if data is None:
+        raise UserError("no evaluation data; fix: pass --data FILE.jsonl or set eval.data in the run's config")
+    max_examples = args.max_examples or run_eval.get("max_examples")
+    sampling = Sampling(max_new_tokens=args.max_new_tokens or run_eval.get("max_new_tokens", 32))
+    output = args.target / "eval.json" if is_run_dir(args.target) else None
+    results = evaluate_base_vs_tuned(Engine.load(str(args.target)), data, max_examples, sampling,
+                                     run_eval.get("batch_size", 16), output)
+    print(format_table(results))
+    if output:
+        print(f"wrote {output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune language models on your own data.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run one training recipe; writes a run directory")
+    train.add_argument("config", type=Path, help="the YAML config")
+    train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
+    train.set_defaults(handler=cmd_train)
+
+    validate = commands.add_parser("validate", help="check a data file before any compute")
+    validate.add_argument("file", type=Path)
+    validate.add_argument("--format", default="auto", help="the data format (default: detect it)")
+    validate.add_argument("--method", default="sft", help="the method the data is for (default: sft)")
+    validate.add_argument("--model", help="also check token lengths with this model's tokenizer")
+    validate.add_argument("--max-length", type=int, default=1024, help="longest example in tokens (with --model)")
+    validate.set_defaults(handler=cmd_validate)
+
+    models = commands.add_parser("models", help="the built-in model registry and its local cache")
+    models.add_argument("action", choices=["list", "pull"])
+    models.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    models.add_argument("--force", action="store_true", help="download and convert again")
+    models.set_defaults(handler=cmd_models)
+
+    for name, handler, help_text in (("chat", cmd_chat, "talk to a model or a run (its adapter applied)"),
+                                     ("generate", cmd_generate, "one reply per prompt")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("target", help="a run directory, a built-in model name, a model directory or a .gguf file")
+        sub.add_argument("--max-new-tokens", type=int, default=256)
+        sub.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        sub.add_argument("--top-p", type=float, default=1.0)
+        if name == "chat":
+            sub.add_argument("--system", help="a system message")
+        else:
+            sub.add_argument("--prompt", action="append", help="a prompt (repeatable); else one per stdin line")
+            sub.add_argument("--jsonl", action="store_true", help="print {prompt, reply} JSON lines")
+        sub.set_defaults(handler=handler)
+
+    evaluate = commands.add_parser("eval", help="evaluate a run against its base model (exact-match accuracy)")
+    evaluate.add_argument("target", type=Path, help="a run directory (base vs tuned) or a model")
+    evaluate.add_argument("--data", type=Path, help="evaluation data (default: the run's eval.data)")
+    evaluate.add_argument("--max-examples", type=int)
+    evaluate.add_argument("--max-new-tokens", type=int)
+    evaluate.set_defaults(handler=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except TrainingStopped as error:
+        print(f"stopped: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,279 @@
+"""The typed config: the schema, its defaults, YAML loading, `key.sub=value` overrides, and clear errors.
+
+Every field is documented once, here; the text feeds `tunesmith train --help-config` and the docs.
+Loading reports every problem at once, each as `FILE:LINE: key: problem (got VALUE); fix`, with a
+"did you mean" for misspelt keys.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunesmith.errors import Problem, UserError, did_you_mean
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AdapterConfig(Section):
+    type: str = Field("lora", description="How the model is adapted: lora (PEFT LoRA) or full (every weight trains).")
+    r: int = Field(16, gt=0, description="LoRA rank: the inner dimension of each low-rank update.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator; the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input path.")
+    target: str | list[str] = Field(
+        "all-linear", description="Modules that get LoRA: 'all-linear' or a list of module names (q_proj, ...)."
+    )
+
+
+class DataConfig(Section):
+    train: Path = Field(description="Training data: a JSONL file, one example per line.")
+    validation: Path | None = Field(None, description="Validation data file (same format as train).")
+    val_fraction: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Hold out this fraction of train for validation when no file is given."
+    )
+    format: str = Field("auto", description="messages | alpaca | sharegpt | prompt_completion | text | classification | preference | auto")
+    max_length: int = Field(1024, gt=1, description="Longest example in tokens; packed rows hold at most this many.")
+    packing: bool = Field(True, description="Pack several examples into each row (no attention across them).")
+    truncation: Literal["error", "drop", "truncate", "split"] = Field(
+        "error",
+        description="An example longer than max_length: error (report it), drop (skip and count), "
+        "truncate (keep the first max_length tokens), split (text only: cut into max_length pieces).",
+    )
+    skip_bad_rows: bool = Field(False, description="Skip (and count) invalid rows instead of refusing the file.")
+    loss_on: Literal["assistant", "all"] = Field(
+        "assistant", description="Which tokens are trained: assistant turns only, or every token."
+    )
+    system_prompt: str | None = Field(None, description="System message added to examples that have none.")
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> "DataConfig":
+        if self.validation is not None and self.val_fraction is not None:
+            raise ValueError("give data.validation or data.val_fraction, not both")
+        return self
+
+
+class EarlyStoppingConfig(Section):
+    patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without improvement (None: never stop early)."
+    )
+    min_delta: float = Field(0.0, ge=0.0, description="An improvement smaller than this does not count.")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(1, ge=1, description="Passes over the training data.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(8, ge=1, description="Rows per micro-batch (packed rows when data.packing is on).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2.0e-4, gt=0.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    schedule: str = Field("cosine", description="Learning-rate schedule after warmup: cosine | linear | constant.")
+    warmup: float = Field(0.03, ge=0.0, description="Warmup: a fraction of all steps if < 1, else a step count.")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Clip the global gradient norm (None: no clipping).")
+    seed: int = Field(0, description="Seed for initialisation, data order and dropout.")
+    eval_every: int = Field(100, ge=1, description="Validation loss every N steps (and at the end).")
+    save_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
+    keep_last: int = Field(2, ge=1, description="Keep the newest N step checkpoints (the best one is kept too).")
+    log_every: int = Field(1, ge=1, description="Write a metrics.jsonl line every N steps.")
+    resume: Literal["auto", "never"] = Field(
+        "auto", description="auto: continue from the newest complete checkpoint in output_dir; never: start fresh."
+    )
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    max_bad_steps: int = Field(3, ge=1, description="Stop after this many non-finite losses in a row.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Compute dtype: auto is bfloat16 autocast on a GPU that supports it, else float32."
+    )
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (None: torch's default).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class EvalConfig(Section):
+    data: Path | None = Field(None, description="Evaluation data (JSONL); classification rows are scored by exact match.")
+    max_examples: int | None = Field(200, ge=1, description="Evaluate at most this many rows (the first N).")
+    max_new_tokens: int = Field(32, ge=1, description="Generation budget per example.")
+    batch_size: int = Field(16, ge=1, description="Examples generated together.")
+
+
+class Config(Section):
+    model: str = Field(DEFAULT_MODEL, description="A built-in model name, a local Hugging Face directory, or a .gguf file.")
+    method: str = Field("sft", description="The training recipe: sft | pretrain.")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: Path = Field(Path("runs/run"), description="The run directory.")
+
+    @model_validator(mode="after")
+    def _known_plugins(self) -> "Config":
+        from tunesmith.registry import adapters, load_plugins, methods, schedules
+
+        load_plugins()
+        problems = []
+        for key, value, registry in (
+            ("method", self.method, methods),
+            ("adapter.type", self.adapter.type, adapters),
+            ("train.schedule", self.train.schedule, schedules),
+        ):
+            if value not in registry:
+                problems.append(f"{key}: '{value}' is not a known {registry.kind}{did_you_mean(value, registry.names())}; "
+                                f"choose one of: {', '.join(registry.names())}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML with line numbers, overrides, and errors that point at the line.
+
+Location = dict[tuple[str, ...], str]  # key path -> "FILE:LINE" or "command line"
+
+
+def _locations(node: yaml.Node, source: str, path: tuple[str, ...] = ()) -> Location:
+    """Map every key path in a composed YAML tree to the line it is written on."""
+    found: Location = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key_path = path + (str(key_node.value),)
+            found[key_path] = f"{source}:{key_node.start_mark.line + 1}"
+            found.update(_locations(value_node, source, key_path))
+    return found
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], Location]:
+    """Parse a YAML config into a dict and the line of each key; YAML errors name the line."""
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found; fix: check the path (relative to {Path.cwd()})")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: not valid YAML: {getattr(error, 'problem', error)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}:1: a config must be a mapping of keys (model:, data:, train:, ...), got {type(data).__name__}")
+    return data, (_locations(node, str(path)) if node is not None else {})
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], where: Location) -> None:
+    """Apply `key.sub=value` overrides in place; values are parsed as YAML scalars (2e-4, true, null)."""
+    problems = []
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            problems.append(Problem("command line", f"'{override}' is not key.sub=value; fix: write e.g. train.lr=1e-4"))
+            continue
+        path = tuple(part.strip() for part in key.strip().split("."))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        target = data
+        for part in path[:-1]:
+            if not isinstance(target.get(part), dict):
+                target[part] = {}
+            target = target[part]
+        target[path[-1]] = value
+        where[path] = "command line"
+    if problems:
+        raise UserError("bad override", problems)
+
+
+def _where(loc: tuple[Any, ...], where: Location, default: str) -> str:
+    """The line of the deepest written key along `loc`."""
+    path = tuple(str(part) for part in loc)
+    while path:
+        if path in where:
+            return where[path]
+        path = path[:-1]
+    return default
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed in the section that contains `loc` (for "did you mean")."""
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def validation_problems(error: ValidationError, where: Location, source: str) -> list[Problem]:
+    problems = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(part) for part in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            allowed = _fields_at(loc)
+            message = f"unknown key '{key}'{did_you_mean(str(loc[-1]), allowed)}; allowed here: {', '.join(allowed)}"
+        elif item["type"] == "missing":
+            message = f"'{key}' is required; fix: add it (e.g. data.train: path/to/train.jsonl)"
+        elif item["type"] == "value_error" and not loc:
+            for line in str(item["msg"]).removeprefix("Value error, ").splitlines():
+                problems.append(Problem(_where(tuple(line.split(":")[0].split(".")), where, source), line))
+            continue
+        else:
+            value = item.get("input")
+            message = f"'{key}' = {value!r}: {item['msg']}"
+        problems.append(Problem(_where(loc, where, source), message))
+    return problems
+
+
+def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or none), apply overrides, validate; every problem reported at once."""
+    data, where = read_yaml(path) if path is not None else ({}, {})
+    apply_overrides(data, list(overrides), where)
+    source = str(path) if path is not None else "command line"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise UserError(f"{source}: the config has problems", validation_problems(error, where, source)) from None
+
+
+def write_config(config: Config, path: Path) -> None:
+    """Write the fully resolved config (defaults filled in, paths absolute) as YAML."""
+    data = config.model_dump(mode="json")
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def resolve_paths(config: Config) -> Config:
+    """Make every path absolute (relative to the working directory) so the saved config reproduces the run."""
+    data = config.data
+    updates = {"train": data.train.resolve()}
+    if data.validation is not None:
+        updates["validation"] = data.validation.resolve()
+    resolved = config.model_copy(
+        update={"data": data.model_copy(update=updates), "output_dir": config.output_dir.resolve()}
+    )
+    if config.eval.data is not None:
+        resolved.eval = config.eval.model_copy(update={"data": config.eval.data.resolve()})
+    return resolved
+
+
+def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, description) for every field, nested sections flattened: the config reference."""
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(describe_fields(annotation, f"{prefix}{name}."))
+            continue
+        default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        rows.append((f"{prefix}{name}", default, field.description or ""))
+    return rows

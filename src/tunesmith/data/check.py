@@ -1,0 +1,47 @@
+"""`tunesmith validate`: every problem in a data file, before any compute."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunesmith.data.dataset import fit_length
+from tunesmith.data.validate import load_file, report
+from tunesmith.errors import Problem
+from tunesmith.registry import load_plugins, methods
+
+
+@dataclass
+class CheckReport:
+    problems: list[Problem]
+    text: str
+
+
+def check_file(path: Path, format_name: str = "auto", method: str = "sft", model: str | None = None,
+               max_length: int = 1024) -> CheckReport:
+    """Parse and convert every row for `method`; with a model, also check each example's token length."""
+    load_plugins()
+    accepts = methods.info(method)["accepts"] if method in methods else None
+    if accepts is None:
+        methods.get(method, key="--method")
+    loaded = load_file(path, format_name, accepts, method)
+    problems = list(loaded.problems)
+    if model is not None and loaded.examples:
+        from tunesmith.data.tokenize import ChatTokenizer
+        from tunesmith.models import load_tokenizer
+
+        chat = ChatTokenizer(load_tokenizer(model))
+        for example in loaded.examples:
+            _, problem = fit_length(chat(example), max_length, "error", f"{path}:{example.line}")
+            if problem:
+                problems.append(problem)
+    problems.sort(key=lambda p: _line_of(p.where))
+    if problems:
+        return CheckReport(problems, f"{report(problems, limit=200)}\n{path}: {len(problems)} problem(s) in "
+                                     f"{len(loaded.examples) + len(loaded.problems)} rows (format {loaded.format})")
+    checked = "" if model is None else f", all within {max_length} tokens"
+    return CheckReport([], f"{path}: {len(loaded.examples)} examples OK (format {loaded.format}, method {method}{checked})")
+
+
+def _line_of(where: str) -> int:
+    tail = where.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else 0

@@ -1,0 +1,108 @@
+"""From the data config to tokenised train and validation sets, with every problem reported at once."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunesmith.config import DataConfig
+from tunesmith.data.formats import Example
+from tunesmith.data.tokenize import ChatTokenizer, TokenizedExample
+from tunesmith.data.validate import load_file, report
+from tunesmith.errors import Problem, UserError
+
+
+@dataclass
+class PreparedData:
+    train: list[TokenizedExample]
+    validation: list[TokenizedExample]
+    format: str
+    skipped_rows: int = 0  # invalid rows skipped because data.skip_bad_rows is on
+    dropped_long: int = 0  # examples longer than max_length dropped (truncation: drop)
+    truncated: int = 0  # examples cut to max_length (truncation: truncate or split)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"format": self.format, "train_examples": len(self.train), "validation_examples": len(self.validation),
+                "train_tokens": sum(len(e) for e in self.train), "skipped_rows": self.skipped_rows,
+                "dropped_long": self.dropped_long, "truncated": self.truncated}
+
+
+def fit_length(example: TokenizedExample, max_length: int, policy: str, where: str) -> tuple[list[TokenizedExample], Problem | None]:
+    """Apply the truncation policy to one example: (examples to keep, problem to report)."""
+    if len(example) <= max_length:
+        return [example], None
+    if policy == "drop":
+        return [], None
+    if policy == "truncate":
+        return [TokenizedExample(example.input_ids[:max_length], example.loss_mask[:max_length], example.line)], None
+    if policy == "split":
+        return [TokenizedExample(example.input_ids[i: i + max_length], example.loss_mask[i: i + max_length], example.line)
+                for i in range(0, len(example), max_length)], None
+    return [], Problem(where, f"example is {len(example)} tokens, longer than data.max_length={max_length}; fix: raise "
+                              f"data.max_length, shorten the example, or set data.truncation to drop or truncate")
+
+
+def tokenize_file(path: Path, config: DataConfig, chat: ChatTokenizer, accepts: tuple[str, ...], method: str,
+                  prepared: PreparedData) -> tuple[list[TokenizedExample], list[Problem]]:
+    loaded = load_file(path, config.format, accepts, method)
+    prepared.format = loaded.format
+    problems = list(loaded.problems)
+    if loaded.problems and config.skip_bad_rows:
+        prepared.skipped_rows += len(loaded.problems)
+        problems = []
+    if config.truncation == "split" and loaded.examples and loaded.examples[0].kind != "text":
+        raise UserError(f"data.truncation=split only applies to raw text (format text), not {loaded.format}; "
+                        f"fix: use drop or truncate")
+    tokenized: list[TokenizedExample] = []
+    for example in loaded.examples:
+        encoded = chat(example)
+        if not any(encoded.loss_mask[1:]):
+            problems.append(Problem(f"{path}:{example.line}", "no token of this example is trained "
+                                                                  "(the assistant text is empty after templating)"))
+            continue
+        kept, problem = fit_length(encoded, config.max_length, config.truncation, f"{path}:{example.line}")
+        if problem:
+            problems.append(problem)
+        prepared.dropped_long += config.truncation == "drop" and not kept
+        prepared.truncated += bool(kept) and (len(kept) > 1 or len(kept[0]) < len(encoded))
+        tokenized.extend(kept)
+    return tokenized, problems
+
+
+def prepare_data(config: DataConfig, tokenizer: Any, accepts: tuple[str, ...], method: str, seed: int) -> PreparedData:
+    """Load, check, tokenise and split the data; refuse it with a full report unless skip_bad_rows is on."""
+    chat = ChatTokenizer(tokenizer, loss_on=config.loss_on, system_prompt=config.system_prompt)
+    prepared = PreparedData([], [], config.format)
+    train, problems = tokenize_file(config.train, config, chat, accepts, method, prepared)
+    validation: list[TokenizedExample] = []
+    if config.validation is not None:
+        validation, val_problems = tokenize_file(config.validation, config, chat, accepts, method, prepared)
+        problems += val_problems
+    if problems:
+        raise UserError(f"the data has {len(problems)} problem(s); nothing was trained "
+                        f"(fix them, or set data.skip_bad_rows=true to skip invalid rows)\n{report(problems)}")
+    if config.val_fraction is not None:
+        train, validation = split_validation(train, config.val_fraction, seed)
+    if not train:
+        raise UserError(f"{config.train}: no usable training examples remain")
+    prepared.train, prepared.validation = train, validation
+    return prepared
+
+
+def split_validation(examples: list[TokenizedExample], fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded random `fraction` of the examples (at least one) becomes validation; order is kept."""
+    count = max(1, round(len(examples) * fraction))
+    if count >= len(examples):
+        raise UserError(f"data.val_fraction={fraction} leaves no training examples out of {len(examples)}; fix: lower it")
+    chosen = set(random.Random(f"tunesmith-val:{seed}").sample(range(len(examples)), count))
+    return ([e for i, e in enumerate(examples) if i not in chosen], [e for i, e in enumerate(examples) if i in chosen])
+
+
+def load_examples(path: Path, format_name: str = "auto") -> list[Example]:
+    """Examples of a file for evaluation or inference; any invalid row is an error."""
+    loaded = load_file(path, format_name)
+    if loaded.problems:
+        raise UserError(f"{path}: the data has {len(loaded.problems)} problem(s)\n{report(loaded.problems)}")
+    return loaded.examples

@@ -1,0 +1,120 @@
+"""Messages → (token ids, loss mask) through the tokenizer's own chat template.
+
+The mask marks the tokens of every assistant turn, including the template's end-of-turn token (so a
+tuned model learns to stop). It works for any template, without `{% generation %}` tags: the
+assistant turn i is the text between render(messages[:i], generation prompt) and
+render(messages[:i+1]), both prefixes of the whole rendering; tokens are assigned to turns by their
+character offsets in one tokenisation of the whole conversation, so no boundary is re-tokenised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tunesmith.data.formats import Example
+from tunesmith.errors import UserError
+
+Span = tuple[int, int]  # [start, end) in characters of the rendered conversation
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    loss_mask: list[bool]  # True where the token is a training target
+    line: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class ChatTokenizer:
+    """Renders and tokenises examples for one tokenizer; the unit of data preparation."""
+
+    def __init__(self, tokenizer: Any, loss_on: str = "assistant", system_prompt: str | None = None):
+        self.tokenizer = tokenizer
+        self.loss_on = loss_on
+        self.system_prompt = system_prompt
+        self.special_ids = set(tokenizer.all_special_ids)
+
+    def render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        if self.tokenizer.chat_template is None:
+            raise UserError("the model's tokenizer has no chat template, so chat data cannot be rendered; "
+                            "fix: use a chat/instruct model, or train raw text with method: pretrain")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        if self.system_prompt is not None and messages[0]["role"] != "system":
+            return [{"role": "system", "content": self.system_prompt}] + messages
+        return messages
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation followed by the generation prompt (for inference)."""
+        text = self.render(self.with_system(messages), generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, example: Example) -> TokenizedExample:
+        if example.kind == "text":
+            return self.tokenize_text(example.text, example.line)
+        return self.tokenize_chat(example.messages, example.line)
+
+    def tokenize_text(self, text: str, line: int = 0) -> TokenizedExample:
+        """A raw document, followed by the end-of-sequence token as a separator; every token trains."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.tokenizer.eos_token_id is not None:
+            ids = ids + [self.tokenizer.eos_token_id]
+        return TokenizedExample(ids, [True] * len(ids), line)
+
+    def tokenize_chat(self, messages: list[dict[str, str]], line: int = 0) -> TokenizedExample:
+        messages = self.with_system(messages)
+        full = self.render(messages)
+        encoded = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        if self.loss_on == "all":
+            return TokenizedExample(ids, [True] * len(ids), line)
+        spans = self.assistant_spans(messages, full)
+        mask = [any(start <= token_start < end for start, end in spans) for token_start, _ in offsets]
+        # A template without an end-of-turn token would never teach the model to stop: add EOS, trained.
+        trained = [token for token, keep in zip(ids, mask) if keep]
+        if trained and trained[-1] not in self.special_ids and self.tokenizer.eos_token_id is not None:
+            ids, mask = ids + [self.tokenizer.eos_token_id], mask + [True]
+        return TokenizedExample(ids, mask, line)
+
+    def assistant_spans(self, messages: list[dict[str, str]], full: str) -> list[Span]:
+        spans: list[Span] = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            span = self._span_by_prefix(messages, index, full)
+            if span is None:
+                span = self._span_by_search(message["content"], full, spans[-1][1] if spans else 0)
+            spans.append(span)
+        return spans
+
+    def _span_by_prefix(self, messages: list[dict[str, str]], index: int, full: str) -> Span | None:
+        """The turn as the difference of two renderings, when both are prefixes of the whole."""
+        try:
+            before = self.render(messages[:index], generation_prompt=True) if index else ""
+            through = self.render(messages[: index + 1]).rstrip()
+        except Exception:  # some templates refuse partial conversations; the search below still works
+            return None
+        if full.startswith(before) and full.startswith(through) and len(through) > len(before):
+            return len(before), len(through)
+        return None
+
+    def _span_by_search(self, content: str, full: str, search_from: int) -> Span:
+        """Fallback for templates that rewrite earlier turns: find the content, then its end-of-turn token."""
+        start = full.find(content.strip(), search_from)
+        if start < 0:
+            raise UserError("the chat template changes assistant text, so the loss mask cannot be computed; "
+                            "fix: use a model with a standard chat template, or set data.loss_on=all")
+        end = start + len(content.strip())
+        rest = full[end:]
+        for token in self._end_of_turn_strings():
+            if rest.lstrip().startswith(token):
+                end += (len(rest) - len(rest.lstrip())) + len(token)
+                break
+        return start, end
+
+    def _end_of_turn_strings(self) -> list[str]:
+        tokens = [self.tokenizer.eos_token] + list(getattr(self.tokenizer, "additional_special_tokens", None) or [])
+        return [token for token in tokens if token]

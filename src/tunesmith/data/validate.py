@@ -1,0 +1,99 @@
+"""Read a JSONL file and check every row before any compute; every problem is `FILE:LINE: problem`."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from tunesmith.data.formats import Example, RowError, detect_format
+from tunesmith.errors import Problem, UserError
+from tunesmith.registry import formats
+
+
+@dataclass
+class LoadedFile:
+    """The usable examples of a file, the problems of the others, and the format that was used."""
+
+    path: Path
+    format: str
+    examples: list[Example] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed object) or (line number, RowError) for each non-blank line."""
+    if not path.is_file():
+        raise UserError(f"{path}: data file not found; fix: check the path (relative to {Path.cwd()})")
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark is not part of the JSON
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield number, RowError(f"not valid UTF-8 (byte {error.start + 1} of the line); fix: save the file as UTF-8")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as error:
+                yield number, RowError(f"invalid JSON at column {error.colno}: {error.msg}")
+
+
+def load_file(path: Path, format_name: str = "auto", accepts: tuple[str, ...] | None = None, method: str = "") -> LoadedFile:
+    """Parse and convert every row of `path`; problems are collected, never raised one at a time.
+
+    `accepts` lists the example kinds the method can train on (e.g. ("chat",) for sft); a file in a
+    format of another kind is reported once, with the formats that would work.
+    """
+    chosen = None if format_name == "auto" else formats.get(format_name, key="format")
+    loaded = LoadedFile(path, format_name)
+    for number, row in read_jsonl(path):
+        where = f"{path}:{number}"
+        if isinstance(row, RowError):
+            loaded.problems.append(Problem(where, str(row)))
+            continue
+        if not isinstance(row, dict):
+            loaded.problems.append(Problem(where, f"each line must be a JSON object, got {type(row).__name__}"))
+            continue
+        if chosen is None:
+            detected = detect_format(row)
+            if detected is None:
+                keys = ", ".join(sorted(row)) or "no keys"
+                loaded.problems.append(Problem(where, f"cannot tell the data format from the keys ({keys}); fix: "
+                                                      f"use one of the formats in DESIGN.md or set the format explicitly"))
+                continue
+            chosen = formats.get(detected)
+            loaded.format = detected
+            if accepts is not None and chosen.kind not in accepts:
+                loaded.problems.append(Problem(where, wrong_kind_message(chosen, accepts, method)))
+                return loaded
+        try:
+            example = chosen.convert(row)
+        except RowError as error:
+            loaded.problems.append(Problem(where, f"{error} (format {chosen.name})"))
+            continue
+        example.line = number
+        loaded.examples.append(example)
+    if chosen is not None and format_name != "auto" and accepts is not None and chosen.kind not in accepts:
+        loaded.problems.insert(0, Problem(str(path), wrong_kind_message(chosen, accepts, method)))
+        loaded.examples.clear()
+    if chosen is None and not loaded.problems:
+        loaded.problems.append(Problem(str(path), "the file has no examples"))
+    return loaded
+
+
+def wrong_kind_message(chosen: Any, accepts: tuple[str, ...], method: str) -> str:
+    usable = [name for name in formats.names() if formats.get(name).kind in accepts]
+    return (f"format '{chosen.name}' holds {chosen.kind} examples, which method '{method}' cannot train on; "
+            f"fix: use one of these formats: {', '.join(usable)}, or a method that takes {chosen.kind} data")
+
+
+def report(problems: list[Problem], limit: int = 50) -> str:
+    """The problems as lines, the first `limit` of them, with a count of the rest."""
+    lines = [str(problem) for problem in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"... and {len(problems) - limit} more problems")
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""From the config's `model:` value to a loaded model and tokenizer.
+
+`model:` may be a built-in name, a local transformers directory, a `.gguf` file, or a Hugging Face hub
+id that is already in the local hub cache. Everything resolves to a local directory first, so loading
+itself never touches the network and never runs code shipped with a model.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tunesmith.errors import UserError, did_you_mean
+from tunesmith.models import catalog
+from tunesmith.models.cache import exclusive_lock, sha256_of_file
+from tunesmith.models.gguf import convert_gguf
+from tunesmith.paths import model_cache
+
+if TYPE_CHECKING:  # torch is imported only when a model is really loaded
+    import torch
+
+# `org/name` or a bare legacy name like `gpt2`: what the hub accepts as a model repository id.
+_HUB_ID_PATTERN = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+# Hex digits of the GGUF's sha256 that name its cache directory: 64 bits, collisions are not a concern.
+_GGUF_HASH_PREFIX_LENGTH = 16
+
+
+def resolve_model(spec: str | Path) -> Path:
+    """The local transformers directory that `spec` (the config's `model:` value) stands for."""
+    text = str(spec).strip()
+    if not text:
+        raise UserError(f"model: is empty; built-in models: {', '.join(catalog.model_names())}")
+    if text in catalog.CATALOG:
+        return catalog.pull(text)
+    path = Path(text).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return resolve_gguf(path)
+    if path.is_dir():
+        return check_model_directory(path)
+    if path.exists():
+        raise UserError(f"model '{text}' is a file; expected a model directory (with config.json) or a .gguf file")
+    if _HUB_ID_PATTERN.match(text):
+        cached = find_in_hub_cache(text)
+        if cached is not None:
+            return cached
+    raise unresolved_model_error(text)
+
+
+def check_model_directory(directory: Path) -> Path:
+    """`directory` if it holds a transformers model, else a UserError saying what is missing."""
+    if not (directory / "config.json").is_file():
+        raise UserError(
+            f"model directory '{directory}' has no config.json, so it is not a transformers model directory; "
+            f"fix: point model: at the directory that holds config.json, the weights (*.safetensors) "
+            f"and the tokenizer files, or at a .gguf file"
+        )
+    return directory
+
+
+def resolve_gguf(gguf_path: Path) -> Path:
+    """Convert a GGUF file once into the model cache, keyed by its content hash, and reuse that."""
+    if not gguf_path.is_file():
+        raise UserError(f"model file '{gguf_path}' does not exist; fix: check the path in model:")
+    digest = sha256_of_file(gguf_path)
+    target = model_cache() / f"gguf-{digest[:_GGUF_HASH_PREFIX_LENGTH]}"
+    with exclusive_lock(model_cache() / f".{target.name}.lock"):
+        if not (target / "config.json").is_file():
+            convert_gguf(gguf_path, target, source={"gguf": str(gguf_path.resolve()), "sha256": digest})
+    return target
+
+
+def find_in_hub_cache(repo_id: str) -> Path | None:
+    """The snapshot of `repo_id` already in the local Hugging Face cache, or None. Never downloads."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, an invalid id, or no huggingface_hub: all mean "not available here"
+        return None
+    return snapshot if (snapshot / "config.json").is_file() else None
+
+
+def unresolved_model_error(spec: str) -> UserError:
+    builtin = ", ".join(catalog.model_names())
+    message = (
+        f"model '{spec}' is not a built-in model{did_you_mean(spec, catalog.model_names())}, "
+        f"a local directory or a .gguf file"
+    )
+    if "/" in spec and _HUB_ID_PATTERN.match(spec):
+        message += (
+            ", and tunesmith does not download from the Hugging Face hub at run time; "
+            f"fix: download it on a connected machine (e.g. `huggingface-cli download {spec} --local-dir DIR`) "
+            "and set model: DIR"
+        )
+    else:
+        message += "; fix: use a built-in name, or the path of a model directory or .gguf file"
+    return UserError(f"{message}. Built-in models: {builtin}")
+
+
+def load_tokenizer(spec: str | Path) -> Any:
+    """The tokenizer for `spec`, with a pad token (eos when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    directory = resolve_model(spec)
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    # Batching needs a pad token; reusing eos adds no embedding row (padded positions are masked anyway).
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # A missing chat template is left as is: the data code reports it where it knows the format needs one.
+    return tokenizer
+
+
+def load_model(
+    spec: str | Path, *, dtype: torch.dtype | str = "float32", device: str | torch.device = "cpu"
+) -> tuple[Any, Any]:
+    """`(model, tokenizer)` for `spec`: a causal LM in `dtype` on `device`, no remote code."""
+    from transformers import AutoModelForCausalLM
+
+    directory = resolve_model(spec)
+    tokenizer = load_tokenizer(directory)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(
+            directory,
+            dtype=_as_torch_dtype(dtype),
+            attn_implementation="sdpa",
+            local_files_only=True,
+            trust_remote_code=False,
+        )
+    model.to(device)
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _as_torch_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
+    """Accept `torch.bfloat16` or the config spelling `"bfloat16"`; `"auto"` keeps the checkpoint's dtype."""
+    import torch
+
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise UserError(f"dtype '{dtype}' is not a torch dtype; fix: use float32, bfloat16, float16 or auto")
+    return resolved
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' info/warning logs and its weight-loading progress bars, then restore them."""
+    from transformers.utils import logging as transformers_logging
+
+    previous_verbosity = transformers_logging.get_verbosity()
+    bars_were_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(previous_verbosity)
+        if bars_were_enabled:
+            transformers_logging.enable_progress_bar()

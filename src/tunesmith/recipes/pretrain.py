@@ -1,0 +1,15 @@
+"""Continued pre-training: the SFT loop on raw text, where every token is a target.
+
+Documents are separated by the end-of-sequence token; with `data.truncation: split` a long document
+is cut into `max_length` pieces, and packing never lets one document attend to another.
+"""
+from __future__ import annotations
+
+from tunesmith.config import Config
+from tunesmith.recipes.sft import RunResult, train_token_loss
+from tunesmith.registry import methods
+
+
+@methods.register("pretrain", accepts=("text",))
+def run_pretrain(config: Config) -> RunResult:
+    return train_token_loss(config, accepts=("text",))

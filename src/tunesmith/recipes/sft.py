@@ -1,0 +1,159 @@
+"""Supervised fine-tuning: next-token loss on assistant turns (or every token, for continued pre-training).
+
+Read top to bottom: setup (model, adapter, data, optimizer, resume), the loop (step, log, evaluate,
+checkpoint), and saving. Full vs LoRA is `adapter.type`; nothing else changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import Config
+from tunesmith.data.dataset import prepare_data
+from tunesmith.data.packing import BatchPlan
+from tunesmith.errors import TrainingStopped
+from tunesmith.models import load_model
+from tunesmith.models.adapters import apply_adapter, output_name, save_final
+from tunesmith.registry import methods
+from tunesmith.train import checkpoint as ckpt
+from tunesmith.train.metrics import MetricsLog, Progress
+from tunesmith.train.optim import build_optimizer, build_scheduler
+from tunesmith.train.run import peak_rss_mb, prepare_run_dir, write_summary
+from tunesmith.train.runtime import autocast_dtype, pick_device, seed_everything, stop_on_signals
+from tunesmith.train.step import StepResult, evaluate_loss, train_step
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    output: Path  # adapter/ or model/
+    steps: int
+    final_loss: float | None
+    best_val_loss: float | None
+    tokens_per_s: float
+    peak_rss_mb: float
+
+
+@methods.register("sft", accepts=("chat",))
+def run_sft(config: Config) -> RunResult:
+    return train_token_loss(config, accepts=("chat",))
+
+
+def train_token_loss(config: Config, accepts: tuple[str, ...]) -> RunResult:
+    # ---- setup -------------------------------------------------------------------------------
+    train_config = config.train
+    resume_from = prepare_run_dir(config)
+    run_dir, checkpoints = config.output_dir, config.output_dir / "checkpoints"
+    seed_everything(train_config.seed, train_config.threads)
+    device = pick_device(train_config)
+    amp_dtype = autocast_dtype(train_config, device)
+    model, tokenizer = load_model(config.model)
+    model = apply_adapter(model, config.adapter).to(device)
+    if train_config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    data = prepare_data(config.data, tokenizer, accepts, config.method, train_config.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    plan_options = dict(capacity=config.data.max_length, packing=config.data.packing, seed=train_config.seed, pad_id=pad_id)
+    plan = BatchPlan(data.train, batch_size=train_config.batch_size, grad_accum=train_config.grad_accum, **plan_options)
+    validation = BatchPlan(data.validation, batch_size=train_config.batch_size, grad_accum=1, **plan_options).eval_batches()
+    total_steps = count_steps(plan, train_config.epochs, train_config.max_steps)
+    optimizer = build_optimizer(model, train_config)
+    scheduler = build_scheduler(optimizer, train_config, total_steps)
+    state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler) if resume_from else ckpt.TrainState()
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume_from else None)
+    if not resume_from:
+        log.write({"step": 0, "event": "data", **data.summary(), "total_steps": total_steps})
+    progress = Progress(total_steps, state.step, train_config.progress)
+
+    # ---- loop --------------------------------------------------------------------------------
+    result: StepResult | None = None
+    with stop_on_signals() as stop:
+        while state.step < total_steps and not state.extra.get("stopped_early"):
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            result = train_step(model, plan.step(state.epoch, state.step_in_epoch), optimizer, scheduler,
+                                train_config.max_grad_norm, device, amp_dtype)
+            advance(state, plan, result)
+            check_finite(state, result, train_config.max_bad_steps, log)
+            done = state.step == total_steps
+            record = {"step": state.step, "epoch": state.epoch, "loss": result.loss, "lr": lr,
+                      "grad_norm": result.grad_norm, "tokens": state.tokens_seen, "tokens_per_s": result.tokens / result.seconds}
+            if state.step % train_config.log_every == 0 or done:
+                log.write(record)
+            if validation and (state.step % train_config.eval_every == 0 or done):
+                val_loss = evaluate_loss(model, validation, device, amp_dtype)
+                improved = update_early_stopping(state, val_loss, train_config.early_stopping.min_delta,
+                                                 train_config.early_stopping.patience)
+                if improved:
+                    ckpt.save_best_weights(checkpoints, model, state.step)
+                log.write({"step": state.step, "val_loss": val_loss, "best_val_loss": state.best_val_loss,
+                           "stopped_early": bool(state.extra.get("stopped_early"))})
+            progress.update(state.step, result.loss, record["lr"], record["tokens_per_s"], state.best_val_loss)
+            if state.step % train_config.save_every == 0 or done or stop or state.extra.get("stopped_early"):
+                ckpt.save_checkpoint(checkpoints, f"step-{state.step}", model, optimizer, scheduler, state)
+                ckpt.prune(checkpoints, train_config.keep_last)
+            if stop:
+                progress.close()
+                raise TrainingStopped(f"stopped by signal {stop.signal_number} at step {state.step}; a checkpoint was "
+                                      f"saved; run the same command again to resume", 128 + stop.signal_number)
+    progress.close()
+
+    # ---- save --------------------------------------------------------------------------------
+    best = ckpt.best_checkpoint(checkpoints)
+    if best is not None:  # with validation, the run ships its best weights, not its last
+        ckpt.load_best_weights(best, model)
+    output = run_dir / output_name(config.adapter.type)
+    save_final(model, tokenizer, output)
+    summary = RunResult(run_dir, output, state.step, result.loss if result else None, state.best_val_loss,
+                        state.tokens_seen / state.elapsed_s if state.elapsed_s else 0.0, peak_rss_mb())
+    write_summary(run_dir, {**{k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()},
+                            "data": data.summary(), "skipped_steps": state.skipped_steps})
+    return summary
+
+
+def count_steps(plan: BatchPlan, epochs: int, max_steps: int | None) -> int:
+    total = sum(plan.steps_in_epoch(epoch) for epoch in range(epochs))
+    return min(total, max_steps) if max_steps is not None else total
+
+
+def advance(state: ckpt.TrainState, plan: BatchPlan, result: StepResult) -> None:
+    """Move the counters and the data position one step forward (into the next epoch at its end)."""
+    state.step += 1
+    state.tokens_seen += result.tokens
+    state.elapsed_s += result.seconds
+    state.step_in_epoch += 1
+    if state.step_in_epoch >= plan.steps_in_epoch(state.epoch):
+        state.epoch, state.step_in_epoch = state.epoch + 1, 0
+
+
+def check_finite(state: ckpt.TrainState, result: StepResult, max_bad_steps: int, log: MetricsLog) -> None:
+    """A non-finite loss skips its update; several in a row mean the run has diverged."""
+    if not result.skipped:
+        state.bad_steps_in_a_row = 0
+        return
+    state.bad_steps_in_a_row += 1
+    state.skipped_steps += 1
+    log.write({"step": state.step, "event": "skipped", "reason": "non-finite loss or gradient", "loss": result.loss})
+    if state.bad_steps_in_a_row >= max_bad_steps:
+        raise TrainingStopped(f"the loss was not finite for {state.bad_steps_in_a_row} steps in a row (up to step "
+                              f"{state.step}); the run has diverged; fix: lower train.lr, keep train.max_grad_norm on, "
+                              f"or check the data for extreme examples")
+
+
+def update_early_stopping(state: ckpt.TrainState, val_loss: float, min_delta: float, patience: int | None) -> bool:
+    """Record a validation loss; True when it is the best so far. Sets stopped_early when patience runs out."""
+    if state.best_val_loss is None or val_loss < state.best_val_loss - min_delta:
+        state.best_val_loss, state.best_step, state.evals_without_improvement = val_loss, state.step, 0
+        return True
+    state.evals_without_improvement += 1
+    if patience is not None and state.evals_without_improvement >= patience:
+        state.extra["stopped_early"] = True
+    return False
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()

@@ -1,0 +1,101 @@
+"""The one generate engine: a model (with its adapter applied) and the chat template, KV-cached.
+
+`chat`, `generate`, evaluation and (later) the service all generate through `Engine`.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+
+from tunesmith.data.tokenize import ChatTokenizer
+from tunesmith.errors import UserError
+from tunesmith.models import load_model
+from tunesmith.models.adapters import load_adapter
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 is greedy
+    top_p: float = 1.0
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.temperature <= 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and ((path / "adapter").is_dir() or (path / "model").is_dir())
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, system_prompt: str | None = None, has_adapter: bool = False):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.chat = ChatTokenizer(tokenizer, system_prompt=system_prompt)
+        self.has_adapter = has_adapter
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def load(cls, target: str) -> "Engine":
+        """A run directory (base model + its adapter, or its full model) or any model spec."""
+        path = Path(target)
+        if is_run_dir(path):
+            run_config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+            system_prompt = run_config.get("data", {}).get("system_prompt")
+            if (path / "adapter").is_dir():
+                model, tokenizer = load_model(run_config["model"])
+                return cls(load_adapter(model, path / "adapter"), tokenizer, system_prompt, has_adapter=True)
+            model, tokenizer = load_model(str(path / "model"))
+            return cls(model, tokenizer, system_prompt)
+        if path.is_dir() and (path / "config.yaml").is_file():
+            raise UserError(f"{path} is a run directory without adapter/ or model/: the run has not finished; "
+                            f"fix: resume it with `tunesmith train {path / 'config.yaml'}`")
+        model, tokenizer = load_model(target)
+        return cls(model, tokenizer)
+
+    def base_model(self):
+        """A context in which the engine generates with its adapter switched off (the base model)."""
+        import contextlib
+
+        return self.model.disable_adapter() if self.has_adapter else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def generate(self, conversations: list[Messages], sampling: Sampling = Sampling()) -> list[str]:
+        """Replies to several conversations at once (left-padded batch, KV cache)."""
+        prompts = [self.chat.prompt_ids(messages) for messages in conversations]
+        width = max(len(prompt) for prompt in prompts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        output = self.model.generate(input_ids=input_ids, attention_mask=attention, pad_token_id=pad,
+                                     eos_token_id=self.stop_ids(), **sampling.generate_kwargs())
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+
+    def stream(self, messages: Messages, sampling: Sampling = Sampling()) -> Iterator[str]:
+        """The reply to one conversation, piece by piece as it is generated."""
+        from transformers import TextIteratorStreamer
+
+        prompt = torch.tensor([self.chat.prompt_ids(messages)], device=self.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), streamer=streamer,
+                      eos_token_id=self.stop_ids(), pad_token_id=self.tokenizer.eos_token_id, **sampling.generate_kwargs())
+        worker = threading.Thread(target=torch.no_grad()(self.model.generate), kwargs=kwargs, daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join()
+
+    def stop_ids(self) -> list[int]:
+        """End-of-turn tokens: the tokenizer's EOS and the model's generation-config EOS ids."""
+        ids = {self.tokenizer.eos_token_id}
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(configured if isinstance(configured, list) else [configured])
+        return sorted(i for i in ids if i is not None)

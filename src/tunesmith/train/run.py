@@ -1,0 +1,58 @@
+"""The run directory: creating it, refusing to clobber another run, and finding where to resume."""
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunesmith.config import Config, write_config
+from tunesmith.errors import UserError
+from tunesmith.train.checkpoint import latest_checkpoint
+
+# Keys a resumed run may change: they steer how long and how loudly it runs, not what it computes.
+RESUMABLE_CHANGES = {"train.resume", "train.progress", "train.max_steps", "train.epochs", "train.eval_every",
+                     "train.save_every", "train.keep_last", "train.log_every", "train.threads", "eval"}
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: data}
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    old, new = _flatten(saved), _flatten(current)
+    changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+    return [key for key in changed if key not in RESUMABLE_CHANGES and key.split(".")[0] not in RESUMABLE_CHANGES]
+
+
+def prepare_run_dir(config: Config) -> Path | None:
+    """Create output_dir and write config.yaml; return the checkpoint to resume from, if any."""
+    run_dir = config.output_dir
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    if checkpoint is not None:
+        if config.train.resume == "never":
+            raise UserError(f"output_dir={run_dir} already holds checkpoints of a run; fix: choose another output_dir, "
+                            f"delete that one, or set train.resume=auto to continue it")
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        changes = config_changes(saved, config.model_dump(mode="json"))
+        if changes:
+            raise UserError(f"output_dir={run_dir} holds a run with a different config ({', '.join(changes)}), so it "
+                            f"cannot be resumed; fix: choose another output_dir or set train.resume=never with a new one")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(config, run_dir / "config.yaml")
+    return checkpoint
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -1,0 +1,72 @@
+"""One optimizer step with gradient accumulation, and validation loss; shared by every token-loss recipe."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from tunesmith.data.packing import Batch
+from tunesmith.train.loss import token_loss_sum
+from tunesmith.train.runtime import autocast
+
+LossSum = Callable[[torch.nn.Module, Batch], torch.Tensor]
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean loss per target token over the whole step
+    tokens: int  # real tokens processed
+    loss_tokens: int
+    grad_norm: float | None
+    seconds: float
+    skipped: bool  # the loss or gradient was not finite, so the update was not applied
+
+
+def train_step(model: torch.nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer, scheduler,
+               max_grad_norm: float | None, device: torch.device, amp_dtype: torch.dtype | None,
+               loss_sum: LossSum = token_loss_sum) -> StepResult:
+    """Accumulate over micro-batches so the update equals the one large batch would give.
+
+    Each micro-batch's summed loss is divided by the target-token count of the whole step (not by the
+    number of micro-batches), so 1 x 8 and 8 x 1 give the same gradient whatever the padding or packing.
+    """
+    started = time.perf_counter()
+    model.train()
+    total_targets = sum(batch.num_loss_tokens for batch in micro_batches)
+    accumulated = 0.0
+    for batch in micro_batches:
+        batch = batch.to(device)
+        with autocast(device, amp_dtype):
+            summed = loss_sum(model, batch)
+        (summed / max(total_targets, 1)).backward()
+        accumulated += summed.item()
+    loss = accumulated / max(total_targets, 1)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = None
+    if math.isfinite(loss):
+        limit = max_grad_norm if max_grad_norm is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, limit))
+    skipped = not math.isfinite(loss) or grad_norm is None or not math.isfinite(grad_norm)
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()  # the schedule follows steps taken, skipped or not, so resume positions agree
+    return StepResult(loss, sum(b.num_tokens for b in micro_batches), total_targets, grad_norm,
+                      time.perf_counter() - started, skipped)
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, batches: list[Batch], device: torch.device, amp_dtype: torch.dtype | None,
+                  loss_sum: LossSum = token_loss_sum) -> float:
+    """Mean loss per target token over all validation batches."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        with autocast(device, amp_dtype):
+            total += loss_sum(model, batch.to(device)).item()
+        count += batch.num_loss_tokens
+    model.train()
+    return total / max(count, 1)

@@ -1,0 +1,93 @@
+"""Tiny models and tokenizers built in code: every test runs on CPU in seconds, with no network."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Llama-3 style: a BOS, header tokens around the role, and <|eot_id|> with no newline after it.
+LLAMA3 = (
+    "{{ '<|begin_of_text|>' }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+           "<|end_header_id|>", "<|eot_id|>"]
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog", "card arrival lost or stolen phone top up balance",
+    "What is the capital of France? Paris is the capital.", "system user assistant hello world how are you",
+    "my card has not arrived yet, when will it come?", "I want to cancel a transfer", "refund exchange rate fee",
+    "0 1 2 3 4 5 6 7 8 9 . , ? ! : ; ' \" ( ) - _ / \n",
+]
+
+
+def build_tokenizer(template: str, eos: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token="<|endoftext|>",
+                                   bos_token=None, chat_template=template)
+
+
+def build_model_dir(directory: Path, template: str = CHATML, eos: str = "<|im_end|>", seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(template, eos)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer Llama with a ChatML template, saved as a local Hugging Face directory."""
+    return build_model_dir(tmp_path_factory.mktemp("tiny-chatml"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_model(tmp_path_factory) -> Path:
+    return build_model_dir(tmp_path_factory.mktemp("tiny-llama3"), template=LLAMA3, eos="<|eot_id|>")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def chat_rows() -> list[dict]:
+    questions = ["my card has not arrived", "I lost my phone", "cancel a transfer", "what is the fee",
+                 "top up balance", "exchange rate", "refund please", "how are you"]
+    labels = ["card_arrival", "lost_or_stolen_phone", "cancel_transfer", "fee", "top_up", "exchange_rate",
+              "refund", "greeting"]
+    return [{"messages": [{"role": "user", "content": f"{q} {i}"}, {"role": "assistant", "content": labels[i % 8]}]}
+            for i, q in enumerate(questions * 3)]
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """Every test gets its own $TUNESMITH_HOME and no hub access."""
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
