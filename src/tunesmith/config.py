@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import Problem, UserError, did_you_mean
 
@@ -23,6 +23,21 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def registered(registry_name: str, value: str) -> str:
+    """`value` if a plugin of that name is registered, else a ValueError with a "did you mean" and the choices.
+
+    A field validator (not a whole-config one), so a misspelt name is reported alongside every other problem.
+    """
+    from tunesmith import registry
+
+    registry.load_plugins()
+    plugins = getattr(registry, registry_name)
+    if value not in plugins:
+        raise ValueError(f"not a known {plugins.kind}{did_you_mean(value, plugins.names())}; "
+                         f"choose one of: {', '.join(plugins.names())}")
+    return value
+
+
 class AdapterConfig(Section):
     type: str = Field("lora", description="How the model is adapted: lora (PEFT LoRA) or full (every weight trains).")
     r: int = Field(16, gt=0, description="LoRA rank: the inner dimension of each low-rank update.")
@@ -31,6 +46,11 @@ class AdapterConfig(Section):
     target: str | list[str] = Field(
         "all-linear", description="Modules that get LoRA: 'all-linear' or a list of module names (q_proj, ...)."
     )
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        return registered("adapters", value)
 
 
 class DataConfig(Section):
@@ -96,6 +116,11 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     progress: bool = Field(True, description="Show a progress bar.")
 
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        return registered("schedules", value)
+
 
 class EvalConfig(Section):
     data: Path | None = Field(None, description="Evaluation data (JSONL); classification rows are scored by exact match.")
@@ -113,23 +138,10 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: Path = Field(Path("runs/run"), description="The run directory.")
 
-    @model_validator(mode="after")
-    def _known_plugins(self) -> "Config":
-        from tunesmith.registry import adapters, load_plugins, methods, schedules
-
-        load_plugins()
-        problems = []
-        for key, value, registry in (
-            ("method", self.method, methods),
-            ("adapter.type", self.adapter.type, adapters),
-            ("train.schedule", self.train.schedule, schedules),
-        ):
-            if value not in registry:
-                problems.append(f"{key}: '{value}' is not a known {registry.kind}{did_you_mean(value, registry.names())}; "
-                                f"choose one of: {', '.join(registry.names())}")
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        return registered("methods", value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,14 +150,20 @@ class Config(Section):
 Location = dict[tuple[str, ...], str]  # key path -> "FILE:LINE" or "command line"
 
 
-def _locations(node: yaml.Node, source: str, path: tuple[str, ...] = ()) -> Location:
-    """Map every key path in a composed YAML tree to the line it is written on."""
+def _locations(node: yaml.Node, source: str, path: tuple[str, ...] = (),
+               duplicates: list[Problem] | None = None) -> Location:
+    """Map every key path in a composed YAML tree to the line it is written on; a key written twice in
+    one mapping is added to `duplicates` (YAML keeps the last one silently, which hides the first)."""
     found: Location = {}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key_path = path + (str(key_node.value),)
-            found[key_path] = f"{source}:{key_node.start_mark.line + 1}"
-            found.update(_locations(value_node, source, key_path))
+            line = f"{source}:{key_node.start_mark.line + 1}"
+            if key_path in found and duplicates is not None:
+                duplicates.append(Problem(line, f"key '{'.'.join(key_path)}' is written twice (first at "
+                                                f"{found[key_path]}); fix: keep one and merge their values"))
+            found[key_path] = line
+            found.update(_locations(value_node, source, key_path, duplicates))
     return found
 
 
@@ -165,7 +183,11 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], Location]:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{path}:1: a config must be a mapping of keys (model:, data:, train:, ...), got {type(data).__name__}")
-    return data, (_locations(node, str(path)) if node is not None else {})
+    duplicates: list[Problem] = []
+    where = _locations(node, str(path), duplicates=duplicates) if node is not None else {}
+    if duplicates:
+        raise UserError(f"{path}: the config has problems", duplicates)
+    return data, where
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], where: Location) -> None:
@@ -177,19 +199,33 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], where: Location)
             problems.append(Problem("command line", f"'{override}' is not key.sub=value; fix: write e.g. train.lr=1e-4"))
             continue
         path = tuple(part.strip() for part in key.strip().split("."))
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
         target = data
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1], start=1):
             if not isinstance(target.get(part), dict):
                 target[part] = {}
+                where[path[:depth]] = "command line"  # a section the override made is the command line's
             target = target[part]
-        target[path[-1]] = value
+        target[path[-1]] = override_value(raw)
         where[path] = "command line"
     if problems:
         raise UserError("bad override", problems)
+
+
+def override_value(raw: str) -> Any:
+    """An override's value as YAML reads it (2e-4, true, null, [a, b]), unless YAML would change the text:
+    `Be brief: ok` is a sentence, not a mapping, and `Answer #1` is not cut at a comment."""
+    text = raw.strip()
+    if not text:
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, (dict, list)) and not text.startswith(("[", "{")):
+        return text
+    if isinstance(value, str) and value != text and not text.startswith(("'", '"')):
+        return text
+    return value
 
 
 def _where(loc: tuple[Any, ...], where: Location, default: str) -> str:
@@ -214,6 +250,20 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+# What other tools (PEFT, TRL, transformers' TrainingArguments) call our fields: a "did you mean" by meaning,
+# where spelling alone would find nothing (rank is nowhere near r).
+KEY_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target",
+               "learning_rate": "lr", "num_train_epochs": "epochs", "lr_scheduler_type": "schedule",
+               "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+               "max_seq_length": "max_length"}
+
+
+def suggest_key(name: str, allowed: list[str]) -> str:
+    """' (did you mean 'x'?)' for an unknown key: a known alias first, else the closest spelling."""
+    alias = KEY_ALIASES.get(name)
+    return f" (did you mean '{alias}'?)" if alias in allowed else did_you_mean(name, allowed)
+
+
 def validation_problems(error: ValidationError, where: Location, source: str) -> list[Problem]:
     problems = []
     for item in error.errors():
@@ -221,7 +271,7 @@ def validation_problems(error: ValidationError, where: Location, source: str) ->
         key = ".".join(str(part) for part in loc) or "(top level)"
         if item["type"] == "extra_forbidden":
             allowed = _fields_at(loc)
-            message = f"unknown key '{key}'{did_you_mean(str(loc[-1]), allowed)}; allowed here: {', '.join(allowed)}"
+            message = f"unknown key '{key}'{suggest_key(str(loc[-1]), allowed)}; allowed here: {', '.join(allowed)}"
         elif item["type"] == "missing":
             message = f"'{key}' is required; fix: add it (e.g. data.train: path/to/train.jsonl)"
         elif item["type"] == "value_error" and not loc:
@@ -230,7 +280,7 @@ def validation_problems(error: ValidationError, where: Location, source: str) ->
             continue
         else:
             value = item.get("input")
-            message = f"'{key}' = {value!r}: {item['msg']}"
+            message = f"'{key}' = {value!r}: {item['msg'].removeprefix('Value error, ')}"
         problems.append(Problem(_where(loc, where, source), message))
     return problems
 
@@ -243,7 +293,16 @@ def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) 
     try:
         return Config.model_validate(data)
     except ValidationError as error:
-        raise UserError(f"{source}: the config has problems", validation_problems(error, where, source)) from None
+        problems = sorted(validation_problems(error, where, source), key=_line_number)  # in reading order
+        raise UserError(f"{source}: the config has problems", problems) from None
+
+
+def _line_number(problem: Problem) -> int:
+    """The LINE of a `FILE:LINE` location; 0 for the file as a whole, after the file for the command line."""
+    if problem.where == "command line":
+        return 1 << 30
+    tail = problem.where.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 def write_config(config: Config, path: Path) -> None:

@@ -35,6 +35,7 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str, key: str | None = None) -> T:
+        load_plugins()
         if name not in self._entries:
             where = f"{key} = " if key else ""
             raise UserError(
@@ -48,9 +49,11 @@ class Registry(Generic[T]):
         return self._info[name]
 
     def names(self) -> list[str]:
+        load_plugins()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        load_plugins()
         return name in self._entries
 
 
@@ -60,8 +63,15 @@ adapters: Registry[Callable[..., Any]] = Registry("adapter type")
 schedules: Registry[Callable[..., Any]] = Registry("learning-rate schedule")
 
 
+_plugins_loaded = False
+
+
 def load_plugins() -> None:
-    """Import the modules whose import registers plugins (cheap after the first call)."""
+    """Import the modules whose import registers plugins; every lookup calls this, so no caller has to."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
     import tunesmith.data.formats  # noqa: F401
     import tunesmith.models.adapters  # noqa: F401
     import tunesmith.recipes  # noqa: F401

@@ -37,7 +37,7 @@ def check_file(path: Path, format_name: str = "auto", method: str = "sft", model
     problems.sort(key=lambda p: _line_of(p.where))
     if problems:
         return CheckReport(problems, f"{report(problems, limit=200)}\n{path}: {len(problems)} problem(s) in "
-                                     f"{len(loaded.examples) + len(loaded.problems)} rows (format {loaded.format})")
+                                     f"{loaded.rows} rows (format {loaded.format})")
     checked = "" if model is None else f", all within {max_length} tokens"
     return CheckReport([], f"{path}: {len(loaded.examples)} examples OK (format {loaded.format}, method {method}{checked})")
 

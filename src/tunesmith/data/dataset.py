@@ -49,7 +49,7 @@ def tokenize_file(path: Path, config: DataConfig, chat: ChatTokenizer, accepts: 
     loaded = load_file(path, config.format, accepts, method)
     prepared.format = loaded.format
     problems = list(loaded.problems)
-    if loaded.problems and config.skip_bad_rows:
+    if loaded.problems and config.skip_bad_rows and not loaded.file_problems:
         prepared.skipped_rows += len(loaded.problems)
         problems = []
     if config.truncation == "split" and loaded.examples and loaded.examples[0].kind != "text":
@@ -57,18 +57,26 @@ def tokenize_file(path: Path, config: DataConfig, chat: ChatTokenizer, accepts: 
                         f"fix: use drop or truncate")
     tokenized: list[TokenizedExample] = []
     for example in loaded.examples:
+        where = f"{path}:{example.line}"
         encoded = chat(example)
-        if not any(encoded.loss_mask[1:]):
-            problems.append(Problem(f"{path}:{example.line}", "no token of this example is trained "
-                                                                  "(the assistant text is empty after templating)"))
-            continue
-        kept, problem = fit_length(encoded, config.max_length, config.truncation, f"{path}:{example.line}")
+        kept, problem = fit_length(encoded, config.max_length, config.truncation, where)
         if problem:
             problems.append(problem)
         prepared.dropped_long += config.truncation == "drop" and not kept
         prepared.truncated += bool(kept) and (len(kept) > 1 or len(kept[0]) < len(encoded))
-        tokenized.extend(kept)
+        for piece in kept:
+            if any(piece.loss_mask[1:]):
+                tokenized.append(piece)
+            elif piece is kept[0]:  # a split document's one-token tail is harmless to drop; a whole example is not
+                problems.append(Problem(where, no_target_message(encoded, piece, config.max_length)))
     return tokenized, problems
+
+
+def no_target_message(encoded: TokenizedExample, piece: TokenizedExample, max_length: int) -> str:
+    if len(piece) < len(encoded):
+        return (f"after truncation to data.max_length={max_length} no trained token remains (the prompt alone is longer); "
+                f"fix: raise data.max_length, shorten the prompt, or set data.truncation=drop")
+    return "no token of this example is trained (the assistant text is empty after templating)"
 
 
 def prepare_data(config: DataConfig, tokenizer: Any, accepts: tuple[str, ...], method: str, seed: int) -> PreparedData:

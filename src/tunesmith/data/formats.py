@@ -5,6 +5,7 @@ Each format is a small registered function that turns one JSON object into an Ex
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -113,7 +114,10 @@ def convert_sharegpt(row: dict[str, Any]) -> Example:
         speaker = turn.get("from")
         if speaker not in SHAREGPT_ROLES:
             raise RowError(f"conversations[{index}].from {_short(speaker)} is not one of {', '.join(SHAREGPT_ROLES)}")
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
+        value = turn.get("value")
+        if not isinstance(value, str):  # checked here so the message names sharegpt's key, not "content"
+            raise RowError(f"conversations[{index}].value must be a string, got {type(value).__name__}")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
     return Example(check_messages(messages, "conversations"), "chat")
 
 
@@ -178,8 +182,8 @@ def convert_preference(row: dict[str, Any]) -> Example:
 @register_format("score", keys=("prompt", "response", "score"), kind="score")
 def convert_score(row: dict[str, Any]) -> Example:
     score = row.get("score")
-    if isinstance(score, bool) or not isinstance(score, (int, float)):
-        raise RowError(f"field 'score' must be a number, got {type(score).__name__} {_short(score)}")
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        raise RowError(f"field 'score' must be a finite number, got {type(score).__name__} {_short(score)}")
     return Example(_prompt_messages(row) + [{"role": "assistant", "content": text_field(row, "response")}], "score", score=float(score))
 
 

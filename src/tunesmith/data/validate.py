@@ -19,6 +19,8 @@ class LoadedFile:
     format: str
     examples: list[Example] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    rows: int = 0  # non-blank lines read
+    file_problems: list[Problem] = field(default_factory=list)  # about the whole file: skip_bad_rows cannot skip them
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
@@ -37,7 +39,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             if not text.strip():
                 continue
             try:
-                yield number, json.loads(text)
+                # Without its line break, so a column in the message is a column of this line.
+                yield number, json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as error:
                 yield number, RowError(f"invalid JSON at column {error.colno}: {error.msg}")
 
@@ -50,7 +53,9 @@ def load_file(path: Path, format_name: str = "auto", accepts: tuple[str, ...] | 
     """
     chosen = None if format_name == "auto" else formats.get(format_name, key="format")
     loaded = LoadedFile(path, format_name)
+    wrong_kind = None
     for number, row in read_jsonl(path):
+        loaded.rows += 1
         where = f"{path}:{number}"
         if isinstance(row, RowError):
             loaded.problems.append(Problem(where, str(row)))
@@ -68,21 +73,34 @@ def load_file(path: Path, format_name: str = "auto", accepts: tuple[str, ...] | 
             chosen = formats.get(detected)
             loaded.format = detected
             if accepts is not None and chosen.kind not in accepts:
-                loaded.problems.append(Problem(where, wrong_kind_message(chosen, accepts, method)))
-                return loaded
+                wrong_kind = Problem(where, wrong_kind_message(chosen, accepts, method))
         try:
             example = chosen.convert(row)
         except RowError as error:
-            loaded.problems.append(Problem(where, f"{error} (format {chosen.name})"))
+            hint = other_format_hint(row, chosen.name, auto=format_name == "auto")
+            loaded.problems.append(Problem(where, f"{error} (format {chosen.name}){hint}"))
             continue
         example.line = number
         loaded.examples.append(example)
-    if chosen is not None and format_name != "auto" and accepts is not None and chosen.kind not in accepts:
-        loaded.problems.insert(0, Problem(str(path), wrong_kind_message(chosen, accepts, method)))
+    if wrong_kind is None and chosen is not None and accepts is not None and chosen.kind not in accepts:
+        wrong_kind = Problem(str(path), wrong_kind_message(chosen, accepts, method))
+    if wrong_kind is not None:  # reported once, first; the rows were still checked in their own format
+        loaded.file_problems.append(wrong_kind)
         loaded.examples.clear()
-    if chosen is None and not loaded.problems:
-        loaded.problems.append(Problem(str(path), "the file has no examples"))
+    if not loaded.examples and not loaded.problems and wrong_kind is None:
+        loaded.file_problems.append(Problem(str(path), "the file has no examples"))
+    loaded.problems[:0] = loaded.file_problems
     return loaded
+
+
+def other_format_hint(row: dict[str, Any], used: str, auto: bool) -> str:
+    """'; the row looks like FORMAT data ...' when a row that failed has the keys of another format."""
+    detected = detect_format(row)
+    if detected is None or detected == used:
+        return ""
+    if auto:
+        return f"; the row looks like {detected} data, but the file's first row is {used}: fix: use one format per file"
+    return f"; the row looks like {detected} data: fix: set the format to {detected} or auto"
 
 
 def wrong_kind_message(chosen: Any, accepts: tuple[str, ...], method: str) -> str:

@@ -14,7 +14,7 @@ from tunesmith.config import Config
 from tunesmith.data.dataset import prepare_data
 from tunesmith.data.packing import BatchPlan
 from tunesmith.errors import TrainingStopped
-from tunesmith.models import load_model
+from tunesmith.models import load_model, load_tokenizer
 from tunesmith.models.adapters import apply_adapter, output_name, save_final
 from tunesmith.registry import methods
 from tunesmith.train import checkpoint as ckpt
@@ -44,16 +44,17 @@ def run_sft(config: Config) -> RunResult:
 def train_token_loss(config: Config, accepts: tuple[str, ...]) -> RunResult:
     # ---- setup -------------------------------------------------------------------------------
     train_config = config.train
+    tokenizer = load_tokenizer(config.model)
+    data = prepare_data(config.data, tokenizer, accepts, config.method, train_config.seed)  # bad data: refused before any compute
     resume_from = prepare_run_dir(config)
     run_dir, checkpoints = config.output_dir, config.output_dir / "checkpoints"
     seed_everything(train_config.seed, train_config.threads)
     device = pick_device(train_config)
     amp_dtype = autocast_dtype(train_config, device)
-    model, tokenizer = load_model(config.model)
+    model, _ = load_model(config.model)
     model = apply_adapter(model, config.adapter).to(device)
     if train_config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    data = prepare_data(config.data, tokenizer, accepts, config.method, train_config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     plan_options = dict(capacity=config.data.max_length, packing=config.data.packing, seed=train_config.seed, pad_id=pad_id)
     plan = BatchPlan(data.train, batch_size=train_config.batch_size, grad_accum=train_config.grad_accum, **plan_options)

@@ -1,0 +1,103 @@
+"""Loss masks: exactly the assistant turns (every one of them) and their end-of-turn token, under any template."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import LLAMA3, build_tokenizer
+from tunesmith.data.packing import IGNORE, collate, pack_rows, epoch_rows
+from tunesmith.data.tokenize import ChatTokenizer, TokenizedExample
+from tunesmith.models import load_tokenizer
+
+DIALOGUE = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "hello there"},
+    {"role": "assistant", "content": "hi, how are you?"},
+    {"role": "user", "content": "my card has not arrived"},
+    {"role": "assistant", "content": "card_arrival"},
+]
+
+
+def trained_text(chat: ChatTokenizer, messages) -> str:
+    example = chat.tokenize_chat(messages)
+    return chat.tokenizer.decode([t for t, keep in zip(example.input_ids, example.loss_mask) if keep])
+
+
+@pytest.mark.parametrize("fixture, end", [("tiny_model", "<|im_end|>"), ("tiny_llama3_model", "<|eot_id|>")])
+def test_every_assistant_turn_and_its_end_token_are_trained(request, fixture, end):
+    chat = ChatTokenizer(load_tokenizer(str(request.getfixturevalue(fixture))))
+    assert trained_text(chat, DIALOGUE) == f"hi, how are you?{end}card_arrival{end}"
+
+
+def test_loss_on_all_trains_every_token(tiny_model):
+    chat = ChatTokenizer(load_tokenizer(str(tiny_model)), loss_on="all")
+    example = chat.tokenize_chat(DIALOGUE)
+    assert all(example.loss_mask)
+
+
+def test_system_prompt_is_added_only_when_missing(tiny_model):
+    chat = ChatTokenizer(load_tokenizer(str(tiny_model)), system_prompt="Name the intent.")
+    with_prompt = chat.tokenizer.decode(chat.tokenize_chat(DIALOGUE[1:]).input_ids)
+    assert "Name the intent." in with_prompt and "You are helpful." not in with_prompt
+    kept = chat.tokenizer.decode(chat.tokenize_chat(DIALOGUE).input_ids)
+    assert "Be brief." in kept and "Name the intent." not in kept
+
+
+def test_template_that_rewrites_earlier_turns_falls_back_to_search():
+    """A template whose header counts the turns: no rendering of a prefix is a prefix of the whole."""
+    counting = ("{{ '<|begin_of_text|>' + (messages | length | string) }}{% for m in messages %}"
+                "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>' + m['content'] + '<|eot_id|>' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>' }}{% endif %}")
+    chat = ChatTokenizer(build_tokenizer(counting, "<|eot_id|>"))
+    assert trained_text(chat, DIALOGUE) == "hi, how are you?<|eot_id|>card_arrival<|eot_id|>"
+
+
+def test_template_without_end_of_turn_gets_a_trained_eos():
+    bare = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}" \
+           "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    chat = ChatTokenizer(build_tokenizer(bare, "<|endoftext|>"))
+    example = chat.tokenize_chat(DIALOGUE)
+    assert example.input_ids[-1] == chat.tokenizer.eos_token_id and example.loss_mask[-1]
+
+
+def test_real_default_model_template_masks(tmp_path):
+    """The real SmolLM2 tokenizer when it is cached on this machine (it is after the first `models pull`)."""
+    from pathlib import Path
+
+    cached = Path.home() / ".tunesmith" / "models" / "smollm2-135m-instruct"
+    if not (cached / "tokenizer.json").is_file():
+        pytest.skip("default model not pulled on this machine")
+    chat = ChatTokenizer(load_tokenizer(str(cached)))
+    assert trained_text(chat, DIALOGUE) == "hi, how are you?<|im_end|>card_arrival<|im_end|>"
+
+
+def test_targets_never_cross_example_boundaries():
+    first = TokenizedExample([1, 2, 3], [False, True, True])
+    second = TokenizedExample([4, 5], [True, True])
+    batch = collate([[first, second]], pad_id=0)
+    # 3 -> 4 would be a cross-example target; the first token of an example is never a target.
+    assert batch.targets.tolist() == [[2, 3, IGNORE, 5, IGNORE]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1]]
+    mask = batch.attention_mask[0, 0]
+    assert not mask[3, :3].any() and mask[4, 3] and mask[2, :3].all() and not mask[1, 2]
+
+
+def test_packing_fills_rows_and_keeps_every_example_once():
+    lengths = [30, 10, 25, 5, 40, 8, 17, 33, 2, 50]
+    rows = pack_rows(lengths, capacity=64, order=list(range(len(lengths))))
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+    assert len(rows) == -(-sum(lengths) // 64)  # as few rows as the tokens need
+    assert epoch_rows(lengths, 64, True, seed=3, epoch=1) == epoch_rows(lengths, 64, True, seed=3, epoch=1)
+    assert epoch_rows(lengths, 64, True, seed=3, epoch=1) != epoch_rows(lengths, 64, True, seed=3, epoch=2)
+
+
+def test_padding_rows_do_not_produce_nan(tiny_model):
+    from tunesmith.models import load_model
+    from tunesmith.train.loss import token_loss_sum
+
+    model, _ = load_model(str(tiny_model))
+    batch = collate([[TokenizedExample([5, 6, 7, 8, 9], [True] * 5)], [TokenizedExample([5, 6], [True, True])]], pad_id=0)
+    loss = token_loss_sum(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

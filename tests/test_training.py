@@ -1,0 +1,260 @@
+"""End-to-end behaviour of the SFT/pretrain recipe on a tiny model: what trains, what is saved, exact resume."""
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from tunesmith.config import load_config, resolve_paths
+from tunesmith.errors import TrainingStopped
+from tunesmith.models import load_model
+from tunesmith.models.adapters import apply_adapter, load_trainable_state
+from tunesmith.recipes import sft
+from tunesmith.registry import methods
+from tunesmith.train import checkpoint as ckpt
+
+
+def make_config(tmp_path: Path, model_dir: Path, rows: list, *overrides: str, name: str = "run"):
+    train_file = write_jsonl(tmp_path / "train.jsonl", rows)
+    base = [f"model={model_dir}", f"data.train={train_file}", f"output_dir={tmp_path / name}", "data.max_length=64",
+            "train.batch_size=2", "train.lr=5e-3", "train.eval_every=3", "train.save_every=2", "train.progress=false",
+            "train.warmup=0"]
+    return resolve_paths(load_config(None, base + list(overrides)))
+
+
+def run(config):
+    return methods.get(config.method)(config)
+
+
+def metric_lines(run_dir: Path, key: str = "loss") -> list[tuple]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key], r.get("lr"), r.get("grad_norm")) for r in rows if key in r]
+
+
+def test_lora_trains_adapter_only_and_ships_peft_format(tmp_path, tiny_model, chat_rows):
+    config = make_config(tmp_path, tiny_model, chat_rows, "train.epochs=2")
+    result = run(config)
+    adapter = config.output_dir / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    saved = load_file(adapter / "adapter_model.safetensors")
+    lora_b = [name for name in saved if "lora_B" in name]
+    assert lora_b and all(saved[name].abs().sum() > 0 for name in lora_b), "LoRA B starts at zero: it must have moved"
+    planned = json.loads((config.output_dir / "metrics.jsonl").read_text().splitlines()[0])["total_steps"]
+    assert result.steps == planned > 0 and result.final_loss is not None
+
+    # The saved adapter loads in plain transformers + peft and gives the logits of the trained weights.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter).eval()
+    ours, _ = load_model(str(tiny_model))
+    torch.manual_seed(config.train.seed)
+    ours = apply_adapter(ours, config.adapter)
+    last = ckpt.latest_checkpoint(config.output_dir / "checkpoints")
+    load_trainable_state(ours, load_file(last / "trainable.safetensors"))
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, ours.eval()(ids).logits)
+
+
+def test_frozen_parameters_do_not_move_and_trainable_ones_do(tiny_model):
+    from tunesmith.config import AdapterConfig, TrainConfig
+    from tunesmith.data.packing import BatchPlan
+    from tunesmith.data.tokenize import ChatTokenizer
+    from tunesmith.data.formats import convert_classification
+    from tunesmith.train.optim import build_optimizer, build_scheduler
+    from tunesmith.train.step import train_step
+
+    for adapter_type in ("lora", "full"):
+        model, tokenizer = load_model(str(tiny_model))
+        model = apply_adapter(model, AdapterConfig(type=adapter_type))
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        chat = ChatTokenizer(tokenizer)
+        examples = [chat(convert_classification({"text": f"message {i}", "label": "card_arrival"})) for i in range(6)]
+        plan = BatchPlan(examples, capacity=64, packing=True, batch_size=2, grad_accum=1, seed=0, pad_id=0)
+        optimizer = build_optimizer(model, TrainConfig(lr=1e-2))
+        scheduler = build_scheduler(optimizer, TrainConfig(lr=1e-2, warmup=0), 3)
+        for step in range(2):
+            train_step(model, plan.step(0, step), optimizer, scheduler, 1.0, torch.device("cpu"), None)
+        for name, parameter in model.named_parameters():
+            moved = not torch.equal(before[name], parameter.detach())
+            if parameter.requires_grad and "lora_A" not in name and "norm" not in name:
+                assert moved, f"{adapter_type}: trainable {name} did not move"
+            if not parameter.requires_grad:
+                assert not moved, f"{adapter_type}: frozen {name} moved"
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert (adapter_type == "full") == (len(trainable) == len(before))
+
+
+@pytest.mark.parametrize("stop_at", [1, 4, 7])
+def test_stop_and_resume_is_bit_identical(tmp_path, tiny_model, chat_rows, monkeypatch, stop_at):
+    """A run stopped by SIGTERM at any step and resumed equals the uninterrupted run, bit for bit."""
+    overrides = ("train.epochs=2", "data.val_fraction=0.2", "train.grad_accum=2", "adapter.dropout=0.1")
+    straight = make_config(tmp_path, tiny_model, chat_rows, *overrides, name="straight")
+    run(straight)
+
+    interrupted = make_config(tmp_path, tiny_model, chat_rows, *overrides, name="interrupted")
+    original_advance = sft.advance
+
+    def advance_then_signal(state, plan, result):
+        original_advance(state, plan, result)
+        if state.step == stop_at:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(sft, "advance", advance_then_signal)
+    with pytest.raises(TrainingStopped) as stopped:
+        run(interrupted)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert ckpt.latest_checkpoint(interrupted.output_dir / "checkpoints").name == f"step-{stop_at}"
+    assert not (interrupted.output_dir / "adapter").exists()
+    monkeypatch.setattr(sft, "advance", original_advance)
+    run(interrupted)
+
+    a = load_file(straight.output_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(interrupted.output_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert metric_lines(straight.output_dir) == metric_lines(interrupted.output_dir)
+    assert metric_lines(straight.output_dir, "val_loss") == metric_lines(interrupted.output_dir, "val_loss")
+
+
+def test_gradient_accumulation_equals_large_batch(tiny_model, chat_rows):
+    """1 micro-batch of 8 rows and 8 micro-batches of 1 row give the same loss and the same update."""
+    from tunesmith.config import AdapterConfig
+    from tunesmith.data.packing import BatchPlan
+    from tunesmith.data.tokenize import ChatTokenizer
+    from tunesmith.data.formats import convert_messages
+    from tunesmith.train.step import train_step
+
+    results = {}
+    for batch_size, grad_accum in ((8, 1), (1, 8)):
+        model, tokenizer = load_model(str(tiny_model))
+        torch.manual_seed(0)
+        model = apply_adapter(model, AdapterConfig(type="full"))
+        chat = ChatTokenizer(tokenizer)
+        examples = [chat(convert_messages(row)) for row in chat_rows]
+        plan = BatchPlan(examples, capacity=40, packing=True, batch_size=batch_size, grad_accum=grad_accum, seed=0, pad_id=0)
+        # Plain SGD with lr 1: the update is the gradient itself (Adam's first step would divide it by its magnitude).
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        step = train_step(model, plan.step(0, 0), optimizer, scheduler, None, torch.device("cpu"), None)
+        assert len(plan.step(0, 0)) == grad_accum
+        results[(batch_size, grad_accum)] = (step.loss, step.loss_tokens, [p.detach().clone() for p in model.parameters()])
+    (loss_a, tokens_a, params_a), (loss_b, tokens_b, params_b) = results.values()
+    assert tokens_a == tokens_b
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_loss_equals_unpacked_loss(tiny_model, chat_rows):
+    """Packing changes nothing a model computes: no attention or targets cross example boundaries."""
+    from tunesmith.data.packing import collate
+    from tunesmith.data.tokenize import ChatTokenizer
+    from tunesmith.data.formats import convert_messages
+    from tunesmith.train.loss import token_loss_sum
+
+    model, tokenizer = load_model(str(tiny_model))
+    chat = ChatTokenizer(tokenizer)
+    examples = [chat(convert_messages(row)) for row in chat_rows[:6]]
+    packed = collate([examples[:3], examples[3:]], pad_id=0)  # two rows of three examples each, one padded
+    assert packed.input_ids.shape[0] == 2
+    alone = [collate([[example]], pad_id=0) for example in examples]
+    with torch.no_grad():
+        packed_sum = token_loss_sum(model, packed)
+        separate_sum = sum(token_loss_sum(model, batch) for batch in alone)
+    assert packed.num_loss_tokens == sum(batch.num_loss_tokens for batch in alone)
+    torch.testing.assert_close(packed_sum, separate_sum, rtol=1e-5, atol=1e-5)
+    # The same holds for a model that tries to look across the boundary: positions restart per example.
+    assert packed.position_ids[0, len(examples[0])].item() == 0
+
+
+def test_full_fine_tuning_saves_a_loadable_model(tmp_path, tiny_model, chat_rows):
+    from transformers import AutoModelForCausalLM
+
+    config = make_config(tmp_path, tiny_model, chat_rows, "adapter.type=full", "train.max_steps=4")
+    result = run(config)
+    assert result.output.name == "model"
+    tuned = AutoModelForCausalLM.from_pretrained(result.output).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ids = torch.tensor([[5, 17, 42, 99]])
+    with torch.no_grad():
+        assert not torch.allclose(tuned(ids).logits, base(ids).logits)
+    assert (result.output / "tokenizer.json").is_file()
+
+
+def test_pretrain_trains_every_token_of_raw_text(tmp_path, tiny_model):
+    rows = [{"text": "the quick brown fox jumps over the lazy dog " * 3} for _ in range(6)]
+    config = make_config(tmp_path, tiny_model, rows, "method=pretrain", "data.truncation=split", "data.max_length=16",
+                         "train.max_steps=3")
+    result = run(config)
+    first = json.loads((config.output_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["format"] == "text" and first["truncated"] == 6
+    assert result.steps == 3 and (result.output / "adapter_model.safetensors").is_file()
+
+
+def test_early_stopping_keeps_the_best_weights(tmp_path, tiny_model, chat_rows, monkeypatch):
+    losses = iter([1.0, 0.5, 0.9, 0.95, 0.99])
+    monkeypatch.setattr(sft, "evaluate_loss", lambda *args, **kwargs: next(losses))
+    config = make_config(tmp_path, tiny_model, chat_rows, "train.epochs=3", "data.val_fraction=0.2",
+                         "train.eval_every=2", "train.early_stopping.patience=2")
+    result = run(config)
+    assert result.steps == 8, "evals at 2, 4 (best), 6, 8: two without improvement stop the run"
+    assert result.best_val_loss == 0.5
+    best = ckpt.best_checkpoint(config.output_dir / "checkpoints")
+    assert best.name == "best-step-4"
+    shipped = load_file(config.output_dir / "adapter" / "adapter_model.safetensors")
+    best_weights = load_file(best / "trainable.safetensors")
+    for name, tensor in shipped.items():
+        match = [key for key in best_weights if key.replace(".default", "").endswith(name.split("base_model.model.")[-1])]
+        assert match and torch.equal(best_weights[match[0]], tensor)
+    run(config)  # resuming a finished (early-stopped) run trains nothing more
+    assert ckpt.latest_checkpoint(config.output_dir / "checkpoints").name == "step-8"
+
+
+def test_non_finite_losses_skip_then_stop(tmp_path, tiny_model, chat_rows, monkeypatch):
+    from tunesmith.train import step as step_module
+
+    real = step_module.token_loss_sum
+    calls = {"n": 0}
+
+    def sometimes_nan(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] in (2, 5, 6, 7) else loss
+
+    monkeypatch.setattr(step_module, "token_loss_sum", sometimes_nan)
+    monkeypatch.setattr(step_module.train_step, "__defaults__", (sometimes_nan,))
+    config = make_config(tmp_path, tiny_model, chat_rows, "train.epochs=3", "train.max_bad_steps=3")
+    with pytest.raises(TrainingStopped, match="not finite for 3 steps in a row"):
+        run(config)
+    records = [json.loads(line) for line in (config.output_dir / "metrics.jsonl").read_text().splitlines()]
+    skipped = [row for row in records if row.get("event") == "skipped"]
+    assert [row["step"] for row in skipped] == [2, 5, 6, 7]
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path, tiny_model, chat_rows):
+    config = make_config(tmp_path, tiny_model, chat_rows, "train.epochs=2", "train.keep_last=2", "train.save_every=1")
+    run(config)
+    directory = config.output_dir / "checkpoints"
+    last = json.loads((config.output_dir / "metrics.jsonl").read_text().splitlines()[0])["total_steps"]
+    assert sorted(p.name for p in directory.iterdir()) == [f"step-{last - 1}", f"step-{last}"]
+    (directory / f".tmp-step-{last + 1}").mkdir()  # what a crash mid-write leaves behind
+    assert ckpt.latest_checkpoint(directory).name == f"step-{last}"
+    files = {p.name for p in (directory / f"step-{last}").iterdir()}
+    assert files == {"trainable.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
+                     "rng.safetensors", "rng.json", "state.json"}
+
+
+def test_a_changed_config_is_not_resumed(tmp_path, tiny_model, chat_rows):
+    from tunesmith.errors import UserError
+
+    run(make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=2"))
+    with pytest.raises(UserError, match="train.lr"):
+        run(make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=2", "train.lr=1e-3"))
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        run(make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=2", "train.resume=never"))
