@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 TRAIN_PER_LABEL, TEST_PER_LABEL = 24, 4
+GSM8K_ROWS = 1000  # the first rows of the source training split
 
 
 def stratified(rows: list[dict], per_label: int) -> list[dict]:
@@ -23,7 +24,20 @@ def stratified(rows: list[dict], per_label: int) -> list[dict]:
     return kept
 
 
+def gsm8k(shared: Path) -> None:
+    """gsm8k (MIT): instruction SFT rows, and the same problems as raw text documents for continued pre-training."""
+    out = Path(__file__).parent / "gsm8k"
+    out.mkdir(exist_ok=True)
+    rows = [json.loads(line) for line in (shared / "gsm8k" / "sft_train.jsonl").open(encoding="utf-8")][:GSM8K_ROWS]
+    sft = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in rows]
+    text = [{"text": f"Question: {r['instruction']}\nAnswer: {r['output']}"} for r in rows]
+    for name, kept in (("sft_train", sft), ("text_train", text)):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        print(f"gsm8k {name}: {len(kept)} rows")
+
+
 def main(shared: Path) -> None:
+    gsm8k(shared)
     out = Path(__file__).parent / "banking77"
     for split, per_label in (("train", TRAIN_PER_LABEL), ("test", TEST_PER_LABEL)):
         rows = [json.loads(line) for line in (shared / "banking77" / f"{split}.jsonl").open(encoding="utf-8")]

@@ -258,3 +258,32 @@ def test_a_changed_config_is_not_resumed(tmp_path, tiny_model, chat_rows):
         run(make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=2", "train.lr=1e-3"))
     with pytest.raises(UserError, match="already holds checkpoints"):
         run(make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=2", "train.resume=never"))
+
+
+def test_sigterm_to_a_real_process_checkpoints_and_resume_finishes(tmp_path, tiny_model, chat_rows):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    train = write_jsonl(tmp_path / "train.jsonl", chat_rows)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model: {tiny_model}\ndata: {{train: {train}, max_length: 64}}\n"
+                      f"train: {{epochs: 400, batch_size: 2, save_every: 100000, progress: false}}\n"
+                      f"output_dir: {tmp_path / 'run'}\n")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(config)], stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or metrics.read_text().count('"loss"') < 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and "checkpoint was saved" in stderr
+    stopped_at = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert stopped_at is not None and int(stopped_at.name.split("-")[1]) >= 3
+    resumed = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(config), "train.max_steps=" +
+                              str(int(stopped_at.name.split("-")[1]) + 2)], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

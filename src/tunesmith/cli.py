@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -105,6 +106,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class HelpConfig(argparse.Action):
+    """`tunesmith train --help-config`: every config key with its default and meaning, from the schema itself."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from tunesmith.config import describe_fields
+
+        rows = describe_fields()
+        width = max(len(key) for key, _, _ in rows)
+        for key, default, description in rows:
+            print(f"{key:<{width}}  {description} [default: {default}]")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune language models on your own data.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="run one training recipe; writes a run directory")
     train.add_argument("config", type=Path, help="the YAML config")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
+    train.add_argument("--help-config", action=HelpConfig, nargs=0, help="list every config key and exit")
     train.set_defaults(handler=cmd_train)
 
     validate = commands.add_parser("validate", help="check a data file before any compute")
@@ -152,9 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.handler(args)
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
