@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import write_config_file, write_jsonl
 from tunesmith.config import load_config, resolve_paths
 from tunesmith.errors import TrainingStopped
 from tunesmith.models import load_model
@@ -266,11 +266,7 @@ def test_sigterm_to_a_real_process_checkpoints_and_resume_finishes(tmp_path, tin
     import sys
     import time
 
-    train = write_jsonl(tmp_path / "train.jsonl", chat_rows)
-    config = tmp_path / "config.yaml"
-    config.write_text(f"model: {tiny_model}\ndata: {{train: {train}, max_length: 64}}\n"
-                      f"train: {{epochs: 400, batch_size: 2, save_every: 100000, progress: false}}\n"
-                      f"output_dir: {tmp_path / 'run'}\n")
+    config = write_config_file(tmp_path, tiny_model, chat_rows, "epochs: 400, batch_size: 2, save_every: 100000, progress: false")
     metrics = tmp_path / "run" / "metrics.jsonl"
     process = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(config)], stderr=subprocess.PIPE,
                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -6,17 +6,13 @@ import json
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import write_config_file, write_jsonl
 from tunesmith.cli import main
 from tunesmith.serve.engine import Engine, Sampling
 
 
 def trained_run(tmp_path, tiny_model, chat_rows):
-    train = write_jsonl(tmp_path / "train.jsonl", chat_rows)
-    config = tmp_path / "config.yaml"
-    config.write_text(f"model: {tiny_model}\ndata: {{train: {train}, max_length: 64}}\n"
-                      f"train: {{epochs: 8, batch_size: 4, progress: false, lr: 1.0e-2, warmup: 0}}\n"
-                      f"output_dir: {tmp_path / 'run'}\n")
+    config = write_config_file(tmp_path, tiny_model, chat_rows, "epochs: 8, batch_size: 4, progress: false, lr: 1.0e-2, warmup: 0")
     assert main(["train", str(config)]) == 0
     return tmp_path / "run"
 

@@ -70,26 +70,32 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def check_messages(messages: Any, key: str = "messages") -> list[dict[str, str]]:
-    """Validate an OpenAI-style message list; every problem names the turn."""
-    if not isinstance(messages, list):
-        raise RowError(f"field '{key}' must be a list of {{role, content}} objects, got {type(messages).__name__}")
-    if not messages:
+def check_messages(turns: Any, key: str = "messages", role_key: str = "role", content_key: str = "content",
+                   roles: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """Validate a list of turns and return it as {role, content} messages; every problem names the turn.
+
+    The key names and the role spellings are parameters, so sharegpt's {from, value} with human/gpt is
+    checked by the same code as OpenAI's {role, content}, with messages that use the user's own keys.
+    """
+    roles = roles or {role: role for role in ROLES}
+    if not isinstance(turns, list):
+        raise RowError(f"field '{key}' must be a list of {{{role_key}, {content_key}}} objects, got {type(turns).__name__}")
+    if not turns:
         raise RowError(f"field '{key}' is an empty list")
     clean = []
-    for index, message in enumerate(messages):
+    for index, turn in enumerate(turns):
         where = f"{key}[{index}]"
-        if not isinstance(message, dict):
-            raise RowError(f"{where} must be an object with role and content, got {type(message).__name__}")
-        role = message.get("role")
-        if role not in ROLES:
-            raise RowError(f"{where}.role {_short(role)} is not one of {', '.join(ROLES)}")
-        content = message.get("content")
+        if not isinstance(turn, dict):
+            raise RowError(f"{where} must be an object with {role_key} and {content_key}, got {type(turn).__name__}")
+        role = turn.get(role_key)
+        if role not in roles:
+            raise RowError(f"{where}.{role_key} {_short(role)} is not one of {', '.join(roles)}")
+        content = turn.get(content_key)
         if not isinstance(content, str):
-            raise RowError(f"{where}.content must be a string, got {type(content).__name__}")
-        if role == "assistant" and not content.strip():
+            raise RowError(f"{where}.{content_key} must be a string, got {type(content).__name__}")
+        if roles[role] == "assistant" and not content.strip():
             raise RowError(f"{where} is an assistant turn with empty content")
-        clean.append({"role": role, "content": content})
+        clean.append({"role": roles[role], "content": content})
     if not any(message["role"] == "assistant" for message in clean):
         raise RowError(f"field '{key}' has no assistant turn, so there is nothing to learn from")
     return clean
@@ -104,21 +110,7 @@ def convert_messages(row: dict[str, Any]) -> Example:
 
 @register_format("sharegpt", keys=("conversations",), kind="chat")
 def convert_sharegpt(row: dict[str, Any]) -> Example:
-    turns = row.get("conversations")
-    if not isinstance(turns, list):
-        raise RowError("field 'conversations' must be a list of {from, value} objects")
-    messages = []
-    for index, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise RowError(f"conversations[{index}] must be an object with from and value")
-        speaker = turn.get("from")
-        if speaker not in SHAREGPT_ROLES:
-            raise RowError(f"conversations[{index}].from {_short(speaker)} is not one of {', '.join(SHAREGPT_ROLES)}")
-        value = turn.get("value")
-        if not isinstance(value, str):  # checked here so the message names sharegpt's key, not "content"
-            raise RowError(f"conversations[{index}].value must be a string, got {type(value).__name__}")
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
-    return Example(check_messages(messages, "conversations"), "chat")
+    return Example(check_messages(row.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES), "chat")
 
 
 @register_format("alpaca", keys=("instruction", "output"), kind="chat")
