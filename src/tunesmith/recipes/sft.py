@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.config import Config
-from tunesmith.data.dataset import prepare_data
+from tunesmith.data.dataset import PreparedData, prepare_data
 from tunesmith.data.packing import BatchPlan
 from tunesmith.errors import TrainingStopped
 from tunesmith.models import load_model, load_tokenizer
@@ -55,10 +55,7 @@ def train_token_loss(config: Config, accepts: tuple[str, ...]) -> RunResult:
     model = apply_adapter(model, config.adapter).to(device)
     if train_config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    plan_options = dict(capacity=config.data.max_length, packing=config.data.packing, seed=train_config.seed, pad_id=pad_id)
-    plan = BatchPlan(data.train, batch_size=train_config.batch_size, grad_accum=train_config.grad_accum, **plan_options)
-    validation = BatchPlan(data.validation, batch_size=train_config.batch_size, grad_accum=1, **plan_options).eval_batches()
+    plan, validation = build_plans(config, data, tokenizer)
     total_steps = count_steps(plan, train_config.epochs, train_config.max_steps)
     optimizer = build_optimizer(model, train_config)
     scheduler = build_scheduler(optimizer, train_config, total_steps)
@@ -101,15 +98,31 @@ def train_token_loss(config: Config, accepts: tuple[str, ...]) -> RunResult:
     progress.close()
 
     # ---- save --------------------------------------------------------------------------------
+    return save_outputs(config, model, tokenizer, state, result, data)
+
+
+def build_plans(config: Config, data: PreparedData, tokenizer) -> tuple[BatchPlan, list]:
+    """The training batch plan and the validation batches (every validation example once)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    options = dict(capacity=config.data.max_length, packing=config.data.packing, seed=config.train.seed, pad_id=pad_id)
+    plan = BatchPlan(data.train, batch_size=config.train.batch_size, grad_accum=config.train.grad_accum, **options)
+    validation = BatchPlan(data.validation, batch_size=config.train.batch_size, grad_accum=1, **options).eval_batches()
+    return plan, validation
+
+
+def save_outputs(config: Config, model, tokenizer, state: ckpt.TrainState, result: StepResult | None,
+                 data: PreparedData) -> RunResult:
+    """Ship the best weights (with validation) or the last ones as adapter/ or model/, and summary.json."""
+    run_dir, checkpoints = config.output_dir, config.output_dir / "checkpoints"
     best = ckpt.best_checkpoint(checkpoints)
-    if best is not None:  # with validation, the run ships its best weights, not its last
+    if best is not None:
         ckpt.load_best_weights(best, model)
     output = run_dir / output_name(config.adapter.type)
     save_final(model, tokenizer, output)
     summary = RunResult(run_dir, output, state.step, result.loss if result else None, state.best_val_loss,
                         state.tokens_seen / state.elapsed_s if state.elapsed_s else 0.0, peak_rss_mb())
     write_summary(run_dir, {**{k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()},
-                            "data": data.summary(), "skipped_steps": state.skipped_steps})
+                            "best_step": state.best_step, "data": data.summary(), "skipped_steps": state.skipped_steps})
     return summary
 
 
