@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunesmith.data.dataset import fit_length
 from tunesmith.data.validate import load_file, report
 from tunesmith.errors import Problem
 from tunesmith.registry import load_plugins, methods
@@ -26,14 +25,14 @@ def check_file(path: Path, format_name: str = "auto", method: str = "sft", model
     loaded = load_file(path, format_name, accepts, method)
     problems = list(loaded.problems)
     if model is not None and loaded.examples:
+        from tunesmith.config import DataConfig
+        from tunesmith.data.dataset import PreparedData, tokenize_examples
         from tunesmith.data.tokenize import ChatTokenizer
         from tunesmith.models import load_tokenizer
 
         chat = ChatTokenizer(load_tokenizer(model))
-        for example in loaded.examples:
-            _, problem = fit_length(chat(example), max_length, "error", f"{path}:{example.line}")
-            if problem:
-                problems.append(problem)
+        config = DataConfig(train=path, max_length=max_length)
+        problems += tokenize_examples(loaded.examples, path, config, chat, PreparedData([], [], loaded.format))[1]
     problems.sort(key=lambda p: _line_of(p.where))
     if problems:
         return CheckReport(problems, f"{report(problems, limit=200)}\n{path}: {len(problems)} problem(s) in "

@@ -55,8 +55,16 @@ def tokenize_file(path: Path, config: DataConfig, chat: ChatTokenizer, accepts: 
     if config.truncation == "split" and loaded.examples and loaded.examples[0].kind != "text":
         raise UserError(f"data.truncation=split only applies to raw text (format text), not {loaded.format}; "
                         f"fix: use drop or truncate")
+    tokenized, length_problems = tokenize_examples(loaded.examples, path, config, chat, prepared)
+    return tokenized, problems + length_problems
+
+
+def tokenize_examples(examples: list[Example], path: Path, config: DataConfig, chat: ChatTokenizer,
+                      prepared: PreparedData) -> tuple[list[TokenizedExample], list[Problem]]:
+    """Tokenise, apply the truncation policy, and refuse examples with nothing to train (training and validate)."""
     tokenized: list[TokenizedExample] = []
-    for example in loaded.examples:
+    problems: list[Problem] = []
+    for example in examples:
         where = f"{path}:{example.line}"
         encoded = chat(example)
         kept, problem = fit_length(encoded, config.max_length, config.truncation, where)
