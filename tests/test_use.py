@@ -37,20 +37,15 @@ def test_generate_chat_and_eval_use_the_adapter(tmp_path, tiny_model, chat_rows,
     assert main(["chat", str(run_dir), "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out.strip() == tuned[0]
 
-    test = write_jsonl(tmp_path / "test.jsonl", [{"text": "my card has not arrived 0", "label": "card_arrival"}] * 3)
-    assert main(["eval", str(run_dir), "--data", str(test), "--max-new-tokens", "12"]) == 0
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": "my card has not arrived 0", "label": "card_arrival"},
+                                                  {"text": "I lost my phone 1", "label": "lost_or_stolen_phone"}] * 2)
+    assert main(["eval", str(run_dir), "--data", str(test), "--baseline", "base", "--resamples", "50"]) == 0
     printed = capsys.readouterr().out
-    assert "base" in printed and "tuned" in printed
+    assert "tuned" in printed and "base" in printed and "report.html" in printed
     results = json.loads((run_dir / "eval.json").read_text())
-    assert results["metrics"]["tuned"]["accuracy"] == {"value": 1.0, "ci95": pytest.approx([0.4385, 1.0], abs=1e-3), "n": 3}
-    assert results["predictions"][0]["tuned"] == tuned[0] and results["predictions"][0]["base"] == base[0]
-
-
-def test_wilson_interval_is_sound():
-    from tunesmith.eval.classification import accuracy, wilson_interval
-
-    low, high = wilson_interval(0, 10)
-    assert low == 0.0 and 0.25 < high < 0.35
-    low, high = wilson_interval(50, 100)
-    assert abs((low + high) / 2 - 0.5) < 1e-9 and 0.39 < low < 0.41
-    assert accuracy(["Card_Arrival.", "x"], ["card_arrival", "y"])["value"] == 0.5
+    assert results["metrics"]["accuracy"]["n"] == 4 and (run_dir / "report.html").is_file()
+    # Constrained to the label set: every prediction is a label, for the tuned and the base model alike.
+    labels = {"card_arrival", "lost_or_stolen_phone", "cancel_transfer", "fee", "top_up", "exchange_rate", "refund", "greeting"}
+    assert results["examples"][0]["predicted"] == "card_arrival"
+    assert all(row["predicted"] in labels and row["baselines"]["base"]["predicted"] in labels for row in results["examples"])
+    assert "base" in results["comparisons"] and "mcnemar_p" in results["comparisons"]["base"]

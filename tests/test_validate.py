@@ -201,12 +201,12 @@ def test_preference_and_score_row_mistakes(tmp_path, good, bad, fragment):
 
 
 def test_keys_that_match_no_format_are_reported_on_every_line(tmp_path, capsys):
-    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}, {"question": "q2", "answer": "a2"}])
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"query": "q", "reply": "a"}, {"query": "q2", "reply": "a2"}])
     code, _, err = validate(capsys, path)
     assert code == 2
     found = reported(err, path)
     assert sorted(found) == [1, 2]
-    assert "cannot tell the data format from the keys (answer, question)" in found[1]
+    assert "cannot tell the data format from the keys (query, reply)" in found[1]
     assert "fix:" in found[1]
 
 
@@ -595,3 +595,12 @@ def test_truncation_split_cuts_text_into_max_length_pieces(tmp_path, tokenizer):
     assert len(pieces) == math.ceil(len(whole) / max_length)
     assert [token for piece in pieces for token in piece.input_ids] == whole.input_ids
     assert prepared.truncated == 1
+
+
+def test_short_answer_qa_rows_are_detected_with_every_accepted_answer(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "who?", "answer": "Ann", "answers": ["Ann", "Anne"]},
+                                               {"question": "what?", "answer": "x"}])
+    loaded = load_file(path)
+    assert loaded.format == "qa" and not loaded.problems
+    assert loaded.examples[0].messages[-1] == {"role": "assistant", "content": "Ann"}
+    assert loaded.examples[0].meta["answers"] == ["Ann", "Anne"] and loaded.examples[1].meta["answers"] == ["x"]

@@ -84,25 +84,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import yaml
+    from tunesmith.eval.run import EvalOptions, evaluate, format_summary, run_config
 
-    from tunesmith.eval.classification import evaluate_base_vs_tuned, format_table
-    from tunesmith.serve.engine import Engine, Sampling, is_run_dir
-
-    run_eval = {}
-    if is_run_dir(args.target):
-        run_eval = yaml.safe_load((args.target / "config.yaml").read_text(encoding="utf-8")).get("eval", {})
-    data = args.data or (Path(run_eval["data"]) if run_eval.get("data") else None)
+    defaults = run_config(args.target).get("eval", {})
+    data = args.data or (Path(defaults["data"]) if defaults.get("data") else None)
     if data is None:
         raise UserError("no evaluation data; fix: pass --data FILE.jsonl or set eval.data in the run's config")
-    max_examples = args.max_examples or run_eval.get("max_examples")
-    sampling = Sampling(max_new_tokens=args.max_new_tokens or run_eval.get("max_new_tokens", 32))
-    output = args.target / "eval.json" if is_run_dir(args.target) else None
-    results = evaluate_base_vs_tuned(Engine.load(str(args.target)), data, max_examples, sampling,
-                                     run_eval.get("batch_size", 16), output)
-    print(format_table(results))
-    if output:
-        print(f"wrote {output}")
+    options = EvalOptions(task=args.task or defaults.get("task", "classification"),
+                          baselines=tuple(args.baseline or defaults.get("baselines", [])),
+                          max_examples=args.max_examples or defaults.get("max_examples"), method=args.method,
+                          shots_file=args.shots, resamples=args.resamples, seed=args.seed,
+                          max_new_tokens=args.max_new_tokens or defaults.get("max_new_tokens", 32),
+                          batch_size=args.batch_size or defaults.get("batch_size", 16))
+    is_run = (Path(args.target) / "config.yaml").is_file()
+    output = args.output or (Path(args.target) if is_run else Path("eval-output"))
+    result = evaluate(args.target, data, options, output)
+    print(format_summary(result))
+    print(f"wrote {output / 'eval.json'} and {output / 'report.html'}")
     return 0
 
 
@@ -157,11 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--jsonl", action="store_true", help="print {prompt, reply} JSON lines")
         sub.set_defaults(handler=handler)
 
-    evaluate = commands.add_parser("eval", help="evaluate a run against its base model (exact-match accuracy)")
-    evaluate.add_argument("target", type=Path, help="a run directory (base vs tuned) or a model")
+    evaluate = commands.add_parser("eval", help="evaluate a run or model against baselines, with 95%% intervals")
+    evaluate.add_argument("target", help="a run directory (base model + adapter) or a model")
     evaluate.add_argument("--data", type=Path, help="evaluation data (default: the run's eval.data)")
-    evaluate.add_argument("--max-examples", type=int)
+    evaluate.add_argument("--task", help="classification | exact_match | regression | perplexity | preference | generation")
+    evaluate.add_argument("--baseline", action="append", help="base, or few-shot:K (repeatable)")
+    evaluate.add_argument("--output", type=Path, help="where eval.json and report.html go (default: the run directory)")
+    evaluate.add_argument("--max-examples", type=int, help="evaluate the first N rows")
+    evaluate.add_argument("--method", choices=["constrained", "loglik"], default="constrained",
+                          help="classification: generation constrained to the labels, or log-likelihood ranking")
+    evaluate.add_argument("--shots", type=Path, help="few-shot examples (default: the run's training data)")
+    evaluate.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
+    evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--max-new-tokens", type=int)
+    evaluate.add_argument("--batch-size", type=int)
     evaluate.set_defaults(handler=cmd_eval)
     return parser
 

@@ -81,6 +81,10 @@ class DataConfig(Section):
 
 
 class EarlyStoppingConfig(Section):
+    metric: str = Field(
+        "val_loss", description="What 'best' means: val_loss, or a metric of eval.task (e.g. accuracy, macro_f1) "
+        "computed every eval.every steps.",
+    )
     patience: int | None = Field(
         None, ge=1, description="Stop after this many evaluations without improvement (None: never stop early)."
     )
@@ -123,10 +127,18 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    data: Path | None = Field(None, description="Evaluation data (JSONL); classification rows are scored by exact match.")
+    data: Path | None = Field(None, description="Evaluation data (JSONL) for `tunesmith eval RUN` and eval.every.")
+    every: int | None = Field(None, ge=1, description="Also run the eval task during training every N steps (and at the end).")
+    task: str = Field("classification", description="classification | exact_match | regression | perplexity | preference | generation")
+    baselines: list[str] = Field(default_factory=list, description="Baselines compared with the run: base, few-shot:K.")
     max_examples: int | None = Field(200, ge=1, description="Evaluate at most this many rows (the first N).")
     max_new_tokens: int = Field(32, ge=1, description="Generation budget per example.")
     batch_size: int = Field(16, ge=1, description="Examples generated together.")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        return registered("tasks", value)
 
 
 class Config(Section):
@@ -142,6 +154,23 @@ class Config(Section):
     @classmethod
     def _known_method(cls, value: str) -> str:
         return registered("methods", value)
+
+    @model_validator(mode="after")
+    def _selection_metric_is_computed(self) -> "Config":
+        """A metric other than val_loss can only choose the best checkpoint if the eval task computes it."""
+        metric = self.train.early_stopping.metric
+        if metric == "val_loss":
+            return self
+        from tunesmith.eval.metrics import metric_names
+
+        names = metric_names(self.eval.task)
+        if metric not in names:
+            raise ValueError(f"train.early_stopping.metric: '{metric}' is not a metric of eval.task={self.eval.task}"
+                             f"{did_you_mean(metric, names)}; choose val_loss or one of: {', '.join(names)}")
+        if self.eval.every is None or self.eval.data is None:
+            raise ValueError(f"train.early_stopping.metric: '{metric}' is computed only during training with "
+                             f"eval.data and eval.every set; fix: set both (e.g. eval.every=20)")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ formats: Registry[Any] = Registry("data format")
 methods: Registry[Callable[..., Any]] = Registry("method")
 adapters: Registry[Callable[..., Any]] = Registry("adapter type")
 schedules: Registry[Callable[..., Any]] = Registry("learning-rate schedule")
+tasks: Registry[Any] = Registry("evaluation task")
 
 
 _plugins_loaded = False
@@ -73,6 +74,7 @@ def load_plugins() -> None:
         return
     _plugins_loaded = True
     import tunesmith.data.formats  # noqa: F401
+    import tunesmith.eval.tasks  # noqa: F401
     import tunesmith.models.adapters  # noqa: F401
     import tunesmith.recipes  # noqa: F401
     import tunesmith.train.optim  # noqa: F401

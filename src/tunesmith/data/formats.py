@@ -143,6 +143,18 @@ def convert_classification(row: dict[str, Any]) -> Example:
     )
 
 
+@register_format("qa", keys=("question", "answer"), kind="chat")
+def convert_qa(row: dict[str, Any]) -> Example:
+    """Short-answer QA; `answers` (optional) lists every accepted answer, for exact-match scoring."""
+    answers = row.get("answers", [row.get("answer")])
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise RowError(f"field 'answers' must be a list of strings, got {_short(answers)}")
+    example = Example([{"role": "user", "content": text_field(row, "question")},
+                       {"role": "assistant", "content": text_field(row, "answer")}], "chat")
+    example.meta["answers"] = answers
+    return example
+
+
 @register_format("text", keys=("text",), kind="text")
 def convert_text(row: dict[str, Any]) -> Example:
     return Example([{"role": "text", "content": text_field(row, "text")}], "text")
@@ -180,7 +192,8 @@ def convert_score(row: dict[str, Any]) -> Example:
 
 
 # Most specific first: a row with prompt+chosen+rejected must not be taken for prompt_completion.
-DETECTION_ORDER = ("messages", "sharegpt", "preference", "score", "alpaca", "prompt_completion", "classification", "text")
+DETECTION_ORDER = ("messages", "sharegpt", "preference", "score", "alpaca", "prompt_completion", "qa", "classification",
+                   "text")
 
 
 def detect_format(row: dict[str, Any]) -> str | None:

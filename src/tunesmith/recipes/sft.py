@@ -14,6 +14,7 @@ from tunesmith.config import Config
 from tunesmith.data.dataset import PreparedData, prepare_data
 from tunesmith.data.packing import BatchPlan
 from tunesmith.errors import TrainingStopped
+from tunesmith.eval.in_training import InTrainingEval, higher_is_better
 from tunesmith.models import load_model, load_tokenizer
 from tunesmith.models.adapters import apply_adapter, output_name, save_final
 from tunesmith.registry import methods
@@ -56,6 +57,8 @@ def train_token_loss(config: Config, accepts: tuple[str, ...]) -> RunResult:
     if train_config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     plan, validation = build_plans(config, data, tokenizer)
+    task_eval = InTrainingEval(config, tokenizer) if config.eval.every and config.eval.data else None
+    selection = train_config.early_stopping
     total_steps = count_steps(plan, train_config.epochs, train_config.max_steps)
     optimizer = build_optimizer(model, train_config)
     scheduler = build_scheduler(optimizer, train_config, total_steps)
@@ -79,14 +82,19 @@ def train_token_loss(config: Config, accepts: tuple[str, ...]) -> RunResult:
                       "grad_norm": result.grad_norm, "tokens": state.tokens_seen, "tokens_per_s": result.tokens / result.seconds}
             if state.step % train_config.log_every == 0 or done:
                 log.write(record)
+            scores: dict[str, float] = {}
             if validation and (state.step % train_config.eval_every == 0 or done):
-                val_loss = evaluate_loss(model, validation, device, amp_dtype)
-                improved = update_early_stopping(state, val_loss, train_config.early_stopping.min_delta,
-                                                 train_config.early_stopping.patience)
-                if improved:
-                    ckpt.save_best_weights(checkpoints, model, state.step)
-                log.write({"step": state.step, "val_loss": val_loss, "best_val_loss": state.best_val_loss,
-                           "stopped_early": bool(state.extra.get("stopped_early"))})
+                scores["val_loss"] = evaluate_loss(model, validation, device, amp_dtype)
+                state.best_val_loss = min(scores["val_loss"], state.best_val_loss or float("inf"))
+                log.write({"step": state.step, "val_loss": scores["val_loss"], "best_val_loss": state.best_val_loss})
+            if task_eval and (state.step % config.eval.every == 0 or done):
+                task_metrics = task_eval(model, train_config.seed)
+                scores.update({name: metric["value"] for name, metric in task_metrics.items()})
+                log.write({"step": state.step, "eval": task_metrics})
+            if selection.metric in scores and keep_best(state, scores[selection.metric], selection):
+                ckpt.save_best_weights(checkpoints, model, state.step)
+            if state.extra.get("stopped_early"):
+                log.write({"step": state.step, "event": "early_stop", "metric": selection.metric, "best_step": state.best_step})
             progress.update(state.step, result.loss, record["lr"], record["tokens_per_s"], state.best_val_loss)
             if state.step % train_config.save_every == 0 or done or stop or state.extra.get("stopped_early"):
                 ckpt.save_checkpoint(checkpoints, f"step-{state.step}", model, optimizer, scheduler, state)
@@ -155,13 +163,14 @@ def check_finite(state: ckpt.TrainState, result: StepResult, max_bad_steps: int,
                               f"or check the data for extreme examples")
 
 
-def update_early_stopping(state: ckpt.TrainState, val_loss: float, min_delta: float, patience: int | None) -> bool:
-    """Record a validation loss; True when it is the best so far. Sets stopped_early when patience runs out."""
-    if state.best_val_loss is None or val_loss < state.best_val_loss - min_delta:
-        state.best_val_loss, state.best_step, state.evals_without_improvement = val_loss, state.step, 0
+def keep_best(state: ckpt.TrainState, value: float, selection) -> bool:
+    """Record the selection metric; True when it is the best so far. Sets stopped_early when patience runs out."""
+    score = value if not higher_is_better(selection.metric) else -value  # lower is better from here on
+    if state.best_score is None or score < state.best_score - selection.min_delta:
+        state.best_score, state.best_step, state.evals_without_improvement = score, state.step, 0
         return True
     state.evals_without_improvement += 1
-    if patience is not None and state.evals_without_improvement >= patience:
+    if selection.patience is not None and state.evals_without_improvement >= selection.patience:
         state.extra["stopped_early"] = True
     return False
 

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import torch
 import yaml
 
+from tunesmith.data.formats import Example
 from tunesmith.data.tokenize import ChatTokenizer
 from tunesmith.errors import UserError
 from tunesmith.models import load_model
@@ -69,16 +70,50 @@ class Engine:
         return self.model.disable_adapter() if self.has_adapter else contextlib.nullcontext()
 
     @torch.no_grad()
-    def generate(self, conversations: list[Messages], sampling: Sampling = Sampling()) -> list[str]:
-        """Replies to several conversations at once (left-padded batch, KV cache)."""
+    def generate(self, conversations: list[Messages], sampling: Sampling = Sampling(),
+                 allowed: list[list[int]] | None = None) -> list[str]:
+        """Replies to several conversations at once (left-padded batch, KV cache).
+
+        `allowed` restricts every reply to one of the given token sequences (e.g. the label set of a
+        classification task, each ending in the end-of-turn token): a prefix trie says which tokens may
+        come next, so a label costs only its own few tokens.
+        """
         prompts = [self.chat.prompt_ids(messages) for messages in conversations]
         width = max(len(prompt) for prompt in prompts)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        kwargs = sampling.generate_kwargs()
+        if allowed is not None:
+            kwargs["prefix_allowed_tokens_fn"] = trie_constraint(allowed, width, self.stop_ids()[0])
+            kwargs["max_new_tokens"] = max(len(sequence) for sequence in allowed)
         output = self.model.generate(input_ids=input_ids, attention_mask=attention, pad_token_id=pad,
-                                     eos_token_id=self.stop_ids(), **sampling.generate_kwargs())
+                                     eos_token_id=self.stop_ids(), **kwargs)
         return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+
+    def reply_ids(self, reply: str) -> list[int]:
+        """The tokens a reply is generated as after the generation prompt, end-of-turn token included."""
+        example = self.chat.tokenize_chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": reply}])
+        return [token for token, trained in zip(example.input_ids, example.loss_mask) if trained]
+
+    @torch.no_grad()
+    def loglikelihood(self, conversations: list[Messages | Example], batch_size: int = 16) -> list[tuple[float, int]]:
+        """(sum of log-probabilities, token count) of the assistant turns of each conversation (every token of text).
+
+        The tokens scored are exactly those training would train (assistant text and end-of-turn), so
+        ranking replies by it matches what fine-tuning optimised.
+        """
+        from tunesmith.data.packing import collate
+        from tunesmith.train.loss import per_row_logprob
+
+        examples = [self.chat(item) if isinstance(item, Example) else self.chat.tokenize_chat(item) for item in conversations]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        scores: list[tuple[float, int]] = []
+        for start in range(0, len(examples), batch_size):
+            batch = collate([[example] for example in examples[start: start + batch_size]], pad).to(self.device)
+            sums, counts = per_row_logprob(self.model, batch)
+            scores += [(float(total), int(count)) for total, count in zip(sums, counts)]
+        return scores
 
     def stream(self, messages: Messages, sampling: Sampling = Sampling()) -> Iterator[str]:
         """The reply to one conversation, piece by piece as it is generated."""
@@ -99,3 +134,22 @@ class Engine:
         configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         ids.update(configured if isinstance(configured, list) else [configured])
         return sorted(i for i in ids if i is not None)
+
+
+def trie_constraint(sequences: list[list[int]], prompt_width: int, fallback: int):
+    """A `prefix_allowed_tokens_fn` that keeps generation on a path of the trie of `sequences`."""
+    trie: dict[int, dict] = {}
+    for sequence in sequences:
+        node = trie
+        for token in sequence:
+            node = node.setdefault(token, {})
+
+    def allowed_next(batch_index: int, ids: torch.Tensor) -> list[int]:
+        node = trie
+        for token in ids[prompt_width:].tolist():
+            node = node.get(token)
+            if node is None:  # finished (only padding after the end token): let it stop
+                return [fallback]
+        return list(node) or [fallback]
+
+    return allowed_next

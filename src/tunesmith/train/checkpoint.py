@@ -33,6 +33,7 @@ class TrainState:
     step_in_epoch: int = 0  # position in the epoch's deterministic batch plan
     tokens_seen: int = 0
     best_val_loss: float | None = None
+    best_score: float | None = None  # the selection metric (train.early_stopping.metric), lower is better
     best_step: int | None = None
     evals_without_improvement: int = 0
     bad_steps_in_a_row: int = 0

@@ -39,3 +39,18 @@ def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         logits = head(hidden_chunk).float()
         total = total + F.cross_entropy(logits, target_chunk, reduction="sum")
     return total
+
+
+def per_row_logprob(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) sums of target-token log-probabilities and (B,) target counts: scoring, not training."""
+    _, head = decoder_and_head(model)
+    hidden = hidden_states(model, batch)
+    keep = batch.targets != IGNORE
+    rows = torch.arange(batch.targets.shape[0], device=hidden.device)[:, None].expand_as(batch.targets)[keep]
+    selected, targets = hidden[keep], batch.targets[keep]
+    sums = hidden.new_zeros(batch.targets.shape[0], dtype=torch.float32)
+    for hidden_chunk, target_chunk, row_chunk in zip(selected.split(HEAD_CHUNK), targets.split(HEAD_CHUNK),
+                                                     rows.split(HEAD_CHUNK)):
+        logprobs = -F.cross_entropy(head(hidden_chunk).float(), target_chunk, reduction="none")
+        sums.index_add_(0, row_chunk, logprobs)
+    return sums, keep.sum(dim=1)

@@ -1,0 +1,231 @@
+"""`tunesmith eval`: a target and its baselines on the same examples, with intervals, comparisons and errors.
+
+Systems: `target` (a run: base model + its adapter, or a model), `base` (the run's base model, zero-shot)
+and `few-shot:K` (the base model with K training examples in the prompt — the prompt-engineering
+alternative to fine-tuning). Every system answers the same items; metrics come with bootstrap
+intervals and every baseline is compared to the target on the same resamples.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from tunesmith.data.dataset import load_examples
+from tunesmith.data.formats import Example
+from tunesmith.errors import UserError
+from tunesmith.eval import metrics as metric_functions
+from tunesmith.eval.tasks import Context, Item, last_reply
+from tunesmith.registry import tasks
+from tunesmith.serve.engine import Engine, Sampling, is_run_dir
+
+WORST_SHOWN = 25
+
+
+@dataclass
+class EvalOptions:
+    task: str = "classification"
+    baselines: tuple[str, ...] = ()
+    max_examples: int | None = None
+    method: str = "constrained"
+    shots_file: Path | None = None
+    resamples: int = 1000
+    seed: int = 0
+    max_new_tokens: int = 32
+    batch_size: int = 16
+
+
+def run_config(target: str) -> dict[str, Any]:
+    path = Path(target)
+    return yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) if is_run_dir(path) else {}
+
+
+def label_set(items: list[Item], config: dict[str, Any]) -> list[str]:
+    """Labels of the evaluation data together with those of the run's training data (if classification)."""
+    labels = {str(item.expected) for item in items}
+    train = config.get("data", {}).get("train")
+    if train and Path(train).is_file():
+        with contextlib.suppress(UserError):
+            labels |= {last_reply(e)[1] for e in load_examples(Path(train)) if e.kind == "chat"}
+    return sorted(labels)
+
+
+def few_shot_prefix(shots: list[Example], k: int, labels: list[str], system_prompt: str | None, seed: int,
+                    task: str) -> list[dict[str, str]]:
+    """K training examples as earlier turns (distinct answers first), after a system message naming the labels."""
+    pool = [e for e in shots if e.kind == "chat"]
+    random.Random(f"tunesmith-shots:{seed}").shuffle(pool)
+    chosen, seen = [], set()
+    for example in pool:  # prefer examples with answers not yet shown: more of the label set in K shots
+        if last_reply(example)[1] not in seen and len(chosen) < k:
+            chosen.append(example)
+            seen.add(last_reply(example)[1])
+    chosen += [e for e in pool if e not in chosen][: k - len(chosen)]
+    instruction = system_prompt or "You are a helpful assistant."
+    if task == "classification":
+        instruction += " Answer with exactly one of these labels: " + ", ".join(labels) + "."
+    prefix = [{"role": "system", "content": instruction}]
+    for example in chosen:
+        prompt, reply = last_reply(example)
+        prefix += [m for m in prompt if m["role"] != "system"] + [{"role": "assistant", "content": reply}]
+    return prefix
+
+
+@contextlib.contextmanager
+def system_context(engine: Engine, name: str) -> Iterator[None]:
+    """The target as it is; every baseline with the adapter switched off."""
+    if name == "target":
+        yield
+        return
+    if not engine.has_adapter:
+        raise UserError(f"--baseline {name} needs a run directory with a LoRA adapter as the target "
+                        f"(the baseline is its base model); fix: evaluate a run, or evaluate the base model directly")
+    with engine.base_model():
+        yield
+
+
+def parse_baseline(name: str) -> int:
+    """Shots for a baseline name: 0 for `base`, K for `few-shot:K`."""
+    if name == "base":
+        return 0
+    prefix, _, count = name.partition(":")
+    if prefix == "few-shot" and count.isdigit() and int(count) > 0:
+        return int(count)
+    raise UserError(f"--baseline {name!r} is not known; fix: use base or few-shot:K (e.g. few-shot:8)")
+
+
+def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dict[str, Any]:
+    task = tasks.get(options.task, key="--task")
+    config = run_config(target)
+    items = task.items(load_examples(data)[: options.max_examples])
+    if not items:
+        raise UserError(f"{data}: no examples to evaluate")
+    engine = Engine.load(target)
+    labels = label_set(items, config) if options.task == "classification" else []
+    context = Context(Sampling(max_new_tokens=options.max_new_tokens), options.batch_size, options.method, labels)
+    shots_file = options.shots_file or (Path(config["data"]["train"]) if config.get("data", {}).get("train") else None)
+
+    predictions, timing = {}, {}
+    for name in ("target", *options.baselines):
+        shots = parse_baseline(name) if name != "target" else 0
+        system_context_prefix: list = []
+        if shots:
+            if shots_file is None:
+                raise UserError("--baseline few-shot:K needs training examples; fix: pass --shots FILE.jsonl")
+            system_context_prefix = few_shot_prefix(load_examples(shots_file), shots, labels,
+                                                    config.get("data", {}).get("system_prompt"), options.seed, options.task)
+        started = time.perf_counter()
+        with system_context(engine, name):
+            predictions[name] = task.predict(engine, items, Context(**{**context.__dict__, "prefix": system_context_prefix}))
+        timing[f"{name}_s"] = round(time.perf_counter() - started, 2)
+
+    result = assemble(target, data, options, task, items, predictions, labels, timing)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+    from tunesmith.eval.report import write_report
+
+    metrics_jsonl = Path(target) / "metrics.jsonl"
+    write_report(result, output / "report.html", metrics_jsonl if metrics_jsonl.is_file() else None)
+    return result
+
+
+def assemble(target: str, data: Path, options: EvalOptions, task: Any, items: list[Item], predictions: dict[str, list],
+             labels: list[str], timing: dict[str, float]) -> dict[str, Any]:
+    """The eval.json document: metrics, baselines, comparisons, error analysis and every example."""
+    expected = [item.expected for item in items]
+    stats = dict(resamples=options.resamples, seed=options.seed)
+    result: dict[str, Any] = {"target": str(target), "task": options.task, "data": str(data.resolve()), "n": len(items),
+                              "settings": {**stats, "method": options.method, "baselines": list(options.baselines),
+                                           "max_new_tokens": options.max_new_tokens, "labels": len(labels)},
+                              "timing": timing}
+    if task.metric_task is not None:
+        result["metrics"] = metric_functions.score(task.metric_task, predictions["target"], expected, **stats)
+        result["baselines"] = {name: {"metrics": metric_functions.score(task.metric_task, predictions[name], expected, **stats)}
+                               for name in options.baselines}
+        result["comparisons"] = {name: metric_functions.compare(task.metric_task, predictions["target"], predictions[name],
+                                                                expected, **stats) for name in options.baselines}
+    if options.task == "classification":
+        for name, block in (("target", result), *((n, result["baselines"][n]) for n in options.baselines)):
+            block["per_label"] = metric_functions.per_label(predictions[name], expected)
+            block["confusion"] = metric_functions.confusion(predictions[name], expected)
+    result["errors"] = error_analysis(task, items, predictions, options)
+    result["examples"] = [example_row(task, item, predictions, options.baselines) for item in items]
+    if is_run_dir(Path(target)):
+        result["run"] = {"metrics_jsonl": str(Path(target) / "metrics.jsonl")}
+    return result
+
+
+def shown(prediction: Any) -> Any:
+    return list(prediction) if isinstance(prediction, tuple) else prediction
+
+
+def example_row(task: Any, item: Item, predictions: dict[str, list], baselines: tuple[str, ...]) -> dict[str, Any]:
+    row = {"index": item.index, "line": item.line, "input": item.shown_input, "expected": item.expected,
+           "predicted": shown(predictions["target"][item.index]),
+           "correct": task.correct(predictions["target"][item.index], item.expected)}
+    if baselines:
+        row["baselines"] = {name: {"predicted": shown(predictions[name][item.index]),
+                                   "correct": task.correct(predictions[name][item.index], item.expected)}
+                            for name in baselines}
+    return row
+
+
+def error_analysis(task: Any, items: list[Item], predictions: dict[str, list], options: EvalOptions) -> dict[str, Any]:
+    target = predictions["target"]
+    correct = [task.correct(target[i.index], i.expected) for i in items]
+    errors: dict[str, Any] = {}
+    if options.task == "classification":
+        errors["top_confusions"] = metric_functions.top_confusions(target, [i.expected for i in items])
+    if any(c is False for c in correct):
+        errors["worst"] = [{"index": i.index, "input": i.shown_input, "expected": i.expected, "predicted": shown(target[i.index])}
+                           for i, c in zip(items, correct) if c is False][:WORST_SHOWN]
+    elif options.task == "regression":
+        scored = [(abs(target[i.index] - i.expected) if target[i.index] is not None else float("inf"), i) for i in items]
+        errors["worst"] = [{"index": i.index, "input": i.shown_input, "expected": i.expected, "predicted": target[i.index],
+                            "score": None if err == float("inf") else err}
+                           for err, i in sorted(scored, key=lambda pair: -pair[0])[:WORST_SHOWN]]
+    errors["regressions"] = [
+        {"index": i.index, "input": i.shown_input, "expected": i.expected, "predicted": shown(target[i.index]),
+         "baseline": name, "baseline_predicted": shown(predictions[name][i.index])}
+        for name in options.baselines for i, c in zip(items, correct)
+        if c is False and task.correct(predictions[name][i.index], i.expected) is True][:WORST_SHOWN]
+    slices = sorted({i.slice for i in items if i.slice is not None})
+    if slices and task.metric_task is not None:
+        errors["per_slice"] = {s: metric_functions.score(task.metric_task, [target[i.index] for i in items if i.slice == s],
+                                                         [i.expected for i in items if i.slice == s],
+                                                         resamples=options.resamples, seed=options.seed) for s in slices}
+    return errors
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """The comparison table printed at the end of `tunesmith eval`: the task's headline metrics per system."""
+    if "metrics" not in result:
+        return f"{result['n']} generations saved side by side"
+    names = list(tasks.get(result["task"]).headline)
+    rows = [("system", *names)]
+    for name, metrics in (("tuned" if result.get("run") else "target", result["metrics"]),
+                          *((n, b["metrics"]) for n, b in result["baselines"].items())):
+        rows.append((name, *(cell(metrics[m]) for m in names)))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(value).ljust(width) for value, width in zip(row, widths)) for row in rows]
+    for name, comparison in result.get("comparisons", {}).items():
+        diffs = ", ".join(f"{m} {comparison[m]['diff']:+.3f} [{comparison[m]['ci95'][0]:+.3f}, {comparison[m]['ci95'][1]:+.3f}]"
+                          for m in names)
+        p = f", McNemar p={comparison['mcnemar_p']:.2g}" if "mcnemar_p" in comparison else ""
+        lines.append(f"tuned - {name}: {diffs}{p}")
+    return "\n".join(lines)
+
+
+def cell(metric: dict[str, Any]) -> str:
+    value, (low, high) = metric["value"], metric["ci95"]
+    if value is None:
+        return "n/a"
+    if 0.0 <= low <= high <= 1.0 and 0.0 <= value <= 1.0:
+        return f"{value:.1%} [{low:.1%}, {high:.1%}]"
+    return f"{value:.4g} [{low:.4g}, {high:.4g}]"

@@ -1,0 +1,105 @@
+"""Evaluation tasks and baselines end to end on a tiny trained run: eval.json has the contract's shape."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import write_config_file, write_jsonl
+from tunesmith.cli import main
+from tunesmith.data.formats import convert_classification, convert_messages
+from tunesmith.errors import UserError
+from tunesmith.eval.run import EvalOptions, evaluate, few_shot_prefix, parse_baseline
+from tunesmith.eval.tasks import parse_number, with_prefix
+
+LABELS = ["card_arrival", "lost_or_stolen_phone", "cancel_transfer", "fee"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model):
+    tmp_path = tmp_path_factory.mktemp("eval-run")
+    rows = [{"text": f"question {i} about {label}", "label": label} for i in range(6) for label in LABELS]
+    config = write_config_file(tmp_path, tiny_model, rows, "epochs: 2, batch_size: 4, progress: false, lr: 1.0e-2")
+    assert main(["train", str(config)]) == 0
+    return tmp_path / "run"
+
+
+def evaluate_task(run_dir, tmp_path, task, rows, **options):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(tmp_path / f"{task}.jsonl", rows)
+    return evaluate(str(run_dir), data, EvalOptions(task=task, resamples=50, max_new_tokens=8, **options), tmp_path / task)
+
+
+def test_classification_with_baselines_fills_the_contract(run_dir, tmp_path):
+    rows = [{"text": f"question {i} about {label}", "label": label} for i in range(2) for label in LABELS]
+    result = evaluate_task(run_dir, tmp_path, "classification", rows, baselines=("base", "few-shot:2"))
+    assert result["task"] == "classification" and result["n"] == 8
+    for name in ("accuracy", "macro_f1", "micro_f1", "weighted_f1"):
+        metric = result["metrics"][name]
+        assert set(metric) == {"value", "ci95", "n"} and metric["ci95"][0] <= metric["value"] <= metric["ci95"][1]
+    assert set(result["baselines"]) == {"base", "few-shot:2"}
+    assert {"diff", "ci95"} <= set(result["comparisons"]["base"]["accuracy"]) and "mcnemar_p" in result["comparisons"]["base"]
+    assert set(result["per_label"]) >= set(LABELS) and len(result["confusion"]["matrix"]) >= len(LABELS)
+    assert all(row["predicted"] in LABELS for row in result["examples"]), "constrained decoding keeps to the label set"
+    assert all(row["baselines"]["few-shot:2"]["predicted"] in LABELS for row in result["examples"])
+    on_disk = json.loads((tmp_path / "classification" / "eval.json").read_text())
+    assert on_disk["metrics"] == result["metrics"] and (tmp_path / "classification" / "report.html").is_file()
+
+
+def test_loglik_ranking_picks_the_most_likely_label(run_dir, tmp_path):
+    from tunesmith.serve.engine import Engine
+
+    rows = [{"text": f"question 0 about {label}", "label": label} for label in LABELS]
+    ranked = evaluate_task(run_dir, tmp_path, "classification", rows, method="loglik")
+    engine = Engine.load(str(run_dir))
+    for row, example in zip(rows, ranked["examples"]):
+        conversations = [[{"role": "user", "content": row["text"]}, {"role": "assistant", "content": label}]
+                         for label in LABELS]
+        scores = [total for total, _ in engine.loglikelihood(conversations)]
+        assert example["predicted"] == LABELS[scores.index(max(scores))]
+
+
+def test_exact_match_regression_perplexity_preference_generation(run_dir, tmp_path):
+    qa = evaluate_task(run_dir, tmp_path, "exact_match",
+                       [{"question": "what is the fee", "answer": "fee", "answers": ["fee", "the fee"]}] * 3)
+    assert set(qa["metrics"]) >= {"exact_match", "normalized_exact_match", "token_f1"}
+    regression = evaluate_task(run_dir, tmp_path, "regression", [{"prompt": "how many", "completion": "3"}] * 3)
+    assert {"mse", "mae"} <= set(regression["metrics"])
+    text = evaluate_task(run_dir, tmp_path, "perplexity", [{"text": "the quick brown fox"}, {"text": "refund fee"}])
+    assert text["metrics"]["perplexity"]["value"] > 1.0
+    assert text["metrics"]["perplexity"]["value"] == pytest.approx(2.718281828 ** text["metrics"]["loss"]["value"], rel=1e-6)
+    preference = evaluate_task(run_dir, tmp_path, "preference",
+                               [{"prompt": "question 0 about fee", "chosen": "fee", "rejected": "the quick brown fox jumps"}] * 2)
+    assert preference["metrics"]["preference_accuracy"]["value"] in (0.0, 0.5, 1.0)
+    assert all(len(row["predicted"]) == 2 for row in preference["examples"])
+    free = evaluate_task(run_dir, tmp_path, "generation", [{"prompt": "hello", "completion": "hi"}], baselines=("base",))
+    assert "metrics" not in free and "base" in free["examples"][0]["baselines"]
+
+
+def test_baselines_need_a_run_and_a_known_name(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "x", "label": "fee"}])
+    with pytest.raises(UserError, match="needs a run directory"):
+        evaluate(str(tiny_model), data, EvalOptions(baselines=("base",), resamples=10), tmp_path / "out")
+    with pytest.raises(UserError, match="few-shot:K"):
+        parse_baseline("few-shots:3")
+    assert parse_baseline("few-shot:8") == 8 and parse_baseline("base") == 0
+
+
+def test_few_shot_prefix_prefers_distinct_labels_and_lists_them():
+    shots = [convert_classification({"text": f"t{i}", "label": LABELS[i % 2]}) for i in range(10)]
+    prefix = few_shot_prefix(shots, 2, LABELS, "Name the intent.", seed=0, task="classification")
+    assert prefix[0]["role"] == "system" and "Name the intent." in prefix[0]["content"]
+    assert all(label in prefix[0]["content"] for label in LABELS)
+    replies = [m["content"] for m in prefix if m["role"] == "assistant"]
+    assert sorted(replies) == sorted(LABELS[:2]), "two shots, two different labels"
+    query = convert_messages({"messages": [{"role": "system", "content": "own"}, {"role": "user", "content": "q"},
+                                           {"role": "assistant", "content": "a"}]}).messages[:2]
+    combined = with_prefix(prefix, query)
+    assert combined[0] == prefix[0] and combined[-1] == {"role": "user", "content": "q"}
+    assert [m["role"] for m in combined].count("system") == 1
+
+
+def test_parse_number_reads_worked_solutions():
+    assert parse_number("so she has 1,234 apples") == 1234.0
+    assert parse_number("3 + 4 = 7\n#### 7") == 7.0 and parse_number("-2.5 degrees") == -2.5
+    assert parse_number("no number") is None
