@@ -103,3 +103,22 @@ def test_parse_number_reads_worked_solutions():
     assert parse_number("so she has 1,234 apples") == 1234.0
     assert parse_number("3 + 4 = 7\n#### 7") == 7.0 and parse_number("-2.5 degrees") == -2.5
     assert parse_number("no number") is None
+
+
+def test_shared_prefix_cache_changes_no_output(run_dir):
+    """Encoding a batch's common prompt prefix once gives exactly the replies of encoding every row whole."""
+    from tunesmith.serve.engine import PREFIX_CACHE_MIN_TOKENS, Engine, Sampling, common_prefix_length
+
+    engine = Engine.load(str(run_dir))
+    shots = [m for i in range(6) for m in ({"role": "user", "content": f"question {i} about fee"},
+                                            {"role": "assistant", "content": "fee"})]
+    conversations = [shots + [{"role": "user", "content": text}] for text in ("question 1", "a much longer question 2 about fee", "q")]
+    assert common_prefix_length([engine.chat.prompt_ids(c) for c in conversations]) >= PREFIX_CACHE_MIN_TOKENS
+    allowed = [engine.reply_ids(label) for label in LABELS]
+    results = {}
+    for caching in (True, False):
+        engine.prefix_caching = caching
+        results[caching] = (engine.generate(conversations, Sampling(max_new_tokens=6)),
+                            engine.generate(conversations, Sampling(), allowed))
+    assert results[True] == results[False]
+    assert common_prefix_length([[1, 2, 3], [1, 2, 4]]) == 2 and common_prefix_length([[1, 2], [1, 2]]) == 1

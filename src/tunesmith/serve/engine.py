@@ -19,6 +19,7 @@ from tunesmith.models import load_model
 from tunesmith.models.adapters import load_adapter
 
 Messages = list[dict[str, str]]
+PREFIX_CACHE_MIN_TOKENS = 32  # below this, encoding the prefix with each row costs less than the cache copy
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Engine:
         self.chat = ChatTokenizer(tokenizer, system_prompt=system_prompt)
         self.has_adapter = has_adapter
         self.device = next(model.parameters()).device
+        self.prefix_caching = True  # encode a prompt prefix shared by a whole batch once (few-shot prompts)
 
     @classmethod
     def load(cls, target: str) -> "Engine":
@@ -79,17 +81,32 @@ class Engine:
         come next, so a label costs only its own few tokens.
         """
         prompts = [self.chat.prompt_ids(messages) for messages in conversations]
-        width = max(len(prompt) for prompt in prompts)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        shared = common_prefix_length(prompts) if self.prefix_caching and len(prompts) > 1 else 0
+        shared = shared if shared >= PREFIX_CACHE_MIN_TOKENS else 0
+        # Rows are [shared prefix][padding][own suffix]: positions come from the attention mask's cumsum,
+        # so the padding in the middle shifts nothing, and the prefix is encoded once for the whole batch.
+        suffix_width = max(len(prompt) - shared for prompt in prompts)
+        width = shared + suffix_width
+        rows = [p[:shared] + [pad] * (suffix_width - (len(p) - shared)) + p[shared:] for p in prompts]
+        masks = [[1] * shared + [0] * (suffix_width - (len(p) - shared)) + [1] * (len(p) - shared) for p in prompts]
+        input_ids = torch.tensor(rows, device=self.device)
+        attention = torch.tensor(masks, device=self.device)
         kwargs = sampling.generate_kwargs()
+        if shared:
+            kwargs["past_key_values"] = self.prefix_cache(input_ids[:1, :shared], len(prompts))
         if allowed is not None:
             kwargs["prefix_allowed_tokens_fn"] = trie_constraint(allowed, width, self.stop_ids()[0])
             kwargs["max_new_tokens"] = max(len(sequence) for sequence in allowed)
         output = self.model.generate(input_ids=input_ids, attention_mask=attention, pad_token_id=pad,
                                      eos_token_id=self.stop_ids(), **kwargs)
         return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+
+    def prefix_cache(self, prefix: torch.Tensor, batch_size: int):
+        """The KV cache of a (1, P) prefix, repeated for every row of the batch."""
+        cache = self.model(input_ids=prefix, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(batch_size)
+        return cache
 
     def reply_ids(self, reply: str) -> list[int]:
         """The tokens a reply is generated as after the generation prompt, end-of-turn token included."""
@@ -134,6 +151,15 @@ class Engine:
         configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         ids.update(configured if isinstance(configured, list) else [configured])
         return sorted(i for i in ids if i is not None)
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens every sequence starts with, leaving at least one token of each outside the prefix."""
+    shortest = min(len(sequence) for sequence in sequences)
+    length = 0
+    while length < shortest - 1 and all(sequence[length] == sequences[0][length] for sequence in sequences):
+        length += 1
+    return length
 
 
 def trie_constraint(sequences: list[list[int]], prompt_width: int, fallback: int):
