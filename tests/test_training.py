@@ -283,3 +283,35 @@ def test_sigterm_to_a_real_process_checkpoints_and_resume_finishes(tmp_path, tin
                               str(int(stopped_at.name.split("-")[1]) + 2)], capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_eval_task_during_training_chooses_the_best_checkpoint(tmp_path, tiny_model, chat_rows, monkeypatch):
+    from tunesmith.eval import in_training
+
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", [{"text": "cancel a transfer 2", "label": "cancel_transfer"}] * 2)
+    accuracies = iter([0.2, 0.9, 0.5, 0.4])
+    real_call = in_training.InTrainingEval.__call__
+
+    def scripted(self, model, seed):  # the real task runs; its accuracy is replaced by a known sequence
+        result = real_call(self, model, seed)
+        result["accuracy"]["value"] = next(accuracies)
+        return result
+
+    monkeypatch.setattr(in_training.InTrainingEval, "__call__", scripted)
+    config = make_config(tmp_path, tiny_model, chat_rows, "train.epochs=3", f"eval.data={eval_file}", "eval.every=3",
+                         "train.early_stopping.metric=accuracy", "train.early_stopping.patience=2", "eval.max_new_tokens=8")
+    result = run(config)
+    records = [json.loads(line) for line in (config.output_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval" in r]
+    assert [r["step"] for r in evals] == [3, 6, 9, 12] and {"accuracy", "macro_f1"} <= set(evals[0]["eval"])
+    assert ckpt.best_checkpoint(config.output_dir / "checkpoints").name == "best-step-6"
+    assert result.steps == 12 and any(r.get("event") == "early_stop" and r["best_step"] == 6 for r in records)
+
+
+def test_selection_metric_must_be_computed():
+    from tunesmith.errors import UserError
+
+    with pytest.raises(UserError, match="eval.every"):
+        load_config(None, ["data.train=x.jsonl", "train.early_stopping.metric=accuracy"])
+    with pytest.raises(UserError, match="did you mean 'accuracy'"):
+        load_config(None, ["data.train=x.jsonl", "train.early_stopping.metric=acuracy", "eval.every=5", "eval.data=e.jsonl"])
