@@ -122,3 +122,15 @@ def test_shared_prefix_cache_changes_no_output(run_dir):
                             engine.generate(conversations, Sampling(), allowed))
     assert results[True] == results[False]
     assert common_prefix_length([[1, 2, 3], [1, 2, 4]]) == 2 and common_prefix_length([[1, 2], [1, 2]]) == 1
+
+
+def test_per_slice_metrics_by_a_row_field_and_by_length(run_dir, tmp_path):
+    rows = [{"text": f"question {i} about {label}" + " more" * i, "label": label, "channel": "app" if i % 2 else "web"}
+            for i in range(6) for label in LABELS[:2]]
+    by_field = evaluate_task(run_dir, tmp_path, "classification", rows, slice_by="channel")
+    assert set(by_field["errors"]["per_slice"]) == {"app", "web"}
+    assert by_field["errors"]["per_slice"]["app"]["accuracy"]["n"] == 6
+    by_length = evaluate_task(run_dir, tmp_path / "length", "classification", rows, slice_by="length")
+    assert set(by_length["errors"]["per_slice"]) <= {"short", "medium", "long"} and len(by_length["errors"]["per_slice"]) >= 2
+    with pytest.raises(UserError, match="no scalar field 'shop'"):
+        evaluate_task(run_dir, tmp_path / "missing", "classification", rows, slice_by="shop")

@@ -95,7 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           max_examples=args.max_examples or defaults.get("max_examples"), method=args.method,
                           shots_file=args.shots, resamples=args.resamples, seed=args.seed,
                           max_new_tokens=args.max_new_tokens or defaults.get("max_new_tokens", 32),
-                          batch_size=args.batch_size or defaults.get("batch_size", 16))
+                          batch_size=args.batch_size or defaults.get("batch_size", 16), slice_by=args.slice_by)
     is_run = (Path(args.target) / "config.yaml").is_file()
     output = args.output or (Path(args.target) if is_run else Path("eval-output"))
     result = evaluate(args.target, data, options, output)
@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--max-new-tokens", type=int)
     evaluate.add_argument("--batch-size", type=int)
+    evaluate.add_argument("--slice-by", help="score per value of this row field, or 'length' for input-length terciles")
     evaluate.set_defaults(handler=cmd_eval)
     return parser
 

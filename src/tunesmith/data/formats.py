@@ -30,6 +30,7 @@ class Example:
     rejected: list[dict[str, str]] | None = None
     score: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)  # the row's scalar fields (ids, categories), e.g. for slicing
 
     @property
     def text(self) -> str:

@@ -81,6 +81,8 @@ def load_file(path: Path, format_name: str = "auto", accepts: tuple[str, ...] | 
             loaded.problems.append(Problem(where, f"{error} (format {chosen.name}){hint}"))
             continue
         example.line = number
+        # Scalar fields the format does not use (ids, categories) stay available, e.g. to slice an evaluation.
+        example.fields = {key: value for key, value in row.items() if isinstance(value, (str, int, float, bool))}
         loaded.examples.append(example)
     if wrong_kind is None and chosen is not None and accepts is not None and chosen.kind not in accepts:
         wrong_kind = Problem(str(path), wrong_kind_message(chosen, accepts, method))

@@ -39,6 +39,7 @@ class EvalOptions:
     seed: int = 0
     max_new_tokens: int = 32
     batch_size: int = 16
+    slice_by: str | None = None  # a row field (e.g. "services", "type"), or "length" for input-length terciles
 
 
 def run_config(target: str) -> dict[str, Any]:
@@ -90,6 +91,23 @@ def system_context(engine: Engine, name: str) -> Iterator[None]:
         yield
 
 
+def assign_slices(items: list[Item], field: str, data: Path) -> None:
+    """Give every item the slice it is scored in: a field of its row, or its input-length tercile."""
+    if field == "length":
+        lengths = sorted(len(item.shown_input) for item in items)
+        low, high = lengths[len(lengths) // 3], lengths[2 * len(lengths) // 3]
+        for item in items:
+            size = len(item.shown_input)
+            item.slice = "short" if size < low else "long" if size > high else "medium"
+        return
+    for item in items:
+        fields = item.example.fields if item.example else {}
+        if field not in fields:
+            raise UserError(f"{data}:{item.line}: --slice-by {field}: the row has no scalar field '{field}'; "
+                            f"fix: use one of {', '.join(sorted(fields)) or 'length'}")
+        item.slice = str(fields[field])
+
+
 def parse_baseline(name: str) -> int:
     """Shots for a baseline name: 0 for `base`, K for `few-shot:K`."""
     if name == "base":
@@ -106,6 +124,8 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
     items = task.items(load_examples(data)[: options.max_examples])
     if not items:
         raise UserError(f"{data}: no examples to evaluate")
+    if options.slice_by:
+        assign_slices(items, options.slice_by, data)
     engine = Engine.load(target)
     labels = label_set(items, config) if options.task == "classification" else []
     context = Context(Sampling(max_new_tokens=options.max_new_tokens), options.batch_size, options.method, labels)

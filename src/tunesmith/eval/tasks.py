@@ -61,8 +61,7 @@ def chat_items(examples: list[Example]) -> list[Item]:
         if example.kind not in ("chat", "score"):
             raise UserError(f"line {example.line}: this task needs conversations or labelled rows, got {example.kind} data")
         prompt, reply = last_reply(example)
-        items.append(Item(index, prompt, reply, prompt[-1]["content"] if prompt else "", example.line, example,
-                          slice=example.meta.get("slice")))
+        items.append(Item(index, prompt, reply, prompt[-1]["content"] if prompt else "", example.line, example))
     return items
 
 
