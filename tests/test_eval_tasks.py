@@ -134,3 +134,28 @@ def test_per_slice_metrics_by_a_row_field_and_by_length(run_dir, tmp_path):
     assert set(by_length["errors"]["per_slice"]) <= {"short", "medium", "long"} and len(by_length["errors"]["per_slice"]) >= 2
     with pytest.raises(UserError, match="no scalar field 'shop'"):
         evaluate_task(run_dir, tmp_path / "missing", "classification", rows, slice_by="shop")
+
+
+def test_preference_by_a_reward_model(run_dir, tiny_model, tmp_path):
+    """A reward model (a one-output sequence classifier) scores chosen vs rejected instead of log-probabilities."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tunesmith.eval.reward import RewardScorer
+
+    torch.manual_seed(1)
+    reward_dir = tmp_path / "reward"
+    AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).save_pretrained(reward_dir)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(reward_dir)
+    rows = [{"prompt": f"question {i}", "chosen": "fee", "rejected": f"the quick brown fox {i}"} for i in range(4)]
+    result = evaluate_task(run_dir, tmp_path, "preference", rows, reward_model=str(reward_dir))
+    scorer = RewardScorer.load(str(reward_dir))
+    for row, example in zip(rows, result["examples"]):
+        prompt = [{"role": "user", "content": row["prompt"]}]
+        expected = scorer.score([prompt + [{"role": "assistant", "content": row["chosen"]}],
+                                 prompt + [{"role": "assistant", "content": row["rejected"]}]], batch_size=1)
+        assert example["predicted"] == pytest.approx(expected, abs=1e-5), "batched, padded scoring equals one at a time"
+    with pytest.raises(UserError, match="one output"):
+        AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3).save_pretrained(tmp_path / "three")
+        AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "three")
+        RewardScorer.load(str(tmp_path / "three"))

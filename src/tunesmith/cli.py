@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from tunesmith.errors import TrainingStopped, UserError
@@ -95,7 +96,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           max_examples=args.max_examples or defaults.get("max_examples"), method=args.method,
                           shots_file=args.shots, resamples=args.resamples, seed=args.seed,
                           max_new_tokens=args.max_new_tokens or defaults.get("max_new_tokens", 32),
-                          batch_size=args.batch_size or defaults.get("batch_size", 16), slice_by=args.slice_by)
+                          batch_size=args.batch_size or defaults.get("batch_size", 16), slice_by=args.slice_by,
+                          reward_model=args.reward_model)
     is_run = (Path(args.target) / "config.yaml").is_file()
     output = args.output or (Path(args.target) if is_run else Path("eval-output"))
     result = evaluate(args.target, data, options, output)
@@ -169,12 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--max-new-tokens", type=int)
     evaluate.add_argument("--batch-size", type=int)
+    evaluate.add_argument("--reward-model", help="preference task: score chosen vs rejected with this reward model")
     evaluate.add_argument("--slice-by", help="score per value of this row field, or 'length' for input-length terciles")
     evaluate.set_defaults(handler=cmd_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers' deprecation notices about its own internals (e.g. is_gradient_checkpointing) are not for users.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args)

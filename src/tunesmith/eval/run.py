@@ -40,6 +40,7 @@ class EvalOptions:
     max_new_tokens: int = 32
     batch_size: int = 16
     slice_by: str | None = None  # a row field (e.g. "services", "type"), or "length" for input-length terciles
+    reward_model: str | None = None  # preference task: score with this reward model instead of log-probabilities
 
 
 def run_config(target: str) -> dict[str, Any]:
@@ -129,6 +130,12 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
     engine = Engine.load(target)
     labels = label_set(items, config) if options.task == "classification" else []
     context = Context(Sampling(max_new_tokens=options.max_new_tokens), options.batch_size, options.method, labels)
+    if options.reward_model is not None:
+        if options.task != "preference":
+            raise UserError(f"--reward-model applies to the preference task, not {options.task}; fix: add --task preference")
+        from tunesmith.eval.reward import RewardScorer
+
+        context.reward = RewardScorer.load(options.reward_model)
     shots_file = options.shots_file or (Path(config["data"]["train"]) if config.get("data", {}).get("train") else None)
 
     predictions, timing = {}, {}

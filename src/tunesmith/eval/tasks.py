@@ -37,6 +37,7 @@ class Context:
     method: str = "constrained"  # classification: constrained generation or loglik ranking
     labels: list[str] = field(default_factory=list)
     prefix: Messages = field(default_factory=list)  # few-shot turns placed before each prompt
+    reward: Any = None  # preference: a RewardScorer that scores replies instead of the model's log-probability
 
 
 def with_prefix(prefix: Messages, prompt: Messages) -> Messages:
@@ -158,7 +159,7 @@ class Perplexity:
 
 
 class Preference:
-    """Does the model give the chosen reply a higher log-probability than the rejected one?"""
+    """Does the model (or a reward model) score the chosen reply above the rejected one?"""
 
     metric_task = "preference"
     headline = ("preference_accuracy",)  # the metrics printed in the summary table
@@ -179,6 +180,9 @@ class Preference:
             prompt = with_prefix(context.prefix, item.prompt)
             conversations += [prompt + [{"role": "assistant", "content": item.expected}],
                               prompt + [{"role": "assistant", "content": item.rejected}]]
+        if context.reward is not None:
+            rewards = context.reward.score(conversations, context.batch_size)
+            return [(rewards[i], rewards[i + 1]) for i in range(0, len(rewards), 2)]
         scores = engine.loglikelihood(conversations, context.batch_size)
         return [(scores[i][0], scores[i + 1][0]) for i in range(0, len(scores), 2)]
 
