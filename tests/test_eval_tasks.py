@@ -159,3 +159,10 @@ def test_preference_by_a_reward_model(run_dir, tiny_model, tmp_path):
         AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3).save_pretrained(tmp_path / "three")
         AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "three")
         RewardScorer.load(str(tmp_path / "three"))
+
+
+def test_rows_a_task_cannot_use_are_named_by_file_and_line(run_dir, tmp_path):
+    data = write_jsonl(tmp_path / "reg.jsonl", [{"prompt": "how many", "completion": "3"},
+                                                {"prompt": "how many", "completion": "several"}])
+    with pytest.raises(UserError, match=f"^{data}:2: expected a number for the regression task, got 'several'"):
+        evaluate(str(run_dir), data, EvalOptions(task="regression", resamples=10), tmp_path / "out")

@@ -21,7 +21,7 @@ from tunesmith.data.dataset import load_examples
 from tunesmith.data.formats import Example
 from tunesmith.errors import UserError
 from tunesmith.eval import metrics as metric_functions
-from tunesmith.eval.tasks import Context, Item, last_reply
+from tunesmith.eval.tasks import Context, Item, ItemError, last_reply
 from tunesmith.registry import tasks
 from tunesmith.serve.engine import Engine, Sampling, is_run_dir
 
@@ -122,7 +122,10 @@ def parse_baseline(name: str) -> int:
 def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dict[str, Any]:
     task = tasks.get(options.task, key="--task")
     config = run_config(target)
-    items = task.items(load_examples(data)[: options.max_examples])
+    try:
+        items = task.items(load_examples(data)[: options.max_examples])
+    except ItemError as error:
+        raise UserError(f"{data}:{error.message}") from None
     if not items:
         raise UserError(f"{data}: no examples to evaluate")
     if options.slice_by:

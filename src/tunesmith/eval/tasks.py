@@ -14,6 +14,10 @@ from tunesmith.eval.metrics import normalize_answer, parse_number
 from tunesmith.registry import tasks
 from tunesmith.serve.engine import Engine, Messages, Sampling
 
+class ItemError(UserError):
+    """A row the task cannot use; the message starts with its line number and the runner adds the file."""
+
+
 @dataclass
 class Item:
     """One evaluation example: the conversation to answer, what is expected, and how to show it."""
@@ -60,7 +64,7 @@ def chat_items(examples: list[Example]) -> list[Item]:
     items = []
     for index, example in enumerate(examples):
         if example.kind not in ("chat", "score"):
-            raise UserError(f"line {example.line}: this task needs conversations or labelled rows, got {example.kind} data")
+            raise ItemError(f"{example.line}: this task needs conversations or labelled rows, got {example.kind} data")
         prompt, reply = last_reply(example)
         items.append(Item(index, prompt, reply, prompt[-1]["content"] if prompt else "", example.line, example))
     return items
@@ -131,7 +135,7 @@ class Regression:
         for item in items:
             value = parse_number(str(item.expected))
             if value is None:
-                raise UserError(f"line {item.line}: expected a number for the regression task, got {item.expected!r}")
+                raise ItemError(f"{item.line}: expected a number for the regression task, got {item.expected!r}")
             item.expected = value
         return items
 
@@ -168,7 +172,7 @@ class Preference:
         items = []
         for index, example in enumerate(examples):
             if example.kind != "preference":
-                raise UserError(f"line {example.line}: the preference task needs {{prompt, chosen, rejected}} rows")
+                raise ItemError(f"{example.line}: the preference task needs {{prompt, chosen, rejected}} rows")
             prompt, chosen = last_reply(example)
             items.append(Item(index, prompt, chosen, prompt[-1]["content"], example.line, example,
                               rejected=example.rejected[-1]["content"]))
