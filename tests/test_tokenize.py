@@ -101,3 +101,18 @@ def test_padding_rows_do_not_produce_nan(tiny_model):
     loss = token_loss_sum(model, batch)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_single_example_rows_use_plain_causal_attention(tiny_model):
+    """No mask for one-example rows (SDPA's fused path); padded rows still compute what each example alone does."""
+    from tunesmith.models import load_model
+    from tunesmith.train.loss import token_loss_sum
+
+    model, _ = load_model(str(tiny_model))
+    short, long = TokenizedExample([5, 6, 7], [True] * 3), TokenizedExample([5, 6, 7, 8, 9, 10], [True] * 6)
+    batch = collate([[short], [long]], pad_id=0)
+    assert batch.attention_mask is None and batch.position_ids.tolist()[0] == [0, 1, 2, 3, 4, 5]
+    with torch.no_grad():
+        together = token_loss_sum(model, batch)
+        apart = token_loss_sum(model, collate([[short]], 0)) + token_loss_sum(model, collate([[long]], 0))
+    torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,128 @@
+"""One benchmark worker per process: `python bench/workers.py ENGINE SPEC.json` prints one JSON result line.
+
+Each engine trains the same model with the same LoRA config on the same token batches (read from the
+spec's batch file), so tokens/s, peak RSS, time to first step and the first-step loss are comparable.
+The first-step loss is a parity check: LoRA's B matrices start at zero, so before any update both
+engines must compute the base model's loss on the identical batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def read_spec(path: str) -> dict:
+    spec = json.loads(Path(path).read_text())
+    spec["rows"] = [json.loads(line) for line in Path(spec["batches"]).read_text().splitlines()]
+    return spec
+
+
+def summarise(engine: str, step_seconds: list[float], losses: list[float], tokens_per_step: list[int],
+              started: float, first_step_done: float, warmup: int) -> dict:
+    measured = step_seconds[warmup:]
+    median = sorted(measured)[len(measured) // 2]
+    tokens = sum(tokens_per_step[warmup:])
+    return {"engine": engine, "steps": len(step_seconds), "median_step_s": median,
+            "tokens_per_s": tokens / sum(measured), "median_tokens_per_s": tokens_per_step[-1] / median,
+            "peak_rss_mb": peak_rss_mb(), "time_to_first_step_s": first_step_done - started,
+            "first_loss": losses[0], "losses": losses}
+
+
+def run_tunesmith(spec: dict) -> dict:
+    import torch
+
+    from tunesmith.config import AdapterConfig, TrainConfig
+    from tunesmith.data.packing import collate
+    from tunesmith.data.tokenize import TokenizedExample
+    from tunesmith.models import load_model
+    from tunesmith.models.adapters import apply_adapter
+    from tunesmith.train.optim import build_optimizer, build_scheduler
+    from tunesmith.train.step import train_step
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    model, _ = load_model(spec["model"])
+    model = apply_adapter(model, AdapterConfig(type=spec["adapter"], r=16, alpha=32, target="all-linear"))
+    examples = [TokenizedExample(row["input_ids"], [bool(m) for m in row["loss_mask"]]) for row in spec["rows"]]
+    config = TrainConfig(lr=1e-4, warmup=0, schedule="constant")
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, spec["steps"])
+    seconds, losses, tokens, first_done = [], [], [], 0.0
+    for step in range(spec["steps"]):  # rows in file order, one example per row: the batches TRL sees
+        batch = collate([[example] for example in examples[step * spec["batch"]:(step + 1) * spec["batch"]]], pad_id=0)
+        result = train_step(model, [batch], optimizer, scheduler, None, torch.device("cpu"), None)
+        seconds.append(result.seconds)
+        losses.append(result.loss)
+        tokens.append(result.tokens)
+        if step == 0:
+            first_done = time.perf_counter()
+    return summarise("tunesmith", seconds, losses, tokens, started, first_done, spec["warmup"])
+
+
+def run_trl(spec: dict, best: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from tunesmith.models import resolve_model
+
+    started = time.perf_counter()
+    directory = resolve_model(spec["model"])
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    rows = [{"input_ids": row["input_ids"], "completion_mask": row["loss_mask"]} for row in spec["rows"]]
+    timings = {"seconds": [], "first_done": 0.0}
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            timings["seconds"].append(time.perf_counter() - self.began)
+            if len(timings["seconds"]) == 1:
+                timings["first_done"] = time.perf_counter()
+
+    options = dict(output_dir="/tmp/tunesmith-bench-trl", max_length=spec["seq"], per_device_train_batch_size=spec["batch"],
+                   max_steps=spec["steps"], learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1,
+                   save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, bf16=False,
+                   completion_only_loss=True, seed=0)
+    if best:  # the peer's fastest settings for variable-length data: padding-free batches
+        options.update(padding_free=True)
+    peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM") \
+        if spec["adapter"] == "lora" else None
+    class InOrder(SFTTrainer):  # no shuffling, so every engine sees the same batches in the same order
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    trainer = InOrder(model=model, args=SFTConfig(**options), train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, peft_config=peft, callbacks=[StepTimer()])
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    tokens = [sum(len(row["input_ids"]) for row in spec["rows"][i * spec["batch"]:(i + 1) * spec["batch"]])
+              for i in range(spec["steps"])]
+    return summarise("trl-best" if best else "trl", timings["seconds"], losses, tokens, started, timings["first_done"],
+                     spec["warmup"])
+
+
+def main() -> None:
+    engine, spec_path = sys.argv[1], sys.argv[2]
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    spec = read_spec(spec_path)
+    result = run_tunesmith(spec) if engine == "tunesmith" else run_trl(spec, best=engine == "trl-best")
+    print("BENCH_RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
