@@ -36,7 +36,7 @@ def summarise(engine: str, step_seconds: list[float], losses: list[float], token
             "first_loss": losses[0], "losses": losses}
 
 
-def run_tunesmith(spec: dict) -> dict:
+def run_tunesmith(spec: dict, recompute: bool = False) -> dict:
     import torch
 
     from tunesmith.config import AdapterConfig, TrainConfig
@@ -51,6 +51,10 @@ def run_tunesmith(spec: dict) -> dict:
     torch.manual_seed(0)
     model, _ = load_model(spec["model"])
     model = apply_adapter(model, AdapterConfig(type=spec["adapter"], r=16, alpha=32, target="all-linear"))
+    if recompute:  # train.gradient_checkpointing: recompute each layer's activations in backward
+        from tunesmith.recipes.sft import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     examples = [TokenizedExample(row["input_ids"], [bool(m) for m in row["loss_mask"]]) for row in spec["rows"]]
     config = TrainConfig(lr=1e-4, warmup=0, schedule="constant")
     optimizer = build_optimizer(model, config)
@@ -64,7 +68,8 @@ def run_tunesmith(spec: dict) -> dict:
         tokens.append(result.tokens)
         if step == 0:
             first_done = time.perf_counter()
-    return summarise("tunesmith", seconds, losses, tokens, started, first_done, spec["warmup"])
+    return summarise("tunesmith-recompute" if recompute else "tunesmith", seconds, losses, tokens, started, first_done,
+                     spec["warmup"])
 
 
 def run_trl(spec: dict, best: bool) -> dict:
@@ -120,7 +125,10 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     spec = read_spec(spec_path)
-    result = run_tunesmith(spec) if engine == "tunesmith" else run_trl(spec, best=engine == "trl-best")
+    if engine.startswith("tunesmith"):
+        result = run_tunesmith(spec, recompute=engine == "tunesmith-recompute")
+    else:
+        result = run_trl(spec, best=engine == "trl-best")
     print("BENCH_RESULT " + json.dumps(result))
 
 

@@ -106,6 +106,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    runner = Path(__file__).resolve().parents[2] / "bench" / "run.py"
+    if not runner.is_file():
+        raise UserError("tunesmith bench runs from a source checkout (it needs bench/run.py); fix: clone the "
+                        "repository and install it with pip install -e '.[bench]'")
+    return subprocess.call([sys.executable, str(runner), *args.bench_args])
+
+
 class HelpConfig(argparse.Action):
     """`tunesmith train --help-config`: every config key with its default and meaning, from the schema itself."""
 
@@ -174,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reward-model", help="preference task: score chosen vs rejected with this reward model")
     evaluate.add_argument("--slice-by", help="score per value of this row field, or 'length' for input-length terciles")
     evaluate.set_defaults(handler=cmd_eval)
+    bench = commands.add_parser("bench", help="side-by-side benchmark against TRL + PEFT (see BENCHMARKS.md)",
+                                add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to bench/run.py (--help lists them)")
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 
@@ -181,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     # transformers' deprecation notices about its own internals (e.g. is_gradient_checkpointing) are not for users.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and args.command != "bench":  # only bench passes its options through (to bench/run.py)
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if args.command == "bench":
+            args.bench_args = unknown + args.bench_args
         return args.handler(args)
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
