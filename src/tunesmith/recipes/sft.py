@@ -82,15 +82,7 @@ def train_token_loss(config: Config, accepts: tuple[str, ...]) -> RunResult:
                       "grad_norm": result.grad_norm, "tokens": state.tokens_seen, "tokens_per_s": result.tokens / result.seconds}
             if state.step % train_config.log_every == 0 or done:
                 log.write(record)
-            scores: dict[str, float] = {}
-            if validation and (state.step % train_config.eval_every == 0 or done):
-                scores["val_loss"] = evaluate_loss(model, validation, device, amp_dtype)
-                state.best_val_loss = min(scores["val_loss"], state.best_val_loss or float("inf"))
-                log.write({"step": state.step, "val_loss": scores["val_loss"], "best_val_loss": state.best_val_loss})
-            if task_eval and (state.step % config.eval.every == 0 or done):
-                task_metrics = task_eval(model, train_config.seed)
-                scores.update({name: metric["value"] for name, metric in task_metrics.items()})
-                log.write({"step": state.step, "eval": task_metrics})
+            scores = evaluate_due(config, model, validation, task_eval, state, done, log, device, amp_dtype)
             if selection.metric in scores and keep_best(state, scores[selection.metric], selection):
                 ckpt.save_best_weights(checkpoints, model, state.step)
             if state.extra.get("stopped_early"):
@@ -161,6 +153,21 @@ def check_finite(state: ckpt.TrainState, result: StepResult, max_bad_steps: int,
         raise TrainingStopped(f"the loss was not finite for {state.bad_steps_in_a_row} steps in a row (up to step "
                               f"{state.step}); the run has diverged; fix: lower train.lr, keep train.max_grad_norm on, "
                               f"or check the data for extreme examples")
+
+
+def evaluate_due(config: Config, model, validation: list, task_eval: InTrainingEval | None, state: ckpt.TrainState,
+                 done: bool, log: MetricsLog, device, amp_dtype) -> dict[str, float]:
+    """Validation loss and the eval task's metrics, when their step has come; each one logged."""
+    scores: dict[str, float] = {}
+    if validation and (state.step % config.train.eval_every == 0 or done):
+        scores["val_loss"] = evaluate_loss(model, validation, device, amp_dtype)
+        state.best_val_loss = min(scores["val_loss"], state.best_val_loss or float("inf"))
+        log.write({"step": state.step, "val_loss": scores["val_loss"], "best_val_loss": state.best_val_loss})
+    if task_eval and (state.step % config.eval.every == 0 or done):
+        task_metrics = task_eval(model, config.train.seed)
+        scores.update({name: metric["value"] for name, metric in task_metrics.items()})
+        log.write({"step": state.step, "eval": task_metrics})
+    return scores
 
 
 def keep_best(state: ckpt.TrainState, value: float, selection) -> bool:
