@@ -86,6 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tunesmith.eval.run import EvalOptions, evaluate, format_summary, run_config
+    from tunesmith.serve.engine import is_run_dir
 
     defaults = run_config(args.target).get("eval", {})
     data = args.data or (Path(defaults["data"]) if defaults.get("data") else None)
@@ -98,8 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           max_new_tokens=args.max_new_tokens or defaults.get("max_new_tokens", 32),
                           batch_size=args.batch_size or defaults.get("batch_size", 16), slice_by=args.slice_by,
                           reward_model=args.reward_model)
-    is_run = (Path(args.target) / "config.yaml").is_file()
-    output = args.output or (Path(args.target) if is_run else Path("eval-output"))
+    output = args.output or (Path(args.target) if is_run_dir(Path(args.target)) else Path("eval-output"))
     result = evaluate(args.target, data, options, output)
     print(format_summary(result))
     print(f"wrote {output / 'eval.json'} and {output / 'report.html'}")

@@ -8,6 +8,7 @@ intervals and every baseline is compared to the target on the same resamples.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import time
@@ -144,15 +145,15 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
     predictions, timing = {}, {}
     for name in ("target", *options.baselines):
         shots = parse_baseline(name) if name != "target" else 0
-        system_context_prefix: list = []
+        prefix: list = []
         if shots:
             if shots_file is None:
                 raise UserError("--baseline few-shot:K needs training examples; fix: pass --shots FILE.jsonl")
-            system_context_prefix = few_shot_prefix(load_examples(shots_file), shots, labels,
-                                                    config.get("data", {}).get("system_prompt"), options.seed, options.task)
+            prefix = few_shot_prefix(load_examples(shots_file), shots, labels,
+                                     config.get("data", {}).get("system_prompt"), options.seed, options.task)
         started = time.perf_counter()
         with system_context(engine, name):
-            predictions[name] = task.predict(engine, items, Context(**{**context.__dict__, "prefix": system_context_prefix}))
+            predictions[name] = task.predict(engine, items, dataclasses.replace(context, prefix=prefix))
         timing[f"{name}_s"] = round(time.perf_counter() - started, 2)
 
     result = assemble(target, data, options, task, items, predictions, labels, timing)

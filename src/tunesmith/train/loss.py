@@ -6,6 +6,8 @@ all at once.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -28,29 +30,33 @@ def hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return output.last_hidden_state
 
 
-def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over the batch's targets; the caller normalises."""
+def target_logits(model: torch.nn.Module, batch: Batch) -> Iterator[tuple[torch.Tensor, torch.Tensor, slice]]:
+    """(logits, targets, positions) per chunk of the batch's target positions, in (B, T) row-major order.
+
+    `positions` slices the flattened target positions, so a caller can map a chunk back to its rows.
+    """
     _, head = decoder_and_head(model)
     hidden = hidden_states(model, batch)
     keep = batch.targets != IGNORE
     selected, targets = hidden[keep], batch.targets[keep]  # (N, H), (N,)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for hidden_chunk, target_chunk in zip(selected.split(HEAD_CHUNK), targets.split(HEAD_CHUNK)):
-        logits = head(hidden_chunk).float()
-        total = total + F.cross_entropy(logits, target_chunk, reduction="sum")
+    for start in range(0, targets.shape[0], HEAD_CHUNK):
+        chunk = slice(start, start + HEAD_CHUNK)
+        yield head(selected[chunk]).float(), targets[chunk], chunk
+
+
+def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over the batch's targets; the caller normalises."""
+    total = torch.zeros((), dtype=torch.float32, device=batch.targets.device)
+    for logits, targets, _ in target_logits(model, batch):
+        total = total + F.cross_entropy(logits, targets, reduction="sum")
     return total
 
 
 def per_row_logprob(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) sums of target-token log-probabilities and (B,) target counts: scoring, not training."""
-    _, head = decoder_and_head(model)
-    hidden = hidden_states(model, batch)
     keep = batch.targets != IGNORE
-    rows = torch.arange(batch.targets.shape[0], device=hidden.device)[:, None].expand_as(batch.targets)[keep]
-    selected, targets = hidden[keep], batch.targets[keep]
-    sums = hidden.new_zeros(batch.targets.shape[0], dtype=torch.float32)
-    for hidden_chunk, target_chunk, row_chunk in zip(selected.split(HEAD_CHUNK), targets.split(HEAD_CHUNK),
-                                                     rows.split(HEAD_CHUNK)):
-        logprobs = -F.cross_entropy(head(hidden_chunk).float(), target_chunk, reduction="none")
-        sums.index_add_(0, row_chunk, logprobs)
+    rows = torch.arange(batch.targets.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
+    sums = torch.zeros(batch.targets.shape[0], dtype=torch.float32, device=keep.device)
+    for logits, targets, chunk in target_logits(model, batch):
+        sums.index_add_(0, rows[chunk], -F.cross_entropy(logits, targets, reduction="none"))
     return sums, keep.sum(dim=1)
