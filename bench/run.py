@@ -4,16 +4,23 @@ Every engine runs in its own process (so peak RSS is its own) on the same model,
 batches, sequence length, batch size, dtype (fp32) and step count. The fp32 matmul peak is measured in
 the same run, because this machine is shared and noisy: only ratios within one run mean anything.
 
-    python bench/run.py [--scenario fixed512] [--steps 10] [--output bench/results.json]
+    python bench/run.py [--scenario mixed] [--steps 8] [--output bench/results.json]
+
+Scenarios: (a) mixed: LoRA SFT on real examples of very different lengths, the peer with its defaults
+(padded batches) and its best settings (padding-free); (b) fixed512: LoRA on 512-token sequences;
+(c) fixed512-full: full fine-tuning; (d) dpo: skipped until tunesmith has the recipe; (e) longest: the
+longest sequence each engine trains within a fixed RSS budget.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,72 +51,196 @@ def fixed_length_rows(count: int, seq: int, vocab: int, seed: int = 0) -> list[d
             for _ in range(count)]
 
 
-def useful_flops_per_token(model_dir: Path, seq: int, adapter: str) -> float:
-    """Matmul FLOPs a training step must do per token (the MFU numerator).
+def mixed_rows(model: str, count: int, seq: int, seed: int = 0) -> list[dict]:
+    """Scenario (a): real examples of three shapes, shuffled together, each at most `seq` tokens.
+
+    Bundled slices (data/README.md): banking77 intents (short: ~40 tokens with the template), gsm8k worked
+    solutions (instruction SFT, ~150-400) and SGD customer-service dialogues (multi-turn, every assistant turn
+    trained, ~200-500). Tokenised by tunesmith's own chat tokenizer, so both engines train the same tokens.
+    """
+    from tunesmith.data.dataset import load_examples
+    from tunesmith.data.tokenize import ChatTokenizer
+    from tunesmith.models import load_tokenizer
+
+    chat = ChatTokenizer(load_tokenizer(model))
+    root = HERE.parent / "data"
+    pools = []
+    for source in ("banking77/train.jsonl", "gsm8k/sft_train.jsonl", "sgd_dialogues/train.jsonl"):
+        tokenized = (chat(example) for example in load_examples(root / source)[: 2 * count])
+        pools.append([example for example in tokenized if len(example) <= seq])
+    rng = random.Random(seed)
+    for pool in pools:
+        rng.shuffle(pool)
+    mixed = [example for group in itertools.zip_longest(*pools) for example in group if example is not None][:count]
+    if len(mixed) < count:
+        raise SystemExit(f"only {len(mixed)} examples of at most {seq} tokens for the mixed scenario; {count} needed")
+    rng.shuffle(mixed)
+    return [{"input_ids": e.input_ids, "loss_mask": [int(m) for m in e.loss_mask]} for e in mixed]
+
+
+def useful_flops_per_token(model_dir: Path, rows: list[dict], adapter: str) -> float:
+    """Matmul FLOPs a training step must do per (non-padding) token of `rows`: the MFU numerator.
 
     Weights: forward 2N, input gradients 2N, weight gradients 2N only when the weights train (full);
-    frozen LoRA bases skip them. N counts every matmul weight once (a tied embedding counts as the output
-    head). Attention: QK^T and AV over an average causal context of seq/2, forward and two backward matmuls.
+    frozen LoRA bases skip them. N counts every matmul weight once; the output head (a tied embedding
+    counts as one) only at positions that carry a loss. Attention: QK^T and AV over each example's
+    average causal context (length/2), forward and two backward matmuls.
     """
     config = json.loads((model_dir / "config.json").read_text())
     hidden, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     head_dim = config.get("head_dim", hidden // heads)
     per_layer = hidden * head_dim * (heads * 2 + kv_heads * 2) + 3 * hidden * inter
-    weights = layers * per_layer + hidden * config["vocab_size"]
-    attention_forward = layers * 2 * 2 * (seq / 2) * heads * head_dim
+    tokens = sum(len(row["input_ids"]) for row in rows)
+    loss_share = sum(sum(row["loss_mask"][1:]) for row in rows) / tokens
+    weights = layers * per_layer + loss_share * hidden * config["vocab_size"]
+    context = sum(len(row["input_ids"]) ** 2 / 2 for row in rows) / tokens  # token-weighted mean causal context
+    attention_forward = layers * 2 * 2 * context * heads * head_dim
     weight_passes = 6 if adapter == "full" else 4
     return weight_passes * weights + 3 * attention_forward
 
 
-def run_worker(engine: str, spec_path: Path) -> dict:
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_worker(engine: str, spec_path: Path, rss_limit_mb: float | None = None) -> dict:
+    """One engine in its own process; with `rss_limit_mb`, it is killed the moment its RSS passes the limit."""
     command = [sys.executable, str(HERE / "workers.py"), engine, str(spec_path)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    for line in done.stdout.splitlines():
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True,
+                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        over = False
+        while process.poll() is None:
+            if rss_limit_mb is not None and rss_mb(process.pid) > rss_limit_mb:
+                process.kill()
+                over = True
+            time.sleep(0.05)
+        process.wait()
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if over:
+        return {"engine": engine, "over_budget": True}
+    for line in stdout.splitlines():
         if line.startswith("BENCH_RESULT "):
             return json.loads(line.removeprefix("BENCH_RESULT "))
-    return {"engine": engine, "error": (done.stderr or done.stdout).strip().splitlines()[-5:]}
+    return {"engine": engine, "error": (stderr or stdout).strip().splitlines()[-5:]}
 
 
-def run_scenario(name: str, engines: list[str], steps: int, seq: int, batch: int, adapter: str, workdir: Path,
-                 model: str = DEFAULT_MODEL) -> dict:
+def ratios(results: list[dict], ours: str, peer: str) -> dict:
+    a = next((r for r in results if r["engine"] == ours and "tokens_per_s" in r), None)
+    b = next((r for r in results if r["engine"] == peer and "tokens_per_s" in r), None)
+    if not (a and b):
+        return {}
+    return {"ours": ours, "peer": peer, "speed": a["tokens_per_s"] / b["tokens_per_s"],
+            "rss": a["peak_rss_mb"] / b["peak_rss_mb"], "first_loss_diff": abs(a["first_loss"] - b["first_loss"])}
+
+
+def run_scenario(name: str, kind: str, engines: list[str], steps: int, adapter: str, workdir: Path,
+                 model: str = DEFAULT_MODEL, seq: int = 512, batch: int = 4, grad_accum: int = 1, **options) -> dict:
     from tunesmith.models import resolve_model
+    from tunesmith.registry import methods
 
+    if kind == "dpo" and "dpo" not in methods.names():
+        return {"scenario": name, "kind": kind, "skipped": "tunesmith has no dpo method yet (issue 6); "
+                "this scenario runs once it exists"}
+    if kind == "longest":
+        return run_longest(name, engines, adapter, workdir, model, **options)
     model_dir = resolve_model(model)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    rows = fixed_length_rows(batch * steps, seq, vocab)
-    batches = workdir / f"{name}.jsonl"
-    batches.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    spec = {"model": model, "adapter": adapter, "seq": seq, "batch": batch, "steps": steps, "warmup": 2,
-            "packing": False, "batches": str(batches)}
-    spec_path = workdir / f"{name}.json"
-    spec_path.write_text(json.dumps(spec))
+    count = batch * grad_accum * steps
+    rows = mixed_rows(model, count, seq) if kind == "mixed" else fixed_length_rows(count, seq, vocab)
+    spec_path = write_spec(workdir, name, rows, model=model, adapter=adapter, seq=seq, batch=batch,
+                           grad_accum=grad_accum, steps=steps, warmup=2)
     peak = matmul_peak_gflops()
-    flops = useful_flops_per_token(model_dir, seq, adapter)
+    flops = useful_flops_per_token(model_dir, rows, adapter)
     results = [run_worker(engine, spec_path) for engine in engines]
     for result in results:
         if "tokens_per_s" in result:
             result["mfu"] = result["tokens_per_s"] * flops / (peak * 1e9)
-    reference = next((r for r in results if r["engine"] == "trl" and "tokens_per_s" in r), None)
-    ours = next((r for r in results if r["engine"] == "tunesmith" and "tokens_per_s" in r), None)
-    ratios = {}
-    if reference and ours:
-        ratios = {"speed_vs_trl": ours["tokens_per_s"] / reference["tokens_per_s"],
-                  "rss_vs_trl": ours["peak_rss_mb"] / reference["peak_rss_mb"],
-                  "first_loss_diff": abs(ours["first_loss"] - reference["first_loss"])}
-    return {"scenario": name, "seq": seq, "batch": batch, "steps": steps, "adapter": adapter,
-            "matmul_peak_gflops": peak, "useful_gflops_per_token": flops / 1e9, "results": results, "ratios": ratios}
+    lengths = [len(row["input_ids"]) for row in rows]
+    compared = [ratios(results, ours, peer) for ours in engines if ours.startswith("tunesmith")
+                for peer in engines if peer.startswith("trl")]
+    return {"scenario": name, "kind": kind, "seq": seq, "batch": batch, "grad_accum": grad_accum, "steps": steps,
+            "adapter": adapter, "examples": len(rows), "mean_length": sum(lengths) / len(lengths),
+            "min_length": min(lengths), "max_length": max(lengths), "matmul_peak_gflops": peak,
+            "useful_gflops_per_token": flops / 1e9, "results": results, "ratios": [r for r in compared if r]}
 
 
-SCENARIOS = {"fixed512": dict(seq=512, batch=4, adapter="lora", engines=["tunesmith", "tunesmith-recompute", "trl"]),
-             "fixed512-full": dict(seq=512, batch=4, adapter="full", engines=["tunesmith", "trl"])}
+def write_spec(workdir: Path, name: str, rows: list[dict], **spec) -> Path:
+    batches = workdir / f"{name}.jsonl"
+    batches.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec_path = workdir / f"{name}.json"
+    spec_path.write_text(json.dumps({**spec, "batches": str(batches)}))
+    return spec_path
+
+
+def run_longest(name: str, engines: list[str], adapter: str, workdir: Path, model: str, budget_mb: int,
+                lengths: list[int]) -> dict:
+    """Scenario (e): the longest single sequence each engine can train one step on within `budget_mb` of RSS.
+
+    Each length runs in a fresh process, killed the moment its RSS passes the budget; the ladder stops at
+    the first length that does not fit.
+    """
+    from tunesmith.models import resolve_model
+
+    vocab = json.loads((resolve_model(model) / "config.json").read_text())["vocab_size"]
+    results = []
+    for engine in engines:
+        trials = []
+        for length in lengths:
+            spec_path = write_spec(workdir, f"{name}-{length}", fixed_length_rows(1, length, vocab), model=model,
+                                   adapter=adapter, seq=length, batch=1, grad_accum=1, steps=1, warmup=0)
+            outcome = run_worker(engine, spec_path, rss_limit_mb=budget_mb)
+            trials.append({"length": length, "fits": "tokens_per_s" in outcome,
+                           "peak_rss_mb": outcome.get("peak_rss_mb"), "error": outcome.get("error")})
+            if not trials[-1]["fits"]:
+                break
+        fitted = [t["length"] for t in trials if t["fits"]]
+        results.append({"engine": engine, "longest": max(fitted) if fitted else 0, "trials": trials})
+    return {"scenario": name, "kind": "longest", "adapter": adapter, "budget_mb": budget_mb, "lengths": lengths,
+            "results": results}
+
+
+SCENARIOS = {
+    "mixed": dict(kind="mixed", adapter="lora", seq=512, batch=4, grad_accum=4,
+                  engines=["tunesmith", "tunesmith-compile", "trl", "trl-best"]),
+    "fixed512": dict(kind="fixed", adapter="lora", seq=512, batch=4,
+                     engines=["tunesmith", "tunesmith-compile", "tunesmith-recompute", "trl"]),
+    "fixed512-full": dict(kind="fixed", adapter="full", seq=512, batch=4, engines=["tunesmith", "tunesmith-compile", "trl"]),
+    "dpo": dict(kind="dpo", adapter="lora", engines=["tunesmith", "trl"]),
+    "longest": dict(kind="longest", adapter="lora", budget_mb=4096, lengths=[1024, 2048, 4096, 8192, 16384],
+                    engines=["tunesmith-recompute", "tunesmith", "trl"]),
+}
+DEFAULT_SCENARIOS = list(SCENARIOS)
 
 
 def format_table(report: dict) -> str:
     lines = [f"{report['date']}  {report['machine']}"]
     for scenario in report["scenarios"]:
-        lines.append(f"\n{scenario['scenario']}: {scenario['adapter']}, seq {scenario['seq']}, batch {scenario['batch']}, "
-                     f"{scenario['steps']} steps; fp32 matmul peak {scenario['matmul_peak_gflops']:.0f} GFLOP/s")
+        name = scenario["scenario"]
+        if "skipped" in scenario:
+            lines.append(f"\n{name}: skipped: {scenario['skipped']}")
+            continue
+        if scenario["kind"] == "longest":
+            lines.append(f"\n{name}: longest sequence trained (one step, batch 1, {scenario['adapter']}) within "
+                         f"{scenario['budget_mb']} MB of RSS; lengths tried {scenario['lengths']}")
+            lines.append(f"{'engine':<20} {'longest':>8}  peak RSS MB per length")
+            for r in scenario["results"]:
+                trials = ", ".join(f"{t['length']}: {t['peak_rss_mb']:.0f}" if t["fits"] else
+                                   f"{t['length']}: {'error' if t['error'] else 'over'}" for t in r["trials"])
+                lines.append(f"{r['engine']:<20} {r['longest']:>8}  {trials}")
+            continue
+        lines.append(f"\n{name}: {scenario['adapter']}, {scenario['examples']} examples of {scenario['min_length']}-"
+                     f"{scenario['max_length']} tokens (mean {scenario['mean_length']:.0f}), max length {scenario['seq']}, "
+                     f"{scenario['batch'] * scenario['grad_accum']} examples per step, {scenario['steps']} steps; "
+                     f"fp32 matmul peak {scenario['matmul_peak_gflops']:.0f} GFLOP/s")
         lines.append(f"{'engine':<20} {'tokens/s':>9} {'peak RSS MB':>12} {'first step s':>13} {'MFU':>6} {'step-1 loss':>12}")
         for r in scenario["results"]:
             if "error" in r:
@@ -117,10 +248,9 @@ def format_table(report: dict) -> str:
                 continue
             lines.append(f"{r['engine']:<20} {r['tokens_per_s']:>9.1f} {r['peak_rss_mb']:>12.0f} "
                          f"{r['time_to_first_step_s']:>13.1f} {r['mfu']:>6.1%} {r['first_loss']:>12.5f}")
-        if scenario["ratios"]:
-            ratio = scenario["ratios"]
-            lines.append(f"tunesmith / trl: {ratio['speed_vs_trl']:.2f}x tokens/s, {ratio['rss_vs_trl']:.0%} of the peak RSS, "
-                         f"|step-1 loss difference| {ratio['first_loss_diff']:.2e}")
+        for ratio in scenario["ratios"]:
+            lines.append(f"{ratio['ours']} / {ratio['peer']}: {ratio['speed']:.2f}x tokens/s, {ratio['rss']:.0%} of the "
+                         f"peak RSS, |step-1 loss difference| {ratio['first_loss_diff']:.2e}")
     return "\n".join(lines)
 
 
@@ -130,16 +260,30 @@ def write_markdown(report: dict, path: Path) -> None:
             "The machine is shared and noisy: compare engines only within one run, by the ratios below.", "",
             f"- date: {report['date']}", f"- machine: {report['machine']}", f"- command: `{report['command']}`", "",
             "```", format_table(report), "```", "",
-            "tokens/s counts non-padding tokens over the measured steps (2 warm-up steps excluded); MFU is useful "
-            "matmul FLOPs (bench/run.py: useful_flops_per_token) over the fp32 matmul peak measured in the same run; "
-            "step-1 loss is the parity check (LoRA starts as the base model, so both engines must agree).", ""]
+            "## How to read it", "",
+            "- **Scenarios.** (a) `mixed`: LoRA SFT on real examples of very different lengths (bundled banking77 "
+            "intents, gsm8k solutions, SGD dialogues), 16 examples per optimizer step. (b) `fixed512`: LoRA on "
+            "512-token sequences, 4 per step. (c) `fixed512-full`: full fine-tuning. (d) `dpo`: skipped until the "
+            "recipe exists. (e) `longest`: the longest single sequence each engine trains one step on, its process "
+            "killed the moment its RSS passes the budget.",
+            "- **Engines.** `tunesmith`: the path `tunesmith train` runs (packed rows laid out flat with no padding, "
+            "per-example fused attention, output head only at loss positions with its gradient computed in a "
+            "chunked fused cross-entropy). `tunesmith-compile`: the same with `train.compile: true`. "
+            "`tunesmith-recompute`: with `train.gradient_checkpointing: true`. `trl`: TRL's SFTTrainer + PEFT with "
+            "its defaults (padded batches); `trl-best`: with `padding_free=True`, its fastest setting for "
+            "variable-length data. Every engine gets the same model, LoRA config (r 16, alpha 32, all linear "
+            "layers), examples per step, order, fp32 and step count.",
+            "- **Figures.** tokens/s counts non-padding tokens over the measured steps (2 warm-up steps excluded, "
+            "so compilation shows in the first-step time, not in tokens/s); MFU is useful matmul FLOPs "
+            "(bench/run.py: useful_flops_per_token) over the fp32 matmul peak measured in the same run; step-1 "
+            "loss is the parity check (LoRA starts as the base model, so every engine must agree).", ""]
     path.write_text("\n".join(text), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tunesmith bench")
-    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="default: fixed512")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="default: all of them")
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--output", type=Path, default=HERE / "results.json")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="any model spec tunesmith accepts")
     parser.add_argument("--engines", help="comma-separated subset, e.g. tunesmith,trl (default: the scenario's)")
@@ -149,10 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{os.cpu_count()} CPU cores, torch threads {__import__('torch').get_num_threads()}",
               "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "scenarios": [run_scenario(name, steps=args.steps, workdir=workdir, model=args.model,
-                                         **{**SCENARIOS[name], **({"engines": args.engines.split(",")} if args.engines else {})})
-                            for name in (args.scenario or ["fixed512"])]}
-    print(format_table(report))
+              "scenarios": []}
+    for name in args.scenario or DEFAULT_SCENARIOS:
+        options = {**SCENARIOS[name], **({"engines": args.engines.split(",")} if args.engines else {})}
+        report["scenarios"].append(run_scenario(name, steps=args.steps, workdir=workdir, model=args.model, **options))
+        print(format_table({**report, "scenarios": report["scenarios"][-1:]}).split("\n", 1)[1], flush=True)
+    print("\n" + format_table(report))
     args.output.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.output}")
     if args.model == DEFAULT_MODEL:

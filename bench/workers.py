@@ -36,14 +36,15 @@ def summarise(engine: str, step_seconds: list[float], losses: list[float], token
             "first_loss": losses[0], "losses": losses}
 
 
-def run_tunesmith(spec: dict, recompute: bool = False) -> dict:
+def run_tunesmith(spec: dict, recompute: bool = False, compiled: bool = False) -> dict:
     import torch
 
     from tunesmith.config import AdapterConfig, TrainConfig
-    from tunesmith.data.packing import collate
+    from tunesmith.data.packing import collate, pack_rows
     from tunesmith.data.tokenize import TokenizedExample
     from tunesmith.models import load_model
     from tunesmith.models.adapters import apply_adapter
+    from tunesmith.recipes.sft import compile_layers, enable_gradient_checkpointing
     from tunesmith.train.optim import build_optimizer, build_scheduler
     from tunesmith.train.step import train_step
 
@@ -52,24 +53,30 @@ def run_tunesmith(spec: dict, recompute: bool = False) -> dict:
     model, _ = load_model(spec["model"])
     model = apply_adapter(model, AdapterConfig(type=spec["adapter"], r=16, alpha=32, target="all-linear"))
     if recompute:  # train.gradient_checkpointing: recompute each layer's activations in backward
-        from tunesmith.recipes.sft import enable_gradient_checkpointing
-
         enable_gradient_checkpointing(model)
+    if compiled:  # train.compile
+        compile_layers(model)
     examples = [TokenizedExample(row["input_ids"], [bool(m) for m in row["loss_mask"]]) for row in spec["rows"]]
     config = TrainConfig(lr=1e-4, warmup=0, schedule="constant")
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, spec["steps"])
+    per_step = spec["batch"] * spec["grad_accum"]
     seconds, losses, tokens, first_done = [], [], [], 0.0
-    for step in range(spec["steps"]):  # rows in file order, one example per row: the batches TRL sees
-        batch = collate([[example] for example in examples[step * spec["batch"]:(step + 1) * spec["batch"]]], pad_id=0)
-        result = train_step(model, [batch], optimizer, scheduler, None, torch.device("cpu"), None)
+    for step in range(spec["steps"]):
+        # The step's examples (the same ones the peer gets, in file order), packed into rows of at most
+        # `seq` tokens as `tunesmith train` packs them; `batch` rows make one flat micro-batch.
+        step_examples = examples[step * per_step:(step + 1) * per_step]
+        rows = pack_rows([len(e) for e in step_examples], spec["seq"], list(range(len(step_examples))))
+        micro = [collate([step_examples[i] for row in rows[j:j + spec["batch"]] for i in row])
+                 for j in range(0, len(rows), spec["batch"])]
+        result = train_step(model, micro, optimizer, scheduler, None, torch.device("cpu"), None)
         seconds.append(result.seconds)
         losses.append(result.loss)
         tokens.append(result.tokens)
         if step == 0:
             first_done = time.perf_counter()
-    return summarise("tunesmith-recompute" if recompute else "tunesmith", seconds, losses, tokens, started, first_done,
-                     spec["warmup"])
+    name = "tunesmith-recompute" if recompute else "tunesmith-compile" if compiled else "tunesmith"
+    return summarise(name, seconds, losses, tokens, started, first_done, spec["warmup"])
 
 
 def run_trl(spec: dict, best: bool) -> dict:
@@ -98,11 +105,11 @@ def run_trl(spec: dict, best: bool) -> dict:
                 timings["first_done"] = time.perf_counter()
 
     options = dict(output_dir="/tmp/tunesmith-bench-trl", max_length=spec["seq"], per_device_train_batch_size=spec["batch"],
-                   max_steps=spec["steps"], learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1,
+                   gradient_accumulation_steps=spec["grad_accum"], max_steps=spec["steps"], learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1,
                    save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, bf16=False,
                    completion_only_loss=True, seed=0)
     if best:  # the peer's fastest settings for variable-length data: padding-free batches
-        options.update(padding_free=True)
+        options.update(padding_free=True, max_length=None)  # rows are already at most `seq` tokens
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM") \
         if spec["adapter"] == "lora" else None
     class InOrder(SFTTrainer):  # no shuffling, so every engine sees the same batches in the same order
@@ -113,7 +120,8 @@ def run_trl(spec: dict, best: bool) -> dict:
                          processing_class=tokenizer, peft_config=peft, callbacks=[StepTimer()])
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    tokens = [sum(len(row["input_ids"]) for row in spec["rows"][i * spec["batch"]:(i + 1) * spec["batch"]])
+    per_step = spec["batch"] * spec["grad_accum"]
+    tokens = [sum(len(row["input_ids"]) for row in spec["rows"][i * per_step:(i + 1) * per_step])
               for i in range(spec["steps"])]
     return summarise("trl-best" if best else "trl", timings["seconds"], losses, tokens, started, timings["first_done"],
                      spec["warmup"])
@@ -126,7 +134,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     spec = read_spec(spec_path)
     if engine.startswith("tunesmith"):
-        result = run_tunesmith(spec, recompute=engine == "tunesmith-recompute")
+        result = run_tunesmith(spec, recompute=engine == "tunesmith-recompute", compiled=engine == "tunesmith-compile")
     else:
         result = run_trl(spec, best=engine == "trl-best")
     print("BENCH_RESULT " + json.dumps(result))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 TRAIN_PER_LABEL, TEST_PER_LABEL = 24, 4
 GSM8K_ROWS = 1000  # the first rows of the source training split
+SGD_ROWS = {"train": 400, "dev": 80}  # the first dialogues of each source split
 
 
 def stratified(rows: list[dict], per_label: int) -> list[dict]:
@@ -36,8 +37,20 @@ def gsm8k(shared: Path) -> None:
         print(f"gsm8k {name}: {len(kept)} rows")
 
 
+def sgd_dialogues(shared: Path) -> None:
+    """SGD (CC BY-SA 4.0, Google): multi-turn user/assistant dialogues, messages only."""
+    out = Path(__file__).parent / "sgd_dialogues"
+    out.mkdir(exist_ok=True)
+    for split, count in SGD_ROWS.items():
+        rows = [json.loads(line) for line in (shared / "sgd_dialogues" / f"{split}.jsonl").open(encoding="utf-8")][:count]
+        kept = [{"messages": r["messages"]} for r in rows]
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        print(f"sgd_dialogues {split}: {len(kept)} rows")
+
+
 def main(shared: Path) -> None:
     gsm8k(shared)
+    sgd_dialogues(shared)
     out = Path(__file__).parent / "banking77"
     for split, per_label in (("train", TRAIN_PER_LABEL), ("test", TEST_PER_LABEL)):
         rows = [json.loads(line) for line in (shared / "banking77" / f"{split}.jsonl").open(encoding="utf-8")]

@@ -12,10 +12,30 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "run.py"
 def test_bench_reports_throughput_memory_mfu_and_losses(tmp_path, tiny_model):
     output = tmp_path / "results.json"
     done = subprocess.run([sys.executable, "-m", "tunesmith", "bench", "--model", str(tiny_model), "--steps", "3",
-                           "--engines", "tunesmith", "--output", str(output)], capture_output=True, text=True, timeout=300)
+                           "--scenario", "mixed", "--scenario", "dpo", "--engines", "tunesmith",
+                           "--output", str(output)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "tunesmith" in done.stdout and "MFU" in done.stdout
-    [scenario] = json.loads(output.read_text())["scenarios"]
-    [result] = scenario["results"]
+    mixed, dpo = json.loads(output.read_text())["scenarios"]
+    [result] = mixed["results"]
     assert result["tokens_per_s"] > 0 and result["peak_rss_mb"] > 0 and len(result["losses"]) == 3
-    assert 0 < result["mfu"] < 1 and scenario["matmul_peak_gflops"] > 0
+    assert 0 < result["mfu"] < 1 and mixed["matmul_peak_gflops"] > 0
+    # Real data of very different lengths: short intents, math solutions and dialogues, 16 per step.
+    assert mixed["examples"] == 48 and mixed["max_length"] > 4 * mixed["min_length"]
+    assert "skipped" in dpo  # no dpo recipe yet: reported, not failed
+
+
+def test_longest_sequence_ladder_stops_at_the_rss_budget(tmp_path, tiny_model):
+    """A worker is killed the moment its RSS passes the budget; the ladder records it and stops."""
+    sys.path.insert(0, str(BENCH.parent))
+    import run as bench
+
+    report = bench.run_longest("longest", ["tunesmith"], "lora", tmp_path, str(tiny_model), budget_mb=100000,
+                               lengths=[64, 128])
+    [result] = report["results"]
+    assert result["longest"] == 128 and all(trial["fits"] for trial in result["trials"])
+    tight = bench.run_longest("longest", ["tunesmith"], "lora", tmp_path, str(tiny_model), budget_mb=50,
+                              lengths=[64, 128])
+    [result] = tight["results"]
+    assert result["longest"] == 0 and result["trials"] == [{"length": 64, "fits": False, "peak_rss_mb": None,
+                                                            "error": None}]

@@ -93,7 +93,7 @@ def test_local_directory_resolves_to_itself_and_loads(tiny_model_dir):
     model, tokenizer = load_model(tiny_model_dir)
     assert model.config.model_type == "llama"
     assert model.dtype == torch.float32
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "tunesmith"  # SDPA plus padding-free packed training
     # No pad token in the saved tokenizer: eos stands in, and no token was added.
     assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
     assert len(tokenizer) == model.config.vocab_size

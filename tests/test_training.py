@@ -76,7 +76,7 @@ def test_frozen_parameters_do_not_move_and_trainable_ones_do(tiny_model):
         before = {name: p.detach().clone() for name, p in model.named_parameters()}
         chat = ChatTokenizer(tokenizer)
         examples = [chat(convert_classification({"text": f"message {i}", "label": "card_arrival"})) for i in range(6)]
-        plan = BatchPlan(examples, capacity=64, packing=True, batch_size=2, grad_accum=1, seed=0, pad_id=0)
+        plan = BatchPlan(examples, capacity=64, packing=True, batch_size=2, grad_accum=1, seed=0)
         optimizer = build_optimizer(model, TrainConfig(lr=1e-2))
         scheduler = build_scheduler(optimizer, TrainConfig(lr=1e-2, warmup=0), 3)
         for step in range(2):
@@ -137,7 +137,7 @@ def test_gradient_accumulation_equals_large_batch(tiny_model, chat_rows):
         model = apply_adapter(model, AdapterConfig(type="full"))
         chat = ChatTokenizer(tokenizer)
         examples = [chat(convert_messages(row)) for row in chat_rows]
-        plan = BatchPlan(examples, capacity=40, packing=True, batch_size=batch_size, grad_accum=grad_accum, seed=0, pad_id=0)
+        plan = BatchPlan(examples, capacity=40, packing=True, batch_size=batch_size, grad_accum=grad_accum, seed=0)
         # Plain SGD with lr 1: the update is the gradient itself (Adam's first step would divide it by its magnitude).
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -161,16 +161,15 @@ def test_packed_loss_equals_unpacked_loss(tiny_model, chat_rows):
     model, tokenizer = load_model(str(tiny_model))
     chat = ChatTokenizer(tokenizer)
     examples = [chat(convert_messages(row)) for row in chat_rows[:6]]
-    packed = collate([examples[:3], examples[3:]], pad_id=0)  # two rows of three examples each, one padded
-    assert packed.input_ids.shape[0] == 2
-    alone = [collate([[example]], pad_id=0) for example in examples]
+    packed = collate(examples)  # six examples in one flat row
+    alone = [collate([example]) for example in examples]
     with torch.no_grad():
         packed_sum = token_loss_sum(model, packed)
         separate_sum = sum(token_loss_sum(model, batch) for batch in alone)
     assert packed.num_loss_tokens == sum(batch.num_loss_tokens for batch in alone)
     torch.testing.assert_close(packed_sum, separate_sum, rtol=1e-5, atol=1e-5)
-    # The same holds for a model that tries to look across the boundary: positions restart per example.
-    assert packed.position_ids[0, len(examples[0])].item() == 0
+    # Positions restart per example, so even position-dependent computation cannot tell packing apart.
+    assert packed.position_ids[0, len(examples[0])].item() == 0 and packed.num_tokens == sum(map(len, examples))
 
 
 def test_full_fine_tuning_saves_a_loadable_model(tmp_path, tiny_model, chat_rows):
@@ -315,3 +314,43 @@ def test_selection_metric_must_be_computed():
         load_config(None, ["data.train=x.jsonl", "train.early_stopping.metric=accuracy"])
     with pytest.raises(UserError, match="did you mean 'accuracy'"):
         load_config(None, ["data.train=x.jsonl", "train.early_stopping.metric=acuracy", "eval.every=5", "eval.data=e.jsonl"])
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_fused_head_cross_entropy_matches_autograd(train_head):
+    """HeadCrossEntropy gives the loss and gradients of plain cross-entropy over the full logits."""
+    from tunesmith.train import loss as loss_module
+
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=train_head)
+    targets = torch.randint(0, 50, (37,))
+    old_chunk, loss_module.HEAD_CHUNK = loss_module.HEAD_CHUNK, 8  # several chunks, the last one short
+    try:
+        fused = loss_module.HeadCrossEntropy.apply(hidden, weight, targets)
+        (fused * 0.5).backward()
+    finally:
+        loss_module.HEAD_CHUNK = old_chunk
+    grads = (hidden.grad.clone(), weight.grad.clone() if train_head else None)
+    hidden.grad, weight.grad = None, None
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    (reference * 0.5).backward()
+    torch.testing.assert_close(fused, reference)
+    torch.testing.assert_close(grads[0], hidden.grad)
+    if train_head:
+        torch.testing.assert_close(grads[1], weight.grad)
+    else:
+        assert weight.grad is None
+
+
+def test_compiled_layers_train_like_eager_layers(tmp_path, tiny_model, chat_rows):
+    """train.compile changes speed, not results: the same losses as eager, to float tolerance."""
+    eager = make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=3", "data.packing=true", name="eager")
+    compiled = make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=3", "data.packing=true",
+                           "train.compile=true", name="compiled")
+    run(eager)
+    run(compiled)
+    eager_losses = [loss for _, loss, _, _ in metric_lines(eager.output_dir)]
+    compiled_losses = [loss for _, loss, _, _ in metric_lines(compiled.output_dir)]
+    assert len(eager_losses) == len(compiled_losses) == 3
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)

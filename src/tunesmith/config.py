@@ -118,6 +118,8 @@ class TrainConfig(Section):
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (None: torch's default).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: bool = Field(False, description="torch.compile each decoder layer (fused pointwise ops, fewer saved "
+                          "activations); about a minute once per process; needs a C compiler on CPU. See BENCHMARKS.md.")
     progress: bool = Field(True, description="Show a progress bar.")
 
     @field_validator("schedule")

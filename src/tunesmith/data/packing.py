@@ -1,9 +1,8 @@
 """Tokenised examples → packed rows → micro-batches, in a deterministic order that a checkpoint can resume.
 
-A row holds whole examples back to back (packing) or one example; a micro-batch is `batch_size` rows
-padded only to its longest row. Attention is block-diagonal causal: a token sees earlier tokens of
-its own example only, and positions restart at 0 for each example, so a packed row computes exactly
-what the examples would compute alone.
+A row holds whole examples up to `capacity` tokens (packing) or one example; a micro-batch is
+`batch_size` rows, laid end to end as one flat sequence with no padding (`Batch`). Rows bound the
+tokens a micro-batch holds (its memory); the flat layout means no token is ever padding.
 """
 from __future__ import annotations
 
@@ -20,17 +19,31 @@ PACKING_WINDOW = 2048  # examples sorted together when packing: bounds the shuff
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # (B, T) long
-    targets: torch.Tensor  # (B, T) long: the next token where it is trained, else IGNORE
-    position_ids: torch.Tensor  # (B, T) long: restarts at 0 for each example
-    attention_mask: torch.Tensor | None  # (B, 1, T, T) bool, True where a query may attend to a key; None: plain causal
+    """A micro-batch as one flat row: its examples back to back, no padding anywhere.
+
+    Attention stays inside each example (models/attention.py reads `segment_lengths`), positions restart
+    at 0 for each example and targets are shifted per example, so the row computes exactly what each
+    example would compute alone, and every token the model sees is a real one.
+    """
+
+    input_ids: torch.Tensor  # (1, T) long
+    targets: torch.Tensor  # (1, T) long: the next token where it is trained, else IGNORE
+    position_ids: torch.Tensor  # (1, T) long: restarts at 0 for each example
+    segment_lengths: tuple[int, ...]  # the examples' lengths, in order; they sum to T
     num_loss_tokens: int
-    num_tokens: int  # real (non-padding) tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
 
     def to(self, device: torch.device | str) -> "Batch":
-        mask = self.attention_mask.to(device) if self.attention_mask is not None else None
-        return Batch(self.input_ids.to(device), self.targets.to(device), self.position_ids.to(device), mask,
-                     self.num_loss_tokens, self.num_tokens)
+        return Batch(self.input_ids.to(device), self.targets.to(device), self.position_ids.to(device),
+                     self.segment_lengths, self.num_loss_tokens)
+
+    def example_index(self) -> torch.Tensor:
+        """(T,) which example each position belongs to."""
+        lengths = torch.tensor(self.segment_lengths, device=self.input_ids.device)
+        return torch.repeat_interleave(torch.arange(len(self.segment_lengths), device=lengths.device), lengths)
 
 
 def pack_rows(lengths: list[int], capacity: int, order: list[int]) -> list[list[int]]:
@@ -78,38 +91,13 @@ def shifted_targets(example: TokenizedExample) -> list[int]:
     return [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
 
 
-def collate(rows: list[list[TokenizedExample]], pad_id: int) -> Batch:
-    """Build one micro-batch from rows of examples (each row's examples are packed back to back)."""
-    width = max(sum(len(example) for example in row) for row in rows)
-    batch_size = len(rows)
-    input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
-    targets = torch.full((batch_size, width), IGNORE, dtype=torch.long)
-    position_ids = torch.zeros((batch_size, width), dtype=torch.long)
-    segment = torch.full((batch_size, width), -1, dtype=torch.long)  # which example each token belongs to
-    for row_number, row in enumerate(rows):
-        cursor = 0
-        for example_number, example in enumerate(row):
-            n = len(example)
-            input_ids[row_number, cursor: cursor + n] = torch.tensor(example.input_ids)
-            targets[row_number, cursor: cursor + n] = torch.tensor(shifted_targets(example))
-            position_ids[row_number, cursor: cursor + n] = torch.arange(n)
-            segment[row_number, cursor: cursor + n] = example_number
-            cursor += n
-    num_tokens = int((segment >= 0).sum())
-    if all(len(row) == 1 for row in rows):
-        # One example per row, padding only at the tail: plain causal attention is exact for every real token
-        # (none attends to a later position), and it lets SDPA use its fused kernel instead of a (B, H, T, T)
-        # mask and saved attention probabilities (~1 GB at 4 x 512 on the default model).
-        # Positions run on through the padding: restarting positions would read as packed sequences to transformers.
-        position_ids = torch.arange(width).expand(batch_size, width).contiguous()
-        return Batch(input_ids, targets, position_ids, None, int((targets != IGNORE).sum()), num_tokens)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    same_example = segment[:, :, None] == segment[:, None, :]
-    padding = segment < 0
-    # Padding queries attend only to themselves: a fully masked row would give NaN in softmax.
-    eye = torch.eye(width, dtype=torch.bool)
-    attention = (same_example & ~padding[:, None, :] & causal) | (padding[:, :, None] & eye)
-    return Batch(input_ids, targets, position_ids, attention[:, None], int((targets != IGNORE).sum()), num_tokens)
+def collate(examples: list[TokenizedExample]) -> Batch:
+    """One flat micro-batch of `examples`, back to back."""
+    input_ids = torch.tensor([token for example in examples for token in example.input_ids], dtype=torch.long)
+    targets = torch.tensor([target for example in examples for target in shifted_targets(example)], dtype=torch.long)
+    position_ids = torch.cat([torch.arange(len(example)) for example in examples])
+    return Batch(input_ids[None], targets[None], position_ids[None], tuple(len(example) for example in examples),
+                 int((targets != IGNORE).sum()))
 
 
 @dataclass
@@ -122,7 +110,6 @@ class BatchPlan:
     batch_size: int
     grad_accum: int
     seed: int
-    pad_id: int
 
     def __post_init__(self) -> None:
         self.lengths = [len(example) for example in self.examples]
@@ -146,11 +133,11 @@ class BatchPlan:
         first = step_in_epoch * self.rows_per_step
         step_rows = rows[first: first + self.rows_per_step]
         micro = [step_rows[i: i + self.batch_size] for i in range(0, len(step_rows), self.batch_size)]
-        return [collate([[self.examples[index] for index in row] for row in rows_], self.pad_id) for rows_ in micro]
+        return [collate([self.examples[index] for row in rows_ for index in row]) for rows_ in micro]
 
     def eval_batches(self) -> list[Batch]:
         """Validation micro-batches: every example once, in file order."""
         rows = pack_rows(self.lengths, self.capacity, list(range(len(self.examples)))) if self.packing \
             else [[index] for index in range(len(self.examples))]
         chunks = [rows[i: i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-        return [collate([[self.examples[index] for index in row] for row in chunk], self.pad_id) for chunk in chunks]
+        return [collate([self.examples[index] for row in chunk for index in row]) for chunk in chunks]

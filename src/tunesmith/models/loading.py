@@ -119,13 +119,15 @@ def load_model(
     """`(model, tokenizer)` for `spec`: a causal LM in `dtype` on `device`, no remote code."""
     from transformers import AutoModelForCausalLM
 
+    from tunesmith.models import attention
+
     directory = resolve_model(spec)
     tokenizer = load_tokenizer(directory)
     with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(
             directory,
             dtype=_as_torch_dtype(dtype),
-            attn_implementation="sdpa",
+            attn_implementation=attention.NAME,  # SDPA, plus padding-free packed training
             local_files_only=True,
             trust_remote_code=False,
         )

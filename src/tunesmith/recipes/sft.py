@@ -23,6 +23,7 @@ from tunesmith.train.metrics import MetricsLog, Progress
 from tunesmith.train.optim import build_optimizer, build_scheduler
 from tunesmith.train.run import peak_rss_mb, prepare_run_dir, write_summary
 from tunesmith.train.runtime import autocast_dtype, pick_device, seed_everything, stop_on_signals
+from tunesmith.train.loss import decoder_and_head
 from tunesmith.train.step import StepResult, evaluate_loss, train_step
 
 
@@ -56,7 +57,9 @@ def train_token_loss(config: Config, accepts: tuple[str, ...]) -> RunResult:
     model = apply_adapter(model, config.adapter).to(device)
     if train_config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    plan, validation = build_plans(config, data, tokenizer)
+    if train_config.compile:
+        compile_layers(model)
+    plan, validation = build_plans(config, data)
     task_eval = InTrainingEval(config, tokenizer) if config.eval.every and config.eval.data else None
     selection = train_config.early_stopping
     total_steps = count_steps(plan, train_config.epochs, train_config.max_steps)
@@ -101,10 +104,9 @@ def train_token_loss(config: Config, accepts: tuple[str, ...]) -> RunResult:
     return save_outputs(config, model, tokenizer, state, result, data)
 
 
-def build_plans(config: Config, data: PreparedData, tokenizer) -> tuple[BatchPlan, list]:
+def build_plans(config: Config, data: PreparedData) -> tuple[BatchPlan, list]:
     """The training batch plan and the validation batches (every validation example once)."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    options = dict(capacity=config.data.max_length, packing=config.data.packing, seed=config.train.seed, pad_id=pad_id)
+    options = dict(capacity=config.data.max_length, packing=config.data.packing, seed=config.train.seed)
     plan = BatchPlan(data.train, batch_size=config.train.batch_size, grad_accum=config.train.grad_accum, **options)
     validation = BatchPlan(data.validation, batch_size=config.train.batch_size, grad_accum=1, **options).eval_batches()
     return plan, validation
@@ -180,6 +182,17 @@ def keep_best(state: ckpt.TrainState, value: float, selection) -> bool:
     if selection.patience is not None and state.evals_without_improvement >= selection.patience:
         state.extra["stopped_early"] = True
     return False
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile every decoder layer, shapes dynamic (one graph for every packed length).
+
+    The padding-free attention stays eager (it loops over examples); generation runs eagerly too
+    (serve/engine.py), so only training and scoring passes use the compiled layers.
+    """
+    decoder, _ = decoder_and_head(model)
+    for layer in decoder.layers:
+        layer.compile(dynamic=True)
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

@@ -72,6 +72,7 @@ class Engine:
         return self.model.disable_adapter() if self.has_adapter else contextlib.nullcontext()
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")  # layers compiled for training (train.compile) decode eagerly
     def generate(self, conversations: list[Messages], sampling: Sampling = Sampling(),
                  allowed: list[list[int]] | None = None) -> list[str]:
         """Replies to several conversations at once (left-padded batch, KV cache).
@@ -121,14 +122,13 @@ class Engine:
         ranking replies by it matches what fine-tuning optimised.
         """
         from tunesmith.data.packing import collate
-        from tunesmith.train.loss import per_row_logprob
+        from tunesmith.train.loss import per_example_logprob
 
         examples = [self.chat(item) if isinstance(item, Example) else self.chat.tokenize_chat(item) for item in conversations]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         scores: list[tuple[float, int]] = []
         for start in range(0, len(examples), batch_size):
-            batch = collate([[example] for example in examples[start: start + batch_size]], pad).to(self.device)
-            sums, counts = per_row_logprob(self.model, batch)
+            batch = collate(examples[start: start + batch_size]).to(self.device)
+            sums, counts = per_example_logprob(self.model, batch)
             scores += [(float(total), int(count)) for total, count in zip(sums, counts)]
         return scores
 
@@ -140,7 +140,8 @@ class Engine:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), streamer=streamer,
                       eos_token_id=self.stop_ids(), pad_token_id=self.tokenizer.eos_token_id, **sampling.generate_kwargs())
-        worker = threading.Thread(target=torch.no_grad()(self.model.generate), kwargs=kwargs, daemon=True)
+        generate = torch.compiler.set_stance("force_eager")(torch.no_grad()(self.model.generate))
+        worker = threading.Thread(target=generate, kwargs=kwargs, daemon=True)
         worker.start()
         yield from streamer
         worker.join()

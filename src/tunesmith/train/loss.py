@@ -2,7 +2,9 @@
 
 The decoder runs once; the output head (vocab x hidden, the largest matmul of a small model) is
 applied only to the positions that carry a loss, in chunks so the (tokens, vocab) logits never exist
-all at once.
+all at once. For training, `HeadCrossEntropy` goes further: it computes each chunk's gradient in the
+forward pass and keeps only that (tokens x hidden), so no logits or log-softmax outputs are saved for
+backward (two (tokens, vocab) fp32 matrices per chunk otherwise).
 """
 from __future__ import annotations
 
@@ -23,17 +25,17 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
 
 
 def hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """(B, T, H) final hidden states under the batch's block-diagonal causal mask."""
+    """(1, T, H) final hidden states, attention causal within each example (models/attention.py)."""
     decoder, _ = decoder_and_head(model)
-    output = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     position_ids=batch.position_ids, use_cache=False)
+    output = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                     segment_lengths=batch.segment_lengths)
     return output.last_hidden_state
 
 
 def target_logits(model: torch.nn.Module, batch: Batch) -> Iterator[tuple[torch.Tensor, torch.Tensor, slice]]:
-    """(logits, targets, positions) per chunk of the batch's target positions, in (B, T) row-major order.
+    """(logits, targets, positions) per chunk of the batch's target positions, in order.
 
-    `positions` slices the flattened target positions, so a caller can map a chunk back to its rows.
+    `positions` slices the target positions, so a caller can map a chunk back to its examples.
     """
     _, head = decoder_and_head(model)
     hidden = hidden_states(model, batch)
@@ -44,19 +46,61 @@ def target_logits(model: torch.nn.Module, batch: Batch) -> Iterator[tuple[torch.
         yield head(selected[chunk]).float(), targets[chunk], chunk
 
 
+class HeadCrossEntropy(torch.autograd.Function):
+    """sum_i -log softmax(hidden_i @ weight.T)[targets_i], with its gradients computed chunk by chunk up front.
+
+    The upstream gradient of a sum is one scalar, so backward only scales what forward already computed:
+    d/dlogits = softmax - onehot, then d/dhidden = that @ weight and d/dweight = that.T @ hidden.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        accumulate = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 logits are summed in fp32
+        total = torch.zeros((), dtype=accumulate, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
+        for start in range(0, targets.shape[0], HEAD_CHUNK):
+            h, t = hidden[start: start + HEAD_CHUNK], targets[start: start + HEAD_CHUNK]
+            logits = (h @ weight.to(h.dtype).T).to(accumulate)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if want_hidden or want_weight:
+                d_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                d_logits[torch.arange(t.shape[0], device=t.device), t] -= 1
+                d_logits = d_logits.to(h.dtype)
+                if want_hidden:
+                    grad_hidden[start: start + HEAD_CHUNK] = d_logits @ weight.to(h.dtype)
+                if want_weight:
+                    grad_weight.addmm_(d_logits.T.to(weight.dtype), h.to(weight.dtype))
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * upstream.to(grad_hidden.dtype) if grad_hidden is not None else None,
+                grad_weight * upstream.to(grad_weight.dtype) if grad_weight is not None else None, None)
+
+
 def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over the batch's targets; the caller normalises."""
+    _, head = decoder_and_head(model)
+    if type(head) is torch.nn.Linear and head.bias is None:  # a plain head (not adapted): the fused path
+        keep = batch.targets != IGNORE
+        return HeadCrossEntropy.apply(hidden_states(model, batch)[keep], head.weight, batch.targets[keep])
     total = torch.zeros((), dtype=torch.float32, device=batch.targets.device)
     for logits, targets, _ in target_logits(model, batch):
         total = total + F.cross_entropy(logits, targets, reduction="sum")
     return total
 
 
-def per_row_logprob(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,) sums of target-token log-probabilities and (B,) target counts: scoring, not training."""
-    keep = batch.targets != IGNORE
-    rows = torch.arange(batch.targets.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
-    sums = torch.zeros(batch.targets.shape[0], dtype=torch.float32, device=keep.device)
+def per_example_logprob(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: the sum of its target-token log-probabilities and its target count (scoring, not training)."""
+    keep = batch.targets[0] != IGNORE
+    owner = batch.example_index()[keep]
+    examples = len(batch.segment_lengths)
+    sums = torch.zeros(examples, dtype=torch.float32, device=keep.device)
     for logits, targets, chunk in target_logits(model, batch):
-        sums.index_add_(0, rows[chunk], -F.cross_entropy(logits, targets, reduction="none"))
-    return sums, keep.sum(dim=1)
+        sums.index_add_(0, owner[chunk], -F.cross_entropy(logits, targets, reduction="none"))
+    return sums, torch.bincount(owner, minlength=examples)
