@@ -108,8 +108,11 @@ def run_trl(spec: dict, best: bool) -> dict:
                    gradient_accumulation_steps=spec["grad_accum"], max_steps=spec["steps"], learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1,
                    save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, bf16=False,
                    completion_only_loss=True, seed=0)
-    if best:  # the peer's fastest settings for variable-length data: padding-free batches
-        options.update(padding_free=True, max_length=None)  # rows are already at most `seq` tokens
+    # TRL's SFTConfig defaults to gradient_checkpointing=True (recompute in backward: less memory, slower).
+    if best:  # the peer's fastest settings: no recompute, and padding-free batches where lengths vary
+        options.update(gradient_checkpointing=False, **spec["peer_best"])
+        if options.get("padding_free"):
+            options.update(max_length=None)  # required by TRL with padding_free; rows are already <= seq tokens
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM") \
         if spec["adapter"] == "lora" else None
     class InOrder(SFTTrainer):  # no shuffling, so every engine sees the same batches in the same order
