@@ -217,7 +217,8 @@ SCENARIOS = {
     "mixed": dict(kind="mixed", adapter="lora", seq=512, batch=4, grad_accum=2, peer_best={"padding_free": True},
                   engines=["tunesmith", "tunesmith-compile", "trl", "trl-best"]),
     "fixed512": dict(kind="fixed", adapter="lora", seq=512, batch=4,
-                     engines=["tunesmith", "tunesmith-compile", "tunesmith-recompute", "trl", "trl-best"]),
+                     engines=["tunesmith", "tunesmith-system-malloc", "tunesmith-compile", "tunesmith-recompute", "trl",
+                              "trl-best"]),
     "fixed512-full": dict(kind="fixed", adapter="full", seq=512, batch=4,
                           engines=["tunesmith", "tunesmith-compile", "trl", "trl-best"]),
     "dpo": dict(kind="dpo", adapter="lora", engines=["tunesmith", "trl"]),
@@ -275,7 +276,9 @@ def write_markdown(report: dict, path: Path) -> None:
             "- **Engines.** `tunesmith`: the path `tunesmith train` runs (packed rows laid out flat with no padding, "
             "per-example fused attention, output head only at loss positions with its gradient computed in a "
             "chunked fused cross-entropy). `tunesmith-compile`: the same with `train.compile: true`. "
-            "`tunesmith-recompute`: with `train.gradient_checkpointing: true`. `trl`: TRL's SFTTrainer + PEFT with "
+            "`tunesmith-recompute`: with `train.gradient_checkpointing: true`. tunesmith engines run on jemalloc when the "
+            "system has it, as `tunesmith train` does (src/tunesmith/allocator.py); `tunesmith-system-malloc` is "
+            "`tunesmith` on the C library's malloc, the isolated effect of that choice; TRL runs on the system malloc. `trl`: TRL's SFTTrainer + PEFT with "
             "its defaults (padded batches, and gradient checkpointing, which SFTConfig turns on by default); "
             "`trl-best`: its fastest settings, `gradient_checkpointing=False`, plus `padding_free=True` where "
             "lengths vary (on fixed-length rows padding-free only adds a (T, T) mask over the flattened batch). Compare "

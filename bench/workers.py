@@ -30,7 +30,8 @@ def summarise(engine: str, step_seconds: list[float], losses: list[float], token
     measured = step_seconds[warmup:]
     median = sorted(measured)[len(measured) // 2]
     tokens = sum(tokens_per_step[warmup:])
-    return {"engine": engine, "steps": len(step_seconds), "median_step_s": median,
+    return {"engine": engine, "allocator": "jemalloc" if os.environ.get("TUNESMITH_ALLOCATOR_ACTIVE") else "system",
+            "steps": len(step_seconds), "median_step_s": median,
             "tokens_per_s": tokens / sum(measured), "median_tokens_per_s": tokens_per_step[-1] / median,
             "peak_rss_mb": peak_rss_mb(), "time_to_first_step_s": first_step_done - started,
             "first_loss": losses[0], "losses": losses}
@@ -75,8 +76,7 @@ def run_tunesmith(spec: dict, recompute: bool = False, compiled: bool = False) -
         tokens.append(result.tokens)
         if step == 0:
             first_done = time.perf_counter()
-    name = "tunesmith-recompute" if recompute else "tunesmith-compile" if compiled else "tunesmith"
-    return summarise(name, seconds, losses, tokens, started, first_done, spec["warmup"])
+    return summarise(sys.argv[1], seconds, losses, tokens, started, first_done, spec["warmup"])
 
 
 def run_trl(spec: dict, best: bool) -> dict:
@@ -132,6 +132,10 @@ def run_trl(spec: dict, best: bool) -> dict:
 
 def main() -> None:
     engine, spec_path = sys.argv[1], sys.argv[2]
+    if engine.startswith("tunesmith") and engine != "tunesmith-system-malloc":  # as `tunesmith train` runs
+        from tunesmith.allocator import reexec_with_jemalloc
+
+        reexec_with_jemalloc([sys.executable, *sys.argv])
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))

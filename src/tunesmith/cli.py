@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["train"]:  # a real command line (not a caller's argv): see allocator.py
+        from tunesmith.allocator import reexec_with_jemalloc
+
+        reexec_with_jemalloc([sys.executable, "-m", "tunesmith", *sys.argv[1:]])
     # transformers' deprecation notices about its own internals (e.g. is_gradient_checkpointing) are not for users.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     try:
