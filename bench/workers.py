@@ -41,7 +41,7 @@ def run_tunesmith(spec: dict, recompute: bool = False, compiled: bool = False) -
     import torch
 
     from tunesmith.config import AdapterConfig, TrainConfig
-    from tunesmith.data.packing import collate, pack_rows
+    from tunesmith.data.packing import collate_rows, pack_rows
     from tunesmith.data.tokenize import TokenizedExample
     from tunesmith.models import load_model
     from tunesmith.models.adapters import apply_adapter
@@ -68,8 +68,7 @@ def run_tunesmith(spec: dict, recompute: bool = False, compiled: bool = False) -
         # `seq` tokens as `tunesmith train` packs them; `batch` rows make one flat micro-batch.
         step_examples = examples[step * per_step:(step + 1) * per_step]
         rows = pack_rows([len(e) for e in step_examples], spec["seq"], list(range(len(step_examples))))
-        micro = [collate([step_examples[i] for row in rows[j:j + spec["batch"]] for i in row])
-                 for j in range(0, len(rows), spec["batch"])]
+        micro = collate_rows(step_examples, rows, spec["batch"])
         result = train_step(model, micro, optimizer, scheduler, None, torch.device("cpu"), None)
         seconds.append(result.seconds)
         losses.append(result.loss)

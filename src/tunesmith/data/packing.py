@@ -100,6 +100,12 @@ def collate(examples: list[TokenizedExample]) -> Batch:
                  int((targets != IGNORE).sum()))
 
 
+def collate_rows(examples: list[TokenizedExample], rows: list[list[int]], batch_size: int) -> list[Batch]:
+    """Micro-batches of `batch_size` rows each (rows hold indices into `examples`), in order."""
+    return [collate([examples[index] for row in rows[start: start + batch_size] for index in row])
+            for start in range(0, len(rows), batch_size)]
+
+
 @dataclass
 class BatchPlan:
     """Which rows go into which micro-batch and optimizer step, for every epoch; resumable by position."""
@@ -131,13 +137,10 @@ class BatchPlan:
         """The micro-batches of one optimizer step (the last step of an epoch may be smaller)."""
         rows = self.rows(epoch)
         first = step_in_epoch * self.rows_per_step
-        step_rows = rows[first: first + self.rows_per_step]
-        micro = [step_rows[i: i + self.batch_size] for i in range(0, len(step_rows), self.batch_size)]
-        return [collate([self.examples[index] for row in rows_ for index in row]) for rows_ in micro]
+        return collate_rows(self.examples, rows[first: first + self.rows_per_step], self.batch_size)
 
     def eval_batches(self) -> list[Batch]:
         """Validation micro-batches: every example once, in file order."""
         rows = pack_rows(self.lengths, self.capacity, list(range(len(self.examples)))) if self.packing \
             else [[index] for index in range(len(self.examples))]
-        chunks = [rows[i: i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-        return [collate([self.examples[index] for row in chunk for index in row]) for chunk in chunks]
+        return collate_rows(self.examples, rows, self.batch_size)

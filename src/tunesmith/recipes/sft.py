@@ -19,11 +19,11 @@ from tunesmith.models import load_model, load_tokenizer
 from tunesmith.models.adapters import apply_adapter, output_name, save_final
 from tunesmith.registry import methods
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train.loss import decoder_and_head
 from tunesmith.train.metrics import MetricsLog, Progress
 from tunesmith.train.optim import build_optimizer, build_scheduler
 from tunesmith.train.run import peak_rss_mb, prepare_run_dir, write_summary
 from tunesmith.train.runtime import autocast_dtype, pick_device, seed_everything, stop_on_signals
-from tunesmith.train.loss import decoder_and_head
 from tunesmith.train.step import StepResult, evaluate_loss, train_step
 
 

@@ -60,9 +60,10 @@ class HeadCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=accumulate, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight) if want_weight else None
+        head = weight.to(hidden.dtype)  # one cast for all chunks (a no-op when the dtypes agree)
         for start in range(0, targets.shape[0], HEAD_CHUNK):
             h, t = hidden[start: start + HEAD_CHUNK], targets[start: start + HEAD_CHUNK]
-            logits = (h @ weight.to(h.dtype).T).to(accumulate)
+            logits = (h @ head.T).to(accumulate)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if want_hidden or want_weight:
@@ -70,7 +71,7 @@ class HeadCrossEntropy(torch.autograd.Function):
                 d_logits[torch.arange(t.shape[0], device=t.device), t] -= 1
                 d_logits = d_logits.to(h.dtype)
                 if want_hidden:
-                    grad_hidden[start: start + HEAD_CHUNK] = d_logits @ weight.to(h.dtype)
+                    grad_hidden[start: start + HEAD_CHUNK] = d_logits @ head
                 if want_weight:
                     grad_weight.addmm_(d_logits.T.to(weight.dtype), h.to(weight.dtype))
         ctx.save_for_backward(grad_hidden, grad_weight)
