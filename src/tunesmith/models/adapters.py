@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from tunesmith.config import AdapterConfig
+from tunesmith.models.fused_lora import fuse_lora_layers
 from tunesmith.registry import adapters
 
 
@@ -19,7 +20,9 @@ def apply_lora(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module
 
     lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.target,
                       bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    fuse_lora_layers(model)
+    return model
 
 
 @adapters.register("full", output="model")
@@ -66,4 +69,6 @@ def load_adapter(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
     """Apply a saved PEFT adapter to a base model (inference)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(directory), is_trainable=False)
+    model = PeftModel.from_pretrained(model, str(directory), is_trainable=False)
+    fuse_lora_layers(model)
+    return model
