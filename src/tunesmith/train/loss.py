@@ -64,10 +64,13 @@ class HeadCrossEntropy(torch.autograd.Function):
         for start in range(0, targets.shape[0], HEAD_CHUNK):
             h, t = hidden[start: start + HEAD_CHUNK], targets[start: start + HEAD_CHUNK]
             logits = (h @ head.T).to(accumulate)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            peak = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(peak).exp_()  # in place: one (chunk, vocab) buffer, where logsumexp would take two
+            norm = exp.sum(dim=-1, keepdim=True)
+            total += (peak + norm.log()).squeeze(1).sub_(picked).sum()
             if want_hidden or want_weight:
-                d_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                d_logits = exp.div_(norm)  # softmax
                 d_logits[torch.arange(t.shape[0], device=t.device), t] -= 1
                 d_logits = d_logits.to(h.dtype)
                 if want_hidden:
