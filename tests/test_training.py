@@ -227,7 +227,7 @@ def test_non_finite_losses_skip_then_stop(tmp_path, tiny_model, chat_rows, monke
         return loss * float("nan") if calls["n"] in (2, 5, 6, 7) else loss
 
     monkeypatch.setattr(step_module, "token_loss_sum", sometimes_nan)
-    monkeypatch.setattr(step_module.train_step, "__defaults__", (sometimes_nan,))
+    monkeypatch.setattr(step_module.train_step, "__defaults__", (sometimes_nan, None))
     config = make_config(tmp_path, tiny_model, chat_rows, "train.epochs=3", "train.max_bad_steps=3")
     with pytest.raises(TrainingStopped, match="not finite for 3 steps in a row"):
         run(config)
@@ -354,3 +354,15 @@ def test_compiled_layers_train_like_eager_layers(tmp_path, tiny_model, chat_rows
     compiled_losses = [loss for _, loss, _, _ in metric_lines(compiled.output_dir)]
     assert len(eager_losses) == len(compiled_losses) == 3
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+
+
+def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path, tiny_model, chat_rows):
+    """Keys added to the schema later (with defaults) are not a config change for an older run directory."""
+    import yaml
+
+    config = make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=2")
+    run(config)
+    saved = yaml.safe_load((config.output_dir / "config.yaml").read_text())
+    del saved["train"]["regularization"], saved["adapter"]["rslora"]
+    (config.output_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    run(make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=2"))  # resumes (nothing left to do), no error

@@ -106,6 +106,79 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from tunesmith.models.export import export_run
+
+    output = export_run(args.run, args.to, args.output, dtype=args.dtype, force=args.force)
+    print(f"exported {args.run} as {args.to}: {output}")
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from tunesmith.models import library
+
+    if args.action == "list":
+        for name in library.names():
+            card = library.card(name)
+            metrics = card.get("eval", {}).get("metrics", {})
+            headline = next(iter(metrics.items()), None)
+            figure = f"{headline[0]} {headline[1]['value']:.3f}" if headline else "not evaluated"
+            print(f"{name:<24} {card['adapter'].get('type', 'lora'):<14} {card['method']:<8} base {card['base_model']}  {figure}")
+        return 0
+    if args.action == "show":
+        print(json.dumps(library.card(one_name(args)), indent=1, ensure_ascii=False))
+        return 0
+    if args.action == "add":
+        entry = library.add(Path(one_name(args)), name=args.name, force=args.force)
+        print(f"added {entry['name']} ({entry['adapter'].get('type', 'lora')} on {entry['base_model']})")
+        return 0
+    if args.action == "merge":
+        if not args.name:
+            raise UserError("merge needs --name for the new adapter; fix: add --name MERGED")
+        weights = parse_weights(args.weights, len(args.names))
+        entry = library.merge(args.names, weights, args.name, args.combination, force=args.force)
+        print(f"merged {', '.join(args.names)} with weights {weights} into {entry['name']} (rank {entry['adapter']['r']})")
+        return 0
+    return swap(args)
+
+
+def one_name(args: argparse.Namespace) -> str:
+    if len(args.names) != 1:
+        raise UserError(f"adapters {args.action} takes one name; got {len(args.names)}")
+    return args.names[0]
+
+
+def parse_weights(text: str | None, count: int) -> list[float]:
+    if text is None:
+        return [1.0 / count] * count
+    try:
+        return [float(value) for value in text.split(",")]
+    except ValueError:
+        raise UserError(f"--weights '{text}' is not a comma-separated list of numbers; fix: e.g. --weights 0.7,0.3") from None
+
+
+def swap(args: argparse.Namespace) -> int:
+    """Load the base once with every named adapter, and answer each prompt with each adapter in turn."""
+    import time
+
+    from tunesmith.serve.engine import Engine
+
+    if not args.names or not args.prompt:
+        raise UserError("swap needs adapter names and --prompt; fix: tunesmith adapters swap A B --prompt 'hello'")
+    started = time.perf_counter()
+    engine = Engine.load_library(args.names)
+    print(f"loaded the base and {len(args.names)} adapters in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    conversations = [[{"role": "user", "content": prompt}] for prompt in args.prompt]
+    for name in args.names:
+        began = time.perf_counter()
+        engine.use(name)
+        switched = time.perf_counter() - began
+        for prompt, reply in zip(args.prompt, engine.generate(conversations, sampling_from(args))):
+            print(json.dumps({"adapter": name, "prompt": prompt, "reply": reply, "switch_ms": round(switched * 1e3, 2)},
+                             ensure_ascii=False))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -184,6 +257,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reward-model", help="preference task: score chosen vs rejected with this reward model")
     evaluate.add_argument("--slice-by", help="score per value of this row field, or 'length' for input-length terciles")
     evaluate.set_defaults(handler=cmd_eval)
+    export = commands.add_parser("export", help="ship a run as a PEFT adapter, a merged model or a GGUF file")
+    export.add_argument("run", type=Path, help="a run directory (with adapter/ or model/)")
+    export.add_argument("--to", required=True, help="peft (the adapter + tokenizer) | merged (one transformers "
+                                                    "directory) | gguf (one file for llama.cpp)")
+    export.add_argument("--output", type=Path, required=True, help="the directory (peft, merged) or .gguf file to write")
+    export.add_argument("--dtype", help="merged: float32 (default), bfloat16 or float16; gguf: float32 (default) or float16")
+    export.add_argument("--force", action="store_true", help="replace an existing, non-empty output")
+    export.set_defaults(handler=cmd_export)
+    adapters = commands.add_parser("adapters", help="the local adapter library: list, show, add, merge, swap")
+    adapters.add_argument("action", choices=["list", "show", "add", "merge", "swap"])
+    adapters.add_argument("names", nargs="*", help="show NAME | add RUN_DIR | merge A B ... | swap A B ...")
+    adapters.add_argument("--name", help="add: the library name (default: the run directory's name); merge: the new adapter")
+    adapters.add_argument("--weights", help="merge: one weight per adapter, e.g. 0.7,0.3 (default: equal)")
+    adapters.add_argument("--combination", default="cat", help="merge: cat (exact weighted sum of updates), "
+                          "linear (average A and B), svd (sum truncated to a rank)")
+    adapters.add_argument("--prompt", action="append", help="swap: a prompt (repeatable)")
+    adapters.add_argument("--max-new-tokens", type=int, default=64)
+    adapters.add_argument("--temperature", type=float, default=0.0)
+    adapters.add_argument("--top-p", type=float, default=1.0)
+    adapters.add_argument("--force", action="store_true", help="add/merge: replace an entry of the same name")
+    adapters.set_defaults(handler=cmd_adapters)
     bench = commands.add_parser("bench", help="side-by-side benchmark against TRL + PEFT (see BENCHMARKS.md)",
                                 add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to bench/run.py (--help lists them)")

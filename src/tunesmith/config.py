@@ -39,18 +39,50 @@ def registered(registry_name: str, value: str) -> str:
 
 
 class AdapterConfig(Section):
-    type: str = Field("lora", description="How the model is adapted: lora (PEFT LoRA) or full (every weight trains).")
-    r: int = Field(16, gt=0, description="LoRA rank: the inner dimension of each low-rank update.")
-    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator; the update is scaled by alpha / r.")
+    type: str = Field("lora", description="How the model is adapted: lora | qlora (LoRA on a 4-bit NF4 base) | dora | "
+                      "ia3 | llama_adapter | prompt_tuning | prefix_tuning | full (every weight) | freeze (chosen "
+                      "layers/modules). Parameter-efficient types save PEFT's format.")
+    r: int = Field(16, gt=0, description="LoRA/QLoRA/DoRA rank: the inner dimension of each low-rank update.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator; the update is scaled by alpha / r "
+                         "(alpha / sqrt(r) with rslora).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input path.")
+    rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r), so higher ranks keep learning.")
     target: str | list[str] = Field(
-        "all-linear", description="Modules that get LoRA: 'all-linear' or a list of module names (q_proj, ...)."
+        "all-linear", description="Modules that get LoRA/DoRA/IA3: 'all-linear', a list of module names (q_proj, ...), "
+        "or one regular expression matched against full module names.",
     )
+    num_virtual_tokens: int = Field(20, gt=0, description="prompt_tuning / prefix_tuning / llama_adapter: the number "
+                                    "of virtual tokens (soft prompt length, prefix length, adaption prompt length).")
+    init_text: str | None = Field(None, description="prompt_tuning: initialise the soft prompt from this text's token "
+                                  "embeddings (None: at random).")
+    layers: int | None = Field(None, gt=0, description="freeze: train the top N decoder layers; llama_adapter: adapt "
+                               "the top N attention layers (None: all of them).")
+    modules: list[str] = Field(default_factory=list, description="freeze: also train parameters whose names match any "
+                               "of these regular expressions (e.g. 'norm', 'lm_head', 'layers\\.29\\.mlp').")
 
     @field_validator("type")
     @classmethod
     def _known_type(cls, value: str) -> str:
         return registered("adapters", value)
+
+    @field_validator("modules")
+    @classmethod
+    def _patterns_compile(cls, value: list[str]) -> list[str]:
+        import re
+
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"'{pattern}' is not a regular expression ({error}); fix: escape special characters")
+        return value
+
+    @model_validator(mode="after")
+    def _freeze_names_something(self) -> "AdapterConfig":
+        if self.type == "freeze" and not self.modules and not self.layers:
+            raise ValueError("adapter.type=freeze trains only what you choose, and nothing is chosen; fix: set "
+                             "adapter.layers (top N decoder layers) and/or adapter.modules (name patterns)")
+        return self
 
 
 class DataConfig(Section):
@@ -91,13 +123,30 @@ class EarlyStoppingConfig(Section):
     min_delta: float = Field(0.0, ge=0.0, description="An improvement smaller than this does not count.")
 
 
+class UnfreezeConfig(Section):
+    every: int = Field(ge=1, description="Unfreeze one more layer group (from the top down) every N steps or epochs.")
+    unit: Literal["steps", "epochs"] = Field("steps", description="What `every` counts.")
+    start: int = Field(1, ge=1, description="Groups trainable from the start: the output head and top layer are group 1.")
+
+
+class RegularizationConfig(Section):
+    l2_sp: float = Field(0.0, ge=0.0, description="Weight of sum (w - w_pretrained)^2 (L2-SP); for LoRA the "
+                         "squared norm of the update B A. Keeps the model near what it knew.")
+    l1_sp: float = Field(0.0, ge=0.0, description="Weight of sum |w - w_pretrained| (sparse updates).")
+
+
 class TrainConfig(Section):
     epochs: int = Field(1, ge=1, description="Passes over the training data.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(8, ge=1, description="Rows per micro-batch (packed rows when data.packing is on).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(2.0e-4, gt=0.0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay (toward zero; see regularization).")
+    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
+    unfreeze: UnfreezeConfig | None = Field(None, description="Gradual unfreezing (ULMFiT): e.g. {every: 50}. "
+                                            "None: everything trainable trains from the first step.")
+    layer_lr_decay: float | None = Field(None, gt=0.0, le=1.0, description="Layer-wise learning-rate decay: each "
+                                         "decoder layer's rate is the one above it times this (embeddings lowest).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     schedule: str = Field("cosine", description="Learning-rate schedule after warmup: cosine | linear | constant.")
     warmup: float = Field(0.03, ge=0.0, description="Warmup: a fraction of all steps if < 1, else a step count.")
@@ -143,19 +192,55 @@ class EvalConfig(Section):
         return registered("tasks", value)
 
 
+class DistillConfig(Section):
+    teacher: str | None = Field(
+        None, description="method: distill: the model to learn from: a built-in name, a local Hugging Face directory, "
+        "a .gguf file, or a finished run directory (its adapter/ on its base, or its model/). It must use the "
+        "student's tokenizer (the same vocabulary).",
+    )
+    loss: str = Field("forward_kl", description="forward_kl: KL(teacher || student), covers every teacher mode; "
+                      "reverse_kl: KL(student || teacher), mode-seeking.")
+    temperature: float = Field(2.0, gt=0.0, description="Both distributions are softened as softmax(logits / T); the "
+                               "KD term is scaled by T^2 so its gradients keep their size (Hinton et al.).")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the KD term; the cross-entropy on the data's "
+                         "own targets gets 1 - alpha (1.0: pure distillation).")
+    cache: Literal["none", "disk"] = Field(
+        "none", description="none: run the teacher on every batch (full vocabulary); disk: run it once over the "
+        "training data and keep its top_k log-probabilities per target in RUN/teacher-cache/ (safetensors), reused "
+        "across epochs and resumed runs.",
+    )
+    top_k: int = Field(64, ge=1, description="cache: disk: teacher tokens kept per target position. The KL is then "
+                       "taken over those k tokens, both distributions renormalised over them (an approximation that "
+                       "drops the teacher's tail; exact when k >= the vocabulary).")
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        return registered("distill_losses", value)
+
+
 class Config(Section):
     model: str = Field(DEFAULT_MODEL, description="A built-in model name, a local Hugging Face directory, or a .gguf file.")
-    method: str = Field("sft", description="The training recipe: sft | pretrain.")
+    method: str = Field("sft", description="The training recipe: sft | pretrain | distill.")
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     output_dir: Path = Field(Path("runs/run"), description="The run directory.")
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
         return registered("methods", value)
+
+    @model_validator(mode="after")
+    def _distill_has_teacher(self) -> "Config":
+        if self.method == "distill" and not self.distill.teacher:
+            raise ValueError("distill.teacher: method distill learns from a teacher model, and none is set; fix: set "
+                             "distill.teacher to a built-in model name, a model directory, a .gguf file or a finished "
+                             "run directory that uses the student's tokenizer (e.g. distill.teacher=runs/big-run)")
+        return self
 
     @model_validator(mode="after")
     def _selection_metric_is_computed(self) -> "Config":

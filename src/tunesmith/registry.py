@@ -1,4 +1,4 @@
-"""One small registry for every plugin kind: data formats, methods, adapters, schedules, metrics.
+"""One small registry for every plugin kind: data formats, methods, adapters, schedules, metrics, losses.
 
 A plugin is a plain function (or small object) registered under a name with one decorator call:
 
@@ -62,6 +62,7 @@ methods: Registry[Callable[..., Any]] = Registry("method")
 adapters: Registry[Callable[..., Any]] = Registry("adapter type")
 schedules: Registry[Callable[..., Any]] = Registry("learning-rate schedule")
 tasks: Registry[Any] = Registry("evaluation task")
+distill_losses: Registry[Callable[..., Any]] = Registry("distillation loss")
 
 
 _plugins_loaded = False
@@ -77,4 +78,5 @@ def load_plugins() -> None:
     import tunesmith.eval.tasks  # noqa: F401
     import tunesmith.models.adapters  # noqa: F401
     import tunesmith.recipes  # noqa: F401
+    import tunesmith.train.distill  # noqa: F401
     import tunesmith.train.optim  # noqa: F401

@@ -1,28 +1,103 @@
 """Adapter types: how a loaded model is made trainable, saved and reloaded. Each is registered by name.
 
-LoRA goes through PEFT, so the saved adapter is PEFT's own format that plain transformers + peft load.
+Every parameter-efficient type goes through PEFT, so what a run saves is PEFT's own format that plain
+transformers + peft load. `full` and `freeze` train the model's own weights and save a full model.
+
+| type           | trains                                                     | PEFT config            |
+| lora           | low-rank updates B A on the target linears (rsLoRA option) | LoraConfig             |
+| qlora          | LoRA on a base loaded in 4-bit NF4, double-quantised       | LoraConfig + bnb 4-bit |
+| dora           | LoRA split into magnitude and direction                    | LoraConfig(use_dora)   |
+| ia3            | learned rescaling vectors on keys, values and the FFN      | IA3Config              |
+| llama_adapter  | gated adaption prompts in the top attention layers         | AdaptionPromptConfig   |
+| prompt_tuning  | N virtual token embeddings before every example            | PromptTuningConfig     |
+| prefix_tuning  | N learned keys and values in every attention layer         | PrefixTuningConfig     |
+| full           | every weight                                               | -                      |
+| freeze         | only the chosen layers / modules                           | -                      |
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tunesmith.config import AdapterConfig
+from tunesmith.errors import UserError
 from tunesmith.models.fused_lora import fuse_lora_layers
 from tunesmith.registry import adapters
 
 
-@adapters.register("lora", output="adapter")
-def apply_lora(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module:
+def _lora(model: torch.nn.Module, config: AdapterConfig, **extra: Any) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.target,
-                      bias="none", task_type="CAUSAL_LM")
+                      use_rslora=config.rslora, bias="none", task_type="CAUSAL_LM", **extra)
     model = get_peft_model(model, lora)
     fuse_lora_layers(model)
     return model
+
+
+@adapters.register("lora", output="adapter")
+def apply_lora(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module:
+    return _lora(model, config)
+
+
+@adapters.register("qlora", output="adapter", quantization="nf4")
+def apply_qlora(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module:
+    """LoRA over a base that load_model already quantised to 4-bit NF4 (the `quantization` info above)."""
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return _lora(model, config)
+
+
+@adapters.register("dora", output="adapter")
+def apply_dora(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module:
+    return _lora(model, config, use_dora=True)
+
+
+@adapters.register("ia3", output="adapter")
+def apply_ia3(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module:
+    """IA3 scales keys, values and the FFN's inner activations; `all-linear` means PEFT's choice per architecture."""
+    from peft import IA3Config, get_peft_model
+
+    options: dict[str, Any] = {}
+    if config.target != "all-linear":
+        names = [config.target] if isinstance(config.target, str) else config.target
+        options = {"target_modules": names, "feedforward_modules": [n for n in names if "down" in n or "fc2" in n]}
+    return get_peft_model(model, IA3Config(task_type="CAUSAL_LM", **options))
+
+
+@adapters.register("llama_adapter", output="adapter")
+def apply_llama_adapter(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module:
+    """LLaMA-Adapter: `num_virtual_tokens` adaption prompts with zero-initialised gates in the top `layers` layers."""
+    from peft import AdaptionPromptConfig, get_peft_model
+
+    layers = model.config.num_hidden_layers
+    count = min(config.layers or layers, layers)
+    return get_peft_model(model, AdaptionPromptConfig(adapter_len=config.num_virtual_tokens, adapter_layers=count,
+                                                      task_type="CAUSAL_LM"))
+
+
+@adapters.register("prompt_tuning", output="adapter")
+def apply_prompt_tuning(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module:
+    """A soft prompt of `num_virtual_tokens` embeddings, initialised from `init_text`'s tokens or at random."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    options: dict[str, Any] = {"prompt_tuning_init": "RANDOM"}
+    if config.init_text:
+        options = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": config.init_text,
+                   "tokenizer_name_or_path": str(model.name_or_path)}
+    return get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens,
+                                                    **options))
+
+
+@adapters.register("prefix_tuning", output="adapter")
+def apply_prefix_tuning(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module:
+    from peft import PrefixTuningConfig, get_peft_model
+
+    return get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens))
 
 
 @adapters.register("full", output="model")
@@ -32,13 +107,70 @@ def apply_full(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module
     return model
 
 
+@adapters.register("freeze", output="model")
+def apply_freeze(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module:
+    """Train only the parameters whose names match `modules` (regular expressions) or lie in the top `layers`."""
+    chosen = trainable_by_choice(model, config)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in chosen)
+    return model
+
+
+def trainable_by_choice(model: torch.nn.Module, config: AdapterConfig) -> set[str]:
+    names = [name for name, _ in model.named_parameters()]
+    patterns = [re.compile(pattern) for pattern in config.modules]
+    if config.layers:
+        total = model.config.num_hidden_layers
+        patterns.append(re.compile(rf"\.layers\.({'|'.join(str(i) for i in range(total - config.layers, total))})\."))
+    chosen = {name for name in names if any(pattern.search(name) for pattern in patterns)}
+    if not chosen:
+        raise UserError(f"adapter.type=freeze: no parameter matches adapter.modules={config.modules} or "
+                        f"adapter.layers={config.layers}; fix: name modules by pattern (e.g. 'layers\\.29\\.', "
+                        f"'norm', 'lm_head') or set adapter.layers to the number of top layers to train; "
+                        f"parameters look like: {', '.join(names[:3])}")
+    return chosen
+
+
 def apply_adapter(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module:
     return adapters.get(config.type, key="adapter.type")(model, config)
+
+
+def load_options(adapter_type: str) -> dict[str, Any]:
+    """What load_model must do for this adapter type before it is applied (e.g. QLoRA's 4-bit base)."""
+    info = adapters.info(adapter_type)
+    return {"quantization": info["quantization"]} if "quantization" in info else {}
 
 
 def output_name(adapter_type: str) -> str:
     """The run-directory folder the final weights go to: adapter/ or model/."""
     return adapters.info(adapter_type)["output"]
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, float]:
+    """Trainable and total parameters (4-bit weights counted as the parameters they stand for)."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        count = parameter.numel() * (2 if getattr(parameter, "quant_type", None) else 1)  # packed: two 4-bit values per byte
+        total += count
+        trainable += count if parameter.requires_grad else 0
+    return {"trainable_parameters": trainable, "total_parameters": total, "trainable_share": trainable / max(total, 1)}
+
+
+def soft_prompt(model: torch.nn.Module) -> tuple[str, Any] | None:
+    """For prompt-learning adapters, what training must add around each example; None for every other model.
+
+    ("prompt", (N, hidden) virtual token embeddings) for prompt tuning; ("prefix", [(key, value) per layer],
+    each (1, kv_heads, N, head_dim)) for prefix tuning.
+    """
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return None
+    if config.peft_type.value == "PROMPT_TUNING":
+        return "prompt", model.get_prompt(batch_size=1)[0]
+    if config.peft_type.value == "PREFIX_TUNING":
+        cache = model.get_prompt(batch_size=1)
+        return "prefix", [(layer.keys, layer.values) for layer in cache.layers]
+    raise UserError(f"adapter {config.peft_type.value} is not supported for training; fix: use prompt_tuning or prefix_tuning")
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -65,10 +197,10 @@ def save_final(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
         tokenizer.save_pretrained(directory)
 
 
-def load_adapter(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
-    """Apply a saved PEFT adapter to a base model (inference)."""
+def load_adapter(model: torch.nn.Module, directory: Path, name: str = "default") -> torch.nn.Module:
+    """Apply a saved PEFT adapter to a base model (inference); more can join it with model.load_adapter."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(model, str(directory), is_trainable=False)
+    model = PeftModel.from_pretrained(model, str(directory), adapter_name=name, is_trainable=False)
     fuse_lora_layers(model)
     return model

@@ -22,16 +22,30 @@ NAME = "tunesmith"
 @torch.compiler.disable  # a loop over examples: compiled layers call it eagerly (train.compile)
 def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, segment_lengths: tuple[int, ...] | None = None,
+                      segment_prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                       **kwargs) -> tuple[torch.Tensor, None]:
-    """(B, T, heads, head_dim) attention output; query/key/value are (B, heads, T, head_dim)."""
-    if segment_lengths is None or len(segment_lengths) == 1:
+    """(B, T, heads, head_dim) attention output; query/key/value are (B, heads, T, head_dim).
+
+    `segment_prefix` (prefix tuning): per layer, (1, kv_heads, N, head_dim) keys and values that every
+    example attends to in full before its own causal context.
+    """
+    if segment_prefix is None and (segment_lengths is None or len(segment_lengths) == 1):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None or query.shape[2] != key.shape[2]:
         raise ValueError("segment_lengths is for training on flat packed rows: no mask and no cache")
-    kwargs["is_causal"] = True
-    pieces = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
-              for q, k, v in zip(query.split(segment_lengths, dim=2), key.split(segment_lengths, dim=2),
-                                 value.split(segment_lengths, dim=2))]
+    lengths = segment_lengths or (query.shape[2],)
+    kwargs.pop("is_causal", None)
+    pieces = []
+    for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
+        if segment_prefix is None:
+            pieces.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0])
+            continue
+        prefix_key, prefix_value = segment_prefix[module.layer_idx]
+        virtual, length = prefix_key.shape[2], q.shape[2]
+        visible = torch.ones(length, virtual + length, dtype=torch.bool, device=q.device).tril(virtual)
+        pieces.append(sdpa_attention_forward(module, q, torch.cat([prefix_key.to(k.dtype), k], dim=2),
+                                             torch.cat([prefix_value.to(v.dtype), v], dim=2), visible[None, None],
+                                             is_causal=False, **kwargs)[0])
     return torch.cat(pieces, dim=1), None
 
 

@@ -114,15 +114,24 @@ def load_tokenizer(spec: str | Path) -> Any:
 
 
 def load_model(
-    spec: str | Path, *, dtype: torch.dtype | str = "float32", device: str | torch.device = "cpu"
+    spec: str | Path, *, dtype: torch.dtype | str = "float32", device: str | torch.device = "cpu",
+    quantization: str | None = None,
 ) -> tuple[Any, Any]:
-    """`(model, tokenizer)` for `spec`: a causal LM in `dtype` on `device`, no remote code."""
+    """`(model, tokenizer)` for `spec`: a causal LM in `dtype` on `device`, no remote code.
+
+    `quantization="nf4"` loads the linear layers in 4-bit NF4 with double quantisation (bitsandbytes,
+    which runs on CPU too), computing in `dtype`: the base of QLoRA.
+    """
     from transformers import AutoModelForCausalLM
 
     from tunesmith.models import attention
 
     directory = resolve_model(spec)
     tokenizer = load_tokenizer(directory)
+    options: dict[str, Any] = {}
+    if quantization is not None:
+        options = {"quantization_config": quantization_config(quantization, _as_torch_dtype(dtype)),
+                   "device_map": {"": str(device)}}
     with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(
             directory,
@@ -130,11 +139,26 @@ def load_model(
             attn_implementation=attention.NAME,  # SDPA, plus padding-free packed training
             local_files_only=True,
             trust_remote_code=False,
+            **options,
         )
-    model.to(device)
+    if quantization is None:
+        model.to(device)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def quantization_config(kind: str, compute_dtype: Any) -> Any:
+    if kind != "nf4":
+        raise UserError(f"quantization '{kind}' is not supported; fix: use nf4")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("adapter.type=qlora needs bitsandbytes (4-bit NF4 weights); fix: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype if compute_dtype != "auto" else None)
 
 
 def _as_torch_dtype(dtype: torch.dtype | str) -> torch.dtype | str:

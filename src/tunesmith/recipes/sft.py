@@ -6,7 +6,9 @@ checkpoint), and saving. Full vs LoRA is `adapter.type`; nothing else changes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -16,7 +18,7 @@ from tunesmith.data.packing import BatchPlan
 from tunesmith.errors import TrainingStopped
 from tunesmith.eval.in_training import InTrainingEval, higher_is_better
 from tunesmith.models import load_model, load_tokenizer
-from tunesmith.models.adapters import apply_adapter, output_name, save_final
+from tunesmith.models.adapters import apply_adapter, load_options, output_name, parameter_counts, save_final
 from tunesmith.registry import methods
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loss import decoder_and_head
@@ -24,7 +26,11 @@ from tunesmith.train.metrics import MetricsLog, Progress
 from tunesmith.train.optim import build_optimizer, build_scheduler
 from tunesmith.train.run import peak_rss_mb, prepare_run_dir, write_summary
 from tunesmith.train.runtime import autocast_dtype, pick_device, seed_everything, stop_on_signals
-from tunesmith.train.step import StepResult, evaluate_loss, train_step
+from tunesmith.train.step import LossSum, StepResult, evaluate_loss, train_step
+from tunesmith.train.strategies import GradualUnfreezing, Regularization
+
+# (data, model, tokenizer, device) -> the training loss: how a recipe swaps in its own loss (distill.py)
+LossBuilder = Callable[[PreparedData, torch.nn.Module, Any, torch.device], LossSum]
 
 
 @dataclass
@@ -43,7 +49,8 @@ def run_sft(config: Config) -> RunResult:
     return train_token_loss(config, accepts=("chat",))
 
 
-def train_token_loss(config: Config, accepts: tuple[str, ...]) -> RunResult:
+def train_token_loss(config: Config, accepts: tuple[str, ...], build_loss: LossBuilder | None = None) -> RunResult:
+    """The token-loss loop; `build_loss` replaces the training loss (validation stays token cross-entropy)."""
     # ---- setup -------------------------------------------------------------------------------
     train_config = config.train
     tokenizer = load_tokenizer(config.model)
@@ -53,13 +60,20 @@ def train_token_loss(config: Config, accepts: tuple[str, ...]) -> RunResult:
     seed_everything(train_config.seed, train_config.threads)
     device = pick_device(train_config)
     amp_dtype = autocast_dtype(train_config, device)
-    model, _ = load_model(config.model)
-    model = apply_adapter(model, config.adapter).to(device)
+    quantized = load_options(config.adapter.type)  # QLoRA: a 4-bit base, placed on the device as it loads
+    model, _ = load_model(config.model, device=device, **quantized)
+    model = apply_adapter(model, config.adapter)
+    model = model if quantized else model.to(device)
+    counts = parameter_counts(model)
+    unfreeze = GradualUnfreezing(model, train_config.unfreeze) if train_config.unfreeze else None
+    regularization = train_config.regularization  # anchored at the starting weights, before any step or resume
+    penalty = Regularization(model, regularization).penalty if regularization.l2_sp or regularization.l1_sp else None
     if train_config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if train_config.compile:
         compile_layers(model)
     plan, validation = build_plans(config, data)
+    take_step = partial(train_step, loss_sum=build_loss(data, model, tokenizer, device)) if build_loss else train_step
     task_eval = InTrainingEval(config, tokenizer) if config.eval.every and config.eval.data else None
     selection = train_config.early_stopping
     total_steps = count_steps(plan, train_config.epochs, train_config.max_steps)
@@ -68,21 +82,29 @@ def train_token_loss(config: Config, accepts: tuple[str, ...]) -> RunResult:
     state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler) if resume_from else ckpt.TrainState()
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume_from else None)
     if not resume_from:
-        log.write({"step": 0, "event": "data", **data.summary(), "total_steps": total_steps})
+        log.write({"step": 0, "event": "data", **data.summary(), "total_steps": total_steps, **counts})
     progress = Progress(total_steps, state.step, train_config.progress)
+    progress.write(f"{config.adapter.type}: training {counts['trainable_parameters']:,} of "
+                   f"{counts['total_parameters']:,} parameters ({counts['trainable_share']:.2%})")
 
     # ---- loop --------------------------------------------------------------------------------
     result: StepResult | None = None
     with stop_on_signals() as stop:
         while state.step < total_steps and not state.extra.get("stopped_early"):
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
-            result = train_step(model, plan.step(state.epoch, state.step_in_epoch), optimizer, scheduler,
-                                train_config.max_grad_norm, device, amp_dtype)
+            if unfreeze and (opened := unfreeze.apply(state.step, state.epoch, state.step_in_epoch)) is not None:
+                log.write({"step": state.step, "event": "unfreeze", "groups": opened, "of": len(unfreeze.groups)})
+            result = take_step(model, plan.step(state.epoch, state.step_in_epoch), optimizer, scheduler,
+                               train_config.max_grad_norm, device, amp_dtype, penalty=penalty)
+            if unfreeze:
+                unfreeze.release()
             advance(state, plan, result)
             check_finite(state, result, train_config.max_bad_steps, log)
             done = state.step == total_steps
             record = {"step": state.step, "epoch": state.epoch, "loss": result.loss, "lr": lr,
                       "grad_norm": result.grad_norm, "tokens": state.tokens_seen, "tokens_per_s": result.tokens / result.seconds}
+            if result.penalty is not None:
+                record["penalty"] = result.penalty
             if state.step % train_config.log_every == 0 or done:
                 log.write(record)
             scores = evaluate_due(config, model, validation, task_eval, state, done, log, device, amp_dtype)

@@ -16,7 +16,7 @@ from tunesmith.data.formats import Example
 from tunesmith.data.tokenize import ChatTokenizer
 from tunesmith.errors import UserError
 from tunesmith.models import load_model
-from tunesmith.models.adapters import load_adapter
+from tunesmith.models.adapters import load_adapter, load_options
 
 Messages = list[dict[str, str]]
 PREFIX_CACHE_MIN_TOKENS = 32  # below this, encoding the prefix with each row costs less than the cache copy
@@ -45,7 +45,9 @@ class Engine:
         self.chat = ChatTokenizer(tokenizer, system_prompt=system_prompt)
         self.has_adapter = has_adapter
         self.device = next(model.parameters()).device
-        self.prefix_caching = True  # encode a prompt prefix shared by a whole batch once (few-shot prompts)
+        # Encode a prompt prefix shared by a whole batch once (few-shot prompts); not with soft prompts,
+        # which PEFT's generate puts before the whole prompt itself.
+        self.prefix_caching = not getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
 
     @classmethod
     def load(cls, target: str) -> "Engine":
@@ -54,16 +56,47 @@ class Engine:
         if is_run_dir(path):
             run_config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
             system_prompt = run_config.get("data", {}).get("system_prompt")
-            if (path / "adapter").is_dir():
-                model, tokenizer = load_model(run_config["model"])
+            if (path / "adapter").is_dir():  # the base as it trained (QLoRA: 4-bit), then the adapter
+                adapter_type = run_config.get("adapter", {}).get("type", "lora")
+                model, tokenizer = load_model(run_config["model"], **load_options(adapter_type))
                 return cls(load_adapter(model, path / "adapter"), tokenizer, system_prompt, has_adapter=True)
             model, tokenizer = load_model(str(path / "model"))
             return cls(model, tokenizer, system_prompt)
+        from tunesmith.models import library
+
+        if not path.exists() and target in library.names():  # an adapter from the local library
+            return cls.load_library([target])
         if path.is_dir() and (path / "config.yaml").is_file():
             raise UserError(f"{path} is a run directory without adapter/ or model/: the run has not finished; "
                             f"fix: resume it with `tunesmith train {path / 'config.yaml'}`")
         model, tokenizer = load_model(target)
         return cls(model, tokenizer)
+
+    @classmethod
+    def load_library(cls, names: list[str]) -> "Engine":
+        """One base model with several library adapters resident; `use(name)` switches between them."""
+        from tunesmith.models import library
+
+        cards = [library.card(name) for name in names]
+        bases = {card["base_model"] for card in cards}
+        if len(bases) > 1:
+            raise UserError(f"adapters {', '.join(names)} need different base models ({', '.join(sorted(bases))}); "
+                            f"fix: load together only adapters of one base")
+        model, tokenizer = load_model(cards[0]["base_model"], **load_options(cards[0]["adapter"].get("type", "lora")))
+        model = load_adapter(model, library.adapter_dir(names[0]), name=names[0])
+        for name in names[1:]:
+            model.load_adapter(str(library.adapter_dir(name)), adapter_name=name)
+        engine = cls(model, tokenizer, has_adapter=True)
+        engine.use(names[0])
+        return engine
+
+    def use(self, adapter: str) -> None:
+        """Switch the active adapter (one of those loaded) without touching the base weights."""
+        loaded = list(getattr(self.model, "peft_config", {}))
+        if adapter not in loaded:
+            raise UserError(f"adapter '{adapter}' is not loaded in this engine; loaded: {', '.join(loaded) or 'none'}")
+        self.model.set_adapter(adapter)
+        self.prefix_caching = not self.model.peft_config[adapter].is_prompt_learning
 
     def base_model(self):
         """A context in which the engine generates with its adapter switched off (the base model)."""

@@ -7,6 +7,7 @@ import torch
 
 from tunesmith.config import TrainConfig
 from tunesmith.registry import schedules
+from tunesmith.train.strategies import layer_lr_groups
 
 
 @schedules.register("cosine")
@@ -25,11 +26,11 @@ def constant(progress: float) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-    groups = [group for group in groups if group["params"]]
+    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors); with
+    train.layer_lr_decay, each layer's rate is the one above it times the decay (train/strategies.py)."""
+    groups = layer_lr_groups(model, config.weight_decay, config.layer_lr_decay)
+    for group in groups:
+        group["lr"] = config.lr * group.pop("lr_scale")
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
 
 

@@ -32,6 +32,16 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return [key for key in changed if key not in RESUMABLE_CHANGES and key.split(".")[0] not in RESUMABLE_CHANGES]
 
 
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with today's defaults filled in, so a key added since it was written is no change."""
+    from pydantic import ValidationError
+
+    try:
+        return Config.model_validate(saved).model_dump(mode="json")
+    except ValidationError:
+        return saved
+
+
 def prepare_run_dir(config: Config) -> Path | None:
     """Create output_dir and write config.yaml; return the checkpoint to resume from, if any."""
     run_dir = config.output_dir
@@ -40,7 +50,7 @@ def prepare_run_dir(config: Config) -> Path | None:
         if config.train.resume == "never":
             raise UserError(f"output_dir={run_dir} already holds checkpoints of a run; fix: choose another output_dir, "
                             f"delete that one, or set train.resume=auto to continue it")
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        saved = with_defaults(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")))
         changes = config_changes(saved, config.model_dump(mode="json"))
         if changes:
             raise UserError(f"output_dir={run_dir} holds a run with a different config ({', '.join(changes)}), so it "

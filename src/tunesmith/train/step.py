@@ -23,15 +23,17 @@ class StepResult:
     grad_norm: float | None
     seconds: float
     skipped: bool  # the loss or gradient was not finite, so the update was not applied
+    penalty: float | None = None  # the regularisation term added this step (train.regularization)
 
 
 def train_step(model: torch.nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer, scheduler,
                max_grad_norm: float | None, device: torch.device, amp_dtype: torch.dtype | None,
-               loss_sum: LossSum = token_loss_sum) -> StepResult:
+               loss_sum: LossSum = token_loss_sum, penalty: Callable[[], torch.Tensor] | None = None) -> StepResult:
     """Accumulate over micro-batches so the update equals the one large batch would give.
 
     Each micro-batch's summed loss is divided by the target-token count of the whole step (not by the
     number of micro-batches), so 1 x 8 and 8 x 1 give the same gradient whatever the padding or packing.
+    `penalty` (a regulariser on the weights) is added once per step, after the data's gradients.
     """
     started = time.perf_counter()
     model.train()
@@ -44,6 +46,12 @@ def train_step(model: torch.nn.Module, micro_batches: list[Batch], optimizer: to
         (summed / max(total_targets, 1)).backward()
         accumulated += summed.item()
     loss = accumulated / max(total_targets, 1)
+    penalty_value = None
+    if penalty is not None:
+        term = penalty()
+        if term.requires_grad:
+            term.backward()
+        penalty_value = float(term.detach())
     parameters = [p for p in model.parameters() if p.requires_grad]
     grad_norm = None
     if math.isfinite(loss):
@@ -55,7 +63,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[Batch], optimizer: to
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()  # the schedule follows steps taken, skipped or not, so resume positions agree
     return StepResult(loss, sum(b.num_tokens for b in micro_batches), total_targets, grad_norm,
-                      time.perf_counter() - started, skipped)
+                      time.perf_counter() - started, skipped, penalty_value)
 
 
 @torch.no_grad()

@@ -1,0 +1,206 @@
+"""`tunesmith export RUN --to peft|merged|gguf --output PATH`: ship a finished run in the ecosystem's formats.
+
+    peft    the adapter as PEFT saved it, plus the tokenizer: loads with
+            `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), PATH)`
+    merged  base + adapter merged into one plain transformers directory (safetensors, config, tokenizer)
+    gguf    that merged model as one GGUF file for llama.cpp and its kin (models/gguf_export.py)
+
+Each format is a small registered function that writes into a staging directory beside PATH; the result
+is renamed into place only when complete, so PATH never holds half an export.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunesmith.errors import Problem, UserError, did_you_mean
+from tunesmith.models.cache import commit_directory, staging_directory
+from tunesmith.registry import Registry
+
+# The weights' dtype in a merged directory (float32 keeps the merge exact) and in a GGUF file.
+MERGED_DTYPES = ("float32", "bfloat16", "float16")
+GGUF_DTYPES = {"float32": "f32", "float16": "f16", "f32": "f32", "f16": "f16"}
+
+# PEFT types that add virtual tokens or attention prompts instead of changing weights: nothing to merge.
+_PROMPT_LEARNING_TYPES = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT"}
+
+exporters: Registry[Callable[..., Path]] = Registry("export format")
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run directory: its resolved config and where its final weights are."""
+
+    directory: Path
+    config: dict[str, Any]
+    adapter_dir: Path | None  # adapter/: a PEFT adapter over config["model"]
+    model_dir: Path | None  # model/: a full fine-tuned model
+
+    @property
+    def base_model(self) -> str:
+        return str(self.config["model"])
+
+
+
+def export_run(run_dir: str | Path, to: str, output: str | Path, *, dtype: str | None = None,
+               force: bool = False) -> Path:
+    """Export the run in `run_dir` as `to` (peft | merged | gguf) at `output`; returns `output`.
+
+    `dtype`: merged float32 (default) | bfloat16 | float16; gguf float32 (default) | float16.
+    An existing non-empty `output` is replaced only with `force`.
+    """
+    run, output = check_request(Path(run_dir), to, Path(output), dtype, force)
+    with staging_directory(output) as staging:
+        produced = exporters.get(to)(run, staging, dtype)
+        if produced == staging:
+            commit_directory(staging, output)
+        else:  # a single file: renamed over any old one, atomically (same filesystem)
+            os.replace(produced, output)
+    return output
+
+
+def check_request(run_dir: Path, to: str, output: Path, dtype: str | None, force: bool) -> tuple[Run, Path]:
+    """The run and the output path, or one UserError listing every problem with the request."""
+    problems: list[Problem] = []
+    if to not in exporters:
+        problems.append(Problem("--to", f"'{to}' is not an export format{did_you_mean(to, exporters.names())}; "
+                                        f"fix: choose one of: {', '.join(exporters.names())}"))
+    run = read_run(run_dir, problems)
+    if run is not None and run.model_dir is not None and to == "peft":
+        problems.append(Problem(str(run_dir), "is a full fine-tuning run (it has model/, not adapter/), so there is "
+                                              "no adapter to export; fix: use --to merged or --to gguf"))
+    if run is not None and run.adapter_dir is not None and to in ("merged", "gguf") and not is_mergeable(run.adapter_dir):
+        problems.append(Problem(str(run.adapter_dir), "holds a prompt-learning adapter (virtual tokens or prompts, not "
+                                                      "weight updates), which cannot be merged into the weights; "
+                                                      "fix: use --to peft"))
+    allowed = {"peft": (), "merged": MERGED_DTYPES, "gguf": tuple(GGUF_DTYPES)}.get(to)
+    if dtype is not None and allowed is not None and dtype not in allowed:
+        fix = f"use one of: {', '.join(allowed)}" if allowed else "leave --dtype out (the adapter is copied as trained)"
+        problems.append(Problem("--dtype", f"'{dtype}' does not apply to --to {to}; fix: {fix}"))
+    problems += output_problems(output, to, force)
+    if run is not None and run.directory.is_relative_to(output.resolve()):
+        problems.append(Problem(str(output), "holds the run being exported, which the export would replace; "
+                                             "fix: choose an --output outside the run directory"))
+    if problems:
+        raise UserError(f"cannot export {run_dir}:", problems)
+    assert run is not None
+    return run, output
+
+
+def read_run(run_dir: Path, problems: list[Problem]) -> Run | None:
+    where = str(run_dir)
+    if not run_dir.is_dir():
+        problems.append(Problem(where, "no such run directory; fix: pass the output_dir of a `tunesmith train` run"))
+        return None
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        problems.append(Problem(where, "has no config.yaml, so it is not a run directory; fix: pass the output_dir "
+                                       "of a `tunesmith train` run"))
+        return None
+    config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        problems.append(Problem(str(config_file), "is not a YAML mapping of config keys; fix: restore the config.yaml "
+                                                  "that `tunesmith train` wrote"))
+        return None
+    adapter_dir, model_dir = run_dir / "adapter", run_dir / "model"
+    if not adapter_dir.is_dir() and not model_dir.is_dir():
+        problems.append(Problem(where, f"has no adapter/ or model/: the run has not finished; "
+                                       f"fix: resume it with `tunesmith train {config_file}`"))
+        return None
+    if adapter_dir.is_dir() and not config.get("model"):
+        problems.append(Problem(str(config_file), "has no model: key naming the base model the adapter belongs to; "
+                                                  "fix: add `model: NAME_OR_PATH` (the base the run trained)"))
+        return None
+    return Run(run_dir.resolve(), config, adapter_dir if adapter_dir.is_dir() else None,
+               model_dir if model_dir.is_dir() else None)
+
+
+def is_mergeable(adapter_dir: Path) -> bool:
+    """Whether the adapter changes weights (LoRA, DoRA, IA3: merge_and_unload folds it in) rather than adding prompts."""
+    config_file = adapter_dir / "adapter_config.json"
+    peft_type = json.loads(config_file.read_text()).get("peft_type") if config_file.is_file() else None
+    return peft_type not in _PROMPT_LEARNING_TYPES
+
+
+def output_problems(output: Path, to: str, force: bool) -> list[Problem]:
+    where = str(output)
+    if to == "gguf" and output.is_dir():
+        return [Problem(where, "is a directory, and --to gguf writes one file; fix: --output DIR/model.gguf")]
+    if to == "gguf" and output.suffix.lower() != ".gguf":
+        return [Problem(where, "a GGUF file's name must end in .gguf (tools, tunesmith included, recognise it by "
+                               "that); fix: --output PATH.gguf")]
+    occupied = output.is_file() or (output.is_dir() and any(output.iterdir()))
+    if occupied and not force:
+        return [Problem(where, "already exists and is not empty; fix: choose another --output, or add --force to "
+                               "replace it")]
+    return []
+
+
+@exporters.register("peft")
+def export_peft(run: Run, staging: Path, dtype: str | None) -> Path:
+    """The adapter's own files, copied as trained (PEFT format), and the base model's tokenizer beside them."""
+    from tunesmith.models import load_tokenizer
+
+    shutil.copytree(run.adapter_dir, staging, dirs_exist_ok=True)
+    load_tokenizer(run.base_model).save_pretrained(staging)
+    return staging
+
+
+@exporters.register("merged")
+def export_merged(run: Run, staging: Path, dtype: str | None) -> Path:
+    """One plain transformers directory: the adapter's update added into the base weights."""
+    model, tokenizer = load_merged_model(run)
+    save_model_directory(model, tokenizer, staging, dtype or "float32")
+    return staging
+
+
+@exporters.register("gguf")
+def export_gguf(run: Run, staging: Path, dtype: str | None) -> Path:
+    """The merged model as one GGUF file; a full fine-tuning run's model/ is written directly."""
+    from tunesmith.models.gguf_export import write_gguf
+
+    gguf_file = staging / "model.gguf"
+    if run.model_dir is not None:
+        return write_gguf(run.model_dir, gguf_file, GGUF_DTYPES[dtype or "float32"], name=run.directory.name)
+    # Merged in float32 and saved beside the output, so the GGUF is cast once, from the exact merge.
+    with tempfile.TemporaryDirectory(prefix=".merged-", dir=staging) as merged_dir:
+        model, tokenizer = load_merged_model(run)
+        save_model_directory(model, tokenizer, Path(merged_dir), "float32")
+        del model
+        return write_gguf(merged_dir, gguf_file, GGUF_DTYPES[dtype or "float32"], name=run.directory.name)
+
+
+def load_merged_model(run: Run) -> tuple[Any, Any]:
+    """`(model, tokenizer)`: the run's full model, or its base with the adapter merged in, in float32.
+
+    The base is always loaded in full precision, also for a QLoRA run (adapter.type qlora) that trained over
+    a 4-bit base: merging into NF4 weights would round the small update away again, and a 4-bit model cannot be
+    saved as a plain checkpoint. So the merged weights are the full-precision base plus the adapter's delta.
+    """
+    from tunesmith.models import load_model
+    from tunesmith.models.adapters import load_adapter
+
+    if run.model_dir is not None:
+        return load_model(str(run.model_dir), dtype="float32")
+    base, tokenizer = load_model(run.base_model, dtype="float32")  # never quantized, whatever adapter.type says
+    merged = load_adapter(base, run.adapter_dir).merge_and_unload()
+    return merged, tokenizer
+
+
+def save_model_directory(model: Any, tokenizer: Any, directory: Path, dtype: str) -> None:
+    import torch
+
+    from tunesmith.models.loading import quiet_transformers
+
+    model = model.to(getattr(torch, dtype))
+    with quiet_transformers():
+        model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)

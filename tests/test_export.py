@@ -1,0 +1,216 @@
+"""`tunesmith export`: a run as a PEFT adapter, a merged model and a GGUF file, each proved by the logits it gives."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import write_config_file
+from tunesmith.cli import main
+from tunesmith.models import load_model
+
+INPUT_IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64]])
+
+
+def train_run(directory: Path, model_dir: Path, rows: list, *overrides: str) -> Path:
+    """A 2-step run of the tiny model; lr 1e-2 moves LoRA's B (zero at the start) well away from zero."""
+    config = write_config_file(directory, model_dir, rows, "batch_size: 2, lr: 1.0e-2, warmup: 0, progress: false")
+    assert main(["train", str(config), "train.max_steps=2", *overrides]) == 0
+    return directory / "run"
+
+
+@pytest.fixture(scope="module")
+def chat_data() -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "answer"}]}
+            for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model, chat_data) -> Path:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TUNESMITH_HOME", str(tmp_path_factory.mktemp("home")))
+        return train_run(tmp_path_factory.mktemp("lora"), tiny_model, chat_data)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_model, chat_data) -> Path:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TUNESMITH_HOME", str(tmp_path_factory.mktemp("home")))
+        return train_run(tmp_path_factory.mktemp("full"), tiny_model, chat_data, "adapter.type=full")
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(INPUT_IDS).logits
+
+
+def run_adapter_logits(tiny_model: Path, run: Path) -> torch.Tensor:
+    """What the run itself computes: the base with its adapter applied, not merged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), run / "adapter"))
+
+
+def export(*argv) -> int:
+    return main(["export", *[str(arg) for arg in argv]])
+
+
+def test_peft_export_loads_in_plain_transformers_and_peft(tmp_path, tiny_model, lora_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output = tmp_path / "adapter"
+    assert export(lora_run, "--to", "peft", "--output", output) == 0
+    saved = load_file(output / "adapter_model.safetensors")
+    assert all(saved[name].abs().sum() > 0 for name in saved if "lora_B" in name)
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), output)
+    torch.testing.assert_close(logits(plain), run_adapter_logits(tiny_model, lora_run))
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert tokenizer.chat_template and tokenizer.get_vocab() == AutoTokenizer.from_pretrained(tiny_model).get_vocab()
+
+
+def test_merged_export_equals_the_unmerged_model(tmp_path, tiny_model, lora_run):
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / "merged"
+    assert export(lora_run, "--to", "merged", "--output", output) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {path.name for path in output.iterdir()}
+    merged = AutoModelForCausalLM.from_pretrained(output)
+    assert merged.dtype == torch.float32 and not hasattr(merged, "peft_config")
+    expected = run_adapter_logits(tiny_model, lora_run)
+    torch.testing.assert_close(logits(merged), expected, rtol=1e-5, atol=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not torch.allclose(logits(base), expected, atol=1e-3), "the adapter must change the model"
+
+    half = tmp_path / "merged-bf16"
+    assert export(lora_run, "--to", "merged", "--output", half, "--dtype", "bfloat16") == 0
+    assert {tensor.dtype for tensor in load_file(half / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_qlora_run_merges_into_the_full_precision_base(tmp_path, tiny_model, lora_run):
+    """A QLoRA run's adapter goes onto the base reloaded unquantised: merged = base + scaling * B A, exactly."""
+    from transformers import AutoModelForCausalLM
+
+    run = shutil.copytree(lora_run, tmp_path / "qlora-run")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["adapter"]["type"] = "qlora"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    output = tmp_path / "merged"
+    assert export(run, "--to", "merged", "--output", output) == 0
+
+    assert "quantization_config" not in json.loads((output / "config.json").read_text())
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    scaling = adapter_config["lora_alpha"] / adapter_config["r"]
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    delta = scaling * adapter[f"{prefix}.lora_B.weight"] @ adapter[f"{prefix}.lora_A.weight"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).model.layers[0].self_attn.q_proj.weight
+    merged = AutoModelForCausalLM.from_pretrained(output).model.layers[0].self_attn.q_proj.weight
+    torch.testing.assert_close(merged, base + delta)
+
+
+def read_fields(path: Path) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {name: field.contents() for name, field in reader.fields.items()} | {
+        "tensor names": [tensor.name for tensor in reader.tensors]}
+
+
+def test_gguf_round_trip_gives_the_merged_logits(tmp_path, tiny_model, lora_run):
+    merged_dir, gguf_file = tmp_path / "merged", tmp_path / "out" / "tuned.gguf"
+    assert export(lora_run, "--to", "merged", "--output", merged_dir) == 0
+    assert export(lora_run, "--to", "gguf", "--output", gguf_file) == 0
+    assert [path.name for path in gguf_file.parent.iterdir()] == ["tuned.gguf"]  # no staging left behind
+
+    fields = read_fields(gguf_file)
+    vocab_size = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+    assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
+    assert fields["llama.attention.head_count_kv"] == 2 and fields["llama.embedding_length"] == 32
+    assert fields["tokenizer.ggml.model"] == "gpt2" and len(fields["tokenizer.ggml.tokens"]) == vocab_size
+    assert "<|im_start|>" in fields["tokenizer.chat_template"] and fields["tokenizer.ggml.merges"]
+    assert "blk.1.attn_q.weight" in fields["tensor names"] and "output.weight" not in fields["tensor names"]  # tied
+
+    merged, merged_tokenizer = load_model(merged_dir)
+    roundtrip, roundtrip_tokenizer = load_model(str(gguf_file))
+    torch.testing.assert_close(logits(roundtrip), logits(merged), rtol=0, atol=1e-4)
+    messages = [{"role": "user", "content": "my card has not arrived"}]
+    text = merged_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert roundtrip_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == text
+    assert roundtrip_tokenizer(text)["input_ids"] == merged_tokenizer(text)["input_ids"]
+
+    half = tmp_path / "tuned-f16.gguf"
+    assert export(lora_run, "--to", "gguf", "--output", half, "--dtype", "float16") == 0
+    assert half.stat().st_size < 0.6 * gguf_file.stat().st_size
+    torch.testing.assert_close(logits(load_model(str(half))[0]), logits(merged), rtol=0, atol=2e-2)
+
+
+def test_full_fine_tuning_run_exports_merged_and_gguf(tmp_path, full_run, capsys):
+    merged_dir, gguf_file = tmp_path / "merged", tmp_path / "full.gguf"
+    assert export(full_run, "--to", "merged", "--output", merged_dir) == 0
+    assert export(full_run, "--to", "gguf", "--output", gguf_file) == 0
+    tuned = logits(load_model(full_run / "model")[0])
+    torch.testing.assert_close(logits(load_model(merged_dir)[0]), tuned)
+    torch.testing.assert_close(logits(load_model(str(gguf_file))[0]), tuned, rtol=0, atol=1e-4)
+
+    capsys.readouterr()
+    assert export(full_run, "--to", "peft", "--output", tmp_path / "adapter") == 2
+    err = capsys.readouterr().err
+    assert str(full_run) in err and "full fine-tuning" in err and "--to merged" in err
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_write_gguf_refuses_a_model_that_is_not_llama(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tunesmith.errors import UserError
+    from tunesmith.models.gguf_export import write_gguf
+
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UserError, match="'gpt2' model.*Llama-architecture"):
+        write_gguf(tmp_path / "gpt2", tmp_path / "gpt2.gguf")
+    assert not (tmp_path / "gpt2.gguf").exists()
+
+
+def unfinished_run(tmp_path: Path) -> Path:
+    run = tmp_path / "unfinished"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: somewhere\n")
+    return run
+
+
+@pytest.mark.parametrize("case", ["no such run", "unfinished run", "unknown format", "gguf name", "bad dtype"])
+def test_bad_requests_are_user_errors(tmp_path, lora_run, capsys, case):
+    output = tmp_path / "out"
+    argv, expected = {
+        "no such run": ([tmp_path / "nope", "--to", "merged", "--output", output], [str(tmp_path / "nope"), "fix:"]),
+        "unfinished run": ([unfinished_run(tmp_path), "--to", "merged", "--output", output],
+                           ["has no adapter/ or model/", "tunesmith train"]),
+        "unknown format": ([lora_run, "--to", "ggfu", "--output", output], ["did you mean 'gguf'", "--to"]),
+        "gguf name": ([lora_run, "--to", "gguf", "--output", output], [str(output), ".gguf"]),
+        "bad dtype": ([lora_run, "--to", "merged", "--output", output, "--dtype", "int4"], ["--dtype", "bfloat16"]),
+    }[case]
+    assert export(*argv) == 2
+    captured = capsys.readouterr()
+    assert all(text in captured.err for text in expected), captured.err
+    assert "Traceback" not in captured.err and not output.exists()
+
+
+def test_existing_output_needs_force(tmp_path, lora_run, capsys):
+    output = tmp_path / "merged"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    assert export(lora_run, "--to", "peft", "--output", output) == 2
+    err = capsys.readouterr().err
+    assert str(output) in err and "--force" in err and (output / "keep.txt").is_file()
+
+    assert export(lora_run, "--to", "peft", "--output", output, "--force") == 0
+    assert (output / "adapter_config.json").is_file() and not (output / "keep.txt").exists()
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # staging cleaned up
