@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_training import make_config, metric_lines, run
+from test_training import make_config, metric_lines, run, stop_by_signal_at
 from tunesmith.config import AdapterConfig, TrainConfig
 from tunesmith.data.packing import collate
 from tunesmith.data.tokenize import TokenizedExample
@@ -104,27 +104,12 @@ def test_saved_weights_reload_to_identical_logits(tiny_model, tmp_path, adapter_
 
 @pytest.mark.parametrize("adapter_type", ["qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "freeze"])
 def test_resume_is_exact(tmp_path, tiny_model, chat_rows, monkeypatch, adapter_type):
-    import signal
-
-    from tunesmith.errors import TrainingStopped
-    from tunesmith.recipes import sft
-
     overrides = [f"adapter.type={adapter_type}", "train.max_steps=4", "adapter.r=4", "adapter.num_virtual_tokens=4",
                  "adapter.layers=1"]
     straight = make_config(tmp_path, tiny_model, chat_rows, *overrides, name="straight")
     run(straight)
     interrupted = make_config(tmp_path, tiny_model, chat_rows, *overrides, name="interrupted")
-    original_advance = sft.advance
-
-    def advance_then_signal(state, plan, result):
-        original_advance(state, plan, result)
-        if state.step == 2:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(sft, "advance", advance_then_signal)
-    with pytest.raises(TrainingStopped):
-        run(interrupted)
-    monkeypatch.setattr(sft, "advance", original_advance)
+    stop_by_signal_at(interrupted, 2, monkeypatch)
     run(interrupted)
     assert metric_lines(straight.output_dir) == metric_lines(interrupted.output_dir)
     folder, name = ("model", "model.safetensors") if adapter_type == "freeze" else ("adapter", "adapter_model.safetensors")

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from conftest import write_config_file
@@ -94,26 +92,26 @@ def test_merged_export_equals_the_unmerged_model(tmp_path, tiny_model, lora_run)
     assert {tensor.dtype for tensor in load_file(half / "model.safetensors").values()} == {torch.bfloat16}
 
 
-def test_qlora_run_merges_into_the_full_precision_base(tmp_path, tiny_model, lora_run):
-    """A QLoRA run's adapter goes onto the base reloaded unquantised: merged = base + scaling * B A, exactly."""
+def test_qlora_run_merges_into_its_dequantised_base_and_computes_what_it_trained(tmp_path, tiny_model, chat_rows):
+    """QLoRA: the NF4 base is dequantised, then merged; the merged model's logits are the unmerged QLoRA model's."""
     from transformers import AutoModelForCausalLM
 
-    run = shutil.copytree(lora_run, tmp_path / "qlora-run")
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    config["adapter"]["type"] = "qlora"
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    output = tmp_path / "merged"
-    assert export(run, "--to", "merged", "--output", output) == 0
+    from tunesmith.serve.engine import Engine
 
+    config = write_config_file(tmp_path, tiny_model, chat_rows,
+                               "max_steps: 2, lr: 0.02, batch_size: 2, progress: false, warmup: 0")
+    config.write_text(config.read_text() + "adapter: {type: qlora, r: 4, alpha: 8}\n")
+    assert main(["train", str(config)]) == 0
+    output = tmp_path / "merged"
+    assert export(tmp_path / "run", "--to", "merged", "--output", output) == 0
     assert "quantization_config" not in json.loads((output / "config.json").read_text())
-    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
-    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    scaling = adapter_config["lora_alpha"] / adapter_config["r"]
-    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
-    delta = scaling * adapter[f"{prefix}.lora_B.weight"] @ adapter[f"{prefix}.lora_A.weight"]
-    base = AutoModelForCausalLM.from_pretrained(tiny_model).model.layers[0].self_attn.q_proj.weight
-    merged = AutoModelForCausalLM.from_pretrained(output).model.layers[0].self_attn.q_proj.weight
-    torch.testing.assert_close(merged, base + delta)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    with torch.no_grad():
+        trained = Engine.load(str(tmp_path / "run")).model(input_ids=ids).logits  # 4-bit base + adapter
+        merged = AutoModelForCausalLM.from_pretrained(output).eval()(input_ids=ids).logits
+        original_base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()(input_ids=ids).logits
+    assert torch.allclose(merged, trained, atol=1e-4)
+    assert not torch.allclose(merged, original_base, atol=1e-3)
 
 
 def read_fields(path: Path) -> dict:

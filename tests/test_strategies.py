@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
 
-from test_training import make_config, metric_lines, run
+from test_training import make_config, metric_lines, run, stop_by_signal_at
 from tunesmith.config import AdapterConfig, RegularizationConfig, TrainConfig, UnfreezeConfig
-from tunesmith.errors import TrainingStopped
 from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter
 from tunesmith.recipes import sft
@@ -126,17 +124,7 @@ def test_resume_is_exact_with_unfreezing_and_regularization(tmp_path, tiny_model
     straight = make_config(tmp_path, tiny_model, chat_rows, *overrides, name="straight")
     run(straight)
     interrupted = make_config(tmp_path, tiny_model, chat_rows, *overrides, name="interrupted")
-    original = sft.advance
-
-    def advance_then_signal(state, plan, result):
-        original(state, plan, result)
-        if state.step == 3:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(sft, "advance", advance_then_signal)
-    with pytest.raises(TrainingStopped):
-        run(interrupted)
-    monkeypatch.setattr(sft, "advance", original)
+    stop_by_signal_at(interrupted, 3, monkeypatch)
     run(interrupted)
     assert metric_lines(straight.output_dir) == metric_lines(interrupted.output_dir)
     assert metric_lines(straight.output_dir, "penalty") == metric_lines(interrupted.output_dir, "penalty")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import LLAMA3, build_tokenizer
+from conftest import build_tokenizer
 from tunesmith.data.packing import IGNORE, collate, pack_rows, epoch_rows
 from tunesmith.data.tokenize import ChatTokenizer, TokenizedExample
 from tunesmith.models import load_tokenizer

@@ -31,6 +31,22 @@ def run(config):
     return methods.get(config.method)(config)
 
 
+def stop_by_signal_at(config, step: int, monkeypatch) -> TrainingStopped:
+    """Run `config` until SIGTERM arrives right after `step`; the recipe checkpoints and stops. Run it again to resume."""
+    original = sft.advance
+
+    def advance_then_signal(state, plan, result):
+        original(state, plan, result)
+        if state.step == step:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(sft, "advance", advance_then_signal)
+    with pytest.raises(TrainingStopped) as stopped:
+        run(config)
+    monkeypatch.setattr(sft, "advance", original)
+    return stopped.value
+
+
 def metric_lines(run_dir: Path, key: str = "loss") -> list[tuple]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r[key], r.get("lr"), r.get("grad_norm")) for r in rows if key in r]
@@ -99,20 +115,10 @@ def test_stop_and_resume_is_bit_identical(tmp_path, tiny_model, chat_rows, monke
     run(straight)
 
     interrupted = make_config(tmp_path, tiny_model, chat_rows, *overrides, name="interrupted")
-    original_advance = sft.advance
-
-    def advance_then_signal(state, plan, result):
-        original_advance(state, plan, result)
-        if state.step == stop_at:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(sft, "advance", advance_then_signal)
-    with pytest.raises(TrainingStopped) as stopped:
-        run(interrupted)
-    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    stopped = stop_by_signal_at(interrupted, stop_at, monkeypatch)
+    assert stopped.exit_code == 128 + signal.SIGTERM
     assert ckpt.latest_checkpoint(interrupted.output_dir / "checkpoints").name == f"step-{stop_at}"
     assert not (interrupted.output_dir / "adapter").exists()
-    monkeypatch.setattr(sft, "advance", original_advance)
     run(interrupted)
 
     a = load_file(straight.output_dir / "adapter" / "adapter_model.safetensors")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 
-import pytest
 
 from conftest import write_config_file, write_jsonl
 from tunesmith.cli import main

@@ -181,16 +181,19 @@ def export_gguf(run: Run, staging: Path, dtype: str | None) -> Path:
 def load_merged_model(run: Run) -> tuple[Any, Any]:
     """`(model, tokenizer)`: the run's full model, or its base with the adapter merged in, in float32.
 
-    The base is always loaded in full precision, also for a QLoRA run (adapter.type qlora) that trained over
-    a 4-bit base: merging into NF4 weights would round the small update away again, and a 4-bit model cannot be
-    saved as a plain checkpoint. So the merged weights are the full-precision base plus the adapter's delta.
+    A QLoRA run (adapter.type qlora) trained over a 4-bit NF4 base: that base is loaded as it trained,
+    dequantised to float32 and only then merged with the adapter, so the merged model computes what the
+    trained (unmerged) one did. Merging into the 4-bit weights would round the small update away again.
     """
     from tunesmith.models import load_model
-    from tunesmith.models.adapters import load_adapter
+    from tunesmith.models.adapters import load_adapter, load_options
 
     if run.model_dir is not None:
         return load_model(str(run.model_dir), dtype="float32")
-    base, tokenizer = load_model(run.base_model, dtype="float32")  # never quantized, whatever adapter.type says
+    quantized = load_options(str(run.config.get("adapter", {}).get("type", "lora")))
+    base, tokenizer = load_model(run.base_model, dtype="float32", **quantized)
+    if quantized:
+        base = base.dequantize()  # nn.Linear layers holding the NF4 weights' float32 values
     merged = load_adapter(base, run.adapter_dir).merge_and_unload()
     return merged, tokenizer
 
