@@ -1,6 +1,7 @@
 """Evaluation tasks and baselines end to end on a tiny trained run: eval.json has the contract's shape."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -166,3 +167,17 @@ def test_rows_a_task_cannot_use_are_named_by_file_and_line(run_dir, tmp_path):
                                                 {"prompt": "how many", "completion": "several"}])
     with pytest.raises(UserError, match=f"^{data}:2: expected a number for the regression task, got 'several'"):
         evaluate(str(run_dir), data, EvalOptions(task="regression", resamples=10), tmp_path / "out")
+
+
+def test_a_full_fine_tuning_run_is_compared_with_its_base_model(tiny_model, tmp_path):
+    """No adapter to switch off: the baseline is the run's base model, loaded once, scored as if evaluated alone."""
+    rows = [{"text": f"question {i} about {label}", "label": label} for i in range(4) for label in LABELS]
+    config = write_config_file(tmp_path, tiny_model, rows, "epochs: 2, batch_size: 4, progress: false, lr: 1.0e-3")
+    config.write_text(config.read_text() + "adapter: {type: full}\n")
+    assert main(["train", str(config)]) == 0
+    data = write_jsonl(tmp_path / "ppl.jsonl", [{"text": f"question {i} about fee"} for i in range(5)])
+    options = EvalOptions(task="perplexity", resamples=20)
+    tuned = evaluate(str(tmp_path / "run"), data, dataclasses.replace(options, baselines=("base",)), tmp_path / "a")
+    alone = evaluate(str(tiny_model), data, options, tmp_path / "b")
+    assert tuned["baselines"]["base"]["metrics"]["loss"]["value"] == pytest.approx(alone["metrics"]["loss"]["value"])
+    assert tuned["metrics"]["loss"]["value"] != pytest.approx(alone["metrics"]["loss"]["value"])

@@ -81,16 +81,22 @@ def few_shot_prefix(shots: list[Example], k: int, labels: list[str], system_prom
 
 
 @contextlib.contextmanager
-def system_context(engine: Engine, name: str) -> Iterator[None]:
-    """The target as it is; every baseline with the adapter switched off."""
+def system_context(engine: Engine, name: str, config: dict, loaded: dict[str, Engine]) -> Iterator[Engine]:
+    """The engine a system runs on: the target as it is; a baseline on the base model, which is the
+    target with its adapter switched off, or (a full fine-tuning run) the run's base model loaded once."""
     if name == "target":
-        yield
+        yield engine
         return
-    if not engine.has_adapter:
-        raise UserError(f"--baseline {name} needs a run directory with a LoRA adapter as the target "
-                        f"(the baseline is its base model); fix: evaluate a run, or evaluate the base model directly")
-    with engine.base_model():
-        yield
+    if engine.has_adapter:
+        with engine.base_model():
+            yield engine
+        return
+    if not config.get("model"):
+        raise UserError(f"--baseline {name} needs a run directory as the target (the baseline is its base "
+                        f"model); fix: evaluate a run, or evaluate the base model directly")
+    if "base" not in loaded:
+        loaded["base"] = Engine.load(str(config["model"]))
+    yield loaded["base"]
 
 
 def assign_slices(items: list[Item], field: str, data: Path) -> None:
@@ -142,7 +148,7 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
         context.reward = RewardScorer.load(options.reward_model)
     shots_file = options.shots_file or (Path(config["data"]["train"]) if config.get("data", {}).get("train") else None)
 
-    predictions, timing = {}, {}
+    predictions, timing, loaded = {}, {}, {}
     for name in ("target", *options.baselines):
         shots = parse_baseline(name) if name != "target" else 0
         prefix: list = []
@@ -152,8 +158,8 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
             prefix = few_shot_prefix(load_examples(shots_file), shots, labels,
                                      config.get("data", {}).get("system_prompt"), options.seed, options.task)
         started = time.perf_counter()
-        with system_context(engine, name):
-            predictions[name] = task.predict(engine, items, dataclasses.replace(context, prefix=prefix))
+        with system_context(engine, name, config, loaded) as system:
+            predictions[name] = task.predict(system, items, dataclasses.replace(context, prefix=prefix))
         timing[f"{name}_s"] = round(time.perf_counter() - started, 2)
 
     result = assemble(target, data, options, task, items, predictions, labels, timing)
