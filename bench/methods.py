@@ -100,11 +100,12 @@ def main() -> None:
     chosen = [m for m in METHODS + FORGETTING if not args.only or m[0] in args.only.split(",")]
     saved = args.runs / "results.json"
     done = {r["name"]: r for r in json.loads(saved.read_text())} if saved.is_file() else {}
-    results = []
+    order = [name for name, _ in METHODS + FORGETTING]
     for name, overrides in chosen:
         print(f"== {name}", flush=True)
-        same = done.get(name, {}).get("overrides") == overrides  # finished earlier with these settings: kept
-        results.append(done[name] if same else train_and_score(name, overrides, args.steps, args.runs))
+        if done.get(name, {}).get("overrides") != overrides:  # rows finished earlier with these settings are kept
+            done[name] = train_and_score(name, overrides, args.steps, args.runs)
+        results = [done[n] for n in order if n in done]  # the report holds every row measured so far
         saved.write_text(json.dumps(results, indent=1))
         write_report(results, "python " + " ".join(["bench/methods.py", *sys.argv[1:]]), args.output)
     print(args.output.read_text())

@@ -131,3 +131,16 @@ def test_freeze_without_a_choice_is_a_config_error(tmp_path, tiny_model, chat_ro
 
     with pytest.raises(UserError, match="adapter.layers"):
         make_config(tmp_path, tiny_model, chat_rows, "adapter.type=freeze")
+
+
+@pytest.mark.parametrize("adapter_type", ["prompt_tuning", "prefix_tuning"])
+def test_a_disabled_soft_prompt_gives_the_base_model(tiny_model, adapter_type):
+    """Baselines switch the adapter off: soft prompts too must vanish from the packed training/scoring path."""
+    model, _ = adapted(tiny_model, adapter_type)
+    base, _ = load_model(str(tiny_model))
+    batch = collate(examples())
+    with torch.no_grad():
+        with model.disable_adapter():
+            disabled = token_loss_sum(model, batch)
+        assert torch.allclose(disabled, token_loss_sum(base, batch), rtol=1e-5)
+        assert not torch.allclose(token_loss_sum(model, batch), disabled, rtol=1e-3)

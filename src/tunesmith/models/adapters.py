@@ -165,6 +165,8 @@ def soft_prompt(model: torch.nn.Module) -> tuple[str, Any] | None:
     config = getattr(model, "active_peft_config", None)
     if config is None or not getattr(config, "is_prompt_learning", False):
         return None
+    if getattr(model.forward, "__func__", None) is not type(model).forward:
+        return None  # inside PEFT's disable_adapter(), which swaps in the base model's forward: no soft prompt
     if config.peft_type.value == "PROMPT_TUNING":
         return "prompt", model.get_prompt(batch_size=1)[0]
     if config.peft_type.value == "PREFIX_TUNING":
