@@ -114,6 +114,7 @@ def train_token_loss(config: Config, accepts: tuple[str, ...], build_loss: LossB
                 log.write({"step": state.step, "event": "early_stop", "metric": selection.metric, "best_step": state.best_step})
             progress.update(state.step, result.loss, record["lr"], record["tokens_per_s"], state.best_val_loss)
             if state.step % train_config.save_every == 0 or done or stop or state.extra.get("stopped_early"):
+                state.extra["peak_rss_mb"] = max(state.extra.get("peak_rss_mb", 0.0), peak_rss_mb())  # across resumes
                 ckpt.save_checkpoint(checkpoints, f"step-{state.step}", model, optimizer, scheduler, state)
                 ckpt.prune(checkpoints, train_config.keep_last)
             if stop:
@@ -144,7 +145,8 @@ def save_outputs(config: Config, model, tokenizer, state: ckpt.TrainState, resul
     output = run_dir / output_name(config.adapter.type)
     save_final(model, tokenizer, output)
     summary = RunResult(run_dir, output, state.step, result.loss if result else None, state.best_val_loss,
-                        state.tokens_seen / state.elapsed_s if state.elapsed_s else 0.0, peak_rss_mb())
+                        state.tokens_seen / state.elapsed_s if state.elapsed_s else 0.0,
+                        max(peak_rss_mb(), state.extra.get("peak_rss_mb", 0.0)))  # the whole run's, not this process's
     write_summary(run_dir, {**{k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()},
                             "best_step": state.best_step, "data": data.summary(), "skipped_steps": state.skipped_steps})
     return summary
