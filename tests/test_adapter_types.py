@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_training import make_config, metric_lines, run, stop_by_signal_at
+from test_training import make_config, metric_lines, run, straight_and_resumed
 from tunesmith.config import AdapterConfig, TrainConfig
 from tunesmith.data.packing import collate
 from tunesmith.data.tokenize import TokenizedExample
@@ -106,11 +106,7 @@ def test_saved_weights_reload_to_identical_logits(tiny_model, tmp_path, adapter_
 def test_resume_is_exact(tmp_path, tiny_model, chat_rows, monkeypatch, adapter_type):
     overrides = [f"adapter.type={adapter_type}", "train.max_steps=4", "adapter.r=4", "adapter.num_virtual_tokens=4",
                  "adapter.layers=1"]
-    straight = make_config(tmp_path, tiny_model, chat_rows, *overrides, name="straight")
-    run(straight)
-    interrupted = make_config(tmp_path, tiny_model, chat_rows, *overrides, name="interrupted")
-    stop_by_signal_at(interrupted, 2, monkeypatch)
-    run(interrupted)
+    straight, interrupted = straight_and_resumed(tmp_path, tiny_model, chat_rows, overrides, 2, monkeypatch)
     assert metric_lines(straight.output_dir) == metric_lines(interrupted.output_dir)
     folder, name = ("model", "model.safetensors") if adapter_type == "freeze" else ("adapter", "adapter_model.safetensors")
     a, b = load_file(straight.output_dir / folder / name), load_file(interrupted.output_dir / folder / name)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from test_training import make_config, metric_lines, run, stop_by_signal_at
+from test_training import make_config, metric_lines, run, straight_and_resumed
 from tunesmith.config import AdapterConfig, RegularizationConfig, TrainConfig, UnfreezeConfig
 from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter
@@ -121,10 +121,6 @@ def test_l2_sp_keeps_full_fine_tuning_closer_to_the_pretrained_weights(tmp_path,
 def test_resume_is_exact_with_unfreezing_and_regularization(tmp_path, tiny_model, chat_rows, monkeypatch):
     overrides = ("train.max_steps=5", "train.unfreeze.every=2", "train.regularization.l2_sp=0.1",
                  "train.layer_lr_decay=0.7")
-    straight = make_config(tmp_path, tiny_model, chat_rows, *overrides, name="straight")
-    run(straight)
-    interrupted = make_config(tmp_path, tiny_model, chat_rows, *overrides, name="interrupted")
-    stop_by_signal_at(interrupted, 3, monkeypatch)
-    run(interrupted)
+    straight, interrupted = straight_and_resumed(tmp_path, tiny_model, chat_rows, overrides, 3, monkeypatch)
     assert metric_lines(straight.output_dir) == metric_lines(interrupted.output_dir)
     assert metric_lines(straight.output_dir, "penalty") == metric_lines(interrupted.output_dir, "penalty")

@@ -47,6 +47,16 @@ def stop_by_signal_at(config, step: int, monkeypatch) -> TrainingStopped:
     return stopped.value
 
 
+def straight_and_resumed(tmp_path: Path, model_dir: Path, rows: list, overrides, stop_at: int, monkeypatch):
+    """The same config run straight through, and stopped by SIGTERM after `stop_at` then resumed: (straight, resumed)."""
+    straight = make_config(tmp_path, model_dir, rows, *overrides, name="straight")
+    run(straight)
+    resumed = make_config(tmp_path, model_dir, rows, *overrides, name="interrupted")
+    stop_by_signal_at(resumed, stop_at, monkeypatch)
+    run(resumed)
+    return straight, resumed
+
+
 def metric_lines(run_dir: Path, key: str = "loss") -> list[tuple]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r[key], r.get("lr"), r.get("grad_norm")) for r in rows if key in r]
