@@ -156,15 +156,20 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, float]:
     return {"trainable_parameters": trainable, "total_parameters": total, "trainable_share": trainable / max(total, 1)}
 
 
+def has_soft_prompt(model: torch.nn.Module) -> bool:
+    """Whether the model's active adapter is prompt learning (virtual tokens or prefixes, not weight changes)."""
+    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+
+
 def soft_prompt(model: torch.nn.Module) -> tuple[str, Any] | None:
     """For prompt-learning adapters, what training must add around each example; None for every other model.
 
     ("prompt", (N, hidden) virtual token embeddings) for prompt tuning; ("prefix", [(key, value) per layer],
     each (1, kv_heads, N, head_dim)) for prefix tuning.
     """
-    config = getattr(model, "active_peft_config", None)
-    if config is None or not getattr(config, "is_prompt_learning", False):
+    if not has_soft_prompt(model):
         return None
+    config = model.active_peft_config
     if getattr(model.forward, "__func__", None) is not type(model).forward:
         return None  # inside PEFT's disable_adapter(), which swaps in the base model's forward: no soft prompt
     if config.peft_type.value == "PROMPT_TUNING":

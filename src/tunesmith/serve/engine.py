@@ -16,7 +16,7 @@ from tunesmith.data.formats import Example
 from tunesmith.data.tokenize import ChatTokenizer
 from tunesmith.errors import UserError
 from tunesmith.models import load_model
-from tunesmith.models.adapters import load_adapter, load_options
+from tunesmith.models.adapters import has_soft_prompt, load_adapter, load_options
 
 Messages = list[dict[str, str]]
 PREFIX_CACHE_MIN_TOKENS = 32  # below this, encoding the prefix with each row costs less than the cache copy
@@ -47,7 +47,7 @@ class Engine:
         self.device = next(model.parameters()).device
         # Encode a prompt prefix shared by a whole batch once (few-shot prompts); not with soft prompts,
         # which PEFT's generate puts before the whole prompt itself.
-        self.prefix_caching = not getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
+        self.prefix_caching = not has_soft_prompt(model)
 
     @classmethod
     def load(cls, target: str) -> "Engine":
@@ -96,7 +96,7 @@ class Engine:
         if adapter not in loaded:
             raise UserError(f"adapter '{adapter}' is not loaded in this engine; loaded: {', '.join(loaded) or 'none'}")
         self.model.set_adapter(adapter)
-        self.prefix_caching = not self.model.peft_config[adapter].is_prompt_learning
+        self.prefix_caching = not has_soft_prompt(self.model)
 
     def base_model(self):
         """A context in which the engine generates with its adapter switched off (the base model)."""

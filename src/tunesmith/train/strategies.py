@@ -97,10 +97,6 @@ class Regularization:
         self.anchored = [(parameter, parameter.detach().clone()) for parameter in model.parameters()
                          if parameter.requires_grad and id(parameter) not in lora_parameters]
 
-    @property
-    def active(self) -> bool:
-        return self.config.l2_sp > 0 or self.config.l1_sp > 0
-
     def penalty(self) -> torch.Tensor:
         l2, l1 = self.config.l2_sp, self.config.l1_sp
         device = (self.lora[0][0] if self.lora else self.anchored[0][0]).device
