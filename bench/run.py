@@ -8,8 +8,8 @@ the same run, because this machine is shared and noisy: only ratios within one r
 
 Scenarios: (a) mixed: LoRA SFT on real examples of very different lengths, the peer with its defaults
 (padded batches) and its best settings (padding-free); (b) fixed512: LoRA on 512-token sequences;
-(c) fixed512-full: full fine-tuning; (d) dpo: skipped until tunesmith has the recipe; (e) longest: the
-longest sequence each engine trains within a fixed RSS budget.
+(c) fixed512-full: full fine-tuning; (d) dpo: LoRA DPO on real preference pairs against TRL's DPOTrainer;
+(e) longest: the longest sequence each engine trains within a fixed RSS budget.
 """
 from __future__ import annotations
 
@@ -78,13 +78,41 @@ def mixed_rows(model: str, count: int, seq: int, seed: int = 0) -> list[dict]:
     return [{"input_ids": e.input_ids, "loss_mask": [int(m) for m in e.loss_mask]} for e in mixed]
 
 
-def useful_flops_per_token(model_dir: Path, rows: list[dict], adapter: str) -> float:
+def dpo_rows(model: str, count: int, seq: int) -> list[dict]:
+    """Scenario (d): the bundled hh-rlhf harmless pairs whose sides both fit in `seq` tokens, in file order.
+
+    Each row carries the pair as text (for the peer, which tokenises it itself) and as tunesmith tokenises
+    it, chosen then rejected; tokens/s counts those tokens for every engine.
+    """
+    from tunesmith.data.dataset import load_examples
+    from tunesmith.data.tokenize import ChatTokenizer
+    from tunesmith.models import load_tokenizer
+
+    chat = ChatTokenizer(load_tokenizer(model))
+    rows = []
+    for example in load_examples(HERE.parent / "data" / "hh_rlhf_harmless" / "train.jsonl"):
+        pair = chat(example)
+        if max(len(pair.chosen), len(pair.rejected)) > seq:
+            continue
+        rows.append({"prompt": example.messages[:-1], "chosen": example.messages[-1]["content"],
+                     "rejected": example.rejected[-1]["content"],
+                     "input_ids": pair.chosen.input_ids + pair.rejected.input_ids,  # for the token counts and FLOPs
+                     "loss_mask": [int(m) for m in pair.chosen.loss_mask + pair.rejected.loss_mask],
+                     "sides": [{"input_ids": side.input_ids, "loss_mask": [int(m) for m in side.loss_mask]}
+                               for side in (pair.chosen, pair.rejected)]})
+        if len(rows) == count:
+            return rows
+    raise SystemExit(f"only {len(rows)} pairs of at most {seq} tokens a side for the dpo scenario; {count} needed")
+
+
+def useful_flops_per_token(model_dir: Path, rows: list[dict], adapter: str, reference_forward: bool = False) -> float:
     """Matmul FLOPs a training step must do per (non-padding) token of `rows`: the MFU numerator.
 
     Weights: forward 2N, input gradients 2N, weight gradients 2N only when the weights train (full);
     frozen LoRA bases skip them. N counts every matmul weight once; the output head (a tied embedding
     counts as one) only at positions that carry a loss. Attention: QK^T and AV over each example's
-    average causal context (length/2), forward and two backward matmuls.
+    average causal context (length/2), forward and two backward matmuls. DPO adds the reference model's
+    forward pass (`reference_forward`).
     """
     config = json.loads((model_dir / "config.json").read_text())
     hidden, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
@@ -96,8 +124,8 @@ def useful_flops_per_token(model_dir: Path, rows: list[dict], adapter: str) -> f
     weights = layers * per_layer + loss_share * hidden * config["vocab_size"]
     context = sum(len(row["input_ids"]) ** 2 / 2 for row in rows) / tokens  # token-weighted mean causal context
     attention_forward = layers * 2 * 2 * context * heads * head_dim
-    weight_passes = 6 if adapter == "full" else 4
-    return weight_passes * weights + 3 * attention_forward
+    weight_passes = (6 if adapter == "full" else 4) + (2 if reference_forward else 0)
+    return weight_passes * weights + (4 if reference_forward else 3) * attention_forward
 
 
 def rss_mb(pid: int) -> float:
@@ -146,21 +174,19 @@ def run_scenario(name: str, kind: str, engines: list[str], steps: int, adapter: 
                  model: str = DEFAULT_MODEL, seq: int = 512, batch: int = 4, grad_accum: int = 1,
                  peer_best: dict | None = None, **options) -> dict:
     from tunesmith.models import resolve_model
-    from tunesmith.registry import methods
 
-    if kind == "dpo" and "dpo" not in methods.names():
-        return {"scenario": name, "kind": kind, "skipped": "tunesmith has no dpo method yet (issue 6); "
-                "this scenario runs once it exists"}
     if kind == "longest":
         return run_longest(name, engines, adapter, workdir, model, **options)
     model_dir = resolve_model(model)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     count = batch * grad_accum * steps
-    rows = mixed_rows(model, count, seq) if kind == "mixed" else fixed_length_rows(count, seq, vocab)
+    rows = {"mixed": mixed_rows, "dpo": dpo_rows}[kind](model, count, seq) if kind in ("mixed", "dpo") \
+        else fixed_length_rows(count, seq, vocab)
     spec_path = write_spec(workdir, name, rows, model=model, adapter=adapter, seq=seq, batch=batch,
-                           grad_accum=grad_accum, steps=steps, warmup=2, peer_best=peer_best or {})
+                           grad_accum=grad_accum, steps=steps, warmup=2, peer_best=peer_best or {}, kind=kind)
     peak = matmul_peak_gflops()
-    flops = useful_flops_per_token(model_dir, rows, adapter)
+    sequences = [side for row in rows for side in row["sides"]] if kind == "dpo" else rows
+    flops = useful_flops_per_token(model_dir, sequences, adapter, reference_forward=kind == "dpo")
     results = [run_worker(engine, spec_path) for engine in engines]
     # Measured again after the engines, keeping the best: a neighbour's burst during one measurement would
     # otherwise understate the ceiling and flatter every MFU of the scenario.
@@ -221,7 +247,7 @@ SCENARIOS = {
                               "trl-best"]),
     "fixed512-full": dict(kind="fixed", adapter="full", seq=512, batch=4,
                           engines=["tunesmith", "tunesmith-compile", "trl", "trl-best"]),
-    "dpo": dict(kind="dpo", adapter="lora", engines=["tunesmith", "trl"]),
+    "dpo": dict(kind="dpo", adapter="lora", seq=512, batch=4, engines=["tunesmith", "trl", "trl-best"]),
     "longest": dict(kind="longest", adapter="lora", budget_mb=4096, lengths=[1024, 2048, 4096, 8192, 16384],
                     engines=["tunesmith-recompute", "tunesmith", "trl", "trl-best"]),
 }
@@ -244,9 +270,10 @@ def format_table(report: dict) -> str:
                                    f"{t['length']}: {'error' if t['error'] else 'over'}" for t in r["trials"])
                 lines.append(f"{r['engine']:<20} {r['longest']:>8}  {trials}")
             continue
-        lines.append(f"\n{name}: {scenario['adapter']}, {scenario['examples']} examples of {scenario['min_length']}-"
+        unit = "pairs" if scenario["kind"] == "dpo" else "examples"
+        lines.append(f"\n{name}: {scenario['adapter']}, {scenario['examples']} {unit} of {scenario['min_length']}-"
                      f"{scenario['max_length']} tokens (mean {scenario['mean_length']:.0f}), max length {scenario['seq']}, "
-                     f"{scenario['batch'] * scenario['grad_accum']} examples per step, {scenario['steps']} steps; "
+                     f"{scenario['batch'] * scenario['grad_accum']} {unit} per step, {scenario['steps']} steps; "
                      f"fp32 matmul peak {scenario['matmul_peak_gflops']:.0f} GFLOP/s")
         lines.append(f"{'engine':<20} {'tokens/s':>9} {'peak RSS MB':>12} {'first step s':>13} {'MFU':>6} {'step-1 loss':>12}")
         for r in scenario["results"]:
@@ -270,8 +297,11 @@ def write_markdown(report: dict, path: Path) -> None:
             "## How to read it", "",
             "- **Scenarios.** (a) `mixed`: LoRA SFT on real examples of very different lengths (bundled banking77 "
             "intents, gsm8k solutions, SGD dialogues), 8 examples per optimizer step. (b) `fixed512`: LoRA on "
-            "512-token sequences, 4 per step. (c) `fixed512-full`: full fine-tuning. (d) `dpo`: skipped until the "
-            "recipe exists. (e) `longest`: the longest single sequence each engine trains one step on, its process "
+            "512-token sequences, 4 per step. (c) `fixed512-full`: full fine-tuning. (d) `dpo`: LoRA DPO (sigmoid loss, "
+            "beta 0.1) on the bundled hh-rlhf harmless pairs, 4 pairs per step, against TRL's DPOTrainer; both "
+            "compute the reference log-probabilities on every step with the adapter switched off (tunesmith's "
+            "`dpo.reference: live`; its default `cached` computes them once before training instead), so tokens/s "
+            "counts the chosen and rejected tokens of the same work. (e) `longest`: the longest single sequence each engine trains one step on, its process "
             "killed the moment its RSS passes the budget.",
             "- **Engines.** `tunesmith`: the path `tunesmith train` runs (packed rows laid out flat with no padding, "
             "per-example fused attention, output head only at loss positions with its gradient computed in a "

@@ -45,7 +45,7 @@ def run_tunesmith(spec: dict, recompute: bool = False, compiled: bool = False) -
     from tunesmith.data.tokenize import TokenizedExample
     from tunesmith.models import load_model
     from tunesmith.models.adapters import apply_adapter
-    from tunesmith.recipes.sft import compile_layers, enable_gradient_checkpointing
+    from tunesmith.train.loop import compile_layers, enable_gradient_checkpointing
     from tunesmith.train.optim import build_optimizer, build_scheduler
     from tunesmith.train.step import train_step
 
@@ -78,12 +78,51 @@ def run_tunesmith(spec: dict, recompute: bool = False, compiled: bool = False) -
     return summarise(sys.argv[1], seconds, losses, tokens, started, first_done, spec["warmup"])
 
 
-def run_trl(spec: dict, best: bool) -> dict:
+def run_tunesmith_dpo(spec: dict) -> dict:
+    """`method: dpo` with `dpo.reference: live`: the reference is the base with the adapter off, every step."""
+    import torch
+
+    from tunesmith.config import AdapterConfig, TrainConfig
+    from tunesmith.data.packing import collate
+    from tunesmith.data.tokenize import TokenizedExample, TokenizedPair
+    from tunesmith.models import load_model
+    from tunesmith.models.adapters import apply_adapter
+    from tunesmith.registry import preference_losses
+    from tunesmith.train.optim import build_optimizer, build_scheduler
+    from tunesmith.train.preference import PreferenceObjective, adapter_off_logprobs
+    from tunesmith.train.step import train_step
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    model, _ = load_model(spec["model"])
+    model = apply_adapter(model, AdapterConfig(type=spec["adapter"], r=16, alpha=32, target="all-linear"))
+    pairs = [TokenizedPair(*(TokenizedExample(side["input_ids"], [bool(m) for m in side["loss_mask"]])
+                             for side in row["sides"])) for row in spec["rows"]]
+    objective = PreferenceObjective(preference_losses.get("sigmoid"), 0.1, 0.0, adapter_off_logprobs)
+    config = TrainConfig(lr=1e-4, warmup=0, schedule="constant")
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, spec["steps"])
+    seconds, losses, tokens, first_done, chosen = [], [], [], 0.0, []
+    for step in range(spec["steps"]):
+        batch = collate(pairs[step * spec["batch"]:(step + 1) * spec["batch"]])
+        result = train_step(model, [batch], optimizer, scheduler, None, torch.device("cpu"), None, objective)
+        seconds.append(result.seconds)
+        losses.append(result.loss)
+        tokens.append(result.tokens)
+        chosen.append(objective.take_stats()["logp_chosen"])
+        if step == 0:
+            first_done = time.perf_counter()
+    return {**summarise(sys.argv[1], seconds, losses, tokens, started, first_done, spec["warmup"]),
+            "first_logp_chosen": chosen[0]}
+
+
+def run_trl_dpo(spec: dict, best: bool) -> dict:
+    """TRL's DPOTrainer + PEFT on the same pairs, as text (it tokenises them with the same chat template)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
 
     from tunesmith.models import resolve_model
 
@@ -91,8 +130,35 @@ def run_trl(spec: dict, best: bool) -> dict:
     directory = resolve_model(spec["model"])
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    rows = [{"input_ids": row["input_ids"], "completion_mask": row["loss_mask"]} for row in spec["rows"]]
+    rows = [{"prompt": row["prompt"], "chosen": [{"role": "assistant", "content": row["chosen"]}],
+             "rejected": [{"role": "assistant", "content": row["rejected"]}]} for row in spec["rows"]]
     timings = {"seconds": [], "first_done": 0.0}
+    options = dict(output_dir="/tmp/tunesmith-bench-trl", max_length=2 * spec["seq"], per_device_train_batch_size=spec["batch"],
+                   max_steps=spec["steps"], learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1,
+                   save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, bf16=False, seed=0,
+                   beta=0.1, loss_type=["sigmoid"])
+    if best:  # DPOConfig also turns gradient checkpointing on by default
+        options.update(gradient_checkpointing=False)
+    peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+    class InOrder(DPOTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    trainer = InOrder(model=model, args=DPOConfig(**options), train_dataset=Dataset.from_list(rows),
+                      processing_class=tokenizer, peft_config=peft, callbacks=[step_timer(timings)])
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    tokens = [sum(len(row["input_ids"]) for row in spec["rows"][i * spec["batch"]:(i + 1) * spec["batch"]])
+              for i in range(spec["steps"])]
+    chosen = next((value for key, value in logged[0].items() if key.endswith("chosen") and "logps" in key), None)
+    return {**summarise("trl-best" if best else "trl", timings["seconds"], [entry["loss"] for entry in logged], tokens,
+                        started, timings["first_done"], spec["warmup"]), "first_logp_chosen": chosen}
+
+
+def step_timer(timings: dict):
+    """A TrainerCallback recording each optimizer step's wall time into `timings`."""
+    from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -103,6 +169,24 @@ def run_trl(spec: dict, best: bool) -> dict:
             if len(timings["seconds"]) == 1:
                 timings["first_done"] = time.perf_counter()
 
+    return StepTimer()
+
+
+def run_trl(spec: dict, best: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from tunesmith.models import resolve_model
+
+    started = time.perf_counter()
+    directory = resolve_model(spec["model"])
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    rows = [{"input_ids": row["input_ids"], "completion_mask": row["loss_mask"]} for row in spec["rows"]]
+    timings = {"seconds": [], "first_done": 0.0}
     options = dict(output_dir="/tmp/tunesmith-bench-trl", max_length=spec["seq"], per_device_train_batch_size=spec["batch"],
                    gradient_accumulation_steps=spec["grad_accum"], max_steps=spec["steps"], learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1,
                    save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, bf16=False,
@@ -119,7 +203,7 @@ def run_trl(spec: dict, best: bool) -> dict:
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
     trainer = InOrder(model=model, args=SFTConfig(**options), train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, peft_config=peft, callbacks=[StepTimer()])
+                         processing_class=tokenizer, peft_config=peft, callbacks=[step_timer(timings)])
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     per_step = spec["batch"] * spec["grad_accum"]
@@ -139,7 +223,9 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     spec = read_spec(spec_path)
-    if engine.startswith("tunesmith"):
+    if spec.get("kind") == "dpo":
+        result = run_tunesmith_dpo(spec) if engine.startswith("tunesmith") else run_trl_dpo(spec, best=engine == "trl-best")
+    elif engine.startswith("tunesmith"):
         result = run_tunesmith(spec, recompute=engine == "tunesmith-recompute", compiled=engine == "tunesmith-compile")
     else:
         result = run_trl(spec, best=engine == "trl-best")

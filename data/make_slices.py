@@ -13,6 +13,7 @@ from pathlib import Path
 TRAIN_PER_LABEL, TEST_PER_LABEL = 24, 4
 GSM8K_ROWS = 1000  # the first rows of the source training split
 SGD_ROWS = {"train": 400, "dev": 80}  # the first dialogues of each source split
+HH_ROWS = {"train": 800, "test": 400}  # the first pairs of each split of the shared copy
 
 
 def stratified(rows: list[dict], per_label: int) -> list[dict]:
@@ -48,7 +49,40 @@ def sgd_dialogues(shared: Path) -> None:
         print(f"sgd_dialogues {split}: {len(kept)} rows")
 
 
+def hh_rlhf_harmless(shared: Path) -> None:
+    """hh-rlhf harmless-base (MIT, Anthropic): preference pairs with the prompt as a message list."""
+    out = Path(__file__).parent / "hh_rlhf_harmless"
+    out.mkdir(exist_ok=True)
+    for split, count in HH_ROWS.items():
+        rows = [json.loads(line) for line in (shared / "hh_rlhf_harmless" / f"{split}.jsonl").open(encoding="utf-8")][:count]
+        kept = [{"id": r["id"], "prompt": r["prompt_messages"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                for r in rows]
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        print(f"hh_rlhf_harmless {split}: {len(kept)} rows")
+
+
+def redteam(shared: Path) -> None:
+    """Attack prompt sets for `tunesmith redteam`: hh-rlhf harmless-base red-team openings (MIT, Anthropic), the
+    first user turn of each test pair, each distinct text once; XSTest v2's 200 unsafe and 250 safe prompts (CC BY 4.0)."""
+    out = Path(__file__).parent / "redteam"
+    out.mkdir(exist_ok=True)
+    pairs = [json.loads(line) for line in (shared / "hh_rlhf_harmless" / "test.jsonl").open(encoding="utf-8")]
+    openings: dict[str, str] = {}
+    for pair in pairs:
+        openings.setdefault(pair["prompt_messages"][0]["content"].strip(), pair["id"])
+    sets = {"hh_rlhf_harmless": [{"id": i, "prompt": text, "label": "unsafe"} for text, i in openings.items()]}
+    prompts = [json.loads(line) for line in (shared / "xstest" / "prompts.jsonl").open(encoding="utf-8")]
+    for label in ("unsafe", "safe"):
+        sets[f"xstest_{label}"] = [{"id": r["id"], "prompt": r["prompt"], "label": label, "type": r["type"]}
+                                   for r in prompts if r["label"] == label]
+    for name, kept in sets.items():
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        print(f"redteam {name}: {len(kept)} rows")
+
+
 def main(shared: Path) -> None:
+    redteam(shared)
+    hh_rlhf_harmless(shared)
     gsm8k(shared)
     sgd_dialogues(shared)
     out = Path(__file__).parent / "banking77"

@@ -22,7 +22,8 @@ def test_bench_reports_throughput_memory_mfu_and_losses(tmp_path, tiny_model):
     assert 0 < result["mfu"] < 1 and mixed["matmul_peak_gflops"] > 0
     # Real data of very different lengths: short intents, math solutions and dialogues, 8 per step.
     assert mixed["examples"] == 24 and mixed["max_length"] > 4 * mixed["min_length"]
-    assert "skipped" in dpo  # no dpo recipe yet: reported, not failed
+    [pairs] = dpo["results"]  # DPO on the bundled hh-rlhf pairs: policy and reference start equal, so loss log 2
+    assert pairs["tokens_per_s"] > 0 and abs(pairs["first_loss"] - 0.6931) < 1e-3 and dpo["examples"] == 12
 
 
 def test_longest_sequence_ladder_stops_at_the_rss_budget(tmp_path, tiny_model):

@@ -155,7 +155,7 @@ def test_gradient_accumulation_equals_large_batch(tiny_model, teacher_model, cha
         optimizer = torch.optim.SGD(student.parameters(), lr=1.0)  # the update is the gradient itself
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         step = train_step(student, plan.step(0, 0), optimizer, scheduler, None, torch.device("cpu"), None,
-                          loss_sum=Distiller(teacher, forward_kl, 2.0, 0.5))
+                          objective=Distiller(teacher, forward_kl, 2.0, 0.5))
         results.append((step.loss, [p.detach().clone() for p in student.parameters()]))
     (loss_a, params_a), (loss_b, params_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-6)

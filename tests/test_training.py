@@ -14,9 +14,9 @@ from tunesmith.config import load_config, resolve_paths
 from tunesmith.errors import TrainingStopped
 from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter, load_trainable_state
-from tunesmith.recipes import sft
 from tunesmith.registry import methods
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train import loop
 
 
 def make_config(tmp_path: Path, model_dir: Path, rows: list, *overrides: str, name: str = "run"):
@@ -33,17 +33,17 @@ def run(config):
 
 def stop_by_signal_at(config, step: int, monkeypatch) -> TrainingStopped:
     """Run `config` until SIGTERM arrives right after `step`; the recipe checkpoints and stops. Run it again to resume."""
-    original = sft.advance
+    original = loop.advance
 
     def advance_then_signal(state, plan, result):
         original(state, plan, result)
         if state.step == step:
             signal.raise_signal(signal.SIGTERM)
 
-    monkeypatch.setattr(sft, "advance", advance_then_signal)
+    monkeypatch.setattr(loop, "advance", advance_then_signal)
     with pytest.raises(TrainingStopped) as stopped:
         run(config)
-    monkeypatch.setattr(sft, "advance", original)
+    monkeypatch.setattr(loop, "advance", original)
     return stopped.value
 
 
@@ -159,7 +159,7 @@ def test_gradient_accumulation_equals_large_batch(tiny_model, chat_rows):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         step = train_step(model, plan.step(0, 0), optimizer, scheduler, None, torch.device("cpu"), None)
         assert len(plan.step(0, 0)) == grad_accum
-        results[(batch_size, grad_accum)] = (step.loss, step.loss_tokens, [p.detach().clone() for p in model.parameters()])
+        results[(batch_size, grad_accum)] = (step.loss, step.loss_count, [p.detach().clone() for p in model.parameters()])
     (loss_a, tokens_a, params_a), (loss_b, tokens_b, params_b) = results.values()
     assert tokens_a == tokens_b
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
@@ -214,7 +214,7 @@ def test_pretrain_trains_every_token_of_raw_text(tmp_path, tiny_model):
 
 def test_early_stopping_keeps_the_best_weights(tmp_path, tiny_model, chat_rows, monkeypatch):
     losses = iter([1.0, 0.5, 0.9, 0.95, 0.99])
-    monkeypatch.setattr(sft, "evaluate_loss", lambda *args, **kwargs: next(losses))
+    monkeypatch.setattr(loop, "evaluate_loss", lambda *args, **kwargs: next(losses))
     config = make_config(tmp_path, tiny_model, chat_rows, "train.epochs=3", "data.val_fraction=0.2",
                          "train.eval_every=2", "train.early_stopping.patience=2")
     result = run(config)
@@ -243,7 +243,6 @@ def test_non_finite_losses_skip_then_stop(tmp_path, tiny_model, chat_rows, monke
         return loss * float("nan") if calls["n"] in (2, 5, 6, 7) else loss
 
     monkeypatch.setattr(step_module, "token_loss_sum", sometimes_nan)
-    monkeypatch.setattr(step_module.train_step, "__defaults__", (sometimes_nan, None))
     config = make_config(tmp_path, tiny_model, chat_rows, "train.epochs=3", "train.max_bad_steps=3")
     with pytest.raises(TrainingStopped, match="not finite for 3 steps in a row"):
         run(config)

@@ -421,7 +421,7 @@ def test_format_specific_parts_of_an_example(tmp_path):
     ({"text": "t", "label": "l"}, "classification"),
     ({"instruction": "i", "input": "", "output": "o", "text": "t"}, "alpaca"),
     ({"messages": [], "text": "t"}, "messages"),
-    ({"prompt": "p"}, None),
+    ({"prompt": "p"}, "prompt"),
     ({}, None),
 ])
 def test_detection_prefers_the_most_specific_format(row, name):

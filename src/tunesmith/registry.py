@@ -63,6 +63,9 @@ adapters: Registry[Callable[..., Any]] = Registry("adapter type")
 schedules: Registry[Callable[..., Any]] = Registry("learning-rate schedule")
 tasks: Registry[Any] = Registry("evaluation task")
 distill_losses: Registry[Callable[..., Any]] = Registry("distillation loss")
+preference_losses: Registry[Callable[..., Any]] = Registry("preference loss")
+# (prompt messages, response text, row fields, **args) -> float: plain functions that score RL samples
+reward_functions: Registry[Callable[..., float]] = Registry("reward function")
 
 
 _plugins_loaded = False
@@ -80,3 +83,5 @@ def load_plugins() -> None:
     import tunesmith.recipes  # noqa: F401
     import tunesmith.train.distill  # noqa: F401
     import tunesmith.train.optim  # noqa: F401
+    import tunesmith.train.preference  # noqa: F401
+    import tunesmith.train.rewards  # noqa: F401

@@ -8,15 +8,15 @@ from typing import Any
 
 from tunesmith.config import DataConfig
 from tunesmith.data.formats import Example
-from tunesmith.data.tokenize import ChatTokenizer, TokenizedExample
+from tunesmith.data.tokenize import ChatTokenizer, TokenizedExample, TokenizedPair, Unit
 from tunesmith.data.validate import load_file, report
 from tunesmith.errors import Problem, UserError
 
 
 @dataclass
 class PreparedData:
-    train: list[TokenizedExample]
-    validation: list[TokenizedExample]
+    train: list[Unit]  # examples, or preference pairs
+    validation: list[Unit]
     format: str
     skipped_rows: int = 0  # invalid rows skipped because data.skip_bad_rows is on
     dropped_long: int = 0  # examples longer than max_length dropped (truncation: drop)
@@ -45,7 +45,7 @@ def fit_length(example: TokenizedExample, max_length: int, policy: str, where: s
 
 
 def tokenize_file(path: Path, config: DataConfig, chat: ChatTokenizer, accepts: tuple[str, ...], method: str,
-                  prepared: PreparedData) -> tuple[list[TokenizedExample], list[Problem]]:
+                  prepared: PreparedData) -> tuple[list[Unit], list[Problem]]:
     loaded = load_file(path, config.format, accepts, method)
     prepared.format = loaded.format
     problems = list(loaded.problems)
@@ -60,24 +60,48 @@ def tokenize_file(path: Path, config: DataConfig, chat: ChatTokenizer, accepts: 
 
 
 def tokenize_examples(examples: list[Example], path: Path, config: DataConfig, chat: ChatTokenizer,
-                      prepared: PreparedData) -> tuple[list[TokenizedExample], list[Problem]]:
+                      prepared: PreparedData) -> tuple[list[Unit], list[Problem]]:
     """Tokenise, apply the truncation policy, and refuse examples with nothing to train (training and validate)."""
-    tokenized: list[TokenizedExample] = []
+    tokenized: list[Unit] = []
     problems: list[Problem] = []
     for example in examples:
         where = f"{path}:{example.line}"
         encoded = chat(example)
+        if isinstance(encoded, TokenizedPair):
+            pair, problem = fit_pair(encoded, config.max_length, config.truncation, where, prepared)
+            problems += [problem] if problem else []
+            tokenized += [pair] if pair else []
+            continue
         kept, problem = fit_length(encoded, config.max_length, config.truncation, where)
         if problem:
             problems.append(problem)
         prepared.dropped_long += config.truncation == "drop" and not kept
         prepared.truncated += bool(kept) and (len(kept) > 1 or len(kept[0]) < len(encoded))
         for piece in kept:
+            piece.score = encoded.score
             if any(piece.loss_mask[1:]):
                 tokenized.append(piece)
             elif piece is kept[0]:  # a split document's one-token tail is harmless to drop; a whole example is not
                 problems.append(Problem(where, no_target_message(encoded, piece, config.max_length)))
     return tokenized, problems
+
+
+def fit_pair(pair: TokenizedPair, max_length: int, policy: str, where: str,
+             prepared: PreparedData) -> tuple[TokenizedPair | None, Problem | None]:
+    """The truncation policy on both sides of a preference pair (max_length holds for each); both or neither kept."""
+    sides = []
+    for name, side in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        kept, problem = fit_length(side, max_length, policy, where)
+        if problem:
+            return None, Problem(where, f"the {name} side: {problem.message}")
+        if kept and not any(kept[0].loss_mask[1:]):
+            return None, Problem(where, f"the {name} side: {no_target_message(side, kept[0], max_length)}")
+        sides.append(kept[0] if kept else None)
+    if None in sides:
+        prepared.dropped_long += 1
+        return None, None
+    prepared.truncated += len(sides[0]) + len(sides[1]) < len(pair)
+    return TokenizedPair(sides[0], sides[1], pair.line), None
 
 
 def no_target_message(encoded: TokenizedExample, piece: TokenizedExample, max_length: int) -> str:

@@ -22,7 +22,8 @@ class RowError(ValueError):
 @dataclass
 class Example:
     """One training example. `kind` is chat (messages with assistant turns), text (one raw document),
-    or preference (messages end in the chosen reply; `rejected` is the same prompt with the rejected one)."""
+    preference (messages end in the chosen reply; `rejected` is the same prompt with the rejected one),
+    or prompt (messages ending with the user's turn: what RL methods sample replies to)."""
 
     messages: list[dict[str, str]]
     kind: str
@@ -42,7 +43,7 @@ class Example:
 class Format:
     name: str
     keys: tuple[str, ...]  # keys whose presence identifies the format (auto detection)
-    kind: str  # chat | text | preference | score
+    kind: str  # chat | text | preference | score | prompt
     convert: Callable[[dict[str, Any]], Example]
 
 
@@ -171,17 +172,43 @@ def _prompt_messages(row: dict[str, Any]) -> list[dict[str, str]]:
     return [{"role": "user", "content": text_field(row, "prompt")}]
 
 
+def _reply(row: dict[str, Any], key: str) -> str:
+    """A preference reply: a string, or a message list holding one assistant message (TRL, OpenAI)."""
+    value = row.get(key)
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role", "assistant") != "assistant":
+            raise RowError(f"field '{key}' must be a string or a list of one assistant message, got {_short(value)}")
+        value = value[0].get("content")
+        if not isinstance(value, str) or not value.strip():
+            raise RowError(f"field '{key}' has an empty or missing assistant content")
+        return value
+    return text_field(row, key)
+
+
+def _pair(prompt: list[dict[str, str]], chosen: str, rejected: str) -> Example:
+    if chosen == rejected:
+        raise RowError("the chosen and rejected replies are identical, so the pair teaches nothing")
+    return Example(prompt + [{"role": "assistant", "content": chosen}], "preference",
+                   rejected=prompt + [{"role": "assistant", "content": rejected}])
+
+
 @register_format("preference", keys=("prompt", "chosen", "rejected"), kind="preference")
 def convert_preference(row: dict[str, Any]) -> Example:
-    prompt = _prompt_messages(row)
-    chosen, rejected = text_field(row, "chosen"), text_field(row, "rejected")
-    if chosen == rejected:
-        raise RowError("fields 'chosen' and 'rejected' are identical, so the pair teaches nothing")
-    return Example(
-        prompt + [{"role": "assistant", "content": chosen}],
-        "preference",
-        rejected=prompt + [{"role": "assistant", "content": rejected}],
-    )
+    return _pair(_prompt_messages(row), _reply(row, "chosen"), _reply(row, "rejected"))
+
+
+@register_format("openai_preference", keys=("input", "preferred_output", "non_preferred_output"), kind="preference")
+def convert_openai_preference(row: dict[str, Any]) -> Example:
+    """OpenAI's DPO fine-tuning rows: {"input": {"messages": [...]}, "preferred_output": [assistant message],
+    "non_preferred_output": [assistant message]}."""
+    source = row.get("input")
+    if not isinstance(source, dict) or "messages" not in source:
+        raise RowError(f"field 'input' must be an object with a 'messages' list, got {_short(source)}")
+    prompt = check_messages(source["messages"] + [{"role": "assistant", "content": "-"}], "input.messages")[:-1]
+    if prompt[-1]["role"] == "assistant":
+        raise RowError("input.messages ends with an assistant turn; the preferred and non-preferred outputs are the "
+                       "reply to it, so it should end with the user's message")
+    return _pair(prompt, _reply(row, "preferred_output"), _reply(row, "non_preferred_output"))
 
 
 @register_format("score", keys=("prompt", "response", "score"), kind="score")
@@ -192,14 +219,53 @@ def convert_score(row: dict[str, Any]) -> Example:
     return Example(_prompt_messages(row) + [{"role": "assistant", "content": text_field(row, "response")}], "score", score=float(score))
 
 
+def _prompt_turns(turns: list[dict[str, str]], key: str) -> list[dict[str, str]]:
+    if turns[-1]["role"] != "user":
+        raise RowError(f"the last turn of field '{key}' is the {turns[-1]['role']}'s; a prompt ends with the user's "
+                       f"message, which the model replies to")
+    return turns
+
+
+@register_format("prompt", keys=("prompt",), kind="prompt")
+def convert_prompt(row: dict[str, Any]) -> Example:
+    """A prompt for RL methods: a string, or a message list ending with the user's turn. Other fields of the
+    row (a reference answer, a category) stay in `Example.fields` for reward functions."""
+    return Example(_prompt_turns(_prompt_messages(row), "prompt"), "prompt")
+
+
+@register_format("prompt_messages", keys=("messages",), kind="prompt")
+def convert_prompt_messages(row: dict[str, Any]) -> Example:
+    """A conversation for RL methods to continue: its turns up to the user's last message. A final assistant
+    reply, if there is one, is not part of the prompt; it is kept as meta["reference"]."""
+    turns = row.get("messages")
+    if not isinstance(turns, list) or not turns:
+        check_messages(turns)  # raises: not a list, or an empty one
+    reply = None
+    if len(turns) > 1 and isinstance(turns[-1], dict) and turns[-1].get("role") == "assistant":
+        reply, turns = turns[-1].get("content"), turns[:-1]  # a chat's final reply: the reference, not the prompt
+    checked = check_messages(turns + [{"role": "assistant", "content": "-"}])
+    example = Example(_prompt_turns(checked[:-1], "messages"), "prompt")
+    if isinstance(reply, str):
+        example.meta["reference"] = reply
+    return example
+
+
 # Most specific first: a row with prompt+chosen+rejected must not be taken for prompt_completion.
-DETECTION_ORDER = ("messages", "sharegpt", "preference", "score", "alpaca", "prompt_completion", "qa", "classification",
-                   "text")
+DETECTION_ORDER = ("messages", "prompt_messages", "sharegpt", "preference", "openai_preference", "score", "alpaca",
+                   "prompt_completion", "qa", "classification", "prompt", "text")
 
 
-def detect_format(row: dict[str, Any]) -> str | None:
-    """The format whose identifying keys the row has, or None."""
-    for name in DETECTION_ORDER:
-        if all(key in row for key in formats.get(name).keys):
-            return name
-    return None
+def detect_format(row: dict[str, Any], kinds: tuple[str, ...] | None = None) -> str | None:
+    """The format whose identifying keys the row has, or None.
+
+    Formats with the same keys (messages: a chat to learn from, or a prompt to continue) are told apart by
+    `kinds`, the example kinds the method takes, in its order of preference."""
+    found = [name for name in DETECTION_ORDER if all(key in row for key in formats.get(name).keys)]
+    if not found:
+        return None
+    same_keys = [name for name in found if formats.get(name).keys == formats.get(found[0]).keys]
+    for kind in kinds or ():
+        for name in same_keys:
+            if formats.get(name).kind == kind:
+                return name
+    return found[0]

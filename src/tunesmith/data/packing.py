@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tunesmith.data.tokenize import TokenizedExample
+from tunesmith.data.tokenize import TokenizedExample, Unit
 
 IGNORE = -100  # target value that the loss skips
 PACKING_WINDOW = 2048  # examples sorted together when packing: bounds the shuffle's locality, keeps O(n log n)
@@ -31,6 +31,8 @@ class Batch:
     position_ids: torch.Tensor  # (1, T) long: restarts at 0 for each example
     segment_lengths: tuple[int, ...]  # the examples' lengths, in order; they sum to T
     num_loss_tokens: int
+    num_units: int = 0  # examples, or preference pairs (each two segments, chosen then rejected)
+    scores: torch.Tensor | None = None  # (segments,) float: pointwise reward data's scores
 
     @property
     def num_tokens(self) -> int:
@@ -38,7 +40,8 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.input_ids.to(device), self.targets.to(device), self.position_ids.to(device),
-                     self.segment_lengths, self.num_loss_tokens)
+                     self.segment_lengths, self.num_loss_tokens, self.num_units,
+                     self.scores.to(device) if self.scores is not None else None)
 
     def example_index(self) -> torch.Tensor:
         """(T,) which example each position belongs to."""
@@ -91,16 +94,20 @@ def shifted_targets(example: TokenizedExample) -> list[int]:
     return [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
 
 
-def collate(examples: list[TokenizedExample]) -> Batch:
-    """One flat micro-batch of `examples`, back to back."""
+def collate(units: list[Unit]) -> Batch:
+    """One flat micro-batch of `units` (examples, or pairs as chosen then rejected), back to back."""
+    examples = [segment for unit in units for segment in unit.segments()]
     input_ids = torch.tensor([token for example in examples for token in example.input_ids], dtype=torch.long)
     targets = torch.tensor([target for example in examples for target in shifted_targets(example)], dtype=torch.long)
     position_ids = torch.cat([torch.arange(len(example)) for example in examples])
+    scores = None
+    if any(example.score is not None for example in examples):
+        scores = torch.tensor([example.score for example in examples], dtype=torch.float32)
     return Batch(input_ids[None], targets[None], position_ids[None], tuple(len(example) for example in examples),
-                 int((targets != IGNORE).sum()))
+                 int((targets != IGNORE).sum()), len(units), scores)
 
 
-def collate_rows(examples: list[TokenizedExample], rows: list[list[int]], batch_size: int) -> list[Batch]:
+def collate_rows(examples: list[Unit], rows: list[list[int]], batch_size: int) -> list[Batch]:
     """Micro-batches of `batch_size` rows each (rows hold indices into `examples`), in order."""
     return [collate([examples[index] for row in rows[start: start + batch_size] for index in row])
             for start in range(0, len(rows), batch_size)]
@@ -110,7 +117,7 @@ def collate_rows(examples: list[TokenizedExample], rows: list[list[int]], batch_
 class BatchPlan:
     """Which rows go into which micro-batch and optimizer step, for every epoch; resumable by position."""
 
-    examples: list[TokenizedExample]
+    examples: list[Unit]
     capacity: int
     packing: bool
     batch_size: int

@@ -22,9 +22,33 @@ class TokenizedExample:
     input_ids: list[int]
     loss_mask: list[bool]  # True where the token is a training target
     line: int = 0
+    score: float | None = None  # pointwise reward data: the reply's score
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def segments(self) -> list["TokenizedExample"]:
+        """The sequences this unit puts in a batch: itself."""
+        return [self]
+
+
+@dataclass
+class TokenizedPair:
+    """A preference pair: the prompt with the chosen reply, then with the rejected one. Batched as one unit,
+    so the two always share a micro-batch (chosen first); the loss mask marks each final reply only."""
+
+    chosen: TokenizedExample
+    rejected: TokenizedExample
+    line: int = 0
+
+    def __len__(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+    def segments(self) -> list[TokenizedExample]:
+        return [self.chosen, self.rejected]
+
+
+Unit = TokenizedExample | TokenizedPair  # what packing places in rows and a training step counts
 
 
 class ChatTokenizer:
@@ -52,9 +76,16 @@ class ChatTokenizer:
         text = self.render(self.with_system(messages), generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def __call__(self, example: Example) -> TokenizedExample:
+    def __call__(self, example: Example) -> Unit:
         if example.kind == "text":
             return self.tokenize_text(example.text, example.line)
+        if example.kind == "preference":  # only the final replies differ, so only they are scored
+            return TokenizedPair(self.tokenize_chat(example.messages, example.line, last_turn_only=True),
+                                 self.tokenize_chat(example.rejected, example.line, last_turn_only=True), example.line)
+        if example.kind == "score":
+            scored = self.tokenize_chat(example.messages, example.line, last_turn_only=True)
+            scored.score = example.score
+            return scored
         return self.tokenize_chat(example.messages, example.line)
 
     def tokenize_text(self, text: str, line: int = 0) -> TokenizedExample:
@@ -64,14 +95,15 @@ class ChatTokenizer:
             ids = ids + [self.tokenizer.eos_token_id]
         return TokenizedExample(ids, [True] * len(ids), line)
 
-    def tokenize_chat(self, messages: list[dict[str, str]], line: int = 0) -> TokenizedExample:
+    def tokenize_chat(self, messages: list[dict[str, str]], line: int = 0, last_turn_only: bool = False) -> TokenizedExample:
+        """Loss on every assistant turn (or, `last_turn_only`, on the final reply: what preference data rates)."""
         messages = self.with_system(messages)
         full = self.render(messages)
         encoded = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-        if self.loss_on == "all":
+        if self.loss_on == "all" and not last_turn_only:
             return TokenizedExample(ids, [True] * len(ids), line)
-        spans = self.assistant_spans(messages, full)
+        spans = self.assistant_spans(messages, full)[-1:] if last_turn_only else self.assistant_spans(messages, full)
         mask = [any(start <= token_start < end for start, end in spans) for token_start, _ in offsets]
         # A template without an end-of-turn token would never teach the model to stop: add EOS, trained.
         trained = [token for token, keep in zip(ids, mask) if keep]

@@ -64,7 +64,7 @@ def load_file(path: Path, format_name: str = "auto", accepts: tuple[str, ...] | 
             loaded.problems.append(Problem(where, f"each line must be a JSON object, got {type(row).__name__}"))
             continue
         if chosen is None:
-            detected = detect_format(row)
+            detected = detect_format(row, accepts)
             if detected is None:
                 keys = ", ".join(sorted(row)) or "no keys"
                 loaded.problems.append(Problem(where, f"cannot tell the data format from the keys ({keys}); fix: "
@@ -98,7 +98,7 @@ def load_file(path: Path, format_name: str = "auto", accepts: tuple[str, ...] | 
 def other_format_hint(row: dict[str, Any], used: str, auto: bool) -> str:
     """'; the row looks like FORMAT data ...' when a row that failed has the keys of another format."""
     detected = detect_format(row)
-    if detected is None or detected == used:
+    if detected is None or formats.get(detected).keys == formats.get(used).keys:  # the same keys: no other format
         return ""
     if auto:
         return f"; the row looks like {detected} data, but the file's first row is {used}: fix: use one format per file"

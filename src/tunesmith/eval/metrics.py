@@ -21,6 +21,7 @@ What `predictions` and `references` mean per task:
 | regression | model outputs: numbers, None, or text that `parse_number` reads | numbers (or numeric strings) |
 | perplexity | (summed log-likelihood in nats, token count) per example, from `Engine.loglikelihood` | unused |
 | preference | (score of the chosen reply, score of the rejected reply) per example | unused |
+| judge | (P(chosen better) shown as A, shown as B) per pair, from `Judge.compare` | unused |
 
 Perplexity and preference carry both numbers in each prediction, so comparing two systems needs nothing
 beyond their predictions; their `references` may be None.
@@ -486,3 +487,44 @@ metric_tasks.register("preference")(MetricTask(prepare=preference_wins, totals=s
 @metrics.register("preference_accuracy", task="preference")
 def preference_accuracy(totals: Totals) -> np.ndarray:
     return totals["wins"] / totals["count"]
+
+
+# ------------------------------------------------------------------------------------------------ judge
+
+
+def judge_verdicts(predictions: Sequence[Any], references: Sequence[Any] | None = None) -> dict[str, np.ndarray]:
+    """A judge against human labels. Per pair: the judge's probability that the human-chosen reply is better
+    when shown first (as A) and when shown second (as B). It agrees when both exceed 0.5, ties when they differ
+    in side (it followed the position), disagrees when both fall below."""
+    as_a, as_b = _pairs(predictions, "(P(chosen better) shown as A, shown as B)")
+    agree, disagree = (as_a > 0.5) & (as_b > 0.5), (as_a < 0.5) & (as_b < 0.5)
+    return {"count": np.ones(len(as_a)), "agree": agree.astype(float), "tie": (~agree & ~disagree).astype(float),
+            "debiased": ((as_a + as_b) / 2 > 0.5).astype(float)}
+
+
+metric_tasks.register("judge")(MetricTask(prepare=judge_verdicts, totals=sum_columns,
+                                          correct=lambda columns: columns["agree"] == 1))
+
+
+@metrics.register("agreement", task="judge")
+def judge_agreement(totals: Totals) -> np.ndarray:
+    """Share of pairs where the judge picks the human-chosen reply in both orders (a tie counts as a miss)."""
+    return totals["agree"] / totals["count"]
+
+
+@metrics.register("tie_rate", task="judge")
+def judge_tie_rate(totals: Totals) -> np.ndarray:
+    """Share of pairs whose verdict flips when the replies swap places: position bias, not preference."""
+    return totals["tie"] / totals["count"]
+
+
+@metrics.register("decided_agreement", task="judge")
+def judge_decided_agreement(totals: Totals) -> np.ndarray:
+    """Agreement among the pairs the judge decided (no tie); undefined when it decided none."""
+    return _divide(totals["agree"], totals["count"] - totals["tie"], math.nan)
+
+
+@metrics.register("debiased_agreement", task="judge")
+def judge_debiased_agreement(totals: Totals) -> np.ndarray:
+    """Share of pairs where the judge's probability averaged over both orders favours the human-chosen reply."""
+    return totals["debiased"] / totals["count"]

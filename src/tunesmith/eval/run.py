@@ -22,6 +22,8 @@ from tunesmith.data.dataset import load_examples
 from tunesmith.data.formats import Example
 from tunesmith.errors import UserError
 from tunesmith.eval import metrics as metric_functions
+from tunesmith.eval.judge import load_rubric
+from tunesmith.eval.reward import RewardScorer, is_reward_model
 from tunesmith.eval.tasks import Context, Item, ItemError, last_reply
 from tunesmith.registry import tasks
 from tunesmith.serve.engine import Engine, Sampling, is_run_dir
@@ -42,6 +44,7 @@ class EvalOptions:
     batch_size: int = 16
     slice_by: str | None = None  # a row field (e.g. "services", "type"), or "length" for input-length terciles
     reward_model: str | None = None  # preference task: score with this reward model instead of log-probabilities
+    rubric: Path | None = None  # judge task: the judge's question (default: the built-in compare rubric)
 
 
 def run_config(target: str) -> dict[str, Any]:
@@ -87,7 +90,7 @@ def system_context(engine: Engine, name: str, config: dict, loaded: dict[str, En
     if name == "target":
         yield engine
         return
-    if engine.has_adapter:
+    if engine is not None and engine.has_adapter:
         with engine.base_model():
             yield engine
         return
@@ -116,6 +119,24 @@ def assign_slices(items: list[Item], field: str, data: Path) -> None:
         item.slice = str(fields[field])
 
 
+def reward_task(examples: list[Example], data: Path, options: EvalOptions) -> str:
+    """How a reward model is evaluated: pairwise accuracy on pairs, MSE and MAE on scored replies; its one
+    baseline is its base model's log-likelihood ranking of pairs."""
+    kinds = sorted({example.kind for example in examples})
+    task = {("preference",): "preference", ("score",): "regression"}.get(tuple(kinds))
+    if task is None:
+        raise UserError(f"{data}: a reward model is evaluated on {{prompt, chosen, rejected}} pairs (pairwise accuracy) "
+                        f"or {{prompt, response, score}} rows (MSE, MAE), and this file holds {', '.join(kinds)} rows; "
+                        f"fix: pass --data with pairs or scored replies")
+    if options.reward_model is not None:
+        raise UserError("--reward-model scores pairs with another model, and the target is itself a reward model; "
+                        "fix: drop --reward-model")
+    if options.baselines and (task != "preference" or set(options.baselines) != {"base"}):
+        raise UserError(f"--baseline {', '.join(options.baselines)}: a reward model is compared only with its base "
+                        f"model's log-likelihood ranking of pairs; fix: use --baseline base on pair data, or none")
+    return task
+
+
 def parse_baseline(name: str) -> int:
     """Shots for a baseline name: 0 for `base`, K for `few-shot:K`."""
     if name == "base":
@@ -127,25 +148,32 @@ def parse_baseline(name: str) -> int:
 
 
 def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dict[str, Any]:
-    task = tasks.get(options.task, key="--task")
     config = run_config(target)
+    examples = load_examples(data)[: options.max_examples]
+    reward_target = is_reward_model(target)  # it rates replies: the data says how it is scored
+    if reward_target:
+        options = dataclasses.replace(options, task=reward_task(examples, data, options))
+    task = tasks.get(options.task, key="--task")
     try:
-        items = task.items(load_examples(data)[: options.max_examples])
+        items = task.items(examples)
     except ItemError as error:
         raise UserError(f"{data}:{error.message}") from None
     if not items:
         raise UserError(f"{data}: no examples to evaluate")
     if options.slice_by:
         assign_slices(items, options.slice_by, data)
-    engine = Engine.load(target)
+    if options.rubric is not None and options.task != "judge":
+        raise UserError(f"--rubric applies to the judge task, not {options.task}; fix: add --task judge")
+    rubric = load_rubric(options.rubric, "compare") if options.rubric is not None else None  # checked before loading
+    engine = None if reward_target else Engine.load(target)
     labels = label_set(items, config) if options.task == "classification" else []
-    context = Context(Sampling(max_new_tokens=options.max_new_tokens), options.batch_size, options.method, labels)
-    if options.reward_model is not None:
-        if options.task != "preference":
-            raise UserError(f"--reward-model applies to the preference task, not {options.task}; fix: add --task preference")
-        from tunesmith.eval.reward import RewardScorer
-
-        context.reward = RewardScorer.load(options.reward_model)
+    context = Context(Sampling(max_new_tokens=options.max_new_tokens), options.batch_size, options.method, labels,
+                      rubric=rubric)
+    if reward_target or options.reward_model is not None:
+        if options.task not in ("preference", "regression"):
+            raise UserError(f"--reward-model rates pairs (--task preference) or scored replies (--task regression), not "
+                            f"{options.task}; fix: add --task preference")
+        context.reward = RewardScorer.load(target if reward_target else options.reward_model)
     shots_file = options.shots_file or (Path(config["data"]["train"]) if config.get("data", {}).get("train") else None)
 
     predictions, timing, loaded = {}, {}, {}
@@ -158,8 +186,9 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
             prefix = few_shot_prefix(load_examples(shots_file), shots, labels,
                                      config.get("data", {}).get("system_prompt"), options.seed, options.task)
         started = time.perf_counter()
+        reward = None if reward_target and name != "target" else context.reward  # the base has no reward head
         with system_context(engine, name, config, loaded) as system:
-            predictions[name] = task.predict(system, items, dataclasses.replace(context, prefix=prefix))
+            predictions[name] = task.predict(system, items, dataclasses.replace(context, prefix=prefix, reward=reward))
         timing[f"{name}_s"] = round(time.perf_counter() - started, 2)
 
     result = assemble(target, data, options, task, items, predictions, labels, timing)
@@ -179,7 +208,8 @@ def assemble(target: str, data: Path, options: EvalOptions, task: Any, items: li
     stats = dict(resamples=options.resamples, seed=options.seed)
     result: dict[str, Any] = {"target": str(target), "task": options.task, "data": str(data.resolve()), "n": len(items),
                               "settings": {**stats, "method": options.method, "baselines": list(options.baselines),
-                                           "max_new_tokens": options.max_new_tokens, "labels": len(labels)},
+                                           "max_new_tokens": options.max_new_tokens, "labels": len(labels),
+                                           **({"rubric": str(options.rubric)} if options.rubric else {})},
                               "timing": timing}
     if task.metric_task is not None:
         result["metrics"] = metric_functions.score(task.metric_task, predictions["target"], expected, **stats)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import numpy as np
 
@@ -43,6 +44,27 @@ def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float,
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(finite, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion `successes / trials`.
+
+    Used for rates (refusal, compliance) where the bootstrap degenerates: at 0/n or n/n every resample gives
+    the same value, and the percentile interval collapses to a point; Wilson's stays honest ([0, 0.019] at 0/200).
+    (nan, nan) when there are no trials.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be between 0 and 1, got {level}")
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes must lie in [0, trials], got {successes} of {trials}")
+    if trials == 0:
+        return math.nan, math.nan
+    z = NormalDist().inv_cdf(1 - (1 - level) / 2)
+    share = successes / trials
+    centre = (share + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(share * (1 - share) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends: no float residue at 0/n or n/n
+    return low, 1.0 if successes == trials else min(1.0, centre + half)
 
 
 def binomial_two_sided_p(successes: int, trials: int) -> float:

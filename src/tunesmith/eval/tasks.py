@@ -42,6 +42,7 @@ class Context:
     labels: list[str] = field(default_factory=list)
     prefix: Messages = field(default_factory=list)  # few-shot turns placed before each prompt
     reward: Any = None  # preference: a RewardScorer that scores replies instead of the model's log-probability
+    rubric: Any = None  # judge: the Rubric the judge is asked with (default: the built-in compare rubric)
 
 
 def with_prefix(prefix: Messages, prompt: Messages) -> Messages:
@@ -125,7 +126,8 @@ class ExactMatch:
 
 
 class Regression:
-    """Numeric answers: the number in the reply against the expected number (MSE, MAE)."""
+    """Numeric answers: the number in the reply against the expected number (MSE, MAE). Scored replies
+    ({prompt, response, score}) are rated by a reward model instead, its rating against the score."""
 
     metric_task = "regression"
     headline = ("mae", "mse")  # the metrics printed in the summary table
@@ -133,6 +135,9 @@ class Regression:
     def items(self, examples: list[Example]) -> list[Item]:
         items = chat_items(examples)
         for item in items:
+            if item.example.kind == "score":
+                item.expected = item.example.score
+                continue
             value = parse_number(str(item.expected))
             if value is None:
                 raise ItemError(f"{item.line}: expected a number for the regression task, got {item.expected!r}")
@@ -140,6 +145,12 @@ class Regression:
         return items
 
     def predict(self, engine: Engine, items: list[Item], context: Context) -> list[float | None]:
+        if context.reward is not None:
+            conversations = [with_prefix(context.prefix, item.example.messages) for item in items]
+            return context.reward.score(conversations, context.batch_size)
+        if any(item.example.kind == "score" for item in items):
+            raise UserError("scored replies ({prompt, response, score}) are rated by a reward model; fix: evaluate a "
+                            "run of method: reward, or pass --reward-model")
         return [parse_number(reply) for reply in generate_all(engine, [item.prompt for item in items], context)]
 
     def correct(self, prediction: float | None, expected: float) -> bool | None:
@@ -194,6 +205,27 @@ class Preference:
         return prediction[0] > prediction[1]
 
 
+class JudgeAgreement:
+    """The model as a judge (RLAIF): does it prefer the human-chosen reply of each pair, asked in both orders?"""
+
+    metric_task = "judge"
+    headline = ("agreement", "tie_rate", "debiased_agreement")  # the metrics printed in the summary table
+
+    def items(self, examples: list[Example]) -> list[Item]:
+        return Preference().items(examples)
+
+    def predict(self, engine: Engine, items: list[Item], context: Context) -> list[tuple[float, float]]:
+        from tunesmith.eval.judge import Judge, default_rubric
+
+        judge = Judge(engine, context.rubric or default_rubric("compare"), context.batch_size)
+        comparisons = judge.compare([item.prompt for item in items], [item.expected for item in items],
+                                    [item.rejected for item in items])
+        return [(comparison.first_as_a, comparison.first_as_b) for comparison in comparisons]
+
+    def correct(self, prediction: tuple[float, float], expected) -> bool:
+        return prediction[0] > 0.5 and prediction[1] > 0.5
+
+
 class Generation:
     """Free generations, saved side by side for people to review; no metric."""
 
@@ -211,5 +243,6 @@ class Generation:
 
 
 for _name, _task in (("classification", Classification()), ("exact_match", ExactMatch()), ("regression", Regression()),
-                     ("perplexity", Perplexity()), ("preference", Preference()), ("generation", Generation())):
+                     ("perplexity", Perplexity()), ("preference", Preference()), ("generation", Generation()),
+                     ("judge", JudgeAgreement())):
     tasks.register(_name)(_task)

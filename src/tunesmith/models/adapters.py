@@ -25,14 +25,25 @@ import torch
 from tunesmith.config import AdapterConfig
 from tunesmith.errors import UserError
 from tunesmith.models.fused_lora import fuse_lora_layers
+from tunesmith.models.loading import CLASSIFIER_HEADS
 from tunesmith.registry import adapters
+
+
+def is_sequence_classifier(model: torch.nn.Module) -> bool:
+    """A transformers `*ForSequenceClassification` model (a reward model): its output head is new and must train."""
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def peft_task_type(model: torch.nn.Module) -> str:
+    """SEQ_CLS for a sequence classifier (PEFT then trains its head in full and saves it with the adapter)."""
+    return "SEQ_CLS" if is_sequence_classifier(model) else "CAUSAL_LM"
 
 
 def _lora(model: torch.nn.Module, config: AdapterConfig, **extra: Any) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.target,
-                      use_rslora=config.rslora, bias="none", task_type="CAUSAL_LM", **extra)
+                      use_rslora=config.rslora, bias="none", task_type=peft_task_type(model), **extra)
     model = get_peft_model(model, lora)
     fuse_lora_layers(model)
     return model
@@ -109,8 +120,11 @@ def apply_full(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module
 
 @adapters.register("freeze", output="model")
 def apply_freeze(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module:
-    """Train only the parameters whose names match `modules` (regular expressions) or lie in the top `layers`."""
+    """Train only the parameters whose names match `modules` (regular expressions) or lie in the top `layers`,
+    and a sequence classifier's new head."""
     chosen = trainable_by_choice(model, config)
+    if is_sequence_classifier(model):
+        chosen |= {name for name, _ in model.named_parameters() if name.split(".")[0] in CLASSIFIER_HEADS}
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in chosen)
     return model

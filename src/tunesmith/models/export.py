@@ -77,6 +77,9 @@ def check_request(run_dir: Path, to: str, output: Path, dtype: str | None, force
     if run is not None and run.model_dir is not None and to == "peft":
         problems.append(Problem(str(run_dir), "is a full fine-tuning run (it has model/, not adapter/), so there is "
                                               "no adapter to export; fix: use --to merged or --to gguf"))
+    if run is not None and run.config.get("method") == "reward" and to == "gguf":
+        problems.append(Problem(str(run_dir), "is a reward model (a sequence classifier with one output), which GGUF "
+                                              "runtimes do not load; fix: use --to merged or --to peft"))
     if run is not None and run.adapter_dir is not None and to in ("merged", "gguf") and not is_mergeable(run.adapter_dir):
         problems.append(Problem(str(run.adapter_dir), "holds a prompt-learning adapter (virtual tokens or prompts, not "
                                                       "weight updates), which cannot be merged into the weights; "
@@ -159,6 +162,9 @@ def export_merged(run: Run, staging: Path, dtype: str | None) -> Path:
     """One plain transformers directory: the adapter's update added into the base weights."""
     model, tokenizer = load_merged_model(run)
     save_model_directory(model, tokenizer, staging, dtype or "float32")
+    scale = (run.adapter_dir or run.model_dir) / "reward_scale.json"  # a reward model trained on scores: their units
+    if scale.is_file():
+        shutil.copy2(scale, staging / scale.name)
     return staging
 
 
@@ -188,10 +194,11 @@ def load_merged_model(run: Run) -> tuple[Any, Any]:
     from tunesmith.models import load_model
     from tunesmith.models.adapters import load_adapter, load_options
 
+    labels = 1 if run.config.get("method") == "reward" else None  # a reward model: a one-output sequence classifier
     if run.model_dir is not None:
-        return load_model(str(run.model_dir), dtype="float32")
+        return load_model(str(run.model_dir), dtype="float32", num_labels=labels)
     quantized = load_options(str(run.config.get("adapter", {}).get("type", "lora")))
-    base, tokenizer = load_model(run.base_model, dtype="float32", **quantized)
+    base, tokenizer = load_model(run.base_model, dtype="float32", num_labels=labels, **quantized)
     if quantized:
         base = base.dequantize()  # nn.Linear layers holding the NF4 weights' float32 values
     merged = load_adapter(base, run.adapter_dir).merge_and_unload()

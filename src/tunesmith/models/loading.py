@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # torch is imported only when a model is really loaded
 
 # `org/name` or a bare legacy name like `gpt2`: what the hub accepts as a model repository id.
 _HUB_ID_PATTERN = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+# What transformers' sequence classifiers call their output head (decoders: score; encoders: classifier).
+CLASSIFIER_HEADS = ("score", "classifier")
 # Hex digits of the GGUF's sha256 that name its cache directory: 64 bits, collisions are not a concern.
 _GGUF_HASH_PREFIX_LENGTH = 16
 
@@ -115,14 +117,16 @@ def load_tokenizer(spec: str | Path) -> Any:
 
 def load_model(
     spec: str | Path, *, dtype: torch.dtype | str = "float32", device: str | torch.device = "cpu",
-    quantization: str | None = None,
+    quantization: str | None = None, num_labels: int | None = None,
 ) -> tuple[Any, Any]:
     """`(model, tokenizer)` for `spec`: a causal LM in `dtype` on `device`, no remote code.
 
     `quantization="nf4"` loads the linear layers in 4-bit NF4 with double quantisation (bitsandbytes,
-    which runs on CPU too), computing in `dtype`: the base of QLoRA.
+    which runs on CPU too), computing in `dtype`: the base of QLoRA. `num_labels` loads a sequence
+    classifier with that many outputs instead (a reward model has one); a head the checkpoint does not
+    hold starts at zero, so every first output is 0 rather than the noise of a random head.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from tunesmith.models import attention
 
@@ -132,8 +136,11 @@ def load_model(
     if quantization is not None:
         options = {"quantization_config": quantization_config(quantization, _as_torch_dtype(dtype)),
                    "device_map": {"": str(device)}}
+    if num_labels is not None:
+        options.update(num_labels=num_labels, output_loading_info=True)
+    model_class = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
     with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(
+        model = model_class.from_pretrained(
             directory,
             dtype=_as_torch_dtype(dtype),
             attn_implementation=attention.NAME,  # SDPA, plus padding-free packed training
@@ -141,6 +148,11 @@ def load_model(
             trust_remote_code=False,
             **options,
         )
+    if num_labels is not None:
+        model, info = model
+        for name, parameter in model.named_parameters():
+            if name in info["missing_keys"] and name.split(".")[0] in CLASSIFIER_HEADS:
+                parameter.detach().zero_()
     if quantization is None:
         model.to(device)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:

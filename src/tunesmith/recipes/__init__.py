@@ -1,2 +1,2 @@
 """Training recipes, one file per method; importing this package registers them all."""
-from tunesmith.recipes import distill, pretrain, sft  # noqa: F401
+from tunesmith.recipes import distill, dpo, grpo, ppo, pretrain, reward, sft  # noqa: F401

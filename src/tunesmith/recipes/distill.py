@@ -3,7 +3,7 @@
 Setup loads the teacher (a model, or a finished run: its adapter on its base) and checks that it shares
 the student's vocabulary; with `distill.cache: disk` the teacher runs once over the training data and its
 top-k outputs go to RUN/teacher-cache/ (safetensors + manifest.json), reused by later epochs, resumed runs
-and re-runs until the teacher, the data, the vocabulary or top_k change. The loop is `train_token_loss`
+and re-runs until the teacher, the data, the vocabulary or top_k change. The loop is `train_loop`
 with the distillation loss (train/distill.py); the student is whatever `adapter.type` says, and the
 validation loss stays the plain token cross-entropy, so a distilled run compares with an SFT run.
 """
@@ -11,33 +11,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from tunesmith.config import Config
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.packing import collate
 from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.errors import UserError
-from tunesmith.recipes.sft import RunResult, train_token_loss
+from tunesmith.recipes.sft import RunResult, train_loop
 from tunesmith.registry import distill_losses, methods
 from tunesmith.serve.engine import Engine
+from tunesmith.train.cache import model_identity, read_cache, write_cache
 from tunesmith.train.distill import CachedTeacher, Distiller, LiveTeacher, example_key, teacher_top_k
 
 CACHE_DIR = "teacher-cache"
 CACHE_FORMAT = 1  # bump when the files' layout changes, so old caches are rebuilt rather than misread
-WEIGHT_SUFFIXES = {".safetensors", ".bin", ".gguf"}
+CACHE_FILE = "top_k.safetensors"
 
 
 @methods.register("distill", accepts=("chat",))
 def run_distill(config: Config) -> RunResult:
-    return train_token_loss(config, accepts=("chat",), build_loss=partial(build_distill_loss, config))
+    return train_loop(config, accepts=("chat",), build_objective=partial(build_distill_loss, config))
 
 
 def build_distill_loss(config: Config, data: PreparedData, student: torch.nn.Module, tokenizer: Any,
@@ -99,50 +97,17 @@ def cached_teacher(directory: Path, load: Callable[[], torch.nn.Module], teacher
     singles = [collate([example]) for example in examples]  # exactly as a batch holds each example
     keys = [example_key(single.input_ids[0], single.targets[0]) for single in singles]
     manifest = cache_manifest(teacher_spec, keys, top_k, tokenizer)
-    tensors = read_cache(directory, manifest)
+    tensors = read_cache(directory, manifest, CACHE_FILE)
     if tensors is None:
         tensors = teacher_top_k(load(), examples, top_k, device, max_tokens)
-        write_cache(directory, tensors, manifest)
+        write_cache(directory, tensors, manifest, CACHE_FILE)
     return CachedTeacher(tensors["logprobs"], tensors["indices"], keys, [single.num_loss_tokens for single in singles])
 
 
 def cache_manifest(teacher_spec: str, keys: list[str], top_k: int, tokenizer: Any) -> dict[str, Any]:
     """What a cache was computed from; a cache is reused only when all of it matches."""
     vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return {"format": CACHE_FORMAT, "teacher": teacher_identity(teacher_spec),
+    return {"format": CACHE_FORMAT, "teacher": model_identity(teacher_spec),
             "data": hashlib.blake2b("".join(keys).encode(), digest_size=16).hexdigest(), "examples": len(keys),
             "vocabulary": hashlib.blake2b(vocabulary.encode(), digest_size=16).hexdigest(), "top_k": top_k,
             "log_probs": "natural log-softmax at temperature 1; distill.temperature is applied in training"}
-
-
-def teacher_identity(spec: str) -> dict[str, Any]:
-    """The teacher's spec and, for a local path, its weight files' sizes and times: a teacher retrained at the
-    same path (a run directory trained again) must not reuse the old teacher's outputs."""
-    path = Path(spec).expanduser()
-    if not path.exists():
-        return {"spec": spec}  # a built-in name: its files are checked against a pinned hash when pulled
-    files = [path] if path.is_file() else sorted(
-        file for file in path.rglob("*")
-        if file.suffix in WEIGHT_SUFFIXES and not {"checkpoints", CACHE_DIR} & set(file.relative_to(path).parts))
-    return {"spec": str(path.resolve()),
-            "files": [[file.name if file == path else str(file.relative_to(path)), file.stat().st_size,
-                       file.stat().st_mtime_ns] for file in files]}
-
-
-def read_cache(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The cached tensors when `directory` holds a complete cache made from `manifest`'s inputs, else None."""
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.is_file() or json.loads(manifest_path.read_text(encoding="utf-8")) != manifest:
-        return None
-    return load_file(directory / "top_k.safetensors")
-
-
-def write_cache(directory: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
-    """Write next to `directory`, then swap it in: a crash mid-write leaves no half cache that looks whole."""
-    temporary = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    save_file(tensors, temporary / "top_k.safetensors")
-    (temporary / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    shutil.rmtree(directory, ignore_errors=True)
-    os.rename(temporary, directory)

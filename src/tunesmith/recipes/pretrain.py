@@ -6,10 +6,10 @@ is cut into `max_length` pieces, and packing never lets one document attend to a
 from __future__ import annotations
 
 from tunesmith.config import Config
-from tunesmith.recipes.sft import RunResult, train_token_loss
+from tunesmith.recipes.sft import RunResult, train_loop
 from tunesmith.registry import methods
 
 
 @methods.register("pretrain", accepts=("text",))
 def run_pretrain(config: Config) -> RunResult:
-    return train_token_loss(config, accepts=("text",))
+    return train_loop(config, accepts=("text",))

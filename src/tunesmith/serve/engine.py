@@ -55,6 +55,9 @@ class Engine:
         path = Path(target)
         if is_run_dir(path):
             run_config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+            if run_config.get("method") == "reward":
+                raise UserError(f"{path} is a reward model: it rates replies and does not write them; fix: rate a "
+                                f"file with `tunesmith score {path} --data FILE`, or evaluate it with `tunesmith eval`")
             system_prompt = run_config.get("data", {}).get("system_prompt")
             if (path / "adapter").is_dir():  # the base as it trained (QLoRA: 4-bit), then the adapter
                 adapter_type = run_config.get("adapter", {}).get("type", "lora")
@@ -165,6 +168,32 @@ class Engine:
             scores += [(float(total), int(count)) for total, count in zip(sums, counts)]
         return scores
 
+    @torch.no_grad()
+    def next_token_logprobs(self, conversations: list[Messages], token_ids: list[int], reply_start: str = "",
+                            batch_size: int = 16) -> torch.Tensor:
+        """(n, len(token_ids)) log-probabilities of each given token as the next token of the reply to each
+        conversation: after the generation prompt and `reply_start` (text the reply is taken to begin with).
+
+        A verdict read from these costs one forward pass and no sampling (judges, classifiers). The rows are
+        packed like `loglikelihood`'s, so no token is padding; the head runs only at each row's last position.
+        """
+        from tunesmith.data.packing import collate
+        from tunesmith.data.tokenize import TokenizedExample
+        from tunesmith.train.loss import decoder_and_head, hidden_states
+
+        _, head = decoder_and_head(self.model)
+        start_ids = self.tokenizer(reply_start, add_special_tokens=False)["input_ids"] if reply_start else []
+        prompts = [self.chat.prompt_ids(messages) + start_ids for messages in conversations]
+        candidates = torch.tensor(token_ids, device=self.device)
+        rows = []
+        for start in range(0, len(prompts), batch_size):
+            batch = collate([TokenizedExample(ids, [False] * len(ids)) for ids in prompts[start: start + batch_size]])
+            batch = batch.to(self.device)
+            last = torch.tensor(batch.segment_lengths, device=self.device).cumsum(0) - 1  # (B,) each row's last token
+            logits = head(hidden_states(self.model, batch)[0, last]).float()  # (B, vocab)
+            rows.append(torch.log_softmax(logits, dim=-1)[:, candidates].cpu())
+        return torch.cat(rows) if rows else torch.empty(0, len(token_ids))
+
     def stream(self, messages: Messages, sampling: Sampling = Sampling()) -> Iterator[str]:
         """The reply to one conversation, piece by piece as it is generated."""
         from transformers import TextIteratorStreamer
@@ -180,11 +209,15 @@ class Engine:
         worker.join()
 
     def stop_ids(self) -> list[int]:
-        """End-of-turn tokens: the tokenizer's EOS and the model's generation-config EOS ids."""
-        ids = {self.tokenizer.eos_token_id}
-        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids.update(configured if isinstance(configured, list) else [configured])
-        return sorted(i for i in ids if i is not None)
+        return stop_token_ids(self.model, self.tokenizer)
+
+
+def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """End-of-turn tokens: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
 
 
 def common_prefix_length(sequences: list[list[int]]) -> int:

@@ -29,6 +29,7 @@ from tunesmith.data.packing import IGNORE, Batch, collate
 from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.registry import distill_losses
 from tunesmith.train.loss import HEAD_CHUNK, decoder_and_head, hidden_states, target_logits
+from tunesmith.train.step import Objective
 
 Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student, teacher) log-probs (N, S) -> sum
 
@@ -106,8 +107,8 @@ class CachedTeacher:
 
 
 @dataclass
-class Distiller:
-    """The training loss of `method: distill`, a `LossSum`: (model, batch) -> summed loss."""
+class Distiller(Objective):
+    """The training loss of `method: distill`: summed over target tokens, like the token loss it extends."""
 
     teacher: LiveTeacher | CachedTeacher
     divergence: Divergence

@@ -1,9 +1,14 @@
-"""One optimizer step with gradient accumulation, and validation loss; shared by every token-loss recipe."""
+"""One optimizer step with gradient accumulation, and validation loss; shared by every recipe.
+
+A recipe's loss is an `Objective`: the summed loss of a micro-batch, and the count the step averages it
+over (target tokens for next-token losses, pairs for preference losses), plus any figures it wants logged.
+"""
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -12,14 +17,35 @@ from tunesmith.data.packing import Batch
 from tunesmith.train.loss import token_loss_sum
 from tunesmith.train.runtime import autocast
 
-LossSum = Callable[[torch.nn.Module, Batch], torch.Tensor]
+
+
+class Objective:
+    """Next-token cross-entropy over the target tokens; recipes subclass it for their own losses."""
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """The loss summed (not averaged) over the micro-batch."""
+        return token_loss_sum(model, batch)
+
+    def count(self, batch: Batch) -> int:
+        """How many things the summed loss covers: the step divides by the total over its micro-batches."""
+        return batch.num_loss_tokens
+
+    def take_stats(self) -> dict[str, float]:
+        """Figures gathered since the last call (means over what the loss covered), for the metrics log."""
+        return {}
+
+    def save(self, directory: Path) -> None:
+        """Write what the final weights need beside them (a reward model's score scale); nothing by default."""
+
+
+TOKEN_LOSS = Objective()
 
 
 @dataclass
 class StepResult:
     loss: float  # mean loss per target token over the whole step
     tokens: int  # real tokens processed
-    loss_tokens: int
+    loss_count: int  # what the loss was averaged over (target tokens, or pairs)
     grad_norm: float | None
     seconds: float
     skipped: bool  # the loss or gradient was not finite, so the update was not applied
@@ -28,21 +54,21 @@ class StepResult:
 
 def train_step(model: torch.nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer, scheduler,
                max_grad_norm: float | None, device: torch.device, amp_dtype: torch.dtype | None,
-               loss_sum: LossSum = token_loss_sum, penalty: Callable[[], torch.Tensor] | None = None) -> StepResult:
+               objective: Objective = TOKEN_LOSS, penalty: Callable[[], torch.Tensor] | None = None) -> StepResult:
     """Accumulate over micro-batches so the update equals the one large batch would give.
 
-    Each micro-batch's summed loss is divided by the target-token count of the whole step (not by the
-    number of micro-batches), so 1 x 8 and 8 x 1 give the same gradient whatever the padding or packing.
+    Each micro-batch's summed loss is divided by the objective's count over the whole step (target tokens,
+    not micro-batches), so 1 x 8 and 8 x 1 give the same gradient whatever the padding or packing.
     `penalty` (a regulariser on the weights) is added once per step, after the data's gradients.
     """
     started = time.perf_counter()
     model.train()
-    total_targets = sum(batch.num_loss_tokens for batch in micro_batches)
+    total_targets = sum(objective.count(batch) for batch in micro_batches)
     accumulated = 0.0
     for batch in micro_batches:
         batch = batch.to(device)
         with autocast(device, amp_dtype):
-            summed = loss_sum(model, batch)
+            summed = objective(model, batch)
         (summed / max(total_targets, 1)).backward()
         accumulated += summed.item()
     loss = accumulated / max(total_targets, 1)
@@ -68,13 +94,13 @@ def train_step(model: torch.nn.Module, micro_batches: list[Batch], optimizer: to
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, batches: list[Batch], device: torch.device, amp_dtype: torch.dtype | None,
-                  loss_sum: LossSum = token_loss_sum) -> float:
-    """Mean loss per target token over all validation batches."""
+                  objective: Objective = TOKEN_LOSS) -> float:
+    """The objective's mean loss over all validation batches (per target token, for token losses)."""
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
         with autocast(device, amp_dtype):
-            total += loss_sum(model, batch.to(device)).item()
-        count += batch.num_loss_tokens
+            total += objective(model, batch.to(device)).item()
+        count += objective.count(batch)
     model.train()
     return total / max(count, 1)

@@ -1,0 +1,62 @@
+"""Group relative policy optimisation (GRPO, Shao et al. 2024): RL from rewards without a value model.
+
+Each step samples `grpo.num_generations` replies to each of `train.batch_size` prompts, scores them (reward
+functions and/or a reward model, `rl:`), and gives every token of a reply the same advantage: its reward
+relative to the other replies to the same prompt, (r - mean) / (std + eps). The loss per reply token is PPO's
+clipped surrogate against the sampling-time policy plus `rl.kl_coef` times a KL estimate (k3) to the
+reference (the adapter switched off; for full fine-tuning a frozen copy of the starting model), averaged over
+a minibatch's reply tokens. With rl.update_epochs=1 and rl.minibatches=1 the ratio is 1 and the clip never
+binds: it is the plain policy gradient with the group's mean as baseline.
+
+Logged per step: loss, reward (and each source's, reward_<name>), kl, entropy, response_length,
+truncated_fraction, clip_fraction; val_reward on validation prompts (greedy) every train.eval_every steps.
+The shared pieces (sampling, scoring, the losses) are in train/rl.py, the loop's machinery in train/rl_loop.py.
+"""
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import torch
+
+from tunesmith.config import Config, RLConfig
+from tunesmith.data.packing import Batch
+from tunesmith.train.loop import RunResult
+from tunesmith.registry import methods
+from tunesmith.train import rl, rl_loop
+from tunesmith.train.runtime import stop_on_signals
+
+
+@methods.register("grpo", accepts=rl.ACCEPTS)
+def run_grpo(config: Config) -> RunResult:
+    # ---- setup -------------------------------------------------------------------------------
+    run = rl_loop.setup(config)
+    group = config.grpo.num_generations
+
+    # ---- loop --------------------------------------------------------------------------------
+    result = None
+    with stop_on_signals() as stop:
+        while run.state.step < run.total_steps:
+            started = time.perf_counter()
+            rollout = rl_loop.collect_rollout(run, run.next_prompts(), group)
+            # every token of a reply gets the reply's advantage: its reward relative to its group's
+            advantages = rl.group_advantages(rollout.rewards, group, config.grpo.scale_rewards)
+            rollout.advantages = rollout.per_token(advantages)
+            result, figures = rl_loop.update_policy(run, rollout, partial(grpo_token_loss, config.rl, rollout))
+            rl_loop.finish_step(run, result, {**rollout.figures(), **figures}, stop, started)
+
+    # ---- save --------------------------------------------------------------------------------
+    return rl_loop.save(run, result)
+
+
+def grpo_token_loss(settings: RLConfig, rollout: rl.Rollout, model: torch.nn.Module, batch: Batch,
+                    tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per reply token of `batch`: the clipped surrogate plus kl_coef * KL(policy || reference)."""
+    logprobs, _ = rl.policy_outputs(model, batch, settings.temperature)
+    loss, clipped = rl.clipped_policy_loss(logprobs, rollout.logprobs[tokens], rollout.advantages[tokens],
+                                           settings.clip_range)
+    figures = {"clip_fraction": clipped.float()}
+    if rollout.ref_logprobs is None:  # full fine-tuning with kl_coef 0: no reference was loaded
+        return loss, figures
+    kl = rl.kl_k3(logprobs, rollout.ref_logprobs[tokens])
+    return loss + settings.kl_coef * kl, figures

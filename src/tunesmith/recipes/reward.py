@@ -1,0 +1,72 @@
+"""Reward model: the base model with a one-output score head, trained on preference pairs or on scored replies.
+
+The loop is the SFT loop (`train_loop`) with the base loaded as a sequence classifier (`num_labels=1`, its new
+head at zero) and `RewardObjective` (train/reward.py) as its loss and validation loss. The data picks the
+loss: {prompt, chosen, rejected} pairs train Bradley-Terry, {prompt, response, score} rows regress on the
+scores, standardised with the training set's mean and standard deviation (kept beside the weights in
+reward_scale.json).
+
+What it saves loads in plain transformers as a sequence classifier with one output: full fine-tuning (and
+`freeze`) writes RUN/model/ for `AutoModelForSequenceClassification.from_pretrained`; LoRA (and QLoRA,
+DoRA) writes RUN/adapter/ in PEFT's SEQ_CLS format, the trained score head inside it, for
+`PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=1), ADAPTER)`.
+`tunesmith score RUN`, `tunesmith eval RUN` and `rl.reward_model: RUN` load the run itself (eval/reward.py).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+
+from tunesmith.config import Config
+from tunesmith.data.dataset import PreparedData
+from tunesmith.data.tokenize import TokenizedPair, Unit
+from tunesmith.errors import Problem, UserError
+from tunesmith.recipes.sft import RunResult, train_loop
+from tunesmith.registry import methods
+from tunesmith.train.reward import RewardObjective, ScoreScale
+
+ACCEPTS = ("preference", "score")
+# Adapters that train the new head with the rest: PEFT's LoRA family saves it in SEQ_CLS format; full and freeze
+# train it as a weight of the model. Prompt-learning and IA3 adapters would leave it untrained.
+ADAPTERS = ("lora", "qlora", "dora", "full", "freeze")
+
+
+@methods.register("reward", accepts=ACCEPTS)
+def run_reward(config: Config) -> RunResult:
+    check_settings(config)
+    return train_loop(config, accepts=ACCEPTS, build_objective=partial(build_reward_objective, config),
+                      validate_objective=True, num_labels=1)
+
+
+def check_settings(config: Config) -> None:
+    """Settings a reward model cannot use, every one reported before any compute."""
+    problems = []
+    if config.adapter.type not in ADAPTERS:
+        problems.append(Problem("adapter.type", f"'{config.adapter.type}' cannot train a reward model's score head; "
+                                                f"fix: use one of {', '.join(ADAPTERS)}"))
+    if config.eval.every:
+        problems.append(Problem("eval.every", f"{config.eval.every}: the in-training eval task generates replies, and a "
+                                              f"reward model only scores them; fix: unset eval.every; data.validation "
+                                              f"(or data.val_fraction) logs val_reward_accuracy or val_mse as it trains"))
+    if problems:
+        raise UserError("method reward: the config has problems", problems)
+
+
+def build_reward_objective(config: Config, data: PreparedData, model: torch.nn.Module, tokenizer: Any,
+                           device: torch.device) -> RewardObjective:
+    kind = data_kind(data.train)
+    if data.validation and data_kind(data.validation) != kind:
+        raise UserError(f"{config.data.validation or config.data.train}: the validation rows hold {data_kind(data.validation)} "
+                        f"data and the training rows {kind} data; fix: validate on the same kind of rows you train on")
+    if kind == "pairs":
+        return RewardObjective(margin=config.reward.margin)
+    if config.reward.margin:
+        raise UserError(f"reward.margin={config.reward.margin} applies to pairs, and {config.data.train} holds scored "
+                        f"replies; fix: remove reward.margin")
+    return RewardObjective(scale=ScoreScale.of([unit.score for unit in data.train], config.data.train))
+
+
+def data_kind(units: list[Unit]) -> str:
+    return "pairs" if isinstance(units[0], TokenizedPair) else "scores"

@@ -1,0 +1,150 @@
+"""The pieces every training loop shares: building the model and the batch plans, moving the counters,
+catching divergence, validation and best-checkpoint selection, and shipping the result.
+
+recipes/sft.py's `train_loop` reads top to bottom with these; the RL loop (train/rl_loop.py) uses them too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import Config
+from tunesmith.data.dataset import PreparedData
+from tunesmith.data.packing import BatchPlan
+from tunesmith.errors import TrainingStopped
+from tunesmith.eval.in_training import InTrainingEval, higher_is_better
+from tunesmith.models import load_model
+from tunesmith.models.adapters import apply_adapter, load_options, output_name, save_final
+from tunesmith.train import checkpoint as ckpt
+from tunesmith.train.loss import decoder_and_head
+from tunesmith.train.metrics import MetricsLog
+from tunesmith.train.run import peak_rss_mb, write_summary
+from tunesmith.train.step import TOKEN_LOSS, Objective, StepResult, evaluate_loss
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    output: Path  # adapter/ or model/
+    steps: int
+    final_loss: float | None
+    best_val_loss: float | None
+    tokens_per_s: float
+    peak_rss_mb: float
+
+
+def build_model(config: Config, device: torch.device, num_labels: int | None = None) -> torch.nn.Module:
+    """The model to train, on `device`: the base (QLoRA: 4-bit, placed as it loads) with the adapter applied;
+    with `num_labels`, the base as a sequence classifier with that many outputs."""
+    quantized = load_options(config.adapter.type)
+    model, _ = load_model(config.model, device=device, num_labels=num_labels, **quantized)
+    model = apply_adapter(model, config.adapter)
+    return model if quantized else model.to(device)
+
+
+def build_plans(config: Config, data: PreparedData) -> tuple[BatchPlan, list]:
+    """The training batch plan and the validation batches (every validation example once).
+
+    A row holds data.max_length tokens per sequence of a unit: one example, or both sides of a pair."""
+    per_unit = len(data.train[0].segments()) if data.train else 1
+    options = dict(capacity=config.data.max_length * per_unit, packing=config.data.packing, seed=config.train.seed)
+    plan = BatchPlan(data.train, batch_size=config.train.batch_size, grad_accum=config.train.grad_accum, **options)
+    validation = BatchPlan(data.validation, batch_size=config.train.batch_size, grad_accum=1, **options).eval_batches()
+    return plan, validation
+
+
+def save_outputs(config: Config, model, tokenizer, state: ckpt.TrainState, result: StepResult | None,
+                 data: PreparedData, objective: Objective = TOKEN_LOSS) -> RunResult:
+    """Ship the best weights (with validation) or the last ones as adapter/ or model/ (with what the objective
+    adds beside them), and summary.json."""
+    run_dir, checkpoints = config.output_dir, config.output_dir / "checkpoints"
+    best = ckpt.best_checkpoint(checkpoints)
+    if best is not None:
+        ckpt.load_best_weights(best, model)
+    output = run_dir / output_name(config.adapter.type)
+    save_final(model, tokenizer, output)
+    objective.save(output)
+    summary = RunResult(run_dir, output, state.step, result.loss if result else None, state.best_val_loss,
+                        state.tokens_seen / state.elapsed_s if state.elapsed_s else 0.0,
+                        max(peak_rss_mb(), state.extra.get("peak_rss_mb", 0.0)))  # the whole run's, not this process's
+    write_summary(run_dir, {**{k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()},
+                            "best_step": state.best_step, "data": data.summary(), "skipped_steps": state.skipped_steps})
+    return summary
+
+
+def count_steps(plan: BatchPlan, epochs: int, max_steps: int | None) -> int:
+    total = sum(plan.steps_in_epoch(epoch) for epoch in range(epochs))
+    return min(total, max_steps) if max_steps is not None else total
+
+
+def advance(state: ckpt.TrainState, plan: BatchPlan, result: StepResult) -> None:
+    """Move the counters and the data position one step forward (into the next epoch at its end)."""
+    state.step += 1
+    state.tokens_seen += result.tokens
+    state.elapsed_s += result.seconds
+    state.step_in_epoch += 1
+    if state.step_in_epoch >= plan.steps_in_epoch(state.epoch):
+        state.epoch, state.step_in_epoch = state.epoch + 1, 0
+
+
+def check_finite(state: ckpt.TrainState, result: StepResult, max_bad_steps: int, log: MetricsLog) -> None:
+    """A non-finite loss skips its update; several in a row mean the run has diverged."""
+    if not result.skipped:
+        state.bad_steps_in_a_row = 0
+        return
+    state.bad_steps_in_a_row += 1
+    state.skipped_steps += 1
+    log.write({"step": state.step, "event": "skipped", "reason": "non-finite loss or gradient", "loss": result.loss})
+    if state.bad_steps_in_a_row >= max_bad_steps:
+        raise TrainingStopped(f"the loss was not finite for {state.bad_steps_in_a_row} steps in a row (up to step "
+                              f"{state.step}); the run has diverged; fix: lower train.lr, keep train.max_grad_norm on, "
+                              f"or check the data for extreme examples")
+
+
+def evaluate_due(config: Config, model, validation: list, task_eval: InTrainingEval | None, state: ckpt.TrainState,
+                 done: bool, log: MetricsLog, device, amp_dtype, objective: Objective = TOKEN_LOSS) -> dict[str, float]:
+    """Validation loss (with the objective's own figures) and the eval task's metrics, when their step has come;
+    each one logged."""
+    scores: dict[str, float] = {}
+    if validation and (state.step % config.train.eval_every == 0 or done):
+        scores["val_loss"] = evaluate_loss(model, validation, device, amp_dtype, objective)
+        scores.update({f"val_{name}": value for name, value in objective.take_stats().items()})
+        state.best_val_loss = min(scores["val_loss"], state.best_val_loss or float("inf"))
+        log.write({"step": state.step, **scores, "best_val_loss": state.best_val_loss})
+    if task_eval and (state.step % config.eval.every == 0 or done):
+        task_metrics = task_eval(model, config.train.seed)
+        scores.update({name: metric["value"] for name, metric in task_metrics.items()})
+        log.write({"step": state.step, "eval": task_metrics})
+    return scores
+
+
+def keep_best(state: ckpt.TrainState, value: float, selection) -> bool:
+    """Record the selection metric; True when it is the best so far. Sets stopped_early when patience runs out."""
+    score = value if not higher_is_better(selection.metric) else -value  # lower is better from here on
+    if state.best_score is None or score < state.best_score - selection.min_delta:
+        state.best_score, state.best_step, state.evals_without_improvement = score, state.step, 0
+        return True
+    state.evals_without_improvement += 1
+    if selection.patience is not None and state.evals_without_improvement >= selection.patience:
+        state.extra["stopped_early"] = True
+    return False
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile every decoder layer, shapes dynamic (one graph for every packed length).
+
+    The padding-free attention stays eager (it loops over examples); generation runs eagerly too
+    (serve/engine.py), so only training and scoring passes use the compiled layers.
+    """
+    decoder, _ = decoder_and_head(model)
+    for layer in decoder.layers:
+        layer.compile(dynamic=True)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()

@@ -1,0 +1,220 @@
+"""The loop of the RL recipes (recipes/grpo.py, recipes/ppo.py): setup, a step's samples, the clipped update,
+and the supervised loop's bookkeeping (logging, evaluation, checkpoints, signals, saving) around them.
+
+The run directory is the supervised loop's: metrics.jsonl, checkpoints/step-N (the policy's trainable weights,
+PPO's value head with them), adapter/ or model/, summary.json. The pieces it works with are in train/rl.py.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from tunesmith.config import Config
+from tunesmith.data.dataset import PreparedData
+from tunesmith.data.packing import Batch
+from tunesmith.data.tokenize import ChatTokenizer
+from tunesmith.errors import TrainingStopped
+from tunesmith.eval.in_training import InTrainingEval
+from tunesmith.models import load_tokenizer
+from tunesmith.models.adapters import parameter_counts
+from tunesmith.serve.engine import Sampling, stop_token_ids
+from tunesmith.train import checkpoint as ckpt
+from tunesmith.train import loop
+from tunesmith.train.loop import RunResult
+from tunesmith.train.loss import decoder_and_head
+from tunesmith.train.metrics import MetricsLog, Progress
+from tunesmith.train.optim import build_optimizer, build_scheduler
+from tunesmith.train.rewards import Reward, build_reward
+from tunesmith.train.rl import (PolicyAndValue, Prompt, PromptPlan, Reference, Rollout, ValueHead, build_reference,
+                                load_prompts, rollout_batch, sample_replies, split, step_seed, token_statistics)
+from tunesmith.train.run import peak_rss_mb, prepare_run_dir
+from tunesmith.train.runtime import autocast, autocast_dtype, pick_device, seed_everything
+from tunesmith.train.step import StepResult
+
+
+
+@dataclass
+class RLRun:
+    """Everything a recipe's loop works with, from `setup`."""
+
+    config: Config
+    tokenizer: Any
+    data: PreparedData  # train and validation hold Prompts
+    plan: PromptPlan
+    model: torch.nn.Module  # the policy
+    trained: torch.nn.Module  # what the optimizer and the checkpoints hold: the policy (and PPO's value head)
+    value_head: ValueHead | None
+    reference: Reference | None
+    reward: Reward
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: ckpt.TrainState
+    log: MetricsLog
+    progress: Progress
+    total_steps: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    sampling: Sampling
+    pad_id: int
+    stop_ids: list[int]
+    task_eval: InTrainingEval | None
+
+    def next_prompts(self) -> list[Prompt]:
+        return [self.data.train[index] for index in self.plan.step(self.state.epoch, self.state.step_in_epoch)]
+
+
+def setup(config: Config, with_value_head: bool = False) -> RLRun:
+    """Rewards, prompts (refused before any compute when bad), run directory, model, reference, optimizer, resume."""
+
+    train_config = config.train
+    tokenizer = load_tokenizer(config.model)
+    chat = ChatTokenizer(tokenizer, system_prompt=config.data.system_prompt)
+    reward = build_reward(config.rl)
+    data = load_prompts(config, chat, reward.required_fields())
+    resume_from = prepare_run_dir(config)
+    seed_everything(train_config.seed, train_config.threads)
+    device = pick_device(train_config)
+    model = loop.build_model(config, device)
+    counts = parameter_counts(model)
+    if train_config.gradient_checkpointing:
+        loop.enable_gradient_checkpointing(model)
+    if train_config.compile:
+        loop.compile_layers(model)
+    value_head = ValueHead(decoder_and_head(model)[1].weight.shape[1]).to(device) if with_value_head else None
+    trained = PolicyAndValue(model, value_head) if value_head is not None else model
+    reference = build_reference(config, model, device)  # before the resume restores the RNG: loading may draw from it
+    plan = PromptPlan(len(data.train), train_config.batch_size, train_config.seed)
+    total_steps = loop.count_steps(plan, train_config.epochs, train_config.max_steps)
+    optimizer = build_optimizer(trained, train_config)
+    scheduler = build_scheduler(optimizer, train_config, total_steps)
+    state = ckpt.load_checkpoint(resume_from, trained, optimizer, scheduler) if resume_from else ckpt.TrainState()
+    log = MetricsLog(config.output_dir / "metrics.jsonl", resume_step=state.step if resume_from else None)
+    if not resume_from:
+        log.write({"step": 0, "event": "data", **data.summary(), "total_steps": total_steps, **counts})
+    progress = Progress(total_steps, state.step, train_config.progress)
+    progress.write(f"{config.method}, {config.adapter.type}: training {counts['trainable_parameters']:,} of "
+                   f"{counts['total_parameters']:,} parameters ({counts['trainable_share']:.2%})")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = Sampling(config.rl.max_new_tokens, config.rl.temperature, config.rl.top_p)
+    task_eval = InTrainingEval(config, tokenizer) if config.eval.every and config.eval.data else None
+    return RLRun(config, tokenizer, data, plan, model, trained, value_head, reference, reward, optimizer, scheduler,
+                 state, log, progress, total_steps, device, autocast_dtype(train_config, device), sampling, pad_id,
+                 stop_token_ids(model, tokenizer), task_eval)
+
+
+def collect_rollout(run: RLRun, prompts: list[Prompt], group_size: int) -> Rollout:
+    """Sample `group_size` replies per prompt, score them, and keep their tokens' sampling-time statistics."""
+    samples = [prompt for prompt in prompts for _ in range(group_size)]
+    prompt_ids = [prompt.input_ids for prompt in samples]
+    replies = sample_replies(run.model, prompt_ids, run.sampling, run.pad_id, run.stop_ids,
+                             step_seed(run.config.train.seed, run.state.step, "sample"))
+    texts = [run.tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
+    rewards, parts = run.reward([p.messages for p in samples], texts, [p.fields for p in samples])
+    temperature, pieces = run.config.rl.temperature, []
+    for chunk in split(list(range(len(samples))), run.config.rl.minibatches * run.config.train.grad_accum):
+        batch = rollout_batch([prompt_ids[s] for s in chunk], [replies[s] for s in chunk]).to(run.device)
+        with autocast(run.device, run.amp_dtype):
+            logprobs, entropy, values = token_statistics(run.model, batch, temperature, run.value_head)
+            reference = run.reference(batch, temperature) if run.reference is not None else None
+        pieces.append((logprobs, entropy, values, reference))
+    logprobs, entropy, values, reference = (torch.cat(column).float() if column[0] is not None else None
+                                            for column in zip(*pieces))
+    return Rollout(prompt_ids, replies, texts, rewards.to(run.device), parts, logprobs, entropy, reference, values,
+                   stopped=[bool(reply) and reply[-1] in run.stop_ids for reply in replies])
+
+
+# (policy, batch of some samples, those samples' flat token positions) -> (per-token loss, per-token figures)
+TokenLoss = Callable[[torch.nn.Module, Batch, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def update_policy(run: RLRun, rollout: Rollout, token_loss: TokenLoss) -> tuple[StepResult, dict[str, float]]:
+    """`rl.update_epochs` passes over the samples, each in `rl.minibatches` optimizer updates (each split into
+    train.grad_accum micro-batches); the loss is the mean over a minibatch's reply tokens. Then one scheduler step.
+
+    Returns the step's result (loss and grad norm: means over the updates) and the figures' means per token."""
+    config, started = run.config, time.perf_counter()
+    generator = torch.Generator().manual_seed(step_seed(config.train.seed, run.state.step, "minibatches"))
+    lengths, parameters = rollout.lengths, [p for p in run.trained.parameters() if p.requires_grad]
+    totals: dict[str, float] = {}
+    losses, norms, tokens, skipped = [], [], 0, False
+    lr = run.scheduler.get_last_lr()[0]
+    run.trained.train()
+    for _ in range(config.rl.update_epochs):
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+        for minibatch in split(order, config.rl.minibatches):
+            count, loss = sum(lengths[s] for s in minibatch), 0.0
+            for micro in split(minibatch, config.train.grad_accum):
+                batch, index = rollout.batch(micro).to(run.device), rollout.token_index(micro)
+                with autocast(run.device, run.amp_dtype):
+                    per_token, figures = token_loss(run.model, batch, index)
+                (per_token.sum() / count).backward()
+                loss += float(per_token.detach().sum()) / count
+                tokens += batch.num_tokens
+                for name, values in figures.items():
+                    totals[name] = totals.get(name, 0.0) + float(values.detach().float().sum())
+            limit = config.train.max_grad_norm if config.train.max_grad_norm is not None else float("inf")
+            norm = float(torch.nn.utils.clip_grad_norm_(parameters, limit))
+            finite = math.isfinite(loss) and math.isfinite(norm)
+            if finite:
+                run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            skipped |= not finite
+            losses.append(loss)
+            norms.append(norm)
+    run.scheduler.step()  # once per step, like the supervised loop: the schedule counts steps, not updates
+    counted = sum(lengths) * config.rl.update_epochs
+    result = StepResult(sum(losses) / len(losses), tokens, counted, sum(norms) / len(norms),
+                        time.perf_counter() - started, skipped)
+    return result, {"lr": lr, **{name: total / counted for name, total in totals.items()}}
+
+
+@torch.no_grad()
+def validation_reward(run: RLRun) -> dict[str, float]:
+    """The mean reward of greedy replies to the validation prompts (and each source's)."""
+    prompts, greedy = run.data.validation, Sampling(run.config.rl.max_new_tokens, 0.0)
+    replies: list[list[int]] = []
+    for chunk in split(list(range(len(prompts))), -(-len(prompts) // run.config.eval.batch_size)):
+        replies += sample_replies(run.model, [prompts[i].input_ids for i in chunk], greedy, run.pad_id, run.stop_ids, 0)
+    texts = [run.tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
+    rewards, parts = run.reward([p.messages for p in prompts], texts, [p.fields for p in prompts])
+    return {"val_reward": float(rewards.mean()), **{f"val_reward_{k}": float(v.mean()) for k, v in parts.items()},
+            "val_response_length": sum(map(len, replies)) / len(replies)}
+
+
+def finish_step(run: RLRun, result: StepResult, figures: dict[str, float], stop: Any, started: float) -> None:
+    """Count the step, log it, evaluate and checkpoint when due; on a signal, checkpoint and stop."""
+
+    config, state = run.config, run.state
+    result.seconds = time.perf_counter() - started  # the whole step: sampling, scoring and updates
+    loop.advance(state, run.plan, result)
+    loop.check_finite(state, result, config.train.max_bad_steps, run.log)
+    done = state.step == run.total_steps
+    record = {"step": state.step, "epoch": state.epoch, "loss": result.loss, "lr": figures.pop("lr"),
+              "grad_norm": result.grad_norm, **figures, "tokens": state.tokens_seen,
+              "tokens_per_s": result.tokens / result.seconds}
+    if state.step % config.train.log_every == 0 or done:
+        run.log.write(record)
+    if run.data.validation and (state.step % config.train.eval_every == 0 or done):
+        run.log.write({"step": state.step, **validation_reward(run)})
+    loop.evaluate_due(config, run.model, [], run.task_eval, state, done, run.log, run.device, run.amp_dtype)
+    run.progress.update(state.step, result.loss, record["lr"], record["tokens_per_s"], None)
+    if state.step % config.train.save_every == 0 or done or stop:
+        state.extra["peak_rss_mb"] = max(state.extra.get("peak_rss_mb", 0.0), peak_rss_mb())  # across resumes
+        ckpt.save_checkpoint(config.output_dir / "checkpoints", f"step-{state.step}", run.trained, run.optimizer,
+                             run.scheduler, state)
+        ckpt.prune(config.output_dir / "checkpoints", config.train.keep_last)
+    if stop:
+        run.progress.close()
+        raise TrainingStopped(f"stopped by signal {stop.signal_number} at step {state.step}; a checkpoint was saved; "
+                              f"run the same command again to resume", 128 + stop.signal_number)
+
+
+def save(run: RLRun, result: StepResult | None) -> RunResult:
+    """The policy as adapter/ or model/ (PPO's value head stays in the checkpoints), and summary.json."""
+
+    run.progress.close()
+    return loop.save_outputs(run.config, run.model, run.tokenizer, run.state, result, run.data)
