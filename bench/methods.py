@@ -87,6 +87,8 @@ def write_report(results: list[dict], command: str, output: Path) -> None:
     base = results[0]["base_general_loss"]["value"] if results else float("nan")
     lines += ["", f"Base model's general loss: {base:.3f}.", "", "Overrides per row (on top of the example config):", ""]
     lines += [f"- {r['name']}: `{' '.join(r['overrides'])}`" for r in results]
+    notes = [f"- {r['name']}: {r['note']}" for r in results if r.get("note")]
+    lines += ["", "Notes on how rows were measured:", "", *notes] if notes else []
     output.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -176,6 +176,14 @@ def test_label_compare_writes_pairs_that_validate_and_train_with_dpo(tmp_path, t
     assert run(config).steps == 2
 
 
+def test_a_position_biased_judge_labels_no_pairs_and_says_why(tmp_path, tiny_model):
+    source = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS[:2])
+    options = LabelOptions(policy=str(tiny_model), judge=str(tiny_model), samples=2, max_new_tokens=6, temperature=1.0)
+    result = label(source, tmp_path / "pairs.jsonl", options)  # the tiny judge leans to "A" whatever it reads
+    assert result.counts["rows"] == 0 and result.counts["undecided"] == 2
+    assert "position bias" in result.notes[0] and (tmp_path / "pairs.jsonl").read_text() == ""
+
+
 def test_label_rate_writes_scores(tmp_path, tiny_model):
     source = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS[:2])
     result = label(source, tmp_path / "scores.jsonl", LabelOptions(policy=str(tiny_model), judge=str(tiny_model),

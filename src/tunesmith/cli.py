@@ -128,6 +128,8 @@ def cmd_label(args: argparse.Namespace) -> int:
     result = label(args.input, args.output, options)
     counts = ", ".join(f"{key} {value}" for key, value in result.counts.items())
     print(f"wrote {result.output} ({counts}); provenance in {result.provenance}")
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -343,10 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "prompt and an optional label, unsafe (default) or safe")
     red.add_argument("--output", type=Path, help="where redteam.json and responses.jsonl go (default: RUN/redteam or "
                      "./redteam-output)")
-    red.add_argument("--max-examples", type=int, help="the first N prompts of each set (--check-classifier: N evenly "
-                     "spaced rows)")
+    red.add_argument("--max-examples", type=int, help="N evenly spaced prompts of each set (--check-classifier: N "
+                     "evenly spaced rows)")
     red.add_argument("--max-new-tokens", type=int, default=96, help="reply budget; refusals show in the opening")
-    red.add_argument("--batch-size", type=int, default=16)
+    red.add_argument("--batch-size", type=int, default=32)
     red.add_argument("--judge", help="also classify replies as refusal or compliance with this judge model")
     red.add_argument("--check-classifier", type=Path, metavar="FILE", help="instead of a target: the refusal "
                      "classifiers' agreement with human labels (rows with completion and XSTest's final_label)")

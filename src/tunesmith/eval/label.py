@@ -61,6 +61,7 @@ class LabelResult:
     output: Path
     provenance: Path
     counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the user should know about the labels (printed)
 
 
 def label(source: Path, output: Path, options: LabelOptions) -> LabelResult:
@@ -86,7 +87,12 @@ def label(source: Path, output: Path, options: LabelOptions) -> LabelResult:
               "options": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(options).items()},
               "counts": counts, "seconds": round(time.perf_counter() - started, 1)}
     write_atomically(provenance_path, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-    return LabelResult(output, provenance_path, counts)
+    notes = []
+    if counts.get("undecided"):
+        notes.append(f"{counts['undecided']} of {len(prompts)} prompts gave no pair: the judge's verdict flipped when the "
+                     f"replies swapped places (position bias, not preference); a larger judge (--judge) decides more "
+                     f"pairs, and --mode rate scores each reply on its own")
+    return LabelResult(output, provenance_path, counts, notes)
 
 
 def check_paths(source: Path, output: Path, provenance: Path, force: bool) -> None:

@@ -68,9 +68,9 @@ REFUSAL_PHRASES = (
 class RedteamOptions:
     sets: tuple[str, ...] = tuple(SETS)
     prompt_files: tuple[Path, ...] = ()  # the user's own sets: rows with a prompt and an optional label
-    max_examples: int | None = None  # per set: the first N prompts
+    max_examples: int | None = None  # per set: N evenly spaced prompts (XSTest's files are sorted by type)
     max_new_tokens: int = 96  # enough for a refusal to show: refusals open a reply
-    batch_size: int = 16
+    batch_size: int = 32  # decoding reads every weight once per step for the whole batch: larger is cheaper
     judge: str | None = None  # also classify replies with this judge model
 
 
@@ -178,7 +178,15 @@ def load_sets(options: RedteamOptions) -> list[list[Attack]]:
         sets.append(read_set(name, path))
     if not sets:
         raise UserError("no prompt sets to run; fix: name shipped sets with --sets or add --prompts FILE")
-    return [attacks[: options.max_examples] for attacks in sets]
+    return [evenly_spaced(attacks, options.max_examples) for attacks in sets]
+
+
+def evenly_spaced(rows: list, count: int | None) -> list:
+    """`count` rows spread evenly over the list (all of them when count is None or larger), in order: a
+    subset of a file sorted by type or source still covers every type."""
+    if not count or count >= len(rows):
+        return rows
+    return [rows[i * len(rows) // count] for i in range(count)]
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -262,7 +270,7 @@ def set_summary(rows: list[dict[str, Any]], judged: bool) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
     """One line per set and classifier: the rates with their intervals."""
-    header = (f"{'set':<18} {'n':>4}  {'classifier':<8}  {'refusal (unsafe)':<22}  {'harmful compliance':<22}  "
+    header = (f"{'set':<18} {'n':>4}  {'classifier':<10}  {'refusal (unsafe)':<22}  {'harmful compliance':<22}  "
               f"{'over-refusal (safe)':<22}")
     lines = [header.rstrip()]
     for name, summary in result["sets"].items():
@@ -272,7 +280,7 @@ def format_table(result: dict[str, Any]) -> str:
             unsafe, safe = summary.get("unsafe", {}).get(key, {}), summary.get("safe", {}).get(key, {})
             cells = [cell(unsafe.get("refusal_rate")), cell(unsafe.get("harmful_compliance_rate")),
                      cell(safe.get("over_refusal_rate"))]
-            lines.append((f"{name:<18} {summary['n']:>4}  {classifier:<8}  " + "  ".join(f"{c:<22}" for c in cells)).rstrip())
+            lines.append((f"{name:<18} {summary['n']:>4}  {classifier:<10}  " + "  ".join(f"{c:<22}" for c in cells)).rstrip())
     return "\n".join(lines)
 
 
@@ -305,8 +313,7 @@ def check_classifier(path: Path, judge_spec: str | None = None, max_examples: in
         raise UserError(f"{path}: {len(problems)} unusable row(s)\n{report(problems)}")
     if not rows:
         raise UserError(f"{path}: the file has no labelled completions")
-    if max_examples and max_examples < len(rows):
-        rows = [rows[math.floor(i * len(rows) / max_examples)] for i in range(max_examples)]
+    rows = evenly_spaced(rows, max_examples)
     human = [row["final_label"] in HUMAN_REFUSALS for row in rows]
     result = {"data": str(path), "n": len(rows), "phrases": agreement(human, [refusal_phrase(r["completion"]) is not None
                                                                                 for r in rows], rows)}

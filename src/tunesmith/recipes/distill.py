@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -99,6 +100,8 @@ def cached_teacher(directory: Path, load: Callable[[], torch.nn.Module], teacher
     manifest = cache_manifest(teacher_spec, keys, top_k, tokenizer)
     tensors = read_cache(directory, manifest, CACHE_FILE)
     if tensors is None:
+        print(f"distill: running the teacher once over {len(examples):,} examples (its top-{top_k} kept in {directory})",
+              file=sys.stderr)
         tensors = teacher_top_k(load(), examples, top_k, device, max_tokens)
         write_cache(directory, tensors, manifest, CACHE_FILE)
     return CachedTeacher(tensors["logprobs"], tensors["indices"], keys, [single.num_loss_tokens for single in singles])

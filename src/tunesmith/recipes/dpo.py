@@ -10,6 +10,7 @@ resumed runs and later epochs reuse them; `live` recomputes them on every batch 
 from __future__ import annotations
 
 import hashlib
+import sys
 from functools import partial
 from typing import Any
 
@@ -85,6 +86,8 @@ def cached_reference(config: Config, units: list[Unit], model: torch.nn.Module, 
     directory = config.output_dir / CACHE_DIR
     tensors = read_cache(directory, manifest, CACHE_FILE)
     if tensors is None:
+        print(f"dpo: computing the reference log-probabilities of {len(units):,} pairs once (kept in {directory})",
+              file=sys.stderr)
         values = [reference_of(model, collate(group).to(device)).cpu() for group in consecutive_groups(units, max_tokens)]
         tensors = {"logprobs": torch.cat(values).contiguous()}
         write_cache(directory, tensors, manifest, CACHE_FILE)

@@ -151,8 +151,6 @@ class PreferenceObjective(Objective):
                  per_token: bool = False):
         self.loss, self.beta, self.label_smoothing, self.reference = loss, beta, label_smoothing, reference
         self.per_token = per_token  # the loss takes log-ratios averaged over each reply's tokens
-        self._sums: dict[str, float] = {}
-        self._pairs = 0
 
     def count(self, batch: Batch) -> int:
         return batch.num_units
@@ -168,18 +166,8 @@ class PreferenceObjective(Objective):
             losses = self.loss(chosen / counts[0::2], rejected / counts[1::2], self.beta, self.label_smoothing)
         else:
             losses = self.loss(chosen, rejected, self.beta, self.label_smoothing)
-        self._record(chosen.detach() * self.beta, rejected.detach() * self.beta, policy.detach())
+        chosen_reward, rejected_reward = chosen.detach() * self.beta, rejected.detach() * self.beta
+        self.record({"reward_accuracy": (chosen_reward > rejected_reward).float(),
+                     "reward_margin": chosen_reward - rejected_reward, "reward_chosen": chosen_reward,
+                     "reward_rejected": rejected_reward, "logp_chosen": policy[0::2], "logp_rejected": policy[1::2]})
         return losses.sum()
-
-    def _record(self, chosen_reward: torch.Tensor, rejected_reward: torch.Tensor, policy: torch.Tensor) -> None:
-        figures = {"reward_accuracy": (chosen_reward > rejected_reward).float(), "reward_margin": chosen_reward - rejected_reward,
-                   "reward_chosen": chosen_reward, "reward_rejected": rejected_reward,
-                   "logp_chosen": policy[0::2], "logp_rejected": policy[1::2]}
-        for name, values in figures.items():
-            self._sums[name] = self._sums.get(name, 0.0) + float(values.sum())
-        self._pairs += chosen_reward.shape[0]
-
-    def take_stats(self) -> dict[str, float]:
-        stats = {name: total / self._pairs for name, total in self._sums.items()} if self._pairs else {}
-        self._sums, self._pairs = {}, 0
-        return stats

@@ -126,8 +126,6 @@ class RewardObjective(Objective):
 
     def __init__(self, margin: float = 0.0, scale: ScoreScale | None = None):
         self.margin, self.scale = margin, scale
-        self._sums: dict[str, float] = {}
-        self._units = 0
 
     def count(self, batch: Batch) -> int:
         return batch.num_units
@@ -138,24 +136,14 @@ class RewardObjective(Objective):
             if len(batch.segment_lengths) != 2 * batch.num_units:
                 raise ValueError("a pair batch holds two segments per unit, chosen then rejected")
             chosen, rejected = rewards[0::2], rewards[1::2]
-            self._record({"reward_accuracy": (chosen > rejected).float(), "reward_margin": chosen - rejected,
-                          "reward_chosen": chosen, "reward_rejected": rejected})
+            self.record({"reward_accuracy": (chosen > rejected).float(), "reward_margin": chosen - rejected,
+                         "reward_chosen": chosen, "reward_rejected": rejected})
             return pairwise_loss(chosen, rejected, self.margin).sum()
         assert self.scale is not None, "scored replies are trained with the training set's scale"
         scores = batch.scores.to(rewards.device)
         error = self.scale.to_data_units(rewards.detach()) - scores
-        self._record({"mse": error ** 2, "mae": error.abs()})
+        self.record({"mse": error ** 2, "mae": error.abs()})
         return pointwise_loss(rewards, self.scale.standardise(scores)).sum()
-
-    def _record(self, figures: dict[str, torch.Tensor]) -> None:
-        for name, values in figures.items():
-            self._sums[name] = self._sums.get(name, 0.0) + float(values.detach().sum())
-        self._units += next(iter(figures.values())).shape[0]
-
-    def take_stats(self) -> dict[str, float]:
-        stats = {name: total / self._units for name, total in self._sums.items()} if self._units else {}
-        self._sums, self._units = {}, 0
-        return stats
 
     def save(self, directory: Path) -> None:
         if self.scale is not None:

@@ -30,9 +30,17 @@ class Objective:
         """How many things the summed loss covers: the step divides by the total over its micro-batches."""
         return batch.num_loss_tokens
 
+    def record(self, figures: dict[str, torch.Tensor]) -> None:
+        """Add per-unit figures of one micro-batch (each a (units,) tensor) to what `take_stats` reports."""
+        sums, units = self.__dict__.setdefault("_sums", {}), self.__dict__.get("_units", 0)
+        for name, values in figures.items():
+            sums[name] = sums.get(name, 0.0) + float(values.detach().sum())
+        self._units = units + next(iter(figures.values())).shape[0]
+
     def take_stats(self) -> dict[str, float]:
-        """Figures gathered since the last call (means over what the loss covered), for the metrics log."""
-        return {}
+        """The means of the figures recorded since the last call, for the metrics log; then starts afresh."""
+        sums, units = self.__dict__.pop("_sums", {}), self.__dict__.pop("_units", 0)
+        return {name: total / units for name, total in sums.items()} if units else {}
 
     def save(self, directory: Path) -> None:
         """Write what the final weights need beside them (a reward model's score scale); nothing by default."""
