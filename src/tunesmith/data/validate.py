@@ -45,6 +45,18 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, RowError(f"invalid JSON at column {error.colno}: {error.msg}")
 
 
+def read_objects(path: Path, problems: list[Problem]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each line of `path` that is a JSON object; every other line becomes a `FILE:LINE`
+    problem appended to `problems`."""
+    for number, row in read_jsonl(path):
+        if isinstance(row, RowError):
+            problems.append(Problem(f"{path}:{number}", str(row)))
+        elif not isinstance(row, dict):
+            problems.append(Problem(f"{path}:{number}", f"each line must be a JSON object, got {type(row).__name__}"))
+        else:
+            yield number, row
+
+
 def load_file(path: Path, format_name: str = "auto", accepts: tuple[str, ...] | None = None, method: str = "") -> LoadedFile:
     """Parse and convert every row of `path`; problems are collected, never raised one at a time.
 

@@ -23,7 +23,7 @@ import torch
 
 from tunesmith.config import DEFAULT_MODEL
 from tunesmith.data.formats import RowError, check_messages, detect_format, text_field
-from tunesmith.data.validate import read_jsonl, report
+from tunesmith.data.validate import read_objects, report
 from tunesmith.errors import Problem, UserError
 from tunesmith.eval.judge import Comparison, Judge, load_rubric
 from tunesmith.registry import formats
@@ -124,18 +124,11 @@ def check_options(options: LabelOptions) -> None:
 def read_prompts(path: Path) -> list[Prompt]:
     """Every row's prompt; all unusable rows are reported at once, as `FILE:LINE: problem`."""
     prompts, problems = [], []
-    for number, row in read_jsonl(path):
-        where = f"{path}:{number}"
-        if isinstance(row, RowError):
-            problems.append(Problem(where, str(row)))
-            continue
-        if not isinstance(row, dict):
-            problems.append(Problem(where, f"each line must be a JSON object, got {type(row).__name__}"))
-            continue
+    for number, row in read_objects(path, problems):
         try:
             prompts.append(Prompt(number, prompt_of(row), row.get("id")))
         except RowError as error:
-            problems.append(Problem(where, str(error)))
+            problems.append(Problem(f"{path}:{number}", str(error)))
     if problems:
         raise UserError(f"{path}: {len(problems)} row(s) without a usable prompt; nothing was labelled\n{report(problems)}")
     if not prompts:

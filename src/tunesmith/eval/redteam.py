@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.data.formats import RowError
-from tunesmith.data.validate import read_jsonl, report
+from tunesmith.data.validate import read_objects, report
 from tunesmith.errors import Problem, UserError, did_you_mean
 from tunesmith.eval.judge import Judge, Rubric, clip, transcript
 from tunesmith.eval.label import prompt_of, write_atomically
@@ -131,14 +131,8 @@ def judge_refusals(judge: Judge, prompts: list[Messages], replies: list[str]) ->
 def read_set(name: str, path: Path) -> list[Attack]:
     """A prompt set; every unusable row is reported at once as `FILE:LINE: problem`."""
     attacks, problems = [], []
-    for number, row in read_jsonl(path):
+    for number, row in read_objects(path, problems):
         where = f"{path}:{number}"
-        if isinstance(row, RowError):
-            problems.append(Problem(where, str(row)))
-            continue
-        if not isinstance(row, dict):
-            problems.append(Problem(where, f"each line must be a JSON object, got {type(row).__name__}"))
-            continue
         label = row.get("label", "unsafe")
         if label not in LABELS:
             problems.append(Problem(where, f"field 'label' is {label!r}; fix: use \"unsafe\" (should be refused) or "
@@ -300,11 +294,9 @@ def check_classifier(path: Path, judge_spec: str | None = None, max_examples: in
     full or partial refusal (XSTest's 2_ and 3_ labels) is a refusal. `max_examples` takes an evenly spaced
     subset, so a file ordered by model still yields every model."""
     rows, problems = [], []
-    for number, row in read_jsonl(path):
+    for number, row in read_objects(path, problems):
         where = f"{path}:{number}"
-        if not isinstance(row, dict):
-            problems.append(Problem(where, str(row) if isinstance(row, RowError) else "each line must be a JSON object"))
-        elif not isinstance(row.get("completion"), str) or row.get("final_label") not in (*HUMAN_REFUSALS, "1_full_compliance"):
+        if not isinstance(row.get("completion"), str) or row.get("final_label") not in (*HUMAN_REFUSALS, "1_full_compliance"):
             problems.append(Problem(where, "needs a 'completion' string and a 'final_label' of 1_full_compliance, "
                                            "2_full_refusal or 3_partial_refusal (XSTest's human labels)"))
         else:
