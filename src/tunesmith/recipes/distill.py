@@ -26,10 +26,9 @@ from tunesmith.errors import UserError
 from tunesmith.recipes.sft import RunResult, train_loop
 from tunesmith.registry import distill_losses, methods
 from tunesmith.serve.engine import Engine
-from tunesmith.train.cache import model_identity, read_cache, write_cache
+from tunesmith.train.cache import TEACHER_CACHE, model_identity, read_cache, write_cache
 from tunesmith.train.distill import CachedTeacher, Distiller, LiveTeacher, example_key, teacher_top_k
 
-CACHE_DIR = "teacher-cache"
 CACHE_FORMAT = 1  # bump when the files' layout changes, so old caches are rebuilt rather than misread
 CACHE_FILE = "top_k.safetensors"
 
@@ -47,7 +46,7 @@ def build_distill_loss(config: Config, data: PreparedData, student: torch.nn.Mod
     load = partial(load_teacher, settings.teacher, config.model, student, tokenizer, device)
     if settings.cache == "disk":
         max_tokens = config.data.max_length * config.train.batch_size  # a training micro-batch's worth
-        teacher = cached_teacher(config.output_dir / CACHE_DIR, load, settings.teacher, settings.top_k, data.train,
+        teacher = cached_teacher(config.output_dir / TEACHER_CACHE, load, settings.teacher, settings.top_k, data.train,
                                  tokenizer, device, max_tokens)
     else:
         teacher = LiveTeacher(load())

@@ -23,11 +23,11 @@ from tunesmith.data.tokenize import Unit
 from tunesmith.errors import UserError
 from tunesmith.recipes.sft import RunResult, train_loop
 from tunesmith.registry import methods, preference_losses
-from tunesmith.train.cache import model_identity, read_cache, write_cache
+from tunesmith.train.cache import REFERENCE_CACHE, model_identity, read_cache, write_cache
 from tunesmith.train.distill import consecutive_groups, segment_keys
 from tunesmith.train.preference import PreferenceObjective, adapter_off_logprobs, sequence_logprobs
 
-CACHE_DIR, CACHE_FILE = "reference", "logprobs.safetensors"
+CACHE_FILE = "logprobs.safetensors"
 CACHE_FORMAT = 1  # bump when the files' layout changes, so old caches are rebuilt rather than misread
 
 
@@ -83,7 +83,7 @@ def cached_reference(config: Config, units: list[Unit], model: torch.nn.Module, 
     keys = [key for unit in units for key in segment_keys(collate([unit]))]
     manifest = {"format": CACHE_FORMAT, "model": model_identity(config.model), "adapter": config.adapter.type,
                 "data": hashlib.blake2b("".join(keys).encode(), digest_size=16).hexdigest(), "segments": len(keys)}
-    directory = config.output_dir / CACHE_DIR
+    directory = config.output_dir / REFERENCE_CACHE
     tensors = read_cache(directory, manifest, CACHE_FILE)
     if tensors is None:
         print(f"dpo: computing the reference log-probabilities of {len(units):,} pairs once (kept in {directory})",

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".gguf"}
-SKIPPED_PARTS = {"checkpoints", "teacher-cache", "reference"}  # a run directory's own caches and checkpoints
+TEACHER_CACHE, REFERENCE_CACHE = "teacher-cache", "reference"  # the caches' directories in a run directory
+SKIPPED_PARTS = {"checkpoints", TEACHER_CACHE, REFERENCE_CACHE}  # a run directory's own caches and checkpoints
 
 
 def model_identity(spec: str) -> dict[str, Any]:
