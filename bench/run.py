@@ -254,10 +254,27 @@ SCENARIOS = {
 DEFAULT_SCENARIOS = list(SCENARIOS)
 
 
+def merged_with_earlier(report: dict, path: Path) -> dict:
+    """A run of some scenarios keeps the others from the earlier report at `path`, each marked with the date, machine
+    and command that measured it, so BENCHMARKS.md always shows every scenario. Ratios compare engines within one
+    scenario's run only, so scenarios measured apart stay comparable in what they claim."""
+    if not path.is_file():
+        return report
+    earlier = json.loads(path.read_text())
+    fresh = {scenario["scenario"]: scenario for scenario in report["scenarios"]}
+    measured = f"{earlier['date']} ({earlier['machine']}) by `{earlier['command']}`"
+    kept = {scenario["scenario"]: {"measured": measured, **scenario}
+            for scenario in earlier["scenarios"] if scenario["scenario"] not in fresh}
+    order = [name for name in SCENARIOS if name in fresh or name in kept]
+    return {**report, "scenarios": [fresh.get(name) or kept[name] for name in order]}
+
+
 def format_table(report: dict) -> str:
     lines = [f"{report['date']}  {report['machine']}"]
     for scenario in report["scenarios"]:
         name = scenario["scenario"]
+        if "measured" in scenario:
+            lines.append(f"\n({name}: kept from the run of {scenario['measured']})")
         if "skipped" in scenario:
             lines.append(f"\n{name}: skipped: {scenario['skipped']}")
             continue
@@ -339,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         options = {**SCENARIOS[name], **({"engines": args.engines.split(",")} if args.engines else {})}
         report["scenarios"].append(run_scenario(name, steps=args.steps, workdir=workdir, model=args.model, **options))
         print(format_table({**report, "scenarios": report["scenarios"][-1:]}).split("\n", 1)[1], flush=True)
+    report = merged_with_earlier(report, args.output)
     print("\n" + format_table(report))
     args.output.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.output}")

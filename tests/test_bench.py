@@ -40,3 +40,23 @@ def test_longest_sequence_ladder_stops_at_the_rss_budget(tmp_path, tiny_model):
     [result] = tight["results"]
     assert result["longest"] == 0 and result["trials"] == [{"length": 64, "fits": False, "peak_rss_mb": None,
                                                             "error": None}]
+
+
+def test_a_run_of_some_scenarios_keeps_the_others_marked_with_their_date(tmp_path):
+    sys.path.insert(0, str(BENCH.parent))
+    from run import format_table, merged_with_earlier
+
+    earlier = {"date": "2026-01-01 00:00 UTC", "machine": "2 CPU cores", "command": "python bench/run.py",
+               "scenarios": [{"scenario": "mixed", "skipped": "x"}, {"scenario": "dpo", "skipped": "old"}]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(earlier))
+    fresh = {"date": "2026-02-02 00:00 UTC", "machine": "2 CPU cores", "command": "python bench/run.py --scenario dpo",
+             "scenarios": [{"scenario": "dpo", "skipped": "new"}]}
+    merged = merged_with_earlier(fresh, path)
+    assert [s["scenario"] for s in merged["scenarios"]] == ["mixed", "dpo"]
+    assert merged["scenarios"][1]["skipped"] == "new" and "measured" not in merged["scenarios"][1]
+    assert merged["scenarios"][0]["measured"] == "2026-01-01 00:00 UTC (2 CPU cores) by `python bench/run.py`"
+    assert "(mixed: kept from the run of 2026-01-01" in format_table(merged)
+    path.write_text(json.dumps(merged))  # kept again by a later run: it still names the run that measured it
+    again = merged_with_earlier({**fresh, "date": "2026-03-03 00:00 UTC"}, path)
+    assert again["scenarios"][0]["measured"].startswith("2026-01-01")

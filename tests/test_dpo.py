@@ -137,6 +137,24 @@ def test_dpo_resume_is_exact(tmp_path, tiny_model, monkeypatch):
     assert metric_lines(resumed.output_dir) == metric_lines(straight.output_dir)
 
 
+def test_sft_on_pairs_learns_only_the_chosen_final_reply(tmp_path, tiny_model):
+    from tunesmith.data.dataset import prepare_data
+    from tunesmith.data.tokenize import TokenizedExample
+    from tunesmith.models import load_tokenizer
+    from tunesmith.recipes.sft import SFT_ACCEPTS
+
+    config = make_config(tmp_path, tiny_model, PAIRS, "data.max_length=128")  # method sft on preference pairs
+    tokenizer = load_tokenizer(str(tiny_model))
+    data = prepare_data(config.data, tokenizer, SFT_ACCEPTS, "sft", 0)
+    units = data.train + data.validation
+    trained = [tokenizer.decode([t for t, keep in zip(u.input_ids, u.loss_mask) if keep]) for u in units]
+    assert len(units) == len(PAIRS) and all(isinstance(u, TokenizedExample) for u in units)
+    assert any(text.startswith("Your balance was topped up.") for text in trained)
+    assert not any("How much?" in text or "jumps over" in text for text in trained), "earlier turns, rejected replies"
+    result = run(config)
+    assert result.steps > 0
+
+
 def test_dpo_refuses_chat_data_and_bad_pairs_before_training(tmp_path, tiny_model):
     chat = make_config(tmp_path, tiny_model, [{"prompt": "a", "completion": "b"}], "method=dpo")
     with pytest.raises(UserError, match="cannot train on"):

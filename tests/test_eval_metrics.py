@@ -153,6 +153,30 @@ def test_preference_accuracy_counts_strict_wins():
     assert result["preference_accuracy"]["value"] == 0.5 and result["preference_accuracy"]["n"] == 4
 
 
+def test_implicit_reward_accuracy_ranks_by_the_log_ratio_to_the_base():
+    from tunesmith.eval.preference_metrics import implicit_reward_accuracy
+
+    tuned = [(-10.0, -12.0), (-20.0, -5.0), (-3.0, -3.0)]  # (chosen, rejected) log-likelihoods
+    base = [(-11.0, -11.0), (-22.0, -8.0), (-3.0, -3.0)]  # ratios: +1 vs -1 (win), +2 vs +3 (loss), 0 vs 0 (tie: loss)
+    result = implicit_reward_accuracy(tuned, base, resamples=100)
+    assert result["value"] == pytest.approx(1 / 3) and result["n"] == 3 and 0 <= result["ci95"][0] <= result["ci95"][1] <= 1
+
+
+def test_mean_reward_of_replies_and_its_paired_difference():
+    tuned = [{"reply": "I can't help with that.", "reward": 2.0}, {"reply": "Sure", "reward": 0.5},
+             {"reply": "No", "reward": 1.0}]
+    base = [{"reply": "Here is how", "reward": 1.0}, {"reply": "Sure thing", "reward": 0.0},
+            {"reply": "Maybe", "reward": 0.5}]
+    result = M.score("reward", tuned, None, resamples=50)
+    assert result["mean_reward"]["value"] == pytest.approx(3.5 / 3) and result["mean_reward"]["n"] == 3
+    assert result["reply_words"]["value"] == pytest.approx(7 / 3)
+    diff = M.compare("reward", tuned, base, None, resamples=200)["mean_reward"]
+    assert diff["diff"] == pytest.approx(2.0 / 3)
+    assert diff["ci95"][0] == pytest.approx(0.5) and diff["ci95"][1] == pytest.approx(1.0), "every prompt gained 0.5 to 1"
+    with pytest.raises(ValueError, match="finite reward"):
+        M.score("reward", [{"reply": "x", "reward": float("nan")}], None)
+
+
 # ----------------------------------------------------------------------------------- intervals, pairing
 
 

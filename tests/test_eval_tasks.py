@@ -70,9 +70,14 @@ def test_exact_match_regression_perplexity_preference_generation(run_dir, tmp_pa
     assert text["metrics"]["perplexity"]["value"] > 1.0
     assert text["metrics"]["perplexity"]["value"] == pytest.approx(2.718281828 ** text["metrics"]["loss"]["value"], rel=1e-6)
     preference = evaluate_task(run_dir, tmp_path, "preference",
-                               [{"prompt": "question 0 about fee", "chosen": "fee", "rejected": "the quick brown fox jumps"}] * 2)
+                               [{"prompt": "question 0 about fee", "chosen": "fee", "rejected": "the quick brown fox jumps"},
+                                {"prompt": "question 1 about fee", "chosen": "the fee", "rejected": "hello"}],
+                               baselines=("base",))
     assert preference["metrics"]["preference_accuracy"]["value"] in (0.0, 0.5, 1.0)
     assert all(len(row["predicted"]) == 2 for row in preference["examples"])
+    implicit = [(tc - bc) > (tr - br) for (tc, tr), (bc, br) in  # the tuned model's log-ratio to its base, per reply
+                ((row["predicted"], row["baselines"]["base"]["predicted"]) for row in preference["examples"])]
+    assert preference["comparisons"]["base"]["implicit_reward_accuracy"]["value"] == sum(implicit) / 2
     free = evaluate_task(run_dir, tmp_path, "generation", [{"prompt": "hello", "completion": "hi"}], baselines=("base",))
     assert "metrics" not in free and "base" in free["examples"][0]["baselines"]
 

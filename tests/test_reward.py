@@ -230,6 +230,26 @@ def test_eval_of_a_reward_run_gives_pairwise_accuracy_with_an_interval(pair_run,
         evaluate(str(pair_run), scored, EvalOptions(resamples=20, baselines=("base",)), tmp_path / "reg2")
 
 
+def test_reward_task_rates_the_models_own_replies_to_held_out_prompts(pair_run, tiny_model, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "where is my card"}, {"prompt": PAIRS[0]["prompt"]}])
+    code = main(["eval", str(tiny_model), "--data", str(prompts), "--task", "reward", "--reward-model", str(pair_run),
+                 "--max-new-tokens", "6", "--resamples", "50", "--output", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    predicted = [example["predicted"] for example in result["examples"]]
+    asked = [[{"role": "user", "content": text}] for text in ("where is my card", PAIRS[0]["prompt"])]
+    rescored = RewardScorer.load(str(pair_run)).score([a + [{"role": "assistant", "content": p["reply"]}]
+                                                       for a, p in zip(asked, predicted)])
+    assert [p["reward"] for p in predicted] == pytest.approx(rescored, abs=1e-5), "each reply rated in its conversation"
+    assert result["metrics"]["mean_reward"]["value"] == pytest.approx(sum(rescored) / 2, abs=1e-5)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:2])  # a pair's prompt is asked; its replies are not used
+    from_pairs = evaluate(str(tiny_model), pairs, EvalOptions(task="reward", reward_model=str(pair_run), resamples=20,
+                                                              max_new_tokens=6), tmp_path / "pairs")
+    assert [e["predicted"] for e in from_pairs["examples"]][0] == pytest.approx(predicted[1], abs=1e-5)
+    assert main(["eval", str(tiny_model), "--data", str(prompts), "--task", "reward"]) == 2
+    assert "fix: pass --reward-model" in capsys.readouterr().err
+
+
 def test_score_rates_replies_and_pairs_and_leaves_the_input_alone(pair_run, tmp_path, capsys):
     rows = [{"prompt": "where is my card", "response": GOOD[0], "id": 7},
             {"prompt": [{"role": "user", "content": "and the fee?"}], "response": BAD[1]}]

@@ -202,6 +202,10 @@ def test_chat_rows_become_prompts_with_their_reply_as_a_field(tmp_path, tiny_mod
     assert chat.tokenizer.decode(first.input_ids).endswith("<|im_start|>assistant\n")
     with pytest.raises(UserError, match=r"train.jsonl:1: reward 'number_match' reads the field 'answer'"):
         rl.load_prompts(config, chat, {"number_match": "answer"})
+    pairs = rl_config(tmp_path, tiny_model, "method=grpo", "rl.reward_functions=[length_penalty]", rows=[{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go."}] * 3,
+                      name="pairs")
+    prompt = rl.load_prompts(pairs, chat, {}).train[0]  # a reward model's pairs serve as RL prompts
+    assert prompt.messages[-1] == {"role": "user", "content": "Hi?"} and prompt.fields["reference"] == "Hello."
 
 
 def test_built_in_reward_functions():
@@ -366,9 +370,9 @@ def test_config_mistakes_are_reported_together():
 
 
 def test_data_mistakes_name_their_lines(tmp_path, tiny_model):
-    pairs = [{"prompt": "p", "chosen": "a", "rejected": "b"}]
+    documents = [{"text": "raw text has no prompt to reply to"}]
     with pytest.raises(UserError, match="cannot train on"):
-        run(rl_config(tmp_path, tiny_model, "method=grpo", "rl.reward_functions=[exact_match]", rows=pairs))
+        run(rl_config(tmp_path, tiny_model, "method=grpo", "rl.reward_functions=[exact_match]", rows=documents))
     rows = PROMPTS[:2] + [{"prompt": "card " * 150, "answer": "1"}, {"prompt": "no answer here"},
                           {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "answer": "1"}]
     config = rl_config(tmp_path, tiny_model, "method=grpo", "rl.reward_functions=[exact_match]", "data.max_length=128",

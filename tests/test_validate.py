@@ -266,12 +266,12 @@ def test_a_missing_file_is_a_clear_error(tmp_path, capsys):
 # The data's format against the method, and --format forced.
 
 @pytest.mark.parametrize("rows, method, fmt, fragment", [
-    ([{"prompt": "p", "chosen": "a", "rejected": "b"}], "sft", "preference", "use one of these formats: alpaca, "),
+    ([{"prompt": "p", "chosen": "a", "rejected": "b"}], "distill", "preference", "use one of these formats: alpaca, "),
     ([{"prompt": "p", "response": "r", "score": 0.5}], "sft", "score", "use one of these formats: alpaca, "),
     ([{"text": "raw text"}], "sft", "text", "use one of these formats: alpaca, "),
     ([chat("a", "b")], "pretrain", "messages", "use one of these formats: text,"),
     ([{"text": "t", "label": "l"}], "pretrain", "classification", "use one of these formats: text,"),
-], ids=["preference-for-sft", "score-for-sft", "text-for-sft", "chat-for-pretrain", "classification-for-pretrain"])
+], ids=["preference-for-distill", "score-for-sft", "text-for-sft", "chat-for-pretrain", "classification-for-pretrain"])
 def test_data_of_the_wrong_kind_for_the_method_is_refused(tmp_path, capsys, rows, method, fmt, fragment):
     path = write_jsonl(tmp_path / "data.jsonl", rows * 3)
     code, _, err = validate(capsys, path, "--method", method)
@@ -308,9 +308,9 @@ def test_a_forced_format_that_does_not_fit_reports_every_row(tmp_path, capsys):
 
 def test_a_forced_format_of_the_wrong_kind_is_reported_for_the_file(tmp_path, capsys):
     path = write_jsonl(tmp_path / "pref.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 5)
-    code, _, err = validate(capsys, path, "--format", "preference")
+    code, _, err = validate(capsys, path, "--format", "preference", "--method", "distill")
     assert code == 2
-    assert f"{path}: format 'preference' holds preference examples, which method 'sft' cannot train on" in err
+    assert f"{path}: format 'preference' holds preference examples, which method 'distill' cannot train on" in err
     assert "1 problem(s) in 5 rows" in err
 
 
@@ -459,14 +459,16 @@ def test_real_dialogues_keep_every_turn():
 
 
 @needs_shared_data
-def test_real_preference_file_is_detected_and_refused_for_sft(capsys):
+def test_real_preference_file_is_learned_by_sft_and_refused_for_distill(capsys):
     path = SHARED_DATA / "hh_rlhf_harmless" / "test.jsonl"
     loaded = load_file(path)  # no method: every row is valid preference data
     assert loaded.format == "preference" and loaded.problems == []
     assert len(loaded.examples) == loaded.rows > 0
-    code, _, err = validate(capsys, path, "--method", "sft")
+    code, out, _ = validate(capsys, path, "--method", "sft")  # refusal SFT: each pair's chosen reply
+    assert code == 0 and f"{loaded.rows} examples OK (format preference, method sft)" in out
+    code, _, err = validate(capsys, path, "--method", "distill")
     assert code == 2
-    assert f"{path}:1: format 'preference' holds preference examples, which method 'sft' cannot train on" in err
+    assert f"{path}:1: format 'preference' holds preference examples, which method 'distill' cannot train on" in err
     assert f"1 problem(s) in {loaded.rows} rows (format preference)" in err
 
 

@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("target", help="a run directory (base model + adapter) or a model")
     evaluate.add_argument("--data", type=Path, help="evaluation data (default: the run's eval.data)")
     evaluate.add_argument("--task", help="classification | exact_match | regression | perplexity | preference | generation "
-                          "| judge (the target as a judge of {prompt, chosen, rejected} pairs: agreement with the labels)")
+                          "| judge (the target as a judge of {prompt, chosen, rejected} pairs: agreement with the labels) | reward (the "
+                          "target's replies to the prompts, rated by --reward-model: mean reward)")
     evaluate.add_argument("--baseline", action="append", help="base, or few-shot:K (repeatable)")
     evaluate.add_argument("--output", type=Path, help="where eval.json and report.html go (default: the run directory)")
     evaluate.add_argument("--max-examples", type=int, help="evaluate the first N rows")

@@ -23,7 +23,9 @@ class RowError(ValueError):
 class Example:
     """One training example. `kind` is chat (messages with assistant turns), text (one raw document),
     preference (messages end in the chosen reply; `rejected` is the same prompt with the rejected one),
-    or prompt (messages ending with the user's turn: what RL methods sample replies to)."""
+    chosen (a pair's prompt and chosen reply, only that reply trained: supervised tuning on pairs), score
+    (messages end in a rated reply), or prompt (messages ending with the user's turn: what RL methods sample
+    replies to)."""
 
     messages: list[dict[str, str]]
     kind: str
@@ -195,6 +197,12 @@ def _pair(prompt: list[dict[str, str]], chosen: str, rejected: str) -> Example:
 @register_format("preference", keys=("prompt", "chosen", "rejected"), kind="preference")
 def convert_preference(row: dict[str, Any]) -> Example:
     return _pair(_prompt_messages(row), _reply(row, "chosen"), _reply(row, "rejected"))
+
+
+def chosen_side(pair: Example) -> Example:
+    """A pair as supervised data: its conversation up to and with the chosen reply, of which only that reply is
+    trained (the earlier assistant turns of a pair's prompt were never rated, and may be the very harm it shows)."""
+    return Example(pair.messages, "chosen", pair.line, meta=pair.meta, fields=pair.fields)
 
 
 @register_format("openai_preference", keys=("input", "preferred_output", "non_preferred_output"), kind="preference")

@@ -82,7 +82,7 @@ class ChatTokenizer:
         if example.kind == "preference":  # only the final replies differ, so only they are scored
             return TokenizedPair(self.tokenize_chat(example.messages, example.line, last_turn_only=True),
                                  self.tokenize_chat(example.rejected, example.line, last_turn_only=True), example.line)
-        if example.kind == "score":
+        if example.kind in ("score", "chosen"):  # a rated reply, or a pair's chosen one: only it is trained
             scored = self.tokenize_chat(example.messages, example.line, last_turn_only=True)
             scored.score = example.score
             return scored

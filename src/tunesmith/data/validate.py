@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from tunesmith.data.formats import Example, RowError, detect_format
+from tunesmith.data.formats import Example, RowError, chosen_side, detect_format
 from tunesmith.errors import Problem, UserError
 from tunesmith.registry import formats
 
@@ -60,7 +60,7 @@ def read_objects(path: Path, problems: list[Problem]) -> Iterator[tuple[int, dic
 def load_file(path: Path, format_name: str = "auto", accepts: tuple[str, ...] | None = None, method: str = "") -> LoadedFile:
     """Parse and convert every row of `path`; problems are collected, never raised one at a time.
 
-    `accepts` lists the example kinds the method can train on (e.g. ("chat",) for sft); a file in a
+    `accepts` lists the example kinds the method can train on (e.g. ("chat", "chosen") for sft); a file in a
     format of another kind is reported once, with the formats that would work.
     """
     chosen = None if format_name == "auto" else formats.get(format_name, key="format")
@@ -84,7 +84,7 @@ def load_file(path: Path, format_name: str = "auto", accepts: tuple[str, ...] | 
                 continue
             chosen = formats.get(detected)
             loaded.format = detected
-            if accepts is not None and chosen.kind not in accepts:
+            if accepts is not None and not takes(accepts, chosen.kind):
                 wrong_kind = Problem(where, wrong_kind_message(chosen, accepts, method))
         try:
             example = chosen.convert(row)
@@ -93,10 +93,12 @@ def load_file(path: Path, format_name: str = "auto", accepts: tuple[str, ...] | 
             loaded.problems.append(Problem(where, f"{error} (format {chosen.name}){hint}"))
             continue
         example.line = number
+        if example.kind == "preference" and accepts is not None and "preference" not in accepts and "chosen" in accepts:
+            example = chosen_side(example)  # supervised tuning on pairs learns their chosen replies
         # Scalar fields the format does not use (ids, categories) stay available, e.g. to slice an evaluation.
         example.fields = {key: value for key, value in row.items() if isinstance(value, (str, int, float, bool))}
         loaded.examples.append(example)
-    if wrong_kind is None and chosen is not None and accepts is not None and chosen.kind not in accepts:
+    if wrong_kind is None and chosen is not None and accepts is not None and not takes(accepts, chosen.kind):
         wrong_kind = Problem(str(path), wrong_kind_message(chosen, accepts, method))
     if wrong_kind is not None:  # reported once, first; the rows were still checked in their own format
         loaded.file_problems.append(wrong_kind)
@@ -117,8 +119,13 @@ def other_format_hint(row: dict[str, Any], used: str, auto: bool) -> str:
     return f"; the row looks like {detected} data: fix: set the format to {detected} or auto"
 
 
+def takes(accepts: tuple[str, ...], kind: str) -> bool:
+    """Whether a method taking example kinds `accepts` trains on `kind`; "chosen" takes pairs' chosen replies."""
+    return kind in accepts or (kind == "preference" and "chosen" in accepts)
+
+
 def wrong_kind_message(chosen: Any, accepts: tuple[str, ...], method: str) -> str:
-    usable = [name for name in formats.names() if formats.get(name).kind in accepts]
+    usable = [name for name in formats.names() if takes(accepts, formats.get(name).kind)]
     return (f"format '{chosen.name}' holds {chosen.kind} examples, which method '{method}' cannot train on; "
             f"fix: use one of these formats: {', '.join(usable)}, or a method that takes {chosen.kind} data")
 

@@ -22,9 +22,11 @@ What `predictions` and `references` mean per task:
 | perplexity | (summed log-likelihood in nats, token count) per example, from `Engine.loglikelihood` | unused |
 | preference | (score of the chosen reply, score of the rejected reply) per example | unused |
 | judge | (P(chosen better) shown as A, shown as B) per pair, from `Judge.compare` | unused |
+| reward | {"reply": text, "reward": number} per prompt: a generated reply and its reward-model score | unused |
 
-Perplexity and preference carry both numbers in each prediction, so comparing two systems needs nothing
-beyond their predictions; their `references` may be None.
+Perplexity, preference, judge and reward carry all their numbers in each prediction, so comparing two systems
+needs nothing beyond their predictions; their `references` may be None. The last three are defined in
+eval/preference_metrics.py.
 """
 from __future__ import annotations
 
@@ -146,7 +148,7 @@ def _json_float(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _divide(numerator: np.ndarray, denominator: np.ndarray, empty: float) -> np.ndarray:
+def safe_divide(numerator: np.ndarray, denominator: np.ndarray, empty: float) -> np.ndarray:
     """numerator / denominator elementwise, `empty` where the denominator is 0."""
     out = np.full(np.broadcast(numerator, denominator).shape, empty, dtype=float)
     return np.divide(numerator, denominator, out=out, where=denominator != 0)
@@ -209,9 +211,9 @@ def class_totals(codes: LabelCodes, indices: np.ndarray) -> Totals:
 def class_scores(totals: Totals) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-label precision, recall and F1, each (R, K); 0 where undefined (sklearn's zero_division=0)."""
     hits, true, predicted = totals["hits"], totals["true"], totals["predicted"]
-    precision = _divide(hits, predicted, 0.0)
-    recall = _divide(hits, true, 0.0)
-    f1 = _divide(2 * hits, true + predicted, 0.0)  # = 2PR / (P + R), and 0 when P + R = 0
+    precision = safe_divide(hits, predicted, 0.0)
+    recall = safe_divide(hits, true, 0.0)
+    f1 = safe_divide(2 * hits, true + predicted, 0.0)  # = 2PR / (P + R), and 0 when P + R = 0
     return precision, recall, f1
 
 
@@ -424,18 +426,18 @@ metric_tasks.register("regression")(MetricTask(prepare=regression_errors, totals
 
 @metrics.register("mse", task="regression")
 def mse(totals: Totals) -> np.ndarray:
-    return _divide(totals["squared_error"], totals["count"], math.nan)
+    return safe_divide(totals["squared_error"], totals["count"], math.nan)
 
 
 @metrics.register("mae", task="regression")
 def mae(totals: Totals) -> np.ndarray:
-    return _divide(totals["absolute_error"], totals["count"], math.nan)
+    return safe_divide(totals["absolute_error"], totals["count"], math.nan)
 
 
 # ------------------------------------------------------------------------------------------- perplexity
 
 
-def _pairs(predictions: Sequence[Any], what: str) -> tuple[np.ndarray, np.ndarray]:
+def number_pairs(predictions: Sequence[Any], what: str) -> tuple[np.ndarray, np.ndarray]:
     """The two columns of per-example number pairs (n, 2), each (n,) float."""
     pairs = np.asarray(predictions, dtype=float)
     if pairs.ndim != 2 or pairs.shape[1] != 2 or not np.isfinite(pairs).all():
@@ -449,7 +451,7 @@ _LOGPROB_TOLERANCE = 1e-3  # nats per token
 
 def token_losses(predictions: Sequence[Any], references: Sequence[Any] | None = None) -> dict[str, np.ndarray]:
     """Per-example negated summed log-likelihood ("nll", nats) and token count ("tokens"), (n,) each."""
-    logprob, tokens = _pairs(predictions, "(summed log-likelihood, token count)")
+    logprob, tokens = number_pairs(predictions, "(summed log-likelihood, token count)")
     if (tokens < 0).any() or (logprob > _LOGPROB_TOLERANCE * np.maximum(tokens, 1)).any():
         raise ValueError("perplexity needs (summed log-likelihood <= 0, token count >= 0) pairs, as "
                          "Engine.loglikelihood returns them; a positive sum looks like a negative log-likelihood")
@@ -463,7 +465,7 @@ metric_tasks.register("perplexity")(MetricTask(prepare=token_losses, totals=sum_
 def loss(totals: Totals) -> np.ndarray:
     """Mean negative log-likelihood per token, in nats: total loss over total tokens, so long examples
     weigh by their length."""
-    return _divide(totals["nll"], totals["tokens"], math.nan)
+    return safe_divide(totals["nll"], totals["tokens"], math.nan)
 
 
 @metrics.register("perplexity", task="perplexity")
@@ -472,59 +474,6 @@ def perplexity(totals: Totals) -> np.ndarray:
         return np.exp(loss(totals))
 
 
-# ------------------------------------------------------------------------------------------- preference
-
-
-def preference_wins(predictions: Sequence[Any], references: Sequence[Any] | None = None) -> dict[str, np.ndarray]:
-    """1 where the chosen reply scored strictly higher than the rejected one; a tie is not a win."""
-    chosen, rejected = _pairs(predictions, "(chosen score, rejected score)")
-    return {"count": np.ones(len(chosen)), "wins": (chosen > rejected).astype(float)}
-
-
-metric_tasks.register("preference")(MetricTask(prepare=preference_wins, totals=sum_columns))
-
-
-@metrics.register("preference_accuracy", task="preference")
-def preference_accuracy(totals: Totals) -> np.ndarray:
-    return totals["wins"] / totals["count"]
-
-
-# ------------------------------------------------------------------------------------------------ judge
-
-
-def judge_verdicts(predictions: Sequence[Any], references: Sequence[Any] | None = None) -> dict[str, np.ndarray]:
-    """A judge against human labels. Per pair: the judge's probability that the human-chosen reply is better
-    when shown first (as A) and when shown second (as B). It agrees when both exceed 0.5, ties when they differ
-    in side (it followed the position), disagrees when both fall below."""
-    as_a, as_b = _pairs(predictions, "(P(chosen better) shown as A, shown as B)")
-    agree, disagree = (as_a > 0.5) & (as_b > 0.5), (as_a < 0.5) & (as_b < 0.5)
-    return {"count": np.ones(len(as_a)), "agree": agree.astype(float), "tie": (~agree & ~disagree).astype(float),
-            "debiased": ((as_a + as_b) / 2 > 0.5).astype(float)}
-
-
-metric_tasks.register("judge")(MetricTask(prepare=judge_verdicts, totals=sum_columns,
-                                          correct=lambda columns: columns["agree"] == 1))
-
-
-@metrics.register("agreement", task="judge")
-def judge_agreement(totals: Totals) -> np.ndarray:
-    """Share of pairs where the judge picks the human-chosen reply in both orders (a tie counts as a miss)."""
-    return totals["agree"] / totals["count"]
-
-
-@metrics.register("tie_rate", task="judge")
-def judge_tie_rate(totals: Totals) -> np.ndarray:
-    """Share of pairs whose verdict flips when the replies swap places: position bias, not preference."""
-    return totals["tie"] / totals["count"]
-
-
-@metrics.register("decided_agreement", task="judge")
-def judge_decided_agreement(totals: Totals) -> np.ndarray:
-    """Agreement among the pairs the judge decided (no tie); undefined when it decided none."""
-    return _divide(totals["agree"], totals["count"] - totals["tie"], math.nan)
-
-
-@metrics.register("debiased_agreement", task="judge")
-def judge_debiased_agreement(totals: Totals) -> np.ndarray:
-    """Share of pairs where the judge's probability averaged over both orders favours the human-chosen reply."""
-    return totals["debiased"] / totals["count"]
+# The preference, judge and reward metric tasks live in eval/preference_metrics.py; importing it here
+# registers them wherever metrics are used.
+from tunesmith.eval import preference_metrics  # noqa: E402,F401  (registers; imports this module's helpers)

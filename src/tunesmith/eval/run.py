@@ -23,6 +23,7 @@ from tunesmith.data.formats import Example
 from tunesmith.errors import UserError
 from tunesmith.eval import metrics as metric_functions
 from tunesmith.eval.judge import load_rubric
+from tunesmith.eval.preference_metrics import implicit_reward_accuracy
 from tunesmith.eval.reward import RewardScorer, is_reward_model
 from tunesmith.eval.tasks import Context, Item, ItemError, last_reply
 from tunesmith.registry import tasks
@@ -170,9 +171,9 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
     context = Context(Sampling(max_new_tokens=options.max_new_tokens), options.batch_size, options.method, labels,
                       rubric=rubric)
     if reward_target or options.reward_model is not None:
-        if options.task not in ("preference", "regression"):
-            raise UserError(f"--reward-model rates pairs (--task preference) or scored replies (--task regression), not "
-                            f"{options.task}; fix: add --task preference")
+        if options.task not in ("preference", "regression", "reward"):
+            raise UserError(f"--reward-model rates pairs (--task preference), scored replies (--task regression) or "
+                            f"the model's own replies (--task reward), not {options.task}; fix: add --task reward")
         context.reward = RewardScorer.load(target if reward_target else options.reward_model)
     shots_file = options.shots_file or (Path(config["data"]["train"]) if config.get("data", {}).get("train") else None)
 
@@ -192,6 +193,10 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
         timing[f"{name}_s"] = round(time.perf_counter() - started, 2)
 
     result = assemble(target, data, options, task, items, predictions, labels, timing)
+    if options.task == "preference" and "base" in options.baselines and context.reward is None:
+        # a tuned model against its base, both ranking by log-likelihood: the implicit reward DPO trains
+        result["comparisons"]["base"]["implicit_reward_accuracy"] = implicit_reward_accuracy(
+            predictions["target"], predictions["base"], resamples=options.resamples, seed=options.seed)
     output.mkdir(parents=True, exist_ok=True)
     (output / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
     from tunesmith.eval.report import write_report
@@ -286,6 +291,9 @@ def format_summary(result: dict[str, Any]) -> str:
                           for m in names)
         p = f", McNemar p={comparison['mcnemar_p']:.2g}" if "mcnemar_p" in comparison else ""
         lines.append(f"tuned - {name}: {diffs}{p}")
+        if "implicit_reward_accuracy" in comparison:
+            lines.append(f"implicit reward (log p_tuned - log p_{name}) ranks the chosen reply first: "
+                         f"{cell(comparison['implicit_reward_accuracy'])} (no preference: 50%)")
     return "\n".join(lines)
 
 

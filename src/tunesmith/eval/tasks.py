@@ -226,6 +226,37 @@ class JudgeAgreement:
         return prediction[0] > 0.5 and prediction[1] > 0.5
 
 
+class RewardedGeneration:
+    """The model answers each prompt and a reward model rates the reply: the mean reward on held-out prompts,
+    which is what RL (ppo, grpo) raises. Prompts come from any rows: prompt rows, the prompt of each pair, or a
+    conversation up to its last reply."""
+
+    metric_task = "reward"
+    headline = ("mean_reward", "reply_words")  # the metrics printed in the summary table
+
+    def items(self, examples: list[Example]) -> list[Item]:
+        items = []
+        for index, example in enumerate(examples):
+            if example.kind == "text":
+                raise ItemError(f"{example.line}: the reward task needs prompts, pairs or conversations, got raw text")
+            prompt = example.messages if example.kind == "prompt" else last_reply(example)[0]
+            items.append(Item(index, prompt, None, prompt[-1]["content"] if prompt else "", example.line, example))
+        return items
+
+    def predict(self, engine: Engine, items: list[Item], context: Context) -> list[dict[str, Any]]:
+        if context.reward is None:
+            raise UserError("the reward task rates each generated reply with a reward model; fix: pass --reward-model "
+                            "RUN (a run of method: reward, or a sequence-classification model directory)")
+        prompts = [item.prompt for item in items]
+        replies = generate_all(engine, prompts, context)
+        rewards = context.reward.score([p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, replies)],
+                                       context.batch_size)
+        return [{"reply": reply, "reward": reward} for reply, reward in zip(replies, rewards)]
+
+    def correct(self, prediction, expected) -> None:
+        return None
+
+
 class Generation:
     """Free generations, saved side by side for people to review; no metric."""
 
@@ -244,5 +275,5 @@ class Generation:
 
 for _name, _task in (("classification", Classification()), ("exact_match", ExactMatch()), ("regression", Regression()),
                      ("perplexity", Perplexity()), ("preference", Preference()), ("generation", Generation()),
-                     ("judge", JudgeAgreement())):
+                     ("judge", JudgeAgreement()), ("reward", RewardedGeneration())):
     tasks.register(_name)(_task)

@@ -30,9 +30,12 @@ from tunesmith.train.strategies import GradualUnfreezing, Regularization
 ObjectiveBuilder = Callable[[PreparedData, torch.nn.Module, Any, torch.device], Objective]
 
 
-@methods.register("sft", accepts=("chat",))
+SFT_ACCEPTS = ("chat", "chosen")  # conversations, and preference pairs' chosen replies (e.g. refusal tuning)
+
+
+@methods.register("sft", accepts=SFT_ACCEPTS)
 def run_sft(config: Config) -> RunResult:
-    return train_loop(config, accepts=("chat",))
+    return train_loop(config, accepts=SFT_ACCEPTS)
 
 
 def train_loop(config: Config, accepts: tuple[str, ...], build_objective: ObjectiveBuilder | None = None,

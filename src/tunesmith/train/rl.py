@@ -30,7 +30,7 @@ from tunesmith.serve.engine import Sampling
 from tunesmith.train.loss import HEAD_CHUNK, decoder_and_head, hidden_states
 from tunesmith.train.preference import head_logprobs
 
-ACCEPTS = ("prompt", "chat")  # prompts; chat rows give their conversation up to the final reply
+ACCEPTS = ("prompt", "chat", "preference")  # prompts; chat and preference rows give theirs up to the (chosen) reply
 Messages = list[dict[str, str]]
 
 
@@ -113,10 +113,11 @@ class Prompt:
 
 
 def as_prompt(example: Example, chat: ChatTokenizer) -> Prompt:
-    """A prompt example as it is; a chat example up to its final reply, which becomes the field `reference`."""
+    """A prompt example as it is; a chat example (or a pair's chosen side) up to its final reply, which becomes the
+    field `reference`: the file a reward model trained on serves as the RL prompts too."""
     messages, fields = example.messages, dict(example.fields)
     reply = example.meta.get("reference")
-    if example.kind == "chat" and messages[-1]["role"] == "assistant":
+    if example.kind in ("chat", "preference") and messages[-1]["role"] == "assistant":
         reply, messages = messages[-1]["content"], messages[:-1]
     if not messages or messages[-1]["role"] != "user":
         raise RowError("the conversation before its final reply does not end with a user turn, so there is nothing "

@@ -1,0 +1,111 @@
+"""Metric tasks for systems compared on preferences: a model's (or reward model's) ranking of human pairs,
+a judge's agreement with them, and the reward its own generated replies earn. See eval/metrics.py for the
+registries and the bootstrap; this module only registers.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tunesmith.eval.metrics import MetricTask, Totals, metric_tasks, metrics, number_pairs, safe_divide, sum_columns
+from tunesmith.eval.stats import bootstrap_indices, percentile_interval
+
+# ------------------------------------------------------------------------------------------- preference
+
+
+def preference_wins(predictions: Sequence[Any], references: Sequence[Any] | None = None) -> dict[str, np.ndarray]:
+    """1 where the chosen reply scored strictly higher than the rejected one; a tie is not a win."""
+    chosen, rejected = number_pairs(predictions, "(chosen score, rejected score)")
+    return {"count": np.ones(len(chosen)), "wins": (chosen > rejected).astype(float)}
+
+
+metric_tasks.register("preference")(MetricTask(prepare=preference_wins, totals=sum_columns))
+
+
+@metrics.register("preference_accuracy", task="preference")
+def preference_accuracy(totals: Totals) -> np.ndarray:
+    return totals["wins"] / totals["count"]
+
+
+def implicit_reward_accuracy(tuned: Sequence[Any], base: Sequence[Any], *, resamples: int = 1000,
+                             seed: int = 0) -> dict[str, Any]:
+    """DPO's own held-out figure: the share of pairs whose implicit reward, log p_tuned - log p_base of each reply,
+    is higher for the chosen one, with a 95% bootstrap interval. The base itself has no preference here (its
+    implicit reward is 0 for both replies), so the interval is read against 50%. Both arguments are the
+    preference task's (chosen, rejected) log-likelihoods of the same pairs."""
+    tuned_chosen, tuned_rejected = number_pairs(tuned, "(chosen score, rejected score)")
+    base_chosen, base_rejected = number_pairs(base, "(chosen score, rejected score)")
+    wins = ((tuned_chosen - base_chosen) > (tuned_rejected - base_rejected)).astype(float)
+    low, high = percentile_interval(wins[bootstrap_indices(len(wins), resamples, seed)].mean(axis=1))
+    return {"value": float(wins.mean()), "ci95": [float(low), float(high)], "n": len(wins)}
+
+
+# ------------------------------------------------------------------------------------------------ judge
+
+
+def judge_verdicts(predictions: Sequence[Any], references: Sequence[Any] | None = None) -> dict[str, np.ndarray]:
+    """A judge against human labels. Per pair: the judge's probability that the human-chosen reply is better
+    when shown first (as A) and when shown second (as B). It agrees when both exceed 0.5, ties when they differ
+    in side (it followed the position), disagrees when both fall below."""
+    as_a, as_b = number_pairs(predictions, "(P(chosen better) shown as A, shown as B)")
+    agree, disagree = (as_a > 0.5) & (as_b > 0.5), (as_a < 0.5) & (as_b < 0.5)
+    return {"count": np.ones(len(as_a)), "agree": agree.astype(float), "tie": (~agree & ~disagree).astype(float),
+            "debiased": ((as_a + as_b) / 2 > 0.5).astype(float)}
+
+
+metric_tasks.register("judge")(MetricTask(prepare=judge_verdicts, totals=sum_columns,
+                                          correct=lambda columns: columns["agree"] == 1))
+
+
+@metrics.register("agreement", task="judge")
+def judge_agreement(totals: Totals) -> np.ndarray:
+    """Share of pairs where the judge picks the human-chosen reply in both orders (a tie counts as a miss)."""
+    return totals["agree"] / totals["count"]
+
+
+@metrics.register("tie_rate", task="judge")
+def judge_tie_rate(totals: Totals) -> np.ndarray:
+    """Share of pairs whose verdict flips when the replies swap places: position bias, not preference."""
+    return totals["tie"] / totals["count"]
+
+
+@metrics.register("decided_agreement", task="judge")
+def judge_decided_agreement(totals: Totals) -> np.ndarray:
+    """Agreement among the pairs the judge decided (no tie); undefined when it decided none."""
+    return safe_divide(totals["agree"], totals["count"] - totals["tie"], math.nan)
+
+
+@metrics.register("debiased_agreement", task="judge")
+def judge_debiased_agreement(totals: Totals) -> np.ndarray:
+    """Share of pairs where the judge's probability averaged over both orders favours the human-chosen reply."""
+    return totals["debiased"] / totals["count"]
+
+
+# ----------------------------------------------------------------------------------------------- reward
+
+
+def reply_rewards(predictions: Sequence[Any], references: Sequence[Any] | None = None) -> dict[str, np.ndarray]:
+    """Per prompt: the reward-model score of the system's own reply, and that reply's length in words."""
+    rewards = np.asarray([p["reward"] for p in predictions], dtype=float)
+    if not np.isfinite(rewards).all():
+        raise ValueError("each prediction must carry a finite reward: {'reply': text, 'reward': number}")
+    words = np.asarray([len(str(p["reply"]).split()) for p in predictions], dtype=float)
+    return {"count": np.ones(len(rewards)), "reward": rewards, "words": words}
+
+
+metric_tasks.register("reward")(MetricTask(prepare=reply_rewards, totals=sum_columns))
+
+
+@metrics.register("mean_reward", task="reward")
+def mean_reward(totals: Totals) -> np.ndarray:
+    """The reward model's mean score of the replies; its scale is the reward model's own."""
+    return totals["reward"] / totals["count"]
+
+
+@metrics.register("reply_words", task="reward")
+def reply_words(totals: Totals) -> np.ndarray:
+    """Mean reply length in words: a reward that grows only with length is a reward hacked."""
+    return totals["words"] / totals["count"]
