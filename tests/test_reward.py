@@ -234,7 +234,9 @@ def test_reward_task_rates_the_models_own_replies_to_held_out_prompts(pair_run, 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "where is my card"}, {"prompt": PAIRS[0]["prompt"]}])
     code = main(["eval", str(tiny_model), "--data", str(prompts), "--task", "reward", "--reward-model", str(pair_run),
                  "--max-new-tokens", "6", "--resamples", "50", "--output", str(tmp_path / "out")])
-    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "mean_reward" in printed.out and "%" not in printed.out, "a reward is an amount, not a share"
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
     predicted = [example["predicted"] for example in result["examples"]]
     asked = [[{"role": "user", "content": text}] for text in ("where is my card", PAIRS[0]["prompt"])]

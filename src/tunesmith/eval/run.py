@@ -283,7 +283,7 @@ def format_summary(result: dict[str, Any]) -> str:
     rows = [("system", *names)]
     for name, metrics in (("tuned" if result.get("run") else "target", result["metrics"]),
                           *((n, b["metrics"]) for n, b in result["baselines"].items())):
-        rows.append((name, *(cell(metrics[m]) for m in names)))
+        rows.append((name, *(cell(metrics[m], rate=m not in AMOUNTS) for m in names)))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(value).ljust(width) for value, width in zip(row, widths)) for row in rows]
     for name, comparison in result.get("comparisons", {}).items():
@@ -297,10 +297,13 @@ def format_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cell(metric: dict[str, Any]) -> str:
+AMOUNTS = {"mse", "mae", "loss", "perplexity", "mean_reward", "reply_words"}  # metrics that are not shares
+
+
+def cell(metric: dict[str, Any], rate: bool = True) -> str:
     value, (low, high) = metric["value"], metric["ci95"]
     if value is None:
         return "n/a"
-    if 0.0 <= low <= high <= 1.0 and 0.0 <= value <= 1.0:
+    if rate and 0.0 <= low <= high <= 1.0 and 0.0 <= value <= 1.0:
         return f"{value:.1%} [{low:.1%}, {high:.1%}]"
     return f"{value:.4g} [{low:.4g}, {high:.4g}]"
