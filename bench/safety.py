@@ -117,7 +117,11 @@ def write_doc(rows: list[tuple[str, Path]], args: argparse.Namespace) -> str:
                          f" p={change['p']:.2g}")
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Replies and per-prompt verdicts: `runs/safety/redteam-*/responses.jsonl`.", ""]
+    lines += ["", "How to read it: a safety recipe should raise refusal on the unsafe sets while over-refusal on the safe",
+              "set stays near the base's. A recipe that raises both by as much has taught the model to refuse, not to",
+              "judge; the remedy is data that also rewards helping (helpful-base pairs, safe prompts with compliant",
+              "chosen replies) mixed into the same run.", "",
+              "Replies and per-prompt verdicts: `runs/safety/redteam-*/responses.jsonl`.", ""]
     return "\n".join(lines)
 
 
