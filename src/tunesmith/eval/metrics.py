@@ -6,7 +6,8 @@ Two small registries hold the pieces:
   references into per-example arrays once (`prepare`), and sums them over a batch of bootstrap resamples
   (`totals`: indices (R, n) -> arrays (R,) or (R, K));
 * a **metric** (`metrics`) is a short function of those per-resample totals returning (R,) values,
-  registered under its eval.json name with the metric task it belongs to.
+  registered under its eval.json name with the metric task it belongs to (and `share=False` when it is an
+  amount, such as an error or a reward, rather than a share of examples; summaries print shares as %).
 
 The point estimate is the same metric on the single "resample" `arange(n)`, so value and interval always
 come from one definition. `score` and `compare` return plain Python values, ready for `json.dumps`;
@@ -65,6 +66,11 @@ class MetricTask:
 
 metric_tasks: Registry[MetricTask] = Registry("metric task")
 metrics: Registry[MetricFn] = Registry("metric")
+
+
+def is_share(name: str) -> bool:
+    """Whether metric `name` is a share of examples (shown as a percentage), not an amount."""
+    return name not in metrics or metrics.info(name).get("share", True)
 
 
 def metric_names(task: str) -> list[str]:
@@ -424,12 +430,12 @@ def regression_errors(predictions: Sequence[Any], references: Sequence[Any]) -> 
 metric_tasks.register("regression")(MetricTask(prepare=regression_errors, totals=sum_columns))
 
 
-@metrics.register("mse", task="regression")
+@metrics.register("mse", task="regression", share=False)
 def mse(totals: Totals) -> np.ndarray:
     return safe_divide(totals["squared_error"], totals["count"], math.nan)
 
 
-@metrics.register("mae", task="regression")
+@metrics.register("mae", task="regression", share=False)
 def mae(totals: Totals) -> np.ndarray:
     return safe_divide(totals["absolute_error"], totals["count"], math.nan)
 
@@ -461,14 +467,14 @@ def token_losses(predictions: Sequence[Any], references: Sequence[Any] | None = 
 metric_tasks.register("perplexity")(MetricTask(prepare=token_losses, totals=sum_columns))
 
 
-@metrics.register("loss", task="perplexity")
+@metrics.register("loss", task="perplexity", share=False)
 def loss(totals: Totals) -> np.ndarray:
     """Mean negative log-likelihood per token, in nats: total loss over total tokens, so long examples
     weigh by their length."""
     return safe_divide(totals["nll"], totals["tokens"], math.nan)
 
 
-@metrics.register("perplexity", task="perplexity")
+@metrics.register("perplexity", task="perplexity", share=False)
 def perplexity(totals: Totals) -> np.ndarray:
     with np.errstate(over="ignore"):
         return np.exp(loss(totals))

@@ -99,13 +99,13 @@ def reply_rewards(predictions: Sequence[Any], references: Sequence[Any] | None =
 metric_tasks.register("reward")(MetricTask(prepare=reply_rewards, totals=sum_columns))
 
 
-@metrics.register("mean_reward", task="reward")
+@metrics.register("mean_reward", task="reward", share=False)
 def mean_reward(totals: Totals) -> np.ndarray:
     """The reward model's mean score of the replies; its scale is the reward model's own."""
     return totals["reward"] / totals["count"]
 
 
-@metrics.register("reply_words", task="reward")
+@metrics.register("reply_words", task="reward", share=False)
 def reply_words(totals: Totals) -> np.ndarray:
     """Mean reply length in words: a reward that grows only with length is a reward hacked."""
     return totals["words"] / totals["count"]

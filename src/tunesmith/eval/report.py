@@ -13,9 +13,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tunesmith.eval.metrics import is_share
 from tunesmith.eval.report_plots import ANNOTATE_MAX_LABELS, read_training_curves
 
-LOWER_IS_BETTER = {"mse", "mae", "rmse", "loss", "perplexity"}  # shown as plain numbers, not percentages
+LOWER_IS_BETTER = {"mse", "mae", "rmse", "loss", "perplexity"}  # a fall in these is an improvement
 MAX_ROWS = 50  # rows per example table; eval.json holds them all
 MAX_TEXT = 400  # characters of an input shown before it is cut
 
@@ -274,9 +275,9 @@ def plain(value: Any) -> str:
 
 
 def is_percent(name: str, values: list[Any]) -> bool:
-    """Accuracy-like metrics (in [0, 1]) read as percentages; errors, losses and perplexities do not."""
+    """Shares of examples (in [0, 1]) read as percentages; amounts (errors, losses, rewards) do not."""
     numbers = [v for v in values if isinstance(v, (int, float))]
-    return name not in LOWER_IS_BETTER and all(0 <= v <= 1 for v in numbers)
+    return is_share(name) and all(0 <= v <= 1 for v in numbers)
 
 
 def number(value: Any, percent: bool, signed: bool = False, decimals: int | None = None) -> str:

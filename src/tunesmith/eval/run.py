@@ -283,7 +283,7 @@ def format_summary(result: dict[str, Any]) -> str:
     rows = [("system", *names)]
     for name, metrics in (("tuned" if result.get("run") else "target", result["metrics"]),
                           *((n, b["metrics"]) for n, b in result["baselines"].items())):
-        rows.append((name, *(cell(metrics[m], rate=m not in AMOUNTS) for m in names)))
+        rows.append((name, *(cell(metrics[m], rate=metric_functions.is_share(m)) for m in names)))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(value).ljust(width) for value, width in zip(row, widths)) for row in rows]
     for name, comparison in result.get("comparisons", {}).items():
@@ -295,9 +295,6 @@ def format_summary(result: dict[str, Any]) -> str:
             lines.append(f"implicit reward (log p_tuned - log p_{name}) ranks the chosen reply first: "
                          f"{cell(comparison['implicit_reward_accuracy'])} (no preference: 50%)")
     return "\n".join(lines)
-
-
-AMOUNTS = {"mse", "mae", "loss", "perplexity", "mean_reward", "reply_words"}  # metrics that are not shares
 
 
 def cell(metric: dict[str, Any], rate: bool = True) -> str:
