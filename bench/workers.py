@@ -45,6 +45,7 @@ def run_tunesmith(spec: dict, recompute: bool = False, compiled: bool = False) -
     from tunesmith.data.tokenize import TokenizedExample
     from tunesmith.models import load_model
     from tunesmith.models.adapters import apply_adapter
+    from tunesmith.train.distributed import Runner
     from tunesmith.train.loop import compile_layers, enable_gradient_checkpointing
     from tunesmith.train.optim import build_optimizer, build_scheduler
     from tunesmith.train.step import train_step
@@ -69,7 +70,7 @@ def run_tunesmith(spec: dict, recompute: bool = False, compiled: bool = False) -
         step_examples = examples[step * per_step:(step + 1) * per_step]
         rows = pack_rows([len(e) for e in step_examples], spec["seq"], list(range(len(step_examples))))
         micro = collate_rows(step_examples, rows, spec["batch"])
-        result = train_step(model, micro, optimizer, scheduler, None, torch.device("cpu"), None)
+        result = train_step(Runner(model), micro, optimizer, scheduler, None, torch.device("cpu"), None)
         seconds.append(result.seconds)
         losses.append(result.loss)
         tokens.append(result.tokens)
@@ -88,6 +89,7 @@ def run_tunesmith_dpo(spec: dict) -> dict:
     from tunesmith.models import load_model
     from tunesmith.models.adapters import apply_adapter
     from tunesmith.registry import preference_losses
+    from tunesmith.train.distributed import Runner
     from tunesmith.train.optim import build_optimizer, build_scheduler
     from tunesmith.train.preference import PreferenceObjective, adapter_off_logprobs
     from tunesmith.train.step import train_step
@@ -105,7 +107,7 @@ def run_tunesmith_dpo(spec: dict) -> dict:
     seconds, losses, tokens, first_done, chosen = [], [], [], 0.0, []
     for step in range(spec["steps"]):
         batch = collate(pairs[step * spec["batch"]:(step + 1) * spec["batch"]])
-        result = train_step(model, [batch], optimizer, scheduler, None, torch.device("cpu"), None, objective)
+        result = train_step(Runner(model), [batch], optimizer, scheduler, None, torch.device("cpu"), None, objective)
         seconds.append(result.seconds)
         losses.append(result.loss)
         tokens.append(result.tokens)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_training import make_config, metric_lines, run, straight_and_resumed
+
 from tunesmith.config import AdapterConfig, TrainConfig
 from tunesmith.data.packing import collate
 from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter, load_options, parameter_counts, save_final
+from tunesmith.train.distributed import Runner
 from tunesmith.train.loss import token_loss_sum
 from tunesmith.train.optim import build_optimizer, build_scheduler
 from tunesmith.train.step import train_step
@@ -55,7 +56,7 @@ def test_trainable_parameters_move_and_frozen_ones_do_not(tiny_model, adapter_ty
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, 4)
     for _ in range(2):  # two steps: LoRA's B and the adapters' zero-initialised gates move first, then the rest
-        train_step(model, [collate(examples())], optimizer, scheduler, 1.0, torch.device("cpu"), None)
+        train_step(Runner(model), [collate(examples())], optimizer, scheduler, 1.0, torch.device("cpu"), None)
     moved = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert moved == trainable, (sorted(trainable - moved)[:3], sorted(moved - trainable)[:3])
@@ -87,7 +88,7 @@ def test_saved_weights_reload_to_identical_logits(tiny_model, tmp_path, adapter_
     model, tokenizer = adapted(tiny_model, adapter_type)
     config = TrainConfig(lr=1e-2, warmup=0, schedule="constant")
     optimizer = build_optimizer(model, config)
-    train_step(model, [collate(examples())], optimizer, build_scheduler(optimizer, config, 2), 1.0,
+    train_step(Runner(model), [collate(examples())], optimizer, build_scheduler(optimizer, config, 2), 1.0,
                torch.device("cpu"), None)
     save_final(model, tokenizer, tmp_path / "out")
     ids = torch.tensor([[5, 17, 42, 99, 3, 250]])

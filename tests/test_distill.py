@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 import torch.nn.functional as F
-
+import yaml
 from conftest import build_model_dir, write_jsonl
+
 from tunesmith.cli import main
 from tunesmith.data.formats import convert_messages
 from tunesmith.data.packing import IGNORE, collate, shifted_targets
@@ -144,6 +144,7 @@ def test_packed_chunked_loss_and_gradients_match_the_plain_computation(tiny_mode
 def test_gradient_accumulation_equals_large_batch(tiny_model, teacher_model, chat_rows):
     """The KD loss is a sum over targets like the token loss: 1 x 8 rows and 8 x 1 give the same update."""
     from tunesmith.data.packing import BatchPlan
+    from tunesmith.train.distributed import Runner
     from tunesmith.train.step import train_step
 
     examples = tokenized(tiny_model, chat_rows)
@@ -154,7 +155,7 @@ def test_gradient_accumulation_equals_large_batch(tiny_model, teacher_model, cha
         plan = BatchPlan(examples, capacity=40, packing=True, batch_size=batch_size, grad_accum=grad_accum, seed=0)
         optimizer = torch.optim.SGD(student.parameters(), lr=1.0)  # the update is the gradient itself
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        step = train_step(student, plan.step(0, 0), optimizer, scheduler, None, torch.device("cpu"), None,
+        step = train_step(Runner(student), plan.step(0, 0), optimizer, scheduler, None, torch.device("cpu"), None,
                           objective=Distiller(teacher, forward_kl, 2.0, 0.5))
         results.append((step.loss, [p.detach().clone() for p in student.parameters()]))
     (loss_a, params_a), (loss_b, params_b) = results

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import write_jsonl
+from safetensors.torch import load_file
 from test_training import make_config, metric_lines, run, straight_and_resumed
+
 from tunesmith.cli import main
 from tunesmith.config import AdapterConfig
 from tunesmith.data.formats import convert_preference, convert_score
@@ -44,7 +44,7 @@ def trained_rewards(config, rows: list[dict]) -> tuple[torch.Tensor, list[list[i
     """The trained model's rewards for `rows` (the packed training path) and each sequence's token ids."""
     model, tokenizer = load_model(str(config.model), num_labels=1)
     model = apply_adapter(model, config.adapter)
-    load_trainable_state(model, load_file(ckpt.latest_checkpoint(config.output_dir / "checkpoints") / "trainable.safetensors"))
+    load_trainable_state(model, ckpt.read_weights(ckpt.latest_checkpoint(config.output_dir / "checkpoints")))
     chat = ChatTokenizer(tokenizer)
     units = [chat(convert_preference(row) if "chosen" in row else convert_score(row)) for row in rows]
     with torch.no_grad():

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import CHATML, build_tokenizer
+from safetensors.torch import load_file
 from test_training import make_config, metric_lines, run, straight_and_resumed
+
 from tunesmith.data.formats import RowError, convert_prompt, convert_prompt_messages, detect_format
 from tunesmith.errors import UserError
 from tunesmith.recipes.ppo import token_rewards
@@ -316,7 +316,7 @@ def test_ppo_with_a_reward_model_trains_policy_and_value_head(tmp_path, tiny_mod
     for key in ("reward_model", "kl", "entropy", "value_loss", "policy_loss", "explained_variance", "clip_fraction",
                 "value_clip_fraction", "response_length"):
         assert all(key in step and step[key] is not None for step in steps), key
-    checkpoint = load_file(ckpt.latest_checkpoint(config.output_dir / "checkpoints") / "trainable.safetensors")
+    checkpoint = ckpt.read_weights(ckpt.latest_checkpoint(config.output_dir / "checkpoints"))
     value_head = {name: tensor for name, tensor in checkpoint.items() if name.startswith("value_head.")}
     assert value_head and value_head["value_head.layers.2.weight"].abs().sum() > 0  # it started at zero
     shipped = load_file(result.output / "adapter_model.safetensors")

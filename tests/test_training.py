@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_config_file, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import write_config_file, write_jsonl
 from tunesmith.config import load_config, resolve_paths
 from tunesmith.errors import TrainingStopped
 from tunesmith.models import load_model
@@ -82,7 +82,7 @@ def test_lora_trains_adapter_only_and_ships_peft_format(tmp_path, tiny_model, ch
     torch.manual_seed(config.train.seed)
     ours = apply_adapter(ours, config.adapter)
     last = ckpt.latest_checkpoint(config.output_dir / "checkpoints")
-    load_trainable_state(ours, load_file(last / "trainable.safetensors"))
+    load_trainable_state(ours, ckpt.read_weights(last))
     ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, ours.eval()(ids).logits)
@@ -90,9 +90,10 @@ def test_lora_trains_adapter_only_and_ships_peft_format(tmp_path, tiny_model, ch
 
 def test_frozen_parameters_do_not_move_and_trainable_ones_do(tiny_model):
     from tunesmith.config import AdapterConfig, TrainConfig
+    from tunesmith.data.formats import convert_classification
     from tunesmith.data.packing import BatchPlan
     from tunesmith.data.tokenize import ChatTokenizer
-    from tunesmith.data.formats import convert_classification
+    from tunesmith.train.distributed import Runner
     from tunesmith.train.optim import build_optimizer, build_scheduler
     from tunesmith.train.step import train_step
 
@@ -106,7 +107,7 @@ def test_frozen_parameters_do_not_move_and_trainable_ones_do(tiny_model):
         optimizer = build_optimizer(model, TrainConfig(lr=1e-2))
         scheduler = build_scheduler(optimizer, TrainConfig(lr=1e-2, warmup=0), 3)
         for step in range(2):
-            train_step(model, plan.step(0, step), optimizer, scheduler, 1.0, torch.device("cpu"), None)
+            train_step(Runner(model), plan.step(0, step), optimizer, scheduler, 1.0, torch.device("cpu"), None)
         for name, parameter in model.named_parameters():
             moved = not torch.equal(before[name], parameter.detach())
             if parameter.requires_grad and "lora_A" not in name and "norm" not in name:
@@ -141,9 +142,10 @@ def test_stop_and_resume_is_bit_identical(tmp_path, tiny_model, chat_rows, monke
 def test_gradient_accumulation_equals_large_batch(tiny_model, chat_rows):
     """1 micro-batch of 8 rows and 8 micro-batches of 1 row give the same loss and the same update."""
     from tunesmith.config import AdapterConfig
+    from tunesmith.data.formats import convert_messages
     from tunesmith.data.packing import BatchPlan
     from tunesmith.data.tokenize import ChatTokenizer
-    from tunesmith.data.formats import convert_messages
+    from tunesmith.train.distributed import Runner
     from tunesmith.train.step import train_step
 
     results = {}
@@ -157,7 +159,7 @@ def test_gradient_accumulation_equals_large_batch(tiny_model, chat_rows):
         # Plain SGD with lr 1: the update is the gradient itself (Adam's first step would divide it by its magnitude).
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        step = train_step(model, plan.step(0, 0), optimizer, scheduler, None, torch.device("cpu"), None)
+        step = train_step(Runner(model), plan.step(0, 0), optimizer, scheduler, None, torch.device("cpu"), None)
         assert len(plan.step(0, 0)) == grad_accum
         results[(batch_size, grad_accum)] = (step.loss, step.loss_count, [p.detach().clone() for p in model.parameters()])
     (loss_a, tokens_a, params_a), (loss_b, tokens_b, params_b) = results.values()
@@ -169,9 +171,9 @@ def test_gradient_accumulation_equals_large_batch(tiny_model, chat_rows):
 
 def test_packed_loss_equals_unpacked_loss(tiny_model, chat_rows):
     """Packing changes nothing a model computes: no attention or targets cross example boundaries."""
+    from tunesmith.data.formats import convert_messages
     from tunesmith.data.packing import collate
     from tunesmith.data.tokenize import ChatTokenizer
-    from tunesmith.data.formats import convert_messages
     from tunesmith.train.loss import token_loss_sum
 
     model, tokenizer = load_model(str(tiny_model))
@@ -223,7 +225,7 @@ def test_early_stopping_keeps_the_best_weights(tmp_path, tiny_model, chat_rows, 
     best = ckpt.best_checkpoint(config.output_dir / "checkpoints")
     assert best.name == "best-step-4"
     shipped = load_file(config.output_dir / "adapter" / "adapter_model.safetensors")
-    best_weights = load_file(best / "trainable.safetensors")
+    best_weights = ckpt.read_weights(best)
     for name, tensor in shipped.items():
         match = [key for key in best_weights if key.replace(".default", "").endswith(name.split("base_model.model.")[-1])]
         assert match and torch.equal(best_weights[match[0]], tensor)
@@ -260,8 +262,8 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, tiny_model, chat_rows):
     (directory / f".tmp-step-{last + 1}").mkdir()  # what a crash mid-write leaves behind
     assert ckpt.latest_checkpoint(directory).name == f"step-{last}"
     files = {p.name for p in (directory / f"step-{last}").iterdir()}
-    assert files == {"trainable.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
-                     "rng.safetensors", "rng.json", "state.json"}
+    assert files == {"shard-00001-model-00001-of-00001.safetensors", "optimizer.json", "scheduler.json", "rng-0.json",
+                     "state.json"}
 
 
 def test_a_changed_config_is_not_resumed(tmp_path, tiny_model, chat_rows):

@@ -17,12 +17,48 @@ from tunesmith.errors import TrainingStopped, UserError
 def cmd_train(args: argparse.Namespace) -> int:
     from tunesmith.config import load_config, resolve_paths
     from tunesmith.registry import methods
+    from tunesmith.train import distributed
 
-    config = resolve_paths(load_config(args.config, args.overrides))
-    result = methods.get(config.method, key="method")(config)
+    config = resolve_paths(load_config(args.config, args.overrides))  # a config mistake stops here, before any launch
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc={args.nproc}: the number of processes must be at least 1; fix: --nproc 2 (or leave it out)")
+    if args.nproc is not None and args.nproc > 1:
+        return launch_processes(args)
+    try:
+        result = methods.get(config.method, key="method")(config)
+    finally:
+        distributed.stop(distributed.current_world())
+    if not distributed.current_world().main:
+        return 0
     print(f"trained {result.steps} steps; final loss {result.final_loss}; best validation loss {result.best_val_loss}")
     print(f"{result.tokens_per_s:,.0f} tokens/s; peak memory {result.peak_rss_mb:,.0f} MB")
     print(f"saved {result.output}")
+    return 0
+
+
+def launch_processes(args: argparse.Namespace) -> int:
+    """`tunesmith train --nproc N`: this command on N processes of this machine, started by torchrun's own
+    launcher (what `torchrun --standalone --nproc-per-node N -m tunesmith train ...` does). Each gets
+    cores/N CPU threads unless OMP_NUM_THREADS says otherwise."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    for name in [name for name in logging.root.manager.loggerDict if name.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # the ranks report their own errors and stops
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
+    try:
+        elastic_launch(launch, sys.executable)("-m", "tunesmith", "train", str(args.config), *args.overrides)
+    except ChildFailedError as error:
+        codes = [failure.exitcode for _, failure in sorted(error.failures.items())]
+        return next((code for code in codes if code > 0), 1)  # a rank's own exit code (2: a user mistake)
+    except SignalException as error:  # Ctrl-C or SIGTERM: passed to the ranks, which checkpointed and stopped
+        return 128 + int(error.sigval)
     return 0
 
 
@@ -255,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", type=Path, help="the YAML config")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
     train.add_argument("--help-config", action=HelpConfig, nargs=0, help="list every config key and exit")
+    train.add_argument("--nproc", type=int, metavar="N", help="train on N processes of this machine (torchrun; "
+                       "train.parallel picks DDP or FSDP); for several machines run torchrun yourself (docs/distributed.md)")
     train.set_defaults(handler=cmd_train)
 
     validate = commands.add_parser("validate", help="check a data file before any compute")
@@ -392,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args, unknown = parser.parse_known_args(argv)
+        if args.command == "train":  # overrides may come after an option: `train c.yaml --nproc 2 train.lr=1e-4`
+            args.overrides += [item for item in unknown if not item.startswith("-")]
+            unknown = [item for item in unknown if item.startswith("-")]
         if unknown and args.command != "bench":  # only bench passes its options through (to bench/run.py)
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.command == "bench":
@@ -401,10 +442,12 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank of a distributed run stops on it; one says so
+            print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     except TrainingStopped as error:
-        print(f"stopped: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

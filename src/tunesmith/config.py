@@ -171,6 +171,12 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile each decoder layer (fused pointwise ops, fewer saved "
                           "activations); about a minute once per process; needs a C compiler on CPU. See BENCHMARKS.md.")
     progress: bool = Field(True, description="Show a progress bar.")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun (or `tunesmith train --nproc N`): ddp keeps a whole copy of the model on "
+        "each process; fsdp (FSDP2) shards weights, gradients and optimizer state over them, for models one device "
+        "cannot hold. One process: ignored.")
+    cpu_offload: bool = Field(False, description="parallel: fsdp: keep the shards (and the optimizer step) in CPU "
+                              "memory, moving each layer to the GPU only while it runs. Slower; for the largest models.")
 
     @field_validator("schedule")
     @classmethod

@@ -7,7 +7,7 @@ tokens a micro-batch holds (its memory); the flat layout means no token is ever 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,6 +33,7 @@ class Batch:
     num_loss_tokens: int
     num_units: int = 0  # examples, or preference pairs (each two segments, chosen then rejected)
     scores: torch.Tensor | None = None  # (segments,) float: pointwise reward data's scores
+    filler: bool = False  # a copy that only keeps the ranks in step (train/distributed.py): it counts for nothing
 
     @property
     def num_tokens(self) -> int:
@@ -41,7 +42,7 @@ class Batch:
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.input_ids.to(device), self.targets.to(device), self.position_ids.to(device),
                      self.segment_lengths, self.num_loss_tokens, self.num_units,
-                     self.scores.to(device) if self.scores is not None else None)
+                     self.scores.to(device) if self.scores is not None else None, self.filler)
 
     def example_index(self) -> torch.Tensor:
         """(T,) which example each position belongs to."""
@@ -140,11 +141,21 @@ class BatchPlan:
     def steps_in_epoch(self, epoch: int) -> int:
         return -(-len(self.rows(epoch)) // self.rows_per_step)
 
-    def step(self, epoch: int, step_in_epoch: int) -> list[Batch]:
-        """The micro-batches of one optimizer step (the last step of an epoch may be smaller)."""
+    def step(self, epoch: int, step_in_epoch: int, rank: int = 0, world_size: int = 1) -> list[Batch]:
+        """This rank's micro-batches of one optimizer step (the last step of an epoch may be smaller).
+
+        The step's rows are the same on any number of processes; rank r takes every world_size-th from row r,
+        so the effective batch is the config's. Every rank gets as many micro-batches as rank 0 (which has the
+        most rows), the missing ones as filler copies."""
         rows = self.rows(epoch)
         first = step_in_epoch * self.rows_per_step
-        return collate_rows(self.examples, rows[first: first + self.rows_per_step], self.batch_size)
+        step_rows = rows[first: first + self.rows_per_step]
+        batches = collate_rows(self.examples, step_rows[rank::world_size], self.batch_size)
+        count = -(-len(step_rows[::world_size]) // self.batch_size)
+        if len(batches) < count:
+            spare = batches[0] if batches else collate_rows(self.examples, step_rows[:1], 1)[0]
+            batches += [replace(spare, filler=True)] * (count - len(batches))
+        return batches
 
     def eval_batches(self) -> list[Batch]:
         """Validation micro-batches: every example once, in file order."""

@@ -210,10 +210,12 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             parameters[name].copy_(tensor)
 
 
-def save_final(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
-    """PEFT format (adapter_config.json + adapter_model.safetensors) or a full HF model directory."""
+def save_final(model: torch.nn.Module, tokenizer: Any, directory: Path,
+               state: dict[str, torch.Tensor] | None = None) -> None:
+    """PEFT format (adapter_config.json + adapter_model.safetensors) or a full HF model directory; `state`
+    gives the weights when the model's own are sharded (gathered by train/loop.py)."""
     unwrapped = getattr(model, "module", model)
-    unwrapped.save_pretrained(directory, safe_serialization=True)
+    unwrapped.save_pretrained(directory, safe_serialization=True, **({"state_dict": state} if state is not None else {}))
     if not hasattr(unwrapped, "peft_config"):
         tokenizer.save_pretrained(directory)
 

@@ -26,8 +26,10 @@ from tunesmith.errors import UserError
 from tunesmith.recipes.sft import RunResult, train_loop
 from tunesmith.registry import distill_losses, methods
 from tunesmith.serve.engine import Engine
+from tunesmith.train import distributed
 from tunesmith.train.cache import TEACHER_CACHE, model_identity, read_cache, write_cache
 from tunesmith.train.distill import CachedTeacher, Distiller, LiveTeacher, example_key, teacher_top_k
+from tunesmith.train.distributed import World
 
 CACHE_FORMAT = 1  # bump when the files' layout changes, so old caches are rebuilt rather than misread
 CACHE_FILE = "top_k.safetensors"
@@ -38,16 +40,21 @@ def run_distill(config: Config) -> RunResult:
     return train_loop(config, accepts=("chat",), build_objective=partial(build_distill_loss, config))
 
 
-def build_distill_loss(config: Config, data: PreparedData, student: torch.nn.Module, tokenizer: Any,
-                       device: torch.device) -> Distiller:
-    """The distillation loss for this run, its teacher loaded (or its cache read) on `device`."""
+def build_distill_loss(config: Config, data: PreparedData, runner: torch.nn.Module, tokenizer: Any,
+                       device: torch.device, world: World) -> Distiller:
+    """The distillation loss for this run, its teacher loaded (or its cache read) on `device`. Every rank holds
+    the whole teacher; rank 0 alone fills the cache, which the others then read."""
     settings = config.distill
     divergence = distill_losses.get(settings.loss, key="distill.loss")
-    load = partial(load_teacher, settings.teacher, config.model, student, tokenizer, device)
+    load = partial(load_teacher, settings.teacher, config.model, distributed.inner(runner), tokenizer, device)
     if settings.cache == "disk":
         max_tokens = config.data.max_length * config.train.batch_size  # a training micro-batch's worth
-        teacher = cached_teacher(config.output_dir / TEACHER_CACHE, load, settings.teacher, settings.top_k, data.train,
-                                 tokenizer, device, max_tokens)
+        fill = partial(cached_teacher, config.output_dir / TEACHER_CACHE, load, settings.teacher, settings.top_k,
+                       data.train, tokenizer, device, max_tokens)
+        if world.main:
+            fill()
+        world.barrier()
+        teacher = fill()
     else:
         teacher = LiveTeacher(load())
     return Distiller(teacher, divergence, settings.temperature, settings.alpha)

@@ -23,8 +23,10 @@ from tunesmith.data.tokenize import Unit
 from tunesmith.errors import UserError
 from tunesmith.recipes.sft import RunResult, train_loop
 from tunesmith.registry import methods, preference_losses
+from tunesmith.train import distributed
 from tunesmith.train.cache import REFERENCE_CACHE, model_identity, read_cache, write_cache
 from tunesmith.train.distill import consecutive_groups, segment_keys
+from tunesmith.train.distributed import World
 from tunesmith.train.preference import PreferenceObjective, adapter_off_logprobs, sequence_logprobs
 
 CACHE_FILE = "logprobs.safetensors"
@@ -37,10 +39,10 @@ def run_dpo(config: Config) -> RunResult:
                       validate_objective=True)
 
 
-def build_dpo_objective(config: Config, data: PreparedData, model: torch.nn.Module, tokenizer: Any,
-                        device: torch.device) -> PreferenceObjective:
+def build_dpo_objective(config: Config, data: PreparedData, runner: torch.nn.Module, tokenizer: Any,
+                        device: torch.device, world: World) -> PreferenceObjective:
     settings = config.dpo
-    adapter = hasattr(model, "disable_adapter")
+    adapter = hasattr(distributed.inner(runner), "disable_adapter")
     reference_of = adapter_off_logprobs if adapter else no_grad_logprobs
     if settings.reference == "live":
         if not adapter:
@@ -50,7 +52,8 @@ def build_dpo_objective(config: Config, data: PreparedData, model: torch.nn.Modu
         reference = reference_of
     else:
         max_tokens = config.data.max_length * 2 * config.train.batch_size  # a training micro-batch's worth
-        reference = cached_reference(config, data.train + data.validation, model, reference_of, device, max_tokens)
+        reference = cached_reference(config, data.train + data.validation, runner, reference_of, device, max_tokens,
+                                     world)
     return PreferenceObjective(preference_losses.get(settings.loss, key="dpo.loss"), settings.beta,
                                settings.label_smoothing, reference, preference_losses.info(settings.loss).get("per_token", False))
 
@@ -77,18 +80,23 @@ class CachedReference:
         return self.logprobs[rows].to(batch.input_ids.device)
 
 
-def cached_reference(config: Config, units: list[Unit], model: torch.nn.Module, reference_of, device: torch.device,
-                     max_tokens: int) -> CachedReference:
-    """Read RUN/reference/ when it was made from this run's model and pairs, else compute and write it."""
+def cached_reference(config: Config, units: list[Unit], runner: torch.nn.Module, reference_of, device: torch.device,
+                     max_tokens: int, world: World) -> CachedReference:
+    """Read RUN/reference/ when it was made from this run's model and pairs, else compute and write it (the
+    ranks share the passes; rank 0 writes)."""
     keys = [key for unit in units for key in segment_keys(collate([unit]))]
     manifest = {"format": CACHE_FORMAT, "model": model_identity(config.model), "adapter": config.adapter.type,
                 "data": hashlib.blake2b("".join(keys).encode(), digest_size=16).hexdigest(), "segments": len(keys)}
     directory = config.output_dir / REFERENCE_CACHE
     tensors = read_cache(directory, manifest, CACHE_FILE)
     if tensors is None:
-        print(f"dpo: computing the reference log-probabilities of {len(units):,} pairs once (kept in {directory})",
-              file=sys.stderr)
-        values = [reference_of(model, collate(group).to(device)).cpu() for group in consecutive_groups(units, max_tokens)]
+        if world.main:
+            print(f"dpo: computing the reference log-probabilities of {len(units):,} pairs once (kept in {directory})",
+                  file=sys.stderr)
+        groups = list(consecutive_groups(units, max_tokens))
+        mine = [(runner(reference_of, collate(group).to(device)).cpu(), real) for group, real in world.share(groups)]
+        values = world.gather([value for value, real in mine if real], len(groups))
         tensors = {"logprobs": torch.cat(values).contiguous()}
-        write_cache(directory, tensors, manifest, CACHE_FILE)
+        if world.main:
+            write_cache(directory, tensors, manifest, CACHE_FILE)
     return CachedReference(keys, tensors["logprobs"])

@@ -21,9 +21,9 @@ import torch
 
 from tunesmith.config import Config, RLConfig
 from tunesmith.data.packing import Batch
-from tunesmith.train.loop import RunResult
 from tunesmith.registry import methods
 from tunesmith.train import rl, rl_loop
+from tunesmith.train.loop import RunResult
 from tunesmith.train.runtime import stop_on_signals
 
 

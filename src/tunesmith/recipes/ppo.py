@@ -24,9 +24,9 @@ import torch
 
 from tunesmith.config import Config
 from tunesmith.data.packing import Batch
-from tunesmith.train.loop import RunResult
 from tunesmith.registry import methods
 from tunesmith.train import rl, rl_loop
+from tunesmith.train.loop import RunResult
 from tunesmith.train.runtime import stop_on_signals
 
 
@@ -46,7 +46,7 @@ def run_ppo(config: Config) -> RunResult:
             pieces = [rl.gae(r, v, settings.gamma, settings.lam)
                       for r, v in zip(rewards.split(rollout.lengths), rollout.values.split(rollout.lengths))]
             advantages, rollout.returns = (torch.cat(column) for column in zip(*pieces))
-            rollout.advantages = rl.whiten(advantages) if settings.whiten_advantages else advantages
+            rollout.advantages = rl.whiten(advantages, world=run.world) if settings.whiten_advantages else advantages
             loss = partial(ppo_token_loss, config, rollout, run.value_head)
             result, figures = rl_loop.update_policy(run, rollout, loss)
             figures["explained_variance"] = rl.explained_variance(rollout.values, rollout.returns)

@@ -25,6 +25,7 @@ from tunesmith.data.tokenize import TokenizedPair, Unit
 from tunesmith.errors import Problem, UserError
 from tunesmith.recipes.sft import RunResult, train_loop
 from tunesmith.registry import methods
+from tunesmith.train.distributed import World
 from tunesmith.train.reward import RewardObjective, ScoreScale
 
 ACCEPTS = ("preference", "score")
@@ -54,8 +55,8 @@ def check_settings(config: Config) -> None:
         raise UserError("method reward: the config has problems", problems)
 
 
-def build_reward_objective(config: Config, data: PreparedData, model: torch.nn.Module, tokenizer: Any,
-                           device: torch.device) -> RewardObjective:
+def build_reward_objective(config: Config, data: PreparedData, runner: torch.nn.Module, tokenizer: Any,
+                           device: torch.device, world: World) -> RewardObjective:
     kind = data_kind(data.train)
     if data.validation and data_kind(data.validation) != kind:
         raise UserError(f"{config.data.validation or config.data.train}: the validation rows hold {data_kind(data.validation)} "

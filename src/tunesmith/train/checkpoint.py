@@ -1,8 +1,13 @@
-"""Atomic checkpoints in safetensors + JSON only (never pickle).
+"""Atomic, sharded checkpoints in safetensors + JSON only (never pickle).
 
 A checkpoint is written into a hidden temporary directory and renamed into place only when every
 file is on disk, so `checkpoints/step-N/` exists only when complete. It holds what an exact resume
 needs: trainable weights, optimizer moments, scheduler position, RNG states and the data position.
+
+Weights and optimizer moments go through torch.distributed.checkpoint with its safetensors storage: each
+process writes its own shard file, and a load reshards them for however many processes resume (one, or
+more than wrote them). Its own metadata format is pickled, so it is not used: the safetensors headers hold
+the shard offsets, and everything that is not a tensor is JSON.
 """
 from __future__ import annotations
 
@@ -11,14 +16,14 @@ import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from tunesmith.models.adapters import load_trainable_state, trainable_state
+from tunesmith.train.distributed import ONE_PROCESS, World
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 BEST_DIR = re.compile(r"^best-step-(\d+)$")
@@ -62,77 +67,139 @@ def _commit(temporary: Path, final: Path) -> None:
         os.close(descriptor)
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer state dict into tensors (safetensors) and the rest (JSON)."""
-    state = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, values in state["state"].items():
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value.contiguous()
-            else:
-                scalars.setdefault(str(index), {})[name] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+WEIGHTS, OPTIMIZER = "weights.", "optimizer."  # the prefixes of the two state dicts' tensors in the shard files
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, tensor in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = tensor
-    for index, values in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+def _options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True, strict=False)
 
 
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{index}"] = cuda_state
+def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trainable weights and the optimizer state, flat, keyed by parameter name: in this process's layout
+    (whole tensors; DTensor shards under FSDP), which torch.distributed.checkpoint reshards on load."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        weights, optimizer_state = get_model_state_dict(model, options=_options()), {}
+    else:
+        weights, optimizer_state = get_state_dict(model, optimizer, options=_options())
+    # A weight tied to another name (tied embeddings and output head) is kept once, under its first name.
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    return {name: value for name, value in weights.items() if name in trainable}, optimizer_state
+
+
+def _tensors(weights: dict[str, Any], optimizer: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {**{WEIGHTS + key: value for key, value in weights.items()},
+            **{OPTIMIZER + key: value for key, value in optimizer.items() if isinstance(value, torch.Tensor)}}
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """Every rank writes its own shards in parallel (one safetensors file each, the shard offsets in its
+    header), replicated tensors once."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # one process: torch warns it is "assuming" what we asked for
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(directory), save_distributed=True),
+                 no_dist=not torch.distributed.is_initialized())
+
+
+def _read_shards(tensors: dict[str, torch.Tensor], directory: Path, local: bool = False) -> None:
+    """Fill `tensors` (this rank's layout, or whole tensors when `local`) from the shards, whatever number of
+    processes wrote them."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(directory)),
+                 no_dist=local or not torch.distributed.is_initialized())
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random state as JSON: torch's (and each GPU's) generator bytes, Python's."""
+    cuda = [state.tolist() for state in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
     version, internal, gauss = random.getstate()
-    return tensors, {"python": [version, list(internal), gauss]}
+    return {"torch": torch.get_rng_state().tolist(), "cuda": cuda, "python": [version, list(internal), gauss]}
 
 
-def load_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[key] for key in sorted(k for k in tensors if k.startswith("cuda."))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    version, internal, gauss = meta["python"]
+def load_rng_state(saved: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(saved["torch"], dtype=torch.uint8))
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(state, dtype=torch.uint8) for state in saved["cuda"]])
+    version, internal, gauss = saved["python"]
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(directory: Path, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: TrainState) -> Path:
-    """Write checkpoints/<name>/ atomically and return its path."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / name
-    temporary = directory / f".tmp-{name}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, temporary / "trainable.safetensors")
-    optimizer_tensors, optimizer_meta = optimizer_state(optimizer)
-    save_file(optimizer_tensors, temporary / "optimizer.safetensors")
-    _write_json(temporary / "optimizer.json", optimizer_meta)
-    _write_json(temporary / "scheduler.json", scheduler.state_dict())
-    rng_tensors, rng_meta = rng_state()
-    save_file(rng_tensors, temporary / "rng.safetensors")
-    _write_json(temporary / "rng.json", rng_meta)
-    _write_json(temporary / "state.json", asdict(state))
-    if final.exists():  # the same step saved again (e.g. a resumed run that stops at once)
-        shutil.rmtree(final)
-    _commit(temporary, final)
+def _start_writing(directory: Path, name: str, world: World) -> tuple[Path, Path]:
+    final, temporary = directory / name, directory / f".tmp-{name}"
+    if world.main:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
+    world.barrier()
+    return final, temporary
+
+
+def _finish_writing(temporary: Path, final: Path, world: World) -> Path:
+    """Rank 0 commits once every rank's files are on disk; no rank goes on before the checkpoint exists."""
+    world.barrier()
+    if world.main:
+        if final.exists():  # the same step saved again (e.g. a resumed run that stops at once)
+            shutil.rmtree(final)
+        _commit(temporary, final)
+    world.barrier()
     return final
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
-    load_trainable_state(model, load_file(path / "trainable.safetensors"))
-    load_optimizer_state(optimizer, load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text()))
+def save_checkpoint(directory: Path, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, state: TrainState, world: World = ONE_PROCESS) -> Path:
+    """Write checkpoints/<name>/ atomically (every rank its shards, in parallel) and return its path."""
+    final, temporary = _start_writing(directory, name, world)
+    weights, optimizer_state = _state_dicts(model, optimizer)
+    _write_shards(_tensors(weights, optimizer_state), temporary)
+    _write_json(temporary / f"rng-{world.rank}.json", rng_state())  # each rank's: dropout and sampling go on as they were
+    if world.main:
+        _write_json(temporary / "optimizer.json", {key: value for key, value in optimizer_state.items()
+                                                   if not isinstance(value, torch.Tensor)})
+        _write_json(temporary / "scheduler.json", scheduler.state_dict())
+        _write_json(temporary / "state.json", {**asdict(state), "processes": world.size})
+    return _finish_writing(temporary, final, world)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    world: World = ONE_PROCESS) -> TrainState:
+    """Restore a checkpoint written by any number of processes. The random state is restored for the ranks
+    that wrote one; on more processes than before, the new ranks keep their seeded state."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    weights, optimizer_state = _state_dicts(model, optimizer)
+    tensors = _tensors(weights, optimizer_state)
+    _read_shards(tensors, path)
+    scalars = json.loads((path / "optimizer.json").read_text())
+    set_state_dict(model, optimizer,
+                   model_state_dict={key: tensors[WEIGHTS + key] for key in weights},
+                   optim_state_dict={**scalars, **{key: tensors[OPTIMIZER + key] for key in optimizer_state
+                                                   if OPTIMIZER + key in tensors}},
+                   options=_options())
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    load_rng_state(load_file(path / "rng.safetensors"), json.loads((path / "rng.json").read_text()))
-    return TrainState(**json.loads((path / "state.json").read_text()))
+    if (path / f"rng-{world.rank}.json").exists():
+        load_rng_state(json.loads((path / f"rng-{world.rank}.json").read_text()))
+    saved = json.loads((path / "state.json").read_text())
+    saved.pop("processes", None)
+    return TrainState(**saved)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The trainable weights in a checkpoint, as whole tensors by parameter name (for tools and tests)."""
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.HuggingFaceStorageReader(str(path)).read_metadata().state_dict_metadata
+    tensors = {key: torch.empty(entry.size, dtype=entry.properties.dtype) for key, entry in metadata.items()
+               if key.startswith(WEIGHTS)}
+    _read_shards(tensors, path, local=True)
+    return {key[len(WEIGHTS):]: tensor for key, tensor in tensors.items()}
 
 
 def _numbered(directory: Path, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
@@ -162,19 +229,18 @@ def prune(directory: Path, keep_last: int) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def save_best_weights(directory: Path, model: torch.nn.Module, step: int) -> Path:
+def save_best_weights(directory: Path, model: torch.nn.Module, step: int, world: World = ONE_PROCESS) -> Path:
     """The trainable weights at the best validation loss so far (weights only: the run ends with them)."""
-    name = f"best-step-{step}"
-    temporary = directory / f".tmp-{name}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, temporary / "trainable.safetensors")
-    final = directory / name
-    if final.exists():
-        shutil.rmtree(final)
-    _commit(temporary, final)
-    return final
+    final, temporary = _start_writing(directory, f"best-step-{step}", world)
+    weights, _ = _state_dicts(model, None)
+    _write_shards(_tensors(weights, {}), temporary)
+    return _finish_writing(temporary, final, world)
 
 
 def load_best_weights(path: Path, model: torch.nn.Module) -> None:
-    load_trainable_state(model, load_file(path / "trainable.safetensors"))
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    weights, _ = _state_dicts(model, None)
+    tensors = _tensors(weights, {})
+    _read_shards(tensors, path)
+    set_model_state_dict(model, {key: tensors[WEIGHTS + key] for key in weights}, options=_options())

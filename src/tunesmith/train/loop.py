@@ -5,6 +5,7 @@ recipes/sft.py's `train_loop` reads top to bottom with these; the RL loop (train
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from tunesmith.eval.in_training import InTrainingEval, higher_is_better
 from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter, load_options, output_name, save_final
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train import distributed
+from tunesmith.train.distributed import ONE_PROCESS, World
 from tunesmith.train.loss import decoder_and_head
 from tunesmith.train.metrics import MetricsLog
 from tunesmith.train.run import peak_rss_mb, write_summary
@@ -56,22 +59,46 @@ def build_plans(config: Config, data: PreparedData) -> tuple[BatchPlan, list]:
 
 
 def save_outputs(config: Config, model, tokenizer, state: ckpt.TrainState, result: StepResult | None,
-                 data: PreparedData, objective: Objective = TOKEN_LOSS) -> RunResult:
+                 data: PreparedData, objective: Objective = TOKEN_LOSS, world: World = ONE_PROCESS) -> RunResult:
     """Ship the best weights (with validation) or the last ones as adapter/ or model/ (with what the objective
-    adds beside them), and summary.json."""
+    adds beside them), and summary.json. Sharded weights are gathered first; rank 0 writes."""
     run_dir, checkpoints = config.output_dir, config.output_dir / "checkpoints"
     best = ckpt.best_checkpoint(checkpoints)
     if best is not None:
         ckpt.load_best_weights(best, model)
     output = run_dir / output_name(config.adapter.type)
-    save_final(model, tokenizer, output)
-    objective.save(output)
+    gathered = whole_state(model) if is_sharded(model) else None
+    if world.main:
+        save_final(model, tokenizer, output, gathered)
+        objective.save(output)
     summary = RunResult(run_dir, output, state.step, result.loss if result else None, state.best_val_loss,
                         state.tokens_seen / state.elapsed_s if state.elapsed_s else 0.0,
                         max(peak_rss_mb(), state.extra.get("peak_rss_mb", 0.0)))  # the whole run's, not this process's
-    write_summary(run_dir, {**{k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()},
-                            "best_step": state.best_step, "data": data.summary(), "skipped_steps": state.skipped_steps})
+    if world.main:
+        write_summary(run_dir, {**{k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()},
+                                "best_step": state.best_step, "data": data.summary(), "skipped_steps": state.skipped_steps,
+                                "processes": world.size})
+    world.barrier()  # nobody leaves before the outputs are on disk
     return summary
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return any(hasattr(parameter, "full_tensor") for parameter in model.parameters())
+
+
+def whole_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """FSDP: every weight the saved files need, gathered whole onto rank 0's CPU (a collective: every rank
+    calls it); an adapter needs only its trainable weights, a full model everything."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    adapter = hasattr(model, "peft_config")
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=adapter))
+
+
+def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers, which FSDP shards one by one (each gathered only while it runs)."""
+    return [module for name, module in model.named_modules() if re.fullmatch(r"(.*\.)?layers\.\d+", name)]
 
 
 def count_steps(plan: BatchPlan, epochs: int, max_steps: int | None) -> int:
@@ -103,18 +130,20 @@ def check_finite(state: ckpt.TrainState, result: StepResult, max_bad_steps: int,
                               f"or check the data for extreme examples")
 
 
-def evaluate_due(config: Config, model, validation: list, task_eval: InTrainingEval | None, state: ckpt.TrainState,
-                 done: bool, log: MetricsLog, device, amp_dtype, objective: Objective = TOKEN_LOSS) -> dict[str, float]:
+def evaluate_due(config: Config, runner, validation: list, task_eval: InTrainingEval | None, state: ckpt.TrainState,
+                 done: bool, log: MetricsLog, device, amp_dtype, objective: Objective = TOKEN_LOSS,
+                 world: World = ONE_PROCESS) -> dict[str, float]:
     """Validation loss (with the objective's own figures) and the eval task's metrics, when their step has come;
-    each one logged."""
+    each one logged. The ranks share the validation batches; the eval task runs on rank 0 and every rank
+    gets its metrics (they steer best-checkpoint selection and early stopping on all of them)."""
     scores: dict[str, float] = {}
     if validation and (state.step % config.train.eval_every == 0 or done):
-        scores["val_loss"] = evaluate_loss(model, validation, device, amp_dtype, objective)
-        scores.update({f"val_{name}": value for name, value in objective.take_stats().items()})
+        scores["val_loss"] = evaluate_loss(runner, validation, device, amp_dtype, objective, world)
+        scores.update({f"val_{name}": value for name, value in objective.take_stats(world).items()})
         state.best_val_loss = min(scores["val_loss"], state.best_val_loss or float("inf"))
         log.write({"step": state.step, **scores, "best_val_loss": state.best_val_loss})
     if task_eval and (state.step % config.eval.every == 0 or done):
-        task_metrics = task_eval(model, config.train.seed)
+        task_metrics = world.from_main(lambda: task_eval(distributed.inner(runner), config.train.seed))
         scores.update({name: metric["value"] for name, metric in task_metrics.items()})
         log.write({"step": state.step, "eval": task_metrics})
     return scores

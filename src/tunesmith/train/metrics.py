@@ -11,10 +11,13 @@ from typing import Any
 
 class MetricsLog:
     """Append-only JSONL log. On resume, lines past the checkpoint's step are dropped, so a resumed
-    run's log reads exactly as the uninterrupted run's would."""
+    run's log reads exactly as the uninterrupted run's would. With no path (a distributed run's other ranks)
+    it writes nothing."""
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path | None, resume_step: int | None = None):
         self.path = path
+        if path is None:
+            return
         if resume_step is None:
             path.write_text("", encoding="utf-8")
         elif path.exists():
@@ -23,6 +26,8 @@ class MetricsLog:
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(clean) + "\n")
@@ -31,8 +36,8 @@ class MetricsLog:
 class Progress:
     """A tqdm bar showing loss, lr, tokens/s and ETA; silent when disabled or not a terminal-friendly run."""
 
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.bar = None
+    def __init__(self, total: int, initial: int, enabled: bool, quiet: bool = False):
+        self.bar, self.quiet = None, quiet  # quiet: no messages either (a distributed run's other ranks)
         if enabled:
             from tqdm.auto import tqdm
 
@@ -49,6 +54,8 @@ class Progress:
         self.bar.update(step - self.bar.n)
 
     def write(self, message: str) -> None:
+        if self.quiet:
+            return
         (self.bar.write if self.bar is not None else lambda m: print(m, file=sys.stderr))(message)
 
     def close(self) -> None:

@@ -27,6 +27,7 @@ from tunesmith.data.validate import load_file, report
 from tunesmith.errors import Problem, UserError
 from tunesmith.models import load_model
 from tunesmith.serve.engine import Sampling
+from tunesmith.train.distributed import ONE_PROCESS, World
 from tunesmith.train.loss import HEAD_CHUNK, decoder_and_head, hidden_states
 from tunesmith.train.preference import head_logprobs
 
@@ -87,9 +88,15 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     return 0.5 * torch.maximum(plain, clipped), clipped > plain
 
 
-def whiten(values: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Mean 0, standard deviation (unbiased) 1."""
-    return (values - values.mean()) / (values.std() + eps) if values.numel() > 1 else values - values.mean()
+def whiten(values: torch.Tensor, eps: float = 1e-8, world: World = ONE_PROCESS) -> torch.Tensor:
+    """Mean 0, standard deviation (unbiased) 1; over every rank's values when there are several."""
+    if not world.distributed:
+        return (values - values.mean()) / (values.std() + eps) if values.numel() > 1 else values - values.mean()
+    count, total, squares = world.sum([values.numel(), float(values.double().sum()), float(values.double().square().sum())],
+                                      values.device)
+    mean = total / count
+    variance = (squares - count * mean * mean) / max(count - 1, 1)
+    return (values - mean) / (max(variance, 0.0) ** 0.5 + eps)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
@@ -201,9 +208,10 @@ def step_seed(seed: int, step: int, purpose: str) -> int:
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # layers compiled for training (train.compile) decode eagerly
 def sample_replies(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampling, pad_id: int,
-                   stop_ids: list[int], seed: int) -> list[list[int]]:
+                   stop_ids: list[int], seed: int, synced: bool = False) -> list[list[int]]:
     """One reply per prompt, as token ids up to and including its stop token (all max_new_tokens when it never
-    stopped): a left-padded batch through `generate` with its KV cache, drawing from a generator of its own."""
+    stopped): a left-padded batch through `generate` with its KV cache, drawing from a generator of its own.
+    `synced`: keep running forward passes until every rank is done (FSDP gathers weights in each one)."""
     width = max(len(prompt) for prompt in prompts)
     device = next(model.parameters()).device
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
@@ -217,7 +225,7 @@ def sample_replies(model: torch.nn.Module, prompts: list[list[int]], sampling: S
             if options["do_sample"]:
                 options["top_k"] = 0  # no top-k cut from a model's generation config: sample what the policy says
             output = model.generate(input_ids=input_ids, attention_mask=attention, pad_token_id=pad_id,
-                                    eos_token_id=stop_ids, use_cache=True, **options)
+                                    eos_token_id=stop_ids, use_cache=True, synced_gpus=synced, **options)
     finally:
         model.train(was_training)
     replies = []

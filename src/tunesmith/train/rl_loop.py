@@ -17,13 +17,13 @@ from tunesmith.config import Config
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.packing import Batch
 from tunesmith.data.tokenize import ChatTokenizer
-from tunesmith.errors import TrainingStopped
+from tunesmith.errors import TrainingStopped, UserError
 from tunesmith.eval.in_training import InTrainingEval
 from tunesmith.models import load_tokenizer
 from tunesmith.models.adapters import parameter_counts
 from tunesmith.serve.engine import Sampling, stop_token_ids
 from tunesmith.train import checkpoint as ckpt
-from tunesmith.train import loop
+from tunesmith.train import distributed, loop
 from tunesmith.train.loop import RunResult
 from tunesmith.train.loss import decoder_and_head
 from tunesmith.train.metrics import MetricsLog, Progress
@@ -47,6 +47,8 @@ class RLRun:
     plan: PromptPlan
     model: torch.nn.Module  # the policy
     trained: torch.nn.Module  # what the optimizer and the checkpoints hold: the policy (and PPO's value head)
+    runner: torch.nn.Module  # runs passes of `trained` on one process or several (train/distributed.py)
+    world: distributed.World
     value_head: ValueHead | None
     reference: Reference | None
     reward: Reward
@@ -64,7 +66,13 @@ class RLRun:
     task_eval: InTrainingEval | None
 
     def next_prompts(self) -> list[Prompt]:
-        return [self.data.train[index] for index in self.plan.step(self.state.epoch, self.state.step_in_epoch)]
+        """This rank's prompts of the step: every world-size-th (the step's prompts are the same on any count)."""
+        indices = self.plan.step(self.state.epoch, self.state.step_in_epoch)[self.world.rank::self.world.size]
+        return [self.data.train[index] for index in indices]
+
+    def policy_pass(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(policy, *args)` through the runner (so DDP syncs and FSDP gathers), whatever the runner holds."""
+        return self.runner(lambda _, *inner: fn(self.model, *inner), *args)
 
 
 def setup(config: Config, with_value_head: bool = False) -> RLRun:
@@ -75,9 +83,14 @@ def setup(config: Config, with_value_head: bool = False) -> RLRun:
     chat = ChatTokenizer(tokenizer, system_prompt=config.data.system_prompt)
     reward = build_reward(config.rl)
     data = load_prompts(config, chat, reward.required_fields())
-    resume_from = prepare_run_dir(config)
-    seed_everything(train_config.seed, train_config.threads)
     device = pick_device(train_config)
+    world = distributed.start(device)
+    distributed.check_settings(config, world)
+    if train_config.batch_size % world.size:
+        raise UserError(f"train.batch_size={train_config.batch_size} prompts per step cannot be shared evenly by "
+                        f"{world.size} processes; fix: make it a multiple of {world.size}")
+    resume_from = prepare_run_dir(config, write=world.main)
+    seed_everything(train_config.seed, train_config.threads)
     model = loop.build_model(config, device)
     counts = parameter_counts(model)
     if train_config.gradient_checkpointing:
@@ -86,22 +99,27 @@ def setup(config: Config, with_value_head: bool = False) -> RLRun:
         loop.compile_layers(model)
     value_head = ValueHead(decoder_and_head(model)[1].weight.shape[1]).to(device) if with_value_head else None
     trained = PolicyAndValue(model, value_head) if value_head is not None else model
+    runner = distributed.wrap(trained, world, train_config.parallel, autocast_dtype(train_config, device),
+                              train_config.cpu_offload, loop.shard_units(model))
     reference = build_reference(config, model, device)  # before the resume restores the RNG: loading may draw from it
     plan = PromptPlan(len(data.train), train_config.batch_size, train_config.seed)
     total_steps = loop.count_steps(plan, train_config.epochs, train_config.max_steps)
     optimizer = build_optimizer(trained, train_config)
     scheduler = build_scheduler(optimizer, train_config, total_steps)
-    state = ckpt.load_checkpoint(resume_from, trained, optimizer, scheduler) if resume_from else ckpt.TrainState()
-    log = MetricsLog(config.output_dir / "metrics.jsonl", resume_step=state.step if resume_from else None)
+    state = ckpt.load_checkpoint(resume_from, trained, optimizer, scheduler, world) if resume_from else ckpt.TrainState()
+    log = MetricsLog(config.output_dir / "metrics.jsonl" if world.main else None,
+                     resume_step=state.step if resume_from else None)
     if not resume_from:
-        log.write({"step": 0, "event": "data", **data.summary(), "total_steps": total_steps, **counts})
-    progress = Progress(total_steps, state.step, train_config.progress)
+        log.write({"step": 0, "event": "data", **data.summary(), "total_steps": total_steps, **counts,
+                   "processes": world.size})
+    progress = Progress(total_steps, state.step, train_config.progress and world.main, quiet=not world.main)
     progress.write(f"{config.method}, {config.adapter.type}: training {counts['trainable_parameters']:,} of "
-                   f"{counts['total_parameters']:,} parameters ({counts['trainable_share']:.2%})")
+                   f"{counts['total_parameters']:,} parameters ({counts['trainable_share']:.2%})"
+                   + (f" on {world.size} processes ({train_config.parallel})" if world.distributed else ""))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = Sampling(config.rl.max_new_tokens, config.rl.temperature, config.rl.top_p)
-    task_eval = InTrainingEval(config, tokenizer) if config.eval.every and config.eval.data else None
-    return RLRun(config, tokenizer, data, plan, model, trained, value_head, reference, reward, optimizer, scheduler,
+    task_eval = InTrainingEval(config, tokenizer) if config.eval.every and config.eval.data and world.main else None
+    return RLRun(config, tokenizer, data, plan, model, trained, runner, world, value_head, reference, reward, optimizer, scheduler,
                  state, log, progress, total_steps, device, autocast_dtype(train_config, device), sampling, pad_id,
                  stop_token_ids(model, tokenizer), task_eval)
 
@@ -110,21 +128,30 @@ def collect_rollout(run: RLRun, prompts: list[Prompt], group_size: int) -> Rollo
     """Sample `group_size` replies per prompt, score them, and keep their tokens' sampling-time statistics."""
     samples = [prompt for prompt in prompts for _ in range(group_size)]
     prompt_ids = [prompt.input_ids for prompt in samples]
-    replies = sample_replies(run.model, prompt_ids, run.sampling, run.pad_id, run.stop_ids,
-                             step_seed(run.config.train.seed, run.state.step, "sample"))
+    seed = step_seed(run.config.train.seed, run.state.step, f"sample-{run.world.rank}" if run.world.rank else "sample")
+    replies = generate(run, prompt_ids, run.sampling, seed)
     texts = [run.tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
     rewards, parts = run.reward([p.messages for p in samples], texts, [p.fields for p in samples])
     temperature, pieces = run.config.rl.temperature, []
     for chunk in split(list(range(len(samples))), run.config.rl.minibatches * run.config.train.grad_accum):
         batch = rollout_batch([prompt_ids[s] for s in chunk], [replies[s] for s in chunk]).to(run.device)
-        with autocast(run.device, run.amp_dtype):
-            logprobs, entropy, values = token_statistics(run.model, batch, temperature, run.value_head)
-            reference = run.reference(batch, temperature) if run.reference is not None else None
+        with autocast(run.device, run.amp_dtype), torch.no_grad():
+            logprobs, entropy, values = run.policy_pass(token_statistics, batch, temperature, run.value_head)
+            reference = run.policy_pass(lambda _, *args: run.reference(*args), batch, temperature) \
+                if run.reference is not None else None
         pieces.append((logprobs, entropy, values, reference))
     logprobs, entropy, values, reference = (torch.cat(column).float() if column[0] is not None else None
                                             for column in zip(*pieces))
     return Rollout(prompt_ids, replies, texts, rewards.to(run.device), parts, logprobs, entropy, reference, values,
                    stopped=[bool(reply) and reply[-1] in run.stop_ids for reply in replies])
+
+
+@torch.no_grad()
+def generate(run: RLRun, prompt_ids: list[list[int]], sampling: Sampling, seed: int) -> list[list[int]]:
+    """Replies from the policy as it is now. Under FSDP every rank keeps generating until all are done
+    (each token's forward gathers weights from all of them)."""
+    synced = run.world.distributed and run.config.train.parallel == "fsdp"
+    return run.policy_pass(sample_replies, prompt_ids, sampling, run.pad_id, run.stop_ids, seed, synced)
 
 
 # (policy, batch of some samples, those samples' flat token positions) -> (per-token loss, per-token figures)
@@ -141,23 +168,28 @@ def update_policy(run: RLRun, rollout: Rollout, token_loss: TokenLoss) -> tuple[
     lengths, parameters = rollout.lengths, [p for p in run.trained.parameters() if p.requires_grad]
     totals: dict[str, float] = {}
     losses, norms, tokens, skipped = [], [], 0, False
-    lr = run.scheduler.get_last_lr()[0]
-    run.trained.train()
+    lr, world = run.scheduler.get_last_lr()[0], run.world
+    run.runner.train()
     for _ in range(config.rl.update_epochs):
         order = torch.randperm(len(lengths), generator=generator).tolist()
         for minibatch in split(order, config.rl.minibatches):
-            count, loss = sum(lengths[s] for s in minibatch), 0.0
-            for micro in split(minibatch, config.train.grad_accum):
+            # the mean over the minibatch's reply tokens on every rank; DDP/FSDP average over the ranks
+            count, loss = world.sum([sum(lengths[s] for s in minibatch)], run.device)[0], 0.0
+            micros = split(minibatch, config.train.grad_accum)
+            for number, micro in enumerate(micros):
                 batch, index = rollout.batch(micro).to(run.device), rollout.token_index(micro)
-                with autocast(run.device, run.amp_dtype):
-                    per_token, figures = token_loss(run.model, batch, index)
-                (per_token.sum() / count).backward()
+                with distributed.gradient_sync(run.runner, enabled=number == len(micros) - 1):
+                    with autocast(run.device, run.amp_dtype):
+                        per_token, figures = run.policy_pass(token_loss, batch, index)
+                    (per_token.sum() * (world.size / count)).backward()
                 loss += float(per_token.detach().sum()) / count
                 tokens += batch.num_tokens
                 for name, values in figures.items():
                     totals[name] = totals.get(name, 0.0) + float(values.detach().float().sum())
+            loss = world.sum([loss], run.device)[0]
             limit = config.train.max_grad_norm if config.train.max_grad_norm is not None else float("inf")
-            norm = float(torch.nn.utils.clip_grad_norm_(parameters, limit))
+            norm = torch.nn.utils.clip_grad_norm_(parameters, limit)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a replicated DTensor
             finite = math.isfinite(loss) and math.isfinite(norm)
             if finite:
                 run.optimizer.step()
@@ -166,7 +198,8 @@ def update_policy(run: RLRun, rollout: Rollout, token_loss: TokenLoss) -> tuple[
             losses.append(loss)
             norms.append(norm)
     run.scheduler.step()  # once per step, like the supervised loop: the schedule counts steps, not updates
-    counted = sum(lengths) * config.rl.update_epochs
+    totals = world.sum_figures({**totals, "tokens": tokens, "counted": sum(lengths) * config.rl.update_epochs})
+    tokens, counted = int(totals.pop("tokens")), totals.pop("counted")
     result = StepResult(sum(losses) / len(losses), tokens, counted, sum(norms) / len(norms),
                         time.perf_counter() - started, skipped)
     return result, {"lr": lr, **{name: total / counted for name, total in totals.items()}}
@@ -174,22 +207,28 @@ def update_policy(run: RLRun, rollout: Rollout, token_loss: TokenLoss) -> tuple[
 
 @torch.no_grad()
 def validation_reward(run: RLRun) -> dict[str, float]:
-    """The mean reward of greedy replies to the validation prompts (and each source's)."""
-    prompts, greedy = run.data.validation, Sampling(run.config.rl.max_new_tokens, 0.0)
+    """The mean reward of greedy replies to the validation prompts (and each source's); the ranks share them."""
+    shared, greedy = run.world.share(run.data.validation), Sampling(run.config.rl.max_new_tokens, 0.0)
     replies: list[list[int]] = []
-    for chunk in split(list(range(len(prompts))), -(-len(prompts) // run.config.eval.batch_size)):
-        replies += sample_replies(run.model, [prompts[i].input_ids for i in chunk], greedy, run.pad_id, run.stop_ids, 0)
-    texts = [run.tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
-    rewards, parts = run.reward([p.messages for p in prompts], texts, [p.fields for p in prompts])
-    return {"val_reward": float(rewards.mean()), **{f"val_reward_{k}": float(v.mean()) for k, v in parts.items()},
-            "val_response_length": sum(map(len, replies)) / len(replies)}
+    for chunk in split(list(range(len(shared))), -(-len(shared) // run.config.eval.batch_size)):
+        replies += generate(run, [shared[i][0].input_ids for i in chunk], greedy, 0)
+    mine = [(prompt, reply) for (prompt, real), reply in zip(shared, replies) if real]
+    texts = [run.tokenizer.decode(reply, skip_special_tokens=True).strip() for _, reply in mine]
+    rewards, parts = run.reward([p.messages for p, _ in mine], texts, [p.fields for p, _ in mine])
+    sums = {"val_reward": float(rewards.sum()), **{f"val_reward_{k}": float(v.sum()) for k, v in parts.items()},
+            "val_response_length": float(sum(len(reply) for _, reply in mine)), "count": float(len(mine))}
+    sums = run.world.sum_figures(sums)
+    count = sums.pop("count")
+    return {name: total / count for name, total in sums.items()}
 
 
 def finish_step(run: RLRun, result: StepResult, figures: dict[str, float], stop: Any, started: float) -> None:
     """Count the step, log it, evaluate and checkpoint when due; on a signal, checkpoint and stop."""
 
-    config, state = run.config, run.state
+    config, state, world = run.config, run.state, run.world
     result.seconds = time.perf_counter() - started  # the whole step: sampling, scoring and updates
+    # the ranks' means (each rank had as many prompts); the update's figures are already the same on all
+    figures = {name: total / world.size for name, total in world.sum_figures(figures).items()}
     loop.advance(state, run.plan, result)
     loop.check_finite(state, result, config.train.max_bad_steps, run.log)
     done = state.step == run.total_steps
@@ -200,21 +239,24 @@ def finish_step(run: RLRun, result: StepResult, figures: dict[str, float], stop:
         run.log.write(record)
     if run.data.validation and (state.step % config.train.eval_every == 0 or done):
         run.log.write({"step": state.step, **validation_reward(run)})
-    loop.evaluate_due(config, run.model, [], run.task_eval, state, done, run.log, run.device, run.amp_dtype)
+    loop.evaluate_due(config, distributed.Runner(run.model), [], run.task_eval, state, done, run.log, run.device,
+                      run.amp_dtype, world=world)
     run.progress.update(state.step, result.loss, record["lr"], record["tokens_per_s"], None)
-    if state.step % config.train.save_every == 0 or done or stop:
+    signal_number = world.max(stop.signal_number or 0, run.device)  # a signal to any rank stops them all here
+    if state.step % config.train.save_every == 0 or done or signal_number:
         state.extra["peak_rss_mb"] = max(state.extra.get("peak_rss_mb", 0.0), peak_rss_mb())  # across resumes
         ckpt.save_checkpoint(config.output_dir / "checkpoints", f"step-{state.step}", run.trained, run.optimizer,
-                             run.scheduler, state)
-        ckpt.prune(config.output_dir / "checkpoints", config.train.keep_last)
-    if stop:
+                             run.scheduler, state, world)
+        if world.main:
+            ckpt.prune(config.output_dir / "checkpoints", config.train.keep_last)
+    if signal_number:
         run.progress.close()
-        raise TrainingStopped(f"stopped by signal {stop.signal_number} at step {state.step}; a checkpoint was saved; "
-                              f"run the same command again to resume", 128 + stop.signal_number)
+        raise TrainingStopped(f"stopped by signal {signal_number} at step {state.step}; a checkpoint was saved; "
+                              f"run the same command again to resume", 128 + signal_number)
 
 
 def save(run: RLRun, result: StepResult | None) -> RunResult:
     """The policy as adapter/ or model/ (PPO's value head stays in the checkpoints), and summary.json."""
 
     run.progress.close()
-    return loop.save_outputs(run.config, run.model, run.tokenizer, run.state, result, run.data)
+    return loop.save_outputs(run.config, run.model, run.tokenizer, run.state, result, run.data, world=run.world)

@@ -13,8 +13,11 @@ from tunesmith.errors import UserError
 from tunesmith.train.checkpoint import latest_checkpoint
 
 # Keys a resumed run may change: they steer how long and how loudly it runs, not what it computes.
-RESUMABLE_CHANGES = {"train.resume", "train.progress", "train.max_steps", "train.epochs", "train.eval_every",
-                     "train.save_every", "train.keep_last", "train.log_every", "train.threads", "eval"}
+# train.parallel and train.cpu_offload too: checkpoints reshard, so a run may resume under DDP or FSDP; and
+# output_dir, so a run directory moved elsewhere resumes there.
+RESUMABLE_CHANGES = {"output_dir", "train.resume", "train.progress", "train.max_steps", "train.epochs", "train.eval_every",
+                     "train.save_every", "train.keep_last", "train.log_every", "train.threads", "train.parallel",
+                     "train.cpu_offload", "eval"}
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -42,8 +45,9 @@ def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
         return saved
 
 
-def prepare_run_dir(config: Config) -> Path | None:
-    """Create output_dir and write config.yaml; return the checkpoint to resume from, if any."""
+def prepare_run_dir(config: Config, write: bool = True) -> Path | None:
+    """Create output_dir and write config.yaml; return the checkpoint to resume from, if any. Every rank of a
+    distributed run checks (so all stop on the same error); only rank 0 writes."""
     run_dir = config.output_dir
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is not None:
@@ -55,8 +59,9 @@ def prepare_run_dir(config: Config) -> Path | None:
         if changes:
             raise UserError(f"output_dir={run_dir} holds a run with a different config ({', '.join(changes)}), so it "
                             f"cannot be resumed; fix: choose another output_dir or set train.resume=never with a new one")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(config, run_dir / "config.yaml")
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(config, run_dir / "config.yaml")
     return checkpoint
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import signal
 from typing import Iterator
@@ -12,8 +13,9 @@ from tunesmith.config import TrainConfig
 
 
 def pick_device(config: TrainConfig) -> torch.device:
+    """The CPU, or this process's GPU: under torchrun, the one numbered by its rank on the node (LOCAL_RANK)."""
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
 

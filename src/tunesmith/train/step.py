@@ -2,21 +2,23 @@
 
 A recipe's loss is an `Objective`: the summed loss of a micro-batch, and the count the step averages it
 over (target tokens for next-token losses, pairs for preference losses), plus any figures it wants logged.
+Both run the model through a runner (train/distributed.py), on one process or several.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from tunesmith.data.packing import Batch
+from tunesmith.train.distributed import ONE_PROCESS, World, gradient_sync
 from tunesmith.train.loss import token_loss_sum
 from tunesmith.train.runtime import autocast
-
 
 
 class Objective:
@@ -32,14 +34,27 @@ class Objective:
 
     def record(self, figures: dict[str, torch.Tensor]) -> None:
         """Add per-unit figures of one micro-batch (each a (units,) tensor) to what `take_stats` reports."""
-        sums, units = self.__dict__.setdefault("_sums", {}), self.__dict__.get("_units", 0)
+        if self.__dict__.get("_muted"):
+            return
+        sums = self.__dict__.setdefault("_sums", {"units": 0.0})
         for name, values in figures.items():
             sums[name] = sums.get(name, 0.0) + float(values.detach().sum())
-        self._units = units + next(iter(figures.values())).shape[0]
+        sums["units"] += next(iter(figures.values())).shape[0]
 
-    def take_stats(self) -> dict[str, float]:
-        """The means of the figures recorded since the last call, for the metrics log; then starts afresh."""
-        sums, units = self.__dict__.pop("_sums", {}), self.__dict__.pop("_units", 0)
+    @contextlib.contextmanager
+    def muted(self, on: bool) -> Iterator[None]:
+        """Record nothing inside (a filler micro-batch's figures are not the data's)."""
+        self._muted = on
+        try:
+            yield
+        finally:
+            self._muted = False
+
+    def take_stats(self, world: World = ONE_PROCESS) -> dict[str, float]:
+        """The means of the figures recorded since the last call (over every rank), for the metrics log; then
+        starts afresh. Every rank must call it when one does."""
+        sums = world.sum_figures(self.__dict__.pop("_sums", {}))
+        units = sums.pop("units", 0.0)
         return {name: total / units for name, total in sums.items()} if units else {}
 
     def save(self, directory: Path) -> None:
@@ -60,55 +75,72 @@ class StepResult:
     penalty: float | None = None  # the regularisation term added this step (train.regularization)
 
 
-def train_step(model: torch.nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer, scheduler,
+def train_step(runner: torch.nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer, scheduler,
                max_grad_norm: float | None, device: torch.device, amp_dtype: torch.dtype | None,
-               objective: Objective = TOKEN_LOSS, penalty: Callable[[], torch.Tensor] | None = None) -> StepResult:
-    """Accumulate over micro-batches so the update equals the one large batch would give.
+               objective: Objective = TOKEN_LOSS, penalty: Callable[[], torch.Tensor] | None = None,
+               world: World = ONE_PROCESS) -> StepResult:
+    """Accumulate over micro-batches (this rank's share of the step) so the update equals the one large batch
+    would give.
 
-    Each micro-batch's summed loss is divided by the objective's count over the whole step (target tokens,
-    not micro-batches), so 1 x 8 and 8 x 1 give the same gradient whatever the padding or packing.
-    `penalty` (a regulariser on the weights) is added once per step, after the data's gradients.
+    Each micro-batch's summed loss is divided by the objective's count over the whole step on every rank
+    (target tokens, not micro-batches), so 1 x 8, 8 x 1 and 2 processes x 4 give the same gradient whatever
+    the padding or packing; DDP and FSDP average gradients over the ranks, so each rank's share is scaled up
+    by their number. `penalty` (a regulariser on the weights) is added once per step, after the data's gradients.
     """
     started = time.perf_counter()
-    model.train()
-    total_targets = sum(objective.count(batch) for batch in micro_batches)
+    runner.train()
+    real = [batch for batch in micro_batches if not batch.filler]
+    total_targets = world.sum([sum(objective.count(batch) for batch in real)], device)[0]
+    scale = world.size / max(total_targets, 1)
     accumulated = 0.0
-    for batch in micro_batches:
-        batch = batch.to(device)
-        with autocast(device, amp_dtype):
-            summed = objective(model, batch)
-        (summed / max(total_targets, 1)).backward()
-        accumulated += summed.item()
+    for index, batch in enumerate(micro_batches):
+        with gradient_sync(runner, enabled=index == len(micro_batches) - 1):
+            with autocast(device, amp_dtype), objective.muted(batch.filler):
+                summed = runner(objective, batch.to(device))
+            (summed * (0.0 if batch.filler else scale)).backward()
+        accumulated += 0.0 if batch.filler else summed.item()
+    accumulated, tokens = world.sum([accumulated, sum(batch.num_tokens for batch in real)], device)
     loss = accumulated / max(total_targets, 1)
-    penalty_value = None
-    if penalty is not None:
-        term = penalty()
-        if term.requires_grad:
-            term.backward()
-        penalty_value = float(term.detach())
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    parameters = [p for p in runner.parameters() if p.requires_grad]
+    penalty_value = add_penalty(penalty, parameters) if penalty is not None else None
     grad_norm = None
     if math.isfinite(loss):
         limit = max_grad_norm if max_grad_norm is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, limit))
+        norm = torch.nn.utils.clip_grad_norm_(parameters, limit)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a replicated DTensor
     skipped = not math.isfinite(loss) or grad_norm is None or not math.isfinite(grad_norm)
     if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()  # the schedule follows steps taken, skipped or not, so resume positions agree
-    return StepResult(loss, sum(b.num_tokens for b in micro_batches), total_targets, grad_norm,
-                      time.perf_counter() - started, skipped, penalty_value)
+    return StepResult(loss, int(tokens), int(total_targets), grad_norm, time.perf_counter() - started, skipped,
+                      penalty_value)
+
+
+def add_penalty(penalty: Callable[[], torch.Tensor], parameters: list[torch.Tensor]) -> float:
+    """Add the regulariser's gradient to the data's. Taken with autograd.grad, not backward(): it is the same
+    on every rank, and a second backward would fire DDP's gradient hooks after the step's reduction."""
+    term = penalty()
+    if term.requires_grad:
+        grads = torch.autograd.grad(term, parameters, allow_unused=True)
+        for parameter, grad in zip(parameters, grads):
+            if grad is not None:
+                parameter.grad = grad if parameter.grad is None else parameter.grad.add_(grad)
+    return float(term.detach())
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, batches: list[Batch], device: torch.device, amp_dtype: torch.dtype | None,
-                  objective: Objective = TOKEN_LOSS) -> float:
-    """The objective's mean loss over all validation batches (per target token, for token losses)."""
-    model.eval()
+def evaluate_loss(runner: torch.nn.Module, batches: list[Batch], device: torch.device, amp_dtype: torch.dtype | None,
+                  objective: Objective = TOKEN_LOSS, world: World = ONE_PROCESS) -> float:
+    """The objective's mean loss over all validation batches (per target token, for token losses); the ranks
+    share the batches."""
+    runner.eval()
     total, count = 0.0, 0
-    for batch in batches:
-        with autocast(device, amp_dtype):
-            total += objective(model, batch.to(device)).item()
-        count += objective.count(batch)
-    model.train()
+    for batch, real in world.share(batches):
+        with autocast(device, amp_dtype), objective.muted(not real):
+            value = runner(objective, batch.to(device)).item()
+        if real:
+            total, count = total + value, count + objective.count(batch)
+    runner.train()
+    total, count = world.sum([total, count], device)
     return total / max(count, 1)
