@@ -60,3 +60,23 @@ def test_a_run_of_some_scenarios_keeps_the_others_marked_with_their_date(tmp_pat
     path.write_text(json.dumps(merged))  # kept again by a later run: it still names the run that measured it
     again = merged_with_earlier({**fresh, "date": "2026-03-03 00:00 UTC"}, path)
     assert again["scenarios"][0]["measured"].startswith("2026-01-01")
+
+
+def test_scaling_table_compares_with_one_process_and_replaces_only_its_section(tmp_path):
+    sys.path.insert(0, str(BENCH.parent))
+    import scaling
+
+    report = {"date": "2026-11-23", "machine": "x86_64, 2 cores", "command": "python bench/scaling.py", "steps": 4,
+              "config": "examples/banking77-lora.yaml",
+              "results": [{"processes": 1, "parallel": "-", "threads_each": 2, "tokens_per_s": 200.0,
+                           "peak_rss_mb": 900.0, "final_loss": 2.5},
+                          {"processes": 2, "parallel": "fsdp", "threads_each": 1, "tokens_per_s": 150.0,
+                           "peak_rss_mb": 800.0, "final_loss": 2.5}]}
+    text = scaling.table(report)
+    assert "| 2 | fsdp | 1 | 150 | 0.75x | 800 MB | 2.5000 |" in text and "| 1 | - | 2 | 200 | 1.00x |" in text
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# title\nbefore\n{scaling.START}\nold table\n{scaling.END}\nafter\n")
+    scaling.write_doc(text, doc)
+    written = doc.read_text()
+    assert "old table" not in written and text in written
+    assert written.startswith("# title\nbefore\n") and written.endswith(f"{scaling.END}\nafter\n")

@@ -163,3 +163,31 @@ def test_rl_needs_a_step_the_ranks_can_share(tmp_path, tiny_model):
                           text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.count("error: train.batch_size=3") == 1  # every rank stops; rank 0 alone says why
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_train_like_one_process(tmp_path, tiny_model):
+    """Two torchrun launches, one per "node", meeting at one address (what docs/distributed.md and
+    examples/slurm.sh do across machines); the run directory is on storage both see."""
+    one = make_config(tmp_path, tiny_model, rows(), *OVERRIDES, name="one")
+    run(one)
+    two = make_config(tmp_path, tiny_model, rows(), *OVERRIDES, name="nodes")
+    path = tmp_path / "nodes.yaml"
+    write_config(two, path)
+    port = free_port()
+    launches = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                                  "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}", "-m",
+                                  "tunesmith", "train", str(path), "train.parallel=fsdp"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"}) for node in (0, 1)]
+    outputs = [launch.communicate(timeout=600) for launch in launches]
+    assert [launch.returncode for launch in launches] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "saved" in outputs[0][0] and "saved" not in outputs[1][0]  # the node with rank 0 reports
+    assert_same_run(one.output_dir, two.output_dir)
