@@ -68,18 +68,18 @@ def assert_same_run(one: Path, other: Path, figures=("loss", "grad_norm", "val_l
                 torch.testing.assert_close(theirs[step][name], record[name], **TOLERANCE, msg=f"{name} at step {step}")
         if "tokens" in record:
             assert theirs[step]["tokens"] == record["tokens"]
-    output = "adapter/adapter_model.safetensors"
+    output = "adapter/adapter_model.safetensors" if (one / "adapter").is_dir() else "model/model.safetensors"
     weights, other_weights = load_file(one / output), load_file(other / output)
     assert weights.keys() == other_weights.keys()
     for name in weights:
         torch.testing.assert_close(other_weights[name], weights[name], **WEIGHT_TOLERANCE)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_train_exactly_like_one(tmp_path, tiny_model, parallel):
-    config = make_config(tmp_path, tiny_model, rows(), *OVERRIDES, name="one")
+@pytest.mark.parametrize("parallel,adapter", [("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "full")])
+def test_two_processes_train_exactly_like_one(tmp_path, tiny_model, parallel, adapter):
+    config = make_config(tmp_path, tiny_model, rows(), *OVERRIDES, f"adapter.type={adapter}", name="one")
     run(config)
-    two = make_config(tmp_path, tiny_model, rows(), *OVERRIDES, name="two")
+    two = make_config(tmp_path, tiny_model, rows(), *OVERRIDES, f"adapter.type={adapter}", name="two")
     done = train_processes(two, 2, parallel=parallel)
     assert_same_run(config.output_dir, two.output_dir)
     assert f"on 2 processes ({parallel})" in done.stderr
@@ -191,3 +191,19 @@ def test_two_nodes_on_loopback_train_like_one_process(tmp_path, tiny_model):
     assert [launch.returncode for launch in launches] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert "saved" in outputs[0][0] and "saved" not in outputs[1][0]  # the node with rank 0 reports
     assert_same_run(one.output_dir, two.output_dir)
+
+
+def test_settings_several_processes_cannot_honour_are_refused_together(tiny_model):
+    from tunesmith.config import load_config
+    from tunesmith.errors import UserError
+    from tunesmith.train.distributed import World, check_settings
+
+    config = load_config(None, [f"model={tiny_model}", "data.train=t.jsonl", "train.parallel=fsdp", "adapter.type=qlora",
+                                "train.unfreeze={every: 2}",
+                                "train.regularization.l2_sp=0.1", "eval.every=5", "train.cpu_offload=true"])
+    with pytest.raises(UserError) as refused:
+        check_settings(config, World(0, 2, 0), torch.device("cpu"))
+    keys = [problem.where for problem in refused.value.problems]
+    assert keys == ["train.cpu_offload", "train.unfreeze", "adapter.type", "train.regularization", "eval.every"]
+    one_process = load_config(None, [f"model={tiny_model}", "data.train=t.jsonl", "train.unfreeze={every: 2}"])
+    check_settings(one_process, World(), torch.device("cpu"))  # one process: nothing to refuse

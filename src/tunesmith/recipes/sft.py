@@ -51,7 +51,7 @@ def train_loop(config: Config, accepts: tuple[str, ...], build_objective: Object
     data = prepare_data(config.data, tokenizer, accepts, config.method, train_config.seed)  # bad data: refused before any compute
     device = pick_device(train_config)
     world = distributed.start(device)  # one process, or this rank of the processes torchrun started
-    distributed.check_settings(config, world)
+    distributed.check_settings(config, world, device)
     resume_from = prepare_run_dir(config, write=world.main)
     run_dir, checkpoints = config.output_dir, config.output_dir / "checkpoints"
     seed_everything(train_config.seed, train_config.threads)

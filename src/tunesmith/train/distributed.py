@@ -114,12 +114,15 @@ def start(device: torch.device) -> World:
     return world
 
 
-def check_settings(config: Any, world: World) -> None:
-    """Settings that several processes cannot honour yet, every one reported before any compute."""
+def check_settings(config: Any, world: World, device: torch.device) -> None:
+    """Settings that several processes (or this device) cannot honour, every one reported before any compute."""
     train, problems = config.train, []
     if train.cpu_offload and train.parallel != "fsdp":
         problems.append(Problem("train.cpu_offload", f"true offloads FSDP's shards, and train.parallel={train.parallel}; "
                                                      f"fix: set train.parallel=fsdp, or remove train.cpu_offload"))
+    elif train.cpu_offload and device.type != "cuda":
+        problems.append(Problem("train.cpu_offload", "true keeps FSDP's shards in CPU memory between GPU passes, and "
+                                                     "this run trains on the CPU already; fix: remove train.cpu_offload"))
     if world.distributed and train.unfreeze is not None:
         problems.append(Problem("train.unfreeze", "gradual unfreezing changes which weights train mid-run, and DDP and "
                                                   "FSDP fix that set when they start; fix: remove train.unfreeze, or "

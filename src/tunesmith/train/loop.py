@@ -92,8 +92,11 @@ def whole_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     adapter = hasattr(model, "peft_config")
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                ignore_frozen_params=adapter))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                 ignore_frozen_params=adapter))
+    # a tied weight's second name (the output head of tied embeddings) is left out, as save_pretrained does itself
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - dict(model.named_parameters()).keys()
+    return {name: value for name, value in state.items() if name not in tied}
 
 
 def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:

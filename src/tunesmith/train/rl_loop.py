@@ -85,7 +85,7 @@ def setup(config: Config, with_value_head: bool = False) -> RLRun:
     data = load_prompts(config, chat, reward.required_fields())
     device = pick_device(train_config)
     world = distributed.start(device)
-    distributed.check_settings(config, world)
+    distributed.check_settings(config, world, device)
     if train_config.batch_size % world.size:
         raise UserError(f"train.batch_size={train_config.batch_size} prompts per step cannot be shared evenly by "
                         f"{world.size} processes; fix: make it a multiple of {world.size}")
