@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from test_dpo import PAIRS
 from test_training import make_config, run
 
-from tunesmith.config import write_config
+from tunesmith.config_loading import write_config
 from tunesmith.train import checkpoint as ckpt
 
 # 25 rows, 2 per micro-batch, 2 micro-batches per step: each rank gets 2 rows a step, and the epoch's last step
@@ -194,7 +194,7 @@ def test_two_nodes_on_loopback_train_like_one_process(tmp_path, tiny_model):
 
 
 def test_settings_several_processes_cannot_honour_are_refused_together(tiny_model):
-    from tunesmith.config import load_config
+    from tunesmith.config_loading import load_config
     from tunesmith.errors import UserError
     from tunesmith.train.distributed import World, check_settings
 

@@ -245,7 +245,8 @@ def test_reward_sum_of_functions_and_a_reward_model(tmp_path, tiny_reward_model)
 
 
 def test_reward_function_mistakes_are_clear(tmp_path):
-    from tunesmith.config import RLConfig, load_config
+    from tunesmith.config import RLConfig
+    from tunesmith.config_loading import load_config
     from tunesmith.train.rewards import build_reward
 
     with pytest.raises(UserError, match="did you mean 'exact_match'"):
@@ -358,7 +359,7 @@ def test_stop_and_resume_is_exact(tmp_path, tiny_model, tiny_reward_model, monke
 # Mistakes, refused before any compute.
 
 def test_config_mistakes_are_reported_together():
-    from tunesmith.config import load_config
+    from tunesmith.config_loading import load_config
 
     with pytest.raises(UserError) as error:
         load_config(None, ["data.train=x.jsonl", "method=ppo", "data.max_length=64", "rl.max_new_tokens=64",

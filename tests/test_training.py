@@ -10,7 +10,7 @@ import torch
 from conftest import write_config_file, write_jsonl
 from safetensors.torch import load_file
 
-from tunesmith.config import load_config, resolve_paths
+from tunesmith.config_loading import load_config, resolve_paths
 from tunesmith.errors import TrainingStopped
 from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter, load_trainable_state

@@ -15,7 +15,7 @@ from tunesmith.errors import TrainingStopped, UserError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tunesmith.config import load_config, resolve_paths
+    from tunesmith.config_loading import load_config, resolve_paths
     from tunesmith.registry import methods
     from tunesmith.train import distributed
 

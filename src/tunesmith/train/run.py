@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-from tunesmith.config import Config, write_config
+from tunesmith.config import Config
+from tunesmith.config_loading import write_config
 from tunesmith.errors import UserError
 from tunesmith.train.checkpoint import latest_checkpoint
 
