@@ -207,3 +207,12 @@ def test_settings_several_processes_cannot_honour_are_refused_together(tiny_mode
     assert keys == ["train.cpu_offload", "train.unfreeze", "adapter.type", "train.regularization", "eval.every"]
     one_process = load_config(None, [f"model={tiny_model}", "data.train=t.jsonl", "train.unfreeze={every: 2}"])
     check_settings(one_process, World(), torch.device("cpu"))  # one process: nothing to refuse
+
+
+def test_nproc_must_be_a_count_of_processes(tmp_path, tiny_model):
+    config = make_config(tmp_path, tiny_model, rows(), name="run")
+    path = tmp_path / "run.yaml"
+    write_config(config, path)
+    done = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(path), "--nproc", "0"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "--nproc=0" in done.stderr and "fix:" in done.stderr

@@ -23,6 +23,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc={args.nproc}: the number of processes must be at least 1; fix: --nproc 2 (or leave it out)")
     if args.nproc is not None and args.nproc > 1:
+        check_gpu_count(args.nproc, config.train.device)
         return launch_processes(args)
     try:
         result = methods.get(config.method, key="method")(config)
@@ -34,6 +35,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{result.tokens_per_s:,.0f} tokens/s; peak memory {result.peak_rss_mb:,.0f} MB")
     print(f"saved {result.output}")
     return 0
+
+
+def check_gpu_count(nproc: int, device: str) -> None:
+    """On GPUs each process takes one of this machine's; more processes than GPUs would share them."""
+    import torch
+
+    gpus = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
+    if gpus and nproc > gpus:
+        raise UserError(f"--nproc={nproc}: this machine has {gpus} GPU{'s' if gpus > 1 else ''}, one per process; "
+                        f"fix: --nproc {gpus} (or train.device=cpu to train on CPU processes)")
 
 
 def launch_processes(args: argparse.Namespace) -> int:
