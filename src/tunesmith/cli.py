@@ -81,6 +81,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 2 if report.problems else 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from tunesmith.data.tickets import TicketOptions, format_report, import_tickets
+
+    options = TicketOptions(mapping=args.mapping, flavour=args.flavour, system_prompt=args.system_prompt,
+                            redact=not args.no_redact, include_subject=args.include_subject, trailing=args.trailing,
+                            force=args.force)
+    print(format_report(import_tickets(args.file, args.output, options)))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from tunesmith.models import catalog
 
@@ -313,6 +323,25 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--model", help="also check token lengths with this model's tokenizer")
     validate.add_argument("--max-length", type=int, default=1024, help="longest example in tokens (with --model)")
     validate.set_defaults(handler=cmd_validate)
+
+    importer = commands.add_parser("import", help="turn another tool's export into training data")
+    sources = importer.add_subparsers(dest="source", required=True)
+    tickets = sources.add_parser("tickets", help="helpdesk tickets (Zendesk-, Freshdesk-like or mapped CSV/JSON/JSONL) "
+                                 "→ one conversation per ticket, PII redacted")
+    tickets.add_argument("file", type=Path, help="the export: .csv (one row per message), .json or .jsonl (one "
+                         "object per ticket with its thread)")
+    tickets.add_argument("--output", type=Path, required=True, help="the messages-format JSONL file to write")
+    tickets.add_argument("--mapping", type=Path, help="a YAML or JSON file naming the export's columns (ticket_id, "
+                         "body, role with customer/agent values, timestamp, skip, names; see README)")
+    tickets.add_argument("--flavour", default="auto", help="zendesk or freshdesk (default: detect from the columns)")
+    tickets.add_argument("--system-prompt", help="a system message at the start of every conversation")
+    tickets.add_argument("--no-redact", action="store_true", help="keep e-mails, phones, card numbers and names")
+    tickets.add_argument("--include-subject", action="store_true", help="put the ticket's subject on the customer's "
+                         "first message")
+    tickets.add_argument("--trailing", default="trim", choices=["trim", "skip"], help="customer messages after the "
+                         "last agent reply: trim them (default) or skip the ticket")
+    tickets.add_argument("--force", action="store_true", help="replace an existing output file")
+    tickets.set_defaults(handler=cmd_import)
 
     models = commands.add_parser("models", help="the built-in model registry and its local cache")
     models.add_argument("action", choices=["list", "pull"])
