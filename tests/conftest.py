@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -102,3 +105,54 @@ def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+POSTGRES_ENV = "TUNESMITH_TEST_POSTGRES"
+POSTGRES_HOW = (f"set {POSTGRES_ENV}=postgresql+psycopg://tunesmith@127.0.0.1:5432/tunesmith_test to run them "
+                "(.ci/run starts one)")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The URL in $TUNESMITH_TEST_POSTGRES once a connection succeeds; otherwise the test is skipped (pytest
+    keeps the skip for the session, so an absent server costs one connection attempt)."""
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.skip(f"PostgreSQL cases skipped: {POSTGRES_HOW}")
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.OperationalError as error:
+        reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+        shown = sa.make_url(url).render_as_string(hide_password=True)
+        pytest.skip(f"PostgreSQL cases skipped: cannot reach {shown} ({reason}); {POSTGRES_HOW}")
+    finally:
+        engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request, tmp_path) -> Iterator[str]:
+    """An empty database for `tunesmith.serve.store.Store`: a SQLite file, or a fresh schema on the PostgreSQL
+    server named by $TUNESMITH_TEST_POSTGRES (dropped afterwards)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'service.db'}"
+        return
+    import sqlalchemy as sa
+
+    server = request.getfixturevalue("postgres_server")
+    schema = f"test_{secrets.token_hex(6)}"
+    admin = sa.create_engine(server)
+    with admin.begin() as connection:
+        connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    # libpq's `options` sets search_path on every connection the store opens: its tables land in the schema.
+    url = sa.make_url(server).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as connection:
+            connection.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()

@@ -114,6 +114,25 @@ def test_load_model_accepts_dtype_by_name(tiny_model_dir):
         load_model(tiny_model_dir, dtype="float33")
 
 
+def test_4bit_layers_take_the_repacked_cpu_kernel_only_where_it_fits_and_matches_the_dtype(tiny_model_dir):
+    """bitsandbytes' repacked CPU kernel computes in bfloat16 and needs out % 32 == 0, in % block == 0."""
+    pytest.importorskip("bitsandbytes")
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    for dtype in ("float32", "bfloat16"):
+        model, _ = load_model(tiny_model_dir, dtype=dtype, quantization="nf4")
+        layers = {name: module for name, module in model.named_modules()
+                  if hasattr(module, "support_avx512bf16_for_cpu")}
+        assert layers, "the linear layers load in 4 bits"
+        fast = {name for name, module in layers.items() if module.support_avx512bf16_for_cpu}
+        if dtype == "float32":
+            assert fast == set()  # evaluation computes what float32 training computed
+        else:  # hidden 32, intermediate 64, block 64: only layers reading 64 features can repack
+            assert {name.rsplit(".", 1)[-1] for name in fast} <= {"down_proj"}
+            assert all(layers[name].in_features % 64 == 0 for name in fast)
+        with torch.no_grad():
+            assert torch.isfinite(model.eval()(input_ids=ids).logits.float()).all()
+
+
 def test_directory_without_config_is_a_user_error(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match="no config.json"):

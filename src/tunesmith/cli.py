@@ -457,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to bench/run.py (--help lists them)")
     bench.set_defaults(handler=cmd_bench)
+    from tunesmith.cli_service import add_parsers
+
+    add_parsers(commands)
     return parser
 
 

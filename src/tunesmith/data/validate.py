@@ -1,10 +1,11 @@
 """Read a JSONL file and check every row before any compute; every problem is `FILE:LINE: problem`."""
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from tunesmith.data.formats import Example, RowError, chosen_side, detect_format
 from tunesmith.errors import Problem, UserError
@@ -23,11 +24,14 @@ class LoadedFile:
     file_problems: list[Problem] = field(default_factory=list)  # about the whole file: skip_bad_rows cannot skip them
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed object) or (line number, RowError) for each non-blank line."""
-    if not path.is_file():
+def read_jsonl(path: Path, lines: Iterable[bytes] | None = None) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed object) or (line number, RowError) for each non-blank line.
+
+    `lines`, when given, are the file's lines (e.g. decrypted in memory) and `path` only names them.
+    """
+    if lines is None and not path.is_file():
         raise UserError(f"{path}: data file not found; fix: check the path (relative to {Path.cwd()})")
-    with path.open("rb") as handle:
+    with (path.open("rb") if lines is None else contextlib.nullcontext(lines)) as handle:
         for number, raw in enumerate(handle, start=1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a UTF-8 byte-order mark is not part of the JSON
@@ -57,7 +61,8 @@ def read_objects(path: Path, problems: list[Problem]) -> Iterator[tuple[int, dic
             yield number, row
 
 
-def load_file(path: Path, format_name: str = "auto", accepts: tuple[str, ...] | None = None, method: str = "") -> LoadedFile:
+def load_file(path: Path, format_name: str = "auto", accepts: tuple[str, ...] | None = None, method: str = "",
+              lines: Iterable[bytes] | None = None) -> LoadedFile:
     """Parse and convert every row of `path`; problems are collected, never raised one at a time.
 
     `accepts` lists the example kinds the method can train on (e.g. ("chat", "chosen") for sft); a file in a
@@ -66,7 +71,7 @@ def load_file(path: Path, format_name: str = "auto", accepts: tuple[str, ...] | 
     chosen = None if format_name == "auto" else formats.get(format_name, key="format")
     loaded = LoadedFile(path, format_name)
     wrong_kind = None
-    for number, row in read_jsonl(path):
+    for number, row in read_jsonl(path, lines):
         loaded.rows += 1
         where = f"{path}:{number}"
         if isinstance(row, RowError):

@@ -155,6 +155,8 @@ def load_model(
                 parameter.detach().zero_()
     if quantization is None:
         model.to(device)
+    else:
+        keep_small_layers_off_packed_cpu_path(model)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -171,6 +173,27 @@ def quantization_config(kind: str, compute_dtype: Any) -> Any:
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype if compute_dtype != "auto" else None)
+
+
+def keep_small_layers_off_packed_cpu_path(model: Any) -> None:
+    """Keep 4-bit layers off bitsandbytes' repacked CPU kernel where it would fail or change the numbers.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a faster kernel the first time a
+    layer runs without gradients (evaluation, generation). That kernel computes in bfloat16, and it needs
+    the output size to be a multiple of 32 and the input size a multiple of the quantisation block. So a
+    model computing in float32 keeps the kernel it trained with (evaluation then scores what training
+    computed), and a layer too small to repack (a test model's) keeps it too instead of failing with a
+    reshape error. A bfloat16 model with layers that qualify keeps the fast path.
+    """
+    import torch
+
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        block = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64)
+        fits = module.out_features % 32 == 0 and module.in_features % block == 0
+        if not fits or module.compute_dtype != torch.bfloat16:
+            module.support_avx512bf16_for_cpu = False
 
 
 def _as_torch_dtype(dtype: torch.dtype | str) -> torch.dtype | str:

@@ -138,6 +138,12 @@ def open_decrypted(path: str | Path, object_id: str, keyring: Keyring) -> Iterat
     return chunks()
 
 
+def encrypt_stream(source: BinaryIO, sink: BinaryIO, object_id: str, keyring: Keyring,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    """Encrypt everything `source.read` gives into `sink`, one chunk in memory at a time."""
+    _write_stream(source, sink, object_id, keyring, chunk_size)
+
+
 def encrypt_file(source: str | Path, destination: str | Path, object_id: str, keyring: Keyring,
                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
     with open(source, "rb") as plain, atomic_write(destination) as sink:

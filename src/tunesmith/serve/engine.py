@@ -194,16 +194,24 @@ class Engine:
             rows.append(torch.log_softmax(logits, dim=-1)[:, candidates].cpu())
         return torch.cat(rows) if rows else torch.empty(0, len(token_ids))
 
+    @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")
+    def generate_ids(self, prompt: list[int], sampling: Sampling = Sampling(), **options: Any) -> list[int]:
+        """The tokens generated after one tokenised prompt, its end-of-turn token included when it stopped on
+        one; `options` go to `model.generate` (a streamer, stopping criteria)."""
+        input_ids = torch.tensor([prompt], device=self.device)
+        output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                     eos_token_id=self.stop_ids(), pad_token_id=self.tokenizer.eos_token_id,
+                                     **sampling.generate_kwargs(), **options)
+        return output[0, len(prompt):].tolist()
+
     def stream(self, messages: Messages, sampling: Sampling = Sampling()) -> Iterator[str]:
         """The reply to one conversation, piece by piece as it is generated."""
         from transformers import TextIteratorStreamer
 
-        prompt = torch.tensor([self.chat.prompt_ids(messages)], device=self.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), streamer=streamer,
-                      eos_token_id=self.stop_ids(), pad_token_id=self.tokenizer.eos_token_id, **sampling.generate_kwargs())
-        generate = torch.compiler.set_stance("force_eager")(torch.no_grad()(self.model.generate))
-        worker = threading.Thread(target=generate, kwargs=kwargs, daemon=True)
+        worker = threading.Thread(target=self.generate_ids, args=(self.chat.prompt_ids(messages), sampling),
+                                  kwargs={"streamer": streamer}, daemon=True)
         worker.start()
         yield from streamer
         worker.join()

@@ -1,0 +1,301 @@
+"""The HTTP API: OpenAI's fine-tuning, files, models and completions endpoints, so the official SDK works.
+
+Every request carries `Authorization: Bearer tsk_...`; the key names a project and a scope (read < write <
+admin). Objects of other projects answer 404, as if they did not exist. Every state-changing call is written
+to the hash-chained audit log with the key that made it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tunesmith.security import apikeys
+from tunesmith.security.apikeys import Scope
+from tunesmith.serve import inference, shapes
+from tunesmith.serve.service import Service
+from tunesmith.serve.shapes import ApiError, not_found
+from tunesmith.serve.uploads import read_form
+
+MAX_PAGE = 100
+
+
+@dataclass(frozen=True)
+class Caller:
+    project: str
+    key_id: str
+    scope: Scope
+
+
+def authenticate(service: Service, header: str | None) -> Caller:
+    if not header or not header.startswith("Bearer "):
+        raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer tsk_...'; "
+                            "`tunesmith keys create --project P --scope S` makes one", None, "missing_api_key")
+    try:
+        parsed = apikeys.parse_key(header.removeprefix("Bearer ").strip())
+    except apikeys.InvalidKeyError:
+        raise ApiError(401, "Incorrect API key provided.", None, "invalid_api_key") from None
+    row = service.store.key(parsed.key_id)
+    if row is None or row["revoked_at"] is not None or not apikeys.verify(
+            f"{apikeys.KEY_PREFIX}{parsed.key_id}_{parsed.secret}", row["hash"]):
+        raise ApiError(401, "Incorrect API key provided.", None, "invalid_api_key")
+    return Caller(row["project_id"], row["id"], Scope(row["scope"]))
+
+
+def needs(scope: Scope):
+    def check(request: Request) -> Caller:
+        caller = authenticate(request.app.state.service, request.headers.get("authorization"))
+        if not caller.scope.allows(scope):
+            raise ApiError(403, f"This key's scope is '{caller.scope}'; this call needs '{scope}'. Use a key "
+                                f"made with `tunesmith keys create --scope {scope}`", None, "insufficient_scope",
+                           type="permission_error")
+        return caller
+    return Depends(check)
+
+
+def page_args(limit: int, after: str | None) -> int:
+    if not 1 <= limit <= MAX_PAGE:
+        raise ApiError(400, f"limit={limit}: must be 1 to {MAX_PAGE}", "limit")
+    return limit
+
+
+def create_app(service: Service, pool: inference.AdapterPool | None = None) -> FastAPI:
+    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
+    app.state.service = service
+    app.state.pool = pool = pool or inference.AdapterPool()
+    store = service.store
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(inference.RequestError)
+    async def request_error(_: Request, error: inference.RequestError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+        return JSONResponse(ApiError(400, f"{where}: {first.get('msg', 'invalid request')}", where).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if error.status_code == 404 else None
+        return JSONResponse(ApiError(error.status_code, str(error.detail), None, code).body(), status_code=error.status_code)
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError as error:
+            raise ApiError(400, f"We could not parse the JSON body of your request: {error}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    # files
+    @app.post("/v1/files")
+    async def upload_file(request: Request, caller: Caller = needs(Scope.WRITE)) -> dict:
+        parts = await read_form(request.headers.get("content-type", ""), request.stream(), service.settings.max_upload_bytes)
+        if "file" not in parts or parts["file"].filename is None:
+            raise ApiError(400, "Missing required parameter: 'file'.", "file", "missing_required_parameter")
+        if "purpose" not in parts:
+            raise ApiError(400, "Missing required parameter: 'purpose'.", "purpose", "missing_required_parameter")
+        upload = parts["file"]
+        row = service.upload(caller.project, upload.filename, parts["purpose"].data.decode("utf-8", "replace"),
+                             io.BytesIO(upload.data))
+        service.audit(caller.project, caller.key_id, "file.upload", [row["id"]], filename=row["filename"],
+                      bytes=row["bytes"], sha256=row["sha256"])
+        return shapes.file_object(row)
+
+    @app.get("/v1/files")
+    def list_files(purpose: str | None = None, limit: int = 100, after: str | None = None,
+                   caller: Caller = needs(Scope.READ)) -> dict:
+        rows = store.files(caller.project, purpose)
+        if after is not None:
+            ids = [row["id"] for row in rows]
+            rows = rows[ids.index(after) + 1:] if after in ids else []
+        return shapes.page(rows[: page_args(limit, after) + 1], limit, shapes.file_object)
+
+    @app.get("/v1/files/{file_id}")
+    def get_file(file_id: str, caller: Caller = needs(Scope.READ)) -> dict:
+        return shapes.file_object(service.file(caller.project, file_id))
+
+    @app.get("/v1/files/{file_id}/content")
+    def file_content(file_id: str, caller: Caller = needs(Scope.READ)) -> Response:
+        row = service.file(caller.project, file_id)
+        return StreamingResponse(service.blobs.chunks(f"files/{row['id']}"), media_type="application/octet-stream")
+
+    @app.delete("/v1/files/{file_id}")
+    def delete_file(file_id: str, caller: Caller = needs(Scope.WRITE)) -> dict:
+        result = service.erase_file(caller.project, file_id)
+        service.audit(caller.project, caller.key_id, "file.delete", [file_id], jobs=result["jobs"],
+                      models_trained_on_it=result["models_trained_on_it"])
+        return result
+
+    # fine-tuning jobs
+    @app.post("/v1/fine_tuning/jobs")
+    async def create_job(request: Request, caller: Caller = needs(Scope.WRITE)) -> dict:
+        job = service.create_job(caller.project, await json_body(request))
+        service.audit(caller.project, caller.key_id, "job.create", [job["id"], job["training_file"]] +
+                      ([job["validation_file"]] if job["validation_file"] else []), model=job["model"],
+                      method=job["method"])
+        threading.Thread(target=service.validate_job, args=(job,), daemon=True).start()
+        return shapes.job_object(job)
+
+    @app.get("/v1/fine_tuning/jobs")
+    def list_jobs(limit: int = 20, after: str | None = None, caller: Caller = needs(Scope.READ)) -> dict:
+        return shapes.page(store.jobs(caller.project, after, page_args(limit, after) + 1), limit, shapes.job_object)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}")
+    def get_job(job_id: str, caller: Caller = needs(Scope.READ)) -> dict:
+        return shapes.job_object(service.job(caller.project, job_id))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+    def cancel_job(job_id: str, caller: Caller = needs(Scope.WRITE)) -> dict:
+        job = service.job(caller.project, job_id)
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            raise ApiError(400, f"Job {job_id} has already {job['status']}: it cannot be cancelled", "job_id",
+                           "job_not_cancellable")
+        job = store.request_cancel(caller.project, job_id)
+        service.audit(caller.project, caller.key_id, "job.cancel", [job_id])
+        return shapes.job_object(job)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events")
+    def job_events(job_id: str, limit: int = 20, after: str | None = None, caller: Caller = needs(Scope.READ)) -> dict:
+        service.job(caller.project, job_id)
+        rows = store.events(job_id, after, page_args(limit, after) + 1)
+        return shapes.page(rows, limit, shapes.event_object)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+    def job_checkpoints(job_id: str, limit: int = 10, after: str | None = None, caller: Caller = needs(Scope.READ)) -> dict:
+        job = service.job(caller.project, job_id)
+        name = job["fine_tuned_model"] or f"ft:{job['model']}:{job['suffix'] or 'tunesmith'}:{job['id']}"
+        rows = store.checkpoints(job_id, after, page_args(limit, after) + 1)
+        return shapes.page(rows, limit, lambda row: shapes.checkpoint_object(row, name))
+
+    # models
+    @app.get("/v1/models")
+    def list_models(caller: Caller = needs(Scope.READ)) -> dict:
+        bases = [shapes.model_object(name, 0, "tunesmith") for name in sorted(service.base_models)]
+        tuned = [shapes.model_object(row["id"], row["created_at"], caller.project) for row in store.models(caller.project)]
+        return {"object": "list", "data": bases + tuned}
+
+    @app.get("/v1/models/{model_id:path}")
+    def get_model(model_id: str, caller: Caller = needs(Scope.READ)) -> dict:
+        if model_id in service.base_models:
+            return shapes.model_object(model_id, 0, "tunesmith")
+        row = store.model(caller.project, model_id)
+        if row is None:
+            raise not_found("model", model_id, "model")
+        return shapes.model_object(row["id"], row["created_at"], caller.project)
+
+    @app.delete("/v1/models/{model_id:path}")
+    def delete_model(model_id: str, caller: Caller = needs(Scope.WRITE)) -> dict:
+        if model_id in service.base_models:
+            raise ApiError(403, f"{model_id} is a base model: only fine-tuned models can be deleted", "model",
+                           type="permission_error")
+        result = service.delete_model(caller.project, model_id)
+        service.audit(caller.project, caller.key_id, "model.delete", [model_id])
+        return result
+
+    # inference
+    def target(caller: Caller, body: dict[str, Any]) -> tuple[str, str | None, Any]:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "Missing required parameter: 'model'.", "model", "missing_required_parameter")
+        if model in service.base_models:
+            return service.base_models[model], None, None
+        row = store.model(caller.project, model)
+        if row is None:
+            raise ApiError(404, f"The model '{model}' does not exist or you do not have access to it.", "model",
+                           "model_not_found")
+        return service.base_models[row["base"]], row["id"], lambda: service.adapter_files(row["job_id"])
+
+    def answer(body: dict[str, Any], whole, chunks, caller: Caller) -> Any:
+        base, adapter, loader = target(caller, body)
+        if body.get("stream"):
+            return StreamingResponse(sse(chunks(pool, base, adapter, loader, body)), media_type="text/event-stream")
+        return whole(pool, base, adapter, loader, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, caller: Caller = needs(Scope.READ)) -> Any:
+        body = await json_body(request)
+        return await _in_thread(answer, body, inference.chat_completion, inference.chat_completion_chunks, caller)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, caller: Caller = needs(Scope.READ)) -> Any:
+        body = await json_body(request)
+        return await _in_thread(answer, body, inference.completion, inference.completion_chunks, caller)
+
+    # administration (admin scope): the project's keys and the audit trail
+    @app.get("/v1/keys")
+    def list_keys(caller: Caller = needs(Scope.ADMIN)) -> dict:
+        return {"object": "list", "data": [key_object(row) for row in store.keys(caller.project)]}
+
+    @app.post("/v1/keys")
+    async def create_key(request: Request, caller: Caller = needs(Scope.ADMIN)) -> dict:
+        body = await json_body(request)
+        try:
+            scope = Scope.parse(str(body.get("scope", "read")))
+        except Exception:
+            raise ApiError(400, f"scope {body.get('scope')!r}: use read, write or admin", "scope") from None
+        key = apikeys.new_key()
+        store.add_key(key.key_id, caller.project, scope.value, key.hash, str(body.get("name", ""))[:200])
+        service.audit(caller.project, caller.key_id, "key.create", [key.key_id], scope=scope.value)
+        return {**key_object(store.key(key.key_id)), "key": key.secret}
+
+    @app.delete("/v1/keys/{key_id}")
+    def revoke_key(key_id: str, caller: Caller = needs(Scope.ADMIN)) -> dict:
+        row = store.key(key_id)
+        if row is None or row["project_id"] != caller.project:
+            raise not_found("key", key_id)
+        store.revoke_key(key_id)
+        service.audit(caller.project, caller.key_id, "key.revoke", [key_id])
+        return {"id": key_id, "object": "key", "deleted": True}
+
+    @app.get("/v1/audit")
+    def audit(limit: int = 100, caller: Caller = needs(Scope.ADMIN)) -> dict:
+        check = service.audit_log.verify()
+        records = [record.to_dict() for record in service.audit_log.records() if record.project == caller.project]
+        return {"object": "list", "verified": bool(check), "problem": None if check else str(check),
+                "data": records[-page_args(limit, None):]}
+
+    @app.on_event("startup")
+    def revalidate() -> None:  # jobs whose validation a stopped server never finished
+        for job in store.jobs(None, limit=1000):
+            if job["status"] == "validating_files":
+                threading.Thread(target=service.validate_job, args=(job,), daemon=True).start()
+
+    from tunesmith.serve import dashboard
+
+    app.include_router(dashboard.router)
+    return app
+
+
+def key_object(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "object": "key", "scope": row["scope"], "name": row["name"],
+            "created_at": row["created_at"], "revoked_at": row["revoked_at"]}
+
+
+def sse(chunks: Iterator[dict[str, Any]]) -> Iterator[bytes]:
+    """Server-sent events as OpenAI streams them: one `data:` line per chunk, then `data: [DONE]`."""
+    try:
+        for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+    except Exception as error:  # after the headers went out, an error can only travel as an event
+        yield f"data: {json.dumps(ApiError(500, str(error), type='server_error').body())}\n\n".encode()
+    yield b"data: [DONE]\n\n"
+
+
+async def _in_thread(function, *args):
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(function, *args)

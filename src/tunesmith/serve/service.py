@@ -1,0 +1,176 @@
+"""The service's operations, shared by the HTTP API, the worker and the CLI: one object that owns the store,
+the encrypted blobs, the audit log and the settings. The API only maps HTTP to these calls.
+
+Everything lives under `$TUNESMITH_HOME`: `service.db` (or a PostgreSQL URL), `blobs/` (encrypted),
+`master.key`, `audit.log`, and `work/JOB/` — a running job's private directory (0700) holding the
+decrypted data and checkpoints that training reads; it is erased when the job ends.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tunesmith.paths import home
+from tunesmith.security.audit import AuditEvent, AuditFile
+from tunesmith.serve import jobs as job_spec
+from tunesmith.serve.blobs import Blobs, TooLarge, load_keyring
+from tunesmith.serve.shapes import ApiError, not_found
+from tunesmith.serve.store import Store
+
+PURPOSES = ("fine-tune",)
+MAX_FILENAME = 255
+
+
+@dataclass
+class Settings:
+    home: Path = field(default_factory=home)
+    database_url: str | None = None
+    base_models: dict[str, str] = field(default_factory=dict)  # name a client uses -> model spec (registry name or dir)
+    max_upload_bytes: int = 512 << 20
+    processes: int = 1  # torch.distributed processes per training job
+
+
+def default_base_models() -> dict[str, str]:
+    from tunesmith.models import catalog
+
+    return {entry["name"]: entry["name"] for entry in catalog.list_models()}
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.store = Store(settings.database_url or f"sqlite:///{settings.home / 'service.db'}")
+        self.blobs = Blobs(settings.home / "blobs", load_keyring(settings.home))
+        self.audit_log = AuditFile(settings.home / "audit.log")
+        self.base_models = settings.base_models or default_base_models()
+
+    def audit(self, project: str, key_id: str, action: str, objects: list[str], **details: Any) -> None:
+        self.audit_log.append(AuditEvent(project, key_id, action, tuple(objects), details))
+
+    def work_dir(self, job_id: str) -> Path:
+        return self.settings.home / "work" / job_id
+
+    # files
+    def upload(self, project: str, filename: str, purpose: str, source: BinaryIO) -> dict[str, Any]:
+        if purpose not in PURPOSES:
+            raise ApiError(400, f"Invalid purpose '{purpose}': this service takes {', '.join(PURPOSES)}", "purpose")
+        name = Path(filename or "").name  # a client's path never becomes ours: keep the last part only
+        if not name or name in (".", "..") or len(name) > MAX_FILENAME or any(ord(c) < 32 for c in name):
+            raise ApiError(400, f"Invalid filename {filename!r}", "file")
+        from tunesmith.serve.store import new_id
+
+        file_id = new_id("file")
+        try:
+            written = self.blobs.put_stream(f"files/{file_id}", source, self.settings.max_upload_bytes)
+        except TooLarge as error:
+            raise ApiError(413, f"File too large: the limit is {error.limit} bytes", "file", "file_too_large") from None
+        try:
+            loaded = self.check_file(file_id, name, method=None)
+        except ApiError:
+            self.blobs.erase(f"files/{file_id}")
+            raise
+        return self.store.add_file(project, id=file_id, filename=name, purpose=purpose, bytes=written.bytes,
+                                   sha256=written.sha256, format=loaded.format, examples=len(loaded.examples))
+
+    def check_file(self, file_id: str, filename: str, method: str | None, param: str = "file"):
+        """The CLI's validator over the decrypted lines (in memory); problems -> ApiError with FILE:LINE."""
+        from tunesmith.data.validate import load_file, report
+        from tunesmith.registry import load_plugins, methods
+
+        load_plugins()
+        accepts = methods.info(method)["accepts"] if method else None
+        loaded = load_file(Path(filename), "auto", accepts, method or "", lines=self.blobs.lines(f"files/{file_id}"))
+        if loaded.problems:
+            code = {"file": "invalid_file", "training_file": "invalid_training_file",
+                    "validation_file": "invalid_validation_file"}[param]
+            raise ApiError(400, f"{report(loaded.problems, limit=20)}\n{filename}: {len(loaded.problems)} problem(s) "
+                                f"in {loaded.rows} rows", param, code)
+        return loaded
+
+    def file(self, project: str, file_id: str, param: str | None = None) -> dict[str, Any]:
+        row = self.store.file(project, file_id)
+        if row is None:
+            raise not_found("file", file_id, param)
+        return row
+
+    def erase_file(self, project: str, file_id: str) -> dict[str, Any]:
+        """Delete a file and everything derived from it: running jobs on it stop, their work directories
+        (decrypted copies, tokenised caches, checkpoints) go. Models trained on it are reported, not deleted."""
+        self.file(project, file_id)
+        using = self.store.jobs_using_file(project, file_id)
+        for job in using:
+            if job["status"] not in ("succeeded", "failed", "cancelled"):
+                self.store.request_cancel(project, job["id"])
+        self.blobs.erase(f"files/{file_id}")
+        erased = [job["id"] for job in using if self.erase_work_dir(job["id"])]
+        self.store.delete_file(project, file_id)
+        trained = [model["id"] for model in self.store.models_of_jobs([job["id"] for job in using])]
+        return {"id": file_id, "object": "file", "deleted": True, "jobs": [job["id"] for job in using],
+                "erased_work_dirs": erased, "models_trained_on_it": trained}
+
+    def erase_work_dir(self, job_id: str) -> bool:
+        directory = self.work_dir(job_id)
+        if directory.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            return True
+        return False
+
+    # jobs
+    def create_job(self, project: str, body: dict[str, Any]) -> dict[str, Any]:
+        values = job_spec.parse_request(body, self.base_models)
+        for param in ("training_file", "validation_file"):
+            if values[param] is not None:
+                self.file(project, values[param], param)
+        return self.store.add_job(project, **values, processes=self.settings.processes)
+
+    def validate_job(self, job: dict[str, Any]) -> None:
+        """validating_files -> queued (with "auto" resolved), or failed with OpenAI's file error codes."""
+        from tunesmith.serve.jobs import METHODS
+
+        try:
+            counts = {}
+            for param in ("training_file", "validation_file"):
+                if job[param] is None:
+                    continue
+                row = self.store.file(job["project_id"], job[param])
+                if row is None:
+                    raise ApiError(400, f"file {job[param]} was deleted", param, f"invalid_{param}")
+                counts[param] = len(self.check_file(row["id"], row["filename"], METHODS[job["method"]], param).examples)
+        except ApiError as error:
+            self.store.update_job(job["id"], ("validating_files",), status="failed", finished_at=_now(),
+                                  error={"code": error.code, "message": error.message, "param": error.param})
+            self.store.add_event(job["id"], f"Validation failed: {error.message}", level="error")
+            return
+        resolved = job_spec.resolve(job["hyperparameters"], counts["training_file"])
+        if self.store.update_job(job["id"], ("validating_files",), status="queued", resolved=resolved):
+            self.store.add_event(job["id"], f"Validated {counts['training_file']} training examples; job queued",
+                                 data={"resolved": resolved})
+
+    def job(self, project: str, job_id: str) -> dict[str, Any]:
+        row = self.store.job(project, job_id)
+        if row is None:
+            raise not_found("fine-tuning job", job_id)
+        return row
+
+    # models
+    def adapter_files(self, job_id: str) -> dict[str, bytes]:
+        """A fine-tuned model's adapter, decrypted in memory."""
+        return {name: self.blobs.read_bytes(f"models/{job_id}/{name}")
+                for name in ("adapter_config.json", "adapter_model.safetensors")}
+
+    def delete_model(self, project: str, model_id: str) -> dict[str, Any]:
+        row = self.store.model(project, model_id)
+        if row is None:
+            raise not_found("model", model_id, "model")
+        self.store.delete_model(project, model_id)
+        self.blobs.erase(f"models/{row['job_id']}")
+        return {"id": model_id, "object": "model", "deleted": True}
+
+
+def _now() -> int:
+    import time
+
+    return int(time.time())

@@ -1,0 +1,68 @@
+"""How the service's objects look on the wire: OpenAI's JSON shapes, so the official SDK parses them unchanged.
+
+Errors too: `ApiError` becomes `{"error": {"message", "type", "param", "code"}}` with its HTTP status.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def not_found(kind: str, object_id: str, param: str | None = None) -> ApiError:
+    """Also what another project's object looks like: its existence is not revealed."""
+    return ApiError(404, f"No such {kind}: '{object_id}'", param, f"{kind.replace(' ', '_')}_not_found")
+
+
+def page(rows: list[dict[str, Any]], limit: int, render) -> dict[str, Any]:
+    """A list response; `rows` holds up to limit + 1 rows, the extra one only says there is more."""
+    shown = rows[:limit]
+    return {"object": "list", "data": [render(row) for row in shown], "has_more": len(rows) > limit,
+            "first_id": shown[0]["id"] if shown else None, "last_id": shown[-1]["id"] if shown else None}
+
+
+def file_object(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
+            "filename": row["filename"], "purpose": row["purpose"], "status": "processed", "status_details": None,
+            "expires_at": None}
+
+
+def job_object(row: dict[str, Any]) -> dict[str, Any]:
+    given = row["hyperparameters"] or {}
+    shown = {**given, **(row["resolved"] or {})}  # "auto" shows the number it became once the job knows it
+    hyperparameters = {key: shown.get(key, "auto") for key in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    method_hyper = dict(hyperparameters)
+    if row["method"] == "dpo":
+        method_hyper["beta"] = shown.get("beta", "auto")
+    return {
+        "id": row["id"], "object": "fine_tuning.job", "created_at": row["created_at"], "model": row["model"],
+        "organization_id": row["project_id"], "training_file": row["training_file"],
+        "validation_file": row["validation_file"], "status": row["status"], "error": row["error"],
+        "fine_tuned_model": row["fine_tuned_model"], "finished_at": row["finished_at"],
+        "hyperparameters": hyperparameters, "method": {"type": row["method"], row["method"]: {"hyperparameters": method_hyper}},
+        "result_files": [], "seed": row["seed"], "trained_tokens": row["trained_tokens"], "estimated_finish": None,
+        "integrations": [], "metadata": row["metadata"], "suffix": row["suffix"],
+    }
+
+
+def event_object(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "object": "fine_tuning.job.event", "created_at": row["created_at"], "level": row["level"],
+            "message": row["message"], "data": row["data"], "type": row["type"]}
+
+
+def checkpoint_object(row: dict[str, Any], fine_tuned_model: str) -> dict[str, Any]:
+    return {"id": row["id"], "object": "fine_tuning.job.checkpoint", "created_at": row["created_at"],
+            "fine_tuned_model_checkpoint": f"{fine_tuned_model}:ckpt-step-{row['step']}",
+            "fine_tuning_job_id": row["job_id"], "metrics": row["metrics"], "step_number": row["step"]}
+
+
+def model_object(model_id: str, created: int, owned_by: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by}

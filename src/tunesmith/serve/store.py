@@ -1,0 +1,346 @@
+"""The service's state: projects, API keys, files, jobs, their events and checkpoints, fine-tuned models.
+
+SQLAlchemy Core over a SQLite file by default (`$TUNESMITH_HOME/service.db`, zero setup) or PostgreSQL by URL
+(`postgresql+psycopg://...`). Every row that a user can see belongs to a project; every query that reads one
+takes the project, so another project's objects are simply not there (the API answers 404).
+
+Jobs are leased: a worker takes a queued job (or one whose lease ran out: its worker died) with a
+compare-and-set update, so two workers never run one job, on SQLite and PostgreSQL alike.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import sqlalchemy as sa
+
+from tunesmith.paths import home
+
+metadata = sa.MetaData()
+TEXT_JSON = sa.Text  # JSON as text: the same on SQLite and PostgreSQL
+
+projects = sa.Table(
+    "projects", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+api_keys = sa.Table(
+    "api_keys", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # the key's public id (its prefix), shown by `keys list`
+    sa.Column("project_id", sa.String(64), sa.ForeignKey("projects.id"), nullable=False),
+    sa.Column("scope", sa.String(16), nullable=False),
+    sa.Column("hash", sa.String(128), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False, default=""),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("revoked_at", sa.BigInteger),
+)
+files = sa.Table(
+    "files", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("project_id", sa.String(64), sa.ForeignKey("projects.id"), nullable=False, index=True),
+    sa.Column("filename", sa.String(255), nullable=False),
+    sa.Column("purpose", sa.String(32), nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("format", sa.String(32)),
+    sa.Column("examples", sa.Integer),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+jobs = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("project_id", sa.String(64), sa.ForeignKey("projects.id"), nullable=False, index=True),
+    sa.Column("model", sa.String(255), nullable=False),
+    sa.Column("training_file", sa.String(64), nullable=False),
+    sa.Column("validation_file", sa.String(64)),
+    sa.Column("method", sa.String(32), nullable=False),  # supervised | dpo
+    sa.Column("hyperparameters", TEXT_JSON, nullable=False),  # as the user gave them ("auto" kept)
+    sa.Column("resolved", TEXT_JSON),  # the numbers "auto" became
+    sa.Column("suffix", sa.String(64)),
+    sa.Column("seed", sa.BigInteger, nullable=False),
+    sa.Column("metadata", TEXT_JSON),
+    sa.Column("status", sa.String(32), nullable=False, index=True),
+    sa.Column("error", TEXT_JSON),
+    sa.Column("fine_tuned_model", sa.String(255)),
+    sa.Column("trained_tokens", sa.BigInteger),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("finished_at", sa.BigInteger),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("lease_owner", sa.String(128)),
+    sa.Column("lease_expires", sa.Float, nullable=False, default=0.0),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("processes", sa.Integer, nullable=False, default=1),  # torch.distributed processes for the run
+)
+job_events = sa.Table(
+    "job_events", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("job_id", sa.String(64), sa.ForeignKey("jobs.id"), nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("level", sa.String(8), nullable=False),
+    sa.Column("type", sa.String(16), nullable=False),  # message | metrics
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("data", TEXT_JSON),
+    sa.Column("key", sa.String(64)),  # what the event reports (e.g. "train-12"): stored once, however often seen
+    sa.UniqueConstraint("job_id", "seq"),
+    sa.UniqueConstraint("job_id", "key"),
+)
+checkpoints = sa.Table(
+    "checkpoints", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("job_id", sa.String(64), sa.ForeignKey("jobs.id"), nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("metrics", TEXT_JSON, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("job_id", "step"),
+)
+models = sa.Table(
+    "models", metadata,
+    sa.Column("id", sa.String(255), primary_key=True),  # ft:BASE:SUFFIX:JOBID
+    sa.Column("project_id", sa.String(64), sa.ForeignKey("projects.id"), nullable=False, index=True),
+    sa.Column("job_id", sa.String(64), nullable=False),
+    sa.Column("base", sa.String(255), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+FINISHED = ("succeeded", "failed", "cancelled")
+JSON_COLUMNS = {"hyperparameters", "resolved", "metadata", "error", "data", "metrics"}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def default_url() -> str:
+    return f"sqlite:///{home() / 'service.db'}"
+
+
+def _row(row: Any) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    data = dict(row._mapping)
+    for key in JSON_COLUMNS & data.keys():
+        data[key] = json.loads(data[key]) if data[key] is not None else None
+    return data
+
+
+def _encode(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: json.dumps(value) if key in JSON_COLUMNS and value is not None else value for key, value in values.items()}
+
+
+@dataclass
+class Lease:
+    job: dict[str, Any]
+    owner: str
+
+
+class Store:
+    def __init__(self, url: str | None = None):
+        self.url = url or default_url()
+        if self.url.startswith("sqlite:///"):
+            from pathlib import Path
+
+            Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            # Several processes (API, workers) share the file: wait for each other's writes.
+            self.engine = sa.create_engine(self.url, connect_args={"timeout": 30, "check_same_thread": False})
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _one(self, query) -> dict[str, Any] | None:
+        with self.engine.connect() as connection:
+            return _row(connection.execute(query).first())
+
+    def _all(self, query) -> list[dict[str, Any]]:
+        with self.engine.connect() as connection:
+            return [_row(row) for row in connection.execute(query)]
+
+    def _write(self, statement) -> int:
+        with self.engine.begin() as connection:
+            return connection.execute(statement).rowcount
+
+    # projects and keys
+    def ensure_project(self, project: str) -> None:
+        if self._one(sa.select(projects).where(projects.c.id == project)) is None:
+            try:
+                self._write(projects.insert().values(id=project, created_at=now()))
+            except sa.exc.IntegrityError:  # created by another process meanwhile
+                pass
+
+    def add_key(self, key_id: str, project: str, scope: str, key_hash: str, name: str = "") -> None:
+        self.ensure_project(project)
+        self._write(api_keys.insert().values(id=key_id, project_id=project, scope=scope, hash=key_hash, name=name,
+                                             created_at=now()))
+
+    def key(self, key_id: str) -> dict[str, Any] | None:
+        return self._one(sa.select(api_keys).where(api_keys.c.id == key_id))
+
+    def keys(self, project: str | None = None) -> list[dict[str, Any]]:
+        query = sa.select(api_keys).order_by(api_keys.c.created_at, api_keys.c.id)
+        return self._all(query if project is None else query.where(api_keys.c.project_id == project))
+
+    def revoke_key(self, key_id: str) -> bool:
+        return self._write(api_keys.update().where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                           .values(revoked_at=now())) == 1
+
+    # files
+    def add_file(self, project: str, **values: Any) -> dict[str, Any]:
+        values = {"id": new_id("file"), "project_id": project, "created_at": now(), **values}
+        self._write(files.insert().values(**values))
+        return self.file(project, values["id"])
+
+    def file(self, project: str, file_id: str) -> dict[str, Any] | None:
+        return self._one(sa.select(files).where(files.c.id == file_id, files.c.project_id == project))
+
+    def files(self, project: str, purpose: str | None = None) -> list[dict[str, Any]]:
+        query = sa.select(files).where(files.c.project_id == project).order_by(files.c.created_at.desc(), files.c.id)
+        return self._all(query if purpose is None else query.where(files.c.purpose == purpose))
+
+    def delete_file(self, project: str, file_id: str) -> bool:
+        return self._write(files.delete().where(files.c.id == file_id, files.c.project_id == project)) == 1
+
+    def jobs_using_file(self, project: str, file_id: str) -> list[dict[str, Any]]:
+        return self._all(sa.select(jobs).where(jobs.c.project_id == project, sa.or_(
+            jobs.c.training_file == file_id, jobs.c.validation_file == file_id)).order_by(jobs.c.created_at))
+
+    # jobs
+    def add_job(self, project: str, **values: Any) -> dict[str, Any]:
+        values = _encode({"id": new_id("ftjob"), "project_id": project, "created_at": now(),
+                          "status": "validating_files", **values})
+        self._write(jobs.insert().values(**values))
+        return self.job(project, values["id"])
+
+    def job(self, project: str | None, job_id: str) -> dict[str, Any] | None:
+        query = sa.select(jobs).where(jobs.c.id == job_id)
+        return self._one(query if project is None else query.where(jobs.c.project_id == project))
+
+    def jobs(self, project: str | None, after: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        """Newest first; `after` is the id of the last job of the previous page."""
+        query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+        if project is not None:
+            query = query.where(jobs.c.project_id == project)
+        if after is not None and (last := self.job(project, after)) is not None:
+            query = query.where(sa.or_(jobs.c.created_at < last["created_at"], sa.and_(
+                jobs.c.created_at == last["created_at"], jobs.c.id < last["id"])))
+        return self._all(query)
+
+    def update_job(self, job_id: str, only_if_status: tuple[str, ...] | None = None, **values: Any) -> bool:
+        statement = jobs.update().where(jobs.c.id == job_id)
+        if only_if_status is not None:
+            statement = statement.where(jobs.c.status.in_(only_if_status))
+        return self._write(statement.values(**_encode(values))) == 1
+
+    def request_cancel(self, project: str, job_id: str) -> dict[str, Any] | None:
+        """Queued jobs are cancelled at once; running ones are flagged and their worker stops them."""
+        self._write(jobs.update().where(jobs.c.id == job_id, jobs.c.project_id == project,
+                                        jobs.c.status.in_(("validating_files", "queued")))
+                    .values(status="cancelled", cancel_requested=True, finished_at=now()))
+        self._write(jobs.update().where(jobs.c.id == job_id, jobs.c.project_id == project, jobs.c.status == "running")
+                    .values(cancel_requested=True))
+        return self.job(project, job_id)
+
+    def lease(self, owner: str, seconds: float) -> Lease | None:
+        """Take the oldest queued job, or a running one whose worker stopped renewing its lease."""
+        moment = time.time()
+        candidates = self._all(sa.select(jobs.c.id, jobs.c.status, jobs.c.lease_expires).where(sa.or_(
+            jobs.c.status == "queued", sa.and_(jobs.c.status == "running", jobs.c.lease_expires < moment)))
+            .order_by(jobs.c.created_at, jobs.c.id).limit(8))
+        for candidate in candidates:
+            taken = self._write(jobs.update().where(
+                jobs.c.id == candidate["id"], jobs.c.status == candidate["status"],
+                jobs.c.lease_expires == candidate["lease_expires"]).values(
+                status="running", lease_owner=owner, lease_expires=moment + seconds, attempts=jobs.c.attempts + 1))
+            if taken:
+                return Lease(self.job(None, candidate["id"]), owner)
+        return None
+
+    def renew(self, lease: Lease, seconds: float) -> dict[str, Any] | None:
+        """Extend the lease; None when it was lost (another worker took the job) or the job left `running`."""
+        kept = self._write(jobs.update().where(jobs.c.id == lease.job["id"], jobs.c.lease_owner == lease.owner,
+                                               jobs.c.status == "running")
+                           .values(lease_expires=time.time() + seconds))
+        return self.job(None, lease.job["id"]) if kept else None
+
+    def finish(self, lease: Lease, status: str, **values: Any) -> bool:
+        """Leave `running` for a final status, only while this worker holds the lease."""
+        return self._write(jobs.update().where(jobs.c.id == lease.job["id"], jobs.c.lease_owner == lease.owner,
+                                               jobs.c.status == "running")
+                           .values(status=status, finished_at=now(), lease_expires=0.0, **_encode(values))) == 1
+
+    # events and checkpoints
+    def add_event(self, job_id: str, message: str, level: str = "info", type: str = "message",
+                  data: dict[str, Any] | None = None, key: str | None = None) -> bool:
+        """Append an event; one with a `key` already stored for this job is not stored twice (a resumed
+        job's worker re-reads its run's metrics). False when nothing was stored."""
+        for _ in range(5):  # two writers may pick the same next seq: the unique constraint sends one round again
+            try:
+                with self.engine.begin() as connection:
+                    if key is not None and connection.execute(sa.select(job_events.c.id).where(
+                            job_events.c.job_id == job_id, job_events.c.key == key)).first() is not None:
+                        return False
+                    last = connection.execute(sa.select(sa.func.max(job_events.c.seq))
+                                              .where(job_events.c.job_id == job_id)).scalar()
+                    connection.execute(job_events.insert().values(**_encode(dict(
+                        id=new_id("ftevent"), job_id=job_id, seq=(last or 0) + 1, created_at=now(), level=level,
+                        type=type, message=message, data=data, key=key))))
+                return True
+            except sa.exc.IntegrityError:
+                continue
+        return False
+
+    def events(self, job_id: str, after: str | None = None, limit: int = 20, newest_first: bool = True) -> list[dict[str, Any]]:
+        order = job_events.c.seq.desc() if newest_first else job_events.c.seq
+        query = sa.select(job_events).where(job_events.c.job_id == job_id).order_by(order).limit(limit)
+        if after is not None and (last := self._one(sa.select(job_events).where(job_events.c.id == after))) is not None:
+            query = query.where(job_events.c.seq < last["seq"] if newest_first else job_events.c.seq > last["seq"])
+        return self._all(query)
+
+    def add_checkpoint(self, job_id: str, step: int, metrics: dict[str, Any]) -> None:
+        try:
+            self._write(checkpoints.insert().values(**_encode(dict(
+                id=new_id("ftckpt"), job_id=job_id, step=step, metrics=metrics, created_at=now()))))
+        except sa.exc.IntegrityError:  # already recorded (a resumed job re-reads its run)
+            pass
+
+    def checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> list[dict[str, Any]]:
+        query = sa.select(checkpoints).where(checkpoints.c.job_id == job_id).order_by(checkpoints.c.step.desc()).limit(limit)
+        if after is not None and (last := self._one(sa.select(checkpoints).where(checkpoints.c.id == after))) is not None:
+            query = query.where(checkpoints.c.step < last["step"])
+        return self._all(query)
+
+    # fine-tuned models
+    def add_model(self, project: str, model_id: str, job_id: str, base: str) -> None:
+        self._write(models.insert().values(id=model_id, project_id=project, job_id=job_id, base=base, created_at=now()))
+
+    def model(self, project: str, model_id: str) -> dict[str, Any] | None:
+        return self._one(sa.select(models).where(models.c.id == model_id, models.c.project_id == project))
+
+    def models(self, project: str) -> list[dict[str, Any]]:
+        return self._all(sa.select(models).where(models.c.project_id == project).order_by(models.c.created_at, models.c.id))
+
+    def delete_model(self, project: str, model_id: str) -> bool:
+        return self._write(models.delete().where(models.c.id == model_id, models.c.project_id == project)) == 1
+
+    def models_of_jobs(self, job_ids: list[str]) -> list[dict[str, Any]]:
+        return self._all(sa.select(models).where(models.c.job_id.in_(job_ids))) if job_ids else []
+
+    def iter_all(self, table: sa.Table) -> Iterator[dict[str, Any]]:
+        yield from self._all(sa.select(table))
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,279 @@
+"""`tunesmith worker`: leases queued jobs from the store and runs each recipe in its own process.
+
+A job runs as `python -m tunesmith train config.yaml` (with `--nproc N` for several processes) in the job's
+private work directory. While it runs, the worker renews its lease every few seconds, copies the run's
+metrics and checkpoints into the store as events (each once, however often it is read), and stops the run
+when the job is cancelled. A worker that dies stops renewing: once its lease runs out, any worker takes
+the job again and `train` resumes it from its newest checkpoint. When the run ends, its adapter is
+encrypted into the blob store, the model registered, and the work directory (the only plaintext) erased.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import yaml
+
+from tunesmith.serve import jobs as job_spec
+from tunesmith.serve.service import Service
+from tunesmith.serve.store import Lease
+
+LEASE_SECONDS = 30.0
+POLL_SECONDS = 1.0
+CANCEL_GRACE_SECONDS = 5.0
+USER_ERROR_EXIT = 2
+
+
+class Worker:
+    def __init__(self, service: Service, concurrency: int = 1, lease_seconds: float = LEASE_SECONDS,
+                 poll_seconds: float = POLL_SECONDS, name: str | None = None):
+        self.service, self.store = service, service.store
+        self.concurrency, self.lease_seconds, self.poll_seconds = concurrency, lease_seconds, poll_seconds
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.stopping = threading.Event()
+        self.running: dict[str, threading.Thread] = {}
+
+    def serve_forever(self) -> None:
+        """Keep up to `concurrency` jobs running until `stop()`."""
+        while not self.stopping.is_set():
+            self.running = {job: thread for job, thread in self.running.items() if thread.is_alive()}
+            while len(self.running) < self.concurrency and not self.stopping.is_set():
+                lease = self.store.lease(self.name, self.lease_seconds)
+                if lease is None:
+                    break
+                thread = threading.Thread(target=self.run_job, args=(lease,), name=f"job {lease.job['id']}", daemon=True)
+                self.running[lease.job["id"]] = thread
+                thread.start()
+            self.stopping.wait(self.poll_seconds)
+        for thread in self.running.values():
+            thread.join()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def run_job(self, lease: Lease) -> str:
+        """Run one leased job to its end; returns the final status (or "lost" when the lease was lost)."""
+        job = lease.job
+        try:
+            run = JobRun(self, lease)
+            return run.execute()
+        except Exception as error:  # a bug of ours: the job fails with the reason, the worker goes on
+            self.store.add_event(job["id"], f"Worker error: {type(error).__name__}: {error}", level="error")
+            self.store.finish(lease, "failed", error={"code": "server_error", "message": str(error), "param": None})
+            self.service.erase_work_dir(job["id"])
+            return "failed"
+
+
+class JobRun:
+    def __init__(self, worker: Worker, lease: Lease):
+        self.worker, self.lease, self.job = worker, lease, lease.job
+        self.service, self.store = worker.service, worker.store
+        self.directory = self.service.work_dir(self.job["id"])
+        self.metrics_read = 0  # bytes of metrics.jsonl already turned into events
+        self.last_line = b""  # the last of them
+
+    def execute(self) -> str:
+        job = self.job
+        resumed = self.prepare()
+        where = f" (resumed, attempt {job['attempts']})" if resumed else ""
+        self.store.add_event(job["id"], f"Fine-tuning job started on worker {self.worker.name}{where}",
+                             key=f"start-{job['attempts']}")
+        self.service.audit(job["project_id"], "worker", "job.start", [job["id"]], worker=self.worker.name,
+                           attempt=job["attempts"])
+        process = self.launch()
+        outcome = self.supervise(process)
+        if outcome == "lost":
+            return outcome
+        self.sync_run()
+        return self.conclude(outcome, process.returncode)
+
+    def prepare(self) -> bool:
+        """The work directory: decrypted data and config.yaml. True when it already held a run (a resume)."""
+        directory = self.directory
+        resumed = (directory / "run" / "checkpoints").is_dir()
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (directory / "data").mkdir(mode=0o700, exist_ok=True)
+        paths = {}
+        for param in ("training_file", "validation_file"):
+            if self.job[param] is None:
+                continue
+            target = directory / "data" / f"{param}.jsonl"
+            if not target.exists():
+                with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as sink:
+                    for chunk in self.service.blobs.chunks(f"files/{self.job[param]}"):
+                        sink.write(chunk)
+            paths[param] = f"data/{target.name}"
+        config_path = directory / "config.yaml"
+        if not config_path.exists():  # a resume keeps the config it started with (train refuses a changed one)
+            base_spec = self.service.base_models[self.job["model"]]
+            config = job_spec.build_config(self.job, base_spec, paths["training_file"], paths.get("validation_file"),
+                                           self.job["resolved"])
+            config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        return resumed
+
+    def launch(self) -> subprocess.Popen:
+        command = [sys.executable, "-m", "tunesmith", "train", "config.yaml"]
+        if self.job["processes"] > 1:
+            command += ["--nproc", str(self.job["processes"])]
+        log = open(self.directory / "train.log", "ab")
+        return subprocess.Popen(command, cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_die_with_parent,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def supervise(self, process: subprocess.Popen) -> str:
+        """Wait for the run, renewing the lease and copying progress; "exited", "cancelled" or "lost"."""
+        while True:
+            try:
+                process.wait(timeout=self.worker.poll_seconds)
+                return "exited"
+            except subprocess.TimeoutExpired:
+                pass
+            self.sync_run()
+            current = self.store.renew(self.lease, self.worker.lease_seconds)
+            if current is None:
+                _stop(process)  # another worker owns the job now (or it was finished elsewhere)
+                return "lost"
+            if current["cancel_requested"]:
+                _stop(process)
+                return "cancelled"
+
+    def sync_run(self) -> None:
+        """New metrics lines -> events; new checkpoints -> checkpoint records. Each is stored once."""
+        metrics = self.directory / "run" / "metrics.jsonl"
+        if metrics.exists():
+            with metrics.open("rb") as handle:
+                # A resumed run rewrites its log (the lines past its checkpoint go): if the last line read is no
+                # longer where it was, read from the start again; events already stored are not stored twice.
+                if self.metrics_read and _bytes_at(handle, self.metrics_read - len(self.last_line), len(self.last_line)) != self.last_line:
+                    self.metrics_read = 0
+                handle.seek(self.metrics_read)
+                data = handle.read()
+            complete = data[: data.rfind(b"\n") + 1]
+            self.metrics_read += len(complete)
+            lines = complete.splitlines(keepends=True)
+            self.last_line = lines[-1] if lines else self.last_line
+            for line in lines:
+                try:
+                    self.record_metrics(json.loads(line))
+                except ValueError:
+                    continue
+        checkpoints = self.directory / "run" / "checkpoints"
+        if checkpoints.is_dir():
+            for path in checkpoints.glob("step-*"):
+                if (path / "state.json").is_file() and path.name.removeprefix("step-").isdigit():
+                    step = int(path.name.removeprefix("step-"))
+                    self.store.add_checkpoint(self.job["id"], step, self.checkpoint_metrics(step))
+
+    def record_metrics(self, row: dict[str, Any]) -> None:
+        step = row.get("step")
+        if step is None:
+            return
+        if row.get("event") == "data":  # the run's opening line: what it trains on, how long, on how many processes
+            data = {key: row.get(key) for key in ("total_steps", "processes", "examples", "rows")}
+            self.store.add_event(self.job["id"], f"Training {data['total_steps']} steps on {data['processes']} "
+                                 f"process(es)", data=data, key="data")
+            return
+        self.last_metrics = {**getattr(self, "last_metrics", {}), "step": step}
+        if "loss" in row:
+            self.last_metrics["train_loss"] = row["loss"]
+            data = {"step": step, "train_loss": row["loss"], "total_steps": row.get("total_steps"),
+                    "tokens_per_s": row.get("tokens_per_s"), "lr": row.get("lr")}
+            self.store.add_event(self.job["id"], f"Step {step}: training loss={row['loss']:.4f}", type="metrics",
+                                 data=data, key=f"train-{step}")
+        if "val_loss" in row:
+            self.last_metrics["valid_loss"] = row["val_loss"]
+            self.store.add_event(self.job["id"], f"Step {step}: validation loss={row['val_loss']:.4f}", type="metrics",
+                                 data={"step": step, "valid_loss": row["val_loss"]}, key=f"val-{step}")
+
+    def checkpoint_metrics(self, step: int) -> dict[str, Any]:
+        known = getattr(self, "last_metrics", {})
+        return {"step": step, **{key: known[key] for key in ("train_loss", "valid_loss") if key in known}}
+
+    def conclude(self, outcome: str, returncode: int) -> str:
+        job, store = self.job, self.store
+        if outcome == "cancelled":
+            status, values = "cancelled", {}
+            store.add_event(job["id"], "Fine-tuning job cancelled")
+        elif returncode == 0:
+            model_id = job_spec.fine_tuned_name(job)
+            adapter = self.directory / "run" / "adapter"
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                with open(adapter / name, "rb") as source:
+                    self.service.blobs.put_stream(f"models/{job['id']}/{name}", source)
+            if store.model(job["project_id"], model_id) is None:
+                store.add_model(job["project_id"], model_id, job["id"], job["model"])
+            status, values = "succeeded", {"fine_tuned_model": model_id, "trained_tokens": self.trained_tokens()}
+            store.add_event(job["id"], f"The job has successfully completed: {model_id}", key="succeeded")
+        else:
+            message = self.log_tail()
+            code = "invalid_training_file" if returncode == USER_ERROR_EXIT else "training_failed"
+            status, values = "failed", {"error": {"code": code, "message": message, "param": None}}
+            store.add_event(job["id"], f"Training failed (exit {returncode}): {message}", level="error")
+        if not store.finish(self.lease, status, **values):
+            return "lost"
+        self.service.audit(job["project_id"], "worker", f"job.{status}", [job["id"]] + (
+            [values["fine_tuned_model"]] if status == "succeeded" else []))
+        self.service.erase_work_dir(job["id"])
+        return status
+
+    def trained_tokens(self) -> int | None:
+        metrics = self.directory / "run" / "metrics.jsonl"
+        tokens = None
+        for line in metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            tokens = row.get("tokens", tokens)
+        return tokens
+
+    def log_tail(self, lines: int = 8) -> str:
+        path = self.directory / "train.log"
+        text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+        return "\n".join(text.strip().splitlines()[-lines:]) or "training stopped without a message"
+
+
+def _bytes_at(handle, offset: int, size: int) -> bytes:
+    if offset < 0:
+        return b""
+    handle.seek(offset)
+    return handle.read(size)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the run's process group (train checkpoints and exits), SIGKILL after a grace period."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=CANCEL_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the worker dies, so a dead worker leaves no run behind to race a new one."""
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def run(service: Service, concurrency: int = 1, lease_seconds: float = LEASE_SECONDS) -> int:
+    worker = Worker(service, concurrency, lease_seconds=lease_seconds)
+    print(f"tunesmith worker {worker.name}: running up to {concurrency} job(s) from {service.store.url}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    try:
+        worker.serve_forever()
+    except KeyboardInterrupt:
+        worker.stop()
+    return 0
