@@ -16,6 +16,10 @@ from typing import Iterator
 MARKER = "zebracornflakes"  # a word of the training data that must never be found on disk in plaintext
 
 
+def files_containing(root: Path, needle: bytes) -> list[Path]:
+    return [path for path in root.rglob("*") if path.is_file() and needle in path.read_bytes()]
+
+
 def training_rows(count: int = 12, marker: str = MARKER) -> list[dict]:
     return [{"messages": [{"role": "user", "content": f"what is the capital of France? ({marker} {i % 3})"},
                           {"role": "assistant", "content": "Paris is the capital."}]} for i in range(count)]

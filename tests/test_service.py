@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service_fixtures import MARKER, live_app, make_key, training_rows, wait_for, write_rows
+from service_fixtures import MARKER, files_containing, live_app, make_key, training_rows, wait_for, write_rows
 
 openai = pytest.importorskip("openai")
 
@@ -31,10 +31,6 @@ def client(base_url: str, key: str):
 def finished(api, job_id: str, timeout: float = 120):
     return wait_for(lambda: (job := api.fine_tuning.jobs.retrieve(job_id)).status in ("succeeded", "failed", "cancelled")
                     and job, timeout, interval=0.3, what=f"job {job_id} to finish")
-
-
-def files_containing(root: Path, needle: bytes) -> list[Path]:
-    return [path for path in root.rglob("*") if path.is_file() and needle in path.read_bytes()]
 
 
 def test_upload_train_and_chat_with_the_fine_tuned_model(service, tmp_path):
@@ -76,7 +72,8 @@ def test_upload_train_and_chat_with_the_fine_tuned_model(service, tmp_path):
         pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
         assert len(pieces) > 2 and "".join(pieces) == "Paris is the capital."
 
-    assert not (service.settings.home / "work" / job.id).exists()  # the run's plaintext work directory is gone
+    assert not service.work_dir(job.id).exists()  # the run's plaintext scratch directory is gone
+    assert not service.blobs.exists(service.sealed_run(job.id))  # and so is its sealed run
     assert files_containing(service.settings.home, MARKER.encode()) == []  # uploads and adapters are encrypted
 
 
@@ -129,7 +126,7 @@ def test_cancel_stops_a_running_job_within_seconds(service, tmp_path):
         job = finished(api, job.id, timeout=30)
         assert job.status == "cancelled" and time.time() - asked < 15
         assert job.fine_tuned_model is None
-        wait_for(lambda: not (service.settings.home / "work" / job.id).exists(), 10, what="the work dir to go")
+        wait_for(lambda: not service.work_dir(job.id).exists(), 10, what="the scratch directory to go")
         with pytest.raises(openai.BadRequestError):
             api.fine_tuning.jobs.cancel(job.id)
 
@@ -152,6 +149,7 @@ def test_deleting_a_file_erases_it_and_reports_the_models_trained_on_it(service,
             api.files.content(file.id)
     assert not list((service.settings.home / "blobs" / "files").glob(f"{file.id}*"))
     assert files_containing(service.settings.home, MARKER.encode()) == []
+    assert not service.scratch.exists() or files_containing(service.scratch, MARKER.encode()) == []
     # No copy in the temporary directory either, from this test (the tests' own inputs live under pytest's).
     scratch = Path(os.environ.get("TMPDIR", "/tmp"))
     written = [path for top in scratch.iterdir() if not top.name.startswith(("pytest-of-", "bash_"))

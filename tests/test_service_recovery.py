@@ -1,16 +1,18 @@
 """Jobs survive: the API server and the worker (real `tunesmith serve` / `tunesmith worker` processes) are killed
-with SIGKILL mid-job and started again; the job resumes from its last checkpoint and completes, with every
-training step reported exactly once."""
+with SIGKILL mid-job, the job's scratch directory is lost with them (as a machine's memory is on a restart), and
+both are started again; the job resumes from its sealed checkpoint and completes, with every training step
+reported exactly once."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from service_fixtures import free_port, make_key, start_command, training_rows, wait_for, wait_for_port, write_rows
+from service_fixtures import MARKER, files_containing, free_port, make_key, start_command, training_rows, wait_for, wait_for_port, write_rows
 
 openai = pytest.importorskip("openai")
 
@@ -35,12 +37,13 @@ def kill(process) -> None:
 def test_killed_api_and_worker_resume_the_job_without_loss_or_duplicates(tmp_path, tiny_model):
     from tunesmith.serve.service import Service, Settings
 
-    home = tmp_path / "home"
-    service = Service(Settings(home=home, base_models={"tiny": str(tiny_model)}))
+    home, scratch = tmp_path / "home", tmp_path / "scratch"
+    service = Service(Settings(home=home, base_models={"tiny": str(tiny_model)}, scratch=scratch))
     key = make_key(service, "acme", "write")
     port = free_port()
-    serve_args = ["serve", "--model", f"tiny={tiny_model}", "--workers", "0", "--port", str(port)]
-    worker_args = ["worker", "--model", f"tiny={tiny_model}", "--lease-seconds", "3"]
+    common = ["--model", f"tiny={tiny_model}", "--scratch", str(scratch)]
+    serve_args = ["serve", *common, "--workers", "0", "--port", str(port)]
+    worker_args = ["worker", *common, "--lease-seconds", "3"]
     log = tmp_path / "service.log"
     api_process, worker_process = start_command(serve_args, home, log), start_command(worker_args, home, log)
     try:
@@ -49,13 +52,17 @@ def test_killed_api_and_worker_resume_the_job_without_loss_or_duplicates(tmp_pat
         file = api.files.create(file=write_rows(tmp_path / "train.jsonl", training_rows(300)).open("rb"),
                                 purpose="fine-tune")
         job = api.fine_tuning.jobs.create(model="tiny", training_file=file.id, hyperparameters={"n_epochs": 4, "batch_size": 1})
-        wait_for(lambda: list(api.fine_tuning.jobs.checkpoints.list(job.id)), 120, what="the first checkpoint")
+        wait_for(lambda: service.blobs.exists(service.sealed_run(job.id)), 120, what="the first sealed checkpoint")
+        # Mid-job, the plaintext is in the scratch directory alone: the home holds only ciphertext.
+        assert files_containing(scratch, MARKER.encode()) != []
+        assert files_containing(home, MARKER.encode()) == []
 
         kill(api_process)
         kill(worker_process)
-        work_dir = home / "work" / job.id
+        work_dir = service.work_dir(job.id)
         wait_for(lambda: not training_processes(work_dir), 10, what="the orphaned training run to die with its worker")
-        assert (work_dir / "run" / "checkpoints").is_dir()  # what the next worker resumes from
+        assert (work_dir / "run" / "checkpoints").is_dir()
+        shutil.rmtree(scratch)  # a restart empties the memory filesystem: the sealed run is all that is left
 
         api_process, worker_process = start_command(serve_args, home, log), start_command(worker_args, home, log)
         wait_for_port(port)
@@ -71,12 +78,15 @@ def test_killed_api_and_worker_resume_the_job_without_loss_or_duplicates(tmp_pat
     messages = [event["message"] for event in events]
     assert sum("started on worker" in message for message in messages) == 2
     assert any("(resumed, attempt 2)" in message for message in messages)
+    restored = [message for message in messages if message.startswith("Restored the run from its sealed checkpoint")]
+    assert len(restored) == 1 and int(restored[0].rsplit(" ", 1)[1]) >= 10  # save_every is 10 steps
     steps = [event["data"]["step"] for event in events if event["type"] == "metrics" and "train_loss" in event["data"]]
     assert sorted(steps) == list(range(1, max(steps) + 1))  # every step once: none lost, none twice
     assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
     assert [model["id"] for model in service.store.models("acme")] == [job.fine_tuned_model]
     assert service.store.job("acme", job.id)["attempts"] == 2
-    assert not (home / "work" / job.id).exists()
+    assert not service.work_dir(job.id).exists() and not service.blobs.exists(service.sealed_run(job.id))
+    assert files_containing(home, MARKER.encode()) == []
     assert service.audit_log.verify()
 
 

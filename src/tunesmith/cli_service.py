@@ -26,7 +26,8 @@ def settings(args: argparse.Namespace):
     kwargs = {"home": home} if home else {}
     return Settings(database_url=args.database_url or os.environ.get("TUNESMITH_DATABASE_URL"), base_models=base_models,
                     max_upload_bytes=getattr(args, "max_upload_mb", 512) << 20,
-                    processes=getattr(args, "nproc", 1) or 1, **kwargs)
+                    processes=getattr(args, "nproc", 1) or 1, **kwargs,
+                    scratch=Path(args.scratch).expanduser() if getattr(args, "scratch", None) else None)
 
 
 def service_from(args: argparse.Namespace):
@@ -56,6 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     scheme = "https" if args.tls_cert else "http"
     print(f"tunesmith serving on {scheme}://{args.host}:{args.port}/v1 (dashboard: /dashboard); state in "
           f"{service.settings.home}", flush=True)
+    if worker is not None:
+        print(service.describe_scratch(), flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
                     log_level="warning")
@@ -143,6 +146,8 @@ def add_parsers(commands) -> None:
         parser.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload")
         parser.add_argument("--lease-seconds", type=float, default=30.0, help="a job whose worker has not renewed its "
                             "lease for this long is taken over by another worker (and resumed)")
+        parser.add_argument("--scratch", help="where a running job keeps its decrypted data and run (default: a folder "
+                            "on /dev/shm when it has 2 GiB free, else HOME/work); erased when the job ends")
 
     serve = commands.add_parser("serve", help="the OpenAI-compatible fine-tuning and inference service (+ a worker)")
     common(serve)

@@ -2,13 +2,16 @@
 
 Objects live under `$TUNESMITH_HOME/blobs/` as `NAME.enc`; each is bound to its name (the chunks'
 associated data), so swapping two objects' files is detected. Nothing here ever writes plaintext to disk:
-uploads are encrypted as they stream in, readers get authenticated plaintext chunks in memory.
+uploads are encrypted as they stream in, readers get authenticated plaintext chunks in memory, and a folder
+(a running job's run directory) is sealed as one object, a tar stream encrypted as it is produced.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+import tarfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
@@ -90,6 +93,46 @@ class Blobs:
             return True
         return False
 
+    def put_tree(self, name: str, directory: Path, members: Iterable[str]) -> Written:
+        """Seal files of `directory` (`members`: paths relative to it) as one object, a tar stream encrypted as
+        it is written: no archive ever touches the disk in plaintext. A member that vanishes or shrinks while
+        it is read fails the call and leaves the object as it was."""
+        read_end, write_end = os.pipe()
+        failures: list[BaseException] = []
+
+        def produce() -> None:
+            pipe = os.fdopen(write_end, "wb")
+            try:
+                with tarfile.open(fileobj=pipe, mode="w|") as archive:
+                    for member in members:
+                        archive.add(directory / member, arcname=member, recursive=False)
+            except BaseException as error:  # recorded before the pipe closes: the reader must not see a clean end
+                failures.append(error)
+            finally:
+                try:
+                    pipe.close()
+                except BrokenPipeError:
+                    pass
+
+        producer = threading.Thread(target=produce, name=f"seal {name}", daemon=True)
+        producer.start()
+        try:
+            with os.fdopen(read_end, "rb") as pipe:
+                return self.put_stream(name, _Checked(pipe, failures))
+        finally:
+            producer.join()
+
+    def extract_tree(self, name: str, directory: Path) -> list[str]:
+        """Unseal an object written by `put_tree` into `directory`; returns the member names. Only regular files
+        and folders inside `directory` come out (tarfile's "data" filter)."""
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tarfile.open(fileobj=_ChunkReader(self.chunks(name)), mode="r|") as archive:
+            names = []
+            for member in archive:
+                archive.extract(member, directory, filter="data")
+                names.append(member.name)
+        return names
+
     def rewrap_all(self) -> int:
         """After a key rotation: re-wrap every object's data key under the current master key."""
         return sum(encryption.rewrap(path, self.keyring) for path in self.root.rglob("*.enc"))
@@ -120,3 +163,36 @@ class _Counting:
             raise TooLarge(self.limit)
         self.digest.update(data)
         return data
+
+
+class _Checked:
+    """The reading end of a producer's pipe: its end counts only when the producer finished cleanly."""
+
+    def __init__(self, pipe: BinaryIO, failures: list[BaseException]):
+        self.pipe, self.failures = pipe, failures
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.pipe.read(size)
+        if not data and self.failures:
+            raise self.failures[0]
+        return data
+
+
+class _ChunkReader:
+    """A file-like reader over decrypted chunks, for tarfile's streaming mode."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self.chunks, self.current, self.offset = chunks, b"", 0
+
+    def read(self, size: int = -1) -> bytes:
+        parts = []
+        while size != 0:
+            if self.offset == len(self.current):
+                self.current, self.offset = next(self.chunks, b""), 0
+                if not self.current:
+                    break
+            end = len(self.current) if size < 0 else min(len(self.current), self.offset + size)
+            parts.append(self.current[self.offset:end])
+            size = size if size < 0 else size - (end - self.offset)
+            self.offset = end
+        return b"".join(parts)

@@ -2,16 +2,22 @@
 the encrypted blobs, the audit log and the settings. The API only maps HTTP to these calls.
 
 Everything lives under `$TUNESMITH_HOME`: `service.db` (or a PostgreSQL URL), `blobs/` (encrypted),
-`master.key`, `audit.log`, and `work/JOB/` — a running job's private directory (0700) holding the
-decrypted data and checkpoints that training reads; it is erased when the job ends.
+`master.key` and `audit.log`. The one plaintext is a running job's scratch directory (0700): the decrypted
+data and the run that training reads and writes. It lives on a memory filesystem when the machine has one
+with room (`/dev/shm`), else under `HOME/work/`, or where `--scratch` says; at every checkpoint the run is
+sealed into the encrypted blobs (what a worker elsewhere, or after a restart, resumes from), and the
+scratch is erased when the job ends.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from tunesmith.errors import UserError
 from tunesmith.paths import home
 from tunesmith.security.audit import AuditEvent, AuditFile
 from tunesmith.serve import jobs as job_spec
@@ -30,6 +36,52 @@ class Settings:
     base_models: dict[str, str] = field(default_factory=dict)  # name a client uses -> model spec (registry name or dir)
     max_upload_bytes: int = 512 << 20
     processes: int = 1  # torch.distributed processes per training job
+    scratch: Path | None = None  # where running jobs keep their plaintext; None: default_scratch(home)
+
+
+MEMORY_FILESYSTEM = Path("/dev/shm")
+MEMORY_SCRATCH_MIN_FREE = 2 << 30
+MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
+
+
+def default_scratch(home: Path) -> Path:
+    """A memory filesystem with at least 2 GiB free (plaintext that never reaches a disk), else `home/work`."""
+    try:
+        roomy = shutil.disk_usage(MEMORY_FILESYSTEM).free >= MEMORY_SCRATCH_MIN_FREE
+        if roomy and os.access(MEMORY_FILESYSTEM, os.W_OK):
+            tag = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]  # one per service home
+            return MEMORY_FILESYSTEM / f"tunesmith-{os.getuid()}-{tag}"
+    except OSError:
+        pass
+    return home / "work"
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding `path` ("tmpfs", "ext4", ...), from /proc/self/mounts; "" if unknown."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    best, kind = "", ""
+    target = str(path.resolve())
+    for line in mounts:
+        fields = line.split()
+        if len(fields) >= 3:
+            point = fields[1].replace("\\040", " ")
+            if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+                best, kind = point, fields[2]
+    return kind
+
+
+def private_directory(path: Path) -> Path:
+    """`path` as a directory only this user can enter: made 0700, or refused if someone else made it first
+    (a shared /dev/shm is world-writable) or it is a link."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if path.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise UserError(f"{path}: the job scratch directory must be a folder of this user with mode 0700; fix: "
+                        f"remove it, or give another with --scratch")
+    return path
 
 
 def default_base_models() -> dict[str, str]:
@@ -46,12 +98,26 @@ class Service:
         self.blobs = Blobs(settings.home / "blobs", load_keyring(settings.home))
         self.audit_log = AuditFile(settings.home / "audit.log")
         self.base_models = settings.base_models or default_base_models()
+        self.scratch = settings.scratch or default_scratch(settings.home)
+
+    def describe_scratch(self) -> str:
+        """A line for the operator: where plaintext lives while a job runs."""
+        kind = filesystem_type(self.scratch if self.scratch.exists() else self.scratch.parent)
+        if kind in MEMORY_FILESYSTEMS:
+            return f"job scratch in memory ({kind}): {self.scratch}"
+        return (f"WARNING: job scratch on disk ({kind or 'unknown filesystem'}): {self.scratch} holds a running job's "
+                f"decrypted data and checkpoints until it ends; --scratch DIR on a memory or encrypted filesystem avoids it")
 
     def audit(self, project: str, key_id: str, action: str, objects: list[str], **details: Any) -> None:
         self.audit_log.append(AuditEvent(project, key_id, action, tuple(objects), details))
 
     def work_dir(self, job_id: str) -> Path:
-        return self.settings.home / "work" / job_id
+        return self.scratch / job_id
+
+    @staticmethod
+    def sealed_run(job_id: str) -> str:
+        """The blob holding a job's run as of its newest checkpoint."""
+        return f"runs/{job_id}"
 
     # files
     def upload(self, project: str, filename: str, purpose: str, source: BinaryIO) -> dict[str, Any]:
@@ -98,25 +164,25 @@ class Service:
 
     def erase_file(self, project: str, file_id: str) -> dict[str, Any]:
         """Delete a file and everything derived from it: running jobs on it stop, their work directories
-        (decrypted copies, tokenised caches, checkpoints) go. Models trained on it are reported, not deleted."""
+        (decrypted copies, tokenised caches, checkpoints) and sealed runs go. Models trained on it are reported, not deleted."""
         self.file(project, file_id)
         using = self.store.jobs_using_file(project, file_id)
         for job in using:
             if job["status"] not in ("succeeded", "failed", "cancelled"):
                 self.store.request_cancel(project, job["id"])
         self.blobs.erase(f"files/{file_id}")
-        erased = [job["id"] for job in using if self.erase_work_dir(job["id"])]
+        erased = [job["id"] for job in using if self.erase_run(job["id"])]
         self.store.delete_file(project, file_id)
         trained = [model["id"] for model in self.store.models_of_jobs([job["id"] for job in using])]
         return {"id": file_id, "object": "file", "deleted": True, "jobs": [job["id"] for job in using],
-                "erased_work_dirs": erased, "models_trained_on_it": trained}
+                "erased_runs": erased, "models_trained_on_it": trained}
 
-    def erase_work_dir(self, job_id: str) -> bool:
+    def erase_run(self, job_id: str) -> bool:
+        """Erase what a job's run left: its scratch directory and its sealed run. True if there was any."""
         directory = self.work_dir(job_id)
-        if directory.exists():
-            shutil.rmtree(directory, ignore_errors=True)
-            return True
-        return False
+        existed = directory.exists()
+        shutil.rmtree(directory, ignore_errors=True)
+        return self.blobs.erase(self.sealed_run(job_id)) or existed
 
     # jobs
     def create_job(self, project: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -3,26 +3,32 @@
 A job runs as `python -m tunesmith train config.yaml` (with `--nproc N` for several processes) in the job's
 private work directory. While it runs, the worker renews its lease every few seconds, copies the run's
 metrics and checkpoints into the store as events (each once, however often it is read), and stops the run
-when the job is cancelled. A worker that dies stops renewing: once its lease runs out, any worker takes
-the job again and `train` resumes it from its newest checkpoint. When the run ends, its adapter is
-encrypted into the blob store, the model registered, and the work directory (the only plaintext) erased.
+when the job is cancelled. Each new checkpoint seals the run directory (as of that checkpoint) into the
+encrypted blobs. A worker that dies stops renewing: once its lease runs out, any worker takes the job
+again and `train` resumes it from its newest checkpoint, found in the scratch directory when the worker
+left it there, else unsealed from the blobs (a restarted machine, another machine). When the run ends,
+its adapter is encrypted into the blob store, the model registered, and the scratch directory (the only
+plaintext) and the sealed run erased.
 """
 from __future__ import annotations
 
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tunesmith.serve import jobs as job_spec
-from tunesmith.serve.service import Service
+from tunesmith.serve.service import Service, private_directory
 from tunesmith.serve.store import Lease
 
 LEASE_SECONDS = 30.0
@@ -67,7 +73,7 @@ class Worker:
         except Exception as error:  # a bug of ours: the job fails with the reason, the worker goes on
             self.store.add_event(job["id"], f"Worker error: {type(error).__name__}: {error}", level="error")
             self.store.finish(lease, "failed", error={"code": "server_error", "message": str(error), "param": None})
-            self.service.erase_work_dir(job["id"])
+            self.service.erase_run(job["id"])
             return "failed"
 
 
@@ -78,6 +84,8 @@ class JobRun:
         self.directory = self.service.work_dir(self.job["id"])
         self.metrics_read = 0  # bytes of metrics.jsonl already turned into events
         self.last_line = b""  # the last of them
+        self.sealed_step = 0  # the checkpoint the sealed run holds
+        self.sealing: threading.Thread | None = None
 
     def execute(self) -> str:
         job = self.job
@@ -88,18 +96,31 @@ class JobRun:
         self.service.audit(job["project_id"], "worker", "job.start", [job["id"]], worker=self.worker.name,
                            attempt=job["attempts"])
         process = self.launch()
-        outcome = self.supervise(process)
+        try:
+            outcome = self.supervise(process)
+        finally:
+            if self.sealing is not None:
+                self.sealing.join()
         if outcome == "lost":
             return outcome
-        self.sync_run()
+        self.sync_run(seal=False)
         return self.conclude(outcome, process.returncode)
 
     def prepare(self) -> bool:
-        """The work directory: decrypted data and config.yaml. True when it already held a run (a resume)."""
+        """The scratch directory: decrypted data, config.yaml, and the run so far when there is one (left by
+        the last worker on this machine, else unsealed). True when it holds a run to resume."""
         directory = self.directory
-        resumed = (directory / "run" / "checkpoints").is_dir()
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_directory(self.service.scratch)
+        directory.mkdir(mode=0o700, exist_ok=True)
         (directory / "data").mkdir(mode=0o700, exist_ok=True)
+        sealed = self.service.sealed_run(self.job["id"])
+        if not checkpoints(directory / "run") and self.service.blobs.exists(sealed):
+            shutil.rmtree(directory / "run", ignore_errors=True)
+            self.service.blobs.extract_tree(sealed, directory / "run")
+            self.sealed_step = max(checkpoints(directory / "run"), default=0)
+            self.store.add_event(self.job["id"], f"Restored the run from its sealed checkpoint at step "
+                                 f"{self.sealed_step}", key=f"restore-{self.job['attempts']}")
+        resumed = bool(checkpoints(directory / "run"))
         paths = {}
         for param in ("training_file", "validation_file"):
             if self.job[param] is None:
@@ -144,8 +165,9 @@ class JobRun:
                 _stop(process)
                 return "cancelled"
 
-    def sync_run(self) -> None:
-        """New metrics lines -> events; new checkpoints -> checkpoint records. Each is stored once."""
+    def sync_run(self, seal: bool = True) -> None:
+        """New metrics lines -> events; new checkpoints -> checkpoint records (each stored once), and the run
+        sealed in the background when it has a checkpoint newer than the sealed one."""
         metrics = self.directory / "run" / "metrics.jsonl"
         if metrics.exists():
             with metrics.open("rb") as handle:
@@ -164,12 +186,32 @@ class JobRun:
                     self.record_metrics(json.loads(line))
                 except ValueError:
                     continue
-        checkpoints = self.directory / "run" / "checkpoints"
-        if checkpoints.is_dir():
-            for path in checkpoints.glob("step-*"):
-                if (path / "state.json").is_file() and path.name.removeprefix("step-").isdigit():
-                    step = int(path.name.removeprefix("step-"))
-                    self.store.add_checkpoint(self.job["id"], step, self.checkpoint_metrics(step))
+        steps = checkpoints(self.directory / "run")
+        for step in steps:
+            self.store.add_checkpoint(self.job["id"], step, self.checkpoint_metrics(step))
+        newest = max(steps, default=0)
+        if seal and newest > self.sealed_step and (self.sealing is None or not self.sealing.is_alive()):
+            self.sealing = threading.Thread(target=self.seal, args=(newest,), name=f"seal {self.job['id']}",
+                                            daemon=True)
+            self.sealing.start()
+
+    def seal(self, step: int) -> None:
+        """Encrypt the run as of checkpoint `step` (that checkpoint, not older ones) into the blobs. Training
+        goes on meanwhile: a checkpoint it prunes under us fails this round, and a newer one is sealed next."""
+        run = self.directory / "run"
+        members = []
+        for path in sorted(run.rglob("*")):
+            relative = path.relative_to(run)
+            parts = relative.parts
+            if parts[0] == "checkpoints" and len(parts) > 1 and parts[1] != f"step-{step}":
+                continue
+            if path.is_file() and not path.is_symlink():
+                members.append(str(relative))
+        try:
+            self.service.blobs.put_tree(self.service.sealed_run(self.job["id"]), run, members)
+        except (OSError, tarfile.TarError, ValueError):
+            return
+        self.sealed_step = step
 
     def record_metrics(self, row: dict[str, Any]) -> None:
         step = row.get("step")
@@ -220,7 +262,7 @@ class JobRun:
             return "lost"
         self.service.audit(job["project_id"], "worker", f"job.{status}", [job["id"]] + (
             [values["fine_tuned_model"]] if status == "succeeded" else []))
-        self.service.erase_work_dir(job["id"])
+        self.service.erase_run(job["id"])
         return status
 
     def trained_tokens(self) -> int | None:
@@ -238,6 +280,15 @@ class JobRun:
         path = self.directory / "train.log"
         text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
         return "\n".join(text.strip().splitlines()[-lines:]) or "training stopped without a message"
+
+
+def checkpoints(run: Path) -> list[int]:
+    """The steps of the complete checkpoints in a run directory (a checkpoint is renamed into place whole)."""
+    folder = run / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(int(path.name.removeprefix("step-")) for path in folder.glob("step-*")
+                  if path.name.removeprefix("step-").isdigit() and (path / "state.json").is_file())
 
 
 def _bytes_at(handle, offset: int, size: int) -> bytes:
@@ -270,7 +321,11 @@ def _die_with_parent() -> None:
 
 def run(service: Service, concurrency: int = 1, lease_seconds: float = LEASE_SECONDS) -> int:
     worker = Worker(service, concurrency, lease_seconds=lease_seconds)
-    print(f"tunesmith worker {worker.name}: running up to {concurrency} job(s) from {service.store.url}", flush=True)
+    from sqlalchemy.engine import make_url
+
+    store = make_url(service.store.url).render_as_string(hide_password=True)
+    print(f"tunesmith worker {worker.name}: running up to {concurrency} job(s) from {store}", flush=True)
+    print(service.describe_scratch(), flush=True)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     try:
         worker.serve_forever()
