@@ -3,6 +3,7 @@ Playwright, against the API served by uvicorn on a loopback port. The service's 
 into its store: no training runs."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import urllib.request
@@ -45,6 +46,9 @@ class Site:
                    hyperparameters={"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": "auto"})
         self.done = store.add_job(PROJECT, **job, status="succeeded", created_at=1_700_000_000,
                                   fine_tuned_model="ft:tiny:demo:ftjob-done", trained_tokens=12345)
+        self.report = self.service.add_result_file(PROJECT, f"{self.done['id']}-eval.json",
+                                                   json.dumps(evaluation_report()).encode())
+        store.update_job(self.done["id"], ("succeeded",), result_files=[self.report], validation_file=self.file["id"])
         store.add_model(PROJECT, "ft:tiny:demo:ftjob-done", self.done["id"], "tiny")
         self.long = store.add_job(PROJECT, **job, status="failed", created_at=1_700_000_050)
         for step in range(1, LONG_STEPS + 1):
@@ -71,6 +75,17 @@ class Site:
         self.service.store.add_event(self.running["id"], f"Step {step}: training loss={loss:.4f}", type="metrics",
                                      data={"step": step, "train_loss": loss, "total_steps": 10},
                                      key=f"train-{step}")
+
+
+def evaluation_report() -> dict:
+    """An evaluation report as `tunesmith eval` writes it (the metrics module's own shapes): per example, the
+    summed token log-likelihood and the token count of the fine-tuned model and of its base."""
+    from tunesmith.eval import metrics
+
+    tuned, base = [(-2.0, 10), (-3.0, 12), (-2.5, 9)], [(-9.0, 10), (-11.0, 12), (-8.0, 9)]
+    return {"task": "perplexity", "n": 3, "metrics": metrics.score("perplexity", tuned, None, resamples=200),
+            "baselines": {"base": {"metrics": metrics.score("perplexity", base, None, resamples=200)}},
+            "comparisons": {"base": metrics.compare("perplexity", tuned, base, None, resamples=200)}}
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +155,7 @@ def test_jobs_curve_events_and_files(page, site, tmp_path):
     expect(job_row(page, site.done["id"])).to_contain_text("ft:tiny:demo:ftjob-done")
     expect(job_row(page, site.done["id"])).to_contain_text("12,345")
     # the filename is text, not markup
-    expect(page.locator("#files .filename")).to_have_text(FILENAME)
+    expect(page.locator("#files .filename")).to_have_text([f"{site.done['id']}-eval.json", FILENAME])
     assert page.locator("#files b").count() == 0
     expect(page.locator("#adapters")).to_contain_text("ft:tiny:demo:ftjob-done")
     expect(page.locator("#base-models")).to_have_text("tiny")
@@ -174,6 +189,30 @@ def test_jobs_curve_events_and_files(page, site, tmp_path):
     expect(chart).to_have_attribute("data-train-points", "6")
     expect(chart.locator("circle.point-train")).to_have_count(6)
     expect(messages.first).to_have_text("Step 6: training loss=0.7353")
+
+
+def test_a_finished_job_shows_its_evaluation_against_the_base(page, site, tmp_path):
+    site, _ = site
+    report = evaluation_report()
+    enter_key(page, site.keys["read"])
+    job_row(page, site.running["id"]).click()
+    expect(page.locator("#evaluation-note")).to_have_text("No evaluation: the job has no validation file.")
+    job_row(page, site.done["id"]).click()
+    rows = page.locator("#evaluation tbody tr")
+    expect(rows).to_have_count(3)
+    expect(page.locator("#evaluation thead th")).to_have_text(["System", "loss", "perplexity"])
+    tuned, base, diff = (report["metrics"]["perplexity"], report["baselines"]["base"]["metrics"]["perplexity"],
+                         report["comparisons"]["base"]["perplexity"])
+    def shown(system: str) -> list[float]:  # "value [low, high]" in the perplexity column
+        cell = page.locator(f'#evaluation tr[data-system="{system}"] td').nth(2).inner_text()
+        return [float(number) for number in re.findall(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", cell)]
+
+    assert shown("fine-tuned") == pytest.approx([tuned["value"], *tuned["ci95"]], rel=1e-3)
+    assert shown("base") == pytest.approx([base["value"], *base["ci95"]], rel=1e-3)
+    assert shown("fine-tuned − base") == pytest.approx([diff["diff"], *diff["ci95"]], rel=1e-3)
+    assert diff["ci95"][1] < 0  # the fixture's fine-tuned model is better than its base, clearly
+    expect(page.locator("#evaluation-note")).to_have_text(f"perplexity on 3 validation examples; report file {site.report}.")
+    save_screenshot(page, tmp_path / "evaluation.png", "/tmp/dashboard-evaluation.png")
 
 
 def test_curve_of_a_job_with_more_than_a_page_of_events(page, site):

@@ -77,6 +77,42 @@ def test_upload_train_and_chat_with_the_fine_tuned_model(service, tmp_path):
     assert files_containing(service.settings.home, MARKER.encode()) == []  # uploads and adapters are encrypted
 
 
+def test_a_job_with_a_validation_file_is_evaluated_against_its_base_and_the_report_is_its_result_file(service,
+                                                                                                      tmp_path):
+    train = write_rows(tmp_path / "train.jsonl", training_rows(24))
+    held_out = write_rows(tmp_path / "valid.jsonl", training_rows(9, marker="held out"))
+    with live_app(service) as base_url:
+        api = client(base_url, make_key(service, "acme", "write"))
+        train_file = api.files.create(file=train.open("rb"), purpose="fine-tune")
+        valid_file = api.files.create(file=held_out.open("rb"), purpose="fine-tune")
+        job = finished(api, api.fine_tuning.jobs.create(
+            model="tiny", training_file=train_file.id, validation_file=valid_file.id,
+            hyperparameters={"n_epochs": 20, "batch_size": 2, "learning_rate_multiplier": 50}).id, timeout=240)
+        assert job.status == "succeeded", job.error
+        assert len(job.result_files) == 1
+        report_file = api.files.retrieve(job.result_files[0])
+        assert (report_file.purpose, report_file.filename) == ("fine-tune-results", f"{job.id}-eval.json")
+        report = json.loads(api.files.content(report_file.id).read())
+        assert (report["task"], report["n"], report["target"], report["data"]) == (
+            "perplexity", 9, job.fine_tuned_model, valid_file.id)
+        tuned, base = report["metrics"]["perplexity"], report["baselines"]["base"]["metrics"]["perplexity"]
+        assert tuned["ci95"][0] <= tuned["value"] <= tuned["ci95"][1]
+        assert tuned["value"] < base["value"] / 2  # it learned the answer the held-out questions share
+        difference = report["comparisons"]["base"]["perplexity"]
+        assert difference["ci95"][1] < 0  # the paired interval excludes "no better than the base"
+        message = next(e.message for e in api.fine_tuning.jobs.list_events(job.id, limit=100)
+                       if e.message.startswith("Evaluation on 9 validation examples"))
+        assert "perplexity" in message and "fine-tuned" in message and "base" in message
+
+        with pytest.raises(openai.BadRequestError) as error:  # a report is not training data
+            api.fine_tuning.jobs.create(model="tiny", training_file=report_file.id)
+        assert error.value.code == "invalid_training_file"
+        deleted = api.files.delete(valid_file.id)  # the report quotes the held-out data: it goes with it
+        assert deleted.model_extra["erased_result_files"] == [report_file.id]
+        with pytest.raises(openai.NotFoundError):
+            api.files.retrieve(report_file.id)
+
+
 def test_bad_uploads_and_jobs_are_refused_with_openai_errors(service, tmp_path):
     good = write_rows(tmp_path / "good.jsonl", training_rows(4))
     bad = tmp_path / "bad.jsonl"

@@ -3,8 +3,9 @@
 The page is static and needs no key to load; everything it shows comes from the authenticated /v1 endpoints,
 called by the page's script with the key the user types (kept in sessionStorage only: never in a URL or a
 cookie). It lists jobs, files and adapters; a selected job shows its details, its live loss curve (drawn as
-inline SVG from the job's `metrics` events), its events, its checkpoints with their validation loss, and a
-Cancel button. No CDN or external asset: the machines it runs on may have no internet.
+inline SVG from the job's `metrics` events), its evaluation report (the fine-tuned model against its base on
+the validation file, with 95% intervals, read from the job's result file), its events, its checkpoints with
+their validation loss, and a Cancel button. No CDN or external asset: the machines it runs on may have no internet.
 
 Safety: text from the API is only ever inserted with textContent (filenames and messages may hold HTML), and
 the page is sent with a nonce-based Content-Security-Policy, so even an injected tag could run no script.

@@ -25,7 +25,8 @@ from tunesmith.serve.blobs import Blobs, TooLarge, load_keyring
 from tunesmith.serve.shapes import ApiError, not_found
 from tunesmith.serve.store import Store
 
-PURPOSES = ("fine-tune",)
+PURPOSES = ("fine-tune",)  # what clients upload; a job's evaluation report is a "fine-tune-results" file
+RESULTS_PURPOSE = "fine-tune-results"
 MAX_FILENAME = 255
 
 
@@ -163,8 +164,9 @@ class Service:
         return row
 
     def erase_file(self, project: str, file_id: str) -> dict[str, Any]:
-        """Delete a file and everything derived from it: running jobs on it stop, their work directories
-        (decrypted copies, tokenised caches, checkpoints) and sealed runs go. Models trained on it are reported, not deleted."""
+        """Delete a file and everything derived from it: running jobs on it stop, their scratch directories
+        (decrypted copies, tokenised caches, checkpoints), sealed runs and evaluation reports go. Models
+        trained on it are reported, not deleted."""
         self.file(project, file_id)
         using = self.store.jobs_using_file(project, file_id)
         for job in using:
@@ -172,10 +174,24 @@ class Service:
                 self.store.request_cancel(project, job["id"])
         self.blobs.erase(f"files/{file_id}")
         erased = [job["id"] for job in using if self.erase_run(job["id"])]
+        results = [result for job in using for result in job["result_files"] or []]  # reports quote the data
+        for result in results:
+            self.blobs.erase(f"files/{result}")
+            self.store.delete_file(project, result)
         self.store.delete_file(project, file_id)
         trained = [model["id"] for model in self.store.models_of_jobs([job["id"] for job in using])]
         return {"id": file_id, "object": "file", "deleted": True, "jobs": [job["id"] for job in using],
-                "erased_runs": erased, "models_trained_on_it": trained}
+                "erased_runs": erased, "erased_result_files": results, "models_trained_on_it": trained}
+
+    def add_result_file(self, project: str, filename: str, data: bytes) -> str:
+        """A file the service made for a job (its evaluation report), encrypted like an upload; its id."""
+        from tunesmith.serve.store import new_id
+
+        file_id = new_id("file")
+        written = self.blobs.put_bytes(f"files/{file_id}", data)
+        self.store.add_file(project, id=file_id, filename=filename, purpose=RESULTS_PURPOSE, bytes=written.bytes,
+                            sha256=written.sha256, format="json", examples=None)
+        return file_id
 
     def erase_run(self, job_id: str) -> bool:
         """Erase what a job's run left: its scratch directory and its sealed run. True if there was any."""
@@ -188,8 +204,9 @@ class Service:
     def create_job(self, project: str, body: dict[str, Any]) -> dict[str, Any]:
         values = job_spec.parse_request(body, self.base_models)
         for param in ("training_file", "validation_file"):
-            if values[param] is not None:
-                self.file(project, values[param], param)
+            if values[param] is not None and self.file(project, values[param], param)["purpose"] not in PURPOSES:
+                raise ApiError(400, f"File {values[param]} is a job's result, not training data; fix: upload the "
+                                    f"data with purpose 'fine-tune'", param, f"invalid_{param}")
         return self.store.add_job(project, **values, processes=self.settings.processes)
 
     def validate_job(self, job: dict[str, Any]) -> None:

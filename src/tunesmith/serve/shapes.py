@@ -48,7 +48,7 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
         "validation_file": row["validation_file"], "status": row["status"], "error": row["error"],
         "fine_tuned_model": row["fine_tuned_model"], "finished_at": row["finished_at"],
         "hyperparameters": hyperparameters, "method": {"type": row["method"], row["method"]: {"hyperparameters": method_hyper}},
-        "result_files": [], "seed": row["seed"], "trained_tokens": row["trained_tokens"], "estimated_finish": None,
+        "result_files": row["result_files"] or [], "seed": row["seed"], "trained_tokens": row["trained_tokens"], "estimated_finish": None,
         "integrations": [], "metadata": row["metadata"], "suffix": row["suffix"],
     }
 

@@ -73,6 +73,7 @@ jobs = sa.Table(
     sa.Column("lease_expires", sa.Float, nullable=False, default=0.0),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("processes", sa.Integer, nullable=False, default=1),  # torch.distributed processes for the run
+    sa.Column("result_files", TEXT_JSON),  # file ids the job made: its evaluation report
 )
 job_events = sa.Table(
     "job_events", metadata,
@@ -107,7 +108,7 @@ models = sa.Table(
 )
 
 FINISHED = ("succeeded", "failed", "cancelled")
-JSON_COLUMNS = {"hyperparameters", "resolved", "metadata", "error", "data", "metrics"}
+JSON_COLUMNS = {"hyperparameters", "resolved", "metadata", "error", "data", "metrics", "result_files"}
 
 
 def new_id(prefix: str) -> str:

@@ -35,6 +35,8 @@ LEASE_SECONDS = 30.0
 POLL_SECONDS = 1.0
 CANCEL_GRACE_SECONDS = 5.0
 USER_ERROR_EXIT = 2
+EVAL_HEADLINE = {"perplexity": "perplexity", "preference": "preference_accuracy"}  # the evaluation's task -> metric
+EVAL_MAX_EXAMPLES = 500  # validation examples the closing evaluation scores (each on the tuned and the base model)
 
 
 class Worker:
@@ -86,6 +88,7 @@ class JobRun:
         self.last_line = b""  # the last of them
         self.sealed_step = 0  # the checkpoint the sealed run holds
         self.sealing: threading.Thread | None = None
+        self.result_file: str | None = None  # the evaluation report's file id
 
     def execute(self) -> str:
         job = self.job
@@ -95,9 +98,12 @@ class JobRun:
                              key=f"start-{job['attempts']}")
         self.service.audit(job["project_id"], "worker", "job.start", [job["id"]], worker=self.worker.name,
                            attempt=job["attempts"])
-        process = self.launch()
+        command = ["train", "config.yaml"] + (["--nproc", str(job["processes"])] if job["processes"] > 1 else [])
+        process = self.launch(command, "train.log")
         try:
             outcome = self.supervise(process)
+            if outcome == "exited" and process.returncode == 0 and job["validation_file"]:
+                outcome = self.evaluate()
         finally:
             if self.sealing is not None:
                 self.sealing.join()
@@ -139,14 +145,41 @@ class JobRun:
             config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         return resumed
 
-    def launch(self) -> subprocess.Popen:
-        command = [sys.executable, "-m", "tunesmith", "train", "config.yaml"]
-        if self.job["processes"] > 1:
-            command += ["--nproc", str(self.job["processes"])]
-        log = open(self.directory / "train.log", "ab")
-        return subprocess.Popen(command, cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_die_with_parent,
+    def launch(self, arguments: list[str], log_name: str) -> subprocess.Popen:
+        """`tunesmith ARGUMENTS` in the scratch directory, in its own process group, output to `log_name`."""
+        log = open(self.directory / log_name, "ab")
+        return subprocess.Popen([sys.executable, "-m", "tunesmith", *arguments], cwd=self.directory, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def evaluate(self) -> str:
+        """The fine-tuned model against its base on the validation file (`tunesmith eval`, with 95% intervals).
+        Its report becomes the job's result file; a failed evaluation is reported and leaves the job's success
+        alone. Returns the outcome, as `supervise`."""
+        job = self.job
+        task = "preference" if job["method"] == "dpo" else "perplexity"
+        self.store.add_event(job["id"], f"Evaluating the fine-tuned model against its base on the validation file "
+                             f"({task}, up to {EVAL_MAX_EXAMPLES} examples)", key="eval-start")
+        process = self.launch(["eval", "run", "--data", "data/validation_file.jsonl", "--task", task, "--baseline",
+                               "base", "--output", "eval", "--max-examples", str(EVAL_MAX_EXAMPLES)], "eval.log")
+        outcome = self.supervise(process)
+        report = self.directory / "eval" / "eval.json"
+        if outcome != "exited":
+            return outcome
+        if process.returncode != 0 or not report.is_file():
+            self.store.add_event(job["id"], f"Evaluation failed (exit {process.returncode}): "
+                                 f"{self.log_tail('eval.log')}", level="warning", key="eval-failed")
+            return outcome
+        result = json.loads(report.read_text(encoding="utf-8"))
+        model_id = job_spec.fine_tuned_name(job)
+        # The report names the scratch paths it read; the client knows these as the model and the file.
+        result.update(target=model_id, data=job["validation_file"])
+        result.pop("run", None)
+        self.result_file = self.service.add_result_file(job["project_id"], f"{job['id']}-eval.json",
+                                                        json.dumps(result, indent=1, ensure_ascii=False).encode())
+        self.store.add_event(job["id"], f"Evaluation on {result['n']} validation examples: {headline(result)}",
+                             data={"file": self.result_file, "task": task, "n": result["n"]}, key="eval-done")
+        return outcome
 
     def supervise(self, process: subprocess.Popen) -> str:
         """Wait for the run, renewing the lease and copying progress; "exited", "cancelled" or "lost"."""
@@ -252,6 +285,8 @@ class JobRun:
             if store.model(job["project_id"], model_id) is None:
                 store.add_model(job["project_id"], model_id, job["id"], job["model"])
             status, values = "succeeded", {"fine_tuned_model": model_id, "trained_tokens": self.trained_tokens()}
+            if self.result_file is not None:
+                values["result_files"] = [self.result_file]
             store.add_event(job["id"], f"The job has successfully completed: {model_id}", key="succeeded")
         else:
             message = self.log_tail()
@@ -276,10 +311,32 @@ class JobRun:
             tokens = row.get("tokens", tokens)
         return tokens
 
-    def log_tail(self, lines: int = 8) -> str:
-        path = self.directory / "train.log"
+    def log_tail(self, name: str = "train.log", lines: int = 8) -> str:
+        path = self.directory / name
         text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
         return "\n".join(text.strip().splitlines()[-lines:]) or "training stopped without a message"
+
+
+def headline(result: dict[str, Any]) -> str:
+    """The report's first metric for the tuned model and the base, and their difference, with 95% intervals."""
+    name = EVAL_HEADLINE.get(result.get("task"), "")
+    tuned = result.get("metrics", {}).get(name)
+    if tuned is None:
+        return "no metric"
+    parts = [f"{name} {_interval(tuned)} fine-tuned"]
+    base = result.get("baselines", {}).get("base", {}).get("metrics", {}).get(name)
+    if base is not None:
+        parts.append(f"{_interval(base)} base")
+    diff = result.get("comparisons", {}).get("base", {}).get(name)
+    if diff and diff.get("diff") is not None:
+        low, high = diff["ci95"]
+        parts.append(f"difference {diff['diff']:+.4g} [{low:+.4g}, {high:+.4g}]")
+    return "; ".join(parts)
+
+
+def _interval(metric: dict[str, Any]) -> str:
+    value, (low, high) = metric["value"], metric["ci95"]
+    return "n/a" if value is None else f"{value:.4g} [{low:.4g}, {high:.4g}]"
 
 
 def checkpoints(run: Path) -> list[int]:
