@@ -84,7 +84,7 @@ def main() -> int:
             time.sleep(2)
             job = api.fine_tuning.jobs.retrieve(job.id)
         elapsed = time.time() - started
-        events = [event.message for event in api.fine_tuning.jobs.list_events(job.id, limit=1000)][::-1]
+        events = [event.message for event in api.fine_tuning.jobs.list_events(job.id, limit=100)][::-1]
         if job.status != "succeeded":
             print("\n".join(events[-10:]), file=sys.stderr)
             print(job.error, file=sys.stderr)

@@ -105,6 +105,11 @@ def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    # A service's default job scratch is on /dev/shm: tests keep theirs (and what a test leaves) under tmp_path.
+    import tunesmith.serve.service
+
+    (tmp_path / "memory").mkdir()
+    monkeypatch.setattr(tunesmith.serve.service, "MEMORY_FILESYSTEM", tmp_path / "memory")
 
 
 POSTGRES_ENV = "TUNESMITH_TEST_POSTGRES"

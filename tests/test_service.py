@@ -104,6 +104,8 @@ def test_a_job_with_a_validation_file_is_evaluated_against_its_base_and_the_repo
                        if e.message.startswith("Evaluation on 9 validation examples"))
         assert "perplexity" in message and "fine-tuned" in message and "base" in message
 
+        succeeded = next(record for record in service.audit_log.records() if record.action == "job.succeeded")
+        assert succeeded.object_ids == (job.id, job.fine_tuned_model, report_file.id)
         with pytest.raises(openai.BadRequestError) as error:  # a report is not training data
             api.fine_tuning.jobs.create(model="tiny", training_file=report_file.id)
         assert error.value.code == "invalid_training_file"

@@ -113,7 +113,8 @@ def build_config(job: dict[str, Any], base_spec: str, train: str, validation: st
                  resolved: dict[str, Any]) -> dict[str, Any]:
     """The training config of a job (paths relative to the job's work directory)."""
     method = METHODS[job["method"]]
-    data: dict[str, Any] = {"train": train, "format": "auto", "max_length": 1024}
+    # No packing: OpenAI's batch_size counts examples, and so does a step here (a packed row would hold many).
+    data: dict[str, Any] = {"train": train, "format": "auto", "max_length": 1024, "packing": False}
     if validation:
         data["validation"] = validation
     if method == "dpo":

@@ -295,8 +295,8 @@ class JobRun:
             store.add_event(job["id"], f"Training failed (exit {returncode}): {message}", level="error")
         if not store.finish(self.lease, status, **values):
             return "lost"
-        self.service.audit(job["project_id"], "worker", f"job.{status}", [job["id"]] + (
-            [values["fine_tuned_model"]] if status == "succeeded" else []))
+        made = [values["fine_tuned_model"], *values.get("result_files", [])] if status == "succeeded" else []
+        self.service.audit(job["project_id"], "worker", f"job.{status}", [job["id"], *made])
         self.service.erase_run(job["id"])
         return status
 
