@@ -241,10 +241,10 @@ def run_longest(name: str, engines: list[str], adapter: str, workdir: Path, mode
 
 SCENARIOS = {
     "mixed": dict(kind="mixed", adapter="lora", seq=512, batch=4, grad_accum=2, peer_best={"padding_free": True},
-                  engines=["tunesmith", "tunesmith-compile", "trl", "trl-best"]),
+                  engines=["tunesmith", "tunesmith-selective", "tunesmith-compile", "trl", "trl-best"]),
     "fixed512": dict(kind="fixed", adapter="lora", seq=512, batch=4,
-                     engines=["tunesmith", "tunesmith-system-malloc", "tunesmith-compile", "tunesmith-recompute", "trl",
-                              "trl-best"]),
+                     engines=["tunesmith", "tunesmith-system-malloc", "tunesmith-compile", "tunesmith-selective",
+                              "tunesmith-recompute", "trl", "trl-best"]),
     "fixed512-full": dict(kind="fixed", adapter="full", seq=512, batch=4,
                           engines=["tunesmith", "tunesmith-compile", "trl", "trl-best"]),
     "dpo": dict(kind="dpo", adapter="lora", seq=512, batch=4, engines=["tunesmith", "trl", "trl-best"]),
@@ -323,7 +323,9 @@ def write_markdown(report: dict, path: Path) -> None:
             "- **Engines.** `tunesmith`: the path `tunesmith train` runs (packed rows laid out flat with no padding, "
             "per-example fused attention, output head only at loss positions with its gradient computed in a "
             "chunked fused cross-entropy). `tunesmith-compile`: the same with `train.compile: true`. "
-            "`tunesmith-recompute`: with `train.gradient_checkpointing: true`. tunesmith engines run on jemalloc when the "
+            "`tunesmith-recompute`: with `train.gradient_checkpointing: true`; `tunesmith-selective`: with "
+            "`train.gradient_checkpointing: selective` (matrix products and attention kept, element-wise ops "
+            "recomputed). tunesmith engines run on jemalloc when the "
             "system has it, as `tunesmith train` does (src/tunesmith/allocator.py); `tunesmith-system-malloc` is "
             "`tunesmith` on the C library's malloc, the isolated effect of that choice; TRL runs on the system malloc. `trl`: TRL's SFTTrainer + PEFT with "
             "its defaults (padded batches, and gradient checkpointing, which SFTConfig turns on by default); "

@@ -37,7 +37,7 @@ def summarise(engine: str, step_seconds: list[float], losses: list[float], token
             "first_loss": losses[0], "losses": losses}
 
 
-def run_tunesmith(spec: dict, recompute: bool = False, compiled: bool = False) -> dict:
+def run_tunesmith(spec: dict, recompute: bool | str = False, compiled: bool = False) -> dict:
     import torch
 
     from tunesmith.config import AdapterConfig, TrainConfig
@@ -54,8 +54,8 @@ def run_tunesmith(spec: dict, recompute: bool = False, compiled: bool = False) -
     torch.manual_seed(0)
     model, _ = load_model(spec["model"])
     model = apply_adapter(model, AdapterConfig(type=spec["adapter"], r=16, alpha=32, target="all-linear"))
-    if recompute:  # train.gradient_checkpointing: recompute each layer's activations in backward
-        enable_gradient_checkpointing(model)
+    if recompute:  # train.gradient_checkpointing: true (the whole layer) or "selective" (its element-wise ops)
+        enable_gradient_checkpointing(model, recompute)
     if compiled:  # train.compile
         compile_layers(model)
     examples = [TokenizedExample(row["input_ids"], [bool(m) for m in row["loss_mask"]]) for row in spec["rows"]]
@@ -228,7 +228,8 @@ def main() -> None:
     if spec.get("kind") == "dpo":
         result = run_tunesmith_dpo(spec) if engine.startswith("tunesmith") else run_trl_dpo(spec, best=engine == "trl-best")
     elif engine.startswith("tunesmith"):
-        result = run_tunesmith(spec, recompute=engine == "tunesmith-recompute", compiled=engine == "tunesmith-compile")
+        recompute = {"tunesmith-recompute": True, "tunesmith-selective": "selective"}.get(engine, False)
+        result = run_tunesmith(spec, recompute=recompute, compiled=engine == "tunesmith-compile")
     else:
         result = run_trl(spec, best=engine == "trl-best")
     print("BENCH_RESULT " + json.dumps(result))

@@ -164,7 +164,11 @@ class TrainConfig(Section):
         "auto", description="Compute dtype: auto is bfloat16 autocast on a GPU that supports it, else float32."
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (None: torch's default).")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool | Literal["selective"] = Field(
+        False, description="Recompute activations in backward to save memory. true: keep only each decoder layer's "
+        "input and recompute the layer (least memory, one more forward pass). selective: keep the outputs of the "
+        "matrix products and attention, recompute the element-wise ops between them (norms, activations, rotary "
+        "embeddings): about 40% less activation memory for little time. See BENCHMARKS.md.")
     compile: bool = Field(False, description="torch.compile each decoder layer (fused pointwise ops, fewer saved "
                           "activations); about a minute once per process; needs a C compiler on CPU. See BENCHMARKS.md.")
     progress: bool = Field(True, description="Show a progress bar.")

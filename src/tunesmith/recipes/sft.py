@@ -62,7 +62,7 @@ def train_loop(config: Config, accepts: tuple[str, ...], build_objective: Object
     regularization = train_config.regularization  # anchored at the starting weights, before any step or resume
     penalty = Regularization(model, regularization).penalty if regularization.l2_sp or regularization.l1_sp else None
     if train_config.gradient_checkpointing:
-        loop.enable_gradient_checkpointing(model)
+        loop.enable_gradient_checkpointing(model, train_config.gradient_checkpointing)
     if train_config.compile:
         loop.compile_layers(model)
     runner = distributed.wrap(model, world, train_config.parallel, amp_dtype, train_config.cpu_offload,

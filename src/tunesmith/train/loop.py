@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -175,8 +176,44 @@ def compile_layers(model: torch.nn.Module) -> None:
         layer.compile(dynamic=True)
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+def enable_gradient_checkpointing(model: torch.nn.Module, mode: bool | str = True) -> None:
+    """Recompute each decoder layer's activations in backward: all of them (`True`), or with `"selective"` only
+    the element-wise ops, the layer keeping its matrix products' and attention's outputs (`keep_products`)."""
+    import functools
+
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    from tunesmith.models import fused_lora
+
+    options: dict[str, Any] = {"use_reentrant": False}
+    if mode == "selective":
+        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, keep_products)
+        fused_lora.accumulate_out_of_place(model)  # an output kept for recompute must not change afterwards
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
+
+
+PRODUCTS = {"mm": 0, "addmm": 1, "bmm": 0}  # matrix products -> the argument holding their left operand
+ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
+
+
+def keep_products(context: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    """Selective recompute's policy: which op outputs a checkpointed layer keeps.
+
+    Kept: attention, and matrix products worth more than their memory; everything else (norms, activations,
+    rotary embeddings, residual adds) is recomputed in backward from them, which costs a few element-wise
+    passes. A low-rank product (inner dimension at most 1/8 of its output width, a LoRA up-projection) is
+    recomputed too: redoing it is cheap, and its output is as large as the layer's.
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    name = op._overloadpacket.__name__
+    if any(part in name for part in ATTENTION):
+        return CheckpointPolicy.MUST_SAVE
+    if name in PRODUCTS:
+        left, right = args[PRODUCTS[name]], args[PRODUCTS[name] + 1]
+        low_rank = left.shape[-1] * 8 <= right.shape[-1]
+        return CheckpointPolicy.PREFER_RECOMPUTE if low_rank else CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE

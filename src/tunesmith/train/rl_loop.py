@@ -94,7 +94,7 @@ def setup(config: Config, with_value_head: bool = False) -> RLRun:
     model = loop.build_model(config, device)
     counts = parameter_counts(model)
     if train_config.gradient_checkpointing:
-        loop.enable_gradient_checkpointing(model)
+        loop.enable_gradient_checkpointing(model, train_config.gradient_checkpointing)
     if train_config.compile:
         loop.compile_layers(model)
     value_head = ValueHead(decoder_and_head(model)[1].weight.shape[1]).to(device) if with_value_head else None

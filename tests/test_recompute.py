@@ -1,0 +1,82 @@
+"""train.gradient_checkpointing: full and selective recompute give the gradients of no recompute; selective keeps
+the matrix products and attention and recomputes the element-wise ops."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunesmith.config import AdapterConfig, TrainConfig
+from tunesmith.models import load_model
+from tunesmith.models.adapters import apply_adapter
+from tunesmith.train import loop
+
+MODES = (False, True, "selective")
+
+
+def model_in(mode, tiny_model, adapter: str):
+    from tunesmith.models.adapters import load_options
+
+    torch.manual_seed(0)
+    model = load_model(str(tiny_model), **(load_options(adapter) if adapter != "full" else {}))[0]
+    if adapter != "full":
+        model = apply_adapter(model, AdapterConfig(type=adapter, r=4, alpha=8))
+        torch.manual_seed(1)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # non-zero, so the LoRA term and its gradients are live
+                torch.nn.init.normal_(parameter, std=0.3)
+    if mode:
+        loop.enable_gradient_checkpointing(model, mode)
+    return model.train()
+
+
+def loss_and_grads(model, ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full", "qlora"])
+def test_every_recompute_mode_gives_the_same_loss_and_gradients(tiny_model, adapter):
+    if adapter == "qlora":
+        pytest.importorskip("bitsandbytes")
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    results = {mode: loss_and_grads(model_in(mode, tiny_model, adapter), ids) for mode in MODES}
+    loss, grads = results[False]
+    assert len(grads) > 10
+    for mode in MODES[1:]:
+        assert torch.allclose(results[mode][0], loss, atol=1e-6), mode
+        for name, grad in grads.items():
+            assert torch.allclose(results[mode][1][name], grad, atol=1e-6, rtol=1e-5), (mode, name)
+
+
+def test_selective_recompute_keeps_products_and_attention_and_recomputes_the_element_wise_ops(tiny_model,
+                                                                                             monkeypatch):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    decisions: dict[str, set] = {}
+    policy = loop.keep_products
+
+    def recording(context, op, *args, **kwargs):
+        decision = policy(context, op, *args, **kwargs)
+        decisions.setdefault(op._overloadpacket.__name__, set()).add(decision)
+        return decision
+
+    monkeypatch.setattr(loop, "keep_products", recording)
+    model = model_in("selective", tiny_model, "lora")
+    loss_and_grads(model, torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0)))
+    keep, redo = CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_RECOMPUTE
+    attention = [name for name in decisions if "scaled_dot_product" in name]
+    assert attention and all(decisions[name] == {keep} for name in attention)
+    assert decisions["mm"] == {keep}  # the base products and the LoRA down-projections (x A^T)
+    # the LoRA up-projections added to them (inner dimension r=4): recomputed where the output is 32 or 64 wide,
+    # kept for the 16-wide key and value projections (4 * 8 > 16)
+    assert decisions["addmm"] == {keep, redo}
+    for element_wise in ("silu", "mul", "rsqrt", "pow", "mean", "add"):
+        assert decisions[element_wise] == {redo}, element_wise
+
+
+def test_selective_recompute_is_a_config_value_and_other_words_are_refused():
+    assert TrainConfig(gradient_checkpointing="selective").gradient_checkpointing == "selective"
+    assert TrainConfig(gradient_checkpointing=True).gradient_checkpointing is True
+    with pytest.raises(ValueError, match="selective"):
+        TrainConfig(gradient_checkpointing="partial")
