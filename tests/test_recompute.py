@@ -80,3 +80,23 @@ def test_selective_recompute_is_a_config_value_and_other_words_are_refused():
     assert TrainConfig(gradient_checkpointing=True).gradient_checkpointing is True
     with pytest.raises(ValueError, match="selective"):
         TrainConfig(gradient_checkpointing="partial")
+
+
+def test_tunesmith_train_with_selective_recompute_logs_the_losses_of_a_run_without(tmp_path, tiny_model, chat_rows):
+    import json
+
+    from conftest import write_config_file
+
+    from tunesmith.cli import main
+
+    losses = {}
+    for mode in ("false", "selective"):
+        directory = tmp_path / mode
+        directory.mkdir()
+        config = write_config_file(directory, tiny_model, chat_rows, f"max_steps: 3, batch_size: 2, lr: 1.0e-2, "
+                                   f"warmup: 0, progress: false, gradient_checkpointing: {mode}")
+        assert main(["train", str(config)]) == 0
+        rows = [json.loads(line) for line in (directory / "run" / "metrics.jsonl").read_text().splitlines()]
+        losses[mode] = [row["loss"] for row in rows if "loss" in row]
+    assert len(losses["false"]) == 3
+    assert losses["selective"] == pytest.approx(losses["false"], abs=1e-5)

@@ -190,7 +190,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module, mode: bool | str = Tru
         options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, keep_products)
         fused_lora.accumulate_out_of_place(model)  # an output kept for recompute must not change afterwards
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
 
