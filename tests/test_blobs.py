@@ -101,3 +101,17 @@ def test_the_operator_is_told_whether_job_plaintext_is_in_memory_or_on_disk(tmp_
     if service_module.filesystem_type(Path("/dev/shm")) == "tmpfs":
         in_memory = Service(Settings(home=tmp_path / "home", base_models={"tiny": "x"}, scratch=Path("/dev/shm/x")))
         assert in_memory.describe_scratch() == "job scratch in memory (tmpfs): /dev/shm/x"
+
+
+def test_a_seal_holds_the_run_as_of_one_checkpoint_and_skips_the_others(tmp_path):
+    from tunesmith.serve.worker import checkpoints, run_members
+
+    run = tmp_path / "run"
+    for name in ("metrics.jsonl", "config.yaml", "reference-cache/manifest.json", "checkpoints/step-10/state.json",
+                 "checkpoints/step-20/state.json", "checkpoints/step-20/weights.safetensors",
+                 "checkpoints/.tmp-step-30/weights.safetensors"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    assert run_members(run, 20) == ["checkpoints/step-20/state.json", "checkpoints/step-20/weights.safetensors",
+                                    "config.yaml", "metrics.jsonl", "reference-cache/manifest.json"]
+    assert checkpoints(run) == [10, 20]  # complete ones only: the one being written has no state.json yet

@@ -232,16 +232,8 @@ class JobRun:
         """Encrypt the run as of checkpoint `step` (that checkpoint, not older ones) into the blobs. Training
         goes on meanwhile: a checkpoint it prunes under us fails this round, and a newer one is sealed next."""
         run = self.directory / "run"
-        members = []
-        for path in sorted(run.rglob("*")):
-            relative = path.relative_to(run)
-            parts = relative.parts
-            if parts[0] == "checkpoints" and len(parts) > 1 and parts[1] != f"step-{step}":
-                continue
-            if path.is_file() and not path.is_symlink():
-                members.append(str(relative))
         try:
-            self.service.blobs.put_tree(self.service.sealed_run(self.job["id"]), run, members)
+            self.service.blobs.put_tree(self.service.sealed_run(self.job["id"]), run, run_members(run, step))
         except (OSError, tarfile.TarError, ValueError):
             return
         self.sealed_step = step
@@ -337,6 +329,18 @@ def headline(result: dict[str, Any]) -> str:
 def _interval(metric: dict[str, Any]) -> str:
     value, (low, high) = metric["value"], metric["ci95"]
     return "n/a" if value is None else f"{value:.4g} [{low:.4g}, {high:.4g}]"
+
+
+def run_members(run: Path, step: int) -> list[str]:
+    """The files of a run directory as of checkpoint `step`: everything but the other checkpoints, which are
+    not even listed (training may be deleting them)."""
+    members = []
+    for folder, subfolders, files in os.walk(run):
+        relative = Path(folder).relative_to(run)
+        if relative == Path("checkpoints"):
+            subfolders[:] = [name for name in subfolders if name == f"step-{step}"]
+        members += [str(relative / name) for name in files if not (Path(folder) / name).is_symlink()]
+    return sorted(members)
 
 
 def checkpoints(run: Path) -> list[int]:
