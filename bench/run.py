@@ -249,7 +249,7 @@ SCENARIOS = {
                           engines=["tunesmith", "tunesmith-compile", "trl", "trl-best"]),
     "dpo": dict(kind="dpo", adapter="lora", seq=512, batch=4, engines=["tunesmith", "trl", "trl-best"]),
     "longest": dict(kind="longest", adapter="lora", budget_mb=4096, lengths=[1024, 2048, 4096, 8192, 16384],
-                    engines=["tunesmith-recompute", "tunesmith", "trl", "trl-best"]),
+                    engines=["tunesmith-recompute", "tunesmith-selective", "tunesmith", "trl", "trl-best"]),
 }
 DEFAULT_SCENARIOS = list(SCENARIOS)
 
