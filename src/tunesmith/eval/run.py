@@ -25,6 +25,7 @@ from tunesmith.eval import metrics as metric_functions
 from tunesmith.eval.judge import load_rubric
 from tunesmith.eval.preference_metrics import implicit_reward_accuracy
 from tunesmith.eval.reward import RewardScorer, is_reward_model
+from tunesmith.eval.stats import cell
 from tunesmith.eval.tasks import Context, Item, ItemError, last_reply
 from tunesmith.registry import tasks
 from tunesmith.serve.engine import Engine, Sampling, is_run_dir
@@ -295,12 +296,3 @@ def format_summary(result: dict[str, Any]) -> str:
             lines.append(f"implicit reward (log p_tuned - log p_{name}) ranks the chosen reply first: "
                          f"{cell(comparison['implicit_reward_accuracy'])} (no preference: 50%)")
     return "\n".join(lines)
-
-
-def cell(metric: dict[str, Any], rate: bool = True) -> str:
-    value, (low, high) = metric["value"], metric["ci95"]
-    if value is None:
-        return "n/a"
-    if rate and 0.0 <= low <= high <= 1.0 and 0.0 <= value <= 1.0:
-        return f"{value:.1%} [{low:.1%}, {high:.1%}]"
-    return f"{value:.4g} [{low:.4g}, {high:.4g}]"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 from statistics import NormalDist
 
 import numpy as np
@@ -97,3 +98,13 @@ def mcnemar_p(correct_a: Sequence[bool] | np.ndarray, correct_b: Sequence[bool] 
     only_a = int(np.sum(correct_a & ~correct_b))
     only_b = int(np.sum(~correct_a & correct_b))
     return binomial_two_sided_p(only_a, only_a + only_b)
+
+
+def cell(metric: dict[str, Any], rate: bool = True) -> str:
+    """A metric as "value [low, high]": as percentages when `rate` and all three lie in [0, 1]; "n/a" if unset."""
+    value, (low, high) = metric["value"], metric["ci95"]
+    if value is None:
+        return "n/a"
+    if rate and 0.0 <= low <= high <= 1.0 and 0.0 <= value <= 1.0:
+        return f"{value:.1%} [{low:.1%}, {high:.1%}]"
+    return f"{value:.4g} [{low:.4g}, {high:.4g}]"

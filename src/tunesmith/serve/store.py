@@ -20,7 +20,11 @@ import sqlalchemy as sa
 from tunesmith.paths import home
 
 metadata = sa.MetaData()
-TEXT_JSON = sa.Text  # JSON as text: the same on SQLite and PostgreSQL
+
+
+class TEXT_JSON(sa.Text):  # noqa: N801 (a column type, spelled as the others are used here)
+    """JSON as text: the same on SQLite and PostgreSQL. The store encodes and decodes these columns."""
+
 
 projects = sa.Table(
     "projects", metadata,
@@ -108,7 +112,8 @@ models = sa.Table(
 )
 
 FINISHED = ("succeeded", "failed", "cancelled")
-JSON_COLUMNS = {"hyperparameters", "resolved", "metadata", "error", "data", "metrics", "result_files"}
+JSON_COLUMNS = {column.name for table in metadata.tables.values() for column in table.columns
+                if isinstance(column.type, TEXT_JSON)}
 
 
 def new_id(prefix: str) -> str:

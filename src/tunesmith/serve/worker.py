@@ -311,24 +311,21 @@ class JobRun:
 
 def headline(result: dict[str, Any]) -> str:
     """The report's first metric for the tuned model and the base, and their difference, with 95% intervals."""
+    from tunesmith.eval.stats import cell
+
     name = EVAL_HEADLINE.get(result.get("task"), "")
     tuned = result.get("metrics", {}).get(name)
     if tuned is None:
         return "no metric"
-    parts = [f"{name} {_interval(tuned)} fine-tuned"]
+    parts = [f"{name} {cell(tuned, rate=False)} fine-tuned"]
     base = result.get("baselines", {}).get("base", {}).get("metrics", {}).get(name)
     if base is not None:
-        parts.append(f"{_interval(base)} base")
+        parts.append(f"{cell(base, rate=False)} base")
     diff = result.get("comparisons", {}).get("base", {}).get(name)
     if diff and diff.get("diff") is not None:
         low, high = diff["ci95"]
         parts.append(f"difference {diff['diff']:+.4g} [{low:+.4g}, {high:+.4g}]")
     return "; ".join(parts)
-
-
-def _interval(metric: dict[str, Any]) -> str:
-    value, (low, high) = metric["value"], metric["ci95"]
-    return "n/a" if value is None else f"{value:.4g} [{low:.4g}, {high:.4g}]"
 
 
 def run_members(run: Path, step: int) -> list[str]:
