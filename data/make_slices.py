@@ -1,6 +1,7 @@
 """Rebuild the bundled data slices from the shared copy of the public datasets (deterministic).
 
     python data/make_slices.py ../shared/data
+    python data/make_slices.py ../shared/data --hh-full runs/hh-full/train.jsonl   # all 1,603 hh-rlhf pairs, unbundled
 
 banking77 (CC BY 4.0, PolyAI): a stratified slice — the first TRAIN_PER_LABEL training rows of each of the 77
 intents, in the source order, and the first TEST_PER_LABEL test rows of each intent.
@@ -49,16 +50,20 @@ def sgd_dialogues(shared: Path) -> None:
         print(f"sgd_dialogues {split}: {len(kept)} rows")
 
 
+def hh_pairs(shared: Path, split: str, count: int | None, path: Path) -> None:
+    """hh-rlhf harmless-base (MIT, Anthropic): the first `count` pairs of a split (all with None), the prompt as a
+    message list."""
+    rows = [json.loads(line) for line in (shared / "hh_rlhf_harmless" / f"{split}.jsonl").open(encoding="utf-8")][:count]
+    kept = [{"id": r["id"], "prompt": r["prompt_messages"], "chosen": r["chosen"], "rejected": r["rejected"]}
+            for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    print(f"hh_rlhf_harmless {split}: {len(kept)} rows in {path}")
+
+
 def hh_rlhf_harmless(shared: Path) -> None:
-    """hh-rlhf harmless-base (MIT, Anthropic): preference pairs with the prompt as a message list."""
-    out = Path(__file__).parent / "hh_rlhf_harmless"
-    out.mkdir(exist_ok=True)
     for split, count in HH_ROWS.items():
-        rows = [json.loads(line) for line in (shared / "hh_rlhf_harmless" / f"{split}.jsonl").open(encoding="utf-8")][:count]
-        kept = [{"id": r["id"], "prompt": r["prompt_messages"], "chosen": r["chosen"], "rejected": r["rejected"]}
-                for r in rows]
-        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        print(f"hh_rlhf_harmless {split}: {len(kept)} rows")
+        hh_pairs(shared, split, count, Path(__file__).parent / "hh_rlhf_harmless" / f"{split}.jsonl")
 
 
 def redteam(shared: Path) -> None:
@@ -94,4 +99,8 @@ def main(shared: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data"))
+    if "--hh-full" in sys.argv:  # every shared hh-rlhf harmless training pair (1,603), not bundled: README's DPO evidence
+        flag = sys.argv.index("--hh-full")
+        hh_pairs(Path(sys.argv[1]), "train", None, Path(sys.argv[flag + 1]))
+    else:
+        main(Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data"))

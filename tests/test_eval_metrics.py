@@ -160,6 +160,9 @@ def test_implicit_reward_accuracy_ranks_by_the_log_ratio_to_the_base():
     base = [(-11.0, -11.0), (-22.0, -8.0), (-3.0, -3.0)]  # ratios: +1 vs -1 (win), +2 vs +3 (loss), 0 vs 0 (tie: loss)
     result = implicit_reward_accuracy(tuned, base, resamples=100)
     assert result["value"] == pytest.approx(1 / 3) and result["n"] == 3 and 0 <= result["ci95"][0] <= result["ci95"][1] <= 1
+    # The base's own ranking by log-likelihood: -11 vs -11 (tie: loss), -22 vs -8 (loss), tie (loss): 0 of 3.
+    versus = result["vs_base_loglik"]
+    assert versus["diff"] == pytest.approx(1 / 3) and -1 <= versus["ci95"][0] <= versus["diff"] <= versus["ci95"][1] <= 1
 
 
 def test_mean_reward_of_replies_and_its_paired_difference():

@@ -33,14 +33,19 @@ def preference_accuracy(totals: Totals) -> np.ndarray:
 def implicit_reward_accuracy(tuned: Sequence[Any], base: Sequence[Any], *, resamples: int = 1000,
                              seed: int = 0) -> dict[str, Any]:
     """DPO's own held-out figure: the share of pairs whose implicit reward, log p_tuned - log p_base of each reply,
-    is higher for the chosen one, with a 95% bootstrap interval. The base itself has no preference here (its
-    implicit reward is 0 for both replies), so the interval is read against 50%. Both arguments are the
-    preference task's (chosen, rejected) log-likelihoods of the same pairs."""
+    is higher for the chosen one, with a 95% bootstrap interval. The base has no preference by this reward (it
+    is 0 for both replies), so the interval is read against 50%; its own preference is its log-likelihood
+    ranking, and `vs_base_loglik` is the paired difference from that ranking's accuracy on the same resamples.
+    Both arguments are the preference task's (chosen, rejected) log-likelihoods of the same pairs."""
     tuned_chosen, tuned_rejected = number_pairs(tuned, "(chosen score, rejected score)")
     base_chosen, base_rejected = number_pairs(base, "(chosen score, rejected score)")
     wins = ((tuned_chosen - base_chosen) > (tuned_rejected - base_rejected)).astype(float)
-    low, high = percentile_interval(wins[bootstrap_indices(len(wins), resamples, seed)].mean(axis=1))
-    return {"value": float(wins.mean()), "ci95": [float(low), float(high)], "n": len(wins)}
+    base_wins = (base_chosen > base_rejected).astype(float)
+    indices = bootstrap_indices(len(wins), resamples, seed)
+    low, high = percentile_interval(wins[indices].mean(axis=1))
+    diff_low, diff_high = percentile_interval((wins - base_wins)[indices].mean(axis=1))
+    return {"value": float(wins.mean()), "ci95": [float(low), float(high)], "n": len(wins),
+            "vs_base_loglik": {"diff": float((wins - base_wins).mean()), "ci95": [float(diff_low), float(diff_high)]}}
 
 
 # ------------------------------------------------------------------------------------------------ judge

@@ -293,6 +293,9 @@ def format_summary(result: dict[str, Any]) -> str:
         p = f", McNemar p={comparison['mcnemar_p']:.2g}" if "mcnemar_p" in comparison else ""
         lines.append(f"tuned - {name}: {diffs}{p}")
         if "implicit_reward_accuracy" in comparison:
-            lines.append(f"implicit reward (log p_tuned - log p_{name}) ranks the chosen reply first: "
-                         f"{cell(comparison['implicit_reward_accuracy'])} (no preference: 50%)")
+            implicit = comparison["implicit_reward_accuracy"]
+            versus = implicit["vs_base_loglik"]
+            lines.append(f"implicit reward (log p_tuned - log p_{name}) ranks the chosen reply first: {cell(implicit)} "
+                         f"(no preference: 50%); minus {name}'s log-likelihood ranking: "
+                         f"{versus['diff']:+.3f} [{versus['ci95'][0]:+.3f}, {versus['ci95'][1]:+.3f}]")
     return "\n".join(lines)
