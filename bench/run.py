@@ -321,7 +321,7 @@ def write_markdown(report: dict, path: Path) -> None:
             "counts the chosen and rejected tokens of the same work. (e) `longest`: the longest single sequence each engine trains one step on, its process "
             "killed the moment its RSS passes the budget.",
             "- **Engines.** `tunesmith`: the path `tunesmith train` runs (packed rows laid out flat with no padding, "
-            "per-example fused attention, output head only at loss positions with its gradient computed in a "
+            "a step's rows split into as many micro-batches as the peer's gradient accumulation, per-example fused attention, output head only at loss positions with its gradient computed in a "
             "chunked fused cross-entropy). `tunesmith-compile`: the same with `train.compile: true`. "
             "`tunesmith-recompute`: with `train.gradient_checkpointing: true`; `tunesmith-selective`: with "
             "`train.gradient_checkpointing: selective` (matrix products and attention kept, element-wise ops "

@@ -66,10 +66,11 @@ def run_tunesmith(spec: dict, recompute: bool | str = False, compiled: bool = Fa
     seconds, losses, tokens, first_done = [], [], [], 0.0
     for step in range(spec["steps"]):
         # The step's examples (the same ones the peer gets, in file order), packed into rows of at most
-        # `seq` tokens as `tunesmith train` packs them; `batch` rows make one flat micro-batch.
+        # `seq` tokens as `tunesmith train` packs them, and split into `grad_accum` flat micro-batches, as
+        # the peer splits the step's examples (`tunesmith train` with batch_size = rows / grad_accum).
         step_examples = examples[step * per_step:(step + 1) * per_step]
         rows = pack_rows([len(e) for e in step_examples], spec["seq"], list(range(len(step_examples))))
-        micro = collate_rows(step_examples, rows, spec["batch"])
+        micro = collate_rows(step_examples, rows, -(-len(rows) // spec["grad_accum"]))
         result = train_step(Runner(model), micro, optimizer, scheduler, None, torch.device("cpu"), None)
         seconds.append(result.seconds)
         losses.append(result.loss)

@@ -1,6 +1,9 @@
 """tunesmith train re-executes itself under jemalloc once, where the system has the library."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -39,3 +42,80 @@ def test_no_reexec_without_the_library(execs, monkeypatch):
     monkeypatch.setattr(allocator, "jemalloc_library", lambda: None)
     allocator.reexec_with_jemalloc([sys.executable, "-m", "tunesmith", "train", "x.yaml"])
     assert execs == []
+
+
+# FreedPages runs in a process of its own under jemalloc (an allocator is chosen when a process starts).
+STEPS = r"""
+import ctypes, json, sys
+from tunesmith.allocator import FreedPages, jemalloc_mallctl
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+MB = 1 << 20
+mallctl = jemalloc_mallctl()
+if sys.argv[1] == "old":  # a jemalloc that cannot say what a step needed
+    real = mallctl
+    mallctl = lambda name, *rest: 2 if name == b"thread.peak.read" else real(name, *rest)
+pages = FreedPages(mallctl)
+
+def touched(size):
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    return block
+
+def step(transient_mb):  # activations of the step's size, freed before it ends
+    pages.step_started()
+    blocks = [touched(16 * MB) for _ in range(transient_mb // 16)]
+    for block in blocks:
+        libc.free(block)
+    pages.step_finished()
+
+def kept_mb():
+    pages._write_epoch()
+    return (pages._read("stats.arenas.4096.pdirty") + pages._read("stats.arenas.4096.pmuzzy")) * pages._read("arenas.page") / MB
+
+report = {}
+for _ in range(4):
+    step(256)
+report["equal_steps"] = {"returns": pages.returns, "kept_mb": kept_mb(), "needed_mb": pages.most_needed / MB}
+outside = [touched(64 * MB) for _ in range(16)]  # 1 GiB freed outside any step: pages no step needs
+for block in outside:
+    libc.free(block)
+step(256)
+report["outgrown"] = {"returns": pages.returns, "kept_mb": kept_mb()}
+print(json.dumps(report))
+"""
+
+
+def run_steps(mode: str) -> dict:
+    library = allocator.jemalloc_library()
+    if library is None:
+        pytest.skip("jemalloc is not installed (Debian/Ubuntu: apt-get install libjemalloc2)")
+    env = {**os.environ, "LD_PRELOAD": library, "MALLOC_CONF": allocator.CONF}
+    done = subprocess.run([sys.executable, "-c", STEPS, mode], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_pages_a_step_needs_are_kept_and_the_rest_returned():
+    report = run_steps("measured")
+    equal = report["equal_steps"]
+    # Steps of one size reuse the pages the first freed: nothing returned, the step's 256 MB kept.
+    assert equal["returns"] == 0
+    assert 240 <= equal["needed_mb"] <= 300 and 200 <= equal["kept_mb"] <= 1.25 * equal["needed_mb"]
+    # A gigabyte freed that no step needs outgrows the bound at the next step's end: all is returned.
+    assert report["outgrown"] == {"returns": 1, "kept_mb": 0.0}
+
+
+def test_a_jemalloc_without_the_figures_returns_pages_after_every_step():
+    report = run_steps("old")
+    assert report["equal_steps"]["returns"] == 4 and report["equal_steps"]["kept_mb"] == 0.0
+
+
+def test_without_jemalloc_nothing_happens():
+    pages = allocator.FreedPages(mallctl=None)
+    pages.mallctl = None  # this test process runs on the C library's malloc
+    pages.step_started()
+    pages.step_finished()
+    assert pages.returns == 0 and pages.measured is None

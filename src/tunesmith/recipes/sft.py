@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 
+from tunesmith.allocator import FREED_PAGES
 from tunesmith.config import Config
 from tunesmith.data.dataset import PreparedData, prepare_data
 from tunesmith.errors import TrainingStopped
@@ -117,6 +118,7 @@ def train_loop(config: Config, accepts: tuple[str, ...], build_objective: Object
             signal_number = world.max(stop.signal_number or 0, device)  # a signal to any rank stops them all here
             if state.step % train_config.save_every == 0 or done or signal_number or state.extra.get("stopped_early"):
                 state.extra["peak_rss_mb"] = max(state.extra.get("peak_rss_mb", 0.0), peak_rss_mb())  # across resumes
+                FREED_PAGES.release()  # writing a checkpoint wants large buffers, not activation-shaped pages
                 ckpt.save_checkpoint(checkpoints, f"step-{state.step}", model, optimizer, scheduler, state, world)
                 if world.main:
                     ckpt.prune(checkpoints, train_config.keep_last)
@@ -125,6 +127,7 @@ def train_loop(config: Config, accepts: tuple[str, ...], build_objective: Object
                 raise TrainingStopped(f"stopped by signal {signal_number} at step {state.step}; a checkpoint was "
                                       f"saved; run the same command again to resume", 128 + signal_number)
     progress.close()
+    FREED_PAGES.release()
 
     # ---- save --------------------------------------------------------------------------------
     return loop.save_outputs(config, model, tokenizer, state, result, data, objective, world)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from tunesmith.allocator import FREED_PAGES
 from tunesmith.config import Config
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.packing import Batch
@@ -125,7 +126,9 @@ def setup(config: Config, with_value_head: bool = False) -> RLRun:
 
 
 def collect_rollout(run: RLRun, prompts: list[Prompt], group_size: int) -> Rollout:
-    """Sample `group_size` replies per prompt, score them, and keep their tokens' sampling-time statistics."""
+    """Sample `group_size` replies per prompt, score them, and keep their tokens' sampling-time statistics.
+    A step starts here (sampling, then the updates) and ends in `finish_step`."""
+    FREED_PAGES.step_started()
     samples = [prompt for prompt in prompts for _ in range(group_size)]
     prompt_ids = [prompt.input_ids for prompt in samples]
     seed = step_seed(run.config.train.seed, run.state.step, f"sample-{run.world.rank}" if run.world.rank else "sample")
@@ -226,6 +229,7 @@ def finish_step(run: RLRun, result: StepResult, figures: dict[str, float], stop:
     """Count the step, log it, evaluate and checkpoint when due; on a signal, checkpoint and stop."""
 
     config, state, world = run.config, run.state, run.world
+    FREED_PAGES.step_finished()
     result.seconds = time.perf_counter() - started  # the whole step: sampling, scoring and updates
     # the ranks' means (each rank had as many prompts); the update's figures are already the same on all
     figures = {name: total / world.size for name, total in world.sum_figures(figures).items()}
@@ -245,6 +249,7 @@ def finish_step(run: RLRun, result: StepResult, figures: dict[str, float], stop:
     signal_number = world.max(stop.signal_number or 0, run.device)  # a signal to any rank stops them all here
     if state.step % config.train.save_every == 0 or done or signal_number:
         state.extra["peak_rss_mb"] = max(state.extra.get("peak_rss_mb", 0.0), peak_rss_mb())  # across resumes
+        FREED_PAGES.release()  # writing a checkpoint wants large buffers, not activation-shaped pages
         ckpt.save_checkpoint(config.output_dir / "checkpoints", f"step-{state.step}", run.trained, run.optimizer,
                              run.scheduler, state, world)
         if world.main:
@@ -259,4 +264,5 @@ def save(run: RLRun, result: StepResult | None) -> RunResult:
     """The policy as adapter/ or model/ (PPO's value head stays in the checkpoints), and summary.json."""
 
     run.progress.close()
+    FREED_PAGES.release()
     return loop.save_outputs(run.config, run.model, run.tokenizer, run.state, result, run.data, world=run.world)

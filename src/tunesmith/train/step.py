@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from tunesmith.allocator import FREED_PAGES
 from tunesmith.data.packing import Batch
 from tunesmith.train.distributed import ONE_PROCESS, World, gradient_sync
 from tunesmith.train.loss import token_loss_sum
@@ -88,6 +89,7 @@ def train_step(runner: torch.nn.Module, micro_batches: list[Batch], optimizer: t
     by their number. `penalty` (a regulariser on the weights) is added once per step, after the data's gradients.
     """
     started = time.perf_counter()
+    FREED_PAGES.step_started()
     runner.train()
     real = [batch for batch in micro_batches if not batch.filler]
     total_targets = world.sum([sum(objective.count(batch) for batch in real)], device)[0]
@@ -113,6 +115,7 @@ def train_step(runner: torch.nn.Module, micro_batches: list[Batch], optimizer: t
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()  # the schedule follows steps taken, skipped or not, so resume positions agree
+    FREED_PAGES.step_finished()
     return StepResult(loss, int(tokens), int(total_targets), grad_norm, time.perf_counter() - started, skipped,
                       penalty_value)
 
