@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ def test_bench_reports_throughput_memory_mfu_and_losses(tmp_path, tiny_model):
     output = tmp_path / "results.json"
     done = subprocess.run([sys.executable, "-m", "tunesmith", "bench", "--model", str(tiny_model), "--steps", "3",
                            "--scenario", "mixed", "--scenario", "dpo", "--engines", "tunesmith",
-                           "--output", str(output)], capture_output=True, text=True, timeout=300)
+                           "--output", str(output)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})  # not the shared tunesmith-bench of a real run
     assert done.returncode == 0, done.stderr
     assert "tunesmith" in done.stdout and "MFU" in done.stdout
     mixed, dpo = json.loads(output.read_text())["scenarios"]
