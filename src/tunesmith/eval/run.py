@@ -25,7 +25,7 @@ from tunesmith.eval import metrics as metric_functions
 from tunesmith.eval.judge import load_rubric
 from tunesmith.eval.preference_metrics import implicit_reward_accuracy
 from tunesmith.eval.reward import RewardScorer, is_reward_model
-from tunesmith.eval.stats import cell
+from tunesmith.eval.stats import cell, difference
 from tunesmith.eval.tasks import Context, Item, ItemError, last_reply
 from tunesmith.registry import tasks
 from tunesmith.serve.engine import Engine, Sampling, is_run_dir
@@ -288,14 +288,12 @@ def format_summary(result: dict[str, Any]) -> str:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(value).ljust(width) for value, width in zip(row, widths)) for row in rows]
     for name, comparison in result.get("comparisons", {}).items():
-        diffs = ", ".join(f"{m} {comparison[m]['diff']:+.3f} [{comparison[m]['ci95'][0]:+.3f}, {comparison[m]['ci95'][1]:+.3f}]"
-                          for m in names)
+        diffs = ", ".join(f"{m} {difference(comparison[m])}" for m in names)
         p = f", McNemar p={comparison['mcnemar_p']:.2g}" if "mcnemar_p" in comparison else ""
         lines.append(f"tuned - {name}: {diffs}{p}")
         if "implicit_reward_accuracy" in comparison:
             implicit = comparison["implicit_reward_accuracy"]
-            versus = implicit["vs_base_loglik"]
             lines.append(f"implicit reward (log p_tuned - log p_{name}) ranks the chosen reply first: {cell(implicit)} "
                          f"(no preference: 50%); minus {name}'s log-likelihood ranking: "
-                         f"{versus['diff']:+.3f} [{versus['ci95'][0]:+.3f}, {versus['ci95'][1]:+.3f}]")
+                         f"{difference(implicit['vs_base_loglik'])}")
     return "\n".join(lines)

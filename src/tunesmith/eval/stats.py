@@ -108,3 +108,9 @@ def cell(metric: dict[str, Any], rate: bool = True) -> str:
     if rate and 0.0 <= low <= high <= 1.0 and 0.0 <= value <= 1.0:
         return f"{value:.1%} [{low:.1%}, {high:.1%}]"
     return f"{value:.4g} [{low:.4g}, {high:.4g}]"
+
+
+def difference(comparison: dict[str, Any], spec: str = "+.3f") -> str:
+    """A paired difference as "diff [low, high]", signed, each number formatted by `spec`."""
+    low, high = comparison["ci95"]
+    return f"{comparison['diff']:{spec}} [{low:{spec}}, {high:{spec}}]"

@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 import torch
 
-from tunesmith.allocator import FREED_PAGES
 from tunesmith.config import Config
 from tunesmith.data.dataset import PreparedData, prepare_data
 from tunesmith.errors import TrainingStopped
@@ -23,7 +22,7 @@ from tunesmith.train.distributed import World
 from tunesmith.train.loop import RunResult
 from tunesmith.train.metrics import MetricsLog, Progress
 from tunesmith.train.optim import build_optimizer, build_scheduler
-from tunesmith.train.run import peak_rss_mb, prepare_run_dir
+from tunesmith.train.run import prepare_run_dir
 from tunesmith.train.runtime import autocast_dtype, pick_device, seed_everything, stop_on_signals
 from tunesmith.train.step import TOKEN_LOSS, Objective, StepResult, train_step
 from tunesmith.train.strategies import GradualUnfreezing, Regularization
@@ -117,17 +116,12 @@ def train_loop(config: Config, accepts: tuple[str, ...], build_objective: Object
             progress.update(state.step, result.loss, record["lr"], record["tokens_per_s"], state.best_val_loss)
             signal_number = world.max(stop.signal_number or 0, device)  # a signal to any rank stops them all here
             if state.step % train_config.save_every == 0 or done or signal_number or state.extra.get("stopped_early"):
-                state.extra["peak_rss_mb"] = max(state.extra.get("peak_rss_mb", 0.0), peak_rss_mb())  # across resumes
-                FREED_PAGES.release()  # writing a checkpoint wants large buffers, not activation-shaped pages
-                ckpt.save_checkpoint(checkpoints, f"step-{state.step}", model, optimizer, scheduler, state, world)
-                if world.main:
-                    ckpt.prune(checkpoints, train_config.keep_last)
+                loop.checkpoint(config, model, optimizer, scheduler, state, world)
             if signal_number:
                 progress.close()
                 raise TrainingStopped(f"stopped by signal {signal_number} at step {state.step}; a checkpoint was "
                                       f"saved; run the same command again to resume", 128 + signal_number)
     progress.close()
-    FREED_PAGES.release()
 
     # ---- save --------------------------------------------------------------------------------
     return loop.save_outputs(config, model, tokenizer, state, result, data, objective, world)

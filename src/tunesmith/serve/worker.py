@@ -311,7 +311,7 @@ class JobRun:
 
 def headline(result: dict[str, Any]) -> str:
     """The report's first metric for the tuned model and the base, and their difference, with 95% intervals."""
-    from tunesmith.eval.stats import cell
+    from tunesmith.eval.stats import cell, difference
 
     name = EVAL_HEADLINE.get(result.get("task"), "")
     tuned = result.get("metrics", {}).get(name)
@@ -323,8 +323,7 @@ def headline(result: dict[str, Any]) -> str:
         parts.append(f"{cell(base, rate=False)} base")
     diff = result.get("comparisons", {}).get("base", {}).get(name)
     if diff and diff.get("diff") is not None:
-        low, high = diff["ci95"]
-        parts.append(f"difference {diff['diff']:+.4g} [{low:+.4g}, {high:+.4g}]")
+        parts.append(f"difference {difference(diff, '+.4g')}")
     return "; ".join(parts)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from tunesmith.allocator import FREED_PAGES
 from tunesmith.config import Config
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.packing import BatchPlan
@@ -63,6 +64,7 @@ def save_outputs(config: Config, model, tokenizer, state: ckpt.TrainState, resul
                  data: PreparedData, objective: Objective = TOKEN_LOSS, world: World = ONE_PROCESS) -> RunResult:
     """Ship the best weights (with validation) or the last ones as adapter/ or model/ (with what the objective
     adds beside them), and summary.json. Sharded weights are gathered first; rank 0 writes."""
+    FREED_PAGES.release()  # training is over: its activation pages are not needed again
     run_dir, checkpoints = config.output_dir, config.output_dir / "checkpoints"
     best = ckpt.best_checkpoint(checkpoints)
     if best is not None:
@@ -81,6 +83,17 @@ def save_outputs(config: Config, model, tokenizer, state: ckpt.TrainState, resul
                                 "processes": world.size})
     world.barrier()  # nobody leaves before the outputs are on disk
     return summary
+
+
+def checkpoint(config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+               state: ckpt.TrainState, world: World = ONE_PROCESS) -> None:
+    """Save checkpoints/step-N (its state records the peak RSS so far, across resumes), then prune old ones."""
+    state.extra["peak_rss_mb"] = max(state.extra.get("peak_rss_mb", 0.0), peak_rss_mb())
+    FREED_PAGES.release()  # writing a checkpoint wants large buffers, not activation-shaped pages
+    checkpoints = config.output_dir / "checkpoints"
+    ckpt.save_checkpoint(checkpoints, f"step-{state.step}", model, optimizer, scheduler, state, world)
+    if world.main:
+        ckpt.prune(checkpoints, config.train.keep_last)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -32,7 +32,7 @@ from tunesmith.train.optim import build_optimizer, build_scheduler
 from tunesmith.train.rewards import Reward, build_reward
 from tunesmith.train.rl import (PolicyAndValue, Prompt, PromptPlan, Reference, Rollout, ValueHead, build_reference,
                                 load_prompts, rollout_batch, sample_replies, split, step_seed, token_statistics)
-from tunesmith.train.run import peak_rss_mb, prepare_run_dir
+from tunesmith.train.run import prepare_run_dir
 from tunesmith.train.runtime import autocast, autocast_dtype, pick_device, seed_everything
 from tunesmith.train.step import StepResult
 
@@ -248,12 +248,7 @@ def finish_step(run: RLRun, result: StepResult, figures: dict[str, float], stop:
     run.progress.update(state.step, result.loss, record["lr"], record["tokens_per_s"], None)
     signal_number = world.max(stop.signal_number or 0, run.device)  # a signal to any rank stops them all here
     if state.step % config.train.save_every == 0 or done or signal_number:
-        state.extra["peak_rss_mb"] = max(state.extra.get("peak_rss_mb", 0.0), peak_rss_mb())  # across resumes
-        FREED_PAGES.release()  # writing a checkpoint wants large buffers, not activation-shaped pages
-        ckpt.save_checkpoint(config.output_dir / "checkpoints", f"step-{state.step}", run.trained, run.optimizer,
-                             run.scheduler, state, world)
-        if world.main:
-            ckpt.prune(config.output_dir / "checkpoints", config.train.keep_last)
+        loop.checkpoint(config, run.trained, run.optimizer, run.scheduler, state, world)
     if signal_number:
         run.progress.close()
         raise TrainingStopped(f"stopped by signal {signal_number} at step {state.step}; a checkpoint was saved; "
@@ -264,5 +259,4 @@ def save(run: RLRun, result: StepResult | None) -> RunResult:
     """The policy as adapter/ or model/ (PPO's value head stays in the checkpoints), and summary.json."""
 
     run.progress.close()
-    FREED_PAGES.release()
     return loop.save_outputs(run.config, run.model, run.tokenizer, run.state, result, run.data, world=run.world)
