@@ -100,3 +100,42 @@ def test_tunesmith_train_with_selective_recompute_logs_the_losses_of_a_run_witho
         losses[mode] = [row["loss"] for row in rows if "loss" in row]
     assert len(losses["false"]) == 3
     assert losses["selective"] == pytest.approx(losses["false"], abs=1e-5)
+
+
+def test_packed_rows_through_the_chunked_attention_give_every_mode_the_same_gradients_and_selective_keeps_it(
+        tiny_model, monkeypatch):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from tunesmith.data.packing import collate
+    from tunesmith.data.tokenize import TokenizedExample
+    from tunesmith.models import attention
+    from tunesmith.train.loss import token_loss_sum
+
+    monkeypatch.setitem(attention.CHUNKED, "min_key_heads", 1)
+    monkeypatch.setitem(attention.CHUNKED, "min_length", 1)
+    monkeypatch.setattr(attention, "CHUNK_ROWS", 8)  # several chunks per example
+    generator = torch.Generator().manual_seed(0)
+    batch = collate([TokenizedExample(torch.randint(0, 300, (16,), generator=generator).tolist(), [True] * 16)
+                     for _ in range(3)])
+    decisions: dict[str, set] = {}
+    policy = loop.keep_products
+
+    def recording(context, op, *args, **kwargs):
+        decision = policy(context, op, *args, **kwargs)
+        decisions.setdefault(op._overloadpacket.__name__, set()).add(decision)
+        return decision
+
+    monkeypatch.setattr(loop, "keep_products", recording)
+    results = {}
+    for mode in MODES:
+        model = model_in(mode, tiny_model, "lora")
+        loss = token_loss_sum(model, batch)
+        loss.backward()
+        results[mode] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert decisions["causal_attention"] == {CheckpointPolicy.MUST_SAVE}
+    assert not any("scaled_dot_product" in name for name in decisions)
+    loss, grads = results[False]
+    for mode in MODES[1:]:
+        assert torch.allclose(results[mode][0], loss, atol=1e-5), mode
+        for name, grad in grads.items():
+            assert torch.allclose(results[mode][1][name], grad, atol=1e-6, rtol=1e-5), (mode, name)

@@ -209,7 +209,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module, mode: bool | str = Tru
 
 
 PRODUCTS = {"mm": 0, "addmm": 1, "bmm": 0}  # matrix products -> the argument holding their left operand
-ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
+ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention", "causal_attention")
 
 
 def keep_products(context: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
