@@ -49,19 +49,25 @@ def test_every_recompute_mode_gives_the_same_loss_and_gradients(tiny_model, adap
             assert torch.allclose(results[mode][1][name], grad, atol=1e-6, rtol=1e-5), (mode, name)
 
 
-def test_selective_recompute_keeps_products_and_attention_and_recomputes_the_element_wise_ops(tiny_model,
-                                                                                             monkeypatch):
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    decisions: dict[str, set] = {}
+@pytest.fixture
+def decisions(monkeypatch) -> dict[str, set]:
+    """What selective recompute's policy decides per op name, recorded from here on."""
+    recorded: dict[str, set] = {}
     policy = loop.keep_products
 
     def recording(context, op, *args, **kwargs):
         decision = policy(context, op, *args, **kwargs)
-        decisions.setdefault(op._overloadpacket.__name__, set()).add(decision)
+        recorded.setdefault(op._overloadpacket.__name__, set()).add(decision)
         return decision
 
     monkeypatch.setattr(loop, "keep_products", recording)
+    return recorded
+
+
+def test_selective_recompute_keeps_products_and_attention_and_recomputes_the_element_wise_ops(tiny_model,
+                                                                                             decisions):
+    from torch.utils.checkpoint import CheckpointPolicy
+
     model = model_in("selective", tiny_model, "lora")
     loss_and_grads(model, torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0)))
     keep, redo = CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_RECOMPUTE
@@ -103,7 +109,7 @@ def test_tunesmith_train_with_selective_recompute_logs_the_losses_of_a_run_witho
 
 
 def test_packed_rows_through_the_chunked_attention_give_every_mode_the_same_gradients_and_selective_keeps_it(
-        tiny_model, monkeypatch):
+        tiny_model, monkeypatch, decisions):
     from torch.utils.checkpoint import CheckpointPolicy
 
     from tunesmith.data.packing import collate
@@ -117,15 +123,6 @@ def test_packed_rows_through_the_chunked_attention_give_every_mode_the_same_grad
     generator = torch.Generator().manual_seed(0)
     batch = collate([TokenizedExample(torch.randint(0, 300, (16,), generator=generator).tolist(), [True] * 16)
                      for _ in range(3)])
-    decisions: dict[str, set] = {}
-    policy = loop.keep_products
-
-    def recording(context, op, *args, **kwargs):
-        decision = policy(context, op, *args, **kwargs)
-        decisions.setdefault(op._overloadpacket.__name__, set()).add(decision)
-        return decision
-
-    monkeypatch.setattr(loop, "keep_products", recording)
     results = {}
     for mode in MODES:
         model = model_in(mode, tiny_model, "lora")
