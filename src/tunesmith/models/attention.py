@@ -14,6 +14,7 @@ transformers' SDPA attention, so one loaded model serves training and inference.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -52,9 +53,11 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if segment_prefix is not None:
         prefix = segment_prefix[module.layer_idx]
         return torch.cat([prefixed_attention(module, *example, *prefix, **kwargs) for example in slices], dim=1), None
-    pieces: list[torch.Tensor] = [query] * len(lengths)
-    for length in dict.fromkeys(lengths):  # each length once: its examples run as one batch where that pays
-        members = [i for i, other in enumerate(lengths) if other == length]
+    by_length: dict[int, list[int]] = {}
+    for index, length in enumerate(lengths):
+        by_length.setdefault(length, []).append(index)
+    pieces: dict[int, torch.Tensor] = {}
+    for length, members in by_length.items():  # the examples of one length run as one batch where that pays
         if takes_chunked(query, key.shape[0] * key.shape[1] * len(members), length, kwargs):
             q, k, v = (torch.cat([slices[i][part] for i in members]) for part in range(3))
             scale = kwargs.get("scaling") or 1 / math.sqrt(q.shape[-1])
@@ -64,7 +67,7 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         else:
             for index in members:
                 pieces[index] = sdpa_attention_forward(module, *slices[index], None, is_causal=True, **kwargs)[0]
-    return torch.cat(pieces, dim=1), None
+    return torch.cat([pieces[index] for index in range(len(lengths))], dim=1), None
 
 
 def takes_chunked(query: torch.Tensor, key_heads: int, length: int, kwargs: dict) -> bool:
@@ -99,7 +102,7 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     backward, as the flash-attention algorithm does.
     """
     q, k, v = _grouped(query, key, value, scale)
-    batch, length, groups, _ = q.shape
+    length, groups = q.shape[1:3]
     out = query.new_empty(key.shape[0], length, key.shape[1], groups, value.shape[-1])  # (B, T, kv_heads, groups, dim)
     for start, end, mask in _chunks(length, chunk, groups, query.device):
         probabilities = _probabilities(q, k, start, end, mask)
@@ -124,13 +127,16 @@ def _grouped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale:
             value.reshape(batch * kv_heads, length, -1))
 
 
-def _chunks(length: int, chunk: int, groups: int, device: torch.device):
+@functools.lru_cache(maxsize=16)
+def _chunks(length: int, chunk: int, groups: int, device: torch.device) -> tuple[tuple[int, int, torch.Tensor], ...]:
     """(start, end, mask) per chunk of query positions; `mask` is True where a row of the chunk's diagonal block
-    (position-major, query heads minor) must not see that key."""
+    (position-major, query heads minor) must not see that key. Built once for every layer, forward and backward."""
+    plan = []
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
         positions = torch.arange(start, end, device=device)
-        yield start, end, positions[None, :] > positions.repeat_interleave(groups)[:, None]
+        plan.append((start, end, positions[None, :] > positions.repeat_interleave(groups)[:, None]))
+    return tuple(plan)
 
 
 def _probabilities(q: torch.Tensor, k: torch.Tensor, start: int, end: int, mask: torch.Tensor) -> torch.Tensor:
