@@ -241,12 +241,13 @@ def run_longest(name: str, engines: list[str], adapter: str, workdir: Path, mode
 
 SCENARIOS = {
     "mixed": dict(kind="mixed", adapter="lora", seq=512, batch=4, grad_accum=2, peer_best={"padding_free": True},
-                  engines=["tunesmith", "tunesmith-selective", "tunesmith-compile", "trl", "trl-best"]),
+                  engines=["tunesmith", "tunesmith-unsplit", "tunesmith-selective", "tunesmith-compile", "trl",
+                           "trl-best"]),
     "fixed512": dict(kind="fixed", adapter="lora", seq=512, batch=4,
-                     engines=["tunesmith", "tunesmith-system-malloc", "tunesmith-compile", "tunesmith-selective",
-                              "tunesmith-recompute", "trl", "trl-best"]),
+                     engines=["tunesmith", "tunesmith-unsplit", "tunesmith-system-malloc", "tunesmith-compile",
+                              "tunesmith-selective", "tunesmith-recompute", "trl", "trl-best"]),
     "fixed512-full": dict(kind="fixed", adapter="full", seq=512, batch=4,
-                          engines=["tunesmith", "tunesmith-compile", "trl", "trl-best"]),
+                          engines=["tunesmith", "tunesmith-unsplit", "tunesmith-compile", "trl", "trl-best"]),
     "dpo": dict(kind="dpo", adapter="lora", seq=512, batch=4, engines=["tunesmith", "trl", "trl-best"]),
     "longest": dict(kind="longest", adapter="lora", budget_mb=4096, lengths=[1024, 2048, 4096, 8192, 16384],
                     engines=["tunesmith-recompute", "tunesmith-selective", "tunesmith", "trl", "trl-best"]),
@@ -321,8 +322,12 @@ def write_markdown(report: dict, path: Path) -> None:
             "counts the chosen and rejected tokens of the same work. (e) `longest`: the longest single sequence each engine trains one step on, its process "
             "killed the moment its RSS passes the budget.",
             "- **Engines.** `tunesmith`: the path `tunesmith train` runs (packed rows laid out flat with no padding, "
-            "a step's rows split into as many micro-batches as the peer's gradient accumulation, per-example fused attention, output head only at loss positions with its gradient computed in a "
-            "chunked fused cross-entropy). `tunesmith-compile`: the same with `train.compile: true`. "
+            "a step's examples run in even pieces of at most 1,024 tokens (`train.micro_batch_tokens: auto` on a "
+            "CPU; the gradients add up to the same update), fused attention per example or per batch of equal-length "
+            "examples, output head only at loss positions with its gradient computed in a chunked fused "
+            "cross-entropy). `tunesmith-unsplit`: with `train.micro_batch_tokens: null`, the step's rows in as many "
+            "micro-batches as the peer's gradient accumulation. `tunesmith-compile`: the same as `tunesmith` with "
+            "`train.compile: true`. "
             "`tunesmith-recompute`: with `train.gradient_checkpointing: true`; `tunesmith-selective`: with "
             "`train.gradient_checkpointing: selective` (matrix products and attention kept, element-wise ops "
             "recomputed). tunesmith engines run on jemalloc when the "

@@ -37,7 +37,7 @@ def summarise(engine: str, step_seconds: list[float], losses: list[float], token
             "first_loss": losses[0], "losses": losses}
 
 
-def run_tunesmith(spec: dict, recompute: bool | str = False, compiled: bool = False) -> dict:
+def run_tunesmith(spec: dict, recompute: bool | str = False, compiled: bool = False, split: bool = True) -> dict:
     import torch
 
     from tunesmith.config import AdapterConfig, TrainConfig
@@ -46,7 +46,7 @@ def run_tunesmith(spec: dict, recompute: bool | str = False, compiled: bool = Fa
     from tunesmith.models import load_model
     from tunesmith.models.adapters import apply_adapter
     from tunesmith.train.distributed import Runner
-    from tunesmith.train.loop import compile_layers, enable_gradient_checkpointing
+    from tunesmith.train.loop import compile_layers, enable_gradient_checkpointing, micro_batch_tokens
     from tunesmith.train.optim import build_optimizer, build_scheduler
     from tunesmith.train.step import train_step
 
@@ -59,18 +59,20 @@ def run_tunesmith(spec: dict, recompute: bool | str = False, compiled: bool = Fa
     if compiled:  # train.compile
         compile_layers(model)
     examples = [TokenizedExample(row["input_ids"], [bool(m) for m in row["loss_mask"]]) for row in spec["rows"]]
-    config = TrainConfig(lr=1e-4, warmup=0, schedule="constant")
+    config = TrainConfig(lr=1e-4, warmup=0, schedule="constant", micro_batch_tokens="auto" if split else None)
+    budget = micro_batch_tokens(config, torch.device("cpu"))
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, spec["steps"])
     per_step = spec["batch"] * spec["grad_accum"]
     seconds, losses, tokens, first_done = [], [], [], 0.0
     for step in range(spec["steps"]):
         # The step's examples (the same ones the peer gets, in file order), packed into rows of at most
-        # `seq` tokens as `tunesmith train` packs them, and split into `grad_accum` flat micro-batches, as
-        # the peer splits the step's examples (`tunesmith train` with batch_size = rows / grad_accum).
+        # `seq` tokens as `tunesmith train` packs them, then run as `tunesmith train` runs them: in even
+        # pieces of at most train.micro_batch_tokens (auto), or unsplit in `grad_accum` flat micro-batches
+        # as the peer splits the step's examples (batch_size = rows / grad_accum).
         step_examples = examples[step * per_step:(step + 1) * per_step]
         rows = pack_rows([len(e) for e in step_examples], spec["seq"], list(range(len(step_examples))))
-        micro = collate_rows(step_examples, rows, -(-len(rows) // spec["grad_accum"]))
+        micro = collate_rows(step_examples, rows, -(-len(rows) // spec["grad_accum"]), budget)
         result = train_step(Runner(model), micro, optimizer, scheduler, None, torch.device("cpu"), None)
         seconds.append(result.seconds)
         losses.append(result.loss)
@@ -85,12 +87,13 @@ def run_tunesmith_dpo(spec: dict) -> dict:
     import torch
 
     from tunesmith.config import AdapterConfig, TrainConfig
-    from tunesmith.data.packing import collate
+    from tunesmith.data.packing import collate, even_pieces
     from tunesmith.data.tokenize import TokenizedExample, TokenizedPair
     from tunesmith.models import load_model
     from tunesmith.models.adapters import apply_adapter
     from tunesmith.registry import preference_losses
     from tunesmith.train.distributed import Runner
+    from tunesmith.train.loop import micro_batch_tokens
     from tunesmith.train.optim import build_optimizer, build_scheduler
     from tunesmith.train.preference import PreferenceObjective, adapter_off_logprobs
     from tunesmith.train.step import train_step
@@ -103,12 +106,13 @@ def run_tunesmith_dpo(spec: dict) -> dict:
                              for side in row["sides"])) for row in spec["rows"]]
     objective = PreferenceObjective(preference_losses.get("sigmoid"), 0.1, 0.0, adapter_off_logprobs)
     config = TrainConfig(lr=1e-4, warmup=0, schedule="constant")
+    budget = micro_batch_tokens(config, torch.device("cpu"))  # both sides of a pair share a piece
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, spec["steps"])
     seconds, losses, tokens, first_done, chosen = [], [], [], 0.0, []
     for step in range(spec["steps"]):
-        batch = collate(pairs[step * spec["batch"]:(step + 1) * spec["batch"]])
-        result = train_step(Runner(model), [batch], optimizer, scheduler, None, torch.device("cpu"), None, objective)
+        micro = [collate(piece) for piece in even_pieces(pairs[step * spec["batch"]:(step + 1) * spec["batch"]], budget)]
+        result = train_step(Runner(model), micro, optimizer, scheduler, None, torch.device("cpu"), None, objective)
         seconds.append(result.seconds)
         losses.append(result.loss)
         tokens.append(result.tokens)
@@ -230,7 +234,8 @@ def main() -> None:
         result = run_tunesmith_dpo(spec) if engine.startswith("tunesmith") else run_trl_dpo(spec, best=engine == "trl-best")
     elif engine.startswith("tunesmith"):
         recompute = {"tunesmith-recompute": True, "tunesmith-selective": "selective"}.get(engine, False)
-        result = run_tunesmith(spec, recompute=recompute, compiled=engine == "tunesmith-compile")
+        result = run_tunesmith(spec, recompute=recompute, compiled=engine == "tunesmith-compile",
+                               split=engine != "tunesmith-unsplit")
     else:
         result = run_trl(spec, best=engine == "trl-best")
     print("BENCH_RESULT " + json.dumps(result))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import build_tokenizer
-from tunesmith.data.packing import IGNORE, collate, pack_rows, epoch_rows
+from tunesmith.data.packing import IGNORE, collate, epoch_rows, even_pieces, pack_rows
 from tunesmith.data.tokenize import ChatTokenizer, TokenizedExample
 from tunesmith.models import load_tokenizer
 
@@ -90,6 +90,39 @@ def test_packing_fills_rows_and_keeps_every_example_once():
     assert len(rows) == -(-sum(lengths) // 64)  # as few rows as the tokens need
     assert epoch_rows(lengths, 64, True, seed=3, epoch=1) == epoch_rows(lengths, 64, True, seed=3, epoch=1)
     assert epoch_rows(lengths, 64, True, seed=3, epoch=1) != epoch_rows(lengths, 64, True, seed=3, epoch=2)
+
+
+def every_split(lengths: list[int]):
+    """Every way to cut `lengths` into consecutive non-empty runs."""
+    if not lengths:
+        yield []
+        return
+    for first in range(1, len(lengths) + 1):
+        for rest in every_split(lengths[first:]):
+            yield [lengths[:first], *rest]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_token_budget_pieces_are_the_fewest_and_the_most_even(seed):
+    """Against every possible cut: no cut within the budget has fewer pieces, and none with as few has a smaller
+    largest piece; every unit is kept once, in order, and only a unit over the budget by itself exceeds it."""
+    import random
+
+    rng = random.Random(seed)
+    lengths = [rng.choice([rng.randint(1, 40), rng.randint(40, 130)]) for _ in range(rng.randint(1, 9))]
+    budget = rng.choice([32, 64, 100, 128])
+    units = [TokenizedExample(list(range(length)), [True] * length) for length in lengths]
+    pieces = [[len(unit) for unit in piece] for piece in even_pieces(units, budget)]
+    assert [length for piece in pieces for length in piece] == lengths
+    assert all(sum(piece) <= budget or len(piece) == 1 for piece in pieces)
+    allowed = [split for split in every_split(lengths) if all(sum(p) <= budget or len(p) == 1 for p in split)]
+    fewest = min(len(split) for split in allowed)
+    assert len(pieces) == fewest
+
+    def largest(split):  # the largest piece within the budget (a unit over it is a piece alone in every cut)
+        return max([sum(piece) for piece in split if sum(piece) <= budget], default=0)
+
+    assert largest(pieces) == min(largest(split) for split in allowed if len(split) == fewest)
 
 
 def test_flat_batch_computes_what_each_example_computes_alone(tiny_model):

@@ -140,7 +140,8 @@ def test_stop_and_resume_is_bit_identical(tmp_path, tiny_model, chat_rows, monke
 
 
 def test_gradient_accumulation_equals_large_batch(tiny_model, chat_rows):
-    """1 micro-batch of 8 rows and 8 micro-batches of 1 row give the same loss and the same update."""
+    """1 micro-batch of 8 rows, 8 micro-batches of 1 row, and the 8 rows in pieces of at most 40 tokens
+    (train.micro_batch_tokens) give the same loss and the same update."""
     from tunesmith.config import AdapterConfig
     from tunesmith.data.formats import convert_messages
     from tunesmith.data.packing import BatchPlan
@@ -148,25 +149,32 @@ def test_gradient_accumulation_equals_large_batch(tiny_model, chat_rows):
     from tunesmith.train.distributed import Runner
     from tunesmith.train.step import train_step
 
-    results = {}
-    for batch_size, grad_accum in ((8, 1), (1, 8)):
+    results = []
+    for batch_size, grad_accum, max_tokens in ((8, 1, None), (1, 8, None), (8, 1, 40)):
         model, tokenizer = load_model(str(tiny_model))
         torch.manual_seed(0)
         model = apply_adapter(model, AdapterConfig(type="full"))
         chat = ChatTokenizer(tokenizer)
         examples = [chat(convert_messages(row)) for row in chat_rows]
-        plan = BatchPlan(examples, capacity=40, packing=True, batch_size=batch_size, grad_accum=grad_accum, seed=0)
+        plan = BatchPlan(examples, capacity=40, packing=True, batch_size=batch_size, grad_accum=grad_accum, seed=0,
+                         max_tokens=max_tokens)
         # Plain SGD with lr 1: the update is the gradient itself (Adam's first step would divide it by its magnitude).
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        step = train_step(Runner(model), plan.step(0, 0), optimizer, scheduler, None, torch.device("cpu"), None)
-        assert len(plan.step(0, 0)) == grad_accum
-        results[(batch_size, grad_accum)] = (step.loss, step.loss_count, [p.detach().clone() for p in model.parameters()])
-    (loss_a, tokens_a, params_a), (loss_b, tokens_b, params_b) = results.values()
-    assert tokens_a == tokens_b
-    assert loss_a == pytest.approx(loss_b, rel=1e-6)
-    for a, b in zip(params_a, params_b):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        micro_batches = plan.step(0, 0)
+        step = train_step(Runner(model), micro_batches, optimizer, scheduler, None, torch.device("cpu"), None)
+        if max_tokens is None:
+            assert len(micro_batches) == grad_accum
+        else:  # pieces of at most 40 tokens; an example longer than that is a piece alone
+            assert len(micro_batches) > 1
+            assert all(batch.num_tokens <= max_tokens or len(batch.segment_lengths) == 1 for batch in micro_batches)
+        results.append((step.loss, step.loss_count, [p.detach().clone() for p in model.parameters()]))
+    loss_a, tokens_a, params_a = results[0]
+    for loss_b, tokens_b, params_b in results[1:]:
+        assert tokens_a == tokens_b
+        assert loss_a == pytest.approx(loss_b, rel=1e-6)
+        for a, b in zip(params_a, params_b):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_packed_loss_equals_unpacked_loss(tiny_model, chat_rows):

@@ -138,6 +138,12 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(8, ge=1, description="Rows per micro-batch (packed rows when data.packing is on).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    micro_batch_tokens: int | Literal["auto"] | None = Field(
+        "auto", description="Run each step's examples (its batch_size x grad_accum rows) in even pieces of at most "
+        "this many tokens, whole examples each (a longer one runs alone); the gradients add up to the same update, "
+        "so this sets activation memory, not the batch. auto: 1024 on a CPU, where pieces that size train as fast "
+        "as whole steps in a fraction of the memory (BENCHMARKS.md), and no limit on a GPU; null: micro-batches of "
+        "batch_size rows. RL recipes split their updates by grad_accum instead.")
     lr: float = Field(2.0e-4, gt=0.0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay (toward zero; see regularization).")
     regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
@@ -183,6 +189,13 @@ class TrainConfig(Section):
     @classmethod
     def _known_schedule(cls, value: str) -> str:
         return registered("schedules", value)
+
+    @field_validator("micro_batch_tokens")
+    @classmethod
+    def _positive_budget(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"must be at least 1 token (or auto, or null for no limit), not {value}")
+        return value
 
 
 class EvalConfig(Section):

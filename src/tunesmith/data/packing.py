@@ -2,7 +2,9 @@
 
 A row holds whole examples up to `capacity` tokens (packing) or one example; a micro-batch is
 `batch_size` rows, laid end to end as one flat sequence with no padding (`Batch`). Rows bound the
-tokens a micro-batch holds (its memory); the flat layout means no token is ever padding.
+tokens a micro-batch holds (its memory); the flat layout means no token is ever padding. With a token
+budget (train.micro_batch_tokens), a step's units are instead cut into the fewest even pieces of at most
+that many tokens: activation memory follows the budget, and the step's gradient is the same.
 """
 from __future__ import annotations
 
@@ -108,10 +110,38 @@ def collate(units: list[Unit]) -> Batch:
                  int((targets != IGNORE).sum()), len(units), scores)
 
 
-def collate_rows(examples: list[Unit], rows: list[list[int]], batch_size: int) -> list[Batch]:
-    """Micro-batches of `batch_size` rows each (rows hold indices into `examples`), in order."""
-    return [collate([examples[index] for row in rows[start: start + batch_size] for index in row])
-            for start in range(0, len(rows), batch_size)]
+def collate_rows(examples: list[Unit], rows: list[list[int]], batch_size: int, max_tokens: int | None = None
+                 ) -> list[Batch]:
+    """Micro-batches of `batch_size` rows each (rows hold indices into `examples`), in order; with `max_tokens`,
+    the rows' units in even pieces of at most that many tokens (`even_pieces`) instead."""
+    if max_tokens is None:
+        return [collate([examples[index] for row in rows[start: start + batch_size] for index in row])
+                for start in range(0, len(rows), batch_size)]
+    units = [examples[index] for row in rows for index in row]
+    return [collate(piece) for piece in even_pieces(units, max_tokens)]
+
+
+def even_pieces(units: list[Unit], max_tokens: int) -> list[list[Unit]]:
+    """`units` in order, cut into the fewest runs of at most `max_tokens` tokens (a longer unit is a run alone),
+    with the largest run as small as that number of runs allows: [1500, 1500] rather than [2048, 952] tokens,
+    so every piece of a step needs about the same memory and none is a sliver."""
+    def runs(cap: int) -> list[list[Unit]]:
+        pieces: list[list[Unit]] = []
+        size = 0
+        for unit in units:
+            if not pieces or size + len(unit) > cap:
+                pieces.append([])
+                size = 0
+            pieces[-1].append(unit)
+            size += len(unit)
+        return pieces
+
+    fewest = len(runs(max_tokens))  # filling each run in order gives the fewest runs under a cap
+    low, high = 1, max_tokens
+    while low < high:  # the smallest cap that still needs no more runs (a unit over the cap runs alone)
+        middle = (low + high) // 2
+        low, high = (low, middle) if len(runs(middle)) <= fewest else (middle + 1, high)
+    return runs(low)
 
 
 @dataclass
@@ -124,6 +154,7 @@ class BatchPlan:
     batch_size: int
     grad_accum: int
     seed: int
+    max_tokens: int | None = None  # train.micro_batch_tokens: a step's units run in pieces of at most this many
 
     def __post_init__(self) -> None:
         self.lengths = [len(example) for example in self.examples]
@@ -150,12 +181,18 @@ class BatchPlan:
         rows = self.rows(epoch)
         first = step_in_epoch * self.rows_per_step
         step_rows = rows[first: first + self.rows_per_step]
-        batches = collate_rows(self.examples, step_rows[rank::world_size], self.batch_size)
-        count = -(-len(step_rows[::world_size]) // self.batch_size)
+        batches = collate_rows(self.examples, step_rows[rank::world_size], self.batch_size, self.max_tokens)
+        count = max(self.pieces(step_rows[other::world_size]) for other in range(world_size))
         if len(batches) < count:
             spare = batches[0] if batches else collate_rows(self.examples, step_rows[:1], 1)[0]
             batches += [replace(spare, filler=True)] * (count - len(batches))
         return batches
+
+    def pieces(self, rows: list[list[int]]) -> int:
+        """How many micro-batches `rows` make (without building them)."""
+        if self.max_tokens is None:
+            return -(-len(rows) // self.batch_size)
+        return len(even_pieces([self.examples[index] for row in rows for index in row], self.max_tokens))
 
     def eval_batches(self) -> list[Batch]:
         """Validation micro-batches: every example once, in file order."""

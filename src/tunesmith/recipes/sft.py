@@ -67,7 +67,7 @@ def train_loop(config: Config, accepts: tuple[str, ...], build_objective: Object
         loop.compile_layers(model)
     runner = distributed.wrap(model, world, train_config.parallel, amp_dtype, train_config.cpu_offload,
                               loop.shard_units(model))
-    plan, validation = loop.build_plans(config, data)
+    plan, validation = loop.build_plans(config, data, device)
     objective = build_objective(data, runner, tokenizer, device, world) if build_objective else TOKEN_LOSS
     validation_objective = objective if validate_objective else TOKEN_LOSS
     task_eval = InTrainingEval(config, tokenizer) if config.eval.every and config.eval.data and world.main else None

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from tunesmith.allocator import FREED_PAGES
-from tunesmith.config import Config
+from tunesmith.config import Config, TrainConfig
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.packing import BatchPlan
 from tunesmith.errors import TrainingStopped
@@ -49,15 +49,28 @@ def build_model(config: Config, device: torch.device, num_labels: int | None = N
     return model if quantized else model.to(device)
 
 
-def build_plans(config: Config, data: PreparedData) -> tuple[BatchPlan, list]:
+AUTO_MICRO_BATCH_TOKENS = 1024  # train.micro_batch_tokens: auto on a CPU (BENCHMARKS.md, the budget sweep)
+
+
+def build_plans(config: Config, data: PreparedData, device: torch.device) -> tuple[BatchPlan, list]:
     """The training batch plan and the validation batches (every validation example once).
 
     A row holds data.max_length tokens per sequence of a unit: one example, or both sides of a pair."""
     per_unit = len(data.train[0].segments()) if data.train else 1
     options = dict(capacity=config.data.max_length * per_unit, packing=config.data.packing, seed=config.train.seed)
-    plan = BatchPlan(data.train, batch_size=config.train.batch_size, grad_accum=config.train.grad_accum, **options)
+    plan = BatchPlan(data.train, batch_size=config.train.batch_size, grad_accum=config.train.grad_accum,
+                     max_tokens=micro_batch_tokens(config.train, device), **options)
     validation = BatchPlan(data.validation, batch_size=config.train.batch_size, grad_accum=1, **options).eval_batches()
     return plan, validation
+
+
+def micro_batch_tokens(train: TrainConfig, device: torch.device) -> int | None:
+    """train.micro_batch_tokens with auto resolved for `device`: a CPU's budget, or no limit on a GPU (whose
+    throughput wants the largest batch that fits)."""
+    value = train.micro_batch_tokens
+    if value == "auto":
+        return AUTO_MICRO_BATCH_TOKENS if device.type == "cpu" else None
+    return value
 
 
 def save_outputs(config: Config, model, tokenizer, state: ckpt.TrainState, result: StepResult | None,
