@@ -82,3 +82,48 @@ def test_disabled_adapter_gives_the_base_model(tiny_model):
     with fused.disable_adapter():
         assert torch.allclose(fused(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-6)
     assert not torch.allclose(fused(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-3)
+
+
+def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward while `module(x)` runs, its weights aside."""
+    weights = {parameter.untyped_storage().data_ptr() for parameter in module.parameters()}
+    storages: dict[int, int] = {}
+
+    def keep(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        module(x)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_gated_mlp_gives_autograds_gradients_and_keeps_half_the_activations(tiny_model, adapter):
+    """The SwiGLU MLP's fused tail (GatedDown): the loss and every gradient of the unfused model, for LoRA (down's
+    LoRA pair) and full fine-tuning (down's own weight); each MLP keeps 2 (tokens x intermediate) tensors, not 4."""
+    from tunesmith.models.fused_lora import fuse_gated_mlps
+
+    if adapter == "lora":
+        fused, plain = lora_pair(tiny_model)
+    else:
+        torch.manual_seed(0)
+        fused = apply_adapter(load_model(str(tiny_model))[0], AdapterConfig(type="full"))
+        plain = load_model(str(tiny_model))[0]
+        plain.load_state_dict(fused.state_dict())
+    mlps = [m for m in fused.modules() if type(m).__name__ == "LlamaMLP"]
+    assert mlps and all("forward" in m.__dict__ for m in mlps) and fuse_gated_mlps(fused) == 0  # once only
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    loss_f, grads_f = loss_and_grads(fused, ids)
+    loss_p, grads_p = loss_and_grads(plain, ids)
+    assert abs(loss_f - loss_p) < 1e-5
+    assert grads_f.keys() == grads_p.keys() and any("down_proj" in n for n in grads_f)
+    for name in grads_p:
+        assert torch.allclose(grads_f[name], grads_p[name], atol=1e-5, rtol=1e-4), name
+
+    x = torch.randn(2, 24, mlps[0].gate_proj.in_features, requires_grad=True)
+    intermediate = 2 * 24 * mlps[0].down_proj.in_features * 4
+    plain_mlp = [m for m in plain.modules() if type(m).__name__ == "LlamaMLP"][0]
+    kept, kept_before = saved_bytes(mlps[0], x), saved_bytes(plain_mlp, x)
+    assert kept_before - kept == 2 * intermediate

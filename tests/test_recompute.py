@@ -18,8 +18,8 @@ def model_in(mode, tiny_model, adapter: str):
 
     torch.manual_seed(0)
     model = load_model(str(tiny_model), **(load_options(adapter) if adapter != "full" else {}))[0]
+    model = apply_adapter(model, AdapterConfig(type=adapter, r=4, alpha=8))
     if adapter != "full":
-        model = apply_adapter(model, AdapterConfig(type=adapter, r=4, alpha=8))
         torch.manual_seed(1)
         for name, parameter in model.named_parameters():
             if "lora_B" in name:  # non-zero, so the LoRA term and its gradients are live

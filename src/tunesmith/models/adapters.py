@@ -24,7 +24,7 @@ import torch
 
 from tunesmith.config import AdapterConfig
 from tunesmith.errors import UserError
-from tunesmith.models.fused_lora import fuse_lora_layers
+from tunesmith.models.fused_lora import fuse_gated_mlps, fuse_lora_layers
 from tunesmith.models.loading import CLASSIFIER_HEADS
 from tunesmith.registry import adapters
 
@@ -146,7 +146,11 @@ def trainable_by_choice(model: torch.nn.Module, config: AdapterConfig) -> set[st
 
 
 def apply_adapter(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module:
-    return adapters.get(config.type, key="adapter.type")(model, config)
+    """The model ready to train: the adapter applied, and its SwiGLU MLPs on the path that saves half their
+    activations (fused_lora.GatedDown)."""
+    model = adapters.get(config.type, key="adapter.type")(model, config)
+    fuse_gated_mlps(model)
+    return model
 
 
 def load_options(adapter_type: str) -> dict[str, Any]:

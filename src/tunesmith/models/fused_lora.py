@@ -22,17 +22,48 @@ import torch
 IN_PLACE = "_tunesmith_fused_in_place"  # a layer attribute: False when its base product must not be modified
 
 
+def linear_forward(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
+                   lora_b: torch.Tensor | None, scaling: float, in_place: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """flat W^T + b, plus s (flat A^T) B^T with a LoRA pair: the output and flat A^T (None without LoRA)."""
+    out = torch.nn.functional.linear(flat, weight, bias)
+    if lora_a is None:
+        return out, None
+    xa = flat @ lora_a.t()
+    if in_place:
+        out.addmm_(xa, lora_b.t(), alpha=scaling)
+    else:  # selective recompute keeps the base product: it must stay as computed
+        out = torch.addmm(out, xa, lora_b.t(), alpha=scaling)
+    return out, xa
+
+
+def linear_backward(grad: torch.Tensor, flat: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor | None,
+                    lora_b: torch.Tensor | None, xa: torch.Tensor | None, scaling: float, needs: tuple[bool, ...]
+                    ) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of `linear_forward` (grad and flat 2-D) for (flat, weight, bias, lora_a, lora_b), each only
+    where `needs` says so."""
+    need_x, need_w, need_bias, need_a, need_b = needs
+    gb = grad @ lora_b if lora_a is not None else None
+    grad_x = grad_w = grad_bias = grad_a = grad_b = None
+    if need_x:
+        grad_x = grad @ weight
+        if gb is not None:
+            grad_x.addmm_(gb, lora_a, alpha=scaling)
+    if need_w:
+        grad_w = grad.t() @ flat
+    if need_bias:
+        grad_bias = grad.sum(0)
+    if need_b:
+        grad_b = (grad.t() @ xa).mul_(scaling)
+    if need_a:
+        grad_a = (gb.t() @ flat).mul_(scaling)
+    return grad_x, grad_w, grad_bias, grad_a, grad_b
+
+
 class LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float, in_place: bool = True) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        xa = flat @ lora_a.t()
-        out = torch.nn.functional.linear(flat, weight, bias)
-        if in_place:
-            out.addmm_(xa, lora_b.t(), alpha=scaling)
-        else:  # selective recompute keeps the base product: it must stay as computed
-            out = torch.addmm(out, xa, lora_b.t(), alpha=scaling)
+        out, xa = linear_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, in_place)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
         ctx.scaling = scaling
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -40,20 +71,50 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, lora_a, lora_b, xa = ctx.saved_tensors
-        scaling = ctx.scaling
-        grad = grad.reshape(-1, grad.shape[-1])
-        flat = x.reshape(-1, x.shape[-1])
-        gb = grad @ lora_b
-        grad_x = grad_b = grad_a = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight).addmm_(gb, lora_a, alpha=scaling).view(x.shape)
-        if ctx.needs_input_grad[4]:
-            grad_b = (grad.t() @ xa).mul_(scaling)
-        if ctx.needs_input_grad[3]:
-            grad_a = (gb.t() @ flat).mul_(scaling)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            raise RuntimeError("the fused LoRA path is for frozen base layers")
-        return grad_x, None, None, grad_a, grad_b, None, None
+        grad_x, grad_w, grad_bias, grad_a, grad_b = linear_backward(
+            grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_a, lora_b, xa, ctx.scaling,
+            ctx.needs_input_grad[:5])
+        return grad_x if grad_x is None else grad_x.view(x.shape), grad_w, grad_bias, grad_a, grad_b, None, None
+
+
+class GatedDown(torch.autograd.Function):
+    """down(silu(gate) * up), the tail of a SwiGLU MLP (Llama, Qwen, Mistral), with or without a LoRA pair on
+    down: the same numbers as autograd's, with 2 of its 4 saved (tokens x intermediate) tensors gone.
+
+    Autograd keeps gate (for SiLU), silu(gate) and up (for the product) and the product (down's input) for
+    backward; here only gate and up are kept, and backward recomputes silu(gate) and the product from them
+    (two element-wise passes against half the MLP's activation memory).
+    """
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float, in_place: bool
+                ) -> torch.Tensor:
+        gated = torch.nn.functional.silu(gate).mul_(up)
+        out, xa = linear_forward(gated.view(-1, gated.shape[-1]), weight, bias, lora_a, lora_b, scaling, in_place)
+        ctx.save_for_backward(gate, up, weight, lora_a, lora_b, xa)
+        ctx.scaling = scaling
+        return out.view(*gate.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        silu = torch.nn.functional.silu(gate)
+        gated = silu * up
+        width = gate.shape[-1]
+        needs = ctx.needs_input_grad
+        grad_gated, grad_w, grad_bias, grad_a, grad_b = linear_backward(
+            grad.reshape(-1, grad.shape[-1]), gated.view(-1, width), weight, lora_a, lora_b, xa, ctx.scaling,
+            (needs[0] or needs[1], *needs[2:6]))
+        del gated
+        grad_gate = grad_up = None
+        if grad_gated is not None:
+            grad_gated = grad_gated.view(gate.shape)
+            if needs[1]:
+                grad_up = grad_gated * silu
+            if needs[0]:
+                grad_gate = torch.ops.aten.silu_backward(grad_gated.mul_(up), gate)
+        return grad_gate, grad_up, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
 def _fusable(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
@@ -72,6 +133,19 @@ def _fusable(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
     return name
 
 
+def _in_compute_dtype(function, tensors: tuple, *options):
+    """`function(*tensors, *options)` with the tensors in one dtype: autocast's where it is on (the GEMMs then
+    run in it), else their own; None when they differ outside autocast (the caller takes the unfused path)."""
+    device = tensors[0].device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return function(*(t if t is None else t.to(dtype) for t in tensors), *options)
+    if len({t.dtype for t in tensors if t is not None}) != 1:
+        return None
+    return function(*tensors, *options)
+
+
 def _fused_forward(layer, peft_forward):
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = _fusable(layer, x, args, kwargs)
@@ -79,18 +153,50 @@ def _fused_forward(layer, peft_forward):
             return peft_forward(x, *args, **kwargs)
         base = layer.get_base_layer()
         tensors = (x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight)
-        in_place = getattr(layer, IN_PLACE, True)
-        device = x.device.type
-        if torch.is_autocast_enabled(device):  # cast as autocast would, then run the GEMMs in that dtype
-            dtype = torch.get_autocast_dtype(device)
-            with torch.autocast(device, enabled=False):
-                return LoraLinear.apply(*(t if t is None else t.to(dtype) for t in tensors), layer.scaling[name],
-                                        in_place)
-        if len({t.dtype for t in tensors if t is not None}) != 1:
-            return peft_forward(x, *args, **kwargs)
-        return LoraLinear.apply(*tensors, layer.scaling[name], in_place)
+        out = _in_compute_dtype(LoraLinear.apply, tensors, layer.scaling[name], getattr(layer, IN_PLACE, True))
+        return peft_forward(x, *args, **kwargs) if out is None else out
 
     return forward
+
+
+def _down_operands(down: torch.nn.Module, x: torch.Tensor) -> tuple | None:
+    """(weight, bias, lora_a, lora_b, scaling, in_place) for GatedDown: a plain Linear, or a LoRA layer the
+    fused path takes; None for anything else (a 4-bit base, DoRA, dropout while training...)."""
+    if type(down) is torch.nn.Linear:
+        return down.weight, down.bias, None, None, 1.0, True
+    name = _fusable(down, x, (), {}) if hasattr(down, "lora_A") else None
+    if name is None:
+        return None
+    base = down.get_base_layer()
+    return (base.weight, base.bias, down.lora_A[name].weight, down.lora_B[name].weight, down.scaling[name],
+            getattr(down, IN_PLACE, True))
+
+
+def _gated_forward(mlp, original_forward):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        operands = _down_operands(mlp.down_proj, x)
+        if operands is None:
+            return original_forward(x)
+        weight, bias, lora_a, lora_b, scaling, in_place = operands
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        out = _in_compute_dtype(GatedDown.apply, (gate, up, weight, bias, lora_a, lora_b), scaling, in_place)
+        return mlp.down_proj(mlp.act_fn(gate) * up) if out is None else out
+
+    return forward
+
+
+def fuse_gated_mlps(model: torch.nn.Module) -> int:
+    """Give every SwiGLU MLP in `model` (gate_proj, up_proj, down_proj and a SiLU: Llama, Qwen, Mistral...)
+    the GatedDown path; returns how many took it. Others (GELU, a fused gate_up_proj) are left as they are."""
+    from transformers.activations import SiLUActivation
+
+    count = 0
+    for module in model.modules():
+        gated = all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+        if gated and isinstance(module.act_fn, (torch.nn.SiLU, SiLUActivation)) and "forward" not in module.__dict__:
+            module.forward = _gated_forward(module, module.forward)
+            count += 1
+    return count
 
 
 def fuse_lora_layers(model: torch.nn.Module) -> int:
