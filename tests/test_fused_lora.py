@@ -31,16 +31,23 @@ def loss_and_grads(model, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_same_loss_and_gradients(fused, plain, ids, trained: str) -> float:
+    """The fused model's loss and every gradient equal the plain one's (some named with `trained` among them);
+    returns the loss."""
+    loss_f, grads_f = loss_and_grads(fused, ids)
+    loss_p, grads_p = loss_and_grads(plain, ids)
+    assert abs(loss_f - loss_p) < 1e-5
+    assert grads_f.keys() == grads_p.keys() and any(trained in n for n in grads_f)
+    for name in grads_p:
+        assert torch.allclose(grads_f[name], grads_p[name], atol=1e-5, rtol=1e-4), name
+    return loss_f
+
+
 def test_fused_lora_matches_peft_in_loss_and_every_gradient(tiny_model):
     fused, plain = lora_pair(tiny_model)
     assert all("forward" in m.__dict__ for m in fused.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A"))
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
-    loss_f, grads_f = loss_and_grads(fused, ids)
-    loss_p, grads_p = loss_and_grads(plain, ids)
-    assert abs(loss_f - loss_p) < 1e-5
-    assert grads_f.keys() == grads_p.keys() and any("lora_A" in n for n in grads_f)
-    for name in grads_p:
-        assert torch.allclose(grads_f[name], grads_p[name], atol=1e-5, rtol=1e-4), name
+    loss_f = assert_same_loss_and_gradients(fused, plain, ids, "lora_A")
     # the LoRA term is live: with B at zero the loss would differ
     with torch.no_grad():
         for name, parameter in fused.named_parameters():
@@ -114,14 +121,8 @@ def test_gated_mlp_gives_autograds_gradients_and_keeps_half_the_activations(tiny
         plain.load_state_dict(fused.state_dict())
     mlps = [m for m in fused.modules() if type(m).__name__ == "LlamaMLP"]
     assert mlps and all("forward" in m.__dict__ for m in mlps) and fuse_gated_mlps(fused) == 0  # once only
-    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
-    loss_f, grads_f = loss_and_grads(fused, ids)
-    loss_p, grads_p = loss_and_grads(plain, ids)
-    assert abs(loss_f - loss_p) < 1e-5
-    assert grads_f.keys() == grads_p.keys() and any("down_proj" in n for n in grads_f)
-    for name in grads_p:
-        assert torch.allclose(grads_f[name], grads_p[name], atol=1e-5, rtol=1e-4), name
-
+    assert_same_loss_and_gradients(fused, plain, torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0)),
+                                   "down_proj")
     x = torch.randn(2, 24, mlps[0].gate_proj.in_features, requires_grad=True)
     intermediate = 2 * 24 * mlps[0].down_proj.in_features * 4
     plain_mlp = [m for m in plain.modules() if type(m).__name__ == "LlamaMLP"][0]

@@ -111,7 +111,7 @@ class GatedDown(torch.autograd.Function):
         if grad_gated is not None:
             grad_gated = grad_gated.view(gate.shape)
             if needs[1]:
-                grad_up = grad_gated * silu
+                grad_up = silu.mul_(grad_gated)  # silu's last use: its buffer becomes up's gradient
             if needs[0]:
                 grad_gate = torch.ops.aten.silu_backward(grad_gated.mul_(up), gate)
         return grad_gate, grad_up, grad_w, grad_bias, grad_a, grad_b, None, None
