@@ -121,8 +121,10 @@ def test_every_problem_is_reported_at_once(tmp_path):
     ("adapter: {dropout: 1.5}", 2, ["'adapter.dropout' = 1.5", "less than 1"]),
     ("data: {train: t.jsonl, validation: v.jsonl, val_fraction: 0.1}", 1, ["give data.validation or data.val_fraction"]),
     ("train: 5", 2, ["'train' = 5", "valid dictionary"]),
+    ("train: {micro_batch_tokens: lots}", 2, ["'train.micro_batch_tokens' = 'lots'", "a token count (e.g. 1024), auto"]),
+    ("train: {micro_batch_tokens: 0}", 2, ["'train.micro_batch_tokens' = 0", "at least 1 token"]),
 ], ids=["lr", "max_length", "method", "adapter.type", "schedule", "truncation", "batch_size", "dropout",
-        "validation-twice", "section-not-mapping"])
+        "validation-twice", "section-not-mapping", "micro_batch_tokens-word", "micro_batch_tokens-zero"])
 def test_bad_values_name_key_value_and_line(tmp_path, text, line, fragments):
     # The line under test is line 2 unless it is the data section itself (line 1).
     body = text if text.startswith("data:") else f"data: {{train: t.jsonl}}\n{text}"

@@ -190,12 +190,16 @@ class TrainConfig(Section):
     def _known_schedule(cls, value: str) -> str:
         return registered("schedules", value)
 
-    @field_validator("micro_batch_tokens")
+    @field_validator("micro_batch_tokens", mode="before")
     @classmethod
-    def _positive_budget(cls, value: int | str | None) -> int | str | None:
-        if isinstance(value, int) and value < 1:
+    def _token_budget(cls, value: Any) -> Any:
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, bool) or not str(value).strip().lstrip("-").isdigit():
+            raise ValueError(f"must be a token count (e.g. 1024), auto, or null for no limit; not {value!r}")
+        if int(value) < 1:
             raise ValueError(f"must be at least 1 token (or auto, or null for no limit), not {value}")
-        return value
+        return int(value)
 
 
 class EvalConfig(Section):
