@@ -110,38 +110,46 @@ def collate(units: list[Unit]) -> Batch:
                  int((targets != IGNORE).sum()), len(units), scores)
 
 
+def micro_batch_units(examples: list[Unit], rows: list[list[int]], batch_size: int, max_tokens: int | None = None
+                      ) -> list[list[Unit]]:
+    """The units of each micro-batch: `batch_size` rows each (rows hold indices into `examples`), in order; with
+    `max_tokens`, the rows' units in even pieces of at most that many tokens (`even_pieces`) instead."""
+    if max_tokens is None:
+        return [[examples[index] for row in rows[start: start + batch_size] for index in row]
+                for start in range(0, len(rows), batch_size)]
+    return even_pieces([examples[index] for row in rows for index in row], max_tokens)
+
+
 def collate_rows(examples: list[Unit], rows: list[list[int]], batch_size: int, max_tokens: int | None = None
                  ) -> list[Batch]:
-    """Micro-batches of `batch_size` rows each (rows hold indices into `examples`), in order; with `max_tokens`,
-    the rows' units in even pieces of at most that many tokens (`even_pieces`) instead."""
-    if max_tokens is None:
-        return [collate([examples[index] for row in rows[start: start + batch_size] for index in row])
-                for start in range(0, len(rows), batch_size)]
-    units = [examples[index] for row in rows for index in row]
-    return [collate(piece) for piece in even_pieces(units, max_tokens)]
+    """The micro-batches `micro_batch_units` describes, collated."""
+    return [collate(units) for units in micro_batch_units(examples, rows, batch_size, max_tokens)]
+
+
+def consecutive_runs(units: list[Unit], max_tokens: int) -> list[list[Unit]]:
+    """`units` in order, each run filled until the next unit would pass `max_tokens` (a longer unit runs alone):
+    the fewest runs under that cap."""
+    runs: list[list[Unit]] = []
+    size = 0
+    for unit in units:
+        if not runs or size + len(unit) > max_tokens:
+            runs.append([])
+            size = 0
+        runs[-1].append(unit)
+        size += len(unit)
+    return runs
 
 
 def even_pieces(units: list[Unit], max_tokens: int) -> list[list[Unit]]:
     """`units` in order, cut into the fewest runs of at most `max_tokens` tokens (a longer unit is a run alone),
     with the largest run as small as that number of runs allows: [1500, 1500] rather than [2048, 952] tokens,
     so every piece of a step needs about the same memory and none is a sliver."""
-    def runs(cap: int) -> list[list[Unit]]:
-        pieces: list[list[Unit]] = []
-        size = 0
-        for unit in units:
-            if not pieces or size + len(unit) > cap:
-                pieces.append([])
-                size = 0
-            pieces[-1].append(unit)
-            size += len(unit)
-        return pieces
-
-    fewest = len(runs(max_tokens))  # filling each run in order gives the fewest runs under a cap
+    fewest = len(consecutive_runs(units, max_tokens))
     low, high = 1, max_tokens
     while low < high:  # the smallest cap that still needs no more runs (a unit over the cap runs alone)
         middle = (low + high) // 2
-        low, high = (low, middle) if len(runs(middle)) <= fewest else (middle + 1, high)
-    return runs(low)
+        low, high = (low, middle) if len(consecutive_runs(units, middle)) <= fewest else (middle + 1, high)
+    return consecutive_runs(units, low)
 
 
 @dataclass
@@ -181,18 +189,14 @@ class BatchPlan:
         rows = self.rows(epoch)
         first = step_in_epoch * self.rows_per_step
         step_rows = rows[first: first + self.rows_per_step]
-        batches = collate_rows(self.examples, step_rows[rank::world_size], self.batch_size, self.max_tokens)
-        count = max(self.pieces(step_rows[other::world_size]) for other in range(world_size))
+        shares = [micro_batch_units(self.examples, step_rows[other::world_size], self.batch_size, self.max_tokens)
+                  for other in range(world_size)]
+        batches = [collate(units) for units in shares[rank]]
+        count = max(len(share) for share in shares)
         if len(batches) < count:
             spare = batches[0] if batches else collate_rows(self.examples, step_rows[:1], 1)[0]
             batches += [replace(spare, filler=True)] * (count - len(batches))
         return batches
-
-    def pieces(self, rows: list[list[int]]) -> int:
-        """How many micro-batches `rows` make (without building them)."""
-        if self.max_tokens is None:
-            return -(-len(rows) // self.batch_size)
-        return len(even_pieces([self.examples[index] for row in rows for index in row], self.max_tokens))
 
     def eval_batches(self) -> list[Batch]:
         """Validation micro-batches: every example once, in file order."""

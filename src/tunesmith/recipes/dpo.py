@@ -18,14 +18,14 @@ import torch
 
 from tunesmith.config import Config
 from tunesmith.data.dataset import PreparedData
-from tunesmith.data.packing import Batch, collate
+from tunesmith.data.packing import Batch, collate, consecutive_runs
 from tunesmith.data.tokenize import Unit
 from tunesmith.errors import UserError
 from tunesmith.recipes.sft import RunResult, train_loop
 from tunesmith.registry import methods, preference_losses
 from tunesmith.train import distributed
 from tunesmith.train.cache import REFERENCE_CACHE, model_identity, read_cache, write_cache
-from tunesmith.train.distill import consecutive_groups, segment_keys
+from tunesmith.train.distill import segment_keys
 from tunesmith.train.distributed import World
 from tunesmith.train.preference import PreferenceObjective, adapter_off_logprobs, sequence_logprobs
 
@@ -93,7 +93,7 @@ def cached_reference(config: Config, units: list[Unit], runner: torch.nn.Module,
         if world.main:
             print(f"dpo: computing the reference log-probabilities of {len(units):,} pairs once (kept in {directory})",
                   file=sys.stderr)
-        groups = list(consecutive_groups(units, max_tokens))
+        groups = consecutive_runs(units, max_tokens)
         mine = [(runner(reference_of, collate(group).to(device)).cpu(), real) for group, real in world.share(groups)]
         values = world.gather([value for value, real in mine if real], len(groups))
         tensors = {"logprobs": torch.cat(values).contiguous()}

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tunesmith.data.packing import IGNORE, Batch, collate
+from tunesmith.data.packing import IGNORE, Batch, collate, consecutive_runs
 from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.registry import distill_losses
 from tunesmith.train.loss import HEAD_CHUNK, decoder_and_head, hidden_states, target_logits
@@ -154,20 +154,6 @@ def segment_keys(batch: Batch) -> list[str]:
     return [example_key(ids, targets) for ids, targets in pieces]
 
 
-def consecutive_groups(examples: list[TokenizedExample], max_tokens: int) -> Iterator[list[TokenizedExample]]:
-    """Runs of consecutive examples of at most `max_tokens` tokens (an example longer than that runs alone)."""
-    group: list[TokenizedExample] = []
-    size = 0
-    for example in examples:
-        if group and size + len(example) > max_tokens:
-            yield group
-            group, size = [], 0
-        group.append(example)
-        size += len(example)
-    if group:
-        yield group
-
-
 @torch.no_grad()
 def teacher_top_k(teacher: torch.nn.Module, examples: list[TokenizedExample], top_k: int, device: torch.device,
                   max_tokens: int) -> dict[str, torch.Tensor]:
@@ -175,7 +161,7 @@ def teacher_top_k(teacher: torch.nn.Module, examples: list[TokenizedExample], to
     order: {"logprobs": (P, k) float32, "indices": (P, k) int32}, P the examples' target count."""
     teacher.eval()
     logprobs, indices = [], []
-    for group in consecutive_groups(examples, max_tokens):
+    for group in consecutive_runs(examples, max_tokens):
         for logits, _, _ in target_logits(teacher, collate(group).to(device)):
             top = F.log_softmax(logits, dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
             logprobs.append(top.values.cpu())
