@@ -6,6 +6,7 @@
 banking77 (CC BY 4.0, PolyAI): a stratified slice — the first TRAIN_PER_LABEL training rows of each of the 77
 intents, in the source order, and the first TEST_PER_LABEL test rows of each intent.
 """
+import csv
 import json
 import sys
 from collections import defaultdict
@@ -15,6 +16,7 @@ TRAIN_PER_LABEL, TEST_PER_LABEL = 24, 4
 GSM8K_ROWS = 1000  # the first rows of the source training split
 SGD_ROWS = {"train": 400, "dev": 80}  # the first dialogues of each source split
 HH_ROWS = {"train": 800, "test": 400}  # the first pairs of each split of the shared copy
+WEBQUESTIONS_ROWS = {"train": 1000, "test": 200}  # the first questions of each split of the shared copy
 
 
 def stratified(rows: list[dict], per_label: int) -> list[dict]:
@@ -85,7 +87,22 @@ def redteam(shared: Path) -> None:
         print(f"redteam {name}: {len(kept)} rows")
 
 
+def webquestions(shared: Path) -> None:
+    """WebQuestions (CC BY 4.0, Berant et al.): question-answer pairs as a CSV file with a header row, the way a
+    spreadsheet exports them, for the README's "your own data" path. `answer` is the first accepted answer."""
+    out = Path(__file__).parent / "webquestions"
+    out.mkdir(exist_ok=True)
+    for split, count in WEBQUESTIONS_ROWS.items():
+        rows = [json.loads(line) for line in (shared / "webquestions" / f"{split}.jsonl").open(encoding="utf-8")][:count]
+        with (out / f"{split}.csv").open("w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["question", "answer"])
+            writer.writerows([r["question"], r["answer"]] for r in rows)
+        print(f"webquestions {split}: {len(rows)} rows")
+
+
 def main(shared: Path) -> None:
+    webquestions(shared)
     redteam(shared)
     hh_rlhf_harmless(shared)
     gsm8k(shared)

@@ -36,7 +36,7 @@ def test_there_are_example_configs():
 def test_every_example_config_loads(path):
     config = load_config(path)
     assert isinstance(config, Config)
-    assert str(config.data.train).endswith(".jsonl")
+    assert config.data.train.is_file(), f"{path.name}: data.train {config.data.train} is not a shipped file"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,4 +278,5 @@ def test_describe_fields_documents_every_field():
     undocumented = [key for key, _, description in rows if not description.strip()]
     assert undocumented == []
     defaults = {key: default for key, default, _ in rows}
-    assert defaults["data.train"] == "(required)" and defaults["train.lr"] == repr(2e-4)
+    assert defaults["data.train"] == "(required)" and defaults["train.lr"] == "0.0002"
+    assert (defaults["output_dir"], defaults["train.max_steps"], defaults["train.progress"]) == ("runs/run", "null", "true")

@@ -16,13 +16,14 @@ class CheckReport:
 
 
 def check_file(path: Path, format_name: str = "auto", method: str = "sft", model: str | None = None,
-               max_length: int = 1024) -> CheckReport:
-    """Parse and convert every row for `method`; with a model, also check each example's token length."""
+               max_length: int = 1024, columns: dict[str, str] | None = None) -> CheckReport:
+    """Parse and convert every row for `method` (`columns` mapping fields to the file's columns first); with a
+    model, also check each example's token length."""
     load_plugins()
     accepts = methods.info(method)["accepts"] if method in methods else None
     if accepts is None:
         methods.get(method, key="--method")
-    loaded = load_file(path, format_name, accepts, method)
+    loaded = load_file(path, format_name, accepts, method, columns=columns)
     problems = list(loaded.problems)
     if model is not None and loaded.examples:
         from tunesmith.config import DataConfig
@@ -31,12 +32,13 @@ def check_file(path: Path, format_name: str = "auto", method: str = "sft", model
         from tunesmith.models import load_tokenizer
 
         chat = ChatTokenizer(load_tokenizer(model))
-        config = DataConfig(train=path, max_length=max_length)
+        config = DataConfig(train=path, max_length=max_length, columns=columns or {})
         problems += tokenize_examples(loaded.examples, path, config, chat, PreparedData([], [], loaded.format))[1]
     problems.sort(key=lambda p: _line_of(p.where))
     if problems:
-        return CheckReport(problems, f"{report(problems, limit=200)}\n{path}: {len(problems)} problem(s) in "
-                                     f"{loaded.rows} rows (format {loaded.format})")
+        summary = (f" in {loaded.rows} rows (format {loaded.format})" if loaded.read_whole
+                   else "; the file was read no further")
+        return CheckReport(problems, f"{report(problems, limit=200)}\n{path}: {len(problems)} problem(s){summary}")
     checked = "" if model is None else f", all within {max_length} tokens"
     return CheckReport([], f"{path}: {len(loaded.examples)} examples OK (format {loaded.format}, method {method}{checked})")
 

@@ -46,7 +46,7 @@ def fit_length(example: TokenizedExample, max_length: int, policy: str, where: s
 
 def tokenize_file(path: Path, config: DataConfig, chat: ChatTokenizer, accepts: tuple[str, ...], method: str,
                   prepared: PreparedData) -> tuple[list[Unit], list[Problem]]:
-    loaded = load_file(path, config.format, accepts, method)
+    loaded = load_file(path, config.format, accepts, method, columns=config.columns)
     prepared.format = loaded.format
     problems = list(loaded.problems)
     if loaded.problems and config.skip_bad_rows and not loaded.file_problems:
@@ -140,9 +140,10 @@ def split_validation(examples: list[TokenizedExample], fraction: float, seed: in
     return ([e for i, e in enumerate(examples) if i not in chosen], [e for i, e in enumerate(examples) if i in chosen])
 
 
-def load_examples(path: Path, format_name: str = "auto") -> list[Example]:
-    """Examples of a file for evaluation or inference; any invalid row is an error."""
-    loaded = load_file(path, format_name)
+def load_examples(path: Path, format_name: str = "auto", columns: dict[str, str] | None = None) -> list[Example]:
+    """Examples of a file for evaluation or inference (`columns`: field -> the file's column); any invalid row is an
+    error."""
+    loaded = load_file(path, format_name, columns=columns)
     if loaded.problems:
         raise UserError(f"{path}: the data has {len(loaded.problems)} problem(s)\n{report(loaded.problems)}")
     return loaded.examples

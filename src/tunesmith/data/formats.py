@@ -1,10 +1,13 @@
 """Source formats → the one internal unit, an `Example` holding a list of messages.
 
-Each format is a small registered function that turns one JSON object into an Example or raises
-`RowError` with a message a user can act on. `detect_format` picks one from a row's keys.
+Each format is a small registered function that turns one row (a JSON object, or a CSV/TSV/Parquet record:
+files.py reads them all) into an Example or raises `RowError` with a message a user can act on. Its
+registration also holds its one-line description and example row, from which `--help-config` and the README's
+table of formats are written. `detect_format` picks a format from a row's keys.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -47,11 +50,17 @@ class Format:
     keys: tuple[str, ...]  # keys whose presence identifies the format (auto detection)
     kind: str  # chat | text | preference | score | prompt
     convert: Callable[[dict[str, Any]], Example]
+    summary: str = ""  # what the format is for, one line
+    example: dict[str, Any] = field(default_factory=dict)  # one valid row: the documentation's example, tested
+
+    @property
+    def example_line(self) -> str:
+        return json.dumps(self.example, ensure_ascii=False)
 
 
-def register_format(name: str, keys: tuple[str, ...], kind: str):
+def register_format(name: str, keys: tuple[str, ...], kind: str, summary: str, example: dict[str, Any]):
     def add(convert: Callable[[dict[str, Any]], Example]) -> Callable[[dict[str, Any]], Example]:
-        formats.register(name)(Format(name, keys, kind, convert))
+        formats.register(name)(Format(name, keys, kind, convert, summary, example))
         return convert
 
     return add
@@ -105,19 +114,25 @@ def check_messages(turns: Any, key: str = "messages", role_key: str = "role", co
     return clean
 
 
-@register_format("messages", keys=("messages",), kind="chat")
+@register_format("messages", keys=("messages",), kind="chat", summary="a chat (OpenAI's format); every assistant turn "
+                 "is trained", example={"messages": [{"role": "system", "content": "Be brief."},
+                                                     {"role": "user", "content": "Hi!"},
+                                                     {"role": "assistant", "content": "Hello!"}]})
 def convert_messages(row: dict[str, Any]) -> Example:
     if "messages" not in row:
         raise RowError("missing field 'messages'")
     return Example(check_messages(row["messages"]), "chat")
 
 
-@register_format("sharegpt", keys=("conversations",), kind="chat")
+@register_format("sharegpt", keys=("conversations",), kind="chat", summary="a chat in ShareGPT's spelling "
+                 "(from: system/human/gpt)", example={"conversations": [{"from": "human", "value": "Hi!"},
+                                                                        {"from": "gpt", "value": "Hello!"}]})
 def convert_sharegpt(row: dict[str, Any]) -> Example:
     return Example(check_messages(row.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES), "chat")
 
 
-@register_format("alpaca", keys=("instruction", "output"), kind="chat")
+@register_format("alpaca", keys=("instruction", "output"), kind="chat", summary="an instruction, an optional input, "
+                 "the output", example={"instruction": "Translate to French.", "input": "cheese", "output": "fromage"})
 def convert_alpaca(row: dict[str, Any]) -> Example:
     instruction = text_field(row, "instruction")
     extra = text_field(row, "input", allow_empty=True) if "input" in row else ""
@@ -125,7 +140,8 @@ def convert_alpaca(row: dict[str, Any]) -> Example:
     return Example([{"role": "user", "content": prompt}, {"role": "assistant", "content": text_field(row, "output")}], "chat")
 
 
-@register_format("prompt_completion", keys=("prompt", "completion"), kind="chat")
+@register_format("prompt_completion", keys=("prompt", "completion"), kind="chat", summary="a prompt and the "
+                 "completion to learn", example={"prompt": "2 + 2 =", "completion": "4"})
 def convert_prompt_completion(row: dict[str, Any]) -> Example:
     return Example(
         [{"role": "user", "content": text_field(row, "prompt")}, {"role": "assistant", "content": text_field(row, "completion")}],
@@ -133,7 +149,9 @@ def convert_prompt_completion(row: dict[str, Any]) -> Example:
     )
 
 
-@register_format("classification", keys=("text", "label"), kind="chat")
+@register_format("classification", keys=("text", "label"), kind="chat", summary="a text and its label (trained as "
+                 "the reply; evaluated with accuracy, precision, recall, F1)",
+                 example={"text": "My card has not arrived.", "label": "card_arrival"})
 def convert_classification(row: dict[str, Any]) -> Example:
     label = row.get("label")
     if isinstance(label, bool) or not isinstance(label, (str, int)):
@@ -147,19 +165,25 @@ def convert_classification(row: dict[str, Any]) -> Example:
     )
 
 
-@register_format("qa", keys=("question", "answer"), kind="chat")
+@register_format("qa", keys=("question", "answer"), kind="chat", summary="a question and its short answer; optional "
+                 "answers: every accepted answer, for exact-match scoring",
+                 example={"question": "What is the capital of France?", "answer": "Paris"})
 def convert_qa(row: dict[str, Any]) -> Example:
-    """Short-answer QA; `answers` (optional) lists every accepted answer, for exact-match scoring."""
-    answers = row.get("answers", [row.get("answer")])
+    """Short-answer QA; `answers` (optional) lists every accepted answer, for exact-match scoring.
+
+    The fields the user writes are checked first, so a row without its answer is told about `answer`."""
+    question, answer = text_field(row, "question"), text_field(row, "answer")
+    answers = row.get("answers", [answer])
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-        raise RowError(f"field 'answers' must be a list of strings, got {_short(answers)}")
-    example = Example([{"role": "user", "content": text_field(row, "question")},
-                       {"role": "assistant", "content": text_field(row, "answer")}], "chat")
+        raise RowError(f"field 'answers' (optional) must be a list of strings, got {_short(answers)}; fix: "
+                       f"list every accepted answer, or leave the field out")
+    example = Example([{"role": "user", "content": question}, {"role": "assistant", "content": answer}], "chat")
     example.meta["answers"] = answers
     return example
 
 
-@register_format("text", keys=("text",), kind="text")
+@register_format("text", keys=("text",), kind="text", summary="raw text, every token trained (continued "
+                 "pre-training)", example={"text": "A document of the domain, as it is."})
 def convert_text(row: dict[str, Any]) -> Example:
     return Example([{"role": "text", "content": text_field(row, "text")}], "text")
 
@@ -194,7 +218,9 @@ def _pair(prompt: list[dict[str, str]], chosen: str, rejected: str) -> Example:
                    rejected=prompt + [{"role": "assistant", "content": rejected}])
 
 
-@register_format("preference", keys=("prompt", "chosen", "rejected"), kind="preference")
+@register_format("preference", keys=("prompt", "chosen", "rejected"), kind="preference", summary="a prompt and two "
+                 "replies, the better one chosen (dpo, reward; sft learns the chosen one)",
+                 example={"prompt": "Say hi.", "chosen": "Hello!", "rejected": "Go away."})
 def convert_preference(row: dict[str, Any]) -> Example:
     return _pair(_prompt_messages(row), _reply(row, "chosen"), _reply(row, "rejected"))
 
@@ -205,7 +231,11 @@ def chosen_side(pair: Example) -> Example:
     return Example(pair.messages, "chosen", pair.line, meta=pair.meta, fields=pair.fields)
 
 
-@register_format("openai_preference", keys=("input", "preferred_output", "non_preferred_output"), kind="preference")
+@register_format("openai_preference", keys=("input", "preferred_output", "non_preferred_output"), kind="preference",
+                 summary="a preference pair in OpenAI's DPO fine-tuning format",
+                 example={"input": {"messages": [{"role": "user", "content": "Say hi."}]},
+                          "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+                          "non_preferred_output": [{"role": "assistant", "content": "Go away."}]})
 def convert_openai_preference(row: dict[str, Any]) -> Example:
     """OpenAI's DPO fine-tuning rows: {"input": {"messages": [...]}, "preferred_output": [assistant message],
     "non_preferred_output": [assistant message]}."""
@@ -219,12 +249,24 @@ def convert_openai_preference(row: dict[str, Any]) -> Example:
     return _pair(prompt, _reply(row, "preferred_output"), _reply(row, "non_preferred_output"))
 
 
-@register_format("score", keys=("prompt", "response", "score"), kind="score")
+@register_format("score", keys=("prompt", "response", "score"), kind="score", summary="a reply rated with a number "
+                 "(reward models; a numeric text such as \"0.8\" counts)",
+                 example={"prompt": "Say hi.", "response": "Hello!", "score": 0.8})
 def convert_score(row: dict[str, Any]) -> Example:
-    score = row.get("score")
+    score = number_or_text(row.get("score"))
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
         raise RowError(f"field 'score' must be a finite number, got {type(score).__name__} {_short(score)}")
     return Example(_prompt_messages(row) + [{"role": "assistant", "content": text_field(row, "response")}], "score", score=float(score))
+
+
+def number_or_text(value: Any) -> Any:
+    """A numeric text ("0.8", as every CSV cell is text) as its number; anything else as it is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _prompt_turns(turns: list[dict[str, str]], key: str) -> list[dict[str, str]]:
@@ -234,14 +276,18 @@ def _prompt_turns(turns: list[dict[str, str]], key: str) -> list[dict[str, str]]
     return turns
 
 
-@register_format("prompt", keys=("prompt",), kind="prompt")
+@register_format("prompt", keys=("prompt",), kind="prompt", summary="a prompt for RL methods (grpo, ppo) to answer; "
+                 "other fields (a reference answer) go to the reward functions",
+                 example={"prompt": "What is 12 * 7?", "answer": "84"})
 def convert_prompt(row: dict[str, Any]) -> Example:
     """A prompt for RL methods: a string, or a message list ending with the user's turn. Other fields of the
     row (a reference answer, a category) stay in `Example.fields` for reward functions."""
     return Example(_prompt_turns(_prompt_messages(row), "prompt"), "prompt")
 
 
-@register_format("prompt_messages", keys=("messages",), kind="prompt")
+@register_format("prompt_messages", keys=("messages",), kind="prompt", summary="a chat for RL methods to continue "
+                 "from its last user turn (a final assistant reply becomes the reference)",
+                 example={"messages": [{"role": "user", "content": "What is 12 * 7?"}]})
 def convert_prompt_messages(row: dict[str, Any]) -> Example:
     """A conversation for RL methods to continue: its turns up to the user's last message. A final assistant
     reply, if there is one, is not part of the prompt; it is kept as meta["reference"]."""
@@ -277,3 +323,57 @@ def detect_format(row: dict[str, Any], kinds: tuple[str, ...] | None = None) -> 
             if formats.get(name).kind == kind:
                 return name
     return found[0]
+
+
+def closest_formats(row: dict[str, Any], kinds: tuple[str, ...] | None = None) -> list[tuple[str, list[str]]]:
+    """The formats a row evidently meant when it fits none: those it has some identifying keys of, missing the
+    fewest, as (name, the keys it lacks). Formats of `kinds` (what the method takes) come first when any fit."""
+    partial = []
+    for name in DETECTION_ORDER:
+        keys = formats.get(name).keys
+        missing = [key for key in keys if key not in row]
+        if missing and len(missing) < len(keys):
+            partial.append((name, missing))
+    if kinds:
+        partial = [item for item in partial if formats.get(item[0]).kind in kinds] or partial
+    fewest = min((len(missing) for _, missing in partial), default=0)
+    closest, seen_keys = [], set()
+    for name, missing in partial:
+        if len(missing) == fewest and formats.get(name).keys not in seen_keys:  # one of formats sharing keys
+            closest.append((name, missing))
+            seen_keys.add(formats.get(name).keys)
+    return closest
+
+
+def format_reference() -> list[Format]:
+    """Every registered format, in detection order (the most specific first): the documentation's table."""
+    return [formats.get(name) for name in DETECTION_ORDER] + [
+        formats.get(name) for name in formats.names() if name not in DETECTION_ORDER]
+
+
+def csv_header(entry: Format) -> str | None:
+    """The CSV/TSV header row a format's data can have (its example's fields), or None when a field holds a list
+    or an object, which a cell cannot."""
+    flat = all(not isinstance(value, (list, dict)) for value in entry.example.values())
+    return ",".join(entry.example) if flat else None
+
+
+def describe_formats() -> str:
+    """Every format with what it holds, an example row and its CSV header: the end of `--help-config`."""
+    lines = ["data formats (data.format; auto tells them apart by their fields, the most specific first; data "
+             "files: .jsonl/.json, .csv/.tsv with a header row, .parquet):"]
+    width = max(len(entry.name) for entry in format_reference())
+    for entry in format_reference():
+        header = csv_header(entry)
+        lines.append(f"  {entry.name:<{width}}  {entry.summary} ({entry.kind} examples)")
+        lines.append(f"  {'':<{width}}  {entry.example_line}" + (f"   CSV header: {header}" if header else ""))
+    return "\n".join(lines)
+
+
+def format_table() -> str:
+    """The formats as a Markdown table (name, what it holds, an example row): the README's, generated here."""
+    lines = ["| format | holds | example row | CSV/TSV header |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{entry.name}` | {entry.summary} | `{entry.example_line}` | "
+              f"{'`' + csv_header(entry) + '`' if csv_header(entry) else '(nested: JSON Lines or Parquet)'} |"
+              for entry in format_reference()]
+    return "\n".join(lines)

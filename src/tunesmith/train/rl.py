@@ -143,7 +143,7 @@ def load_prompts(config: Config, chat: ChatTokenizer, required_fields: dict[str,
     problems: list[Problem] = []
     sets: list[list[Prompt]] = []
     for path in [data.train] + ([data.validation] if data.validation is not None else []):
-        loaded = load_file(path, data.format, ACCEPTS, config.method)
+        loaded = load_file(path, data.format, ACCEPTS, config.method, columns=data.columns)
         prepared.format = loaded.format
         skip = bool(loaded.problems) and data.skip_bad_rows and not loaded.file_problems
         prepared.skipped_rows += len(loaded.problems) if skip else 0
