@@ -94,14 +94,14 @@ def test_validate_a_bad_file(tmp_path, capsys):
 def test_generate_with_a_hub_model_that_is_not_here(capsys):
     code, out, err = run_cli(capsys, "generate", "someorg/somemodel", "--prompt", "hi")
     assert code == 2 and out == ""
-    assert "model 'someorg/somemodel'" in err
+    assert "someorg/somemodel: no such run directory or model" in err  # a path or a hub id: either way, not here
     assert "does not download from the Hugging Face hub" in err and "fix:" in err
     assert "Traceback" not in err
 
 
 def test_generate_without_a_prompt(capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
-    code, _, err = run_cli(capsys, "generate", "someorg/somemodel")
+    code, _, err = run_cli(capsys, "generate", "smollm2-135m-instruct")
     assert code == 2
     assert "no prompt given; fix: pass --prompt" in err
 

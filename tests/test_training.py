@@ -391,3 +391,35 @@ def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path, tiny_mo
     del saved["train"]["regularization"], saved["adapter"]["rslora"]
     (config.output_dir / "config.yaml").write_text(yaml.safe_dump(saved))
     run(make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=2"))  # resumes (nothing left to do), no error
+
+
+def forty_rows() -> list[dict]:
+    """40 one-turn conversations: with batch_size 8 and no packing, exactly 5 steps per epoch."""
+    return [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i % 5}"}]}
+            for i in range(40)]
+
+
+MAX_STEPS_OVERRIDES = ("train.batch_size=8", "data.packing=false", "train.epochs=1", "train.save_every=100")
+
+
+def test_max_steps_is_the_exact_step_count_cycling_through_the_data(tmp_path, tiny_model, monkeypatch, capsys):
+    """max_steps overrides epochs (as HF Trainer's does): 15 steps on 5 steps' worth of data is 3 epochs; a stop
+    at step 7 (inside the second epoch) resumes into the same data order and learning-rate schedule."""
+    overrides = (*MAX_STEPS_OVERRIDES, "train.max_steps=15", "train.warmup=2")
+    straight, resumed = straight_and_resumed(tmp_path, tiny_model, forty_rows(), overrides, 7, monkeypatch)
+    records = [json.loads(line) for line in (straight.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["total_steps"] == 15
+    steps = [row for row in records if "loss" in row and "event" not in row]
+    assert [row["step"] for row in steps] == list(range(1, 16))
+    assert [row["epoch"] for row in steps] == [0] * 4 + [1] * 5 + [2] * 5 + [3], "5 steps an epoch, 3 epochs in all"
+    assert steps[-1]["lr"] < steps[5]["lr"], "one schedule over all 15 steps"
+    assert metric_lines(straight.output_dir) == metric_lines(resumed.output_dir)
+    a = load_file(straight.output_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed.output_dir / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert "resuming from checkpoint step-7 (of 15)" in capsys.readouterr().err
+
+
+def test_max_steps_below_an_epoch_stops_there(tmp_path, tiny_model):
+    result = run(make_config(tmp_path, tiny_model, forty_rows(), *MAX_STEPS_OVERRIDES, "train.max_steps=3"))
+    assert result.steps == 3

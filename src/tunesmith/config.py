@@ -83,13 +83,19 @@ class AdapterConfig(Section):
 
 
 class DataConfig(Section):
-    train: Path = Field(description="Training data: a JSONL file, one example per line.")
-    validation: Path | None = Field(None, description="Validation data file (same format as train).")
+    train: Path = Field(description="Training data, one example per row: .jsonl (or .json), .csv, .tsv (a header row "
+                        "names the columns) or .parquet; the extension picks the reader.")
+    validation: Path | None = Field(None, description="Validation data file (any type train takes, same format).")
     val_fraction: float | None = Field(
         None, gt=0.0, lt=1.0, description="Hold out this fraction of train for validation when no file is given."
     )
-    format: str = Field("auto", description="messages | alpaca | sharegpt | prompt_completion | text | classification | preference | "
-                        "prompt (RL: {prompt}) | prompt_messages (RL: messages ending with the user's turn) | auto")
+    format: str = Field("auto", description="The data format: auto (told from each file's fields or columns) or a "
+                        "registered format's name; every format, its fields and an example row are listed at the end "
+                        "of `tunesmith train --help-config`.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Your file's columns under the format's field "
+                                    "names, field: column (e.g. {question: q, answer: a}), renamed before the format "
+                                    "is told; other columns stay (reward functions and slices read them). Applies to "
+                                    "data.train, data.validation and eval.data.")
     max_length: int = Field(1024, gt=1, description="Longest example in tokens; packed rows hold at most this many.")
     packing: bool = Field(True, description="Pack several examples into each row (no attention across them).")
     truncation: Literal["error", "drop", "truncate", "split"] = Field(
@@ -102,6 +108,20 @@ class DataConfig(Section):
         "assistant", description="Which tokens are trained: assistant turns only, or every token."
     )
     system_prompt: str | None = Field(None, description="System message added to examples that have none.")
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        return value if value == "auto" else registered("formats", value)
+
+    @field_validator("columns")
+    @classmethod
+    def _columns_named(cls, value: dict[str, str]) -> dict[str, str]:
+        for field_name, column in value.items():
+            if not field_name.strip() or not column.strip():
+                raise ValueError(f"'{field_name}: {column}' names an empty field or column; fix: write field: column, "
+                                 f"e.g. {{question: q, answer: a}}")
+        return value
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> "DataConfig":
@@ -418,6 +438,16 @@ def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[t
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows.extend(describe_fields(annotation, f"{prefix}{name}."))
             continue
-        default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        default = "(required)" if field.is_required() else as_yaml(field.get_default(call_default_factory=True))
         rows.append((f"{prefix}{name}", default, field.description or ""))
     return rows
+
+
+def as_yaml(value: Any) -> str:
+    """A default as a user would write it in the YAML config: runs/run, null, true, [0.9, 0.999], not repr's
+    PosixPath('runs/run'), None, True."""
+    import yaml
+    from pydantic_core import to_jsonable_python
+
+    text = yaml.safe_dump(to_jsonable_python(value), default_flow_style=True, width=1 << 16, allow_unicode=True)
+    return text.strip().removesuffix("\n...")  # a lone scalar is written as a document that ends in '...'

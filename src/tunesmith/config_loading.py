@@ -132,6 +132,28 @@ def suggest_key(name: str, allowed: list[str]) -> str:
     return f" (did you mean '{alias}'?)" if alias in allowed else did_you_mean(name, allowed)
 
 
+# An example value of each required key, for the fix when a config lacks it.
+REQUIRED_EXAMPLES = {"data.train": "path/to/train.jsonl"}
+
+
+def missing_key_message(loc: tuple[Any, ...], on_command_line: bool) -> str:
+    """`'KEY' is required` and how to add it: with no YAML file, as overrides; a missing section names the keys
+    it needs (no `data:` at all needs data.train)."""
+    key = ".".join(str(part) for part in loc)
+    section = Config
+    for part in loc:
+        field = section.model_fields.get(str(part)) if isinstance(section, type) else None
+        section = getattr(field, "annotation", None)
+    needed = [f"{key}.{name}" for name, field in section.model_fields.items() if field.is_required()] \
+        if isinstance(section, type) and issubclass(section, BaseModel) else []
+    needed = needed or [key]
+    if on_command_line:
+        overrides = " ".join(f"{name}={REQUIRED_EXAMPLES.get(name, 'VALUE')}" for name in needed)
+        return (f"{', '.join(repr(name) for name in needed)} {'is' if len(needed) == 1 else 'are'} required; fix: add "
+                f"{overrides} to the command line (or give a YAML config that sets it)")
+    return f"'{key}' is required; fix: add it (e.g. {needed[0]}: {REQUIRED_EXAMPLES.get(needed[0], 'VALUE')})"
+
+
 def validation_problems(error: ValidationError, where: Location, source: str) -> list[Problem]:
     problems = []
     for item in error.errors():
@@ -141,7 +163,7 @@ def validation_problems(error: ValidationError, where: Location, source: str) ->
             allowed = _fields_at(loc)
             message = f"unknown key '{key}'{suggest_key(str(loc[-1]), allowed)}; allowed here: {', '.join(allowed)}"
         elif item["type"] == "missing":
-            message = f"'{key}' is required; fix: add it (e.g. data.train: path/to/train.jsonl)"
+            message = missing_key_message(loc, on_command_line=source == "command line")
         elif item["type"] == "value_error" and not loc:
             for line in str(item["msg"]).removeprefix("Value error, ").splitlines():
                 problems.append(Problem(_where(tuple(line.split(":")[0].split(".")), where, source), line))

@@ -7,7 +7,10 @@ itself never touches the network and never runs code shipped with a model.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import logging
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +53,21 @@ def resolve_model(spec: str | Path) -> Path:
     raise unresolved_model_error(text)
 
 
+def check_target(spec: str | Path) -> None:
+    """Refuse at once a target (of eval, chat, generate, score, redteam, label) that names a path which is not
+    there, before a command reads anything else, so `eval runs/nope` says so rather than asking for data."""
+    text = str(spec).strip()
+    if looks_like_path(text) and not Path(text).expanduser().exists() \
+            and not (_HUB_ID_PATTERN.match(text) and find_in_hub_cache(text) is not None):
+        raise unresolved_model_error(text)
+
+
+def looks_like_path(text: str) -> bool:
+    """A target written as a path (`runs/x`, `./x`, `~/x`), not a built-in or library name. `org/name` looks
+    like both a path and a hub id; resolve_model tries the local hub cache for it first."""
+    return "/" in text or text.startswith((".", "~"))
+
+
 def check_model_directory(directory: Path) -> Path:
     """`directory` if it holds a transformers model, else a UserError saying what is missing."""
     if not (directory / "config.json").is_file():
@@ -86,6 +104,8 @@ def find_in_hub_cache(repo_id: str) -> Path | None:
 
 def unresolved_model_error(spec: str) -> UserError:
     builtin = ", ".join(catalog.model_names())
+    if looks_like_path(spec):
+        return missing_path_error(spec, builtin)
     message = (
         f"model '{spec}' is not a built-in model{did_you_mean(spec, catalog.model_names())}, "
         f"a local directory or a .gguf file"
@@ -99,6 +119,25 @@ def unresolved_model_error(spec: str) -> UserError:
     else:
         message += "; fix: use a built-in name, or the path of a model directory or .gguf file"
     return UserError(f"{message}. Built-in models: {builtin}")
+
+
+def missing_path_error(spec: str, builtin: str) -> UserError:
+    """`PATH: no such run directory or model`, with the closest entry beside it and what a target can be. A
+    hub-shaped `org/name` whose `org` is no local directory gets the hub's fix too."""
+    path = Path(spec).expanduser()
+    parent = path.parent
+    nearby = [entry.name for entry in parent.iterdir() if entry.is_dir() or entry.suffix == ".gguf"] \
+        if parent.is_dir() else []
+    close = difflib.get_close_matches(path.name, nearby, n=1, cutoff=0.6)
+    suggestion = f" (did you mean '{parent / close[0]}'?)" if close else ""
+    message = (f"{spec}: no such run directory or model{suggestion}; fix: give the output_dir "
+               f"of a train run, a model directory or .gguf file, or a built-in model name (`tunesmith models "
+               f"list`: {builtin})")
+    if _HUB_ID_PATTERN.match(spec) and not parent.is_dir():
+        message += (f". If {spec} is a Hugging Face hub id: tunesmith does not download from the Hugging Face hub "
+                    f"at run time; download it on a connected machine (`huggingface-cli download {spec} "
+                    f"--local-dir DIR`) and give DIR")
+    return UserError(message)
 
 
 def load_tokenizer(spec: str | Path) -> Any:
@@ -165,14 +204,60 @@ def load_model(
 def quantization_config(kind: str, compute_dtype: Any) -> Any:
     if kind != "nf4":
         raise UserError(f"quantization '{kind}' is not supported; fix: use nf4")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise UserError("adapter.type=qlora needs bitsandbytes (4-bit NF4 weights); fix: pip install bitsandbytes") from None
+    import_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype if compute_dtype != "auto" else None)
+
+
+def defer_bitsandbytes() -> None:
+    """Keep bitsandbytes out of this process until 4-bit work asks for it (`import_bitsandbytes`).
+
+    peft imports bitsandbytes whenever it is installed (peft/helpers.py; IA3 and AdaLoRA when they wrap layers),
+    and importing it asks the Hugging Face hub for a CPU kernel (through the `kernels` package) and warns, telling
+    users to set trust_remote_code: every plain LoRA command paid for that. A None entry in sys.modules makes an
+    import of it fail at once, and peft and transformers then treat it as not installed. The `tunesmith` command
+    calls this first; a library caller that has imported bitsandbytes itself keeps it.
+    """
+    sys.modules.setdefault("bitsandbytes", None)
+
+
+# What peft and transformers remember about bitsandbytes being installed (functools caches), reset when it loads.
+_AVAILABILITY_CHECKS = (("peft.import_utils", "is_bnb_available"), ("peft.import_utils", "is_bnb_4bit_available"),
+                        ("transformers.utils.import_utils", "is_bitsandbytes_available"))
+_ABSENT = object()  # `kernels` was not imported before bitsandbytes was
+
+
+def import_bitsandbytes() -> Any:
+    """bitsandbytes for 4-bit work, loaded quietly and offline.
+
+    Its CPU backend looks up a faster kernel on the Hugging Face hub as it imports (kernels-community, run as
+    downloaded code); the `kernels` package is hidden for that import, so the lookup fails at once, silently, and
+    bitsandbytes keeps its own built-in kernel. Lifts `defer_bitsandbytes`.
+    """
+    if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+        del sys.modules["bitsandbytes"]
+        for module_name, function_name in _AVAILABILITY_CHECKS:
+            check = getattr(sys.modules.get(module_name), function_name, None)
+            if hasattr(check, "cache_clear"):
+                check.cache_clear()  # an answer given while it was deferred
+    hidden = sys.modules.get("kernels", _ABSENT)
+    sys.modules["kernels"] = None
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its "failed to load the kernel" warning: expected here, and not the user's
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError("adapter.type=qlora needs bitsandbytes (4-bit NF4 weights); fix: pip install bitsandbytes") from None
+    finally:
+        logger.setLevel(level)
+        if hidden is _ABSENT:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = hidden
+    return bitsandbytes
 
 
 def keep_small_layers_off_packed_cpu_path(model: Any) -> None:

@@ -84,6 +84,7 @@ def train_loop(config: Config, accepts: tuple[str, ...], build_objective: Object
     progress.write(f"{config.adapter.type}: training {counts['trainable_parameters']:,} of "
                    f"{counts['total_parameters']:,} parameters ({counts['trainable_share']:.2%})"
                    + (f" on {world.size} processes ({train_config.parallel})" if world.distributed else ""))
+    loop.announce_resume(progress, resume_from, state, total_steps)
 
     # ---- loop --------------------------------------------------------------------------------
     result: StepResult | None = None

@@ -25,7 +25,7 @@ from tunesmith.train import distributed
 from tunesmith.train.distributed import ONE_PROCESS, World
 from tunesmith.train.loss import decoder_and_head
 from tunesmith.train.metrics import MetricsLog
-from tunesmith.train.run import peak_rss_mb, write_summary
+from tunesmith.train.run import final_logged_loss, peak_rss_mb, write_summary
 from tunesmith.train.step import TOKEN_LOSS, Objective, StepResult, evaluate_loss
 
 
@@ -38,6 +38,8 @@ class RunResult:
     best_val_loss: float | None
     tokens_per_s: float
     peak_rss_mb: float
+    already_complete: bool = False  # resumed with nothing left to train: no step ran in this call
+    stopped_early: bool = False
 
 
 def build_model(config: Config, device: torch.device, num_labels: int | None = None) -> torch.nn.Module:
@@ -85,13 +87,17 @@ def save_outputs(config: Config, model, tokenizer, state: ckpt.TrainState, resul
     output = run_dir / output_name(config.adapter.type)
     gathered = whole_state(model) if is_sharded(model) else None
     if world.main:
-        save_final(model, tokenizer, output, gathered)
+        save_final(model, tokenizer, output, gathered, base_model=config.model)
         objective.save(output)
-    summary = RunResult(run_dir, output, state.step, result.loss if result else None, state.best_val_loss,
+    # No step in this call (a finished run run again): its final loss is the last one metrics.jsonl logged.
+    final_loss = result.loss if result else final_logged_loss(run_dir)
+    summary = RunResult(run_dir, output, state.step, final_loss, state.best_val_loss,
                         state.tokens_seen / state.elapsed_s if state.elapsed_s else 0.0,
-                        max(peak_rss_mb(), state.extra.get("peak_rss_mb", 0.0)))  # the whole run's, not this process's
+                        max(peak_rss_mb(), state.extra.get("peak_rss_mb", 0.0)),  # the whole run's, not this process's
+                        already_complete=result is None, stopped_early=bool(state.extra.get("stopped_early")))
     if world.main:
-        write_summary(run_dir, {**{k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()},
+        fields = {k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items() if k != "already_complete"}
+        write_summary(run_dir, {**fields,
                                 "best_step": state.best_step, "data": data.summary(), "skipped_steps": state.skipped_steps,
                                 "processes": world.size})
     world.barrier()  # nobody leaves before the outputs are on disk
@@ -132,8 +138,19 @@ def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def count_steps(plan: BatchPlan, epochs: int, max_steps: int | None) -> int:
-    total = sum(plan.steps_in_epoch(epoch) for epoch in range(epochs))
-    return min(total, max_steps) if max_steps is not None else total
+    """The run's optimizer steps: train.max_steps when set, exactly (HF Trainer's rule: it overrides epochs, and
+    `advance` carries the data position into as many further epochs, each shuffled anew, as that takes);
+    else every step of `epochs` epochs. The learning-rate schedule spans this count."""
+    if max_steps is not None:
+        return max_steps
+    return sum(plan.steps_in_epoch(epoch) for epoch in range(epochs))
+
+
+def announce_resume(progress, resume_from: Path | None, state: ckpt.TrainState, total_steps: int) -> None:
+    """Say which checkpoint a resumed run continues from. A finished run (nothing left to train) is left to the
+    caller, whose RunResult says `already_complete`."""
+    if resume_from is not None and state.step < total_steps and not state.extra.get("stopped_early"):
+        progress.write(f"resuming from checkpoint {resume_from.name} (of {total_steps})")
 
 
 def advance(state: ckpt.TrainState, plan: BatchPlan, result: StepResult) -> None:

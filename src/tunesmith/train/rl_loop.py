@@ -117,6 +117,7 @@ def setup(config: Config, with_value_head: bool = False) -> RLRun:
     progress.write(f"{config.method}, {config.adapter.type}: training {counts['trainable_parameters']:,} of "
                    f"{counts['total_parameters']:,} parameters ({counts['trainable_share']:.2%})"
                    + (f" on {world.size} processes ({train_config.parallel})" if world.distributed else ""))
+    loop.announce_resume(progress, resume_from, state, total_steps)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = Sampling(config.rl.max_new_tokens, config.rl.temperature, config.rl.top_p)
     task_eval = InTrainingEval(config, tokenizer) if config.eval.every and config.eval.data and world.main else None

@@ -70,5 +70,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def final_logged_loss(run_dir: Path) -> float | None:
+    """The loss of the last step that metrics.jsonl records (None before any); a line a crash cut short is skipped."""
+    path = run_dir / "metrics.jsonl"
+    loss = None
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "loss" in record and "event" not in record:  # skipped steps are events
+            loss = record["loss"]
+    return loss
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
