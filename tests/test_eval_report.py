@@ -155,5 +155,44 @@ def test_training_curves_skip_events_torn_lines_and_missing_values(tmp_path):
 
 
 def test_importing_the_report_does_not_import_matplotlib():
-    code = "import sys, tunesmith.eval.report; assert 'matplotlib' not in sys.modules"
+    code = ("import sys, tunesmith.eval.report; assert not {'matplotlib', 'sacrebleu', 'rouge_score'} & "
+            "set(sys.modules), 'plots and text metrics load on first use'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def header_of(page: str) -> str:
+    return page.split("<nav>")[0]
+
+
+def test_the_header_shows_only_the_settings_that_shaped_the_task(tmp_path):
+    """A perplexity report names no decoding or label settings; a classification report names its method and labels."""
+    from tunesmith.data.formats import convert_classification, convert_text
+    from tunesmith.eval.run import EvalOptions, assemble
+    from tunesmith.registry import tasks
+
+    perplexity = tasks.get("perplexity")
+    items = perplexity.items([convert_text({"text": "a b"}), convert_text({"text": "c"})])
+    predictions = {"target": [(-3.0, 2), (-1.0, 1)], "base": [(-4.0, 2), (-2.0, 1)]}
+    options = EvalOptions(task="perplexity", baselines=("base",), resamples=20)
+    result = assemble("model", tmp_path / "held_out.jsonl", options, perplexity, items, predictions, [], {})
+    header = header_of(write_report(result, tmp_path / "perplexity.html").read_text(encoding="utf-8"))
+    assert "resamples=20" in header and 'baselines=[&quot;base&quot;]' in header
+    for unrelated in ("method=", "labels=", "max_new_tokens=", "rubric=", "judge"):
+        assert unrelated not in header, unrelated
+
+    classification = tasks.get("classification")
+    items = classification.items([convert_classification({"text": "t", "label": label}) for label in ("a", "b")])
+    result = assemble("model", tmp_path / "intents.jsonl", EvalOptions(resamples=20), classification, items,
+                      {"target": ["a", "a"]}, ["a", "b"], {})
+    header = header_of(write_report(result, tmp_path / "classification.html").read_text(encoding="utf-8"))
+    assert "method=constrained" in header and "labels=2" in header and "max_new_tokens=" not in header
+
+
+def test_scored_generation_shows_its_text_metrics_and_the_replies_side_by_side(tmp_path):
+    result = {"target": "run", "task": "generation", "n": 1,
+              "metrics": {"rouge_l": metric(0.41, 0.3, 0.5, 1), "chrf": metric(38.2, 30.1, 45.0, 1)},
+              "examples": [{"index": 0, "input": "say hi", "expected": "hi there", "predicted": "hello"}]}
+    page = write_report(result, tmp_path / "report.html").read_text(encoding="utf-8")
+    cells = re.findall(r'<td class="num">([^<]*)</td>', section(page, "metrics"))
+    assert "41.0% [30.0, 50.0]" in cells and "38.2 [30.1, 45.0]" in cells, "ROUGE-L a share, chrF on its 0-100 scale"
+    assert "hi there" in section(page, "examples")

@@ -10,7 +10,7 @@ from conftest import write_config_file, write_jsonl
 from tunesmith.cli import main
 from tunesmith.data.formats import convert_classification, convert_messages
 from tunesmith.errors import UserError
-from tunesmith.eval.run import EvalOptions, evaluate, few_shot_prefix, parse_baseline
+from tunesmith.eval.run import EvalOptions, evaluate, few_shot_prefix, format_summary, parse_baseline
 from tunesmith.eval.tasks import parse_number, with_prefix
 
 LABELS = ["card_arrival", "lost_or_stolen_phone", "cancel_transfer", "fee"]
@@ -78,8 +78,8 @@ def test_exact_match_regression_perplexity_preference_generation(run_dir, tmp_pa
     implicit = [(tc - bc) > (tr - br) for (tc, tr), (bc, br) in  # the tuned model's log-ratio to its base, per reply
                 ((row["predicted"], row["baselines"]["base"]["predicted"]) for row in preference["examples"])]
     assert preference["comparisons"]["base"]["implicit_reward_accuracy"]["value"] == sum(implicit) / 2
-    free = evaluate_task(run_dir, tmp_path, "generation", [{"prompt": "hello", "completion": "hi"}], baselines=("base",))
-    assert "metrics" not in free and "base" in free["examples"][0]["baselines"]
+    free = evaluate_task(run_dir, tmp_path, "generation", [{"prompt": "hello"}], baselines=("base",))
+    assert "metrics" not in free and "base" in free["examples"][0]["baselines"], "no reference: review only"
 
 
 def test_baselines_need_a_run_and_a_known_name(tiny_model, tmp_path):
@@ -186,3 +186,112 @@ def test_a_full_fine_tuning_run_is_compared_with_its_base_model(tiny_model, tmp_
     alone = evaluate(str(tiny_model), data, options, tmp_path / "b")
     assert tuned["baselines"]["base"]["metrics"]["loss"]["value"] == pytest.approx(alone["metrics"]["loss"]["value"])
     assert tuned["metrics"]["loss"]["value"] != pytest.approx(alone["metrics"]["loss"]["value"])
+
+
+# ------------------------------------------------------------------------------- few-shot on log-likelihood
+
+
+def test_few_shot_perplexity_reads_the_shots_and_scores_only_the_rows_own_tokens(run_dir, tmp_path):
+    """few-shot:2 is the base model with two examples before each row: not the base model's number, and equal to
+    (log-likelihood with the shots) minus (log-likelihood of the shots alone), the row's own tokens only."""
+    from tunesmith.data.dataset import load_examples
+    from tunesmith.serve.engine import Engine
+
+    rows = [{"text": f"question {i} about {label}", "label": label} for i, label in enumerate(LABELS)]
+    result = evaluate_task(run_dir, tmp_path, "perplexity", rows, baselines=("base", "few-shot:2"))
+    base, few_shot = (result["baselines"][name]["metrics"]["loss"]["value"] for name in ("base", "few-shot:2"))
+    assert few_shot != pytest.approx(base, rel=1e-4), "the shots change what the model saw"
+    prefix = few_shot_prefix(load_examples(run_dir.parent / "train.jsonl"), 2, [], None, seed=0, task="perplexity")
+    engine = Engine.load(str(run_dir))
+    nll, tokens = 0.0, 0
+    with engine.base_model():
+        (shots_logprob, shots_tokens), = engine.loglikelihood([prefix])
+        for row in rows:
+            conversation = with_prefix(prefix, [{"role": "user", "content": row["text"]},
+                                                {"role": "assistant", "content": row["label"]}])
+            (logprob, count), = engine.loglikelihood([conversation])
+            nll, tokens = nll - (logprob - shots_logprob), tokens + count - shots_tokens
+    assert few_shot == pytest.approx(nll / tokens, rel=1e-4)
+    assert tokens == sum(row["predicted"][1] for row in result["examples"]), "the same tokens as every other system"
+    pairs = [{"prompt": f"question {i} about fee", "chosen": "fee", "rejected": "refund"} for i in range(2)]
+    ranked = evaluate_task(run_dir, tmp_path / "pairs", "preference", pairs, baselines=("base", "few-shot:2"))
+    first = [{"role": "user", "content": pairs[0]["prompt"]}, {"role": "assistant", "content": "fee"}]
+    with engine.base_model():
+        (chosen_with_shots, _), = engine.loglikelihood([with_prefix(prefix, first)])
+    shot_chosen = ranked["examples"][0]["baselines"]["few-shot:2"]["predicted"][0]
+    assert shot_chosen == pytest.approx(chosen_with_shots - shots_logprob, rel=1e-4), "pairs: the reply, not the shots"
+    assert shot_chosen != pytest.approx(ranked["examples"][0]["baselines"]["base"]["predicted"][0], rel=1e-4)
+
+
+def test_a_baseline_that_cannot_apply_is_refused_before_any_model_runs(run_dir, tiny_model, tmp_path):
+    text = [{"text": "the quick brown fox"}, {"text": "refund fee"}]
+    with pytest.raises(UserError, match=r"text/perplexity.jsonl:1: few-shot:K puts example conversations before"):
+        evaluate_task(run_dir, tmp_path / "text", "perplexity", text, baselines=("few-shot:2",))
+    pairs = [{"prompt": "question 0", "chosen": "fee", "rejected": "the lazy dog"}] * 2
+    with pytest.raises(UserError, match="a judge reads its rubric and nothing else"):
+        evaluate_task(run_dir, tmp_path / "judge", "judge", pairs, baselines=("few-shot:2",))
+    with pytest.raises(UserError, match="every system would score the same"):
+        evaluate_task(run_dir, tmp_path / "rated", "preference", pairs, baselines=("base",),
+                      reward_model=str(tiny_model))
+    with pytest.raises(UserError, match=r"few-shot:50 needs 50 example conversations, and .*train.jsonl has 24"):
+        evaluate_task(run_dir, tmp_path / "many", "classification", [{"text": "q", "label": "fee"}],
+                      baselines=("few-shot:50",))
+
+
+# ------------------------------------------------------------------------------------- free-text answers
+
+
+def test_generation_is_scored_against_references_and_review_only_without(run_dir, tmp_path):
+    rows = [{"prompt": f"question {i} about fee", "completion": "the fee is small"} for i in range(3)]
+    scored = evaluate_task(run_dir, tmp_path, "generation", rows, baselines=("base",))
+    assert {"rouge_l", "chrf", "bleu"} == set(scored["metrics"]) == set(scored["baselines"]["base"]["metrics"])
+    assert {"rouge_l", "chrf", "bleu"} <= set(scored["comparisons"]["base"])
+    assert all(row["expected"] == "the fee is small" for row in scored["examples"])
+    assert "rouge_l" in format_summary(scored) and "chrf" in format_summary(scored)
+    prompts = [{"prompt": "question 1 about fee", "reference": "the fee is small"},
+               {"prompt": "hello", "reference": "hi"}]
+    assert evaluate_task(run_dir, tmp_path / "prompts", "generation", prompts)["metrics"]["chrf"]["n"] == 2
+    with pytest.raises(UserError, match=r"mixed/generation.jsonl:2: this row has no reference reply, and others"):
+        evaluate_task(run_dir, tmp_path / "mixed", "generation", [prompts[0], {"prompt": "hello"}])
+
+
+def test_a_judge_scores_every_systems_replies_against_the_references(run_dir, tiny_model, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"question {i} about fee", "answer": "fee",
+                                                "answers": ["fee", "the fee"]} for i in range(4)])
+    code = main(["eval", str(run_dir), "--data", str(data), "--task", "exact_match", "--baseline", "base",
+                 "--judge", str(tiny_model), "--judge-scale", "4", "--resamples", "50", "--max-new-tokens", "4",
+                 "--output", str(tmp_path / "out")])
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    for metrics in (result["metrics"], result["baselines"]["base"]["metrics"]):
+        judged = metrics["judge_score"]
+        assert 1.0 <= judged["value"] <= 4.0 and judged["n"] == 4
+        assert judged["ci95"][0] <= judged["value"] <= judged["ci95"][1]
+    assert {"diff", "ci95"} <= set(result["comparisons"]["base"]["judge_score"])
+    assert "mcnemar_p" in result["comparisons"]["base"] and list(result["comparisons"]["base"])[-1] == "mcnemar_p"
+    scores = [row["judge_score"] for row in result["examples"]]
+    assert result["metrics"]["judge_score"]["value"] == pytest.approx(sum(scores) / 4)
+    assert all("judge_score" in row["baselines"]["base"] for row in result["examples"])
+    assert result["judge"]["mode"] == "reference" and result["judge"]["scale"] == 4
+    assert result["settings"]["judge"] == str(tiny_model) and "judge_s" in result["timing"]
+    assert "judge_score" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--judge scores replies against reference answers"):
+        evaluate_task(run_dir, tmp_path / "ppl", "perplexity", [{"text": "refund fee"}], judge=str(tiny_model))
+
+
+def test_the_judge_task_measures_agreement_with_human_scores(tiny_model, tmp_path):
+    rows = [{"prompt": f"question {i}", "reference": "fee", "response": reply, "score": score}
+            for i, (reply, score) in enumerate([("fee", 5), ("the lazy dog", 1), ("the fee", 4), ("refund", 2)])]
+    result = evaluate_task(tiny_model, tmp_path, "judge", rows)
+    assert set(result["metrics"]) == {"rating_correlation", "rating_mae", "rating_agreement"}
+    judged = [row["predicted"] for row in result["examples"]]
+    assert all(1.0 <= score <= 5.0 for score in judged)
+    assert [row["expected"] for row in result["examples"]] == [5, 1, 4, 2]
+    mae = sum(abs(j - h) for j, h in zip(judged, [5, 1, 4, 2])) / 4
+    assert result["metrics"]["rating_mae"]["value"] == pytest.approx(mae)
+    assert result["settings"]["judge_scale"] == 5 and "method" not in result["settings"]
+    with pytest.raises(UserError, match=r"human/judge.jsonl:1: the human score 7 lies outside the judge's scale 1..5"):
+        evaluate_task(tiny_model, tmp_path / "human", "judge", [{**rows[0], "score": 7}])
+    unreferenced = [{key: rows[0][key] for key in ("prompt", "response", "score")}]
+    with pytest.raises(UserError, match=r"noref/judge.jsonl:1: a scored reply for the judge task needs a 'reference'"):
+        evaluate_task(tiny_model, tmp_path / "noref", "judge", unreferenced)

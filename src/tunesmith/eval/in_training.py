@@ -12,7 +12,7 @@ import torch
 from tunesmith.config import Config
 from tunesmith.data.dataset import load_examples
 from tunesmith.eval import metrics as metric_functions
-from tunesmith.eval.tasks import Context
+from tunesmith.eval.tasks import Context, metric_task_of
 from tunesmith.registry import tasks
 from tunesmith.serve.engine import Engine, Sampling
 
@@ -25,7 +25,7 @@ class InTrainingEval:
         from tunesmith.eval.run import label_set  # the same label set as `tunesmith eval` on this run
 
         self.task = tasks.get(config.eval.task)
-        self.items = self.task.items(load_examples(config.eval.data)[: config.eval.max_examples])
+        self.items = self.task.items(load_examples(config.eval.data, columns=config.data.columns)[: config.eval.max_examples])
         self.tokenizer = tokenizer
         self.system_prompt = config.data.system_prompt
         labels = label_set(self.items, config.model_dump(mode="json")) if config.eval.task == "classification" else []
@@ -40,7 +40,10 @@ class InTrainingEval:
         finally:
             model.train()
             torch.set_rng_state(rng)
-        return metric_functions.score(self.task.metric_task, predictions, [item.expected for item in self.items],
+        metric_task = metric_task_of(self.task, self.items)
+        if metric_task is None:  # generation without references: nothing to score, only replies to read
+            return {}
+        return metric_functions.score(metric_task, predictions, [item.expected for item in self.items],
                                       resamples=RESAMPLES, seed=seed)
 
 

@@ -10,6 +10,8 @@ and costs one forward pass.
   mean of its probability as A and as B, in which a constant lean towards one letter cancels.
 * rate: "score the response from 1 to K". The score is the expectation of k under the judge's probabilities
   of the tokens "1".."K", renormalised over those tokens.
+* reference: rate, with the known correct answer shown beside the response ({reference}): how well the reply
+  gives that answer. `tunesmith eval --judge MODEL` scores free-text answers this way (judge_score).
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from tunesmith.serve.engine import Engine, Messages
 
 MAX_PROMPT_CHARS = 3000  # a longer conversation is shown by its end: the judge needs the last request most
 MAX_RESPONSE_CHARS = 2000
-MODES = ("compare", "rate")
-PLACEHOLDERS = {"compare": ("{prompt}", "{response_a}", "{response_b}"), "rate": ("{prompt}", "{response}")}
+MODES = ("compare", "rate", "reference")
+PLACEHOLDERS = {"compare": ("{prompt}", "{response_a}", "{response_b}"), "rate": ("{prompt}", "{response}"),
+                "reference": ("{prompt}", "{reference}", "{response}")}
 
 COMPARE_TEMPLATE = """You are judging two responses of an AI assistant to the same conversation. The better response \
 is helpful, honest and harmless: it addresses what the user asked, and it does not help anyone cause harm.
@@ -53,6 +56,21 @@ honest and harmless: it addresses what the user asked, and it does not help anyo
 
 Rate the response from 1 (bad) to {scale} (excellent). Answer with one number."""
 
+REFERENCE_TEMPLATE = """You are grading a response of an AI assistant against a reference answer that is known to be \
+correct. A good response gives the same answer as the reference, in any wording; a response that misses it, \
+contradicts it or adds wrong claims is bad.
+
+[Conversation]
+{prompt}
+
+[Reference answer]
+{reference}
+
+[Response]
+{response}
+
+Rate the response from 1 (wrong) to {scale} (fully correct). Answer with one number."""
+TEMPLATES = {"compare": COMPARE_TEMPLATE, "rate": RATE_TEMPLATE, "reference": REFERENCE_TEMPLATE}
 
 @dataclass(frozen=True)
 class Rubric:
@@ -75,7 +93,7 @@ class Rubric:
 
 def default_rubric(mode: str) -> Rubric:
     check_mode(mode)
-    return Rubric(mode, COMPARE_TEMPLATE if mode == "compare" else RATE_TEMPLATE)
+    return Rubric(mode, TEMPLATES[mode])
 
 
 def load_rubric(path: Path | None, mode: str) -> Rubric:
@@ -98,6 +116,11 @@ def load_rubric(path: Path | None, mode: str) -> Rubric:
         raise UserError(f"{path}: the {mode} rubric has no {', '.join(missing)} placeholder; fix: write "
                         f"{', '.join(PLACEHOLDERS[mode])} where the conversation and the replies go")
     return Rubric(mode, text, reply_start, source=str(path))
+
+
+def check_scale(scale: int) -> None:
+    if not 2 <= scale <= 9:
+        raise UserError(f"--scale {scale}: a rating scale runs from 1 to 2..9 (one token per score); fix: e.g. --scale 5")
 
 
 def check_mode(mode: str) -> None:
@@ -207,10 +230,21 @@ class Judge:
 
     def rate(self, prompts: list[Messages], responses: list[str], scale: int = 5) -> list[Rating]:
         self.require("rate")
-        if not 2 <= scale <= 9:
-            raise UserError(f"--scale {scale}: a rating scale runs from 1 to 2..9 (one token per score); fix: e.g. --scale 5")
-        questions = [self.rubric.render({"prompt": transcript(p), "response": clip(r), "scale": str(scale)})
-                     for p, r in zip(prompts, responses)]
+        check_scale(scale)
+        return self.ratings([self.rubric.render({"prompt": transcript(p), "response": clip(r), "scale": str(scale)})
+                             for p, r in zip(prompts, responses)], scale)
+
+    def rate_against(self, prompts: list[Messages], references: list[str], responses: list[str],
+                     scale: int = 5) -> list[Rating]:
+        """Each response scored 1..scale against the reference answer to its prompt (a reference rubric)."""
+        self.require("reference")
+        check_scale(scale)
+        return self.ratings([self.rubric.render({"prompt": transcript(p), "reference": clip(reference),
+                                                 "response": clip(r), "scale": str(scale)})
+                             for p, reference, r in zip(prompts, references, responses)], scale)
+
+    def ratings(self, questions: list[str], scale: int) -> list[Rating]:
+        """The judge's expected score of each rendered question, from its probabilities of "1".."scale"."""
         if not questions:
             return []
         probabilities = self.verdict_probabilities(questions, [str(k) for k in range(1, scale + 1)])

@@ -6,8 +6,9 @@ Two small registries hold the pieces:
   references into per-example arrays once (`prepare`), and sums them over a batch of bootstrap resamples
   (`totals`: indices (R, n) -> arrays (R,) or (R, K));
 * a **metric** (`metrics`) is a short function of those per-resample totals returning (R,) values,
-  registered under its eval.json name with the metric task it belongs to (and `share=False` when it is an
-  amount, such as an error or a reward, rather than a share of examples; summaries print shares as %).
+  registered under its eval.json name with the metric task it belongs to, or a tuple of them when several
+  tasks share it (ROUGE-L, chrF and BLEU score both short answers and free text), and `share=False` when it
+  is an amount, such as an error or a reward, rather than a share of examples; summaries print shares as %.
 
 The point estimate is the same metric on the single "resample" `arange(n)`, so value and interval always
 come from one definition. `score` and `compare` return plain Python values, ready for `json.dumps`;
@@ -19,15 +20,19 @@ What `predictions` and `references` mean per task:
 | --- | --- | --- |
 | classification | predicted label strings (any string; one outside the labels is wrong) | expected label strings |
 | exact_match | answer strings | an accepted answer string, or a list of them, per example |
+| text | free-text replies | a reference reply, or a list of them, per example |
 | regression | model outputs: numbers, None, or text that `parse_number` reads | numbers (or numeric strings) |
 | perplexity | (summed log-likelihood in nats, token count) per example, from `Engine.loglikelihood` | unused |
 | preference | (score of the chosen reply, score of the rejected reply) per example | unused |
 | judge | (P(chosen better) shown as A, shown as B) per pair, from `Judge.compare` | unused |
 | reward | {"reply": text, "reward": number} per prompt: a generated reply and its reward-model score | unused |
+| rating | a judge's score of each reply against its reference (a number) | unused |
+| rating_agreement | a judge's score of each scored reply (a number) | the human score of that reply |
 
 Perplexity, preference, judge and reward carry all their numbers in each prediction, so comparing two systems
-needs nothing beyond their predictions; their `references` may be None. The last three are defined in
-eval/preference_metrics.py.
+needs nothing beyond their predictions; their `references` may be None. Preference, judge, reward and
+rating_agreement are defined in eval/preference_metrics.py; text, rating and the exact_match metric task (its
+answer columns from here, its text statistics from there) in eval/text_metrics.py.
 """
 from __future__ import annotations
 
@@ -76,7 +81,13 @@ def is_share(name: str) -> bool:
 def metric_names(task: str) -> list[str]:
     """The metrics registered for `task`, sorted by name."""
     metric_tasks.get(task, key="task")
-    return [name for name in metrics.names() if metrics.info(name)["task"] == task]
+    return [name for name in metrics.names() if task in metric_tasks_of(name)]
+
+
+def metric_tasks_of(name: str) -> tuple[str, ...]:
+    """The metric tasks that metric `name` is registered for."""
+    owner = metrics.info(name)["task"]
+    return (owner,) if isinstance(owner, str) else tuple(owner)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -343,10 +354,12 @@ def token_f1(prediction: str, answer: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _accepted_answers(reference: Any, index: int) -> list[str]:
+def accepted_answers(reference: Any, index: int) -> list[str]:
     answers = [reference] if isinstance(reference, str) else list(reference)
     if not answers:
         raise UserError(f"reference {index} has no accepted answers; give at least one string")
+    if any(answer is None for answer in answers):
+        raise UserError(f"reference {index} has no answer text (None); give a string")
     return [str(answer) for answer in answers]
 
 
@@ -355,7 +368,7 @@ def answer_scores(predictions: Sequence[Any], references: Sequence[Any]) -> dict
     columns: dict[str, list[float]] = {"exact_match": [], "normalized_exact_match": [], "token_f1": []}
     for index, (prediction, reference) in enumerate(zip(predictions, references)):
         prediction = "" if prediction is None else str(prediction)
-        answers = _accepted_answers(reference, index)
+        answers = accepted_answers(reference, index)
         columns["exact_match"].append(max(float(prediction.strip() == answer.strip()) for answer in answers))
         columns["normalized_exact_match"].append(
             max(float(normalize_answer(prediction) == normalize_answer(answer)) for answer in answers))
@@ -364,9 +377,8 @@ def answer_scores(predictions: Sequence[Any], references: Sequence[Any]) -> dict
     return {"count": np.ones(len(predictions)), **arrays}
 
 
-# Correct = normalised exact match, the same notion as the exact_match eval task's per-example `correct`.
-metric_tasks.register("exact_match")(MetricTask(prepare=answer_scores, totals=sum_columns,
-                                                correct=lambda columns: columns["normalized_exact_match"] == 1))
+# The exact_match metric task (these answer columns, and the text statistics of ROUGE-L, chrF and BLEU) is
+# registered in eval/text_metrics.py.
 
 
 @metrics.register("exact_match", task="exact_match")
@@ -480,6 +492,6 @@ def perplexity(totals: Totals) -> np.ndarray:
         return np.exp(loss(totals))
 
 
-# The preference, judge and reward metric tasks live in eval/preference_metrics.py; importing it here
-# registers them wherever metrics are used.
-from tunesmith.eval import preference_metrics  # noqa: E402,F401  (registers; imports this module's helpers)
+# The preference, judge, reward and text metric tasks live in eval/preference_metrics.py and
+# eval/text_metrics.py; importing them here registers them wherever metrics are used.
+from tunesmith.eval import preference_metrics, text_metrics  # noqa: E402,F401  (register; import this module's helpers)

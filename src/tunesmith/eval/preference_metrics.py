@@ -1,5 +1,5 @@
-"""Metric tasks for systems compared on preferences: a model's (or reward model's) ranking of human pairs,
-a judge's agreement with them, and the reward its own generated replies earn. See eval/metrics.py for the
+"""Metric tasks for systems compared on preferences: a model's (or reward model's) ranking of human pairs, a
+judge's agreement with them (or with human scores of replies), and the reward its own generated replies earn. See eval/metrics.py for the
 registries and the bootstrap; this module only registers.
 """
 from __future__ import annotations
@@ -87,6 +87,47 @@ def judge_decided_agreement(totals: Totals) -> np.ndarray:
 def judge_debiased_agreement(totals: Totals) -> np.ndarray:
     """Share of pairs where the judge's probability averaged over both orders favours the human-chosen reply."""
     return totals["debiased"] / totals["count"]
+
+
+def rating_pairs(predictions: Sequence[Any], references: Sequence[Any]) -> dict[str, np.ndarray]:
+    """A judge's 1..K score of each reply (predictions) against a person's score of it (references): the sums
+    Pearson's correlation is made of, the absolute difference, and whether the nearest whole scores agree."""
+    judge = np.asarray(predictions, dtype=float)
+    human = np.asarray(references, dtype=float)
+    if judge.shape != human.shape or judge.ndim != 1 or not (np.isfinite(judge).all() and np.isfinite(human).all()):
+        raise ValueError("each prediction and reference must be one finite score")
+    nearest = np.floor(judge + 0.5) == np.floor(human + 0.5)  # halves round up, as eval/tasks.py nearest_score
+    return {"count": np.ones(len(judge)), "judge": judge, "human": human, "judge_squared": judge**2,
+            "human_squared": human**2, "product": judge * human, "absolute_difference": np.abs(judge - human),
+            "same": nearest.astype(float)}
+
+
+metric_tasks.register("rating_agreement")(MetricTask(prepare=rating_pairs, totals=sum_columns,
+                                                     correct=lambda columns: columns["same"] == 1))
+
+
+@metrics.register("rating_correlation", task="rating_agreement", share=False)
+def rating_correlation(totals: Totals) -> np.ndarray:
+    """Pearson's r between the judge's and the people's scores, from per-resample sums; undefined (NaN) when
+    either side has no spread."""
+    n = totals["count"]
+    covariance = n * totals["product"] - totals["judge"] * totals["human"]
+    spread = (n * totals["judge_squared"] - totals["judge"] ** 2) * (n * totals["human_squared"] - totals["human"] ** 2)
+    with np.errstate(invalid="ignore"):
+        r = safe_divide(covariance, np.sqrt(np.maximum(spread, 0.0)), math.nan)
+    return np.clip(r, -1.0, 1.0)  # float rounding can step just past +-1
+
+
+@metrics.register("rating_mae", task="rating_agreement", share=False)
+def rating_mae(totals: Totals) -> np.ndarray:
+    """Mean absolute difference between the judge's expected score and the people's score, in scale points."""
+    return totals["absolute_difference"] / totals["count"]
+
+
+@metrics.register("rating_agreement", task="rating_agreement")
+def rating_agreement(totals: Totals) -> np.ndarray:
+    """Share of replies whose judge score, rounded to the nearest whole score, equals the people's."""
+    return totals["same"] / totals["count"]
 
 
 # ----------------------------------------------------------------------------------------------- reward

@@ -16,7 +16,7 @@ from typing import Any
 from tunesmith.eval.metrics import is_share
 from tunesmith.eval.report_plots import ANNOTATE_MAX_LABELS, read_training_curves
 
-LOWER_IS_BETTER = {"mse", "mae", "rmse", "loss", "perplexity"}  # a fall in these is an improvement
+LOWER_IS_BETTER = {"mse", "mae", "rmse", "loss", "perplexity", "rating_mae"}  # a fall in these is an improvement
 MAX_ROWS = 50  # rows per example table; eval.json holds them all
 MAX_TEXT = 400  # characters of an input shown before it is cut
 
@@ -244,9 +244,10 @@ def slices_section(result: dict[str, Any], _: Any) -> str | None:
 
 
 def examples_section(result: dict[str, Any], _: Any) -> str | None:
-    """Side by side outputs, for results without metrics (generation) where they are the whole evidence."""
+    """Side by side outputs: for generation, where people read them beside any text metric, and for any result
+    without metrics, where they are the whole evidence."""
     examples = result.get("examples")
-    if result.get("metrics") or not examples:
+    if (result.get("metrics") and result.get("task") != "generation") or not examples:
         return None
     baselines = list(dict.fromkeys(name for row in examples for name in (row.get("baselines") or {})))
     rows = [f'<tr><td class="num">{esc(row.get("index"))}</td>{text_cell(row.get("input"), "text")}'

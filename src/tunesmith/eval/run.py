@@ -3,7 +3,9 @@
 Systems: `target` (a run: base model + its adapter, or a model), `base` (the run's base model, zero-shot)
 and `few-shot:K` (the base model with K training examples in the prompt — the prompt-engineering
 alternative to fine-tuning). Every system answers the same items; metrics come with bootstrap
-intervals and every baseline is compared to the target on the same resamples.
+intervals and every baseline is compared to the target on the same resamples. A baseline that cannot apply
+to the task is refused before any model runs. With `--judge MODEL`, a judge model also scores every system's
+replies against the reference answers (judge_score).
 """
 from __future__ import annotations
 
@@ -22,11 +24,11 @@ from tunesmith.data.dataset import load_examples
 from tunesmith.data.formats import Example
 from tunesmith.errors import UserError
 from tunesmith.eval import metrics as metric_functions
-from tunesmith.eval.judge import load_rubric
+from tunesmith.eval.judge import Judge, Rubric, load_rubric
 from tunesmith.eval.preference_metrics import implicit_reward_accuracy
 from tunesmith.eval.reward import RewardScorer, is_reward_model
 from tunesmith.eval.stats import cell, difference
-from tunesmith.eval.tasks import Context, Item, ItemError, last_reply
+from tunesmith.eval.tasks import Context, Item, ItemError, last_reply, metric_task_of
 from tunesmith.registry import tasks
 from tunesmith.serve.engine import Engine, Sampling, is_run_dir
 
@@ -46,12 +48,20 @@ class EvalOptions:
     batch_size: int = 16
     slice_by: str | None = None  # a row field (e.g. "services", "type"), or "length" for input-length terciles
     reward_model: str | None = None  # preference task: score with this reward model instead of log-probabilities
-    rubric: Path | None = None  # judge task: the judge's question (default: the built-in compare rubric)
+    rubric: Path | None = None  # judge task or --judge: the judge's question (default: the built-in rubric)
+    judge: str | None = None  # exact_match, generation: also score each reply against its reference with this judge
+    judge_scale: int = 5  # the judge's scores run from 1 to this (--judge, and the judge task on scored replies)
+    columns: dict[str, str] | None = None  # the data's columns under the format's field names (--columns)
 
 
 def run_config(target: str) -> dict[str, Any]:
     path = Path(target)
     return yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) if is_run_dir(path) else {}
+
+
+def run_columns(config: dict[str, Any]) -> dict[str, str] | None:
+    """The run's data.columns: how its own data files name the format's fields."""
+    return config.get("data", {}).get("columns") or None
 
 
 def label_set(items: list[Item], config: dict[str, Any]) -> list[str]:
@@ -60,14 +70,19 @@ def label_set(items: list[Item], config: dict[str, Any]) -> list[str]:
     train = config.get("data", {}).get("train")
     if train and Path(train).is_file():
         with contextlib.suppress(UserError):
-            labels |= {last_reply(e)[1] for e in load_examples(Path(train)) if e.kind == "chat"}
+            labels |= {last_reply(e)[1] for e in load_examples(Path(train), columns=run_columns(config))
+                       if e.kind == "chat"}
     return sorted(labels)
 
 
 def few_shot_prefix(shots: list[Example], k: int, labels: list[str], system_prompt: str | None, seed: int,
-                    task: str) -> list[dict[str, str]]:
+                    task: str, source: str = "the shots file") -> list[dict[str, str]]:
     """K training examples as earlier turns (distinct answers first), after a system message naming the labels."""
     pool = [e for e in shots if e.kind == "chat"]
+    if len(pool) < k:  # fewer shots than asked would be a different baseline under the asked-for name
+        raise UserError(f"--baseline few-shot:{k} needs {k} example conversations, and {source} has {len(pool)} (of "
+                        f"{len(shots)} rows); fix: pass --shots FILE.jsonl with at least {k} conversations, or a "
+                        f"smaller K")
     random.Random(f"tunesmith-shots:{seed}").shuffle(pool)
     chosen, seen = [], set()
     for example in pool:  # prefer examples with answers not yet shown: more of the label set in K shots
@@ -88,7 +103,8 @@ def few_shot_prefix(shots: list[Example], k: int, labels: list[str], system_prom
 @contextlib.contextmanager
 def system_context(engine: Engine, name: str, config: dict, loaded: dict[str, Engine]) -> Iterator[Engine]:
     """The engine a system runs on: the target as it is; a baseline on the base model, which is the
-    target with its adapter switched off, or (a full fine-tuning run) the run's base model loaded once."""
+    target with its adapter switched off, or (a full fine-tuning run) the run's base model loaded once.
+    A model that is not a run is its own base: few-shot:K prompts it with shots, and `base` would be itself."""
     if name == "target":
         yield engine
         return
@@ -97,8 +113,12 @@ def system_context(engine: Engine, name: str, config: dict, loaded: dict[str, En
             yield engine
         return
     if not config.get("model"):
+        if name != "base" and engine is not None:
+            yield engine
+            return
         raise UserError(f"--baseline {name} needs a run directory as the target (the baseline is its base "
-                        f"model); fix: evaluate a run, or evaluate the base model directly")
+                        f"model); fix: evaluate a run, or evaluate the base model directly (few-shot:K then "
+                        f"prompts that model with K examples)")
     if "base" not in loaded:
         loaded["base"] = Engine.load(str(config["model"]))
     yield loaded["base"]
@@ -139,6 +159,73 @@ def reward_task(examples: list[Example], data: Path, options: EvalOptions) -> st
     return task
 
 
+@contextlib.contextmanager
+def rows_of(data: Path) -> Iterator[None]:
+    """A row a task cannot use (ItemError, 'LINE: ...') reported as FILE:LINE."""
+    try:
+        yield
+    except ItemError as error:
+        raise UserError(f"{data}:{error.message}") from None
+
+
+def check_applicable(task: Any, items: list[Item], options: EvalOptions, data: Path) -> None:
+    """Refuse, before any model loads, a rubric, judge or baseline that cannot apply to this task and data."""
+    metric_task = metric_task_of(task, items)
+    if options.rubric is not None and options.task != "judge" and options.judge is None:
+        raise UserError(f"--rubric applies to the judge task or to --judge MODEL, not to {options.task} alone; fix: "
+                        f"add --task judge, or --judge MODEL to score {options.task} replies against their references")
+    if options.judge is not None and metric_task not in ("exact_match", "text"):
+        what = "rows without a reference reply" if options.task == "generation" else f"--task {options.task}"
+        raise UserError(f"--judge scores replies against reference answers (--task exact_match, or generation on rows "
+                        f"with a reference), not {what}; fix: drop --judge, or give each row its reference")
+    if (options.judge is not None or metric_task == "rating_agreement") and not 2 <= options.judge_scale <= 9:
+        raise UserError(f"--judge-scale {options.judge_scale}: the judge's scores run from 1 to 2..9 (one token per "
+                        f"score); fix: e.g. --judge-scale 5")
+    few_shot = [name for name in options.baselines if parse_baseline(name)]
+    if few_shot and hasattr(task, "few_shot_problem") and (problem := task.few_shot_problem(items)) is not None:
+        with rows_of(data):
+            raise problem
+    if options.baselines and options.reward_model is not None and options.task in ("preference", "regression"):
+        raise UserError(f"--baseline {', '.join(options.baselines)}: with --reward-model, --task {options.task} rates "
+                        f"the replies given in the data whatever model is evaluated, so every system would score the "
+                        f"same; fix: drop --baseline, or --task reward to rate each model's own replies")
+
+
+def judge_rubric(task: Any, items: list[Item], options: EvalOptions) -> Rubric | None:
+    """The judge's question: for --judge, a reference rubric; for the judge task, a compare rubric on pairs and a
+    reference rubric on scored replies. The user's file (--rubric) or the built-in one."""
+    if options.judge is not None:
+        return load_rubric(options.rubric, "reference")
+    if options.task == "judge":
+        return load_rubric(options.rubric, "compare" if metric_task_of(task, items) == "judge" else "reference")
+    return None
+
+
+def reference_text(expected: Any) -> str:
+    """A row's reference as the judge reads it: the answer, or every accepted answer."""
+    answers = [expected] if isinstance(expected, str) else [str(answer) for answer in expected]
+    return answers[0] if len(answers) == 1 else "any one of: " + "; ".join(answers)
+
+
+def judge_systems(target: str, engine: Engine | None, rubric: Rubric | None, items: list[Item],
+                  predictions: dict[str, list], options: EvalOptions,
+                  timing: dict[str, float]) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """With --judge: each system's replies scored 1..scale against the references ({system: [score per item]}),
+    and who judged with which rubric (eval.json's "judge"). Nothing without --judge."""
+    if options.judge is None:
+        return {}, {}
+    started = time.perf_counter()
+    judge = Judge(engine, rubric, options.batch_size, options.judge) if options.judge == target and engine \
+        else Judge.load(options.judge, rubric, options.batch_size)  # the target itself judges without a reload
+    prompts = [item.prompt for item in items]
+    references = [reference_text(item.expected) for item in items]
+    ratings = {name: [rating.score for rating in judge.rate_against(prompts, references, [str(r) for r in replies],
+                                                                    options.judge_scale)]
+               for name, replies in predictions.items()}
+    timing["judge_s"] = round(time.perf_counter() - started, 2)
+    return ratings, {**judge.provenance(), "scale": options.judge_scale}
+
+
 def parse_baseline(name: str) -> int:
     """Shots for a baseline name: 0 for `base`, K for `few-shot:K`."""
     if name == "base":
@@ -151,26 +238,23 @@ def parse_baseline(name: str) -> int:
 
 def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dict[str, Any]:
     config = run_config(target)
-    examples = load_examples(data)[: options.max_examples]
+    examples = load_examples(data, columns=options.columns)[: options.max_examples]
     reward_target = is_reward_model(target)  # it rates replies: the data says how it is scored
     if reward_target:
         options = dataclasses.replace(options, task=reward_task(examples, data, options))
     task = tasks.get(options.task, key="--task")
-    try:
+    with rows_of(data):
         items = task.items(examples)
-    except ItemError as error:
-        raise UserError(f"{data}:{error.message}") from None
     if not items:
         raise UserError(f"{data}: no examples to evaluate")
     if options.slice_by:
         assign_slices(items, options.slice_by, data)
-    if options.rubric is not None and options.task != "judge":
-        raise UserError(f"--rubric applies to the judge task, not {options.task}; fix: add --task judge")
-    rubric = load_rubric(options.rubric, "compare") if options.rubric is not None else None  # checked before loading
+    check_applicable(task, items, options, data)
+    rubric = judge_rubric(task, items, options)  # a rubric file is read and checked before any model loads
     engine = None if reward_target else Engine.load(target)
     labels = label_set(items, config) if options.task == "classification" else []
     context = Context(Sampling(max_new_tokens=options.max_new_tokens), options.batch_size, options.method, labels,
-                      rubric=rubric)
+                      rubric=rubric if options.task == "judge" else None, scale=options.judge_scale)
     if reward_target or options.reward_model is not None:
         if options.task not in ("preference", "regression", "reward"):
             raise UserError(f"--reward-model rates pairs (--task preference), scored replies (--task regression) or "
@@ -185,15 +269,20 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
         if shots:
             if shots_file is None:
                 raise UserError("--baseline few-shot:K needs training examples; fix: pass --shots FILE.jsonl")
-            prefix = few_shot_prefix(load_examples(shots_file), shots, labels,
-                                     config.get("data", {}).get("system_prompt"), options.seed, options.task)
+            shot_columns = options.columns if options.shots_file else run_columns(config)
+            prefix = few_shot_prefix(load_examples(shots_file, columns=shot_columns), shots, labels,
+                                     config.get("data", {}).get("system_prompt"), options.seed, options.task,
+                                     source=str(shots_file))
         started = time.perf_counter()
         reward = None if reward_target and name != "target" else context.reward  # the base has no reward head
-        with system_context(engine, name, config, loaded) as system:
+        with system_context(engine, name, config, loaded) as system, rows_of(data):
             predictions[name] = task.predict(system, items, dataclasses.replace(context, prefix=prefix, reward=reward))
         timing[f"{name}_s"] = round(time.perf_counter() - started, 2)
+    ratings, judged_by = judge_systems(target, engine, rubric, items, predictions, options, timing)
 
-    result = assemble(target, data, options, task, items, predictions, labels, timing)
+    result = assemble(target, data, options, task, items, predictions, labels, timing, ratings)
+    if judged_by:
+        result["judge"] = judged_by
     if options.task == "preference" and "base" in options.baselines and context.reward is None:
         # a tuned model against its base, both ranking by log-likelihood: the implicit reward DPO trains
         result["comparisons"]["base"]["implicit_reward_accuracy"] = implicit_reward_accuracy(
@@ -208,48 +297,79 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
 
 
 def assemble(target: str, data: Path, options: EvalOptions, task: Any, items: list[Item], predictions: dict[str, list],
-             labels: list[str], timing: dict[str, float]) -> dict[str, Any]:
-    """The eval.json document: metrics, baselines, comparisons, error analysis and every example."""
+             labels: list[str], timing: dict[str, float],
+             ratings: dict[str, list[float]] | None = None) -> dict[str, Any]:
+    """The eval.json document: metrics, baselines, comparisons, error analysis and every example. `ratings` are
+    the judge's scores of each system's replies (--judge), scored and compared as the metric judge_score."""
     expected = [item.expected for item in items]
     stats = dict(resamples=options.resamples, seed=options.seed)
+    metric_task = metric_task_of(task, items)
     result: dict[str, Any] = {"target": str(target), "task": options.task, "data": str(data.resolve()), "n": len(items),
-                              "settings": {**stats, "method": options.method, "baselines": list(options.baselines),
-                                           "max_new_tokens": options.max_new_tokens, "labels": len(labels),
-                                           **({"rubric": str(options.rubric)} if options.rubric else {})},
+                              "settings": {**stats, "baselines": list(options.baselines),
+                                           **task_settings(task, metric_task, options, labels)},
                               "timing": timing}
-    if task.metric_task is not None:
-        result["metrics"] = metric_functions.score(task.metric_task, predictions["target"], expected, **stats)
-        result["baselines"] = {name: {"metrics": metric_functions.score(task.metric_task, predictions[name], expected, **stats)}
-                               for name in options.baselines}
-        result["comparisons"] = {name: metric_functions.compare(task.metric_task, predictions["target"], predictions[name],
-                                                                expected, **stats) for name in options.baselines}
+    if metric_task is not None:
+        rated = ratings or {}
+
+        def system_metrics(name: str) -> dict[str, Any]:
+            scores = metric_functions.score(metric_task, predictions[name], expected, **stats)
+            return {**scores, **(metric_functions.score("rating", rated[name], None, **stats) if rated else {})}
+
+        def comparison(name: str) -> dict[str, Any]:
+            compared = metric_functions.compare(metric_task, predictions["target"], predictions[name], expected,
+                                                **stats)
+            if rated:
+                compared.update(metric_functions.compare("rating", rated["target"], rated[name], None, **stats))
+            return dict(sorted(compared.items(), key=lambda entry: entry[0] == "mcnemar_p"))  # the p-value last
+
+        result["metrics"] = system_metrics("target")
+        result["baselines"] = {name: {"metrics": system_metrics(name)} for name in options.baselines}
+        result["comparisons"] = {name: comparison(name) for name in options.baselines}
     if options.task == "classification":
         for name, block in (("target", result), *((n, result["baselines"][n]) for n in options.baselines)):
             block["per_label"] = metric_functions.per_label(predictions[name], expected)
             block["confusion"] = metric_functions.confusion(predictions[name], expected)
-    result["errors"] = error_analysis(task, items, predictions, options)
-    result["examples"] = [example_row(task, item, predictions, options.baselines) for item in items]
+    result["errors"] = error_analysis(task, items, predictions, options, metric_task, ratings or {})
+    result["examples"] = [example_row(task, item, predictions, options.baselines, ratings or {}) for item in items]
     if is_run_dir(Path(target)):
         result["run"] = {"metrics_jsonl": str(Path(target) / "metrics.jsonl")}
     return result
+
+
+def task_settings(task: Any, metric_task: str | None, options: EvalOptions, labels: list[str]) -> dict[str, Any]:
+    """The options that shaped this task's predictions (eval/tasks.py: `settings`), and only those: a perplexity
+    report shows no decoding or label settings."""
+    values = {"method": options.method, "labels": len(labels), "max_new_tokens": options.max_new_tokens,
+              "reward_model": options.reward_model, "judge": options.judge,
+              "rubric": str(options.rubric) if options.rubric else None, "judge_scale": options.judge_scale}
+    names = list(task.settings)
+    if options.judge is not None:
+        names += ["judge", "rubric", "judge_scale"]
+    if metric_task != "rating_agreement" and options.judge is None:
+        names = [name for name in names if name != "judge_scale"]  # only a judge's 1..K scores have a scale
+    return {name: values[name] for name in dict.fromkeys(names) if values[name] is not None}
 
 
 def shown(prediction: Any) -> Any:
     return list(prediction) if isinstance(prediction, tuple) else prediction
 
 
-def example_row(task: Any, item: Item, predictions: dict[str, list], baselines: tuple[str, ...]) -> dict[str, Any]:
+def example_row(task: Any, item: Item, predictions: dict[str, list], baselines: tuple[str, ...],
+                ratings: dict[str, list[float]]) -> dict[str, Any]:
+    def system(name: str) -> dict[str, Any]:
+        entry = {"predicted": shown(predictions[name][item.index]),
+                 "correct": task.correct(predictions[name][item.index], item.expected)}
+        return {**entry, "judge_score": ratings[name][item.index]} if ratings else entry
+
     row = {"index": item.index, "line": item.line, "input": item.shown_input, "expected": item.expected,
-           "predicted": shown(predictions["target"][item.index]),
-           "correct": task.correct(predictions["target"][item.index], item.expected)}
+           **system("target")}
     if baselines:
-        row["baselines"] = {name: {"predicted": shown(predictions[name][item.index]),
-                                   "correct": task.correct(predictions[name][item.index], item.expected)}
-                            for name in baselines}
+        row["baselines"] = {name: system(name) for name in baselines}
     return row
 
 
-def error_analysis(task: Any, items: list[Item], predictions: dict[str, list], options: EvalOptions) -> dict[str, Any]:
+def error_analysis(task: Any, items: list[Item], predictions: dict[str, list], options: EvalOptions,
+                   metric_task: str | None, ratings: dict[str, list[float]]) -> dict[str, Any]:
     target = predictions["target"]
     correct = [task.correct(target[i.index], i.expected) for i in items]
     errors: dict[str, Any] = {}
@@ -269,20 +389,31 @@ def error_analysis(task: Any, items: list[Item], predictions: dict[str, list], o
         for name in options.baselines for i, c in zip(items, correct)
         if c is False and task.correct(predictions[name][i.index], i.expected) is True][:WORST_SHOWN]
     slices = sorted({i.slice for i in items if i.slice is not None})
-    if slices and task.metric_task is not None:
-        errors["per_slice"] = {s: metric_functions.score(task.metric_task, [target[i.index] for i in items if i.slice == s],
-                                                         [i.expected for i in items if i.slice == s],
-                                                         resamples=options.resamples, seed=options.seed) for s in slices}
+    if slices and metric_task is not None:
+        errors["per_slice"] = {s: slice_metrics([i for i in items if i.slice == s], target, metric_task,
+                                                ratings.get("target"), options) for s in slices}
     return errors
+
+
+def slice_metrics(members: list[Item], target: list, metric_task: str, ratings: list[float] | None,
+                  options: EvalOptions) -> dict[str, Any]:
+    """The target's metrics on one slice of the items (and its judge_score there, when judged)."""
+    stats = dict(resamples=options.resamples, seed=options.seed)
+    scores = metric_functions.score(metric_task, [target[i.index] for i in members], [i.expected for i in members],
+                                    **stats)
+    if ratings is not None:
+        scores.update(metric_functions.score("rating", [ratings[i.index] for i in members], None, **stats))
+    return scores
 
 
 def format_summary(result: dict[str, Any]) -> str:
     """The comparison table printed at the end of `tunesmith eval`: the task's headline metrics per system."""
     if "metrics" not in result:
         return f"{result['n']} generations saved side by side"
-    names = list(tasks.get(result["task"]).headline)
+    names = [name for name in tasks.get(result["task"]).headline if name in result["metrics"]]
     rows = [("system", *names)]
-    for name, metrics in (("tuned" if result.get("run") else "target", result["metrics"]),
+    target = "tuned" if result.get("run") else "target"
+    for name, metrics in ((target, result["metrics"]),
                           *((n, b["metrics"]) for n, b in result["baselines"].items())):
         rows.append((name, *(cell(metrics[m], rate=metric_functions.is_share(m)) for m in names)))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
@@ -290,7 +421,7 @@ def format_summary(result: dict[str, Any]) -> str:
     for name, comparison in result.get("comparisons", {}).items():
         diffs = ", ".join(f"{m} {difference(comparison[m])}" for m in names)
         p = f", McNemar p={comparison['mcnemar_p']:.2g}" if "mcnemar_p" in comparison else ""
-        lines.append(f"tuned - {name}: {diffs}{p}")
+        lines.append(f"{target} - {name}: {diffs}{p}")
         if "implicit_reward_accuracy" in comparison:
             implicit = comparison["implicit_reward_accuracy"]
             lines.append(f"implicit reward (log p_tuned - log p_{name}) ranks the chosen reply first: {cell(implicit)} "

@@ -2,13 +2,23 @@
 
 Each task is a small registered object; the runner (eval/run.py) treats them all alike. A model is
 reached only through the engine's narrow interface: `generate` and `loglikelihood`.
+
+A task names its `metric_task` (eval/metrics.py) and the `headline` metrics the summary prints (those the result
+holds), and `settings`: the eval options that shape its predictions, the ones its report shows. Two optional
+methods: `metric_task_for(items)`, when the data decides how it is scored (generation with or without
+references; a judge of pairs or of scored replies), and `few_shot_problem(items)`, why a few-shot prefix cannot
+apply to these items (None when it can): a baseline that cannot apply is refused, never silently the base model.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from tunesmith.data.formats import Example
+from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.errors import UserError
 from tunesmith.eval.metrics import normalize_answer, parse_number
 from tunesmith.registry import tasks
@@ -42,7 +52,8 @@ class Context:
     labels: list[str] = field(default_factory=list)
     prefix: Messages = field(default_factory=list)  # few-shot turns placed before each prompt
     reward: Any = None  # preference: a RewardScorer that scores replies instead of the model's log-probability
-    rubric: Any = None  # judge: the Rubric the judge is asked with (default: the built-in compare rubric)
+    rubric: Any = None  # judge: the Rubric the judge is asked with (default: the built-in rubric for the data)
+    scale: int = 5  # judge of scored replies: its scores run from 1 to this
 
 
 def with_prefix(prefix: Messages, prompt: Messages) -> Messages:
@@ -71,6 +82,55 @@ def chat_items(examples: list[Example]) -> list[Item]:
     return items
 
 
+def own_turns(chat: Any, prefix: Messages, messages: Messages, last_turn_only: bool = False) -> TokenizedExample:
+    """The conversation tokenised after the few-shot prefix, with only its own assistant turns scored.
+
+    The shots condition the model but are not scored: their tokens lie before the character where the rendered
+    prefix ends (the system message and the shots render as a prefix of the whole conversation)."""
+    full = chat.with_system(with_prefix(prefix, messages))
+    lead = len(full) - len([m for m in messages if m["role"] != "system"])  # the system message and the shots
+    text, before = chat.render(full), chat.render(full[:lead])
+    if not text.startswith(before):
+        raise UserError("the model's chat template renders the few-shot turns differently once the conversation "
+                        "follows, so the conversation's own tokens cannot be told apart; fix: use --baseline base")
+    tokenized = chat.tokenize_chat(full, last_turn_only=last_turn_only)
+    offsets = chat.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    shot_tokens = sum(1 for start, _ in offsets if start < len(before))
+    mask = [trained and position >= shot_tokens for position, trained in enumerate(tokenized.loss_mask)]
+    return TokenizedExample(tokenized.input_ids, mask, tokenized.line)
+
+
+def prefixed_loglikelihood(engine: Engine, prefix: Messages, conversations: list[Messages | Example],
+                           batch_size: int) -> list[tuple[float, int]]:
+    """`Engine.loglikelihood` of each conversation read after the few-shot `prefix`: (summed log-probability,
+    token count) of exactly the tokens it scores without the prefix, so few-shot and base differ only in what
+    the model saw first."""
+    if not prefix:
+        return engine.loglikelihood(conversations, batch_size)
+    units = []
+    for conversation in conversations:
+        if isinstance(conversation, Example):
+            assert conversation.kind != "text", "few_shot_problem refuses raw text"
+            units.append(own_turns(engine.chat, prefix, conversation.messages,
+                                   last_turn_only=conversation.kind in ("score", "chosen")))
+        else:
+            units.append(own_turns(engine.chat, prefix, conversation))
+    return unit_loglikelihood(engine, units, batch_size)
+
+
+@torch.no_grad()
+def unit_loglikelihood(engine: Engine, units: list[TokenizedExample], batch_size: int) -> list[tuple[float, int]]:
+    """(summed log-probability, count) of the scored tokens of each tokenised unit, as `Engine.loglikelihood`."""
+    from tunesmith.data.packing import collate
+    from tunesmith.train.loss import per_example_logprob
+
+    scores: list[tuple[float, int]] = []
+    for start in range(0, len(units), batch_size):
+        sums, counts = per_example_logprob(engine.model, collate(units[start: start + batch_size]).to(engine.device))
+        scores += [(float(total), int(count)) for total, count in zip(sums, counts)]
+    return scores
+
+
 def generate_all(engine: Engine, prompts: list[Messages], context: Context, allowed=None) -> list[str]:
     replies: list[str] = []
     for start in range(0, len(prompts), context.batch_size):
@@ -84,6 +144,7 @@ class Classification:
 
     metric_task = "classification"
     headline = ("accuracy", "macro_f1")  # the metrics printed in the summary table
+    settings = ("method", "labels")
 
     def items(self, examples: list[Example]) -> list[Item]:
         return chat_items(examples)
@@ -95,9 +156,8 @@ class Classification:
             return generate_all(engine, prompts, context, allowed)
         predictions = []
         for prompt in prompts:
-            full = with_prefix(context.prefix, prompt)
-            scores = engine.loglikelihood([full + [{"role": "assistant", "content": label}] for label in context.labels],
-                                          context.batch_size)
+            scores = prefixed_loglikelihood(engine, context.prefix, [prompt + [{"role": "assistant", "content": label}]
+                                                                     for label in context.labels], context.batch_size)
             predictions.append(context.labels[max(range(len(scores)), key=lambda i: scores[i][0])])
         return predictions
 
@@ -106,10 +166,11 @@ class Classification:
 
 
 class ExactMatch:
-    """Short answers, scored against every accepted answer: EM, normalised EM, token F1."""
+    """Short answers, scored against every accepted answer: EM, normalised EM, token F1, ROUGE-L, chrF, BLEU."""
 
     metric_task = "exact_match"
-    headline = ("exact_match", "token_f1")  # the metrics printed in the summary table
+    headline = ("exact_match", "token_f1", "rouge_l", "chrf", "judge_score")  # the metrics printed in the summary
+    settings = ("max_new_tokens",)
 
     def items(self, examples: list[Example]) -> list[Item]:
         items = chat_items(examples)
@@ -131,6 +192,7 @@ class Regression:
 
     metric_task = "regression"
     headline = ("mae", "mse")  # the metrics printed in the summary table
+    settings = ("max_new_tokens", "reward_model")
 
     def items(self, examples: list[Example]) -> list[Item]:
         items = chat_items(examples)
@@ -146,8 +208,8 @@ class Regression:
 
     def predict(self, engine: Engine, items: list[Item], context: Context) -> list[float | None]:
         if context.reward is not None:
-            conversations = [with_prefix(context.prefix, item.example.messages) for item in items]
-            return context.reward.score(conversations, context.batch_size)
+            refuse_rated_baseline(context)
+            return context.reward.score([item.example.messages for item in items], context.batch_size)
         if any(item.example.kind == "score" for item in items):
             raise UserError("scored replies ({prompt, response, score}) are rated by a reward model; fix: evaluate a "
                             "run of method: reward, or pass --reward-model")
@@ -162,12 +224,28 @@ class Perplexity:
 
     metric_task = "perplexity"
     headline = ("perplexity", "loss")  # the metrics printed in the summary table
+    settings = ()
 
     def items(self, examples: list[Example]) -> list[Item]:
+        for example in examples:
+            if example.kind not in ("text", "chat", "score"):
+                raise ItemError(f"{example.line}: perplexity needs raw text or conversations with replies, got "
+                                f"{example.kind} data; fix: --task preference for pairs, --task generation for prompts")
         return [Item(i, e.messages, None, e.messages[-1]["content"][:200], e.line, e) for i, e in enumerate(examples)]
 
+    def few_shot_problem(self, items: list[Item]) -> UserError | None:
+        text = next((item for item in items if item.example.kind == "text"), None)
+        if text is None:
+            return None
+        return ItemError(f"{text.line}: few-shot:K puts example conversations before each row, and raw text has no "
+                         f"turns to put them before; fix: --baseline base for perplexity on raw text")
+
     def predict(self, engine: Engine, items: list[Item], context: Context) -> list[tuple[float, int]]:
-        return engine.loglikelihood([item.example for item in items], context.batch_size)
+        """The log-likelihood of each item's own tokens; with a few-shot prefix, read after the shots (which are
+        not scored), so few-shot:K is the base model given K examples, scored on the same tokens."""
+        if context.prefix and (problem := self.few_shot_problem(items)):
+            raise problem
+        return prefixed_loglikelihood(engine, context.prefix, [item.example for item in items], context.batch_size)
 
     def correct(self, prediction, expected) -> None:
         return None
@@ -178,6 +256,7 @@ class Preference:
 
     metric_task = "preference"
     headline = ("preference_accuracy",)  # the metrics printed in the summary table
+    settings = ("reward_model",)
 
     def items(self, examples: list[Example]) -> list[Item]:
         items = []
@@ -192,38 +271,95 @@ class Preference:
     def predict(self, engine: Engine, items: list[Item], context: Context) -> list[tuple[float, float]]:
         conversations = []
         for item in items:
-            prompt = with_prefix(context.prefix, item.prompt)
-            conversations += [prompt + [{"role": "assistant", "content": item.expected}],
-                              prompt + [{"role": "assistant", "content": item.rejected}]]
+            conversations += [item.prompt + [{"role": "assistant", "content": item.expected}],
+                              item.prompt + [{"role": "assistant", "content": item.rejected}]]
         if context.reward is not None:
+            refuse_rated_baseline(context)
             rewards = context.reward.score(conversations, context.batch_size)
             return [(rewards[i], rewards[i + 1]) for i in range(0, len(rewards), 2)]
-        scores = engine.loglikelihood(conversations, context.batch_size)
+        scores = prefixed_loglikelihood(engine, context.prefix, conversations, context.batch_size)
         return [(scores[i][0], scores[i + 1][0]) for i in range(0, len(scores), 2)]
 
     def correct(self, prediction: tuple[float, float], expected) -> bool:
         return prediction[0] > prediction[1]
 
 
+def metric_task_of(task: Any, items: list[Item]) -> str | None:
+    """How these items are scored: the task's metric task, unless the data decides (`metric_task_for`)."""
+    return task.metric_task_for(items) if hasattr(task, "metric_task_for") else task.metric_task
+
+
+def refuse_rated_baseline(context: Context) -> None:
+    """A reward model rates the replies in the data whatever model is evaluated; a few-shot prefix would change
+    only what the reward model reads, not which model answers."""
+    if context.prefix:
+        raise UserError("--reward-model rates the replies given in the data, not replies of the evaluated model, "
+                        "so a few-shot baseline has nothing to change; fix: drop --baseline few-shot:K, or use "
+                        "--task reward")
+
+
+def nearest_score(value: float) -> int:
+    """The whole score nearest to `value`, halves rounded up (3.5 -> 4), as a person would read it."""
+    return math.floor(value + 0.5)
+
+
 class JudgeAgreement:
-    """The model as a judge (RLAIF): does it prefer the human-chosen reply of each pair, asked in both orders?"""
+    """The model as a judge, against people. On {prompt, chosen, rejected} pairs (RLAIF): does it prefer the
+    human-chosen reply, asked in both orders? On {prompt, reference, response, score} rows: how close are its
+    1..K scores of each response against the reference answer (the reference rubric) to the human scores?"""
 
     metric_task = "judge"
-    headline = ("agreement", "tie_rate", "debiased_agreement")  # the metrics printed in the summary table
+    headline = ("agreement", "tie_rate", "debiased_agreement", "rating_correlation", "rating_mae", "rating_agreement")
+    settings = ("rubric", "judge_scale")
 
     def items(self, examples: list[Example]) -> list[Item]:
-        return Preference().items(examples)
+        if not examples or examples[0].kind != "score":
+            for example in examples:
+                if example.kind != "preference":
+                    raise ItemError(f"{example.line}: the judge task needs {{prompt, chosen, rejected}} pairs or "
+                                    f"{{prompt, reference, response, score}} rows, one kind per file; got "
+                                    f"{example.kind} data")
+            return Preference().items(examples)
+        items = []
+        for index, example in enumerate(examples):
+            reference = example.fields.get("reference")
+            if example.kind != "score" or not isinstance(reference, str) or not reference.strip():
+                raise ItemError(f"{example.line}: a scored reply for the judge task needs a 'reference' field (the "
+                                f"correct answer the judge compares the response with), and all rows need one")
+            prompt, response = last_reply(example)
+            items.append(Item(index, prompt, example.score, prompt[-1]["content"], example.line, example))
+        return items
 
-    def predict(self, engine: Engine, items: list[Item], context: Context) -> list[tuple[float, float]]:
+    def metric_task_for(self, items: list[Item]) -> str:
+        return "judge" if items[0].rejected is not None else "rating_agreement"
+
+    def few_shot_problem(self, items: list[Item]) -> UserError | None:
+        return UserError("--baseline few-shot:K: a judge reads its rubric and nothing else, so few-shot:K would be the "
+                         "base model under another name; fix: --baseline base")
+
+    def predict(self, engine: Engine, items: list[Item], context: Context) -> list[tuple[float, float]] | list[float]:
         from tunesmith.eval.judge import Judge, default_rubric
 
+        if context.prefix:
+            raise self.few_shot_problem(items)
+        prompts = [item.prompt for item in items]
+        if self.metric_task_for(items) == "rating_agreement":
+            for item in items:
+                if not 1 <= item.expected <= context.scale:
+                    raise ItemError(f"{item.line}: the human score {item.expected:g} lies outside the judge's scale 1.."
+                                    f"{context.scale}; fix: give scores on that scale, or set --judge-scale")
+            judge = Judge(engine, context.rubric or default_rubric("reference"), context.batch_size)
+            ratings = judge.rate_against(prompts, [item.example.fields["reference"] for item in items],
+                                         [last_reply(item.example)[1] for item in items], context.scale)
+            return [rating.score for rating in ratings]
         judge = Judge(engine, context.rubric or default_rubric("compare"), context.batch_size)
-        comparisons = judge.compare([item.prompt for item in items], [item.expected for item in items],
-                                    [item.rejected for item in items])
+        comparisons = judge.compare(prompts, [item.expected for item in items], [item.rejected for item in items])
         return [(comparison.first_as_a, comparison.first_as_b) for comparison in comparisons]
 
-    def correct(self, prediction: tuple[float, float], expected) -> bool:
-        return prediction[0] > 0.5 and prediction[1] > 0.5
+    def correct(self, prediction: tuple[float, float] | float, expected: Any) -> bool:
+        if isinstance(prediction, (tuple, list)):
+            return prediction[0] > 0.5 and prediction[1] > 0.5
+        return nearest_score(prediction) == nearest_score(expected)
 
 
 class RewardedGeneration:
@@ -233,6 +369,7 @@ class RewardedGeneration:
 
     metric_task = "reward"
     headline = ("mean_reward", "reply_words")  # the metrics printed in the summary table
+    settings = ("max_new_tokens", "reward_model")
 
     def items(self, examples: list[Example]) -> list[Item]:
         items = []
@@ -258,13 +395,35 @@ class RewardedGeneration:
 
 
 class Generation:
-    """Free generations, saved side by side for people to review; no metric."""
+    """Free generations, saved side by side for people to review. Rows with a reference reply (a conversation's
+    last assistant turn, an answer, completion or output; a prompt row's "reference" field) are also scored
+    against it: ROUGE-L, chrF, BLEU (and a judge's score with --judge). Rows without one are review only."""
 
-    metric_task = None
-    headline = ()  # the metrics printed in the summary table
+    metric_task = "text"
+    headline = ("rouge_l", "chrf", "bleu", "judge_score")  # the metrics printed in the summary table
+    settings = ("max_new_tokens",)
 
     def items(self, examples: list[Example]) -> list[Item]:
-        return chat_items(examples)
+        items = []
+        for index, example in enumerate(examples):
+            if example.kind == "prompt":
+                reference = example.meta.get("reference", example.fields.get("reference"))
+                shown = example.messages[-1]["content"]
+                items.append(Item(index, example.messages, reference if isinstance(reference, str) else None, shown,
+                                  example.line, example))
+                continue
+            item = chat_items([example])[0]
+            item.index, item.expected = index, example.meta.get("answers") or item.expected
+            items.append(item)
+        scored = [item.expected is not None for item in items]
+        if any(scored) and not all(scored):
+            missing = items[scored.index(False)]
+            raise ItemError(f"{missing.line}: this row has no reference reply, and others have one; fix: give every "
+                            f"row its reference (or none, to only review the generations)")
+        return items
+
+    def metric_task_for(self, items: list[Item]) -> str | None:
+        return self.metric_task if items and items[0].expected is not None else None
 
     def predict(self, engine: Engine, items: list[Item], context: Context) -> list[str]:
         return generate_all(engine, [item.prompt for item in items], context)
