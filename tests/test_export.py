@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from conftest import write_config_file
 from tunesmith.cli import main
 from tunesmith.models import load_model
+from tunesmith.serve.engine import Sampling
 
 INPUT_IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64]])
 
@@ -212,3 +213,115 @@ def test_existing_output_needs_force(tmp_path, lora_run, capsys):
     assert export(lora_run, "--to", "peft", "--output", output, "--force") == 0
     assert (output / "adapter_config.json").is_file() and not (output / "keep.txt").exists()
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # staging cleaned up
+
+
+# ---- portable exports: the upstream base id, the system prompt, the model card ----------------------------
+
+REGISTRY_NAME, REGISTRY_HUB_ID = "tiny-chat", "tunesmith-tests/Tiny-Chat-Instruct"
+SYSTEM_PROMPT = "Name the intent of this banking customer's message."
+
+
+def install_registry_model(home: Path, model_dir: Path, patch: pytest.MonkeyPatch) -> Path:
+    """A built-in-style model: a catalog entry with an upstream hub id, its copy already pulled into `home`'s cache."""
+    import shutil
+
+    from tunesmith.models import catalog
+    from tunesmith.models.gguf import SOURCE_RECORD_NAME
+
+    cached = home / "models" / REGISTRY_NAME
+    if not cached.is_dir():
+        shutil.copytree(model_dir, cached)
+        (cached / SOURCE_RECORD_NAME).write_text(json.dumps({"model": REGISTRY_NAME}))
+    patch.setenv("TUNESMITH_HOME", str(home))
+    patch.setitem(catalog.CATALOG, REGISTRY_NAME, catalog.CatalogEntry(
+        name=REGISTRY_NAME, description="a tiny test model", license="MIT", hub_id=REGISTRY_HUB_ID,
+        requirement="none", wheel_file="none", wheel_sha256="0" * 64, gguf_member="none"))
+    return cached
+
+
+@pytest.fixture(scope="module")
+def registry_trained(tmp_path_factory, tiny_model, chat_data) -> tuple[Path, Path]:
+    """(run, home): a LoRA run of a registry model, trained with data.system_prompt."""
+    home, directory = tmp_path_factory.mktemp("registry-home"), tmp_path_factory.mktemp("registry")
+    with pytest.MonkeyPatch.context() as patch:
+        install_registry_model(home, tiny_model, patch)
+        run = train_run(directory, Path(REGISTRY_NAME), chat_data, f"data.system_prompt={SYSTEM_PROMPT}",
+                        "data.max_length=128")
+    return run, home
+
+
+@pytest.fixture
+def registry_run(registry_trained, tiny_model, monkeypatch) -> Path:
+    run, home = registry_trained
+    install_registry_model(home, tiny_model, monkeypatch)
+    return run
+
+
+def trained_prompt(tiny_model: Path, messages: list[dict]) -> list[int]:
+    """The prompt tokens tunesmith trains and generates with: its own chat rendering, with the run's system prompt."""
+    from tunesmith.data.tokenize import ChatTokenizer
+    from tunesmith.models import load_tokenizer
+
+    return ChatTokenizer(load_tokenizer(tiny_model), system_prompt=SYSTEM_PROMPT).prompt_ids(messages)
+
+
+def plain_prompt(directory: Path, messages: list[dict]) -> list[int]:
+    """The prompt tokens a user of plain transformers gets from the exported tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_peft_export_names_the_upstream_base_and_prompts_as_trained(tmp_path, tiny_model, registry_run, registry_trained):
+    from huggingface_hub import ModelCard
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.serve.engine import Engine
+
+    output = tmp_path / "adapter"
+    assert export(registry_run, "--to", "peft", "--output", output) == 0
+    home = registry_trained[1]
+    for adapter in (registry_run / "adapter", output):  # named at training, so the run's own copy is portable too
+        assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == REGISTRY_HUB_ID
+    assert not [path for path in output.iterdir() if str(home) in path.read_text(errors="ignore")]
+
+    # a user's own copy of the base (here: the tiny model's directory), plain transformers + peft
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), output).eval()
+    torch.testing.assert_close(logits(plain), run_adapter_logits(tiny_model, registry_run))
+    for messages in ([{"role": "user", "content": "my card has not arrived"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]):
+        assert plain_prompt(output, messages) == trained_prompt(tiny_model, messages)
+
+    # the same greedy reply as `tunesmith generate RUN`
+    messages = [{"role": "user", "content": "question 3"}]
+    prompt = torch.tensor([plain_prompt(output, messages)])
+    engine = Engine.load(str(registry_run))
+    with torch.no_grad():
+        reply = plain.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+    assert reply[0, prompt.shape[1]:].tolist() == engine.generate_ids(trained_prompt(tiny_model, messages),
+                                                                      Sampling(max_new_tokens=8))
+
+    card = ModelCard.load(output / "README.md")
+    assert card.data.base_model == REGISTRY_HUB_ID and card.data.library_name == "peft" and card.data.license == "mit"
+    assert "tunesmith" in card.data.tags and "lora" in card.data.tags and "More Information Needed" not in card.text
+    assert f"> {SYSTEM_PROMPT}" in card.text and "`train.jsonl` | 8 |" in card.text
+
+
+def test_merged_export_names_the_upstream_base_and_prompts_as_trained(tmp_path, tiny_model, registry_run):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    output = tmp_path / "merged"
+    assert export(registry_run, "--to", "merged", "--output", output) == 0
+    assert json.loads((output / "config.json").read_text())["_name_or_path"] == REGISTRY_HUB_ID
+    assert AutoModelForCausalLM.from_pretrained(output).config.name_or_path == str(output)  # loads as ever
+    messages = [{"role": "user", "content": "my card has not arrived"}]
+    assert plain_prompt(output, messages) == trained_prompt(tiny_model, messages)
+    end_of_turn = json.loads((tiny_model / "config.json").read_text())["eos_token_id"]
+    assert GenerationConfig.from_pretrained(output).eos_token_id == end_of_turn
+    card = ModelCard.load(output / "README.md")
+    assert card.data.base_model == REGISTRY_HUB_ID and card.data.library_name == "transformers"
+    assert card.data.base_model_relation == "finetune" and "AutoModelForCausalLM.from_pretrained" in card.text

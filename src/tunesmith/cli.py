@@ -5,6 +5,7 @@ Exit codes: 0 success, 2 a user mistake (printed plainly, no traceback), 1 anyth
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -31,10 +32,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed.stop(distributed.current_world())
     if not distributed.current_world().main:
         return 0
-    print(f"trained {result.steps} steps; final loss {result.final_loss}; best validation loss {result.best_val_loss}")
-    print(f"{result.tokens_per_s:,.0f} tokens/s; peak memory {result.peak_rss_mb:,.0f} MB")
+    if result.already_complete:
+        print(finished_run_text(result, config.train))
+    else:
+        print(f"trained {result.steps} steps; final loss {result.final_loss}; "
+              f"best validation loss {result.best_val_loss}")
+        print(f"{result.tokens_per_s:,.0f} tokens/s; peak memory {result.peak_rss_mb:,.0f} MB")
     print(f"saved {result.output}")
     return 0
+
+
+def finished_run_text(result, train) -> str:
+    """A finished run run again: that it is complete, its final loss (from metrics.jsonl), how to train it further."""
+    loss = f"{result.final_loss:.4g}" if result.final_loss is not None else "not logged"
+    more = f"train.max_steps above {result.steps} (e.g. train.max_steps={2 * result.steps})"
+    if result.stopped_early:
+        further = "it stopped early (train.early_stopping); to train further, start a new run with another output_dir"
+    elif train.max_steps is not None:
+        further = f"to train further, raise {more}, or train afresh with another output_dir"
+    else:
+        further = f"to train further, raise train.epochs above {train.epochs} or set {more}, or train afresh with " \
+                  f"another output_dir"
+    return f"{result.run_dir} is already complete: {result.steps} steps; final loss {loss}\n{further}"
 
 
 def check_gpu_count(nproc: int, device: str) -> None:
@@ -64,7 +83,8 @@ def launch_processes(args: argparse.Namespace) -> int:
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
     try:
-        elastic_launch(launch, sys.executable)("-m", "tunesmith", "train", str(args.config), *args.overrides)
+        config = [str(args.config)] if args.config is not None else []
+        elastic_launch(launch, sys.executable)("-m", "tunesmith", "train", *config, *args.overrides)
     except ChildFailedError as error:
         codes = [failure.exitcode for _, failure in sorted(error.failures.items())]
         return next((code for code in codes if code > 0), 1)  # a rank's own exit code (2: a user mistake)
@@ -75,8 +95,9 @@ def launch_processes(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from tunesmith.data.check import check_file
+    from tunesmith.data.files import parse_columns
 
-    report = check_file(args.file, args.format, args.method, args.model, args.max_length)
+    report = check_file(args.file, args.format, args.method, args.model, args.max_length, parse_columns(args.columns))
     print(report.text, file=sys.stderr if report.problems else sys.stdout)
     return 2 if report.problems else 0
 
@@ -135,13 +156,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise UserError("no prompt given; fix: pass --prompt TEXT (repeatable) or pipe prompts, one per line")
     engine = Engine.load(args.target)
-    replies = engine.generate([[{"role": "user", "content": prompt}] for prompt in prompts], sampling_from(args))
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    conversations = [[*system, {"role": "user", "content": prompt}] for prompt in prompts]
+    replies = engine.generate(conversations, sampling_from(args))
     for prompt, reply in zip(prompts, replies):
         print(json.dumps({"prompt": prompt, "reply": reply}, ensure_ascii=False) if args.jsonl else reply)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from tunesmith.data.files import parse_columns
     from tunesmith.eval.run import EvalOptions, evaluate, format_summary, run_config
     from tunesmith.serve.engine import is_run_dir
 
@@ -155,7 +179,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           shots_file=args.shots, resamples=args.resamples, seed=args.seed,
                           max_new_tokens=args.max_new_tokens or defaults.get("max_new_tokens", 32),
                           batch_size=args.batch_size or defaults.get("batch_size", 16), slice_by=args.slice_by,
-                          reward_model=args.reward_model, rubric=args.rubric)
+                          reward_model=args.reward_model, rubric=args.rubric,
+                          # the run's own mapping describes the run's own eval.data
+                          columns=parse_columns(args.columns) if args.columns or args.data else
+                          run_config(args.target).get("data", {}).get("columns") or None,
+                          judge=args.judge, judge_scale=args.judge_scale)
     output = args.output or (Path(args.target) if is_run_dir(Path(args.target)) else Path("eval-output"))
     result = evaluate(args.target, data, options, output)
     print(format_summary(result))
@@ -296,20 +324,90 @@ class HelpConfig(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         from tunesmith.config import describe_fields
+        from tunesmith.data.formats import describe_formats
 
         rows = describe_fields()
         width = max(len(key) for key, _, _ in rows)
         for key, default, description in rows:
             print(f"{key:<{width}}  {description} [default: {default}]")
+        print(f"\n{describe_formats()}")  # data.format's values, from the format registry
         parser.exit()
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option with its default as a user would type it (`(default: 256)`). Options with no
+    default, switches (off unless given) and help that already names its default are shown as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if has_default(action) and "default" not in text:
+            text = f"{text} (default: {str(action.default).replace('%', '%%')})".strip()
+        return text
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not (action.help or "").strip() and has_default(action):  # argparse prints nothing for an empty help
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+
+def has_default(action: argparse.Action) -> bool:
+    shown = action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+    nothing = action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+        or action.default == []  # by identity: a default of 0 or 0.0 is shown
+    return bool(shown) and not nothing
+
+
+class Parser(argparse.ArgumentParser):
+    """tunesmith's parser: every command's help shows its defaults (subparsers are made of this class too)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tunesmith")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from tunesmith import __version__
+
+        return __version__
+
+
+def split_train_arguments(args: argparse.Namespace) -> None:
+    """`tunesmith train` takes a YAML file and/or overrides: a first argument with '=' that is no file is an
+    override (`tunesmith train data.train=t.jsonl model=NAME`)."""
+    if args.config is not None and "=" in args.config and not Path(args.config).is_file():
+        args.overrides.insert(0, args.config)
+        args.config = None
+    if args.config is None and not args.overrides:
+        raise UserError("tunesmith train needs a config: a YAML file, key=value overrides, or both; fix: tunesmith "
+                        "train CONFIG.yaml, or tunesmith train data.train=train.jsonl [model=NAME train.epochs=2 ...] "
+                        "(tunesmith train --help-config lists every key)")
+    args.config = Path(args.config) if args.config is not None else None
+
+
+def check_targets(args: argparse.Namespace) -> None:
+    """A run or model a command is pointed at (its TARGET, label's --policy) that names a path which does not
+    exist is refused first, whatever else the command would check before loading it."""
+    from tunesmith.models.loading import check_target
+
+    for name in ("target", "policy"):
+        if isinstance(getattr(args, name, None), str):
+            check_target(getattr(args, name))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune language models on your own data.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="tunesmith", description="Fine-tune language models on your own data.")
+    parser.add_argument("--version", action="version", version=f"tunesmith {installed_version()}")
+    commands = parser.add_subparsers(dest="command", required=True)  # every command's parser is a Parser too
 
     train = commands.add_parser("train", help="run one training recipe; writes a run directory")
-    train.add_argument("config", type=Path, help="the YAML config")
+    train.add_argument("config", nargs="?", help="the YAML config; optional: key=value overrides alone make a "
+                       "config (e.g. tunesmith train data.train=train.jsonl train.epochs=2)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
     train.add_argument("--help-config", action=HelpConfig, nargs=0, help="list every config key and exit")
     train.add_argument("--nproc", type=int, metavar="N", help="train on N processes of this machine (torchrun; "
@@ -317,8 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=cmd_train)
 
     validate = commands.add_parser("validate", help="check a data file before any compute")
-    validate.add_argument("file", type=Path)
-    validate.add_argument("--format", default="auto", help="the data format (default: detect it)")
+    validate.add_argument("file", type=Path, help="the data: .jsonl (or .json), .csv, .tsv (with a header row) or .parquet")
+    validate.add_argument("--format", default="auto", help="the data format (default: detect it; `tunesmith train "
+                          "--help-config` lists them)")
+    validate.add_argument("--columns", metavar="FIELD=COLUMN,...", help="your columns under the format's field names, "
+                          "e.g. question=q,answer=a (what data.columns does in a config)")
     validate.add_argument("--method", default="sft", help="the method the data is for (default: sft)")
     validate.add_argument("--model", help="also check token lengths with this model's tokenizer")
     validate.add_argument("--max-length", type=int, default=1024, help="longest example in tokens (with --model)")
@@ -356,18 +457,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--max-new-tokens", type=int, default=256)
         sub.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         sub.add_argument("--top-p", type=float, default=1.0)
-        if name == "chat":
-            sub.add_argument("--system", help="a system message")
-        else:
+        sub.add_argument("--system", help="a system message before the conversation (default: the run's "
+                         "data.system_prompt, if any)")
+        if name == "generate":
             sub.add_argument("--prompt", action="append", help="a prompt (repeatable); else one per stdin line")
             sub.add_argument("--jsonl", action="store_true", help="print {prompt, reply} JSON lines")
         sub.set_defaults(handler=handler)
 
     evaluate = commands.add_parser("eval", help="evaluate a run or model against baselines, with 95%% intervals")
     evaluate.add_argument("target", help="a run directory (base model + adapter) or a model")
-    evaluate.add_argument("--data", type=Path, help="evaluation data (default: the run's eval.data)")
+    evaluate.add_argument("--data", type=Path, help="evaluation data, .jsonl/.csv/.tsv/.parquet (default: the run's eval.data)")
+    evaluate.add_argument("--columns", metavar="FIELD=COLUMN,...", help="the data's columns under the format's field "
+                          "names, e.g. question=q,answer=a")
     evaluate.add_argument("--task", help="classification | exact_match | regression | perplexity | preference | generation "
-                          "| judge (the target as a judge of {prompt, chosen, rejected} pairs: agreement with the labels) | reward (the "
+                          "(free text: ROUGE-L, chrF, BLEU when rows carry a reference reply, else review only) "
+                          "| judge (the target as a judge: agreement with the human choice of {prompt, chosen, rejected} pairs, "
+                          "or with the human scores of {prompt, reference, response, score} rows) | reward (the "
                           "target's replies to the prompts, rated by --reward-model: mean reward)")
     evaluate.add_argument("--baseline", action="append", help="base, or few-shot:K (repeatable)")
     evaluate.add_argument("--output", type=Path, help="where eval.json and report.html go (default: the run directory)")
@@ -379,8 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--max-new-tokens", type=int)
     evaluate.add_argument("--batch-size", type=int)
-    evaluate.add_argument("--rubric", type=Path, help="judge task: the judge's question, a text file with {prompt}, "
-                          "{response_a} and {response_b} (default: the built-in rubric)")
+    evaluate.add_argument("--rubric", type=Path, help="judge task or --judge: the judge's question, a text file with "
+                          "{prompt}, {response_a} and {response_b} (pairs) or {prompt}, {reference} and {response} "
+                          "(--judge; scored replies) (default: the built-in rubric)")
+    evaluate.add_argument("--judge", metavar="MODEL", help="exact_match / generation: a local judge model (name, model or "
+                          "run directory) also scores every reply against its reference from 1 to --judge-scale: judge_score")
+    evaluate.add_argument("--judge-scale", type=int, default=5, help="the judge's scores run from 1 to this (2..9)")
     evaluate.add_argument("--reward-model", help="preference / regression task: rate the replies with this reward model "
                           "(a reward run or a sequence-classification model directory)")
     evaluate.add_argument("--slice-by", help="score per value of this row field, or 'length' for input-length terciles")
@@ -435,9 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="ship a run as a PEFT adapter, a merged model or a GGUF file")
     export.add_argument("run", type=Path, help="a run directory (with adapter/ or model/)")
     export.add_argument("--to", required=True, help="peft (the adapter + tokenizer) | merged (one transformers "
-                                                    "directory) | gguf (one file for llama.cpp)")
+                                                    "directory) | gguf (one file for llama.cpp, LM Studio) | ollama "
+                                                    "(a directory: model.gguf + Modelfile for `ollama create`)")
     export.add_argument("--output", type=Path, required=True, help="the directory (peft, merged) or .gguf file to write")
-    export.add_argument("--dtype", help="merged: float32 (default), bfloat16 or float16; gguf: float32 (default) or float16")
+    export.add_argument("--dtype", help="merged: float32 (default), bfloat16 or float16; gguf, ollama: float32 "
+                                        "(default), float16 or q8_0 (q4_k_m: quantize a float32 export with "
+                                        "llama.cpp's llama-quantize)")
     export.add_argument("--force", action="store_true", help="replace an existing, non-empty output")
     export.set_defaults(handler=cmd_export)
     adapters = commands.add_parser("adapters", help="the local adapter library: list, show, add, merge, swap")
@@ -476,10 +588,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":  # overrides may come after an option: `train c.yaml --nproc 2 train.lr=1e-4`
             args.overrides += [item for item in unknown if not item.startswith("-")]
             unknown = [item for item in unknown if item.startswith("-")]
+            split_train_arguments(args)
         if unknown and args.command != "bench":  # only bench passes its options through (to bench/run.py)
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.command == "bench":
             args.bench_args = unknown + args.bench_args
+        if argv is None:  # the `tunesmith` command itself, not a caller's argv (which may want bitsandbytes)
+            from tunesmith.models.loading import defer_bitsandbytes
+
+            defer_bitsandbytes()
+        check_targets(args)
         return args.handler(args)
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -6,7 +6,9 @@
     gguf    that merged model as one GGUF file for llama.cpp and its kin (models/gguf_export.py)
 
 Each format is a small registered function that writes into a staging directory beside PATH; the result
-is renamed into place only when complete, so PATH never holds half an export.
+is renamed into place only when complete, so PATH never holds half an export. Every export is portable
+(models/model_card.py): it names the upstream base model, its chat template adds the run's
+data.system_prompt as training did, and its README.md is a Hub model card.
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ import yaml
 
 from tunesmith.errors import Problem, UserError, did_you_mean
 from tunesmith.models.cache import commit_directory, staging_directory
+from tunesmith.models.gguf_export import LLAMA_QUANTIZE_ONLY_DTYPES, gguf_dtype_problem
 from tunesmith.registry import Registry
 
 # The weights' dtype in a merged directory (float32 keeps the merge exact) and in a GGUF file.
 MERGED_DTYPES = ("float32", "bfloat16", "float16")
-GGUF_DTYPES = {"float32": "f32", "float16": "f16", "f32": "f32", "f16": "f16"}
+GGUF_DTYPES = {"float32": "f32", "float16": "f16", "f32": "f32", "f16": "f16", "q8_0": "q8_0"}
 
 # PEFT types that add virtual tokens or attention prompts instead of changing weights: nothing to merge.
 _PROMPT_LEARNING_TYPES = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT"}
@@ -77,15 +80,18 @@ def check_request(run_dir: Path, to: str, output: Path, dtype: str | None, force
     if run is not None and run.model_dir is not None and to == "peft":
         problems.append(Problem(str(run_dir), "is a full fine-tuning run (it has model/, not adapter/), so there is "
                                               "no adapter to export; fix: use --to merged or --to gguf"))
-    if run is not None and run.config.get("method") == "reward" and to == "gguf":
+    if run is not None and run.config.get("method") == "reward" and to in ("gguf", "ollama"):
         problems.append(Problem(str(run_dir), "is a reward model (a sequence classifier with one output), which GGUF "
                                               "runtimes do not load; fix: use --to merged or --to peft"))
-    if run is not None and run.adapter_dir is not None and to in ("merged", "gguf") and not is_mergeable(run.adapter_dir):
+    if run is not None and run.adapter_dir is not None and to in ("merged", "gguf", "ollama") and \
+            not is_mergeable(run.adapter_dir):
         problems.append(Problem(str(run.adapter_dir), "holds a prompt-learning adapter (virtual tokens or prompts, not "
                                                       "weight updates), which cannot be merged into the weights; "
                                                       "fix: use --to peft"))
-    allowed = {"peft": (), "merged": MERGED_DTYPES, "gguf": tuple(GGUF_DTYPES)}.get(to)
-    if dtype is not None and allowed is not None and dtype not in allowed:
+    allowed = {"peft": (), "merged": MERGED_DTYPES, "gguf": tuple(GGUF_DTYPES), "ollama": tuple(GGUF_DTYPES)}.get(to)
+    if to in ("gguf", "ollama") and dtype in LLAMA_QUANTIZE_ONLY_DTYPES:  # a known type, with the way to get it
+        problems.append(Problem("--dtype", gguf_dtype_problem(dtype)))
+    elif dtype is not None and allowed is not None and dtype not in allowed:
         fix = f"use one of: {', '.join(allowed)}" if allowed else "leave --dtype out (the adapter is copied as trained)"
         problems.append(Problem("--dtype", f"'{dtype}' does not apply to --to {to}; fix: {fix}"))
     problems += output_problems(output, to, force)
@@ -149,19 +155,26 @@ def output_problems(output: Path, to: str, force: bool) -> list[Problem]:
 
 @exporters.register("peft")
 def export_peft(run: Run, staging: Path, dtype: str | None) -> Path:
-    """The adapter's own files, copied as trained (PEFT format), and the base model's tokenizer beside them."""
-    from tunesmith.models import load_tokenizer
+    """The adapter's own files, copied as trained (PEFT format) but naming the upstream base model, the base
+    model's tokenizer beside them (its template adding the run's system prompt) and the model card."""
+    from tunesmith.models.model_card import name_upstream_base, shipped_tokenizer, write_model_card
 
     shutil.copytree(run.adapter_dir, staging, dirs_exist_ok=True)
-    load_tokenizer(run.base_model).save_pretrained(staging)
+    name_upstream_base(staging, run.base_model)  # a run trained before adapters named it still points at the cache
+    tokenizer = shipped_tokenizer(run)
+    tokenizer.save_pretrained(staging)
+    write_model_card(run, staging, "peft", tokenizer)  # replaces PEFT's empty template
     return staging
 
 
 @exporters.register("merged")
 def export_merged(run: Run, staging: Path, dtype: str | None) -> Path:
     """One plain transformers directory: the adapter's update added into the base weights."""
+    from tunesmith.models.model_card import write_model_card
+
     model, tokenizer = load_merged_model(run)
     save_model_directory(model, tokenizer, staging, dtype or "float32")
+    write_model_card(run, staging, "merged", tokenizer)
     scale = (run.adapter_dir or run.model_dir) / "reward_scale.json"  # a reward model trained on scores: their units
     if scale.is_file():
         shutil.copy2(scale, staging / scale.name)
@@ -170,22 +183,46 @@ def export_merged(run: Run, staging: Path, dtype: str | None) -> Path:
 
 @exporters.register("gguf")
 def export_gguf(run: Run, staging: Path, dtype: str | None) -> Path:
-    """The merged model as one GGUF file; a full fine-tuning run's model/ is written directly."""
-    from tunesmith.models.gguf_export import write_gguf
+    """The merged model as one GGUF file, its chat template the one the merged export ships."""
+    write_run_gguf(run, staging / "model.gguf", dtype)
+    return staging / "model.gguf"
 
-    gguf_file = staging / "model.gguf"
+
+@exporters.register("ollama")
+def export_ollama(run: Run, staging: Path, dtype: str | None) -> Path:
+    """An Ollama model directory: model.gguf and a Modelfile (TEMPLATE, stop tokens, SYSTEM) for `ollama create`."""
+    from tunesmith.models.model_card import system_prompt_of
+    from tunesmith.models.ollama import write_modelfile
+
+    tokenizer = write_run_gguf(run, staging / "model.gguf", dtype)
+    write_modelfile(staging, "model.gguf", tokenizer, system_prompt_of(run))
+    return staging
+
+
+def write_run_gguf(run: Run, gguf_file: Path, dtype: str | None) -> Any:
+    """Write the run's model as `gguf_file`; returns the tokenizer written into it. A full fine-tuning run's
+    model/ is read directly; an adapter run is merged in float32 and saved beside the output first, so the
+    GGUF is cast (or quantized) once, from the exact merge."""
+    from tunesmith.models.gguf_export import write_gguf
+    from tunesmith.models.model_card import shipped_tokenizer, upstream_model_id
+
+    options = {"dtype": GGUF_DTYPES[dtype or "float32"], "name": run.directory.name,
+               "base_model": upstream_model_id(run.base_model)}
     if run.model_dir is not None:
-        return write_gguf(run.model_dir, gguf_file, GGUF_DTYPES[dtype or "float32"], name=run.directory.name)
-    # Merged in float32 and saved beside the output, so the GGUF is cast once, from the exact merge.
-    with tempfile.TemporaryDirectory(prefix=".merged-", dir=staging) as merged_dir:
+        tokenizer = shipped_tokenizer(run)
+        write_gguf(run.model_dir, gguf_file, tokenizer=tokenizer, **options)
+        return tokenizer
+    with tempfile.TemporaryDirectory(prefix=".merged-", dir=gguf_file.parent) as merged_dir:
         model, tokenizer = load_merged_model(run)
         save_model_directory(model, tokenizer, Path(merged_dir), "float32")
         del model
-        return write_gguf(merged_dir, gguf_file, GGUF_DTYPES[dtype or "float32"], name=run.directory.name)
+        write_gguf(merged_dir, gguf_file, **options)
+        return tokenizer
 
 
 def load_merged_model(run: Run) -> tuple[Any, Any]:
-    """`(model, tokenizer)`: the run's full model, or its base with the adapter merged in, in float32.
+    """`(model, tokenizer)`: the run's full model, or its base with the adapter merged in, in float32, as an
+    export ships them (model_card.as_shipped: named after the upstream base, the run's system prompt in the template).
 
     A QLoRA run (adapter.type qlora) trained over a 4-bit NF4 base: that base is loaded as it trained,
     dequantised to float32 and only then merged with the adapter, so the merged model computes what the
@@ -193,24 +230,27 @@ def load_merged_model(run: Run) -> tuple[Any, Any]:
     """
     from tunesmith.models import load_model
     from tunesmith.models.adapters import load_adapter, load_options
+    from tunesmith.models.model_card import as_shipped
 
     labels = 1 if run.config.get("method") == "reward" else None  # a reward model: a one-output sequence classifier
     if run.model_dir is not None:
-        return load_model(str(run.model_dir), dtype="float32", num_labels=labels)
+        return as_shipped(run, *load_model(str(run.model_dir), dtype="float32", num_labels=labels))
     quantized = load_options(str(run.config.get("adapter", {}).get("type", "lora")))
     base, tokenizer = load_model(run.base_model, dtype="float32", num_labels=labels, **quantized)
     if quantized:
         base = base.dequantize()  # nn.Linear layers holding the NF4 weights' float32 values
     merged = load_adapter(base, run.adapter_dir).merge_and_unload()
-    return merged, tokenizer
+    return as_shipped(run, merged, tokenizer)
 
 
 def save_model_directory(model: Any, tokenizer: Any, directory: Path, dtype: str) -> None:
     import torch
 
     from tunesmith.models.loading import quiet_transformers
+    from tunesmith.models.model_card import record_name_or_path
 
     model = model.to(getattr(torch, dtype))
     with quiet_transformers():
         model.save_pretrained(directory, safe_serialization=True)
+    record_name_or_path(directory, model.config.name_or_path)
     tokenizer.save_pretrained(directory)

@@ -1,17 +1,16 @@
 """Write a Llama-architecture transformers directory as a GGUF file (llama.cpp, Ollama, LM Studio).
 
 The reverse of `models/gguf.py`. A GGUF holds the config as llama.cpp's metadata keys, the tokenizer as
-a token list plus merges, and every tensor under llama.cpp's names (`blk.N.attn_q`, ...), with each
-attention head's query and key rows reordered the way llama.cpp's rotary embedding expects them.
-transformers' GGUF reader undoes exactly that, which is what `tunesmith.models.load_model(path)` uses,
-so a written file loads back to the same logits. Names and key spellings come from the `gguf` package.
+a token list plus merges (models/gguf_vocab.py), and every tensor under llama.cpp's names (`blk.N.attn_q`,
+...), with each attention head's query and key rows reordered the way llama.cpp's rotary embedding expects
+them. transformers' GGUF reader undoes exactly that, which is what `tunesmith.models.load_model(path)`
+uses, so a written file loads back to the same logits. Names and key spellings come from the `gguf` package.
 
 Tensors are streamed: the header is written from the shapes alone, then one tensor at a time is read
-from the safetensors files, converted and appended, so memory holds one tensor, not the model.
+from the safetensors files, converted (cast or quantized) and appended, so memory holds one tensor, not the model.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,42 +18,68 @@ from typing import Any
 
 from tunesmith.errors import UserError
 
-GGUF_DTYPES = ("f32", "f16")
+# f32 exact; f16 half the size; q8_0 (8-bit blocks of 32 with one scale each) about a quarter of f32.
+GGUF_DTYPES = ("f32", "f16", "q8_0")
+# Mixed K-quant types that only llama.cpp's C code writes: the gguf package (0.19) has no Python quantizer for
+# Q4_K or Q6_K (gguf.quants raises NotImplementedError), so these are refused with the way to get them.
+LLAMA_QUANTIZE_ONLY_DTYPES = {"q4_k_m": "Q4_K_M", "q4_k_s": "Q4_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
 # What transformers calls the architecture, and what llama.cpp calls it.
 _LLAMA_MODEL_TYPE = "llama"
 _GGUF_ARCHITECTURE = "llama"
 
 
-def write_gguf(model_dir: str | Path, output_file: str | Path, dtype: str = "f32", name: str | None = None) -> Path:
+def gguf_dtype_problem(dtype: str) -> str | None:
+    """Why `dtype` cannot be written, with the fix; None when it can."""
+    if dtype in GGUF_DTYPES:
+        return None
+    if dtype in LLAMA_QUANTIZE_ONLY_DTYPES:
+        return (f"'{dtype}' is a llama.cpp K-quant, which the gguf Python package cannot write (it has no "
+                f"{LLAMA_QUANTIZE_ONLY_DTYPES[dtype]} quantizer); fix: export --dtype float32 (or q8_0), then run "
+                f"llama.cpp's `llama-quantize model.gguf model-{dtype}.gguf {LLAMA_QUANTIZE_ONLY_DTYPES[dtype]}`")
+    return f"'{dtype}' is not a GGUF type tunesmith writes; fix: use one of {', '.join(GGUF_DTYPES)}"
+
+
+def write_gguf(model_dir: str | Path, output_file: str | Path, dtype: str = "f32", name: str | None = None,
+               base_model: str | None = None, tokenizer: Any = None) -> Path:
     """Write the Llama model in `model_dir` (config.json, *.safetensors, tokenizer) to `output_file`.
 
-    `dtype` is f32 (exact) or f16 (half the size); 1-D tensors (norms) stay f32 either way, as llama.cpp keeps them.
-    `name` goes into the file's general.name (default: the directory's name).
+    `dtype` is f32 (exact), f16 or q8_0; 1-D tensors (norms) stay f32 either way, as llama.cpp keeps them.
+    `name` goes into the file's general.name (default: the directory's name); `base_model` (a registry name,
+    a Hugging Face id or a directory) into general.base_model.* and, for a built-in model, general.license.
+    `tokenizer` replaces the directory's own (e.g. one whose chat template adds the run's system prompt).
     """
     import gguf
+    import numpy as np
 
     model_dir, output_file = Path(model_dir), Path(output_file)
-    if dtype not in GGUF_DTYPES:
-        raise UserError(f"GGUF dtype '{dtype}' is not supported; fix: use one of {', '.join(GGUF_DTYPES)}")
+    if (problem := gguf_dtype_problem(dtype)) is not None:
+        raise UserError(f"cannot write GGUF: {problem}")
+    from tunesmith.models.gguf_vocab import add_tokenizer
+
     config = _load_llama_config(model_dir)
-    tokenizer = _load_tokenizer(model_dir)
+    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_dir)
     shapes = _tensor_shapes(model_dir)
     names = _gguf_tensor_names(model_dir, config, shapes)
+    types = {hf_name: tensor_type(gguf_name, shapes[hf_name], dtype) for hf_name, gguf_name in names.items()}
 
     writer = gguf.GGUFWriter(None, arch=_GGUF_ARCHITECTURE)
-    _add_architecture(writer, config, name=name or model_dir.name, dtype=dtype)
-    _add_tokenizer(writer, tokenizer, vocab_size=config.vocab_size)
+    name = name or model_dir.name
+    parameters = sum(math.prod(shapes[hf_name]) for hf_name in names)
+    describe_model(name, base_model, parameters).set_gguf_meta_model(writer)
+    _add_architecture(writer, config, dtype=dtype)
+    add_tokenizer(writer, tokenizer, model_dir, vocab_size=config.vocab_size)
     for hf_name, gguf_name in names.items():
-        # The header states every tensor's shape and byte size before any data is written.
-        out_dtype = _numpy_dtype(dtype, ndim=len(shapes[hf_name]))
-        num_bytes = out_dtype.itemsize * math.prod(shapes[hf_name])
-        writer.add_tensor_info(gguf_name, shapes[hf_name], out_dtype, num_bytes)
+        # The header states every tensor's type and byte size before any data is written; given as bytes,
+        # (rows, bytes per row), which gguf turns back into the tensor's own shape for every type alike.
+        byte_shape = gguf.quant_shape_to_byte_shape(shapes[hf_name], types[hf_name])
+        writer.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape),
+                               raw_dtype=types[hf_name])
     writer.write_header_to_file(output_file)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for hf_name, tensor in _read_tensors(model_dir, list(names)):
         tensor = _to_llama_cpp_layout(hf_name, tensor, config)
-        writer.write_tensor_data(tensor.float().numpy().astype(_numpy_dtype(dtype, ndim=tensor.ndim)))
+        writer.write_tensor_data(gguf.quants.quantize(tensor.float().numpy(), types[hf_name]))
     writer.close()
     return output_file
 
@@ -93,13 +118,16 @@ def _load_tokenizer(model_dir: Path) -> Any:
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
 
 
-def _add_architecture(writer: Any, config: Any, name: str, dtype: str) -> None:
+def _add_architecture(writer: Any, config: Any, dtype: str) -> None:
     import gguf
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
-    writer.add_name(name)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_file_type(file_types[dtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -115,74 +143,25 @@ def _add_architecture(writer: Any, config: Any, name: str, dtype: str) -> None:
         writer.add_value_length(head_dim)
 
 
-def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer as llama.cpp's "gpt2" model: tokens by id, their types, merges, special ids."""
+def describe_model(name: str, base_model: str | None, parameters: int) -> Any:
+    """The file's general.* keys: its name and size, and the model it was tuned from (name, where it is
+    published, its license when it is a built-in model) when `base_model` names one."""
     import gguf
 
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    if backend["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(backend.get("pre_tokenizer")):
-        raise UserError(
-            f"the tokenizer is {backend['model']['type']} without byte-level pre-tokenization; tunesmith's GGUF export "
-            f"writes byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM style); fix: export --to merged and convert "
-            f"it with llama.cpp's convert_hf_to_gguf.py"
-        )
-    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
-    if max(by_id) >= vocab_size:
-        raise UserError(f"the tokenizer has {max(by_id) + 1} tokens but the model only {vocab_size} embedding rows; "
-                        f"fix: resize the model's token embeddings to the tokenizer before exporting")
-    added = tokenizer.added_tokens_decoder  # {id: AddedToken}
-    tokens, types = [], []
-    for index in range(vocab_size):
-        if index not in by_id:  # embedding rows past the tokenizer (vocabularies padded to a multiple of 64)
-            tokens.append(f"[PAD{index}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(by_id[index])
-            types.append(gguf.TokenType.NORMAL if index not in added else
-                         gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
-    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in backend["model"]["merges"]]
+    from tunesmith.models.catalog import CATALOG
+    from tunesmith.models.model_card import is_hub_id
 
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(backend.get("pre_tokenizer")))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
-                          (tokenizer.eos_token_id, writer.add_eos_token_id),
-                          (tokenizer.pad_token_id, writer.add_pad_token_id),
-                          (tokenizer.unk_token_id, writer.add_unk_token_id)):
-        if token_id is not None:
-            add(token_id)
-    # Whether encoding adds BOS/EOS is behaviour, not a setting every tokenizer exposes: observe it.
-    encoded = tokenizer("a")["input_ids"]
-    writer.add_add_bos_token(tokenizer.bos_token_id is not None and encoded[:1] == [tokenizer.bos_token_id])
-    writer.add_add_eos_token(tokenizer.eos_token_id is not None and encoded[-1:] == [tokenizer.eos_token_id])
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
-
-
-def _pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
-    """llama.cpp's name for how text is split before BPE (`tokenizer.ggml.pre`).
-
-    GPT-2's own split (ByteLevel with its built-in regex) is "gpt2"; a Split by a known regex takes the
-    name transformers' GGUF reader maps back to that same regex, so the file round-trips.
-    """
-    if pre_tokenizer and pre_tokenizer.get("type") == "ByteLevel" and pre_tokenizer.get("use_regex", True):
-        return "gpt2"
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-        GGUF_PRE_TOKENIZER_SPLITS,
-    )
-
-    steps = (pre_tokenizer or {}).get("pretokenizers", [])
-    patterns = [step.get("pattern", {}).get("Regex") for step in steps if step.get("type") == "Split"]
-    for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items():
-        if patterns == [regex]:
-            return name
-    raise UserError(
-        f"the tokenizer splits text in a way tunesmith's GGUF export cannot name for llama.cpp "
-        f"({json.dumps(pre_tokenizer)[:200]}); fix: export --to merged and convert it with llama.cpp's "
-        f"convert_hf_to_gguf.py"
-    )
+    entry = next((entry for entry in CATALOG.values() if base_model in (entry.name, entry.hub_id)), None)
+    hub_id = entry.hub_id if entry else base_model if base_model and is_hub_id(base_model) else None
+    base = None
+    if hub_id:
+        organization, base_name = hub_id.split("/")
+        base = {"name": base_name, "organization": organization, "repo_url": f"https://huggingface.co/{hub_id}"}
+    elif base_model:
+        base = {"name": Path(base_model).name}
+    return gguf.Metadata(name=name, basename=base["name"] if base else name, finetune=name if base else None,
+                         size_label=gguf.size_label(parameters, 0, 0, 0), license=entry.license if entry else None,
+                         base_models=[base] if base else None)
 
 
 def _tensor_shapes(model_dir: Path) -> dict[str, list[int]]:
@@ -253,7 +232,17 @@ def _to_llama_cpp_layout(hf_name: str, tensor: Any, config: Any) -> Any:
     return tensor.reshape(num_heads, 2, rows // num_heads // 2, columns).transpose(1, 2).reshape(rows, columns)
 
 
-def _numpy_dtype(dtype: str, ndim: int) -> Any:
-    import numpy as np
+def tensor_type(gguf_name: str, shape: list[int], dtype: str) -> Any:
+    """The GGML type a tensor is stored as, following llama.cpp's converter: 1-D tensors and norms stay f32
+    (llama.cpp computes with them in f32); a tensor whose rows do not divide into quantization blocks (32 values
+    for q8_0) falls back to f16, as convert_hf_to_gguf.py does on gguf's QuantError."""
+    import gguf
 
-    return np.dtype(np.float16 if dtype == "f16" and ndim > 1 else np.float32)
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or dtype == "f32":
+        return gguf.GGMLQuantizationType.F32
+    if dtype == "f16":
+        return gguf.GGMLQuantizationType.F16
+    quantized = gguf.GGMLQuantizationType.Q8_0
+    block_size, _ = gguf.GGML_QUANT_SIZES[quantized]
+    return quantized if shape[-1] % block_size == 0 else gguf.GGMLQuantizationType.F16
+

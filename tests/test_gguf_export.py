@@ -1,0 +1,303 @@
+"""GGUF and Ollama exports hold what llama.cpp reads: its key names, a pre-tokenizer it knows, q8_0 tensors close to
+the source, and a Modelfile whose Go TEMPLATE renders what the model's chat template renders."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CHATML, CORPUS, SPECIAL, build_tokenizer
+from go_template import render
+from tunesmith.cli import main
+from tunesmith.errors import UserError
+from tunesmith.models.gguf_export import write_gguf
+
+# Every `tokenizer.ggml.pre` that llama.cpp's vocabulary loader accepts for a BPE ("gpt2") vocabulary: the names
+# compared with `tokenizer_pre` in `llama_vocab::impl::load` (src/llama-vocab.cpp, llama.cpp as vendored by
+# llama-cpp-python 0.3.36). Any other name stops loading with "unknown pre-tokenizer type" (e.g. "gpt2").
+LLAMA_CPP_PRE_TOKENIZERS = {
+    "default", "minicpm5", "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+    "jina-v5-nano", "deepseek-llm", "deepseek-coder", "deepseek-v3", "spark2_5", "youtu", "falcon", "mpt",
+    "starcoder", "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum",
+    "modern-bert", "jais-2", "gemma4", "granite-embed-multi-311m", "sarvam-moe", "jina-v1-en", "jina-v2-code",
+    "roberta-bpe", "whitespace", "refact", "command-r", "qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "qwen35",
+    "stablelm2", "olmo", "dbrx", "smaug-bpe", "poro-chat", "chatglm-bpe", "glm4", "glm5", "viking", "jais", "tekken",
+    "smollm", "codeshell", "bloom", "gpt3-finnish", "exaone", "exaone4", "exaone-moe", "chameleon", "minerva-7b",
+    "megrez", "gpt-4o", "llama4", "kanana2", "talkie", "granite-embed-multi-97m", "tiny_aya", "cohere2moe",
+    "superbpe", "trillion", "granite-docling", "bailingmoe", "bailingmoe2", "llada-moe", "seed-coder", "hunyuan",
+    "hunyuan-dense", "hy_v4", "joyai-llm", "kimi-k2", "ufakzeka", "grok-2", "afmoe", "laguna", "minimax-m2",
+    "solar-open", "mellum2",
+}
+
+
+def read_fields(path: Path) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def known_key_patterns() -> list[str]:
+    """Every metadata key the gguf package (llama.cpp's own Python half) names, with the architecture filled in."""
+    import gguf
+
+    keys: list[str] = []
+
+    def collect(namespace: type) -> None:
+        for name, value in vars(namespace).items():
+            if isinstance(value, str) and not name.startswith("_"):
+                keys.append(value.replace("{arch}", "llama"))
+            elif isinstance(value, type):
+                collect(value)
+
+    collect(gguf.Keys)
+    return keys
+
+
+def is_known_key(key: str, patterns: list[str]) -> bool:
+    return key.startswith("GGUF.") or any(key == pattern.replace("{id}", "0") for pattern in patterns)
+
+
+def run_around(model_dir: Path, directory: Path, config_text: str = "") -> Path:
+    """A finished full fine-tuning run whose model/ is `model_dir` (no training needed to test exporting it)."""
+    run = directory / "run"
+    shutil.copytree(model_dir, run / "model")
+    (run / "config.yaml").write_text(f"model: {model_dir}\nadapter: {{type: full}}\n{config_text}")
+    return run
+
+
+def export(*argv) -> int:
+    return main(["export", *[str(arg) for arg in argv]])
+
+
+def test_metadata_uses_the_names_llama_cpp_reads(tmp_path, tiny_model):
+    import gguf
+    from transformers import AutoTokenizer
+
+    fields = read_fields(write_gguf(tiny_model, tmp_path / "tiny.gguf", name="tiny-run",
+                                    base_model="smollm2-135m-instruct"))
+    patterns = known_key_patterns()
+    assert [key for key in fields if not is_known_key(key, patterns)] == []
+    assert fields["tokenizer.ggml.pre"] in LLAMA_CPP_PRE_TOKENIZERS and fields["tokenizer.ggml.pre"] == "gpt-2"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    assert fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert fields["tokenizer.ggml.padding_token_id"] == tokenizer.pad_token_id
+    assert "tokenizer.ggml.bos_token_id" not in fields  # the tiny tokenizer has none
+    assert fields["tokenizer.ggml.add_bos_token"] is False and fields["tokenizer.ggml.add_eos_token"] is False
+    assert fields["tokenizer.chat_template"] == tokenizer.chat_template
+    types = fields["tokenizer.ggml.token_type"]
+    for token in SPECIAL:  # control tokens: never produced from plain text, hidden when detokenizing
+        assert types[tokenizer.convert_tokens_to_ids(token)] == gguf.TokenType.CONTROL
+    assert types[tokenizer.convert_tokens_to_ids("the")] == gguf.TokenType.NORMAL
+    assert fields["general.name"] == "tiny-run" and fields["general.finetune"] == "tiny-run"
+    assert fields["general.basename"] == "SmolLM2-135M-Instruct" and fields["general.license"] == "Apache-2.0"
+    assert fields["general.base_model.count"] == 1 and fields["general.base_model.0.organization"] == "HuggingFaceTB"
+    assert fields["general.base_model.0.repo_url"] == "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert fields["general.size_label"].endswith("K") and fields["general.type"] == "model"
+    assert fields["general.file_type"] == gguf.LlamaFileType.ALL_F32
+
+
+def test_every_pre_tokenizer_name_written_is_one_llama_cpp_knows():
+    from tunesmith.models.gguf_vocab import written_pre_tokenizer_names
+
+    assert written_pre_tokenizer_names() <= LLAMA_CPP_PRE_TOKENIZERS
+
+
+def bpe_tokenizer(pre_tokenizer, clean_up_spaces: bool = False):
+    """A small byte-level BPE tokenizer with the given pre-tokenizer, trained on the test corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token=None))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                   clean_up_tokenization_spaces=clean_up_spaces)
+
+
+def test_the_pre_tokenizer_is_named_from_how_the_tokenizer_splits():
+    from tokenizers import Regex, pre_tokenizers
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    from tunesmith.models.gguf_vocab import llama_cpp_pre_tokenizer
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    digits_then_bytes = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    llama3 = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    assert llama_cpp_pre_tokenizer(bpe_tokenizer(byte_level, clean_up_spaces=True)) == "gpt-2"
+    assert llama_cpp_pre_tokenizer(bpe_tokenizer(digits_then_bytes)) == "smollm"  # SmolLM's split
+    assert llama_cpp_pre_tokenizer(bpe_tokenizer(digits_then_bytes, clean_up_spaces=True)) == "starcoder"
+    assert llama_cpp_pre_tokenizer(bpe_tokenizer(llama3, clean_up_spaces=True)) == "llama-bpe"
+
+    unknown = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\w+|[^\w\s]+"), behavior="isolated"),
+                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    with pytest.raises(UserError, match="llama.cpp has no pre-tokenizer.*convert_hf_to_gguf.py"):
+        llama_cpp_pre_tokenizer(bpe_tokenizer(unknown))
+
+
+def test_q8_0_tensors_dequantize_close_to_the_source(tmp_path, tiny_model):
+    import gguf
+    from safetensors.torch import load_file
+
+    from tunesmith.models import load_model
+
+    full = write_gguf(tiny_model, tmp_path / "f32.gguf")
+    quantized = write_gguf(tiny_model, tmp_path / "q8.gguf", "q8_0")
+    assert quantized.stat().st_size < 0.4 * full.stat().st_size
+    exact = {tensor.name: tensor for tensor in gguf.GGUFReader(full).tensors}
+    checked = 0
+    for tensor in gguf.GGUFReader(quantized).tensors:
+        source = np.asarray(exact[tensor.name].data, dtype=np.float32)  # f32 file: the source, in llama.cpp's layout
+        if source.ndim == 1:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F32  # norms stay f32
+            continue
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0
+        restored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(source.shape)
+        # Q8_0: each block of 32 values is rounded to 127 steps of its largest magnitude (half a step), the step
+        # itself stored in f16 (up to 127 * 2^-11 of a step more).
+        block_max = np.abs(source.reshape(-1, 32)).max(axis=1, keepdims=True)
+        assert (np.abs(restored - source).reshape(-1, 32) <= block_max / 127 * (0.5 + 127 / 2048) + 1e-7).all()
+        checked += 1
+    assert checked == 1 + 2 * 7  # token_embd, and q, k, v, o, gate, up, down per layer
+    assert read_fields(quantized)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64]])
+    source_model = load_model(tiny_model)[0].eval()
+    with torch.no_grad():
+        expected, actual = source_model(ids).logits, load_model(str(quantized))[0].eval()(ids).logits
+    # The file loads back (transformers dequantizes it) near the source's logits: within 5% of their largest (8-bit
+    # noise through a 32-wide model); a tensor in the wrong layout would move them by their whole range.
+    assert (actual - expected).abs().max() <= 0.05 * expected.abs().max()
+    assert set(load_file(tiny_model / "model.safetensors"))  # the source is untouched
+
+
+def test_rows_that_do_not_fill_quantization_blocks_fall_back_to_f16(tmp_path):
+    import gguf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(CHATML, "<|im_end|>")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "odd")
+    tokenizer.save_pretrained(tmp_path / "odd")
+    reader = gguf.GGUFReader(write_gguf(tmp_path / "odd", tmp_path / "odd.gguf", "q8_0"))
+    types = {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
+    # Rows of 48 values are not whole blocks of 32: f16, as llama.cpp's converter falls back; rows of 64 quantize.
+    assert types["token_embd.weight"] == types["blk.0.attn_q.weight"] == types["blk.0.ffn_up.weight"] == "F16"
+    assert types["blk.0.ffn_down.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_export_q8_0_from_the_command_line(tmp_path, tiny_model):
+    import gguf
+
+    run = run_around(tiny_model, tmp_path)
+    assert export(run, "--to", "gguf", "--output", tmp_path / "out.gguf", "--dtype", "q8_0") == 0
+    assert read_fields(tmp_path / "out.gguf")["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+
+
+def test_k_quants_are_refused_with_how_to_get_them(tmp_path, tiny_model, capsys):
+    import gguf
+
+    # The fact behind the refusal: the gguf package has no Python quantizer for the K-quants Q4_K_M mixes.
+    for quant_type in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K):
+        with pytest.raises(NotImplementedError):
+            gguf.quants.quantize(np.zeros((1, 256), dtype=np.float32), quant_type)
+    run = run_around(tiny_model, tmp_path)
+    assert export(run, "--to", "gguf", "--output", tmp_path / "out.gguf", "--dtype", "q4_k_m") == 2
+    err = capsys.readouterr().err
+    assert "--dtype" in err and "llama-quantize" in err and "Q4_K_M" in err and "Traceback" not in err
+    assert not (tmp_path / "out.gguf").exists()
+
+
+# ---- Ollama ----------------------------------------------------------------------------------------------------
+
+def read_modelfile(path: Path) -> dict:
+    """FROM, TEMPLATE, SYSTEM and the PARAMETER stop values of a Modelfile as tunesmith writes it."""
+    text = path.read_text(encoding="utf-8")
+    parts = {"stop": [line.split(" ", 2)[2].strip('"') for line in text.splitlines()
+                      if line.startswith("PARAMETER stop ")]}
+    parts["FROM"] = text.splitlines()[0].removeprefix("FROM ")
+    for key in ("TEMPLATE", "SYSTEM"):
+        if f'{key} """' in text:
+            parts[key] = text.split(f'{key} """', 1)[1].split('"""', 1)[0]
+    return parts
+
+
+def ollama_prompt(modelfile: dict, messages: list[dict]) -> str:
+    """What Ollama's chat endpoint renders: SYSTEM first unless the request has its own system message, then
+    the TEMPLATE executed over .Messages (template.Execute in ollama/template/template.go)."""
+    if "SYSTEM" in modelfile and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": modelfile["SYSTEM"]}, *messages]
+    listed = [{"Role": message["role"], "Content": message["content"]} for message in messages]
+    system = "\n\n".join(message["content"] for message in messages if message["role"] == "system")
+    return render(modelfile["TEMPLATE"], {"Messages": listed, "System": system})
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "my card has not arrived"}],
+    [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "hello"}],
+    [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"}, {"role": "user", "content": "three"}],
+]
+
+
+def expected_prompt(tokenizer, messages: list[dict], system_prompt: str | None) -> str:
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]  # as training rendered them
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("system_prompt", [None, "You triage bank support tickets."])
+def test_ollama_export_writes_a_modelfile_that_prompts_as_training_did(tmp_path, tiny_model, system_prompt):
+    from transformers import AutoTokenizer
+
+    config = f"data: {{system_prompt: '{system_prompt}'}}\n" if system_prompt else ""
+    run = run_around(tiny_model, tmp_path, config)
+    assert export(run, "--to", "ollama", "--output", tmp_path / "ollama") == 0
+    assert sorted(path.name for path in (tmp_path / "ollama").iterdir()) == ["Modelfile", "model.gguf"]
+    modelfile = read_modelfile(tmp_path / "ollama" / "Modelfile")
+    assert modelfile["FROM"] == "./model.gguf"
+    assert modelfile["stop"] == ["<|im_end|>", "<|im_start|>"]
+    # No run prompt: the template's own default system message (the tiny ChatML template's "You are helpful.").
+    assert modelfile["SYSTEM"] == (system_prompt or "You are helpful.")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for messages in CONVERSATIONS:
+        assert ollama_prompt(modelfile, messages) == expected_prompt(tokenizer, messages, system_prompt)
+    assert read_fields(tmp_path / "ollama" / "model.gguf")["tokenizer.ggml.pre"] == "gpt-2"
+
+
+def test_ollama_template_for_a_llama3_style_chat_template(tmp_path, tiny_llama3_model):
+    from transformers import AutoTokenizer
+
+    run = run_around(tiny_llama3_model, tmp_path)
+    assert export(run, "--to", "ollama", "--output", tmp_path / "ollama", "--dtype", "q8_0") == 0
+    modelfile = read_modelfile(tmp_path / "ollama" / "Modelfile")
+    assert "SYSTEM" not in modelfile and modelfile["stop"] == ["<|eot_id|>", "<|start_header_id|>"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama3_model)
+    for messages in CONVERSATIONS:
+        assert ollama_prompt(modelfile, messages) == expected_prompt(tokenizer, messages, None)
+
+
+def test_a_chat_template_ollama_cannot_reproduce_is_refused(tmp_path, tiny_model, capsys):
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "odd-template"
+    shutil.copytree(tiny_model, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # Roles written as other words ("Human:", "Bot:"): no single OPEN + role + CLOSE shape renders it.
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}Human: {% else %}Bot: {% endif %}"
+                               "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}Bot:{% endif %}")
+    tokenizer.save_pretrained(model_dir)
+    run = run_around(model_dir, tmp_path / "runs")
+    assert export(run, "--to", "ollama", "--output", tmp_path / "ollama") == 2
+    err = capsys.readouterr().err
+    assert "cannot write an Ollama TEMPLATE" in err and "--to gguf" in err and "Traceback" not in err
+    assert not (tmp_path / "ollama").exists()
