@@ -127,7 +127,8 @@ def test_gguf_round_trip_gives_the_merged_logits(tmp_path, tiny_model, lora_run)
     merged_dir, gguf_file = tmp_path / "merged", tmp_path / "out" / "tuned.gguf"
     assert export(lora_run, "--to", "merged", "--output", merged_dir) == 0
     assert export(lora_run, "--to", "gguf", "--output", gguf_file) == 0
-    assert [path.name for path in gguf_file.parent.iterdir()] == ["tuned.gguf"]  # no staging left behind
+    # no staging left behind: the file and its model card
+    assert sorted(path.name for path in gguf_file.parent.iterdir()) == ["tuned.README.md", "tuned.gguf"]
 
     fields = read_fields(gguf_file)
     vocab_size = json.loads((tiny_model / "config.json").read_text())["vocab_size"]

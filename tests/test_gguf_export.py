@@ -202,6 +202,13 @@ def test_export_q8_0_from_the_command_line(tmp_path, tiny_model):
     run = run_around(tiny_model, tmp_path)
     assert export(run, "--to", "gguf", "--output", tmp_path / "out.gguf", "--dtype", "q8_0") == 0
     assert read_fields(tmp_path / "out.gguf")["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    # The model card goes beside the file, and a second export would replace it only with --force.
+    assert sorted(path.name for path in tmp_path.glob("out.*")) == ["out.README.md", "out.gguf"]
+    assert "exported as gguf" in (tmp_path / "out.README.md").read_text(encoding="utf-8")
+    (tmp_path / "out.gguf").unlink()
+    assert export(run, "--to", "gguf", "--output", tmp_path / "out.gguf") == 2
+    assert not (tmp_path / "out.gguf").exists()
+    assert export(run, "--to", "gguf", "--output", tmp_path / "out.gguf", "--force") == 0
 
 
 def test_k_quants_are_refused_with_how_to_get_them(tmp_path, tiny_model, capsys):
@@ -262,7 +269,9 @@ def test_ollama_export_writes_a_modelfile_that_prompts_as_training_did(tmp_path,
     config = f"data: {{system_prompt: '{system_prompt}'}}\n" if system_prompt else ""
     run = run_around(tiny_model, tmp_path, config)
     assert export(run, "--to", "ollama", "--output", tmp_path / "ollama") == 0
-    assert sorted(path.name for path in (tmp_path / "ollama").iterdir()) == ["Modelfile", "model.gguf"]
+    assert sorted(path.name for path in (tmp_path / "ollama").iterdir()) == ["Modelfile", "README.md", "model.gguf"]
+    card = (tmp_path / "ollama" / "README.md").read_text(encoding="utf-8")
+    assert "ollama create my-model -f Modelfile" in card and "\nlibrary_name: gguf\n" in card
     modelfile = read_modelfile(tmp_path / "ollama" / "Modelfile")
     assert modelfile["FROM"] == "./model.gguf"
     assert modelfile["stop"] == ["<|im_end|>", "<|im_start|>"]

@@ -3,7 +3,9 @@
     peft    the adapter as PEFT saved it, plus the tokenizer: loads with
             `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), PATH)`
     merged  base + adapter merged into one plain transformers directory (safetensors, config, tokenizer)
-    gguf    that merged model as one GGUF file for llama.cpp and its kin (models/gguf_export.py)
+    gguf    that merged model as one GGUF file for llama.cpp and its kin (models/gguf_export.py), its model
+            card beside it as NAME.README.md
+    ollama  a directory: that GGUF file and a Modelfile for `ollama create` (models/ollama.py)
 
 Each format is a small registered function that writes into a staging directory beside PATH; the result
 is renamed into place only when complete, so PATH never holds half an export. Every export is portable
@@ -55,9 +57,9 @@ class Run:
 
 def export_run(run_dir: str | Path, to: str, output: str | Path, *, dtype: str | None = None,
                force: bool = False) -> Path:
-    """Export the run in `run_dir` as `to` (peft | merged | gguf) at `output`; returns `output`.
+    """Export the run in `run_dir` as `to` (peft | merged | gguf | ollama) at `output`; returns `output`.
 
-    `dtype`: merged float32 (default) | bfloat16 | float16; gguf float32 (default) | float16.
+    `dtype`: merged float32 (default) | bfloat16 | float16; gguf and ollama float32 (default) | float16 | q8_0.
     An existing non-empty `output` is replaced only with `force`.
     """
     run, output = check_request(Path(run_dir), to, Path(output), dtype, force)
@@ -65,9 +67,15 @@ def export_run(run_dir: str | Path, to: str, output: str | Path, *, dtype: str |
         produced = exporters.get(to)(run, staging, dtype)
         if produced == staging:
             commit_directory(staging, output)
-        else:  # a single file: renamed over any old one, atomically (same filesystem)
+        else:  # a single file and its card: renamed over any old ones, atomically (same filesystem)
             os.replace(produced, output)
+            os.replace(staging / "README.md", card_beside(output))
     return output
+
+
+def card_beside(output_file: Path) -> Path:
+    """Where a single-file export's model card goes: model.gguf -> model.README.md."""
+    return output_file.with_name(f"{output_file.stem}.README.md")
 
 
 def check_request(run_dir: Path, to: str, output: Path, dtype: str | None, force: bool) -> tuple[Run, Path]:
@@ -150,6 +158,9 @@ def output_problems(output: Path, to: str, force: bool) -> list[Problem]:
     if occupied and not force:
         return [Problem(where, "already exists and is not empty; fix: choose another --output, or add --force to "
                                "replace it")]
+    if to == "gguf" and card_beside(output).exists() and not force:
+        return [Problem(str(card_beside(output)), "already exists, and the GGUF file's model card would replace it; "
+                                                  "fix: choose another --output, or add --force to replace it")]
     return []
 
 
@@ -183,19 +194,23 @@ def export_merged(run: Run, staging: Path, dtype: str | None) -> Path:
 
 @exporters.register("gguf")
 def export_gguf(run: Run, staging: Path, dtype: str | None) -> Path:
-    """The merged model as one GGUF file, its chat template the one the merged export ships."""
-    write_run_gguf(run, staging / "model.gguf", dtype)
+    """The merged model as one GGUF file, its chat template the one the merged export ships, and its card."""
+    from tunesmith.models.model_card import write_model_card
+
+    tokenizer = write_run_gguf(run, staging / "model.gguf", dtype)
+    write_model_card(run, staging, "gguf", tokenizer)
     return staging / "model.gguf"
 
 
 @exporters.register("ollama")
 def export_ollama(run: Run, staging: Path, dtype: str | None) -> Path:
     """An Ollama model directory: model.gguf and a Modelfile (TEMPLATE, stop tokens, SYSTEM) for `ollama create`."""
-    from tunesmith.models.model_card import system_prompt_of
+    from tunesmith.models.model_card import system_prompt_of, write_model_card
     from tunesmith.models.ollama import write_modelfile
 
     tokenizer = write_run_gguf(run, staging / "model.gguf", dtype)
     write_modelfile(staging, "model.gguf", tokenizer, system_prompt_of(run))
+    write_model_card(run, staging, "ollama", tokenizer)
     return staging
 
 

@@ -116,6 +116,7 @@ def merge(sources: list[str], weights: list[float], name: str, combination: str 
     ranks only; approximate); `svd` truncates the exact sum back to the largest rank (approximate).
     """
     from tunesmith.models import load_model
+    from tunesmith.models.model_card import name_upstream_base
     from tunesmith.models.adapters import load_adapter
 
     if len(sources) < 2:
@@ -143,6 +144,7 @@ def merge(sources: list[str], weights: list[float], name: str, combination: str 
     with tempfile.TemporaryDirectory(dir=library()) as scratch:
         model.save_pretrained(scratch, selected_adapters=[name], safe_serialization=True)
         saved = Path(scratch) / name if (Path(scratch) / name).is_dir() else Path(scratch)
+        name_upstream_base(saved, cards[0]["base_model"])  # PEFT recorded the cache path the base was loaded from
         entry = {"name": name, "base_model": cards[0]["base_model"], "method": "merge",
                  "adapter": {**cards[0]["adapter"], "r": model.peft_config[name].r},
                  "merged_from": [{"name": s, "weight": w} for s, w in zip(sources, weights)],

@@ -383,7 +383,9 @@ def usage_lines(run: Run, format: str, upstream: str) -> list[str]:
                 'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")', *generate, "```", "",
                 "llama.cpp: `tunesmith export RUN --to gguf --output model.gguf` (or llama.cpp's "
                 "`convert_hf_to_gguf.py` on this directory), then:", "", *llama_cpp]
-    return ["## Use", "", "llama.cpp (the chat template is in the file):", "", *llama_cpp, "",
+    ollama = ["Ollama (the Modelfile holds the template, stop tokens and system prompt):", "", "```sh",
+              "ollama create my-model -f Modelfile", "ollama run my-model", "```", ""] if format == "ollama" else []
+    return ["## Use", "", *ollama, "llama.cpp (the chat template is in the file):", "", *llama_cpp, "",
             "llama-cpp-python:", "", "```python", "from llama_cpp import Llama", "",
             'model = Llama(model_path="model.gguf")',
             f'print(model.create_chat_completion(messages=[{{"role": "user", "content": "{EXAMPLE_MESSAGE}"}}], '
