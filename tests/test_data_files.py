@@ -317,6 +317,9 @@ def test_the_readme_table_is_generated_from_the_registry():
     table = format_table()
     assert all(f"| `{name}` |" in table for name in formats.names())
     assert "`question,answer`" in table and "(nested: JSON Lines or Parquet)" in table
+    # The README shows this very table: a format added, renamed or re-described must be pasted there again.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert table in readme, "README.md's data-format table is stale: paste format_table()'s output into it"
 
 
 def test_read_rows_gives_locations_and_rows(tmp_path):

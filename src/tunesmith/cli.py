@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "object per ticket with its thread)")
     tickets.add_argument("--output", type=Path, required=True, help="the messages-format JSONL file to write")
     tickets.add_argument("--mapping", type=Path, help="a YAML or JSON file naming the export's columns (ticket_id, "
-                         "body, role with customer/agent values, timestamp, skip, names; see README)")
+                         "body, role with customer/agent values, timestamp, skip, names; see docs/tickets.md)")
     tickets.add_argument("--flavour", default="auto", help="zendesk or freshdesk (default: detect from the columns)")
     tickets.add_argument("--system-prompt", help="a system message at the start of every conversation")
     tickets.add_argument("--no-redact", action="store_true", help="keep e-mails, phones, card numbers and names")

@@ -337,7 +337,7 @@ def choose_mapping(path: Path, options: TicketOptions, ticket_columns: set[str],
         if any(marker <= columns for marker in flavour.markers):
             return flavour.build(ticket_columns, message_columns)
     raise UserError(f"{path}: cannot tell which helpdesk exported this from its columns ({preview(columns)}); fix: "
-                    f"pass --mapping MAP.yaml naming the ticket id, body and role columns (see README), or "
+                    f"pass --mapping MAP.yaml naming the ticket id, body and role columns (see docs/tickets.md), or "
                     f"--flavour {' or '.join(FLAVOURS)}")
 
 
@@ -367,7 +367,7 @@ def mapping_fix(mapping: Mapping, key: str) -> str:
     """Where the user changes `key`: their mapping file, or (for a built-in flavour) a mapping file of their own."""
     if mapping.source in FLAVOURS:
         return (f"the export is not shaped like the built-in {mapping.source} flavour; pass --mapping MAP.yaml "
-                f"with '{key}:' naming your column (see README)")
+                f"with '{key}:' naming your column (see docs/tickets.md)")
     return f"set '{key}:' in {mapping.source} to a column of the export"
 
 
@@ -391,7 +391,7 @@ def load_mapping_file(path: Path) -> Mapping:
             f"{path}:{line}" if line > 0 else str(path), f"{error}; fix: repair the syntax")]) from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a mapping file is a set of key: value lines (ticket_id, body, role, ...); fix: see "
-                        f"the README's example")
+                        f"the example in docs/tickets.md")
     lines = key_lines(text)
     known = [field.name for field in fields(Mapping) if field.name != "source"]
     problems, values = [], {}

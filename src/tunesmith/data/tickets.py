@@ -252,7 +252,7 @@ def message_side(message: Message, ticket: Ticket, mapping: Mapping, problems: l
         return "assistant"
     if mapping.source in FLAVOURS:
         fix = (f"pass --mapping MAP.yaml with role: {mapping.role} and this value among its customer: or agent: values "
-               f"(see README)")
+               f"(see docs/tickets.md)")
     else:
         fix = f"add it to 'customer:' or 'agent:' in {mapping.source} (or to 'skip:' to leave such messages out)"
     problems.append(Problem(message.where, f"{message.label}: {mapping.role} {value!r} is neither a customer value "
