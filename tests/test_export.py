@@ -308,7 +308,7 @@ def test_peft_export_names_the_upstream_base_and_prompts_as_trained(tmp_path, ti
     card = ModelCard.load(output / "README.md")
     assert card.data.base_model == REGISTRY_HUB_ID and card.data.library_name == "peft" and card.data.license == "mit"
     assert "tunesmith" in card.data.tags and "lora" in card.data.tags and "More Information Needed" not in card.text
-    assert f"> {SYSTEM_PROMPT}" in card.text and "`train.jsonl` | 8 |" in card.text
+    assert f"> {SYSTEM_PROMPT}" in card.text and "| train | `train.jsonl` | `" in card.text
 
 
 def test_merged_export_names_the_upstream_base_and_prompts_as_trained(tmp_path, tiny_model, registry_run):

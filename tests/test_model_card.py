@@ -153,9 +153,9 @@ def test_model_card_is_a_hub_card_with_the_runs_figures(tmp_path, tokenizers):
                                    "license": "apache-2.0", "pipeline_tag": "text-generation",
                                    "tags": ["tunesmith", "sft", "lora"]}
     body = card.text
-    assert f"| train | `train.jsonl` | 5 | `{sha256_of_file(tmp_path / 'my-run' / 'train.jsonl')}` |" in body
+    assert f"| train | `train.jsonl` | `{sha256_of_file(tmp_path / 'my-run' / 'train.jsonl')}` |" in body
     assert "r 8, alpha 16.0" in body and "q_proj, v_proj" in body and "20% of the training file" in body
-    assert "Steps: 3" in body and "Final training loss: 1.8750" in body and "Best validation loss: 2.5000 (step 2)" in body
+    assert "Steps: 3 (train.max_steps 3)" in body and "Final training loss: 1.8750" in body and "Best validation loss: 2.5000 (step 2)" in body
     assert "| tuned | accuracy | 0.625 | [0.5, 0.75] | 40 |" in body
     assert "| base | accuracy | 0.125 | [0.05, 0.225] | 40 |" in body
     assert "tuned minus base, accuracy: +0.5 [0.35, 0.65]" in body and "`test.jsonl` (40 examples)" in body

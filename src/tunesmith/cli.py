@@ -35,11 +35,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.already_complete:
         print(finished_run_text(result, config.train))
     else:
-        print(f"trained {result.steps} steps; final loss {result.final_loss}; "
-              f"best validation loss {result.best_val_loss}")
+        print(f"trained {result.steps} steps; final loss {loss_text(result.final_loss)}; "
+              f"best validation loss {loss_text(result.best_val_loss)}")
         print(f"{result.tokens_per_s:,.0f} tokens/s; peak memory {result.peak_rss_mb:,.0f} MB")
     print(f"saved {result.output}")
     return 0
+
+
+def loss_text(loss: float | None) -> str:
+    return "none" if loss is None else f"{loss:.4f}"
 
 
 def finished_run_text(result, train) -> str:

@@ -243,21 +243,18 @@ def method_lines(run: Run, upstream: str) -> list[str]:
 
 
 def data_lines(run: Run) -> list[str]:
-    """Each data file by name, with its rows and sha256: enough to tell which data trained the model."""
+    """Each data file by name, with its sha256: enough to tell which data trained the model (the example counts,
+    from the run's own reading of the files, are in the training section: a line count would miscount CSV)."""
     from tunesmith.models.cache import sha256_of_file
 
     data = run.config.get("data") or {}
-    lines = ["## Training data", "", "| split | file | rows | sha256 |", "| --- | --- | --- | --- |"]
+    lines = ["## Training data", "", "| split | file | sha256 |", "| --- | --- | --- |"]
     for split in ("train", "validation"):
         if not data.get(split):
             continue
         path = Path(data[split])
-        if path.is_file():
-            with path.open("rb") as handle:
-                rows = sum(1 for line in handle if line.strip())
-            lines.append(f"| {split} | `{path.name}` | {rows} | `{sha256_of_file(path)}` |")
-        else:
-            lines.append(f"| {split} | `{path.name}` | (file not found at export) | |")
+        digest = f"`{sha256_of_file(path)}`" if path.is_file() else "(file not found at export)"
+        lines.append(f"| {split} | `{path.name}` | {digest} |")
     if data.get("val_fraction"):
         lines += ["", f"Validation: {data['val_fraction']:.0%} of the training file, held out."]
     lines += ["", f"Format: `{data.get('format', 'auto')}`; loss on: `{data.get('loss_on', 'assistant')}` tokens; "
@@ -293,8 +290,8 @@ def training_lines(run: Run) -> list[str]:
                      f"({data.get('train_tokens')} training tokens)")
     if steps:
         last = steps[-1]
-        lines.append(f"- Steps: {last['step']} (epoch {last.get('epoch', 0) + 1} of train.epochs {train.get('epochs')}; "
-                     f"train.max_steps {train.get('max_steps')}); batch size {train.get('batch_size')} x "
+        length = f"train.max_steps {train['max_steps']}" if train.get("max_steps") else f"train.epochs {train.get('epochs')}"
+        lines.append(f"- Steps: {last['step']} ({length}); batch size {train.get('batch_size')} x "
                      f"{train.get('grad_accum')} accumulation; lr {train.get('lr')} ({train.get('schedule')})")
         lines.append(f"- Final training loss: {last['loss']:.4f}")
     if validation:

@@ -131,7 +131,7 @@ class Engine:
         attention = torch.tensor(masks, device=self.device)
         kwargs = sampling.generate_kwargs()
         if shared:
-            kwargs["past_key_values"] = self.prefix_cache(input_ids[:1, :shared], len(prompts))
+            kwargs["cache"] = self.prefix_cache(input_ids[:1, :shared], len(prompts))
         if allowed is not None:
             kwargs["prefix_allowed_tokens_fn"] = trie_constraint(allowed, width, self.stop_ids()[0])
             kwargs["max_new_tokens"] = max(len(sequence) for sequence in allowed)
@@ -141,7 +141,7 @@ class Engine:
 
     def prefix_cache(self, prefix: torch.Tensor, batch_size: int):
         """The KV cache of a (1, P) prefix, repeated for every row of the batch."""
-        cache = self.model(input_ids=prefix, use_cache=True).past_key_values
+        cache = self.model(input_ids=prefix, use_cache=True).cache  # transformers 5.25 renamed past_key_values
         cache.batch_repeat_interleave(batch_size)
         return cache
 
