@@ -18,5 +18,5 @@ fi
 python3 -m pip install --find-links "$cache" --only-binary llama-cpp-python "llama-cpp-python==$version"
 if [ "${1:-}" = "--test" ]; then
     cd "$(dirname "$0")/.."
-    python3 -m pytest -q -m llama_cpp tests/test_gguf_llama_cpp.py
+    python3 -m pytest -q -s -m llama_cpp tests/test_gguf_llama_cpp.py  # -s: the interop table is printed
 fi

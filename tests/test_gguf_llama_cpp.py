@@ -38,7 +38,8 @@ PROMPTS = ["What is the capital of France?", "My card has not arrived yet. What 
 # token must match. f32: the same weights, other kernels (llama.cpp sums in another order). q8_0: 8-bit weights
 # (alone, through transformers: 0.9 on logits spanning +-39), and llama.cpp also rounds activations to 8 bits in
 # its matrix products, so logits move by up to ~2 and a 135M model's near-ties send replies elsewhere after a
-# few tokens (measured: 2/5 whole replies, 92% of top tokens). A file in a wrong layout scores ~0% and logits ~30.
+# few tokens (measured: 2/5 whole replies, 92% of top tokens; llama.cpp's own quantizer writes the same bytes, see
+# test_q8_0_is_what_llama_cpps_own_quantizer_writes). A file in a wrong layout scores ~0% and logits ~30.
 TOLERANCES = {"f32": (0.1, 5, 0.99), "q8_0": (3.0, 1, 0.85), "ollama": (0.1, 5, 0.99)}
 RESULTS: dict[str, dict] = {}
 
@@ -213,6 +214,25 @@ def test_go_itself_renders_the_ollama_template_as_the_test_reader_does(exports, 
             {"Template": modelfile["TEMPLATE"], "Data": data}), capture_output=True, text=True, check=True,
             env={**os.environ, "GOCACHE": str(tmp_path / "gocache")}, cwd=tmp_path)
         assert result.stdout == render(modelfile["TEMPLATE"], data)
+
+
+def test_q8_0_is_what_llama_cpps_own_quantizer_writes(exports, tmp_path):
+    """The q8_0 drift above is Q8_0's own: llama.cpp's quantizer (llama_model_quantize, what llama-quantize runs),
+    given the f32 export, writes every tensor with the same type and the same bytes as tunesmith's q8_0 export."""
+    import ctypes
+
+    import gguf
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    theirs = tmp_path / "llama-quantize-q8_0.gguf"
+    assert llama_cpp.llama_model_quantize(str(exports["f32"]).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    ours = {tensor.name: tensor for tensor in gguf.GGUFReader(exports["q8_0"]).tensors}
+    reference = {tensor.name: tensor for tensor in gguf.GGUFReader(theirs).tensors}
+    assert sorted(ours) == sorted(reference)
+    differing = [name for name, tensor in ours.items() if tensor.tensor_type != reference[name].tensor_type
+                 or not np.array_equal(np.asarray(tensor.data), np.asarray(reference[name].data))]
+    assert not differing, f"{len(differing)} of {len(ours)} tensors differ from llama.cpp's, e.g. {differing[:3]}"
 
 
 def test_print_the_interop_table():
