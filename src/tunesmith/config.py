@@ -155,7 +155,7 @@ class RegularizationConfig(Section):
 
 class TrainConfig(Section):
     epochs: int = Field(1, ge=1, description="Passes over the training data.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    max_steps: int | None = Field(None, ge=1, description="Train exactly this many optimizer steps, going through the data as many (partial) epochs as that takes (overrides epochs, as in Hugging Face's Trainer).")
     batch_size: int = Field(8, ge=1, description="Rows per micro-batch (packed rows when data.packing is on).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     micro_batch_tokens: int | Literal["auto"] | None = Field(

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from pathlib import Path
 from typing import Any
+
+from tunesmith.rundir import read_metrics
 
 ANNOTATE_MAX_LABELS = 25  # above this many labels the heat map drops its per-cell numbers
 CSS_DPI, PNG_DPI = 96, 192  # a figure inch is shown as 96 CSS pixels, drawn with 192 image pixels
@@ -25,12 +26,8 @@ def read_training_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
     is skipped rather than failing the whole report. A repeated step keeps its last value.
     """
     series: dict[str, dict[int, float]] = {"train": {}, "val": {}, "lr": {}}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict) or "event" in record or not isinstance(record.get("step"), int):
+    for record in read_metrics(path):
+        if "event" in record or not isinstance(record.get("step"), int):
             continue
         for name, key in (("train", "loss"), ("val", "val_loss"), ("lr", "lr")):
             if isinstance(record.get(key), (int, float)):

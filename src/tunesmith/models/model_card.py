@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunesmith.rundir import read_metrics
+
 if TYPE_CHECKING:
     from tunesmith.models.export import Run
 
@@ -262,22 +264,9 @@ def data_lines(run: Run) -> list[str]:
     return lines
 
 
-def read_metrics(run: Run) -> list[dict[str, Any]]:
-    path = run.directory / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a blank line, or the last one of a run stopped mid-write
-            continue
-    return [record for record in records if isinstance(record, dict)]
-
-
 def training_lines(run: Run) -> list[str]:
     """Steps, epochs, the final training loss and the best validation loss, from metrics.jsonl."""
-    records = read_metrics(run)
+    records = read_metrics(run.directory)
     if not records:
         return []
     train = run.config.get("train") or {}

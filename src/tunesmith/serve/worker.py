@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from tunesmith.rundir import read_metrics
 from tunesmith.serve import jobs as job_spec
 from tunesmith.serve.service import Service, private_directory
 from tunesmith.serve.store import Lease
@@ -293,14 +294,9 @@ class JobRun:
         return status
 
     def trained_tokens(self) -> int | None:
-        metrics = self.directory / "run" / "metrics.jsonl"
         tokens = None
-        for line in metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            tokens = row.get("tokens", tokens)
+        for record in read_metrics(self.directory / "run"):
+            tokens = record.get("tokens", tokens)
         return tokens
 
     def log_tail(self, name: str = "train.log", lines: int = 8) -> str:

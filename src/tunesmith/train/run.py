@@ -11,6 +11,7 @@ import yaml
 from tunesmith.config import Config
 from tunesmith.config_loading import write_config
 from tunesmith.errors import UserError
+from tunesmith.rundir import read_metrics
 from tunesmith.train.checkpoint import latest_checkpoint
 
 # Keys a resumed run may change: they steer how long and how loudly it runs, not what it computes.
@@ -72,16 +73,8 @@ def peak_rss_mb() -> float:
 
 def final_logged_loss(run_dir: Path) -> float | None:
     """The loss of the last step that metrics.jsonl records (None before any); a line a crash cut short is skipped."""
-    path = run_dir / "metrics.jsonl"
-    loss = None
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and "loss" in record and "event" not in record:  # skipped steps are events
-            loss = record["loss"]
-    return loss
+    steps = [record for record in read_metrics(run_dir) if "loss" in record and "event" not in record]
+    return steps[-1]["loss"] if steps else None  # skipped steps are events
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
