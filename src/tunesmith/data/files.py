@@ -95,6 +95,8 @@ def read_jsonl(path: Path, lines: Iterable[bytes] | None = None) -> Rows:
                     yield number, FileProblem(delimited_hint(path, text))
                     return
                 yield number, RowError(f"invalid JSON at column {error.colno}: {error.msg}")
+            except RecursionError:  # json's parser recurses once per level of nesting
+                yield number, RowError("the JSON is nested too deeply to read; fix: flatten this line's value")
             first = False
 
 

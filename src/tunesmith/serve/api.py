@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
+from contextlib import closing
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +27,7 @@ from tunesmith.serve.shapes import ApiError, not_found
 from tunesmith.serve.uploads import read_form
 
 MAX_PAGE = 100
+MAX_JSON_DEPTH = 64  # nesting of a request body; OpenAI's requests need under 10
 
 
 @dataclass(frozen=True)
@@ -91,14 +94,13 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
         code = "not_found" if error.status_code == 404 else None
         return JSONResponse(ApiError(error.status_code, str(error.detail), None, code).body(), status_code=error.status_code)
 
+    @app.exception_handler(Exception)  # Starlette still re-raises it afterwards, so the server logs the traceback
+    async def server_error(_: Request, error: Exception) -> JSONResponse:
+        return JSONResponse(ApiError(500, "The server had an error while processing your request; its log has the "
+                                          "details", type="server_error").body(), status_code=500)
+
     async def json_body(request: Request) -> dict[str, Any]:
-        try:
-            body = json.loads(await request.body() or b"{}")
-        except ValueError as error:
-            raise ApiError(400, f"We could not parse the JSON body of your request: {error}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
+        return parse_json_object(await request.body())
 
     # files
     @app.post("/v1/files")
@@ -222,7 +224,8 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
     def answer(body: dict[str, Any], whole, chunks, caller: Caller) -> Any:
         base, adapter, loader = target(caller, body)
         if body.get("stream"):
-            return StreamingResponse(sse(chunks(pool, base, adapter, loader, body)), media_type="text/event-stream")
+            return ClosingStreamingResponse(sse(chunks(pool, base, adapter, loader, body)),
+                                            media_type="text/event-stream")
         return whole(pool, base, adapter, loader, body)
 
     @app.post("/v1/chat/completions")
@@ -263,7 +266,7 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
 
     @app.get("/v1/audit")
     def audit(limit: int = 100, caller: Caller = needs(Scope.ADMIN)) -> dict:
-        check = service.audit_log.verify()
+        check = service.verify_audit()  # the chain, and that it reaches the head the store recorded
         records = [record.to_dict() for record in service.audit_log.records() if record.project == caller.project]
         return {"object": "list", "verified": bool(check), "problem": None if check else str(check),
                 "data": records[-page_args(limit, None):]}
@@ -285,13 +288,70 @@ def key_object(row: dict[str, Any]) -> dict[str, Any]:
             "created_at": row["created_at"], "revoked_at": row["revoked_at"]}
 
 
-def sse(chunks: Iterator[dict[str, Any]]) -> Iterator[bytes]:
-    """Server-sent events as OpenAI streams them: one `data:` line per chunk, then `data: [DONE]`."""
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(data: bytes, limit: int) -> int:
+    """How deeply `data`'s arrays and objects nest, counted without recursion; stops counting past `limit`."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub(b"", data)):  # brackets in strings are text
+        depth += 1 if bracket in b"[{" else -1
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+    return deepest
+
+
+def parse_json_object(data: bytes) -> dict[str, Any]:
+    """A request's JSON object. Its nesting is checked first: json.loads recurses once per level, and a body
+    nested 100,000 deep would raise RecursionError (a 500) here or in whatever walks the parsed value later."""
+    if json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"The JSON body of your request is nested more than {MAX_JSON_DEPTH} levels deep; "
+                            f"fix: flatten it")
     try:
-        for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n".encode()
-    except Exception as error:  # after the headers went out, an error can only travel as an event
-        yield f"data: {json.dumps(ApiError(500, str(error), type='server_error').body())}\n\n".encode()
+        body = json.loads(data or b"{}")
+    except (ValueError, RecursionError) as error:
+        raise ApiError(400, f"We could not parse the JSON body of your request: {error}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse over a sync iterator that closes it however the response ends.
+
+    Starlette stops iterating when the client leaves but never closes the iterator, so its `finally` blocks
+    (for a completion stream: ending the generation and releasing the base model's lock) would wait for a
+    garbage collection. Closing runs in a thread (it waits for the generation to stop at its next token) and
+    is shielded from the cancellation that a disconnect brings. Starlette's thread calls are not abandoned on
+    cancellation, so the iterator is never running when it is closed.
+    """
+
+    def __init__(self, content: Generator[bytes, None, None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.sync_iterator = content
+
+    async def __call__(self, scope, receive, send) -> None:
+        import anyio
+
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                await anyio.to_thread.run_sync(self.sync_iterator.close)
+
+
+def sse(chunks: Iterator[dict[str, Any]]) -> Iterator[bytes]:
+    """Server-sent events as OpenAI streams them: one `data:` line per chunk, then `data: [DONE]`.
+    Closing this closes `chunks`."""
+    with closing(chunks):
+        try:
+            for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+        except Exception as error:  # after the headers went out, an error can only travel as an event
+            yield f"data: {json.dumps(ApiError(500, str(error), type='server_error').body())}\n\n".encode()
     yield b"data: [DONE]\n\n"
 
 
