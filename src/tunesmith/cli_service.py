@@ -125,9 +125,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     service = service_from(args)
-    result = service.audit_log.verify()
+    result = service.verify_audit()
     if result:
-        print(f"{service.audit_log.path}: OK, {result.count} records, hash chain intact")
+        print(f"{service.audit_log.path}: OK, {result.count} records, hash chain intact up to the head the store "
+              "recorded")
         return 0
     print(f"{service.audit_log.path}: TAMPERED: {result}")
     return 1

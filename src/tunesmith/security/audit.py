@@ -5,7 +5,8 @@ record's hash; the first record chains from `GENESIS_HASH`. `seal` and `verify` 
 service can keep the chain in its database; `AuditFile` is a JSONL store that needs no database.
 
 A chain alone cannot show that its newest records were removed or re-sealed by someone able to
-rewrite the tail: keep the head hash somewhere else too and pass it to `verify(expected_head=...)`.
+rewrite the tail: keep the head (sequence and hash) somewhere else too, as the service does in its store
+(`AuditFile(on_append=...)`), and pass it to `verify(expected_head=AuditHead(...))`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 GENESIS_HASH = "0" * 64  # the "previous hash" of record 1
 _FIELD_TYPES = {"sequence": int, "timestamp": str, "project": str, "key_id": str, "action": str, "object_ids": list,
@@ -106,16 +107,39 @@ class VerifyResult:
         return f"audit chain broken at record {self.broken_at}: {self.problem}"
 
 
+@dataclass(frozen=True)
+class AuditHead:
+    """The newest record as recorded outside the log: a log shorter than it, or whose record at its sequence
+    has another hash, lost records or was rewritten."""
+
+    sequence: int
+    hash: str
+
+
+def _check_head(head: AuditHead, count: int, hash_at_head: str | None) -> VerifyResult:
+    """Whether the sound chain of `count` records reaches `head`, with `head.hash` at its sequence."""
+    if count < head.sequence:
+        what = "it has no records" if count == 0 else f"it ends at record {count}"
+        return VerifyResult(False, count, count + 1, f"the log was truncated: {what}, but the recorded head is "
+                            f"record {head.sequence}")
+    if hash_at_head != head.hash:
+        return VerifyResult(False, count, head.sequence, f"record {head.sequence} is not the recorded head (its hash "
+                            "differs): the log was rewritten and re-sealed")
+    return VerifyResult(True, count)
+
+
 def _find_sequence(records: Iterator[AuditRecord], sequence: int) -> bool:
     return any(record.sequence == sequence for record in records)
 
 
-def verify(records: Iterable[AuditRecord], expected_head: str | None = None) -> VerifyResult:
+def verify(records: Iterable[AuditRecord], expected_head: str | AuditHead | None = None) -> VerifyResult:
     """Walk the chain in order; report the first break, naming its sequence number and what is wrong.
 
+    `expected_head`: the hash the last record must have, or an `AuditHead`, which the log must reach; records
+    after the head are allowed (a crash between appending and recording the head leaves one).
     Streams: only after a break does it read further, to tell a deleted record from a moved one.
     """
-    iterator, previous_hash, count = iter(records), GENESIS_HASH, 0
+    iterator, previous_hash, count, hash_at_head = iter(records), GENESIS_HASH, 0, None
     for record in iterator:
         expected = count + 1
         if record.computed_hash() != record.hash:
@@ -134,6 +158,10 @@ def verify(records: Iterable[AuditRecord], expected_head: str | None = None) -> 
             return VerifyResult(False, count, record.sequence, f"record {record.sequence} does not chain from "
                                 f"record {expected - 1}: one of them was replaced or re-sealed")
         previous_hash, count = record.hash, expected
+        if isinstance(expected_head, AuditHead) and count == expected_head.sequence:
+            hash_at_head = record.hash
+    if isinstance(expected_head, AuditHead):
+        return _check_head(expected_head, count, hash_at_head)
     if expected_head is not None and previous_hash != expected_head:
         return VerifyResult(False, count, count + 1, "the chain ends before the expected head: its newest "
                             "records were removed or rewritten")
@@ -141,14 +169,21 @@ def verify(records: Iterable[AuditRecord], expected_head: str | None = None) -> 
 
 
 class AuditFile:
-    """A JSONL audit log; appends from many processes serialise on an exclusive flock of the file."""
+    """A JSONL audit log (mode 0600); appends from many processes serialise on an exclusive flock of the file.
 
-    def __init__(self, path: str | Path):
+    `on_append(record)` runs under that lock once the record is durable: the service records the new head in
+    its store there, so heads are recorded in chain order.
+    """
+
+    def __init__(self, path: str | Path, on_append: Callable[[AuditRecord], None] | None = None):
         self.path = Path(path)
+        self.on_append = on_append
 
     def append(self, event: AuditEvent) -> AuditRecord:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+b") as handle:  # "a": every write lands at the end (O_APPEND)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # O_APPEND: every write lands at the end; 0600: the log names projects, keys and objects.
+        descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(descriptor, "a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
             last_line = _last_line(handle)
             previous = _parse_line(last_line, f"{self.path}: the last line") if last_line else None
@@ -156,6 +191,8 @@ class AuditFile:
             handle.write(canonical_json(record.to_dict()).encode() + b"\n")
             handle.flush()
             os.fsync(handle.fileno())  # durable before the caller reports the action done
+            if self.on_append is not None:
+                self.on_append(record)
         return record
 
     def records(self) -> Iterator[AuditRecord]:
@@ -175,7 +212,7 @@ class AuditFile:
                                      number)
                 yield _parse_line(line, f"{self.path}:{number}", number)
 
-    def verify(self, expected_head: str | None = None) -> VerifyResult:
+    def verify(self, expected_head: str | AuditHead | None = None) -> VerifyResult:
         """Verify the file's chain; an unreadable line counts as a break at that line's position."""
         try:
             return verify(self.records(), expected_head)

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from tunesmith.errors import UserError
-from tunesmith.paths import home
-from tunesmith.security.audit import AuditEvent, AuditFile
+from tunesmith.paths import home, make_private
+from tunesmith.security.audit import AuditEvent, AuditFile, AuditHead, AuditRecord, VerifyResult
 from tunesmith.serve import jobs as job_spec
 from tunesmith.serve.blobs import Blobs, TooLarge, load_keyring
 from tunesmith.serve.shapes import ApiError, not_found
@@ -94,10 +94,15 @@ def default_base_models() -> dict[str, str]:
 class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
-        settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private(settings.home, directory=True)  # 0700 even if `models pull` made it first (0755)
+        if not settings.database_url:
+            make_private(settings.home / "service.db", directory=False)  # SQLite gives -wal/-shm the db's mode
+        for name in ("service.db-wal", "service.db-shm", "audit.log"):  # narrow what older versions made 0644
+            if (settings.home / name).exists():
+                make_private(settings.home / name, directory=False)
         self.store = Store(settings.database_url or f"sqlite:///{settings.home / 'service.db'}")
         self.blobs = Blobs(settings.home / "blobs", load_keyring(settings.home))
-        self.audit_log = AuditFile(settings.home / "audit.log")
+        self.audit_log = AuditFile(settings.home / "audit.log", on_append=self.record_audit_head)
         self.base_models = settings.base_models or default_base_models()
         self.scratch = settings.scratch or default_scratch(settings.home)
 
@@ -111,6 +116,27 @@ class Service:
 
     def audit(self, project: str, key_id: str, action: str, objects: list[str], **details: Any) -> None:
         self.audit_log.append(AuditEvent(project, key_id, action, tuple(objects), details))
+
+    def record_audit_head(self, record: AuditRecord) -> None:
+        """Keep the log's newest record in the store too: `audit verify` then sees a log cut short or re-sealed."""
+        self.store.set_audit_head(record.sequence, record.hash)
+
+    def verify_audit(self) -> VerifyResult:
+        """The log's hash chain, and that it reaches the head the store recorded: a log cut short, emptied,
+        deleted, or edited and re-sealed throughout fails too."""
+        stored = self.store.audit_head()
+        if stored is None:
+            result = self.audit_log.verify()
+            if result and result.count:
+                return VerifyResult(False, 0, 1, f"the store records no audit head, yet the log has {result.count} "
+                                    "records: the head was removed, the store replaced, or the log predates head "
+                                    "tracking (then the next audited action records one)")
+            return result
+        head = AuditHead(stored["sequence"], stored["hash"])
+        if not self.audit_log.path.exists():
+            return VerifyResult(False, 0, 1, f"the log is missing (deleted), but the store's head is record "
+                                f"{head.sequence}")
+        return self.audit_log.verify(head)
 
     def work_dir(self, job_id: str) -> Path:
         return self.scratch / job_id
@@ -136,11 +162,11 @@ class Service:
             raise ApiError(413, f"File too large: the limit is {error.limit} bytes", "file", "file_too_large") from None
         try:
             loaded = self.check_file(file_id, name, method=None)
-        except ApiError:
+            return self.store.add_file(project, id=file_id, filename=name, purpose=purpose, bytes=written.bytes,
+                                       sha256=written.sha256, format=loaded.format, examples=len(loaded.examples))
+        except BaseException:  # refused, or failed on our side (validator, database): no blob without its row
             self.blobs.erase(f"files/{file_id}")
             raise
-        return self.store.add_file(project, id=file_id, filename=name, purpose=purpose, bytes=written.bytes,
-                                   sha256=written.sha256, format=loaded.format, examples=len(loaded.examples))
 
     def check_file(self, file_id: str, filename: str, method: str | None, param: str = "file"):
         """The CLI's validator over the decrypted lines (in memory); problems -> ApiError with FILE:LINE."""

@@ -110,6 +110,13 @@ models = sa.Table(
     sa.Column("base", sa.String(255), nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
 )
+audit_head = sa.Table(  # one row (id 1): the audit log's newest record, so `audit verify` sees a cut or re-sealed log
+    "audit_head", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("sequence", sa.BigInteger, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+)
 
 FINISHED = ("succeeded", "failed", "cancelled")
 JSON_COLUMNS = {column.name for table in metadata.tables.values() for column in table.columns
@@ -340,6 +347,24 @@ class Store:
 
     def models_of_jobs(self, job_ids: list[str]) -> list[dict[str, Any]]:
         return self._all(sa.select(models).where(models.c.job_id.in_(job_ids))) if job_ids else []
+
+    # the audit log's head
+    def audit_head(self) -> dict[str, Any] | None:
+        """{"sequence", "hash"} of the newest audit record appended, or None before the first."""
+        return self._one(sa.select(audit_head.c.sequence, audit_head.c.hash).where(audit_head.c.id == 1))
+
+    def set_audit_head(self, sequence: int, record_hash: str) -> None:
+        """Move the head forward to `sequence`; a head already at or past it stays (never moves back)."""
+        values = dict(sequence=sequence, hash=record_hash, updated_at=now())
+        for _ in range(2):  # the first head: two writers may both insert; the loser updates instead
+            if self._write(audit_head.update().where(audit_head.c.id == 1, audit_head.c.sequence < sequence)
+                           .values(**values)) or self.audit_head() is not None:
+                return
+            try:
+                self._write(audit_head.insert().values(id=1, **values))
+                return
+            except sa.exc.IntegrityError:
+                continue
 
     def iter_all(self, table: sa.Table) -> Iterator[dict[str, Any]]:
         yield from self._all(sa.select(table))
