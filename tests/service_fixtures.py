@@ -94,3 +94,19 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
             return sock.connect_ex(("127.0.0.1", port)) == 0
 
     wait_for(listening, timeout, what=f"a server on port {port}")
+
+
+def record_generations(monkeypatch) -> list[list[int]]:
+    """Every reply the engine generates from now on (its token ids, in order), with the end-of-turn token
+    switched off so that only max_tokens, or the request being stopped, ends a reply."""
+    from tunesmith.serve.engine import Engine
+
+    generated, generate_ids = [], Engine.generate_ids
+
+    def recording(*args, **kwargs) -> list[int]:
+        generated.append(generate_ids(*args, **kwargs))
+        return generated[-1]
+
+    monkeypatch.setattr(Engine, "generate_ids", recording)
+    monkeypatch.setattr(Engine, "stop_ids", lambda self: [10 ** 6])
+    return generated

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from service_fixtures import record_generations
 
 from tunesmith.serve.engine import Engine
 from tunesmith.serve.inference import (
@@ -284,14 +285,7 @@ def test_stream_holds_the_model_until_it_is_closed(tiny_model, adapter_files, ex
 
 def test_closing_a_stream_stops_its_generation(tiny_model, adapter_files, monkeypatch):
     pool, load, base = AdapterPool(), loaders(adapter_files), str(tiny_model)
-    generated, generate_ids = [], Engine.generate_ids
-
-    def recording(*args, **kwargs) -> list[int]:
-        generated.append(generate_ids(*args, **kwargs))
-        return generated[-1]
-
-    monkeypatch.setattr(Engine, "generate_ids", recording)
-    monkeypatch.setattr(Engine, "stop_ids", lambda self: [10 ** 6])  # no end-of-turn: only max_tokens would end it
+    generated = record_generations(monkeypatch)  # no end-of-turn: only max_tokens would end a reply
     request = {"model": "tiny", "messages": MESSAGES, "max_tokens": 900, "temperature": 1.0, "seed": 0}
     before = set(threading.enumerate())
     stream = chat_completion_chunks(pool, base, KEYS["a"], load["a"], request)

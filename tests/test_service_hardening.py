@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import gc
 import json
-import threading
 
 import pytest
 
-from service_fixtures import live_app, make_key, training_rows
+from service_fixtures import live_app, make_key, record_generations, training_rows
 
 httpx = pytest.importorskip("httpx2")  # what openai 3.x and starlette 1.x speak
 
@@ -27,16 +26,7 @@ def headers(service, scope: str = "write") -> dict[str, str]:
 
 
 def test_a_dropped_stream_frees_the_model_and_stops_its_generation(service, monkeypatch):
-    from tunesmith.serve.engine import Engine
-
-    generated, generate_ids = [], Engine.generate_ids
-
-    def recording(*args, **kwargs) -> list[int]:
-        generated.append(generate_ids(*args, **kwargs))
-        return generated[-1]
-
-    monkeypatch.setattr(Engine, "generate_ids", recording)
-    monkeypatch.setattr(Engine, "stop_ids", lambda self: [10 ** 6])  # no end-of-turn: only max_tokens would end it
+    generated = record_generations(monkeypatch)  # no end-of-turn: only max_tokens would end a reply
     gc.disable()  # the lock must be freed by the server, not by a garbage collection that happens to run
     try:
         with live_app(service, worker=False) as base_url:
