@@ -24,10 +24,12 @@ from tunesmith.security.apikeys import Scope
 from tunesmith.serve import inference, shapes
 from tunesmith.serve.service import Service
 from tunesmith.serve.shapes import ApiError, not_found
+from tunesmith.serve.store import UnknownCursor
 from tunesmith.serve.uploads import read_form
 
 MAX_PAGE = 100
 MAX_JSON_DEPTH = 64  # nesting of a request body; OpenAI's requests need under 10
+MAX_JSON_BYTES = 8 << 20  # a JSON request body; a chat request filling a 128k-token context is about 1 MB
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ def page_args(limit: int, after: str | None) -> int:
 
 
 def create_app(service: Service, pool: inference.AdapterPool | None = None) -> FastAPI:
-    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
+    # No unauthenticated schema or docs page: /openapi.json is served below, to any valid key
+    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.state.pool = pool = pool or inference.AdapterPool()
     store = service.store
@@ -78,6 +81,10 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
     @app.exception_handler(ApiError)
     async def api_error(_: Request, error: ApiError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(UnknownCursor)
+    async def unknown_cursor(_: Request, error: UnknownCursor) -> JSONResponse:
+        return JSONResponse(shapes.unknown_cursor(error.after, error.kind).body(), status_code=400)
 
     @app.exception_handler(inference.RequestError)
     async def request_error(_: Request, error: inference.RequestError) -> JSONResponse:
@@ -100,12 +107,13 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
                                           "details", type="server_error").body(), status_code=500)
 
     async def json_body(request: Request) -> dict[str, Any]:
-        return parse_json_object(await request.body())
+        return parse_json_object(await read_bounded(request, MAX_JSON_BYTES))
 
     # files
     @app.post("/v1/files")
     async def upload_file(request: Request, caller: Caller = needs(Scope.WRITE)) -> dict:
-        parts = await read_form(request.headers.get("content-type", ""), request.stream(), service.settings.max_upload_bytes)
+        parts = await read_form(request.headers.get("content-type", ""), request.stream(),
+                                service.settings.max_upload_bytes, request.headers.get("content-length", ""))
         if "file" not in parts or parts["file"].filename is None:
             raise ApiError(400, "Missing required parameter: 'file'.", "file", "missing_required_parameter")
         if "purpose" not in parts:
@@ -120,11 +128,8 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
     @app.get("/v1/files")
     def list_files(purpose: str | None = None, limit: int = 100, after: str | None = None,
                    caller: Caller = needs(Scope.READ)) -> dict:
-        rows = store.files(caller.project, purpose)
-        if after is not None:
-            ids = [row["id"] for row in rows]
-            rows = rows[ids.index(after) + 1:] if after in ids else []
-        return shapes.page(rows[: page_args(limit, after) + 1], limit, shapes.file_object)
+        rows = store.files(caller.project, purpose, after, page_args(limit, after) + 1)
+        return shapes.page(rows, limit, shapes.file_object)
 
     @app.get("/v1/files/{file_id}")
     def get_file(file_id: str, caller: Caller = needs(Scope.READ)) -> dict:
@@ -162,9 +167,9 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
     def cancel_job(job_id: str, caller: Caller = needs(Scope.WRITE)) -> dict:
-        job = service.job(caller.project, job_id)
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            raise ApiError(400, f"Job {job_id} has already {job['status']}: it cannot be cancelled", "job_id",
+        status = shapes.job_status(service.job(caller.project, job_id))
+        if status in ("succeeded", "failed", "cancelled"):
+            raise ApiError(400, f"Job {job_id} has already {status}: it cannot be cancelled", "job_id",
                            "job_not_cancellable")
         job = store.request_cancel(caller.project, job_id)
         service.audit(caller.project, caller.key_id, "job.cancel", [job_id])
@@ -277,6 +282,10 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
             if job["status"] == "validating_files":
                 threading.Thread(target=service.validate_job, args=(job,), daemon=True).start()
 
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(_: Caller = needs(Scope.READ)) -> dict:
+        return app.openapi()
+
     from tunesmith.serve import dashboard
 
     app.include_router(dashboard.router)
@@ -301,6 +310,23 @@ def json_depth(data: bytes, limit: int) -> int:
         if deepest > limit:
             break
     return deepest
+
+
+async def read_bounded(request: Request, limit: int) -> bytes:
+    """The request's body, read as it streams in and given up one chunk past `limit` bytes (a 413): an
+    oversized body is never held whole, whatever its Content-Length says or leaves out."""
+    too_large = ApiError(413, f"The request body is larger than this service's limit of {limit} bytes; fix: send "
+                              f"less (files go to /v1/files)", None, "request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large  # refused before a byte of it is read
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def parse_json_object(data: bytes) -> dict[str, Any]:

@@ -36,6 +36,9 @@ MAX_CHOICES = 8  # cap on n
 MAX_STOP_STRINGS = 4  # as OpenAI
 DEFAULT_CHAT_MAX_TOKENS = 512
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for the legacy endpoint
+# More UTF-8 bytes than any token of a real vocabulary spells (they run to a few dozen): text longer than
+# context * this cannot fit, and is refused before the tokenizer spends time and memory on it.
+MAX_BYTES_PER_TOKEN = 32
 
 
 class RequestError(UserError):
@@ -168,13 +171,28 @@ class Options:
 
     def sampling(self, engine: Engine, prompt: list[int], default_max_tokens: int, param: str) -> Sampling:
         """Sampling for a prompt of this length, within the model's context window."""
-        context = getattr(engine.model.config, "max_position_embeddings", None) or 1 << 30
+        context = context_length(engine)
         wanted = self.max_tokens or min(default_max_tokens, context - len(prompt))
         if not prompt or wanted < 1 or len(prompt) + wanted > context:
             raise RequestError(f"this model's context holds {context} tokens; the prompt has {len(prompt)} and the "
                                f"reply may take {wanted}; fix: shorten the {param} or lower max_tokens", param,
                                "context_length_exceeded")
         return Sampling(max_new_tokens=wanted, temperature=self.temperature, top_p=self.top_p)
+
+
+def context_length(engine: Engine) -> int:
+    return getattr(engine.model.config, "max_position_embeddings", None) or 1 << 30
+
+
+def check_prompt_bytes(engine: Engine, text_or_messages: str | list[dict[str, str]], param: str) -> None:
+    """Refuse a prompt whose text alone is too long for the context, before tokenizing: the tokenizer's time
+    and memory grow with the text (24 MB took 21 s and 3 GB), and the count of tokens would only refuse it after."""
+    texts = [text_or_messages] if isinstance(text_or_messages, str) else [m["content"] for m in text_or_messages]
+    size, context = sum(len(text.encode("utf-8")) for text in texts), context_length(engine)
+    if size > context * MAX_BYTES_PER_TOKEN:
+        raise RequestError(f"this model's context holds {context} tokens; the {param} has {size} bytes of text, more "
+                           f"than {context} tokens can spell ({MAX_BYTES_PER_TOKEN} bytes a token at most); fix: "
+                           f"shorten the {param}", param, "context_length_exceeded")
 
 
 def _number(request: dict, key: str, default: Any, low: float, high: float, kind: type = float) -> Any:
@@ -302,6 +320,7 @@ def _start(pool: AdapterPool, base: str, adapter_key: str | None, loader: Adapte
     engine = pool.engine(base)
     if chat and engine.tokenizer.chat_template is None:
         raise RequestError(f"model {options.model} has no chat template; fix: use the completions endpoint", "model")
+    check_prompt_bytes(engine, text_or_messages, "messages" if chat else "prompt")
     if chat:
         prompt = engine.chat.prompt_ids(text_or_messages)
         sampling = options.sampling(engine, prompt, DEFAULT_CHAT_MAX_TOKENS, "messages")

@@ -233,7 +233,9 @@ class Service:
             if values[param] is not None and self.file(project, values[param], param)["purpose"] not in PURPOSES:
                 raise ApiError(400, f"File {values[param]} is a job's result, not training data; fix: upload the "
                                     f"data with purpose 'fine-tune'", param, f"invalid_{param}")
-        return self.store.add_job(project, **values, processes=self.settings.processes)
+        job = self.store.add_job(project, **values, processes=self.settings.processes)
+        self.store.add_event(job["id"], f"Created fine-tuning job: {job['id']}", key="created")  # OpenAI's first event
+        return job
 
     def validate_job(self, job: dict[str, Any]) -> None:
         """validating_files -> queued (with "auto" resolved), or failed with OpenAI's file error codes."""

@@ -4,6 +4,7 @@ Errors too: `ApiError` becomes `{"error": {"message", "type", "param", "code"}}`
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -19,7 +20,14 @@ class ApiError(Exception):
 
 def not_found(kind: str, object_id: str, param: str | None = None) -> ApiError:
     """Also what another project's object looks like: its existence is not revealed."""
-    return ApiError(404, f"No such {kind}: '{object_id}'", param, f"{kind.replace(' ', '_')}_not_found")
+    return ApiError(404, f"No such {kind}: '{object_id}'", param, f"{re.sub(r'[^a-z0-9]+', '_', kind.lower())}_not_found")
+
+
+def unknown_cursor(after: str, kind: str) -> ApiError:
+    """An `after` that names no object of the list: a 400, the same for every list (files, jobs, events,
+    checkpoints). An empty page would read as "no more", and restarting at page 1 would loop a client forever."""
+    return ApiError(400, f"after='{after}' is not the id of a {kind} in this list; fix: pass the `last_id` of "
+                         f"the previous page, or leave `after` out for the first page", "after", "invalid_cursor")
 
 
 def page(rows: list[dict[str, Any]], limit: int, render) -> dict[str, Any]:
@@ -35,6 +43,12 @@ def file_object(row: dict[str, Any]) -> dict[str, Any]:
             "expires_at": None}
 
 
+def job_status(row: dict[str, Any]) -> str:
+    """As OpenAI shows it: a running job whose cancel was requested is `cancelled` at once (its worker stops it
+    within seconds; the store keeps `running` until then, so the worker's lease still ends it)."""
+    return "cancelled" if row["status"] == "running" and row["cancel_requested"] else row["status"]
+
+
 def job_object(row: dict[str, Any]) -> dict[str, Any]:
     given = row["hyperparameters"] or {}
     shown = {**given, **(row["resolved"] or {})}  # "auto" shows the number it became once the job knows it
@@ -45,7 +59,7 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": row["id"], "object": "fine_tuning.job", "created_at": row["created_at"], "model": row["model"],
         "organization_id": row["project_id"], "training_file": row["training_file"],
-        "validation_file": row["validation_file"], "status": row["status"], "error": row["error"],
+        "validation_file": row["validation_file"], "status": job_status(row), "error": row["error"],
         "fine_tuned_model": row["fine_tuned_model"], "finished_at": row["finished_at"],
         "hyperparameters": hyperparameters, "method": {"type": row["method"], row["method"]: {"hyperparameters": method_hyper}},
         "result_files": row["result_files"] or [], "seed": row["seed"], "trained_tokens": row["trained_tokens"], "estimated_finish": None,

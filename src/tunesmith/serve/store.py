@@ -148,6 +148,14 @@ def _encode(values: dict[str, Any]) -> dict[str, Any]:
     return {key: json.dumps(value) if key in JSON_COLUMNS and value is not None else value for key, value in values.items()}
 
 
+class UnknownCursor(LookupError):
+    """A list's `after` names no object of that list (another job's event, another project's file, a typo)."""
+
+    def __init__(self, after: str, kind: str):
+        super().__init__(f"after={after!r}: no such {kind} in this list")
+        self.after, self.kind = after, kind
+
+
 @dataclass
 class Lease:
     job: dict[str, Any]
@@ -178,6 +186,12 @@ class Store:
     def _all(self, query) -> list[dict[str, Any]]:
         with self.engine.connect() as connection:
             return [_row(row) for row in connection.execute(query)]
+
+    @staticmethod
+    def _cursor(after: str, kind: str, row: dict[str, Any] | None) -> dict[str, Any]:
+        if row is None:
+            raise UnknownCursor(after, kind)
+        return row
 
     def _write(self, statement) -> int:
         with self.engine.begin() as connection:
@@ -216,9 +230,18 @@ class Store:
     def file(self, project: str, file_id: str) -> dict[str, Any] | None:
         return self._one(sa.select(files).where(files.c.id == file_id, files.c.project_id == project))
 
-    def files(self, project: str, purpose: str | None = None) -> list[dict[str, Any]]:
-        query = sa.select(files).where(files.c.project_id == project).order_by(files.c.created_at.desc(), files.c.id)
-        return self._all(query if purpose is None else query.where(files.c.purpose == purpose))
+    def files(self, project: str, purpose: str | None = None, after: str | None = None,
+              limit: int | None = None) -> list[dict[str, Any]]:
+        """Newest first; `after` is the id of the last file of the previous page (UnknownCursor if none is)."""
+        query = sa.select(files).where(files.c.project_id == project).order_by(files.c.created_at.desc(),
+                                                                                files.c.id.desc()).limit(limit)
+        if purpose is not None:
+            query = query.where(files.c.purpose == purpose)
+        if after is not None:
+            last = self._cursor(after, "file", self.file(project, after))
+            query = query.where(sa.or_(files.c.created_at < last["created_at"], sa.and_(
+                files.c.created_at == last["created_at"], files.c.id < last["id"])))
+        return self._all(query)
 
     def delete_file(self, project: str, file_id: str) -> bool:
         return self._write(files.delete().where(files.c.id == file_id, files.c.project_id == project)) == 1
@@ -243,7 +266,8 @@ class Store:
         query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
         if project is not None:
             query = query.where(jobs.c.project_id == project)
-        if after is not None and (last := self.job(project, after)) is not None:
+        if after is not None:
+            last = self._cursor(after, "fine-tuning job", self.job(project, after))
             query = query.where(sa.or_(jobs.c.created_at < last["created_at"], sa.and_(
                 jobs.c.created_at == last["created_at"], jobs.c.id < last["id"])))
         return self._all(query)
@@ -315,7 +339,9 @@ class Store:
     def events(self, job_id: str, after: str | None = None, limit: int = 20, newest_first: bool = True) -> list[dict[str, Any]]:
         order = job_events.c.seq.desc() if newest_first else job_events.c.seq
         query = sa.select(job_events).where(job_events.c.job_id == job_id).order_by(order).limit(limit)
-        if after is not None and (last := self._one(sa.select(job_events).where(job_events.c.id == after))) is not None:
+        if after is not None:
+            last = self._cursor(after, "event", self._one(sa.select(job_events).where(
+                job_events.c.id == after, job_events.c.job_id == job_id)))
             query = query.where(job_events.c.seq < last["seq"] if newest_first else job_events.c.seq > last["seq"])
         return self._all(query)
 
@@ -328,7 +354,9 @@ class Store:
 
     def checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> list[dict[str, Any]]:
         query = sa.select(checkpoints).where(checkpoints.c.job_id == job_id).order_by(checkpoints.c.step.desc()).limit(limit)
-        if after is not None and (last := self._one(sa.select(checkpoints).where(checkpoints.c.id == after))) is not None:
+        if after is not None:
+            last = self._cursor(after, "checkpoint", self._one(sa.select(checkpoints).where(
+                checkpoints.c.id == after, checkpoints.c.job_id == job_id)))
             query = query.where(checkpoints.c.step < last["step"])
         return self._all(query)
 
