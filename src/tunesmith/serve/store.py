@@ -162,6 +162,12 @@ class Lease:
     owner: str
 
 
+
+def older_than(table: sa.Table, last: dict[str, Any]) -> Any:
+    """The rows after `last` in newest-first order: created before it, or in the same second with a lower id."""
+    return sa.or_(table.c.created_at < last["created_at"],
+                  sa.and_(table.c.created_at == last["created_at"], table.c.id < last["id"]))
+
 class Store:
     def __init__(self, url: str | None = None):
         self.url = url or default_url()
@@ -238,9 +244,7 @@ class Store:
         if purpose is not None:
             query = query.where(files.c.purpose == purpose)
         if after is not None:
-            last = self._cursor(after, "file", self.file(project, after))
-            query = query.where(sa.or_(files.c.created_at < last["created_at"], sa.and_(
-                files.c.created_at == last["created_at"], files.c.id < last["id"])))
+            query = query.where(older_than(files, self._cursor(after, "file", self.file(project, after))))
         return self._all(query)
 
     def delete_file(self, project: str, file_id: str) -> bool:
@@ -267,9 +271,7 @@ class Store:
         if project is not None:
             query = query.where(jobs.c.project_id == project)
         if after is not None:
-            last = self._cursor(after, "fine-tuning job", self.job(project, after))
-            query = query.where(sa.or_(jobs.c.created_at < last["created_at"], sa.and_(
-                jobs.c.created_at == last["created_at"], jobs.c.id < last["id"])))
+            query = query.where(older_than(jobs, self._cursor(after, "fine-tuning job", self.job(project, after))))
         return self._all(query)
 
     def update_job(self, job_id: str, only_if_status: tuple[str, ...] | None = None, **values: Any) -> bool:
