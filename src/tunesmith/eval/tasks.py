@@ -15,8 +15,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from tunesmith.data.formats import Example
 from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.errors import UserError
@@ -115,20 +113,7 @@ def prefixed_loglikelihood(engine: Engine, prefix: Messages, conversations: list
                                    last_turn_only=conversation.kind in ("score", "chosen")))
         else:
             units.append(own_turns(engine.chat, prefix, conversation))
-    return unit_loglikelihood(engine, units, batch_size)
-
-
-@torch.no_grad()
-def unit_loglikelihood(engine: Engine, units: list[TokenizedExample], batch_size: int) -> list[tuple[float, int]]:
-    """(summed log-probability, count) of the scored tokens of each tokenised unit, as `Engine.loglikelihood`."""
-    from tunesmith.data.packing import collate
-    from tunesmith.train.loss import per_example_logprob
-
-    scores: list[tuple[float, int]] = []
-    for start in range(0, len(units), batch_size):
-        sums, counts = per_example_logprob(engine.model, collate(units[start: start + batch_size]).to(engine.device))
-        scores += [(float(total), int(count)) for total, count in zip(sums, counts)]
-    return scores
+    return engine.scored_loglikelihood(units, batch_size)
 
 
 def generate_all(engine: Engine, prompts: list[Messages], context: Context, allowed=None) -> list[str]:

@@ -157,10 +157,15 @@ class Engine:
         The tokens scored are exactly those training would train (assistant text and end-of-turn), so
         ranking replies by it matches what fine-tuning optimised.
         """
+        examples = [self.chat(item) if isinstance(item, Example) else self.chat.tokenize_chat(item) for item in conversations]
+        return self.scored_loglikelihood(examples, batch_size)
+
+    @torch.no_grad()
+    def scored_loglikelihood(self, examples: list, batch_size: int = 16) -> list[tuple[float, int]]:
+        """(sum of log-probabilities, count) of the tokens each tokenised example's loss mask marks."""
         from tunesmith.data.packing import collate
         from tunesmith.train.loss import per_example_logprob
 
-        examples = [self.chat(item) if isinstance(item, Example) else self.chat.tokenize_chat(item) for item in conversations]
         scores: list[tuple[float, int]] = []
         for start in range(0, len(examples), batch_size):
             batch = collate(examples[start: start + batch_size]).to(self.device)
