@@ -16,7 +16,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tunesmith.eval.run import EvalOptions, evaluate, format_summary, run_config
     from tunesmith.serve.engine import is_run_dir
 
-    defaults = run_config(args.target).get("eval", {})
+    config = run_config(args.target)
+    defaults = config.get("eval", {})
     data = args.data or (Path(defaults["data"]) if defaults.get("data") else None)
     if data is None:
         raise UserError("no evaluation data; fix: pass --data FILE.jsonl or set eval.data in the run's config")
@@ -29,7 +30,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           reward_model=args.reward_model, rubric=args.rubric,
                           # the run's own mapping describes the run's own eval.data
                           columns=parse_columns(args.columns) if args.columns or args.data else
-                          run_config(args.target).get("data", {}).get("columns") or None,
+                          config.get("data", {}).get("columns") or None,
                           judge=args.judge, judge_scale=args.judge_scale)
     output = args.output or (Path(args.target) if is_run_dir(Path(args.target)) else Path("eval-output"))
     result = evaluate(args.target, data, options, output)
