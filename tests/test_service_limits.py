@@ -89,7 +89,7 @@ def test_a_json_body_just_under_the_limit_still_parses(service):
 def test_a_prompt_longer_than_the_context_could_hold_is_refused_before_tokenizing(service, monkeypatch, chat):
     from fastapi.testclient import TestClient
 
-    from tunesmith.serve import inference
+    from tunesmith.serve.request import MAX_BYTES_PER_TOKEN
     from tunesmith.serve.api import create_app
 
     app = create_app(service)
@@ -99,7 +99,7 @@ def test_a_prompt_longer_than_the_context_could_hold_is_refused_before_tokenizin
     monkeypatch.setattr(type(engine.tokenizer), "__call__", lambda *a, **k: calls.append(1) or tokenize(*a, **k))
     monkeypatch.setattr(engine.chat, "prompt_ids", lambda *a, **k: calls.append(1) or prompt_ids(*a, **k))
     context = engine.model.config.max_position_embeddings
-    text = "é" * (context * inference.MAX_BYTES_PER_TOKEN // 2 + 1)  # two UTF-8 bytes a character
+    text = "é" * (context * MAX_BYTES_PER_TOKEN // 2 + 1)  # two UTF-8 bytes a character
     request = ({"model": "tiny", "messages": [{"role": "user", "content": text}]} if chat
                else {"model": "tiny", "prompt": text})
     with TestClient(app) as client:

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunesmith.security import apikeys
 from tunesmith.security.apikeys import Scope
 from tunesmith.serve import inference, shapes
+from tunesmith.serve.request import RequestError
 from tunesmith.serve.service import Service
 from tunesmith.serve.shapes import ApiError, not_found
 from tunesmith.serve.store import UnknownCursor
@@ -86,8 +87,8 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
     async def unknown_cursor(_: Request, error: UnknownCursor) -> JSONResponse:
         return JSONResponse(shapes.unknown_cursor(error.after, error.kind).body(), status_code=400)
 
-    @app.exception_handler(inference.RequestError)
-    async def request_error(_: Request, error: inference.RequestError) -> JSONResponse:
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, error: RequestError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=400)
 
     @app.exception_handler(RequestValidationError)
