@@ -97,16 +97,23 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
 
 
 def record_generations(monkeypatch) -> list[list[int]]:
-    """Every reply the engine generates from now on (its token ids, in order), with the end-of-turn token
-    switched off so that only max_tokens, or the request being stopped, ends a reply."""
+    """Every reply the engine (or the service's batching scheduler) generates from now on (its token ids, in the
+    order the replies end), with the end-of-turn token switched off so that only max_tokens, or the request being
+    stopped, ends a reply."""
+    from tunesmith.serve.batching import Scheduler
     from tunesmith.serve.engine import Engine
 
-    generated, generate_ids = [], Engine.generate_ids
+    generated, generate_ids, finish = [], Engine.generate_ids, Scheduler._finish
 
     def recording(*args, **kwargs) -> list[int]:
         generated.append(generate_ids(*args, **kwargs))
         return generated[-1]
 
+    def recording_rows(rows, end) -> None:
+        generated.extend(list(row.tokens) for row in rows)
+        finish(rows, end)
+
     monkeypatch.setattr(Engine, "generate_ids", recording)
+    monkeypatch.setattr(Scheduler, "_finish", staticmethod(recording_rows))
     monkeypatch.setattr(Engine, "stop_ids", lambda self: [10 ** 6])
     return generated

@@ -243,7 +243,7 @@ def test_bad_chat_requests_raise_request_errors(tiny_model, request_, param):
     assert body["code"] == ("context_length_exceeded" if request_.get("max_tokens") == 2000 else None)
 
 
-@pytest.mark.parametrize("prompt", [None, "", ["one", "two"], [1, 2, 3]])
+@pytest.mark.parametrize("prompt", [None, "", ["one", "two"], [[]]])
 def test_bad_prompts_raise_request_errors(tiny_model, prompt):
     with pytest.raises(RequestError) as error:
         completion(AdapterPool(), str(tiny_model), None, None, {"model": "tiny", "prompt": prompt})
@@ -267,7 +267,8 @@ def test_concurrent_requests_for_different_adapters_each_get_their_own(tiny_mode
     assert replies == {name: [decode(expected[name, "chat"])] * 4 for name in replies}
 
 
-def test_stream_holds_the_model_until_it_is_closed(tiny_model, adapter_files, expected, decode):
+def test_an_open_stream_does_not_hold_the_model(tiny_model, adapter_files, expected, decode):
+    # issue 21: generation is batched; a stream nobody reads no longer keeps other adapters waiting until closed
     pool, load, base = AdapterPool(), loaders(adapter_files), str(tiny_model)
     request = {"model": "tiny", "messages": MESSAGES, "max_tokens": 900, "temperature": 1.0, "seed": 0}
     stream = chat_completion_chunks(pool, base, KEYS["a"], load["a"], request)
@@ -276,10 +277,9 @@ def test_stream_holds_the_model_until_it_is_closed(tiny_model, adapter_files, ex
     other = {}
     waiting = threading.Thread(target=lambda: other.update(ask(pool, base, "b", load)))
     waiting.start()
-    time.sleep(0.3)
-    assert waiting.is_alive(), "a request for another adapter must wait for the stream's lock"
-    stream.close()
     waiting.join(timeout=30)
+    assert not waiting.is_alive(), "a request for another adapter is answered while the stream is open"
+    stream.close()
     assert other["choices"][0]["message"]["content"] == decode(expected["b", "chat"])
 
 

@@ -15,7 +15,7 @@ ENDPOINTS = [
     ("GET", "/v1/files", "read", False),
     ("POST", "/v1/files", "write", False),
     ("GET", "/v1/files/{file}", "read", True),
-    ("GET", "/v1/files/{file}/content", "read", True),
+    ("GET", "/v1/files/{file}/content", "write", True),
     ("DELETE", "/v1/files/{file}", "write", True),
     ("GET", "/v1/fine_tuning/jobs", "read", False),
     ("POST", "/v1/fine_tuning/jobs", "write", True),  # names the project's training file

@@ -13,14 +13,15 @@ from tunesmith.errors import UserError
 
 
 def settings(args: argparse.Namespace):
-    from tunesmith.serve.service import Settings, default_base_models
+    from tunesmith.serve.service import Service, Settings, default_base_models
 
     base_models = default_base_models()
     for item in getattr(args, "model", None) or []:
         name, sep, spec = item.partition("=")
         if not sep or not name or not spec or ":" in name:
-            raise UserError(f"--model {item}: expected NAME=SPEC (a name without ':' and a registry model or a local "
-                            f"model directory); fix: --model tiny=/path/to/model")
+            raise UserError(f"--model {item}: expected NAME=SPEC (a name without ':' and a registry model, a local "
+                            f"model directory or a run directory); fix: --model tiny=/path/to/model")
+        Service.run_model(spec)  # a run directory that cannot be served is refused now, not at its first request
         base_models[name] = spec
     home = Path(args.home).expanduser() if getattr(args, "home", None) else None
     kwargs = {"home": home} if home else {}
@@ -36,11 +37,21 @@ def service_from(args: argparse.Namespace):
     return Service(settings(args))
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """`keys ...`; an audit log that cannot be written refuses the change (exit 2, nothing done)."""
+    from tunesmith.serve.shapes import ApiError
+
+    try:
+        return _keys(args)
+    except ApiError as error:
+        raise UserError(f"{error.message} (tunesmith keys {args.action})") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    import torch
 
     from tunesmith.serve import worker as worker_module
-    from tunesmith.serve.api import create_app
+    from tunesmith.serve.api import DrainingServer, create_app
     from tunesmith.serve.inference import AdapterPool
 
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -48,24 +59,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for path in filter(None, (args.tls_cert, args.tls_key)):
         if not Path(path).is_file():
             raise UserError(f"{path}: TLS file not found; fix: give the PEM certificate and key paths")
+    for name in ("threads", "max_batch", "adapters"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.request_timeout <= 0:
+        raise UserError(f"--request-timeout {args.request_timeout}: must be a number of seconds above 0")
     service = service_from(args)
-    app = create_app(service, AdapterPool(capacity=args.adapters))
+    threads = args.threads or default_threads(args.workers)
+    torch.set_num_threads(threads)  # generation runs on one scheduler thread per base model: its matmuls use these
+    pool = AdapterPool(capacity=args.adapters, max_batch=args.max_batch, request_timeout=args.request_timeout)
+    app = create_app(service, pool)
     worker = None
     if args.workers > 0:
         worker = worker_module.Worker(service, concurrency=args.workers, lease_seconds=args.lease_seconds)
         threading.Thread(target=worker.serve_forever, name="worker", daemon=True).start()
     scheme = "https" if args.tls_cert else "http"
     print(f"tunesmith serving on {scheme}://{args.host}:{args.port}/v1 (dashboard: /dashboard); state in "
-          f"{service.settings.home}", flush=True)
+          f"{service.settings.home}; {threads} inference thread(s), batches of up to {args.max_batch}", flush=True)
     if worker is not None:
         print(service.describe_scratch(), flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
-                    log_level="warning")
+        DrainingServer(app, pool, worker, host=args.host, port=args.port, ssl_certfile=args.tls_cert,
+                       ssl_keyfile=args.tls_key).run()
     finally:
         if worker is not None:
             worker.stop()
     return 0
+
+
+def default_threads(workers: int) -> int:
+    """Torch threads for inference: every core, less half of them when a built-in worker trains beside it (two
+    pools of spinning OpenMP threads on the same cores slow both, 4x on 2 cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - cores // 2) if workers > 0 else cores
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -74,7 +100,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return worker.run(service_from(args), concurrency=args.concurrency, lease_seconds=args.lease_seconds)
 
 
-def cmd_keys(args: argparse.Namespace) -> int:
+def _keys(args: argparse.Namespace) -> int:
     from tunesmith.security import apikeys
     from tunesmith.security.apikeys import Scope
 
@@ -87,8 +113,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
             raise UserError(f"--project {args.project!r}: use up to 64 letters, digits, '-', '_' or '.'")
         scope = Scope.parse(args.scope)
         key = apikeys.new_key()
-        store.add_key(key.key_id, args.project, scope.value, key.hash, args.name or "")
-        service.audit(args.project, "cli", "key.create", [key.key_id], scope=scope.value)
+        with service.audited(args.project, "cli", "key.create", [key.key_id], scope=scope.value):
+            store.add_key(key.key_id, args.project, scope.value, key.hash, args.name or "")
         print(f"created key {key.key_id} for project {args.project} (scope {scope.value}); it is shown once: {key.secret}")
         return 0
     if args.action == "list":
@@ -107,17 +133,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
         row = store.key(args.key_id)
         if row is None:
             raise UserError(f"no key with id {args.key_id}; fix: `tunesmith keys list` shows the ids")
-        if not store.revoke_key(args.key_id):
+        if row["revoked_at"] is not None:
             print(f"key {args.key_id} was already revoked")
             return 0
-        service.audit(row["project_id"], "cli", "key.revoke", [args.key_id])
+        with service.audited(row["project_id"], "cli", "key.revoke", [args.key_id]):
+            store.revoke_key(args.key_id)
         print(f"revoked key {args.key_id} (project {row['project_id']})")
         return 0
     if args.action == "rotate-master":
         keyring = service.blobs.keyring
-        new = keyring.rotate()
-        count = service.blobs.rewrap_all()
-        service.audit("-", "cli", "master_key.rotate", [new], rewrapped=count)
+        with service.audited("-", "cli", "master_key.rotate", [keyring.current]):  # the key being replaced
+            new = keyring.rotate()
+            count = service.blobs.rewrap_all()
         print(f"new master key {new}; {count} object(s) re-wrapped; older keys stay in {keyring.path} for old backups")
         return 0
     raise UserError(f"unknown keys action {args.action}")
@@ -158,6 +185,12 @@ def add_parsers(commands) -> None:
     serve.add_argument("--workers", type=int, default=1, help="jobs run at once by the built-in worker (0: none; run "
                        "`tunesmith worker` elsewhere)")
     serve.add_argument("--adapters", type=int, default=4, help="fine-tuned adapters kept resident per base model")
+    serve.add_argument("--threads", type=int, help="CPU threads for inference (default: every core, half of them "
+                       "when the built-in worker runs)")
+    serve.add_argument("--max-batch", type=int, default=8, help="replies decoded together per base model (concurrent "
+                       "requests, whatever their adapters, share a batch)")
+    serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds a chat or completion request may "
+                       "take, queueing included; a reply still being written then ends as at max_tokens")
     serve.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate (with --tls-key)")
     serve.add_argument("--tls-key", help="the certificate's PEM private key")
     serve.set_defaults(handler=cmd_serve)

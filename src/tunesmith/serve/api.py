@@ -14,6 +14,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, Generator, Iterator
 
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -31,6 +32,9 @@ from tunesmith.serve.uploads import read_form
 MAX_PAGE = 100
 MAX_JSON_DEPTH = 64  # nesting of a request body; OpenAI's requests need under 10
 MAX_JSON_BYTES = 8 << 20  # a JSON request body; a chat request filling a 128k-token context is about 1 MB
+DISCONNECT_POLL_SECONDS = 0.25  # how often a non-streamed reply checks that its client is still there
+DRAIN_SECONDS = 3  # SIGTERM: every reply being generated ends within this (as at max_tokens)
+SHUTDOWN_SECONDS = 7  # SIGTERM: connections still open after this are closed; the process exits within 10 s
 
 
 @dataclass(frozen=True)
@@ -121,9 +125,7 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
             raise ApiError(400, "Missing required parameter: 'purpose'.", "purpose", "missing_required_parameter")
         upload = parts["file"]
         row = service.upload(caller.project, upload.filename, parts["purpose"].data.decode("utf-8", "replace"),
-                             io.BytesIO(upload.data))
-        service.audit(caller.project, caller.key_id, "file.upload", [row["id"]], filename=row["filename"],
-                      bytes=row["bytes"], sha256=row["sha256"])
+                             io.BytesIO(upload.data), actor=caller.key_id)
         return shapes.file_object(row)
 
     @app.get("/v1/files")
@@ -138,23 +140,25 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
 
     @app.get("/v1/files/{file_id}/content")
     def file_content(file_id: str, caller: Caller = needs(Scope.READ)) -> Response:
+        from tunesmith.serve.service import RESULTS_PURPOSE
+
         row = service.file(caller.project, file_id)
+        if row["purpose"] != RESULTS_PURPOSE and not caller.scope.allows(Scope.WRITE):
+            # OpenAI: training files cannot be downloaded with a read key; a job's results can
+            raise ApiError(403, f"File {file_id} is training data (purpose '{row['purpose']}'): downloading it needs "
+                                f"a 'write' key; a 'read' key reads only result files. Use a key made with "
+                                f"`tunesmith keys create --scope write`", None, "insufficient_scope",
+                           type="permission_error")
         return StreamingResponse(service.blobs.chunks(f"files/{row['id']}"), media_type="application/octet-stream")
 
     @app.delete("/v1/files/{file_id}")
     def delete_file(file_id: str, caller: Caller = needs(Scope.WRITE)) -> dict:
-        result = service.erase_file(caller.project, file_id)
-        service.audit(caller.project, caller.key_id, "file.delete", [file_id], jobs=result["jobs"],
-                      models_trained_on_it=result["models_trained_on_it"])
-        return result
+        return service.erase_file(caller.project, file_id, actor=caller.key_id)
 
     # fine-tuning jobs
     @app.post("/v1/fine_tuning/jobs")
     async def create_job(request: Request, caller: Caller = needs(Scope.WRITE)) -> dict:
-        job = service.create_job(caller.project, await json_body(request))
-        service.audit(caller.project, caller.key_id, "job.create", [job["id"], job["training_file"]] +
-                      ([job["validation_file"]] if job["validation_file"] else []), model=job["model"],
-                      method=job["method"])
+        job = service.create_job(caller.project, await json_body(request), actor=caller.key_id)
         threading.Thread(target=service.validate_job, args=(job,), daemon=True).start()
         return shapes.job_object(job)
 
@@ -172,8 +176,8 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
         if status in ("succeeded", "failed", "cancelled"):
             raise ApiError(400, f"Job {job_id} has already {status}: it cannot be cancelled", "job_id",
                            "job_not_cancellable")
-        job = store.request_cancel(caller.project, job_id)
-        service.audit(caller.project, caller.key_id, "job.cancel", [job_id])
+        with service.audited(caller.project, caller.key_id, "job.cancel", [job_id]):
+            job = store.request_cancel(caller.project, job_id)
         return shapes.job_object(job)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events")
@@ -210,9 +214,7 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
         if model_id in service.base_models:
             raise ApiError(403, f"{model_id} is a base model: only fine-tuned models can be deleted", "model",
                            type="permission_error")
-        result = service.delete_model(caller.project, model_id)
-        service.audit(caller.project, caller.key_id, "model.delete", [model_id])
-        return result
+        return service.delete_model(caller.project, model_id, actor=caller.key_id)
 
     # inference
     def target(caller: Caller, body: dict[str, Any]) -> tuple[str, str | None, Any]:
@@ -220,29 +222,67 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
         if not isinstance(model, str) or not model:
             raise ApiError(400, "Missing required parameter: 'model'.", "model", "missing_required_parameter")
         if model in service.base_models:
-            return service.base_models[model], None, None
+            run = service.run_model(service.base_models[model])  # `serve --model NAME=RUN_DIR`
+            if run is None:
+                return service.base_models[model], None, None
+            messages = body.get("messages")
+            if run["system_prompt"] is not None and isinstance(messages, list) and messages and \
+                    isinstance(messages[0], dict) and messages[0].get("role") not in ("system", "developer"):
+                body["messages"] = [{"role": "system", "content": run["system_prompt"]}, *messages]  # as `chat` does
+            return run["base"], run["adapter"], run["files"]
+        missing = ApiError(404, f"The model '{model}' does not exist or you do not have access to it.", "model",
+                           "model_not_found")
+        checkpoint = re.fullmatch(r"ft:.+:(ftjob-[^:]+):ckpt-step-(\d+)", model)  # checkpoint_object's names
+        if checkpoint:
+            job, step = store.job(caller.project, checkpoint[1]), int(checkpoint[2])
+            tuned = job and (job["fine_tuned_model"] or f"ft:{job['model']}:{job['suffix'] or 'tunesmith'}:{job['id']}")
+            if not job or model != f"{tuned}:ckpt-step-{step}" or not any(
+                    row["step"] == step for row in store.checkpoints(job["id"], None, 1 << 20)):
+                raise missing
+            return service.base_models[job["model"]], model, lambda: service.adapter_files(job["id"], step=step)
         row = store.model(caller.project, model)
         if row is None:
-            raise ApiError(404, f"The model '{model}' does not exist or you do not have access to it.", "model",
-                           "model_not_found")
+            raise missing
         return service.base_models[row["base"]], row["id"], lambda: service.adapter_files(row["job_id"])
 
-    def answer(body: dict[str, Any], whole, chunks, caller: Caller) -> Any:
-        base, adapter, loader = target(caller, body)
-        if body.get("stream"):
+    async def answer(request: Request, body: dict[str, Any], whole, chunks, caller: Caller) -> Any:
+        """The reply, made in a thread. A stream stops when its client leaves (the response closes it); a whole
+        reply's client is polled while it is made, and its generation stops when that client has gone."""
+        import asyncio
+
+        def stream() -> Any:
+            base, adapter, loader = target(caller, body)
             return ClosingStreamingResponse(sse(chunks(pool, base, adapter, loader, body)),
                                             media_type="text/event-stream")
-        return whole(pool, base, adapter, loader, body)
+
+        if body.get("stream"):
+            return await _in_thread(stream)
+        gone = threading.Event()
+
+        def reply() -> Any:
+            base, adapter, loader = target(caller, body)
+            return whole(pool, base, adapter, loader, body, cancel=gone)
+
+        async def watch() -> None:
+            while not await request.is_disconnected():
+                await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            return await _in_thread(reply)
+        finally:
+            watcher.cancel()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, caller: Caller = needs(Scope.READ)) -> Any:
         body = await json_body(request)
-        return await _in_thread(answer, body, inference.chat_completion, inference.chat_completion_chunks, caller)
+        return await answer(request, body, inference.chat_completion, inference.chat_completion_chunks, caller)
 
     @app.post("/v1/completions")
     async def completions(request: Request, caller: Caller = needs(Scope.READ)) -> Any:
         body = await json_body(request)
-        return await _in_thread(answer, body, inference.completion, inference.completion_chunks, caller)
+        return await answer(request, body, inference.completion, inference.completion_chunks, caller)
 
     # administration (admin scope): the project's keys and the audit trail
     @app.get("/v1/keys")
@@ -257,8 +297,8 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
         except Exception:
             raise ApiError(400, f"scope {body.get('scope')!r}: use read, write or admin", "scope") from None
         key = apikeys.new_key()
-        store.add_key(key.key_id, caller.project, scope.value, key.hash, str(body.get("name", ""))[:200])
-        service.audit(caller.project, caller.key_id, "key.create", [key.key_id], scope=scope.value)
+        with service.audited(caller.project, caller.key_id, "key.create", [key.key_id], scope=scope.value):
+            store.add_key(key.key_id, caller.project, scope.value, key.hash, str(body.get("name", ""))[:200])
         return {**key_object(store.key(key.key_id)), "key": key.secret}
 
     @app.delete("/v1/keys/{key_id}")
@@ -266,8 +306,8 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
         row = store.key(key_id)
         if row is None or row["project_id"] != caller.project:
             raise not_found("key", key_id)
-        store.revoke_key(key_id)
-        service.audit(caller.project, caller.key_id, "key.revoke", [key_id])
+        with service.audited(caller.project, caller.key_id, "key.revoke", [key_id]):
+            store.revoke_key(key_id)
         return {"id": key_id, "object": "key", "deleted": True}
 
     @app.get("/v1/audit")
@@ -386,3 +426,20 @@ async def _in_thread(function, *args):
     from starlette.concurrency import run_in_threadpool
 
     return await run_in_threadpool(function, *args)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server for `tunesmith serve`. Its exit signal (SIGTERM, Ctrl-C) first winds generation up: every
+    reply in flight or queued ends within DRAIN_SECONDS, as if it had reached max_tokens, and the worker takes
+    no new job. uvicorn then stops accepting, waits for the open requests (at most SHUTDOWN_SECONDS) and exits."""
+
+    def __init__(self, app: FastAPI, pool: inference.AdapterPool, worker: Any = None, **options: Any):
+        super().__init__(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_SECONDS,
+                                        **options))
+        self.pool, self.worker = pool, worker
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.pool.close(DRAIN_SECONDS)
+        if self.worker is not None:
+            self.worker.stop()
+        super().handle_exit(sig, frame)

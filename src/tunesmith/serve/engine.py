@@ -224,6 +224,20 @@ class Engine:
     def stop_ids(self) -> list[int]:
         return stop_token_ids(self.model, self.tokenizer)
 
+    @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")
+    def prompt_logprobs(self, ids: list[int], top_k: int = 0) -> list[tuple[float | None, dict[int, float]]]:
+        """Per position i of a tokenised prompt: (log-probability of token i given the tokens before it, the
+        `top_k` likeliest tokens there as {token id: log-probability}); position 0 has no context: (None, {}).
+        One forward pass, under whatever adapter is active (OpenAI's `echo` with `logprobs`)."""
+        input_ids = torch.tensor([ids], device=self.device)
+        logits = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits[0, :-1]  # (T-1, V)
+        scores = torch.log_softmax(logits.float(), dim=-1)
+        chosen = scores.gather(1, input_ids[0, 1:, None])[:, 0].tolist()  # (T-1,)
+        top = scores.topk(top_k, dim=-1) if top_k else None
+        return [(None, {})] + [(logprob, dict(zip(top.indices[i].tolist(), top.values[i].tolist())) if top else {})
+                               for i, logprob in enumerate(chosen)]
+
 
 def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     """End-of-turn tokens: the tokenizer's EOS and the model's generation-config EOS ids."""

@@ -11,19 +11,24 @@ scratch is erased when the job ends.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import yaml
+
 from tunesmith.errors import UserError
 from tunesmith.paths import home, make_private
-from tunesmith.security.audit import AuditEvent, AuditFile, AuditHead, AuditRecord, VerifyResult
+from tunesmith.security.audit import AuditError, AuditEvent, AuditFile, AuditHead, AuditRecord, VerifyResult
 from tunesmith.serve import jobs as job_spec
 from tunesmith.serve.blobs import Blobs, TooLarge, load_keyring
 from tunesmith.serve.shapes import ApiError, not_found
-from tunesmith.serve.store import Store
+from tunesmith.serve.store import Store, new_id
 
 PURPOSES = ("fine-tune",)  # what clients upload; a job's evaluation report is a "fine-tune-results" file
 RESULTS_PURPOSE = "fine-tune-results"
@@ -115,7 +120,29 @@ class Service:
                 f"decrypted data and checkpoints until it ends; --scratch DIR on a memory or encrypted filesystem avoids it")
 
     def audit(self, project: str, key_id: str, action: str, objects: list[str], **details: Any) -> None:
-        self.audit_log.append(AuditEvent(project, key_id, action, tuple(objects), details))
+        """Append an audit record, durable when this returns. A log that cannot be written is an ApiError 503:
+        the callers audit before they act, so nothing was done and a retry is safe."""
+        try:
+            self.audit_log.append(AuditEvent(project, key_id, action, tuple(objects), details))
+        except (OSError, AuditError) as error:
+            raise ApiError(503, f"The audit log could not be written ({type(error).__name__}: {error}); nothing was "
+                                f"changed. Retry once the operator has fixed {self.audit_log.path}", None,
+                           "audit_unavailable", type="server_error") from None
+
+    @contextmanager
+    def audited(self, project: str, key_id: str, action: str, objects: list[str], **details: Any) -> Iterator[None]:
+        """Audit before act: the record is written first, so an action never happens without its record (an
+        unwritable log refuses it, see `audit`). If the action then fails, a second record `ACTION.failed` says
+        so; the trail then holds the attempt and its failure, never a success that did not happen."""
+        self.audit(project, key_id, action, objects, **details)
+        try:
+            yield
+        except BaseException as error:
+            try:
+                self.audit(project, key_id, f"{action}.failed", objects, error=f"{type(error).__name__}: {error}"[:500])
+            except ApiError:
+                pass  # the log broke between the two writes: the action's own error is what the caller sees
+            raise
 
     def record_audit_head(self, record: AuditRecord) -> None:
         """Keep the log's newest record in the store too: `audit verify` then sees a log cut short or re-sealed."""
@@ -147,14 +174,13 @@ class Service:
         return f"runs/{job_id}"
 
     # files
-    def upload(self, project: str, filename: str, purpose: str, source: BinaryIO) -> dict[str, Any]:
+    def upload(self, project: str, filename: str, purpose: str, source: BinaryIO, actor: str = "cli") -> dict[str, Any]:
+        """Store an upload (encrypted) once it validates; `actor` (the key id) is audited before the row exists."""
         if purpose not in PURPOSES:
             raise ApiError(400, f"Invalid purpose '{purpose}': this service takes {', '.join(PURPOSES)}", "purpose")
         name = Path(filename or "").name  # a client's path never becomes ours: keep the last part only
         if not name or name in (".", "..") or len(name) > MAX_FILENAME or any(ord(c) < 32 for c in name):
             raise ApiError(400, f"Invalid filename {filename!r}", "file")
-        from tunesmith.serve.store import new_id
-
         file_id = new_id("file")
         try:
             written = self.blobs.put_stream(f"files/{file_id}", source, self.settings.max_upload_bytes)
@@ -162,9 +188,11 @@ class Service:
             raise ApiError(413, f"File too large: the limit is {error.limit} bytes", "file", "file_too_large") from None
         try:
             loaded = self.check_file(file_id, name, method=None)
-            return self.store.add_file(project, id=file_id, filename=name, purpose=purpose, bytes=written.bytes,
-                                       sha256=written.sha256, format=loaded.format, examples=len(loaded.examples))
-        except BaseException:  # refused, or failed on our side (validator, database): no blob without its row
+            with self.audited(project, actor, "file.upload", [file_id], filename=name, bytes=written.bytes,
+                              sha256=written.sha256):
+                return self.store.add_file(project, id=file_id, filename=name, purpose=purpose, bytes=written.bytes,
+                                           sha256=written.sha256, format=loaded.format, examples=len(loaded.examples))
+        except BaseException:  # refused, unaudited, or failed on our side (validator, database): no blob without its row
             self.blobs.erase(f"files/{file_id}")
             raise
 
@@ -189,12 +217,18 @@ class Service:
             raise not_found("file", file_id, param)
         return row
 
-    def erase_file(self, project: str, file_id: str) -> dict[str, Any]:
+    def erase_file(self, project: str, file_id: str, actor: str = "cli") -> dict[str, Any]:
         """Delete a file and everything derived from it: running jobs on it stop, their scratch directories
         (decrypted copies, tokenised caches, checkpoints), sealed runs and evaluation reports go. Models
         trained on it are reported, not deleted."""
         self.file(project, file_id)
         using = self.store.jobs_using_file(project, file_id)
+        trained = [model["id"] for model in self.store.models_of_jobs([job["id"] for job in using])]
+        with self.audited(project, actor, "file.delete", [file_id], jobs=[job["id"] for job in using],
+                          models_trained_on_it=trained):
+            return self._erase_file(project, file_id, using, trained)
+
+    def _erase_file(self, project: str, file_id: str, using: list[dict[str, Any]], trained: list[str]) -> dict[str, Any]:
         for job in using:
             if job["status"] not in ("succeeded", "failed", "cancelled"):
                 self.store.request_cancel(project, job["id"])
@@ -205,14 +239,11 @@ class Service:
             self.blobs.erase(f"files/{result}")
             self.store.delete_file(project, result)
         self.store.delete_file(project, file_id)
-        trained = [model["id"] for model in self.store.models_of_jobs([job["id"] for job in using])]
         return {"id": file_id, "object": "file", "deleted": True, "jobs": [job["id"] for job in using],
                 "erased_runs": erased, "erased_result_files": results, "models_trained_on_it": trained}
 
     def add_result_file(self, project: str, filename: str, data: bytes) -> str:
         """A file the service made for a job (its evaluation report), encrypted like an upload; its id."""
-        from tunesmith.serve.store import new_id
-
         file_id = new_id("file")
         written = self.blobs.put_bytes(f"files/{file_id}", data)
         self.store.add_file(project, id=file_id, filename=filename, purpose=RESULTS_PURPOSE, bytes=written.bytes,
@@ -227,13 +258,16 @@ class Service:
         return self.blobs.erase(self.sealed_run(job_id)) or existed
 
     # jobs
-    def create_job(self, project: str, body: dict[str, Any]) -> dict[str, Any]:
+    def create_job(self, project: str, body: dict[str, Any], actor: str = "cli") -> dict[str, Any]:
         values = job_spec.parse_request(body, self.base_models)
         for param in ("training_file", "validation_file"):
             if values[param] is not None and self.file(project, values[param], param)["purpose"] not in PURPOSES:
                 raise ApiError(400, f"File {values[param]} is a job's result, not training data; fix: upload the "
                                     f"data with purpose 'fine-tune'", param, f"invalid_{param}")
-        job = self.store.add_job(project, **values, processes=self.settings.processes)
+        job_id = new_id("ftjob")
+        files = [values["training_file"]] + ([values["validation_file"]] if values["validation_file"] else [])
+        with self.audited(project, actor, "job.create", [job_id, *files], model=values["model"], method=values["method"]):
+            job = self.store.add_job(project, id=job_id, **values, processes=self.settings.processes)
         self.store.add_event(job["id"], f"Created fine-tuning job: {job['id']}", key="created")  # OpenAI's first event
         return job
 
@@ -272,12 +306,45 @@ class Service:
         return {name: self.blobs.read_bytes(f"models/{job_id}/{name}")
                 for name in ("adapter_config.json", "adapter_model.safetensors")}
 
-    def delete_model(self, project: str, model_id: str) -> dict[str, Any]:
+    @staticmethod
+    def run_model(spec: str) -> dict[str, Any] | None:
+        """What serving the run directory `spec` takes (None: `spec` is no run directory): `base`, the model spec
+        the pool loads (the run's base model, or its full model/); `adapter`, its adapter/ as the pool's key and
+        `files` (a loader of its bytes), or None; `system_prompt`, which chat applies as `tunesmith chat` does.
+        A run that cannot be served (unfinished, a reward model, a non-LoRA adapter) is a UserError."""
+        from tunesmith.serve.engine import is_run_dir
+
+        path = Path(spec).expanduser()
+        if not (path / "config.yaml").is_file():
+            return None
+        if not is_run_dir(path):
+            raise UserError(f"{path} is a run directory without adapter/ or model/: the run has not finished; "
+                            f"fix: resume it with `tunesmith train {path / 'config.yaml'}`")
+        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+        if config.get("method") == "reward":
+            raise UserError(f"{path} is a reward model: it rates replies and does not write them; fix: serve a "
+                            f"run that trained a generating model")
+        system_prompt = (config.get("data") or {}).get("system_prompt")
+        if not (path / "adapter").is_dir():
+            return {"base": str((path / "model").resolve()), "adapter": None, "files": None,
+                    "system_prompt": system_prompt}
+        adapter = path.resolve() / "adapter"
+        names = ("adapter_config.json", "adapter_model.safetensors")
+        settings = json.loads((adapter / names[0]).read_text(encoding="utf-8")) if (adapter / names[0]).is_file() else {}
+        if settings.get("peft_type") != "LORA" or not (adapter / names[1]).is_file():
+            raise UserError(f"{adapter} holds a {settings.get('peft_type') or 'unreadable'} adapter; the service serves "
+                            f"LoRA adapters (adapter_config.json + adapter_model.safetensors); fix: serve a LoRA run, "
+                            f"or export this one merged (`tunesmith export`) and serve that model directory")
+        return {"base": str(config["model"]), "adapter": f"run:{adapter}", "system_prompt": system_prompt,
+                "files": lambda: {name: (adapter / name).read_bytes() for name in names}}
+
+    def delete_model(self, project: str, model_id: str, actor: str = "cli") -> dict[str, Any]:
         row = self.store.model(project, model_id)
         if row is None:
             raise not_found("model", model_id, "model")
-        self.store.delete_model(project, model_id)
-        self.blobs.erase(f"models/{row['job_id']}")
+        with self.audited(project, actor, "model.delete", [model_id]):
+            self.store.delete_model(project, model_id)
+            self.blobs.erase(f"models/{row['job_id']}")
         return {"id": model_id, "object": "model", "deleted": True}
 
 
