@@ -13,20 +13,16 @@ PAIRS = [("What is the capital of France?", " Paris is the capital."), ("the qui
          ("my card has not", " arrived yet"), ("I want to cancel", " a transfer")]
 
 
-def local_completions(base_url: str, key: str, tokenizer: str):
-    """lm-eval's `local-completions` model on our /v1/completions, sending token ids; skipped when lm-eval cannot
-    be imported here (0.4.9 reads transformers.AutoModelForVision2Seq, which transformers 5 removed)."""
-    try:
-        from lm_eval.models.openai_completions import LocalCompletionsAPI
-    except (ImportError, AttributeError) as error:
-        pytest.skip(f"lm-eval is not importable with this transformers: {error}")
-    model = LocalCompletionsAPI(base_url=f"{base_url}/completions", model="tiny", tokenizer=tokenizer,
-                                tokenized_requests=True, batch_size=1, max_retries=1, num_concurrent=1)
-    model.__dict__["api_key"] = key  # local-completions sends no key of its own (a cached_property)
-    return model
+def local_completions(base_url: str, tokenizer: str):
+    """lm-eval's `local-completions` model on our /v1/completions, sending token ids (the key comes from
+    OPENAI_API_KEY, as lm-eval reads it)."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    return LocalCompletionsAPI(base_url=f"{base_url}/completions", model="tiny", tokenizer=tokenizer,
+                               tokenized_requests=True, batch_size=1, max_retries=1, num_concurrent=1)
 
 
-def test_lm_eval_loglikelihood_over_the_api_equals_direct_scoring(tmp_path, tiny_model):
+def test_lm_eval_loglikelihood_over_the_api_equals_direct_scoring(tmp_path, tiny_model, monkeypatch):
     from lm_eval.api.instance import Instance
     from transformers import AutoModelForCausalLM
 
@@ -34,7 +30,8 @@ def test_lm_eval_loglikelihood_over_the_api_equals_direct_scoring(tmp_path, tiny
 
     service = Service(Settings(home=tmp_path / "home", base_models={"tiny": str(tiny_model)}))
     with live_app(service, worker=False) as base_url:
-        model = local_completions(base_url, make_key(service, "acme", "read"), str(tiny_model))
+        monkeypatch.setenv("OPENAI_API_KEY", make_key(service, "acme", "read"))
+        model = local_completions(base_url, str(tiny_model))
         requests = [Instance("loglikelihood", {}, pair, index) for index, pair in enumerate(PAIRS)]
         scored = [score for score, _ in model.loglikelihood(requests)]
     direct = AutoModelForCausalLM.from_pretrained(tiny_model)

@@ -184,6 +184,13 @@ def test_an_upload_whose_parts_together_pass_the_limit_is_a_413_that_leaves_noth
     assert stored_blobs(service) == [] and service.store.files("acme", None) == []
 
 
+def test_a_purpose_over_4_kb_is_a_400_about_the_purpose_not_a_file_too_large(service):
+    status, reply = post_form(service, [("purpose", None, b"p" * 5000), ("file", "train.jsonl", training_file(8 << 10))])
+    assert status == 400, reply
+    assert reply["error"]["param"] == "purpose" and "4096 bytes" in reply["error"]["message"]
+    assert stored_blobs(service) == [] and service.store.files("acme", None) == []
+
+
 def test_an_upload_declaring_more_than_the_limit_is_refused_before_it_is_read(service):
     from tunesmith.serve.api import create_app
 

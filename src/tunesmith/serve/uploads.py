@@ -75,7 +75,10 @@ async def read_form(content_type: str, body: AsyncIterator[bytes], limit: int,
         if part.name not in KEPT_FIELDS:
             return  # skipped unread; the whole body's bound still counts it
         part.size += end - start
-        if part.size > (limit if part.filename is not None else FIELD_LIMIT):
+        if part.filename is None and part.size > FIELD_LIMIT:
+            raise ApiError(400, f"Invalid '{part.name}': the field is over {FIELD_LIMIT} bytes; fix: send a "
+                                f"purpose such as 'fine-tune'", part.name)
+        if part.size > limit:
             raise ApiError(413, f"File too large: the limit is {limit} bytes", "file", "file_too_large")
         part.chunks.append(bytes(data[start:end]))
 
