@@ -240,7 +240,7 @@ def test_a_run_directory_that_cannot_be_served_is_refused_at_startup(tiny_model,
             settings(args)
 
 
-def test_a_checkpoint_model_is_served_through_its_steps_adapter(site, tiny_model, tmp_path, monkeypatch):
+def test_a_checkpoint_model_is_served_through_its_steps_adapter(site, tiny_model, tmp_path):
     from tunesmith.serve.engine import Engine
 
     service = site[0]
@@ -248,14 +248,8 @@ def test_a_checkpoint_model_is_served_through_its_steps_adapter(site, tiny_model
                                 hyperparameters={}, seed=0, suffix="cp")
     service.store.add_checkpoint(job["id"], 10, {})
     adapter = lora_dir(tiny_model, tmp_path / "ckpt", seed=11)
-    files = {name: (adapter / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
-    asked = []
-
-    def adapter_files(job_id: str, step: int | None = None) -> dict[str, bytes]:  # what the worker engineer adds
-        asked.append((job_id, step))
-        return files
-
-    monkeypatch.setattr(service, "adapter_files", adapter_files)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # stored as the worker stores a checkpoint's
+        service.blobs.put_bytes(service.adapter_blob(job["id"], name, step=10), (adapter / name).read_bytes())
     name = next(iter(api(site).fine_tuning.jobs.checkpoints.list(job["id"]))).fine_tuned_model_checkpoint
     assert name == f"ft:tiny:cp:{job['id']}:ckpt-step-10"
     messages = [{"role": "user", "content": "hello"}]
@@ -264,7 +258,9 @@ def test_a_checkpoint_model_is_served_through_its_steps_adapter(site, tiny_model
     from tunesmith.models.adapters import load_adapter
 
     engine = Engine(load_adapter(engine.model, adapter), engine.tokenizer, has_adapter=True)
-    assert reply.choices[0].message.content == direct_reply(engine, messages)[0] and asked == [(job["id"], 10)]
+    assert reply.choices[0].message.content == direct_reply(engine, messages)[0]
+    base_reply = api(site).chat.completions.create(model="tiny", messages=messages, **GREEDY)
+    assert reply.choices[0].message.content != base_reply.choices[0].message.content  # the step's adapter served
     for wrong, client in ((name.replace("step-10", "step-20"), api(site)), (name, api(site, "other"))):
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model=wrong, messages=messages, **GREEDY)

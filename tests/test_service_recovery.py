@@ -4,6 +4,7 @@ both are started again; the job resumes from its sealed checkpoint and completes
 reported exactly once."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -26,6 +27,21 @@ def training_processes(work_dir: Path) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def assert_the_last_checkpoint_serves_the_final_adapter(service, job_id: str) -> None:
+    """Every checkpoint recorded has its adapter stored, and the run's last one (no validation: the weights it
+    ships) is the fine-tuned model's adapter exactly."""
+    import torch
+    from safetensors.torch import load
+
+    steps = [row["step"] for row in service.store.checkpoints(job_id, None, 1000)]
+    adapters = {step: service.adapter_files(job_id, step=step) for step in steps}
+    final = service.adapter_files(job_id)
+    last, shipped = load(adapters[max(steps)]["adapter_model.safetensors"]), load(final["adapter_model.safetensors"])
+    assert last.keys() == shipped.keys() and all(torch.equal(last[name], shipped[name]) for name in last)
+    settings = [json.loads(files["adapter_config.json"]) for files in (adapters[max(steps)], final)]
+    assert [(s["peft_type"], s["r"], s["lora_alpha"]) for s in settings] == [("LORA", 16, 32)] * 2
 
 
 def kill(process) -> None:
@@ -84,6 +100,7 @@ def test_killed_api_and_worker_resume_the_job_without_loss_or_duplicates(tmp_pat
     assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
     assert [model["id"] for model in service.store.models("acme")] == [job.fine_tuned_model]
     assert service.store.job("acme", job.id)["attempts"] == 2
+    assert_the_last_checkpoint_serves_the_final_adapter(service, job.id)
     assert not service.work_dir(job.id).exists() and not service.blobs.exists(service.sealed_run(job.id))
     assert files_containing(home, MARKER.encode()) == []
     assert service.audit_log.verify()
@@ -92,16 +109,15 @@ def test_killed_api_and_worker_resume_the_job_without_loss_or_duplicates(tmp_pat
 def test_a_rewritten_metrics_log_is_read_again_without_losing_or_repeating_steps(tmp_path, tiny_model):
     """A resumed run truncates its log to its checkpoint and logs the later steps again; the worker's tail must
     notice, or it would resume mid-line at its old offset and drop steps."""
-    import json
-
     from tunesmith.serve.service import Service, Settings
-    from tunesmith.serve.store import Lease
     from tunesmith.serve.worker import JobRun, Worker
 
     service = Service(Settings(home=tmp_path / "home", base_models={"tiny": str(tiny_model)}))
     service.store.ensure_project("acme")
-    job = service.store.add_job("acme", model="tiny", training_file="file-x", method="supervised", hyperparameters={}, seed=0)
-    run = JobRun(Worker(service), Lease(job, "me"))
+    service.store.add_job("acme", model="tiny", training_file="file-x", method="supervised", hyperparameters={}, seed=0,
+                          status="queued")
+    run = JobRun(Worker(service), service.store.lease("me", 30))  # the worker's writes are fenced by its lease
+    job = run.job
     log = run.directory / "run" / "metrics.jsonl"
     log.parent.mkdir(parents=True)
 
@@ -139,6 +155,7 @@ def test_the_worker_runs_a_job_on_several_processes(tmp_path, tiny_model):
     opening = [event for event in service.store.events(job["id"], limit=100) if event["message"].startswith("Training ")]
     assert opening and opening[0]["data"]["processes"] == 2
     assert service.store.model("acme", service.store.job("acme", job["id"])["fine_tuned_model"]) is not None
+    assert_the_last_checkpoint_serves_the_final_adapter(service, job["id"])
 
 
 def test_serve_speaks_tls_when_given_a_certificate(tmp_path, tiny_model):

@@ -250,12 +250,15 @@ class Service:
                             sha256=written.sha256, format="json", examples=None)
         return file_id
 
-    def erase_run(self, job_id: str) -> bool:
-        """Erase what a job's run left: its scratch directory and its sealed run. True if there was any."""
+    def erase_run(self, job_id: str, checkpoints: bool = True) -> bool:
+        """Erase what a job's run left: its scratch directory, its sealed run and (with `checkpoints`) its
+        checkpoints' adapters; a worker ending the job keeps those, which serve as checkpoint models. True if
+        there was any."""
         directory = self.work_dir(job_id)
         existed = directory.exists()
         shutil.rmtree(directory, ignore_errors=True)
-        return self.blobs.erase(self.sealed_run(job_id)) or existed
+        erased = checkpoints and self.blobs.erase(f"checkpoints/{job_id}")
+        return self.blobs.erase(self.sealed_run(job_id)) or erased or existed
 
     # jobs
     def create_job(self, project: str, body: dict[str, Any], actor: str = "cli") -> dict[str, Any]:
@@ -301,10 +304,20 @@ class Service:
         return row
 
     # models
-    def adapter_files(self, job_id: str) -> dict[str, bytes]:
-        """A fine-tuned model's adapter, decrypted in memory."""
-        return {name: self.blobs.read_bytes(f"models/{job_id}/{name}")
-                for name in ("adapter_config.json", "adapter_model.safetensors")}
+    @staticmethod
+    def adapter_blob(job_id: str, name: str, step: int | None = None) -> str:
+        """The blob of adapter file `name`: the fine-tuned model's, or (with `step`) that checkpoint's."""
+        return f"models/{job_id}/{name}" if step is None else f"checkpoints/{job_id}/step-{step}/{name}"
+
+    def adapter_files(self, job_id: str, step: int | None = None) -> dict[str, bytes]:
+        """A fine-tuned model's adapter (a checkpoint's, with `step`), decrypted in memory; a 404 when its files
+        are gone (the model was deleted, or the data it was trained on)."""
+        names = ("adapter_config.json", "adapter_model.safetensors")
+        if not all(self.blobs.exists(self.adapter_blob(job_id, name, step)) for name in names):
+            model = "the fine-tuned model" if step is None else f"checkpoint step {step}"
+            raise ApiError(404, f"The adapter of {model} of job {job_id} is not stored (it goes when the model or its "
+                                f"training file is deleted).", "model", "model_not_found")
+        return {name: self.blobs.read_bytes(self.adapter_blob(job_id, name, step)) for name in names}
 
     @staticmethod
     def run_model(spec: str) -> dict[str, Any] | None:
@@ -345,6 +358,7 @@ class Service:
         with self.audited(project, actor, "model.delete", [model_id]):
             self.store.delete_model(project, model_id)
             self.blobs.erase(f"models/{row['job_id']}")
+            self.blobs.erase(f"checkpoints/{row['job_id']}")
         return {"id": model_id, "object": "model", "deleted": True}
 
 

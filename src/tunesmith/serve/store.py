@@ -5,7 +5,10 @@ SQLAlchemy Core over a SQLite file by default (`$TUNESMITH_HOME/service.db`, zer
 takes the project, so another project's objects are simply not there (the API answers 404).
 
 Jobs are leased: a worker takes a queued job (or one whose lease ran out: its worker died) with a
-compare-and-set update, so two workers never run one job, on SQLite and PostgreSQL alike.
+compare-and-set update, so two workers never run one job, on SQLite and PostgreSQL alike. Each lease is an
+epoch (the job's `attempts` when it was taken), and what a worker writes for its job (renewals, events,
+checkpoints, the conclusion) is fenced: one conditional statement that takes effect only while the job row
+still carries that owner and that epoch. A worker that stalled past its lease finds its writes refused.
 """
 from __future__ import annotations
 
@@ -158,9 +161,26 @@ class UnknownCursor(LookupError):
 
 @dataclass
 class Lease:
-    job: dict[str, Any]
+    job: dict[str, Any]  # the job's row as leased
     owner: str
 
+    @property
+    def epoch(self) -> int:
+        """The job's `attempts` when this lease was taken: every lease adds one, so no two leases share it."""
+        return self.job["attempts"]
+
+
+class LeaseLost(Exception):
+    """A fenced write found the job no longer held by its lease (taken by another worker, or no longer running)."""
+
+    def __init__(self, lease: Lease):
+        super().__init__(f"job {lease.job['id']}: lease {lease.epoch} of {lease.owner} is no longer held")
+
+
+def held(lease: Lease) -> Any:
+    """The condition of every fenced write: the job is running under this owner and epoch."""
+    return sa.and_(jobs.c.id == lease.job["id"], jobs.c.lease_owner == lease.owner, jobs.c.attempts == lease.epoch,
+                   jobs.c.status == "running")
 
 
 def older_than(table: sa.Table, last: dict[str, Any]) -> Any:
@@ -306,22 +326,36 @@ class Store:
 
     def renew(self, lease: Lease, seconds: float) -> dict[str, Any] | None:
         """Extend the lease; None when it was lost (another worker took the job) or the job left `running`."""
-        kept = self._write(jobs.update().where(jobs.c.id == lease.job["id"], jobs.c.lease_owner == lease.owner,
-                                               jobs.c.status == "running")
-                           .values(lease_expires=time.time() + seconds))
+        kept = self._write(jobs.update().where(held(lease)).values(lease_expires=time.time() + seconds))
         return self.job(None, lease.job["id"]) if kept else None
 
-    def finish(self, lease: Lease, status: str, **values: Any) -> bool:
-        """Leave `running` for a final status, only while this worker holds the lease."""
-        return self._write(jobs.update().where(jobs.c.id == lease.job["id"], jobs.c.lease_owner == lease.owner,
-                                               jobs.c.status == "running")
-                           .values(status=status, finished_at=now(), lease_expires=0.0, **_encode(values))) == 1
+    def holds(self, lease: Lease) -> dict[str, Any] | None:
+        """The job's row while `lease` still holds it, else None."""
+        return self._one(sa.select(jobs).where(held(lease)))
+
+    def finish(self, lease: Lease, status: str, model: dict[str, Any] | None = None, **values: Any) -> bool:
+        """Leave `running` for a final status, only while `lease` holds the job. With `model` (the fine-tuned
+        model's row: id, base), the job succeeds only if no cancel was requested, and the model is registered in
+        the same transaction: a job that ends cancelled never leaves a model behind. False when nothing changed
+        (`holds` then tells a lost lease from a cancel)."""
+        statement = jobs.update().where(held(lease))
+        if model is not None:
+            statement = statement.where(sa.not_(jobs.c.cancel_requested))
+        with self.engine.begin() as connection:
+            if connection.execute(statement.values(status=status, finished_at=now(), lease_expires=0.0,
+                                                   **_encode(values))).rowcount != 1:
+                return False
+            if model is not None:
+                connection.execute(models.insert().values(project_id=lease.job["project_id"], job_id=lease.job["id"],
+                                                          created_at=now(), **model))
+        return True
 
     # events and checkpoints
     def add_event(self, job_id: str, message: str, level: str = "info", type: str = "message",
-                  data: dict[str, Any] | None = None, key: str | None = None) -> bool:
+                  data: dict[str, Any] | None = None, key: str | None = None, lease: Lease | None = None) -> bool:
         """Append an event; one with a `key` already stored for this job is not stored twice (a resumed
-        job's worker re-reads its run's metrics). False when nothing was stored."""
+        job's worker re-reads its run's metrics). False when nothing was stored. With `lease` (a worker's
+        event) it is stored only while the lease holds, else LeaseLost."""
         for _ in range(5):  # two writers may pick the same next seq: the unique constraint sends one round again
             try:
                 with self.engine.begin() as connection:
@@ -330,9 +364,10 @@ class Store:
                         return False
                     last = connection.execute(sa.select(sa.func.max(job_events.c.seq))
                                               .where(job_events.c.job_id == job_id)).scalar()
-                    connection.execute(job_events.insert().values(**_encode(dict(
-                        id=new_id("ftevent"), job_id=job_id, seq=(last or 0) + 1, created_at=now(), level=level,
-                        type=type, message=message, data=data, key=key))))
+                    row = _encode(dict(id=new_id("ftevent"), job_id=job_id, seq=(last or 0) + 1, created_at=now(),
+                                       level=level, type=type, message=message, data=data, key=key))
+                    if connection.execute(_insert(job_events, row, lease)).rowcount != 1:
+                        raise LeaseLost(lease)
                 return True
             except sa.exc.IntegrityError:
                 continue
@@ -347,11 +382,15 @@ class Store:
             query = query.where(job_events.c.seq < last["seq"] if newest_first else job_events.c.seq > last["seq"])
         return self._all(query)
 
-    def add_checkpoint(self, job_id: str, step: int, metrics: dict[str, Any]) -> None:
+    def add_checkpoint(self, job_id: str, step: int, metrics: dict[str, Any], lease: Lease | None = None) -> None:
+        """Record a checkpoint once (a resumed job re-reads its run); with `lease`, only while it holds (else
+        LeaseLost)."""
+        row = _encode(dict(id=new_id("ftckpt"), job_id=job_id, step=step, metrics=metrics, created_at=now()))
         try:
-            self._write(checkpoints.insert().values(**_encode(dict(
-                id=new_id("ftckpt"), job_id=job_id, step=step, metrics=metrics, created_at=now()))))
-        except sa.exc.IntegrityError:  # already recorded (a resumed job re-reads its run)
+            with self.engine.begin() as connection:
+                if connection.execute(_insert(checkpoints, row, lease)).rowcount != 1:
+                    raise LeaseLost(lease)
+        except sa.exc.IntegrityError:  # already recorded
             pass
 
     def checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> list[dict[str, Any]]:
@@ -398,6 +437,17 @@ class Store:
 
     def iter_all(self, table: sa.Table) -> Iterator[dict[str, Any]]:
         yield from self._all(sa.select(table))
+
+
+def _insert(table: sa.Table, row: dict[str, Any], lease: Lease | None) -> Any:
+    """INSERT of `row`; with a lease, INSERT ... SELECT from the job's row under the fence: one statement that
+    inserts nothing once the lease is lost, on SQLite and PostgreSQL alike."""
+    if lease is None:
+        return table.insert().values(**row).execution_options(preserve_rowcount=True)
+    columns = list(row)
+    values = [sa.literal(row[name], table.c[name].type) for name in columns]
+    return (table.insert().from_select(columns, sa.select(*values).select_from(jobs).where(held(lease)))
+            .execution_options(preserve_rowcount=True))  # an INSERT's rowcount is kept only when asked for
 
 
 def _sqlite_pragmas(connection, _record) -> None:

@@ -4,15 +4,24 @@ A job runs as `python -m tunesmith train config.yaml` (with `--nproc N` for seve
 private work directory. While it runs, the worker renews its lease every few seconds, copies the run's
 metrics and checkpoints into the store as events (each once, however often it is read), and stops the run
 when the job is cancelled. Each new checkpoint seals the run directory (as of that checkpoint) into the
-encrypted blobs. A worker that dies stops renewing: once its lease runs out, any worker takes the job
-again and `train` resumes it from its newest checkpoint, found in the scratch directory when the worker
-left it there, else unsealed from the blobs (a restarted machine, another machine). When the run ends,
-its adapter is encrypted into the blob store, the model registered, and the scratch directory (the only
-plaintext) and the sealed run erased.
+encrypted blobs, and its LoRA adapter is stored too (the checkpoint model `...:ckpt-step-N`). A worker that
+dies stops renewing: once its lease runs out, any worker takes the job again and `train` resumes it from its
+newest checkpoint, found in the scratch directory when the worker left it there, else unsealed from the blobs
+(a restarted machine, another machine). When the run ends, its adapter is encrypted into the blob store, the
+model registered, and the scratch directory (the only plaintext) and the sealed run erased.
+
+A worker that stalls (a paused process, a frozen machine) past its lease must not run the job beside the worker
+that took it over. So every store write of the worker is fenced by its lease's epoch (see store.py), a blob is
+committed only after a check that the lease still holds, and a worker that wakes renews before it writes
+anything: once it learns it lost the job, it stops its run and leaves. On one machine the scratch directory is
+locked too: the worker takes an exclusive flock on its lock file, which the run's process inherits, and the
+next attempt waits until neither is left before it prepares the directory or starts `train` there.
 """
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import io
 import json
 import os
 import shutil
@@ -22,6 +31,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +40,8 @@ import yaml
 from tunesmith.rundir import read_metrics
 from tunesmith.serve import jobs as job_spec
 from tunesmith.serve.service import Service, private_directory
-from tunesmith.serve.store import Lease
+from tunesmith.serve.shapes import ApiError
+from tunesmith.serve.store import Lease, LeaseLost
 
 LEASE_SECONDS = 30.0
 POLL_SECONDS = 1.0
@@ -38,6 +49,13 @@ CANCEL_GRACE_SECONDS = 5.0
 USER_ERROR_EXIT = 2
 EVAL_HEADLINE = {"perplexity": "perplexity", "preference": "preference_accuracy"}  # the evaluation's task -> metric
 EVAL_MAX_EXAMPLES = 500  # validation examples the closing evaluation scores (each on the tuned and the base model)
+TUNESMITH = [sys.executable, "-m", "tunesmith"]  # how a run's process is started (`tunesmith train ...`)
+SCRATCH_LOCK = ".lock"  # in the scratch directory: flocked by the worker that prepares it and by its run's process
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class CancelRequested(Exception):
+    """The user's cancel landed while the job concluded: it ends cancelled, not with a model."""
 
 
 class Worker:
@@ -58,7 +76,8 @@ class Worker:
                 if lease is None:
                     break
                 thread = threading.Thread(target=self.run_job, args=(lease,), name=f"job {lease.job['id']}", daemon=True)
-                self.running[lease.job["id"]] = thread
+                # by epoch: a stalled thread of this worker may still be leaving an attempt of the same job
+                self.running[f"{lease.job['id']}#{lease.epoch}"] = thread
                 thread.start()
             self.stopping.wait(self.poll_seconds)
         for thread in self.running.values():
@@ -68,16 +87,17 @@ class Worker:
         self.stopping.set()
 
     def run_job(self, lease: Lease) -> str:
-        """Run one leased job to its end; returns the final status (or "lost" when the lease was lost)."""
-        job = lease.job
+        """Run one leased job to its end; returns the final status, "lost" when another worker took the job,
+        or "unfinished" when the audit log could not be written (the job is taken up again once the lease
+        runs out)."""
+        run = JobRun(self, lease)
         try:
-            run = JobRun(self, lease)
             return run.execute()
         except Exception as error:  # a bug of ours: the job fails with the reason, the worker goes on
-            self.store.add_event(job["id"], f"Worker error: {type(error).__name__}: {error}", level="error")
-            self.store.finish(lease, "failed", error={"code": "server_error", "message": str(error), "param": None})
-            self.service.erase_run(job["id"])
-            return "failed"
+            return run.end("failed", {"error": {"code": "server_error", "message": str(error), "param": None}},
+                           f"Worker error: {type(error).__name__}: {error}", level="error")
+        finally:
+            run.release_scratch()
 
 
 class JobRun:
@@ -85,48 +105,93 @@ class JobRun:
         self.worker, self.lease, self.job = worker, lease, lease.job
         self.service, self.store = worker.service, worker.store
         self.directory = self.service.work_dir(self.job["id"])
+        self.lock: int | None = None  # the descriptor holding the scratch directory's flock
         self.metrics_read = 0  # bytes of metrics.jsonl already turned into events
         self.last_line = b""  # the last of them
         self.sealed_step = 0  # the checkpoint the sealed run holds
-        self.sealing: threading.Thread | None = None
+        self.recorded = {row["step"] for row in self.store.checkpoints(self.job["id"], None, 1 << 20)}
+        self.sealing: threading.Thread | None = None  # records new checkpoints and seals the run meanwhile
         self.result_file: str | None = None  # the evaluation report's file id
 
     def execute(self) -> str:
         job = self.job
-        resumed = self.prepare()
-        where = f" (resumed, attempt {job['attempts']})" if resumed else ""
-        self.store.add_event(job["id"], f"Fine-tuning job started on worker {self.worker.name}{where}",
-                             key=f"start-{job['attempts']}")
-        self.service.audit(job["project_id"], "worker", "job.start", [job["id"]], worker=self.worker.name,
-                           attempt=job["attempts"])
-        command = ["train", "config.yaml"] + (["--nproc", str(job["processes"])] if job["processes"] > 1 else [])
-        process = self.launch(command, "train.log")
         try:
-            outcome = self.supervise(process)
-            if outcome == "exited" and process.returncode == 0 and job["validation_file"]:
-                outcome = self.evaluate()
-        finally:
-            if self.sealing is not None:
-                self.sealing.join()
-        if outcome == "lost":
-            return outcome
-        self.sync_run(seal=False)
-        return self.conclude(outcome, process.returncode)
+            if self.lock_scratch()["cancel_requested"]:  # cancelled before this attempt could start
+                return self.end("cancelled", {}, "Fine-tuning job cancelled")
+            resumed = self.prepare()
+            self.service.audit(job["project_id"], "worker", "job.start", [job["id"]], worker=self.worker.name,
+                               attempt=job["attempts"])
+            where = f" (resumed, attempt {job['attempts']})" if resumed else ""
+            self.add_event(f"Fine-tuning job started on worker {self.worker.name}{where}", key=f"start-{job['attempts']}")
+            command = ["train", "config.yaml"] + (["--nproc", str(job["processes"])] if job["processes"] > 1 else [])
+            process = self.launch(command, "train.log")
+            try:
+                outcome = self.supervise(process)
+                if outcome == "exited" and process.returncode == 0 and job["validation_file"]:
+                    outcome = self.evaluate()
+            finally:
+                if self.sealing is not None:
+                    self.sealing.join()
+            if outcome == "lost":
+                return outcome
+            self.sync_run(seal=False)
+            return self.conclude(outcome, process.returncode)
+        except LeaseLost:
+            return "lost"
+        except ApiError as error:
+            if error.code != "audit_unavailable":
+                raise
+            return self.unaudited(error)
+
+    def add_event(self, message: str, **fields: Any) -> bool:
+        """An event of this attempt: stored only while the lease holds (else LeaseLost)."""
+        return self.store.add_event(self.job["id"], message, lease=self.lease, **fields)
+
+    def check_lease(self) -> None:
+        """LeaseLost unless this attempt still holds the job: asked right before a blob is committed."""
+        if self.store.holds(self.lease) is None:
+            raise LeaseLost(self.lease)
+
+    def put_blob(self, name: str, source: Any) -> None:
+        """Encrypt `source` into blob `name`, committed only if the lease still holds when the source ends."""
+        self.service.blobs.put_stream(name, _Fenced(source, self.check_lease))
+
+    def lock_scratch(self) -> dict[str, Any]:
+        """Take the scratch directory's lock. While another attempt's process holds it (a stalled worker, or
+        the `train` it started), wait, renewing the lease: the directory is theirs until they are gone.
+        Returns the job's row as last seen."""
+        current, waited = self.job, False
+        while True:
+            self.lock = _try_lock(self.service.scratch, self.directory)
+            if self.lock is not None:
+                return current
+            if not waited:
+                self.add_event("Waiting for the previous attempt's process to leave the scratch directory",
+                               key=f"scratch-wait-{self.lease.epoch}")
+                waited = True
+            time.sleep(self.worker.poll_seconds)
+            current = self.store.renew(self.lease, self.worker.lease_seconds)
+            if current is None:
+                raise LeaseLost(self.lease)
+
+    def release_scratch(self) -> None:
+        """Let go of the scratch lock (the run's process, if one is left, holds its own copy)."""
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
     def prepare(self) -> bool:
         """The scratch directory: decrypted data, config.yaml, and the run so far when there is one (left by
         the last worker on this machine, else unsealed). True when it holds a run to resume."""
         directory = self.directory
-        private_directory(self.service.scratch)
-        directory.mkdir(mode=0o700, exist_ok=True)
         (directory / "data").mkdir(mode=0o700, exist_ok=True)
         sealed = self.service.sealed_run(self.job["id"])
         if not checkpoints(directory / "run") and self.service.blobs.exists(sealed):
             shutil.rmtree(directory / "run", ignore_errors=True)
             self.service.blobs.extract_tree(sealed, directory / "run")
             self.sealed_step = max(checkpoints(directory / "run"), default=0)
-            self.store.add_event(self.job["id"], f"Restored the run from its sealed checkpoint at step "
-                                 f"{self.sealed_step}", key=f"restore-{self.job['attempts']}")
+            self.add_event(f"Restored the run from its sealed checkpoint at step {self.sealed_step}",
+                           key=f"restore-{self.job['attempts']}")
         resumed = bool(checkpoints(directory / "run"))
         paths = {}
         for param in ("training_file", "validation_file"):
@@ -147,11 +212,12 @@ class JobRun:
         return resumed
 
     def launch(self, arguments: list[str], log_name: str) -> subprocess.Popen:
-        """`tunesmith ARGUMENTS` in the scratch directory, in its own process group, output to `log_name`."""
-        log = open(self.directory / log_name, "ab")
-        return subprocess.Popen([sys.executable, "-m", "tunesmith", *arguments], cwd=self.directory, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        """`tunesmith ARGUMENTS` in the scratch directory, in its own process group, output to `log_name`. It
+        inherits the scratch lock: the directory stays locked while it lives, even past this worker."""
+        with open(self.directory / log_name, "ab") as log:
+            return subprocess.Popen([*TUNESMITH, *arguments], cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, preexec_fn=_die_with_parent, pass_fds=(self.lock,),
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def evaluate(self) -> str:
         """The fine-tuned model against its base on the validation file (`tunesmith eval`, with 95% intervals).
@@ -159,8 +225,8 @@ class JobRun:
         alone. Returns the outcome, as `supervise`."""
         job = self.job
         task = "preference" if job["method"] == "dpo" else "perplexity"
-        self.store.add_event(job["id"], f"Evaluating the fine-tuned model against its base on the validation file "
-                             f"({task}, up to {EVAL_MAX_EXAMPLES} examples)", key="eval-start")
+        self.add_event(f"Evaluating the fine-tuned model against its base on the validation file ({task}, up to "
+                       f"{EVAL_MAX_EXAMPLES} examples)", key="eval-start")
         process = self.launch(["eval", "run", "--data", "data/validation_file.jsonl", "--task", task, "--baseline",
                                "base", "--output", "eval", "--max-examples", str(EVAL_MAX_EXAMPLES)], "eval.log")
         outcome = self.supervise(process)
@@ -168,40 +234,48 @@ class JobRun:
         if outcome != "exited":
             return outcome
         if process.returncode != 0 or not report.is_file():
-            self.store.add_event(job["id"], f"Evaluation failed (exit {process.returncode}): "
-                                 f"{self.log_tail('eval.log')}", level="warning", key="eval-failed")
+            self.add_event(f"Evaluation failed (exit {process.returncode}): {self.log_tail('eval.log')}",
+                           level="warning", key="eval-failed")
             return outcome
         result = json.loads(report.read_text(encoding="utf-8"))
         model_id = job_spec.fine_tuned_name(job)
         # The report names the scratch paths it read; the client knows these as the model and the file.
         result.update(target=model_id, data=job["validation_file"])
         result.pop("run", None)
+        self.check_lease()
         self.result_file = self.service.add_result_file(job["project_id"], f"{job['id']}-eval.json",
                                                         json.dumps(result, indent=1, ensure_ascii=False).encode())
-        self.store.add_event(job["id"], f"Evaluation on {result['n']} validation examples: {headline(result)}",
-                             data={"file": self.result_file, "task": task, "n": result["n"]}, key="eval-done")
+        self.add_event(f"Evaluation on {result['n']} validation examples: {headline(result)}",
+                       data={"file": self.result_file, "task": task, "n": result["n"]}, key="eval-done")
         return outcome
 
     def supervise(self, process: subprocess.Popen) -> str:
         """Wait for the run, renewing the lease and copying progress; "exited", "cancelled" or "lost"."""
-        while True:
-            try:
-                process.wait(timeout=self.worker.poll_seconds)
-                return "exited"
-            except subprocess.TimeoutExpired:
-                pass
-            self.sync_run()
-            current = self.store.renew(self.lease, self.worker.lease_seconds)
-            if current is None:
-                _stop(process)  # another worker owns the job now (or it was finished elsewhere)
+        try:
+            while True:
+                try:
+                    process.wait(timeout=self.worker.poll_seconds)
+                    return "exited"
+                except subprocess.TimeoutExpired:
+                    pass
+                # Renew first: a worker waking from a stall learns that it lost the job before it writes anything.
+                current = self.store.renew(self.lease, self.worker.lease_seconds)
+                if current is None:
+                    raise LeaseLost(self.lease)
+                self.sync_run()
+                if current["cancel_requested"]:
+                    _stop(process)
+                    return "cancelled"
+        except BaseException as error:
+            _stop(process)  # the job is another worker's now (or a bug of ours): the run must not go on unwatched
+            if isinstance(error, LeaseLost):
                 return "lost"
-            if current["cancel_requested"]:
-                _stop(process)
-                return "cancelled"
+            raise
 
     def sync_run(self, seal: bool = True) -> None:
-        """New metrics lines -> events; new checkpoints -> checkpoint records (each stored once), and the run
-        sealed in the background when it has a checkpoint newer than the sealed one."""
+        """New metrics lines -> events; new checkpoints -> checkpoint records with their adapters (each stored
+        once), and the run sealed when it has a checkpoint newer than the sealed one. While the run goes on
+        (`seal`), the checkpoints are read and sealed in the background; at its end, at once."""
         metrics = self.directory / "run" / "metrics.jsonl"
         if metrics.exists():
             with metrics.open("rb") as handle:
@@ -221,20 +295,58 @@ class JobRun:
                 except ValueError:
                     continue
         steps = checkpoints(self.directory / "run")
-        for step in steps:
-            self.store.add_checkpoint(self.job["id"], step, self.checkpoint_metrics(step))
+        new = [step for step in steps if step not in self.recorded]
         newest = max(steps, default=0)
-        if seal and newest > self.sealed_step and (self.sealing is None or not self.sealing.is_alive()):
-            self.sealing = threading.Thread(target=self.seal, args=(newest,), name=f"seal {self.job['id']}",
-                                            daemon=True)
+        if not seal:
+            self.record_checkpoints(new)
+        elif (new or newest > self.sealed_step) and (self.sealing is None or not self.sealing.is_alive()):
+            self.sealing = threading.Thread(target=self.keep, args=(new,), name=f"seal {self.job['id']}", daemon=True)
             self.sealing.start()
+
+    def keep(self, steps: list[int]) -> None:
+        """In the background: record the new checkpoints, then seal the run as of its newest one by then."""
+        try:
+            self.record_checkpoints(steps)
+            newest = max(checkpoints(self.directory / "run"), default=0)
+            if newest > self.sealed_step:
+                self.seal(newest)
+        except LeaseLost:
+            return  # the supervising loop learns it at its next renewal, and stops the run
+
+    def record_checkpoints(self, steps: list[int]) -> None:
+        """Store each checkpoint's adapter (what serves it as a model), then its record. One that training pruned
+        meanwhile is skipped: the checkpoints kept are the run's newest."""
+        run = self.directory / "run"
+        for step in steps:
+            folder = run / "checkpoints" / f"step-{step}"
+            try:
+                files = checkpoint_adapter(folder, yaml.safe_load((self.directory / "config.yaml").read_text()))
+            except Exception as error:  # pruned while read (a newer one exists), or an adapter we cannot rebuild
+                if not (folder / "state.json").is_file() or max(checkpoints(run), default=step) > step:
+                    continue
+                files = {}
+                self.add_event(f"Checkpoint step {step} cannot be served: its adapter was not stored "
+                               f"({type(error).__name__}: {error})", level="warning", key=f"checkpoint-adapter-{step}")
+            for name, data in files.items():
+                self.put_blob(self.service.adapter_blob(self.job["id"], name, step), io.BytesIO(data))
+            self.store.add_checkpoint(self.job["id"], step, self.checkpoint_metrics(step), lease=self.lease)
+            self.recorded.add(step)
 
     def seal(self, step: int) -> None:
         """Encrypt the run as of checkpoint `step` (that checkpoint, not older ones) into the blobs. Training
         goes on meanwhile: a checkpoint it prunes under us fails this round, and a newer one is sealed next."""
         run = self.directory / "run"
+
+        members = run_members(run, step)
+        if f"checkpoints/step-{step}/state.json" not in members:  # pruned meanwhile: a newer one is sealed next
+            return
+
+        def members_then_check():  # the lease is checked after the last member: put_tree then keeps nothing
+            yield from members
+            self.check_lease()
+
         try:
-            self.service.blobs.put_tree(self.service.sealed_run(self.job["id"]), run, run_members(run, step))
+            self.service.blobs.put_tree(self.service.sealed_run(self.job["id"]), run, members_then_check())
         except (OSError, tarfile.TarError, ValueError):
             return
         self.sealed_step = step
@@ -245,53 +357,86 @@ class JobRun:
             return
         if row.get("event") == "data":  # the run's opening line: what it trains on, how long, on how many processes
             data = {key: row.get(key) for key in ("total_steps", "processes", "examples", "rows")}
-            self.store.add_event(self.job["id"], f"Training {data['total_steps']} steps on {data['processes']} "
-                                 f"process(es)", data=data, key="data")
+            self.add_event(f"Training {data['total_steps']} steps on {data['processes']} process(es)", data=data,
+                           key="data")
             return
         self.last_metrics = {**getattr(self, "last_metrics", {}), "step": step}
         if "loss" in row:
             self.last_metrics["train_loss"] = row["loss"]
             data = {"step": step, "train_loss": row["loss"], "total_steps": row.get("total_steps"),
                     "tokens_per_s": row.get("tokens_per_s"), "lr": row.get("lr")}
-            self.store.add_event(self.job["id"], f"Step {step}: training loss={row['loss']:.4f}", type="metrics",
-                                 data=data, key=f"train-{step}")
+            self.add_event(f"Step {step}: training loss={row['loss']:.4f}", type="metrics", data=data,
+                           key=f"train-{step}")
         if "val_loss" in row:
             self.last_metrics["valid_loss"] = row["val_loss"]
-            self.store.add_event(self.job["id"], f"Step {step}: validation loss={row['val_loss']:.4f}", type="metrics",
-                                 data={"step": step, "valid_loss": row["val_loss"]}, key=f"val-{step}")
+            self.add_event(f"Step {step}: validation loss={row['val_loss']:.4f}", type="metrics",
+                           data={"step": step, "valid_loss": row["val_loss"]}, key=f"val-{step}")
 
     def checkpoint_metrics(self, step: int) -> dict[str, Any]:
         known = getattr(self, "last_metrics", {})
         return {"step": step, **{key: known[key] for key in ("train_loss", "valid_loss") if key in known}}
 
     def conclude(self, outcome: str, returncode: int) -> str:
-        job, store = self.job, self.store
-        if outcome == "cancelled":
-            status, values = "cancelled", {}
-            store.add_event(job["id"], "Fine-tuning job cancelled")
-        elif returncode == 0:
+        """The run's end: the job succeeds (its adapter stored, its model registered), fails or is cancelled."""
+        job = self.job
+        try:
+            current = self.store.holds(self.lease)
+            if current is None:
+                raise LeaseLost(self.lease)
+            if outcome == "cancelled" or current["cancel_requested"]:
+                return self.end("cancelled", {}, "Fine-tuning job cancelled")
+            if returncode != 0:
+                message = self.log_tail()
+                code = "invalid_training_file" if returncode == USER_ERROR_EXIT else "training_failed"
+                return self.end("failed", {"error": {"code": code, "message": message, "param": None}},
+                                f"Training failed (exit {returncode}): {message}", level="error")
             model_id = job_spec.fine_tuned_name(job)
-            adapter = self.directory / "run" / "adapter"
-            for name in ("adapter_config.json", "adapter_model.safetensors"):
-                with open(adapter / name, "rb") as source:
-                    self.service.blobs.put_stream(f"models/{job['id']}/{name}", source)
-            if store.model(job["project_id"], model_id) is None:
-                store.add_model(job["project_id"], model_id, job["id"], job["model"])
-            status, values = "succeeded", {"fine_tuned_model": model_id, "trained_tokens": self.trained_tokens()}
-            if self.result_file is not None:
-                values["result_files"] = [self.result_file]
-            store.add_event(job["id"], f"The job has successfully completed: {model_id}", key="succeeded")
-        else:
-            message = self.log_tail()
-            code = "invalid_training_file" if returncode == USER_ERROR_EXIT else "training_failed"
-            status, values = "failed", {"error": {"code": code, "message": message, "param": None}}
-            store.add_event(job["id"], f"Training failed (exit {returncode}): {message}", level="error")
-        if not store.finish(self.lease, status, **values):
+            for name in ADAPTER_FILES:
+                with open(self.directory / "run" / "adapter" / name, "rb") as source:
+                    self.put_blob(self.service.adapter_blob(job["id"], name), source)
+        except LeaseLost:
             return "lost"
-        made = [values["fine_tuned_model"], *values.get("result_files", [])] if status == "succeeded" else []
-        self.service.audit(job["project_id"], "worker", f"job.{status}", [job["id"], *made])
-        self.service.erase_run(job["id"])
+        values = {"fine_tuned_model": model_id, "trained_tokens": self.trained_tokens()}
+        if self.result_file is not None:
+            values["result_files"] = [self.result_file]
+        return self.end("succeeded", values, f"The job has successfully completed: {model_id}", key="succeeded",
+                        model={"id": model_id, "base": job["model"]})
+
+    def end(self, status: str, values: dict[str, Any], message: str, level: str = "info", key: str | None = None,
+            model: dict[str, Any] | None = None) -> str:
+        """Conclude the job: its audit record first, then the fenced finish (for a success, with the model's row
+        in the same transaction), then the closing event and the run's erasure. Returns the status; "lost" when
+        another worker holds the job now (the trail then says `job.STATUS.failed`); "unfinished" when the audit
+        log cannot be written (nothing is finished; the job is taken up again once the lease runs out)."""
+        job, made = self.job, [model["id"], *values.get("result_files", [])] if model else []
+        try:
+            with self.service.audited(job["project_id"], "worker", f"job.{status}", [job["id"], *made]):
+                if not self.store.finish(self.lease, status, model=model, **values):
+                    if self.store.holds(self.lease) is None:
+                        raise LeaseLost(self.lease)
+                    raise CancelRequested(f"job {job['id']}: cancelled while it concluded")
+        except LeaseLost:
+            return "lost"
+        except CancelRequested:
+            self.service.blobs.erase(f"models/{job['id']}")  # no model for a job that ended cancelled
+            return self.end("cancelled", {}, "Fine-tuning job cancelled")
+        except ApiError as error:
+            if error.code != "audit_unavailable":
+                raise
+            self.service.blobs.erase(f"models/{job['id']}")  # written again when the job is taken up again
+            return self.unaudited(error)
+        self.store.add_event(job["id"], message, level=level, key=key)  # unfenced: this attempt just ended the job
+        self.service.erase_run(job["id"], checkpoints=False)  # the checkpoints stay servable
         return status
+
+    def unaudited(self, error: ApiError) -> str:
+        """The audit log cannot be written: leave the job unfinished, to be taken up again when the lease runs out."""
+        try:
+            self.add_event(f"{error.message} (the job waits, and is taken up again once this attempt's lease runs "
+                           f"out)", level="error", key=f"unaudited-{self.lease.epoch}")
+        except LeaseLost:
+            return "lost"
+        return "unfinished"
 
     def trained_tokens(self) -> int | None:
         tokens = None
@@ -335,6 +480,31 @@ def run_members(run: Path, step: int) -> list[str]:
     return sorted(members)
 
 
+def checkpoint_adapter(checkpoint: Path, config: dict[str, Any]) -> dict[str, bytes]:
+    """A checkpoint's LoRA adapter as PEFT saves one (what serves the checkpoint model): its trainable weights,
+    named as PEFT names them on disk (without the adapter's name, "default"), and the run's LoRA settings."""
+    from peft import LoraConfig
+    from safetensors.torch import save as save_safetensors
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from tunesmith.config import AdapterConfig
+    from tunesmith.train.checkpoint import read_weights
+
+    adapter = AdapterConfig(**config["adapter"])
+    if adapter.type != "lora":
+        raise ValueError(f"a {adapter.type} adapter; checkpoint models are LoRA adapters")
+    settings = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                          target_modules=adapter.target, use_rslora=adapter.rslora, bias="none", task_type="CAUSAL_LM",
+                          base_model_name_or_path=str(config["model"]))
+    try:
+        weights = read_weights(checkpoint)
+    except CheckpointException as error:  # a BaseException: a file gone while read (training pruned it), say
+        raise OSError(f"{checkpoint} could not be read: {error}") from None
+    weights = {name.replace(".default.", "."): tensor.contiguous() for name, tensor in weights.items()}
+    return {"adapter_config.json": json.dumps(settings.to_dict(), default=list, sort_keys=True).encode(),
+            "adapter_model.safetensors": save_safetensors(weights)}
+
+
 def checkpoints(run: Path) -> list[int]:
     """The steps of the complete checkpoints in a run directory (a checkpoint is renamed into place whole)."""
     folder = run / "checkpoints"
@@ -349,6 +519,37 @@ def _bytes_at(handle, offset: int, size: int) -> bytes:
         return b""
     handle.seek(offset)
     return handle.read(size)
+
+
+def _try_lock(scratch: Path, directory: Path) -> int | None:
+    """A descriptor holding the exclusive flock on `directory`'s lock file (made, with the directory, if need
+    be), or None while another holds it."""
+    private_directory(scratch)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / SCRATCH_LOCK
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(descriptor).st_ino == os.stat(path).st_ino:  # not a lock file erased while we waited
+            return descriptor
+    except (BlockingIOError, FileNotFoundError):
+        pass
+    os.close(descriptor)
+    return None
+
+
+class _Fenced:
+    """A blob's source whose end first checks the lease: the blob store renames an object into place only after
+    its source ends, so a worker that lost its job commits nothing."""
+
+    def __init__(self, source: Any, check) -> None:
+        self.source, self.check = source, check
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        if not data:
+            self.check()
+        return data
 
 
 def _stop(process: subprocess.Popen) -> None:
