@@ -40,7 +40,7 @@ def summarise(engine: str, step_seconds: list[float], losses: list[float], token
 def run_tunesmith(spec: dict, recompute: bool | str = False, compiled: bool = False, split: bool = True) -> dict:
     import torch
 
-    from tunesmith.config import AdapterConfig, TrainConfig
+    from tunesmith.config.schema import AdapterConfig, TrainConfig
     from tunesmith.data.packing import collate_rows, pack_rows
     from tunesmith.data.tokenize import TokenizedExample
     from tunesmith.models import load_model
@@ -86,7 +86,7 @@ def run_tunesmith_dpo(spec: dict) -> dict:
     """`method: dpo` with `dpo.reference: live`: the reference is the base with the adapter off, every step."""
     import torch
 
-    from tunesmith.config import AdapterConfig, TrainConfig
+    from tunesmith.config.schema import AdapterConfig, TrainConfig
     from tunesmith.data.packing import collate, even_pieces
     from tunesmith.data.tokenize import TokenizedExample, TokenizedPair
     from tunesmith.models import load_model

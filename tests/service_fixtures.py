@@ -101,7 +101,7 @@ def record_generations(monkeypatch) -> list[list[int]]:
     order the replies end), with the end-of-turn token switched off so that only max_tokens, or the request being
     stopped, ends a reply."""
     from tunesmith.serve.batching import Scheduler
-    from tunesmith.serve.engine import Engine
+    from tunesmith.engine.generation import Engine
 
     generated, generate_ids, finish = [], Engine.generate_ids, Scheduler._finish
 

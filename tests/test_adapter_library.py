@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from test_training import make_config, run
 from tunesmith.cli import main
 from tunesmith.models import library
-from tunesmith.serve.engine import Engine
+from tunesmith.engine.generation import Engine
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 31]])
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from test_training import make_config, metric_lines, run, straight_and_resumed
 
-from tunesmith.config import AdapterConfig, TrainConfig
+from tunesmith.config.schema import AdapterConfig, TrainConfig
 from tunesmith.data.packing import collate
 from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.models import load_model

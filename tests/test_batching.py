@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tunesmith.serve.batching import End, Row, Scheduler, Token
-from tunesmith.serve.engine import Engine, Sampling
+from tunesmith.engine.generation import Engine, Sampling
 from tunesmith.serve.inference import AdapterPool, chat_completion, chat_completion_chunks, completion
 
 from openai.types import Completion  # the official SDK's response types check the shapes

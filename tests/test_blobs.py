@@ -104,7 +104,8 @@ def test_the_operator_is_told_whether_job_plaintext_is_in_memory_or_on_disk(tmp_
 
 
 def test_a_seal_holds_the_run_as_of_one_checkpoint_and_skips_the_others(tmp_path):
-    from tunesmith.serve.worker import checkpoints, run_members
+    from tunesmith.rundir import checkpoint_steps
+    from tunesmith.serve.worker import run_members
 
     run = tmp_path / "run"
     for name in ("metrics.jsonl", "config.yaml", "reference-cache/manifest.json", "checkpoints/step-10/state.json",
@@ -114,4 +115,4 @@ def test_a_seal_holds_the_run_as_of_one_checkpoint_and_skips_the_others(tmp_path
         (run / name).write_text("x")
     assert run_members(run, 20) == ["checkpoints/step-20/state.json", "checkpoints/step-20/weights.safetensors",
                                     "config.yaml", "metrics.jsonl", "reference-cache/manifest.json"]
-    assert checkpoints(run) == [10, 20]  # complete ones only: the one being written has no state.json yet
+    assert checkpoint_steps(run) == [10, 20]  # complete ones only: the one being written has no state.json yet

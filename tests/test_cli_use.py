@@ -14,7 +14,7 @@ import yaml
 
 from conftest import write_jsonl
 from tunesmith.cli import main
-from tunesmith.serve.engine import Engine
+from tunesmith.engine.generation import Engine
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from tunesmith.config import Config, describe_fields
-from tunesmith.config_loading import load_config, resolve_paths, write_config
+from tunesmith.config.schema import Config, describe_fields
+from tunesmith.config.loading import load_config, resolve_paths, write_config
 from tunesmith.errors import UserError
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))

@@ -17,7 +17,7 @@ import pytest
 from conftest import write_jsonl
 
 from tunesmith.cli import main
-from tunesmith.config_loading import load_config, resolve_paths
+from tunesmith.config.loading import load_config, resolve_paths
 from tunesmith.data.dataset import load_examples
 from tunesmith.data.files import parse_columns, read_rows
 from tunesmith.data.formats import detect_format, format_table

@@ -208,7 +208,7 @@ def held_out_kl(student, teacher, model_dir: Path) -> float:
 
 @pytest.mark.parametrize("adapter", ["lora", "full"])
 def test_student_moves_toward_the_teacher(tmp_path, tiny_model, teacher_model, chat_rows, adapter):
-    from tunesmith.serve.engine import Engine
+    from tunesmith.engine.generation import Engine
 
     config = write_config(tmp_path, tiny_model, teacher_model, chat_rows, distill={"alpha": 1.0},
                           train={"epochs": 4})
@@ -271,7 +271,7 @@ def test_a_cache_covering_the_vocabulary_equals_the_live_teacher(tmp_path, tiny_
 
 
 def test_a_run_directory_is_a_teacher_with_its_adapter(tmp_path, tiny_model, teacher_model, chat_rows):
-    from tunesmith.serve.engine import Engine
+    from tunesmith.engine.generation import Engine
 
     sft_config = tmp_path / "teacher.yaml"
     sft_config.write_text(f"model: {teacher_model}\ndata: {{train: {write_jsonl(tmp_path / 't.jsonl', chat_rows)}, "

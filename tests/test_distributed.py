@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from test_dpo import PAIRS
 from test_training import make_config, run
 
-from tunesmith.config_loading import write_config
-from tunesmith.train import checkpoint as ckpt
+from tunesmith.config.loading import write_config
+from tunesmith import rundir
 
 # 25 rows, 2 per micro-batch, 2 micro-batches per step: each rank gets 2 rows a step, and the epoch's last step
 # has a single row, so the second rank trains on a filler micro-batch that must count for nothing.
@@ -86,7 +86,7 @@ def test_two_processes_train_exactly_like_one(tmp_path, tiny_model, parallel, ad
     assert_same_run(config.output_dir, two.output_dir)
     assert f"on 2 processes ({parallel})" in done.stderr
     assert logged(two.output_dir)[0]["processes"] == 2
-    last = ckpt.latest_checkpoint(two.output_dir / "checkpoints")
+    last = rundir.latest_checkpoint(two.output_dir / "checkpoints")
     assert (last / "rng-0.json").is_file() and (last / "rng-1.json").is_file()  # each rank's random state
     if parallel == "fsdp":  # each rank wrote its own shard
         assert len(list(last.glob("shard-*.safetensors"))) == 2
@@ -150,7 +150,7 @@ def test_rl_recipes_on_two_processes(tmp_path, tiny_model, method, parallel):
     saved = load_file(config.output_dir / "adapter" / "adapter_model.safetensors")
     assert any(tensor.abs().sum() > 0 for name, tensor in saved.items() if "lora_B" in name)
     if method == "ppo":  # the value head trained with the policy and was checkpointed (from both ranks' shards)
-        head = ckpt.read_weights(ckpt.latest_checkpoint(config.output_dir / "checkpoints"))
+        head = rundir.read_weights(rundir.latest_checkpoint(config.output_dir / "checkpoints"))
         assert head["value_head.layers.2.weight"].abs().sum() > 0
 
 
@@ -196,7 +196,7 @@ def test_two_nodes_on_loopback_train_like_one_process(tmp_path, tiny_model):
 
 
 def test_settings_several_processes_cannot_honour_are_refused_together(tiny_model):
-    from tunesmith.config_loading import load_config
+    from tunesmith.config.loading import load_config
     from tunesmith.errors import UserError
     from tunesmith.train.distributed import World, check_settings
 

@@ -48,7 +48,7 @@ def test_classification_with_baselines_fills_the_contract(run_dir, tmp_path):
 
 
 def test_loglik_ranking_picks_the_most_likely_label(run_dir, tmp_path):
-    from tunesmith.serve.engine import Engine
+    from tunesmith.engine.generation import Engine
 
     rows = [{"text": f"question 0 about {label}", "label": label} for label in LABELS]
     ranked = evaluate_task(run_dir, tmp_path, "classification", rows, method="loglik")
@@ -113,7 +113,7 @@ def test_parse_number_reads_worked_solutions():
 
 def test_shared_prefix_cache_changes_no_output(run_dir):
     """Encoding a batch's common prompt prefix once gives exactly the replies of encoding every row whole."""
-    from tunesmith.serve.engine import PREFIX_CACHE_MIN_TOKENS, Engine, Sampling, common_prefix_length
+    from tunesmith.engine.generation import PREFIX_CACHE_MIN_TOKENS, common_prefix_length, Engine, Sampling
 
     engine = Engine.load(str(run_dir))
     shots = [m for i in range(6) for m in ({"role": "user", "content": f"question {i} about fee"},
@@ -147,7 +147,7 @@ def test_preference_by_a_reward_model(run_dir, tiny_model, tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tunesmith.eval.reward import RewardScorer
+    from tunesmith.engine.reward import RewardScorer
 
     torch.manual_seed(1)
     reward_dir = tmp_path / "reward"
@@ -195,7 +195,7 @@ def test_few_shot_perplexity_reads_the_shots_and_scores_only_the_rows_own_tokens
     """few-shot:2 is the base model with two examples before each row: not the base model's number, and equal to
     (log-likelihood with the shots) minus (log-likelihood of the shots alone), the row's own tokens only."""
     from tunesmith.data.dataset import load_examples
-    from tunesmith.serve.engine import Engine
+    from tunesmith.engine.generation import Engine
 
     rows = [{"text": f"question {i} about {label}", "label": label} for i, label in enumerate(LABELS)]
     result = evaluate_task(run_dir, tmp_path, "perplexity", rows, baselines=("base", "few-shot:2"))

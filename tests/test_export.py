@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import write_config_file
 from tunesmith.cli import main
 from tunesmith.models import load_model
-from tunesmith.serve.engine import Sampling
+from tunesmith.engine.generation import Sampling
 
 INPUT_IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64]])
 
@@ -97,7 +97,7 @@ def test_qlora_run_merges_into_its_dequantised_base_and_computes_what_it_trained
     """QLoRA: the NF4 base is dequantised, then merged; the merged model's logits are the unmerged QLoRA model's."""
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.serve.engine import Engine
+    from tunesmith.engine.generation import Engine
 
     config = write_config_file(tmp_path, tiny_model, chat_rows,
                                "max_steps: 2, lr: 0.02, batch_size: 2, progress: false, warmup: 0")
@@ -280,7 +280,7 @@ def test_peft_export_names_the_upstream_base_and_prompts_as_trained(tmp_path, ti
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.serve.engine import Engine
+    from tunesmith.engine.generation import Engine
 
     output = tmp_path / "adapter"
     assert export(registry_run, "--to", "peft", "--output", output) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunesmith.config import AdapterConfig
+from tunesmith.config.schema import AdapterConfig
 from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter
 

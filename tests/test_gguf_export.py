@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import CHATML, CORPUS, SPECIAL, build_tokenizer
 from go_template import render
@@ -61,11 +62,14 @@ def is_known_key(key: str, patterns: list[str]) -> bool:
     return key.startswith("GGUF.") or any(key == pattern.replace("{id}", "0") for pattern in patterns)
 
 
-def run_around(model_dir: Path, directory: Path, config_text: str = "") -> Path:
+def run_around(model_dir: Path, directory: Path, system_prompt: str | None = None) -> Path:
     """A finished full fine-tuning run whose model/ is `model_dir` (no training needed to test exporting it)."""
     run = directory / "run"
     shutil.copytree(model_dir, run / "model")
-    (run / "config.yaml").write_text(f"model: {model_dir}\nadapter: {{type: full}}\n{config_text}")
+    config = {"model": str(model_dir), "adapter": {"type": "full"}, "data": {"train": "t.jsonl"}}
+    if system_prompt:
+        config["data"]["system_prompt"] = system_prompt
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
     return run
 
 
@@ -266,8 +270,7 @@ def expected_prompt(tokenizer, messages: list[dict], system_prompt: str | None) 
 def test_ollama_export_writes_a_modelfile_that_prompts_as_training_did(tmp_path, tiny_model, system_prompt):
     from transformers import AutoTokenizer
 
-    config = f"data: {{system_prompt: '{system_prompt}'}}\n" if system_prompt else ""
-    run = run_around(tiny_model, tmp_path, config)
+    run = run_around(tiny_model, tmp_path, system_prompt)
     assert export(run, "--to", "ollama", "--output", tmp_path / "ollama") == 0
     assert sorted(path.name for path in (tmp_path / "ollama").iterdir()) == ["Modelfile", "README.md", "model.gguf"]
     card = (tmp_path / "ollama" / "README.md").read_text(encoding="utf-8")

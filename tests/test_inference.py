@@ -6,7 +6,6 @@ import os
 import sys
 import tempfile
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 from service_fixtures import record_generations
 
-from tunesmith.serve.engine import Engine
+from tunesmith.engine.generation import Engine
 from tunesmith.serve.inference import (
     AdapterPool,
     RequestError,

@@ -20,7 +20,7 @@ from tunesmith.eval.label import LabelOptions, label
 from tunesmith.eval.run import EvalOptions, evaluate
 from tunesmith.eval.stats import wilson_interval
 from tunesmith.registry import methods
-from tunesmith.serve.engine import Engine
+from tunesmith.engine.generation import Engine
 
 XSTEST_COMPLETIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "xstest" / "model_completions.jsonl"
 PROMPTS = [{"prompt": "Is my card lost?"}, {"messages": [{"role": "user", "content": "cancel a transfer"}]},

@@ -16,6 +16,7 @@ from tunesmith.models.model_card import (
     upstream_model_id,
     write_model_card,
 )
+from tunesmith.rundir import read_run_config
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CONVERSATIONS = [
@@ -138,7 +139,7 @@ def evaluated_run(directory: Path, system_prompt: str | None) -> Run:
         "baselines": {"base": {"metrics": {"accuracy": {"value": 0.125, "ci95": [0.05, 0.225], "n": 40}}}},
         "comparisons": {"base": {"accuracy": {"diff": 0.5, "ci95": [0.35, 0.65]}, "mcnemar_p": 1e-5}}}))
     (directory / "adapter").mkdir()
-    return Run(directory, yaml.safe_load((directory / "config.yaml").read_text()), directory / "adapter", None)
+    return Run(directory, read_run_config(directory), directory / "adapter", None)
 
 
 def test_model_card_is_a_hub_card_with_the_runs_figures(tmp_path, tokenizers):
@@ -173,7 +174,7 @@ def test_model_card_for_an_unevaluated_run_and_a_local_base(tmp_path, tokenizers
     write_model_dir(tmp_path / "models" / "my-base", {"model_type": "llama"})  # `org/name`-shaped, but a local folder
     run = evaluated_run(tmp_path / "run", None)
     (tmp_path / "run" / "eval.json").unlink()
-    local = Run(run.directory, {**run.config, "model": "models/my-base"}, run.adapter_dir, None)
+    local = Run(run.directory, run.config.model_copy(update={"model": "models/my-base"}), run.adapter_dir, None)
     card = ModelCard.load(write_model_card(local, tmp_path, "merged", build_tokenizer(CHATML, "<|im_end|>")))
     assert "base_model" not in card.data.to_dict()  # the Hub takes hub ids only; the body names the local base
     assert card.data.library_name == "transformers" and "Base model: `models/my-base`" in card.text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunesmith.config import AdapterConfig, TrainConfig
+from tunesmith.config.schema import AdapterConfig, TrainConfig
 from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter
 from tunesmith.train import loop

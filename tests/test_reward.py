@@ -12,18 +12,19 @@ from safetensors.torch import load_file
 from test_training import make_config, metric_lines, run, straight_and_resumed
 
 from tunesmith.cli import main
-from tunesmith.config import AdapterConfig
+from tunesmith.config.schema import AdapterConfig
 from tunesmith.data.formats import convert_preference, convert_score
 from tunesmith.data.packing import collate
 from tunesmith.data.tokenize import ChatTokenizer, TokenizedExample
 from tunesmith.errors import UserError
-from tunesmith.eval.reward import RewardScorer
+from tunesmith.engine.reward import RewardScorer
 from tunesmith.eval.run import EvalOptions, evaluate
 from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter, load_trainable_state
-from tunesmith.serve.engine import Engine
-from tunesmith.train import checkpoint as ckpt
-from tunesmith.train.reward import ScoreScale, pairwise_loss, pointwise_loss, reward_positions, sequence_rewards
+from tunesmith.engine.generation import Engine
+from tunesmith import rundir
+from tunesmith.engine.reward import reward_positions, ScoreScale, sequence_rewards
+from tunesmith.train.reward import pairwise_loss, pointwise_loss
 
 GOOD = ["Your card is on its way.", "I can cancel the transfer.", "The fee is 1 percent.", "Your refund is on its way."]
 BAD = ["the quick brown fox", "lazy dog lazy dog", "hello world", "0 1 2 3 ? !"]
@@ -44,7 +45,7 @@ def trained_rewards(config, rows: list[dict]) -> tuple[torch.Tensor, list[list[i
     """The trained model's rewards for `rows` (the packed training path) and each sequence's token ids."""
     model, tokenizer = load_model(str(config.model), num_labels=1)
     model = apply_adapter(model, config.adapter)
-    load_trainable_state(model, ckpt.read_weights(ckpt.latest_checkpoint(config.output_dir / "checkpoints")))
+    load_trainable_state(model, rundir.read_weights(rundir.latest_checkpoint(config.output_dir / "checkpoints")))
     chat = ChatTokenizer(tokenizer)
     units = [chat(convert_preference(row) if "chosen" in row else convert_score(row)) for row in rows]
     with torch.no_grad():

@@ -16,7 +16,7 @@ from tunesmith.data.formats import RowError, convert_prompt, convert_prompt_mess
 from tunesmith.errors import UserError
 from tunesmith.recipes.ppo import token_rewards
 from tunesmith.registry import reward_functions
-from tunesmith.train import checkpoint as ckpt
+from tunesmith import rundir
 from tunesmith.train import rl
 
 PROMPTS = [{"prompt": f"{question} {i}", "answer": str(i)} for i, question in enumerate(
@@ -142,7 +142,7 @@ def test_split_and_token_positions():
 def test_flat_batch_log_probs_match_a_plain_forward(tiny_model, temperature):
     """The per-token log-probabilities and entropies of replies in one flat padding-free batch equal those of
     a plain forward pass over each prompt + reply alone, at the sampling temperature."""
-    from tunesmith.config import AdapterConfig
+    from tunesmith.config.schema import AdapterConfig
     from tunesmith.models import load_model
     from tunesmith.models.adapters import apply_adapter
 
@@ -224,8 +224,8 @@ def test_built_in_reward_functions():
 
 
 def test_reward_sum_of_functions_and_a_reward_model(tmp_path, tiny_reward_model):
-    from tunesmith.config import RLConfig
-    from tunesmith.eval.reward import RewardScorer
+    from tunesmith.config.schema import RLConfig
+    from tunesmith.engine.reward import RewardScorer
     from tunesmith.train.rewards import build_reward
 
     (tmp_path / "mine.py").write_text("def double(prompt, response, fields, *, factor=2.0):\n    return factor * len(response)\n")
@@ -245,8 +245,8 @@ def test_reward_sum_of_functions_and_a_reward_model(tmp_path, tiny_reward_model)
 
 
 def test_reward_function_mistakes_are_clear(tmp_path):
-    from tunesmith.config import RLConfig
-    from tunesmith.config_loading import load_config
+    from tunesmith.config.schema import RLConfig
+    from tunesmith.config.loading import load_config
     from tunesmith.train.rewards import build_reward
 
     with pytest.raises(UserError, match="did you mean 'exact_match'"):
@@ -317,7 +317,7 @@ def test_ppo_with_a_reward_model_trains_policy_and_value_head(tmp_path, tiny_mod
     for key in ("reward_model", "kl", "entropy", "value_loss", "policy_loss", "explained_variance", "clip_fraction",
                 "value_clip_fraction", "response_length"):
         assert all(key in step and step[key] is not None for step in steps), key
-    checkpoint = ckpt.read_weights(ckpt.latest_checkpoint(config.output_dir / "checkpoints"))
+    checkpoint = rundir.read_weights(rundir.latest_checkpoint(config.output_dir / "checkpoints"))
     value_head = {name: tensor for name, tensor in checkpoint.items() if name.startswith("value_head.")}
     assert value_head and value_head["value_head.layers.2.weight"].abs().sum() > 0  # it started at zero
     shipped = load_file(result.output / "adapter_model.safetensors")
@@ -359,7 +359,7 @@ def test_stop_and_resume_is_exact(tmp_path, tiny_model, tiny_reward_model, monke
 # Mistakes, refused before any compute.
 
 def test_config_mistakes_are_reported_together():
-    from tunesmith.config_loading import load_config
+    from tunesmith.config.loading import load_config
 
     with pytest.raises(UserError) as error:
         load_config(None, ["data.train=x.jsonl", "method=ppo", "data.max_length=64", "rl.max_new_tokens=64",

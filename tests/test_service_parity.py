@@ -65,7 +65,7 @@ def api(site, scope: str = "read"):
 
 def direct_reply(engine, messages: list[dict], max_tokens: int = 6) -> tuple[str, int]:
     """(greedy reply, prompt token count) of a conversation, loading the model directly."""
-    from tunesmith.serve.engine import Sampling
+    from tunesmith.engine.generation import Sampling
 
     prompt = engine.chat.prompt_ids(messages)
     ids = engine.generate_ids(prompt, Sampling(max_new_tokens=max_tokens, temperature=0))
@@ -73,7 +73,7 @@ def direct_reply(engine, messages: list[dict], max_tokens: int = 6) -> tuple[str
 
 
 def test_developer_role_and_text_parts_are_read_as_system_and_joined_text(site, tiny_model):
-    from tunesmith.serve.engine import Engine
+    from tunesmith.engine.generation import Engine
 
     reply = api(site).chat.completions.create(model="tiny", **GREEDY, messages=[
         {"role": "developer", "content": "Be brief."},
@@ -139,7 +139,7 @@ def test_faithful_no_op_parameters_are_accepted(site):
 
 
 def test_prompt_of_token_ids_is_parsed_and_checked_against_the_vocabulary(tiny_model):
-    from tunesmith.serve.engine import Engine
+    from tunesmith.engine.generation import Engine
     from tunesmith.serve.request import RequestError, parse_prompt, prompt_ids
 
     engine = Engine.load(str(tiny_model))
@@ -152,7 +152,7 @@ def test_prompt_of_token_ids_is_parsed_and_checked_against_the_vocabulary(tiny_m
 
 
 def test_echo_options_allow_max_tokens_zero_and_check_logprobs(tiny_model):
-    from tunesmith.serve.engine import Engine
+    from tunesmith.engine.generation import Engine
     from tunesmith.serve.request import Options, RequestError
 
     engine = Engine.load(str(tiny_model))
@@ -211,7 +211,7 @@ def test_token_id_prompt_with_echo_over_the_api_equals_direct_scoring(site, tiny
 
 @pytest.mark.parametrize("run", ["lora", "full"])
 def test_a_run_directory_is_served_as_tunesmith_chat_loads_it(site, runs, run):
-    from tunesmith.serve.engine import Engine
+    from tunesmith.engine.generation import Engine
 
     messages = [{"role": "user", "content": "my card has not arrived"}]
     reply = api(site).chat.completions.create(model=f"{run}-run", messages=messages, **GREEDY)
@@ -229,8 +229,9 @@ def test_a_run_directory_that_cannot_be_served_is_refused_at_startup(tiny_model,
     from tunesmith.errors import UserError
 
     unfinished, reward = tmp_path / "unfinished", tmp_path / "reward"
-    for directory, config in ((unfinished, {"model": str(tiny_model)}), (reward, {"model": str(tiny_model),
-                                                                              "method": "reward"})):
+    data = {"train": "t.jsonl"}
+    for directory, config in ((unfinished, {"model": str(tiny_model), "data": data}),
+                              (reward, {"model": str(tiny_model), "method": "reward", "data": data})):
         directory.mkdir()
         (directory / "config.yaml").write_text(json.dumps(config))
     shutil.copytree(tiny_model, reward / "model")
@@ -241,7 +242,7 @@ def test_a_run_directory_that_cannot_be_served_is_refused_at_startup(tiny_model,
 
 
 def test_a_checkpoint_model_is_served_through_its_steps_adapter(site, tiny_model, tmp_path):
-    from tunesmith.serve.engine import Engine
+    from tunesmith.engine.generation import Engine
 
     service = site[0]
     job = service.store.add_job("acme", model="tiny", training_file="file-x", method="supervised",

@@ -16,7 +16,7 @@ openai = pytest.importorskip("openai")
 def test_sigterm_ends_the_reply_in_flight_and_exits_within_ten_seconds(tmp_path, tiny_model, monkeypatch, stream):
     from tunesmith.serve import api as api_module
     from tunesmith.serve import batching
-    from tunesmith.serve.engine import Engine
+    from tunesmith.engine.generation import Engine
     from tunesmith.serve.inference import AdapterPool
     from tunesmith.serve.service import Service, Settings
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from test_training import make_config, metric_lines, run, straight_and_resumed
-from tunesmith.config import AdapterConfig, RegularizationConfig, TrainConfig, UnfreezeConfig
+from tunesmith.config.schema import AdapterConfig, RegularizationConfig, TrainConfig, UnfreezeConfig
 from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter
 from tunesmith.recipes import sft

@@ -106,7 +106,7 @@ def test_references_must_hold_text():
 
 
 def test_judge_rates_replies_against_references_on_its_scale(tiny_model):
-    from tunesmith.serve.engine import Engine
+    from tunesmith.engine.generation import Engine
 
     judge = Judge(Engine.load(str(tiny_model)), default_rubric("reference"), batch_size=2)
     prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(3)]

@@ -128,7 +128,7 @@ def test_token_budget_pieces_are_the_fewest_and_the_most_even(seed):
 def test_flat_batch_computes_what_each_example_computes_alone(tiny_model):
     """Attention never crosses examples in the flat layout: logits equal each example run by itself."""
     from tunesmith.models import load_model
-    from tunesmith.train.loss import hidden_states
+    from tunesmith.engine.forward import hidden_states
 
     model, _ = load_model(str(tiny_model))
     examples = [TokenizedExample([5, 6, 7], [True] * 3), TokenizedExample([9], [True]),

@@ -10,12 +10,12 @@ import torch
 from conftest import write_config_file, write_jsonl
 from safetensors.torch import load_file
 
-from tunesmith.config_loading import load_config, resolve_paths
+from tunesmith.config.loading import load_config, resolve_paths
 from tunesmith.errors import TrainingStopped
 from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter, load_trainable_state
 from tunesmith.registry import methods
-from tunesmith.train import checkpoint as ckpt
+from tunesmith import rundir
 from tunesmith.train import loop
 
 
@@ -81,15 +81,15 @@ def test_lora_trains_adapter_only_and_ships_peft_format(tmp_path, tiny_model, ch
     ours, _ = load_model(str(tiny_model))
     torch.manual_seed(config.train.seed)
     ours = apply_adapter(ours, config.adapter)
-    last = ckpt.latest_checkpoint(config.output_dir / "checkpoints")
-    load_trainable_state(ours, ckpt.read_weights(last))
+    last = rundir.latest_checkpoint(config.output_dir / "checkpoints")
+    load_trainable_state(ours, rundir.read_weights(last))
     ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, ours.eval()(ids).logits)
 
 
 def test_frozen_parameters_do_not_move_and_trainable_ones_do(tiny_model):
-    from tunesmith.config import AdapterConfig, TrainConfig
+    from tunesmith.config.schema import AdapterConfig, TrainConfig
     from tunesmith.data.formats import convert_classification
     from tunesmith.data.packing import BatchPlan
     from tunesmith.data.tokenize import ChatTokenizer
@@ -128,7 +128,7 @@ def test_stop_and_resume_is_bit_identical(tmp_path, tiny_model, chat_rows, monke
     interrupted = make_config(tmp_path, tiny_model, chat_rows, *overrides, name="interrupted")
     stopped = stop_by_signal_at(interrupted, stop_at, monkeypatch)
     assert stopped.exit_code == 128 + signal.SIGTERM
-    assert ckpt.latest_checkpoint(interrupted.output_dir / "checkpoints").name == f"step-{stop_at}"
+    assert rundir.latest_checkpoint(interrupted.output_dir / "checkpoints").name == f"step-{stop_at}"
     assert not (interrupted.output_dir / "adapter").exists()
     run(interrupted)
 
@@ -142,7 +142,7 @@ def test_stop_and_resume_is_bit_identical(tmp_path, tiny_model, chat_rows, monke
 def test_gradient_accumulation_equals_large_batch(tiny_model, chat_rows):
     """1 micro-batch of 8 rows, 8 micro-batches of 1 row, and the 8 rows in pieces of at most 40 tokens
     (train.micro_batch_tokens) give the same loss and the same update."""
-    from tunesmith.config import AdapterConfig
+    from tunesmith.config.schema import AdapterConfig
     from tunesmith.data.formats import convert_messages
     from tunesmith.data.packing import BatchPlan
     from tunesmith.data.tokenize import ChatTokenizer
@@ -230,15 +230,15 @@ def test_early_stopping_keeps_the_best_weights(tmp_path, tiny_model, chat_rows, 
     result = run(config)
     assert result.steps == 8, "evals at 2, 4 (best), 6, 8: two without improvement stop the run"
     assert result.best_val_loss == 0.5
-    best = ckpt.best_checkpoint(config.output_dir / "checkpoints")
+    best = rundir.best_checkpoint(config.output_dir / "checkpoints")
     assert best.name == "best-step-4"
     shipped = load_file(config.output_dir / "adapter" / "adapter_model.safetensors")
-    best_weights = ckpt.read_weights(best)
+    best_weights = rundir.read_weights(best)
     for name, tensor in shipped.items():
         match = [key for key in best_weights if key.replace(".default", "").endswith(name.split("base_model.model.")[-1])]
         assert match and torch.equal(best_weights[match[0]], tensor)
     run(config)  # resuming a finished (early-stopped) run trains nothing more
-    assert ckpt.latest_checkpoint(config.output_dir / "checkpoints").name == "step-8"
+    assert rundir.latest_checkpoint(config.output_dir / "checkpoints").name == "step-8"
 
 
 def test_non_finite_losses_skip_then_stop(tmp_path, tiny_model, chat_rows, monkeypatch):
@@ -268,7 +268,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, tiny_model, chat_rows):
     last = json.loads((config.output_dir / "metrics.jsonl").read_text().splitlines()[0])["total_steps"]
     assert sorted(p.name for p in directory.iterdir()) == [f"step-{last - 1}", f"step-{last}"]
     (directory / f".tmp-step-{last + 1}").mkdir()  # what a crash mid-write leaves behind
-    assert ckpt.latest_checkpoint(directory).name == f"step-{last}"
+    assert rundir.latest_checkpoint(directory).name == f"step-{last}"
     files = {p.name for p in (directory / f"step-{last}").iterdir()}
     assert files == {"shard-00001-model-00001-of-00001.safetensors", "optimizer.json", "scheduler.json", "rng-0.json",
                      "state.json"}
@@ -301,7 +301,7 @@ def test_sigterm_to_a_real_process_checkpoints_and_resume_finishes(tmp_path, tin
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "Traceback" not in stderr and "checkpoint was saved" in stderr
-    stopped_at = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    stopped_at = rundir.latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert stopped_at is not None and int(stopped_at.name.split("-")[1]) >= 3
     resumed = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(config), "train.max_steps=" +
                               str(int(stopped_at.name.split("-")[1]) + 2)], capture_output=True, text=True, timeout=120)
@@ -328,7 +328,7 @@ def test_eval_task_during_training_chooses_the_best_checkpoint(tmp_path, tiny_mo
     records = [json.loads(line) for line in (config.output_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval" in r]
     assert [r["step"] for r in evals] == [3, 6, 9, 12] and {"accuracy", "macro_f1"} <= set(evals[0]["eval"])
-    assert ckpt.best_checkpoint(config.output_dir / "checkpoints").name == "best-step-6"
+    assert rundir.best_checkpoint(config.output_dir / "checkpoints").name == "best-step-6"
     assert result.steps == 12 and any(r.get("event") == "early_stop" and r["best_step"] == 6 for r in records)
 
 

@@ -7,7 +7,7 @@ import json
 
 from conftest import write_config_file, write_jsonl
 from tunesmith.cli import main
-from tunesmith.serve.engine import Engine, Sampling
+from tunesmith.engine.generation import Engine, Sampling
 
 
 def trained_run(tmp_path, tiny_model, chat_rows):

@@ -217,7 +217,7 @@ def test_a_cancel_that_lands_while_the_job_concludes_leaves_it_cancelled_without
 def test_each_checkpoints_adapter_is_stored_and_served_as_the_checkpoint_model(service, tmp_path, tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.config import AdapterConfig
+    from tunesmith.config.schema import AdapterConfig
     from tunesmith.models.adapters import apply_lora, load_adapter
     from tunesmith.serve.jobs import ADAPTER
     from tunesmith.train.checkpoint import TrainState, save_checkpoint

@@ -16,7 +16,7 @@ from tunesmith.errors import TrainingStopped, UserError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tunesmith.config_loading import load_config, resolve_paths
+    from tunesmith.config.loading import load_config, resolve_paths
     from tunesmith.registry import methods
     from tunesmith.train import distributed
 
@@ -100,8 +100,10 @@ def launch_processes(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from tunesmith.data.check import check_file
     from tunesmith.data.files import parse_columns
+    from tunesmith.models import load_tokenizer
 
-    report = check_file(args.file, args.format, args.method, args.model, args.max_length, parse_columns(args.columns))
+    tokenizer = load_tokenizer(args.model) if args.model else None
+    report = check_file(args.file, args.format, args.method, tokenizer, args.max_length, parse_columns(args.columns))
     print(report.text, file=sys.stderr if report.problems else sys.stdout)
     return 2 if report.problems else 0
 
@@ -129,13 +131,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def sampling_from(args: argparse.Namespace):
-    from tunesmith.serve.engine import Sampling
+    from tunesmith.engine.generation import Sampling
 
     return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from tunesmith.serve.engine import Engine
+    from tunesmith.engine.generation import Engine
 
     engine = Engine.load(args.target)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -154,7 +156,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tunesmith.serve.engine import Engine
+    from tunesmith.engine.generation import Engine
 
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
@@ -223,7 +225,7 @@ def swap(args: argparse.Namespace) -> int:
     """Load the base once with every named adapter, and answer each prompt with each adapter in turn."""
     import time
 
-    from tunesmith.serve.engine import Engine
+    from tunesmith.engine.generation import Engine
 
     if not args.names or not args.prompt:
         raise UserError("swap needs adapter names and --prompt; fix: tunesmith adapters swap A B --prompt 'hello'")
@@ -255,7 +257,7 @@ class HelpConfig(argparse.Action):
     """`tunesmith train --help-config`: every config key with its default and meaning, from the schema itself."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from tunesmith.config import describe_fields
+        from tunesmith.config.schema import describe_fields
         from tunesmith.data.formats import describe_formats
 
         rows = describe_fields()

@@ -12,25 +12,24 @@ from tunesmith.errors import UserError
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from tunesmith.config.schema import EvalConfig
     from tunesmith.data.files import parse_columns
-    from tunesmith.eval.run import EvalOptions, evaluate, format_summary, run_config
-    from tunesmith.serve.engine import is_run_dir
+    from tunesmith.eval.run import EvalOptions, evaluate, format_summary, run_columns, run_config
+    from tunesmith.rundir import is_run_dir
 
     config = run_config(args.target)
-    defaults = config.get("eval", {})
-    data = args.data or (Path(defaults["data"]) if defaults.get("data") else None)
+    defaults = config.eval if config else EvalConfig(max_examples=None)  # a model, not a run: every row
+    data = args.data or defaults.data
     if data is None:
         raise UserError("no evaluation data; fix: pass --data FILE.jsonl or set eval.data in the run's config")
-    options = EvalOptions(task=args.task or defaults.get("task", "classification"),
-                          baselines=tuple(args.baseline or defaults.get("baselines", [])),
-                          max_examples=args.max_examples or defaults.get("max_examples"), method=args.method,
+    options = EvalOptions(task=args.task or defaults.task, baselines=tuple(args.baseline or defaults.baselines),
+                          max_examples=args.max_examples or defaults.max_examples, method=args.method,
                           shots_file=args.shots, resamples=args.resamples, seed=args.seed,
-                          max_new_tokens=args.max_new_tokens or defaults.get("max_new_tokens", 32),
-                          batch_size=args.batch_size or defaults.get("batch_size", 16), slice_by=args.slice_by,
+                          max_new_tokens=args.max_new_tokens or defaults.max_new_tokens,
+                          batch_size=args.batch_size or defaults.batch_size, slice_by=args.slice_by,
                           reward_model=args.reward_model, rubric=args.rubric,
                           # the run's own mapping describes the run's own eval.data
-                          columns=parse_columns(args.columns) if args.columns or args.data else
-                          config.get("data", {}).get("columns") or None,
+                          columns=parse_columns(args.columns) if args.columns or args.data else run_columns(config),
                           judge=args.judge, judge_scale=args.judge_scale)
     output = args.output or (Path(args.target) if is_run_dir(Path(args.target)) else Path("eval-output"))
     result = evaluate(args.target, data, options, output)

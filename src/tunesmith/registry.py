@@ -5,10 +5,13 @@ A plugin is a plain function (or small object) registered under a name with one 
     @formats.register("alpaca", ...)
     def convert_alpaca(row): ...
 
+Each registry names, as strings, the modules whose import registers its plugins, and imports them on its first
+lookup: this module imports nothing of the layers above it, and a lookup loads only what that kind needs.
 Looking up an unknown name raises a UserError listing the known names and the closest match.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable, Generic, TypeVar
 
 from tunesmith.errors import UserError, did_you_mean
@@ -17,10 +20,23 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, modules: tuple[str, ...] = ()):
         self.kind = kind
+        self.modules = modules  # the modules that register this kind's plugins, imported on the first lookup
+        self._loaded = not modules
         self._entries: dict[str, T] = {}
         self._info: dict[str, dict[str, Any]] = {}
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True  # first: a plugin module that looks this kind up while it is imported sees what is there
+        try:
+            for module in self.modules:
+                importlib.import_module(module)
+        except BaseException:
+            self._loaded = False
+            raise
 
     def register(self, name: str, **info: Any) -> Callable[[T], T]:
         """Decorator: register `obj` under `name`, with free-form `info` (e.g. accepted data kinds)."""
@@ -35,7 +51,7 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str, key: str | None = None) -> T:
-        load_plugins()
+        self._load()
         if name not in self._entries:
             where = f"{key} = " if key else ""
             raise UserError(
@@ -49,39 +65,38 @@ class Registry(Generic[T]):
         return self._info[name]
 
     def names(self) -> list[str]:
-        load_plugins()
+        self._load()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        load_plugins()
+        self._load()
         return name in self._entries
 
 
-formats: Registry[Any] = Registry("data format")
-methods: Registry[Callable[..., Any]] = Registry("method")
-adapters: Registry[Callable[..., Any]] = Registry("adapter type")
-schedules: Registry[Callable[..., Any]] = Registry("learning-rate schedule")
-tasks: Registry[Any] = Registry("evaluation task")
-distill_losses: Registry[Callable[..., Any]] = Registry("distillation loss")
-preference_losses: Registry[Callable[..., Any]] = Registry("preference loss")
+RECIPES = tuple(f"tunesmith.recipes.{name}" for name in ("sft", "pretrain", "distill", "dpo", "reward", "ppo", "grpo"))
+METRICS = ("tunesmith.eval.metrics", "tunesmith.eval.text_metrics", "tunesmith.eval.preference_metrics")
+
+formats: Registry[Any] = Registry("data format", ("tunesmith.data.formats",))
+methods: Registry[Callable[..., Any]] = Registry("method", RECIPES)
+adapters: Registry[Callable[..., Any]] = Registry("adapter type", ("tunesmith.models.adapters",))
+schedules: Registry[Callable[..., Any]] = Registry("learning-rate schedule", ("tunesmith.train.optim",))
+tasks: Registry[Any] = Registry("evaluation task", ("tunesmith.eval.tasks",))
+distill_losses: Registry[Callable[..., Any]] = Registry("distillation loss", ("tunesmith.train.distill",))
+preference_losses: Registry[Callable[..., Any]] = Registry("preference loss", ("tunesmith.train.preference",))
 # (prompt messages, response text, row fields, **args) -> float: plain functions that score RL samples
-reward_functions: Registry[Callable[..., float]] = Registry("reward function")
+reward_functions: Registry[Callable[..., float]] = Registry("reward function", ("tunesmith.train.rewards",))
+# how a task's raw outputs become resampled totals (eval/metrics.py's MetricTask), and the metrics read from them
+metric_tasks: Registry[Any] = Registry("metric task", METRICS)
+metrics: Registry[Callable[..., Any]] = Registry("metric", METRICS)
 
 
-_plugins_loaded = False
+def metric_names(task: str) -> list[str]:
+    """The metrics registered for metric task `task`, sorted by name."""
+    metric_tasks.get(task, key="task")
+    return [name for name in metrics.names() if task in metric_tasks_of(name)]
 
 
-def load_plugins() -> None:
-    """Import the modules whose import registers plugins; every lookup calls this, so no caller has to."""
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    import tunesmith.data.formats  # noqa: F401
-    import tunesmith.eval.tasks  # noqa: F401
-    import tunesmith.models.adapters  # noqa: F401
-    import tunesmith.recipes  # noqa: F401
-    import tunesmith.train.distill  # noqa: F401
-    import tunesmith.train.optim  # noqa: F401
-    import tunesmith.train.preference  # noqa: F401
-    import tunesmith.train.rewards  # noqa: F401
+def metric_tasks_of(name: str) -> tuple[str, ...]:
+    """The metric tasks that metric `name` is registered for."""
+    owner = metrics.info(name)["task"]
+    return (owner,) if isinstance(owner, str) else tuple(owner)

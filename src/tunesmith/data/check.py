@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tunesmith.data.validate import load_file, report
 from tunesmith.errors import Problem
-from tunesmith.registry import load_plugins, methods
+from tunesmith.registry import methods
 
 
 @dataclass
@@ -15,23 +16,21 @@ class CheckReport:
     text: str
 
 
-def check_file(path: Path, format_name: str = "auto", method: str = "sft", model: str | None = None,
+def check_file(path: Path, format_name: str = "auto", method: str = "sft", tokenizer: Any = None,
                max_length: int = 1024, columns: dict[str, str] | None = None) -> CheckReport:
     """Parse and convert every row for `method` (`columns` mapping fields to the file's columns first); with a
-    model, also check each example's token length."""
-    load_plugins()
+    model's tokenizer, also check each example's token length."""
     accepts = methods.info(method)["accepts"] if method in methods else None
     if accepts is None:
         methods.get(method, key="--method")
     loaded = load_file(path, format_name, accepts, method, columns=columns)
     problems = list(loaded.problems)
-    if model is not None and loaded.examples:
-        from tunesmith.config import DataConfig
+    if tokenizer is not None and loaded.examples:
+        from tunesmith.config.schema import DataConfig
         from tunesmith.data.dataset import PreparedData, tokenize_examples
         from tunesmith.data.tokenize import ChatTokenizer
-        from tunesmith.models import load_tokenizer
 
-        chat = ChatTokenizer(load_tokenizer(model))
+        chat = ChatTokenizer(tokenizer)
         config = DataConfig(train=path, max_length=max_length, columns=columns or {})
         problems += tokenize_examples(loaded.examples, path, config, chat, PreparedData([], [], loaded.format))[1]
     problems.sort(key=lambda p: _line_of(p.where))
@@ -39,7 +38,7 @@ def check_file(path: Path, format_name: str = "auto", method: str = "sft", model
         summary = (f" in {loaded.rows} rows (format {loaded.format})" if loaded.read_whole
                    else "; the file was read no further")
         return CheckReport(problems, f"{report(problems, limit=200)}\n{path}: {len(problems)} problem(s){summary}")
-    checked = "" if model is None else f", all within {max_length} tokens"
+    checked = "" if tokenizer is None else f", all within {max_length} tokens"
     return CheckReport([], f"{path}: {len(loaded.examples)} examples OK (format {loaded.format}, method {method}{checked})")
 
 

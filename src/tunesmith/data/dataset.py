@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config import DataConfig
+from tunesmith.config.schema import DataConfig
 from tunesmith.data.formats import Example
 from tunesmith.data.tokenize import ChatTokenizer, TokenizedExample, TokenizedPair, Unit
 from tunesmith.data.validate import load_file, report

@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
-from tunesmith.config import Config
+from tunesmith.config.schema import Config
 from tunesmith.data.dataset import load_examples
 from tunesmith.eval import metrics as metric_functions
 from tunesmith.eval.tasks import Context, metric_task_of
 from tunesmith.registry import tasks
-from tunesmith.serve.engine import Engine, Sampling
+from tunesmith.engine.generation import Engine, Sampling
 
 LOWER_IS_BETTER = {"val_loss", "loss", "perplexity", "mse", "mae"}
 RESAMPLES = 200  # enough for a logged interval; the final report uses the full 1000
@@ -28,7 +28,7 @@ class InTrainingEval:
         self.items = self.task.items(load_examples(config.eval.data, columns=config.data.columns)[: config.eval.max_examples])
         self.tokenizer = tokenizer
         self.system_prompt = config.data.system_prompt
-        labels = label_set(self.items, config.model_dump(mode="json")) if config.eval.task == "classification" else []
+        labels = label_set(self.items, config) if config.eval.task == "classification" else []
         self.context = Context(Sampling(max_new_tokens=config.eval.max_new_tokens), config.eval.batch_size, labels=labels)
 
     def __call__(self, model: torch.nn.Module, seed: int) -> dict[str, Any]:

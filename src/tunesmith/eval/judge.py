@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.errors import UserError
-from tunesmith.serve.engine import Engine, Messages
+from tunesmith.engine.generation import Engine, Messages
 
 MAX_PROMPT_CHARS = 3000  # a longer conversation is shown by its end: the judge needs the last request most
 MAX_RESPONSE_CHARS = 2000

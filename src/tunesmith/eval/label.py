@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from tunesmith.config import DEFAULT_MODEL
+from tunesmith.config.schema import DEFAULT_MODEL
 from tunesmith.data.formats import RowError, check_messages, detect_format, text_field
 from tunesmith.data.validate import read_objects, report
 from tunesmith.errors import Problem, UserError
 from tunesmith.eval.judge import Comparison, Judge, load_rubric
 from tunesmith.registry import formats
-from tunesmith.serve.engine import Engine, Messages, Sampling
+from tunesmith.engine.generation import Engine, Messages, Sampling
 
 PLACEHOLDER_REPLY = {"role": "assistant", "content": "-"}  # lets check_messages validate a prompt with no reply yet
 

@@ -1,6 +1,6 @@
 """Evaluation metrics with 95% bootstrap intervals, and paired comparisons between two systems.
 
-Two small registries hold the pieces:
+Two small registries (registry.py) hold the pieces:
 
 * a **metric task** (`metric_tasks`, named like the eval tasks' `metric_task`) turns raw predictions and
   references into per-example arrays once (`prepare`), and sums them over a batch of bootstrap resamples
@@ -48,7 +48,7 @@ import numpy as np
 
 from tunesmith.errors import UserError
 from tunesmith.eval.stats import bootstrap_indices, mcnemar_p, percentile_interval, point_indices
-from tunesmith.registry import Registry
+from tunesmith.registry import metric_names, metric_tasks, metrics
 
 Totals = dict[str, np.ndarray]  # per-resample sums; every task's totals include "count" (R,): examples scored
 MetricFn = Callable[[Totals], np.ndarray]  # totals -> (R,) metric values
@@ -69,25 +69,9 @@ class MetricTask:
     correct: Callable[[Any], np.ndarray] | None = None
 
 
-metric_tasks: Registry[MetricTask] = Registry("metric task")
-metrics: Registry[MetricFn] = Registry("metric")
-
-
 def is_share(name: str) -> bool:
     """Whether metric `name` is a share of examples (shown as a percentage), not an amount."""
     return name not in metrics or metrics.info(name).get("share", True)
-
-
-def metric_names(task: str) -> list[str]:
-    """The metrics registered for `task`, sorted by name."""
-    metric_tasks.get(task, key="task")
-    return [name for name in metrics.names() if task in metric_tasks_of(name)]
-
-
-def metric_tasks_of(name: str) -> tuple[str, ...]:
-    """The metric tasks that metric `name` is registered for."""
-    owner = metrics.info(name)["task"]
-    return (owner,) if isinstance(owner, str) else tuple(owner)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -490,8 +474,3 @@ def loss(totals: Totals) -> np.ndarray:
 def perplexity(totals: Totals) -> np.ndarray:
     with np.errstate(over="ignore"):
         return np.exp(loss(totals))
-
-
-# The preference, judge, reward and text metric tasks live in eval/preference_metrics.py and
-# eval/text_metrics.py; importing them here registers them wherever metrics are used.
-from tunesmith.eval import preference_metrics, text_metrics  # noqa: E402,F401  (register; import this module's helpers)

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from tunesmith.eval.metrics import MetricTask, Totals, metric_tasks, metrics, number_pairs, safe_divide, sum_columns
+from tunesmith.eval.metrics import MetricTask, Totals, number_pairs, safe_divide, sum_columns
+from tunesmith.registry import metric_tasks, metrics
 from tunesmith.eval.stats import bootstrap_indices, percentile_interval
 
 # ------------------------------------------------------------------------------------------- preference

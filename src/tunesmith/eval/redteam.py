@@ -27,7 +27,8 @@ from tunesmith.errors import Problem, UserError, did_you_mean
 from tunesmith.eval.judge import Judge, Rubric, clip, transcript
 from tunesmith.eval.label import prompt_of, write_atomically
 from tunesmith.eval.stats import wilson_interval
-from tunesmith.serve.engine import Engine, Messages, Sampling, is_run_dir
+from tunesmith.engine.generation import Engine, Messages, Sampling
+from tunesmith.rundir import is_run_dir
 
 SETS_DIR = Path(__file__).resolve().parents[3] / "data" / "redteam"  # shipped with the source tree
 SETS = {"hh-rlhf": "hh_rlhf_harmless.jsonl", "xstest-unsafe": "xstest_unsafe.jsonl", "xstest-safe": "xstest_safe.jsonl"}

@@ -18,19 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
-
+from tunesmith.config.schema import Config
 from tunesmith.data.dataset import load_examples
 from tunesmith.data.formats import Example
 from tunesmith.errors import UserError
 from tunesmith.eval import metrics as metric_functions
 from tunesmith.eval.judge import Judge, Rubric, load_rubric
 from tunesmith.eval.preference_metrics import implicit_reward_accuracy
-from tunesmith.eval.reward import RewardScorer, is_reward_model
+from tunesmith.engine.reward import is_reward_model, RewardScorer
 from tunesmith.eval.stats import cell, difference
 from tunesmith.eval.tasks import Context, Item, ItemError, last_reply, metric_task_of
 from tunesmith.registry import tasks
-from tunesmith.serve.engine import Engine, Sampling, is_run_dir
+from tunesmith.engine.generation import Engine, Sampling
+from tunesmith.rundir import EVAL_FILE, is_run_dir, read_run_config
 
 WORST_SHOWN = 25
 
@@ -54,20 +54,20 @@ class EvalOptions:
     columns: dict[str, str] | None = None  # the data's columns under the format's field names (--columns)
 
 
-def run_config(target: str) -> dict[str, Any]:
-    path = Path(target)
-    return yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) if is_run_dir(path) else {}
+def run_config(target: str) -> Config | None:
+    """The config of the run `target` is; None for a model that is not a run."""
+    return read_run_config(Path(target)) if is_run_dir(Path(target)) else None
 
 
-def run_columns(config: dict[str, Any]) -> dict[str, str] | None:
+def run_columns(config: Config | None) -> dict[str, str] | None:
     """The run's data.columns: how its own data files name the format's fields."""
-    return config.get("data", {}).get("columns") or None
+    return (config.data.columns or None) if config else None
 
 
-def label_set(items: list[Item], config: dict[str, Any]) -> list[str]:
+def label_set(items: list[Item], config: Config | None) -> list[str]:
     """Labels of the evaluation data together with those of the run's training data (if classification)."""
     labels = {str(item.expected) for item in items}
-    train = config.get("data", {}).get("train")
+    train = config.data.train if config else None
     if train and Path(train).is_file():
         with contextlib.suppress(UserError):
             labels |= {last_reply(e)[1] for e in load_examples(Path(train), columns=run_columns(config))
@@ -101,7 +101,7 @@ def few_shot_prefix(shots: list[Example], k: int, labels: list[str], system_prom
 
 
 @contextlib.contextmanager
-def system_context(engine: Engine, name: str, config: dict, loaded: dict[str, Engine]) -> Iterator[Engine]:
+def system_context(engine: Engine, name: str, config: Config | None, loaded: dict[str, Engine]) -> Iterator[Engine]:
     """The engine a system runs on: the target as it is; a baseline on the base model, which is the
     target with its adapter switched off, or (a full fine-tuning run) the run's base model loaded once.
     A model that is not a run is its own base: few-shot:K prompts it with shots, and `base` would be itself."""
@@ -112,7 +112,7 @@ def system_context(engine: Engine, name: str, config: dict, loaded: dict[str, En
         with engine.base_model():
             yield engine
         return
-    if not config.get("model"):
+    if config is None:
         if name != "base" and engine is not None:
             yield engine
             return
@@ -120,7 +120,7 @@ def system_context(engine: Engine, name: str, config: dict, loaded: dict[str, En
                         f"model); fix: evaluate a run, or evaluate the base model directly (few-shot:K then "
                         f"prompts that model with K examples)")
     if "base" not in loaded:
-        loaded["base"] = Engine.load(str(config["model"]))
+        loaded["base"] = Engine.load(config.model)
     yield loaded["base"]
 
 
@@ -260,7 +260,7 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
             raise UserError(f"--reward-model rates pairs (--task preference), scored replies (--task regression) or "
                             f"the model's own replies (--task reward), not {options.task}; fix: add --task reward")
         context.reward = RewardScorer.load(target if reward_target else options.reward_model)
-    shots_file = options.shots_file or (Path(config["data"]["train"]) if config.get("data", {}).get("train") else None)
+    shots_file = options.shots_file or (config.data.train if config else None)
 
     predictions, timing, loaded = {}, {}, {}
     for name in ("target", *options.baselines):
@@ -271,7 +271,7 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
                 raise UserError("--baseline few-shot:K needs training examples; fix: pass --shots FILE.jsonl")
             shot_columns = options.columns if options.shots_file else run_columns(config)
             prefix = few_shot_prefix(load_examples(shots_file, columns=shot_columns), shots, labels,
-                                     config.get("data", {}).get("system_prompt"), options.seed, options.task,
+                                     config.data.system_prompt if config else None, options.seed, options.task,
                                      source=str(shots_file))
         started = time.perf_counter()
         reward = None if reward_target and name != "target" else context.reward  # the base has no reward head
@@ -288,7 +288,7 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
         result["comparisons"]["base"]["implicit_reward_accuracy"] = implicit_reward_accuracy(
             predictions["target"], predictions["base"], resamples=options.resamples, seed=options.seed)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+    (output / EVAL_FILE).write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
     from tunesmith.eval.report import write_report
 
     metrics_jsonl = Path(target) / "metrics.jsonl"

@@ -20,7 +20,7 @@ from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.errors import UserError
 from tunesmith.eval.metrics import normalize_answer, parse_number
 from tunesmith.registry import tasks
-from tunesmith.serve.engine import Engine, Messages, Sampling
+from tunesmith.engine.generation import Engine, Messages, Sampling
 
 class ItemError(UserError):
     """A row the task cannot use; the message starts with its line number and the runner adds the file."""

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from tunesmith.eval.metrics import MetricTask, Totals, accepted_answers, answer_scores, metric_tasks, metrics
+from tunesmith.eval.metrics import MetricTask, Totals, accepted_answers, answer_scores
+from tunesmith.registry import metric_tasks, metrics
 
 TEXT_TASKS = ("exact_match", "text")  # the metric tasks ROUGE-L, chrF and BLEU score
 

@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 
-from tunesmith.config import AdapterConfig
+from tunesmith.config.schema import AdapterConfig, Config
 from tunesmith.errors import UserError
 from tunesmith.models.fused_lora import fuse_gated_mlps, fuse_lora_layers
 from tunesmith.models.loading import CLASSIFIER_HEADS
 from tunesmith.registry import adapters
+from tunesmith.rundir import read_weights
 
 
 def is_sequence_classifier(model: torch.nn.Module) -> bool:
@@ -39,14 +40,41 @@ def peft_task_type(model: torch.nn.Module) -> str:
     return "SEQ_CLS" if is_sequence_classifier(model) else "CAUSAL_LM"
 
 
-def _lora(model: torch.nn.Module, config: AdapterConfig, **extra: Any) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
+def lora_settings(config: AdapterConfig, task_type: str, **extra: Any) -> Any:
+    """PEFT's LoraConfig for the adapter section (`extra`: use_dora, base_model_name_or_path, ...)."""
+    from peft import LoraConfig
 
-    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.target,
-                      use_rslora=config.rslora, bias="none", task_type=peft_task_type(model), **extra)
-    model = get_peft_model(model, lora)
+    return LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.target,
+                      use_rslora=config.rslora, bias="none", task_type=task_type, **extra)
+
+
+def _lora(model: torch.nn.Module, config: AdapterConfig, **extra: Any) -> torch.nn.Module:
+    from peft import get_peft_model
+
+    model = get_peft_model(model, lora_settings(config, peft_task_type(model), **extra))
     fuse_lora_layers(model)
     return model
+
+
+def checkpoint_adapter(checkpoint: Path, config: Config) -> dict[str, bytes]:
+    """A LoRA run's checkpoint as the adapter files PEFT saves (what serves the checkpoint as a model): its
+    trainable weights, named as PEFT names them on disk (without the adapter's name, "default"), and the run's
+    LoRA settings. An OSError when the checkpoint cannot be read (training pruned it meanwhile, say)."""
+    import json
+
+    from safetensors.torch import save as save_safetensors
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if config.adapter.type != "lora":
+        raise ValueError(f"a {config.adapter.type} adapter; checkpoint models are LoRA adapters")
+    settings = lora_settings(config.adapter, "CAUSAL_LM", base_model_name_or_path=str(config.model))
+    try:
+        weights = read_weights(checkpoint)
+    except CheckpointException as error:  # a BaseException: a file gone while read
+        raise OSError(f"{checkpoint} could not be read: {error}") from None
+    weights = {name.replace(".default.", "."): tensor.contiguous() for name, tensor in weights.items()}
+    return {"adapter_config.json": json.dumps(settings.to_dict(), default=list, sort_keys=True).encode(),
+            "adapter_model.safetensors": save_safetensors(weights)}
 
 
 @adapters.register("lora", output="adapter")

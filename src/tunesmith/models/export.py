@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from tunesmith.config.schema import Config
 from tunesmith.errors import Problem, UserError, did_you_mean
 from tunesmith.models.cache import commit_directory, staging_directory
 from tunesmith.models.gguf_export import LLAMA_QUANTIZE_ONLY_DTYPES, gguf_dtype_problem
 from tunesmith.registry import Registry
+from tunesmith.rundir import ADAPTER_DIR, CONFIG_FILE, MODEL_DIR, read_run_config
 
 # The weights' dtype in a merged directory (float32 keeps the merge exact) and in a GGUF file.
 MERGED_DTYPES = ("float32", "bfloat16", "float16")
@@ -45,13 +45,13 @@ class Run:
     """A finished run directory: its resolved config and where its final weights are."""
 
     directory: Path
-    config: dict[str, Any]
-    adapter_dir: Path | None  # adapter/: a PEFT adapter over config["model"]
+    config: Config
+    adapter_dir: Path | None  # adapter/: a PEFT adapter over config.model
     model_dir: Path | None  # model/: a full fine-tuned model
 
     @property
     def base_model(self) -> str:
-        return str(self.config["model"])
+        return self.config.model
 
 
 
@@ -88,7 +88,7 @@ def check_request(run_dir: Path, to: str, output: Path, dtype: str | None, force
     if run is not None and run.model_dir is not None and to == "peft":
         problems.append(Problem(str(run_dir), "is a full fine-tuning run (it has model/, not adapter/), so there is "
                                               "no adapter to export; fix: use --to merged or --to gguf"))
-    if run is not None and run.config.get("method") == "reward" and to in ("gguf", "ollama"):
+    if run is not None and run.config.method == "reward" and to in ("gguf", "ollama"):
         problems.append(Problem(str(run_dir), "is a reward model (a sequence classifier with one output), which GGUF "
                                               "runtimes do not load; fix: use --to merged or --to peft"))
     if run is not None and run.adapter_dir is not None and to in ("merged", "gguf", "ollama") and \
@@ -117,24 +117,21 @@ def read_run(run_dir: Path, problems: list[Problem]) -> Run | None:
     if not run_dir.is_dir():
         problems.append(Problem(where, "no such run directory; fix: pass the output_dir of a `tunesmith train` run"))
         return None
-    config_file = run_dir / "config.yaml"
+    config_file = run_dir / CONFIG_FILE
     if not config_file.is_file():
         problems.append(Problem(where, "has no config.yaml, so it is not a run directory; fix: pass the output_dir "
                                        "of a `tunesmith train` run"))
         return None
-    config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-    if not isinstance(config, dict):
-        problems.append(Problem(str(config_file), "is not a YAML mapping of config keys; fix: restore the config.yaml "
-                                                  "that `tunesmith train` wrote"))
-        return None
-    adapter_dir, model_dir = run_dir / "adapter", run_dir / "model"
+    adapter_dir, model_dir = run_dir / ADAPTER_DIR, run_dir / MODEL_DIR
     if not adapter_dir.is_dir() and not model_dir.is_dir():
         problems.append(Problem(where, f"has no adapter/ or model/: the run has not finished; "
                                        f"fix: resume it with `tunesmith train {config_file}`"))
         return None
-    if adapter_dir.is_dir() and not config.get("model"):
-        problems.append(Problem(str(config_file), "has no model: key naming the base model the adapter belongs to; "
-                                                  "fix: add `model: NAME_OR_PATH` (the base the run trained)"))
+    try:
+        config = read_run_config(run_dir)
+    except UserError as error:  # not YAML, or not a config this version reads
+        problems.extend(error.problems or [Problem(str(config_file), f"{error.message}; fix: restore the config.yaml "
+                                                                      f"that `tunesmith train` wrote")])
         return None
     return Run(run_dir.resolve(), config, adapter_dir if adapter_dir.is_dir() else None,
                model_dir if model_dir.is_dir() else None)
@@ -247,10 +244,10 @@ def load_merged_model(run: Run) -> tuple[Any, Any]:
     from tunesmith.models.adapters import load_adapter, load_options
     from tunesmith.models.model_card import as_shipped
 
-    labels = 1 if run.config.get("method") == "reward" else None  # a reward model: a one-output sequence classifier
+    labels = 1 if run.config.method == "reward" else None  # a reward model: a one-output sequence classifier
     if run.model_dir is not None:
         return as_shipped(run, *load_model(str(run.model_dir), dtype="float32", num_labels=labels))
-    quantized = load_options(str(run.config.get("adapter", {}).get("type", "lora")))
+    quantized = load_options(run.config.adapter.type)
     base, tokenizer = load_model(run.base_model, dtype="float32", num_labels=labels, **quantized)
     if quantized:
         base = base.dequantize()  # nn.Linear layers holding the NF4 weights' float32 values

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from tunesmith.config.schema import DataConfig
 from tunesmith.errors import UserError, did_you_mean
 from tunesmith.models.cache import sha256_of_file
 from tunesmith.paths import home
+from tunesmith.rundir import ADAPTER_DIR, CONFIG_FILE, EVAL_FILE, read_run_config
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MERGEABLE = ("lora", "qlora")  # low-rank deltas that add up; DoRA's norms and soft prompts do not
@@ -51,18 +51,17 @@ def adapter_dir(name: str) -> Path:
 def add(run_dir: Path, name: str | None = None, force: bool = False) -> dict[str, Any]:
     """Copy a finished run's adapter into the library under `name` (default: the run directory's name)."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file() or not (run_dir / "adapter").is_dir():
+    if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / ADAPTER_DIR).is_dir():
         found = "a full model (model/), which is not an adapter" if (run_dir / "model").is_dir() else "no adapter/"
         raise UserError(f"{run_dir}: not a finished adapter run ({found}); fix: give the directory of a run "
                         f"trained with a parameter-efficient adapter.type (lora, qlora, dora, ia3, ...)")
-    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    config = read_run_config(run_dir)
     name = name or run_dir.resolve().name
-    adapter = config.get("adapter", {})
-    entry = {"name": name, "base_model": config["model"], "method": config.get("method", "sft"),
-             "adapter": adapter, "data": data_fingerprint(config.get("data", {})), "eval": eval_figures(run_dir),
+    entry = {"name": name, "base_model": config.model, "method": config.method,
+             "adapter": config.adapter.model_dump(mode="json"), "data": data_fingerprint(config.data),
+             "eval": eval_figures(run_dir),
              "source_run": str(run_dir.resolve()), "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    store(run_dir / "adapter", entry, force)
+    store(run_dir / ADAPTER_DIR, entry, force)
     return entry
 
 
@@ -89,19 +88,18 @@ def store(adapter: Path, entry: dict[str, Any], force: bool) -> None:
     staging.rename(target)
 
 
-def data_fingerprint(data: dict[str, Any]) -> dict[str, Any]:
+def data_fingerprint(data: DataConfig) -> dict[str, Any]:
     """The training (and validation) files with their sha256, so two adapters can be told apart by data."""
     found: dict[str, Any] = {}
-    for key in ("train", "validation"):
-        if data.get(key):
-            path = Path(data[key])
+    for key, path in (("train", data.train), ("validation", data.validation)):
+        if path is not None:
             found[key] = {"path": str(path), "sha256": sha256_of_file(path) if path.is_file() else None}
     return found
 
 
 def eval_figures(run_dir: Path) -> dict[str, Any]:
     """The headline metrics of the run's eval.json (value, 95% interval, n), if it has been evaluated."""
-    path = run_dir / "eval.json"
+    path = run_dir / EVAL_FILE
     if not path.is_file():
         return {}
     report = json.loads(path.read_text(encoding="utf-8"))

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunesmith.rundir import read_metrics
+from tunesmith.rundir import EVAL_FILE, read_metrics
 
 if TYPE_CHECKING:
     from tunesmith.models.export import Run
@@ -159,7 +159,7 @@ def check_same_rendering(tokenizer: Any, original: str, rewritten: str, system_p
 
 
 def system_prompt_of(run: Run) -> str | None:
-    return (run.config.get("data") or {}).get("system_prompt")
+    return run.config.data.system_prompt
 
 
 def shipped_tokenizer(run: Run) -> Any:
@@ -202,15 +202,15 @@ def card_metadata(run: Run, format: str) -> Any:
     from tunesmith.models import catalog
 
     upstream = upstream_model_id(run.base_model)
-    adapter_type = str((run.config.get("adapter") or {}).get("type", "lora"))
+    adapter_type = run.config.adapter.type
     entry = next((entry for entry in catalog.CATALOG.values() if entry.hub_id == upstream), None)
-    tags = ["tunesmith", str(run.config.get("method", "sft")), adapter_type]
+    tags = ["tunesmith", run.config.method, adapter_type]
     tags += ["gguf"] if format in ("gguf", "ollama") else []
     return ModelCardData(
         base_model=upstream if is_hub_id(upstream) else None,
         base_model_relation=RELATION_BY_FORMAT.get(format) if is_hub_id(upstream) else None,
         library_name=LIBRARY_BY_FORMAT.get(format),
-        pipeline_tag="text-classification" if run.config.get("method") == "reward" else "text-generation",
+        pipeline_tag="text-classification" if run.config.method == "reward" else "text-generation",
         license=entry.license.lower() if entry is not None else None,
         tags=list(dict.fromkeys(tags)),
     )
@@ -220,7 +220,7 @@ def card_body(run: Run, format: str, tokenizer: Any) -> str:
     upstream = upstream_model_id(run.base_model)
     sections = [
         [f"# {run.directory.name}", "",
-         f"`{upstream}` fine-tuned with tunesmith (method `{run.config.get('method', 'sft')}`), exported as {format}."],
+         f"`{upstream}` fine-tuned with tunesmith (method `{run.config.method}`), exported as {format}."],
         method_lines(run, upstream), data_lines(run), training_lines(run), evaluation_lines(run),
         prompt_lines(run, tokenizer), usage_lines(run, format, upstream),
     ]
@@ -228,17 +228,16 @@ def card_body(run: Run, format: str, tokenizer: Any) -> str:
 
 
 def method_lines(run: Run, upstream: str) -> list[str]:
-    adapter = run.config.get("adapter") or {}
-    kind = str(adapter.get("type", "lora"))
-    lines = ["## Method", "", f"- Base model: `{upstream}`", f"- Method: `{run.config.get('method', 'sft')}`"]
+    adapter = run.config.adapter
+    kind = adapter.type
+    lines = ["## Method", "", f"- Base model: `{upstream}`", f"- Method: `{run.config.method}`"]
     if kind in ("lora", "qlora", "dora"):
-        target = adapter.get("target", "all-linear")
-        targets = ", ".join(target) if isinstance(target, list) else target
-        scaling = "alpha / sqrt(r)" if adapter.get("rslora") else "alpha / r"
-        lines.append(f"- Adapter: `{kind}`, r {adapter.get('r')}, alpha {adapter.get('alpha')} (scaled by {scaling}), "
-                     f"dropout {adapter.get('dropout')}, targets: {targets}")
+        targets = ", ".join(adapter.target) if isinstance(adapter.target, list) else adapter.target
+        scaling = "alpha / sqrt(r)" if adapter.rslora else "alpha / r"
+        lines.append(f"- Adapter: `{kind}`, r {adapter.r}, alpha {adapter.alpha} (scaled by {scaling}), "
+                     f"dropout {adapter.dropout}, targets: {targets}")
     elif kind in ("prompt_tuning", "prefix_tuning", "llama_adapter"):
-        lines.append(f"- Adapter: `{kind}`, {adapter.get('num_virtual_tokens')} virtual tokens")
+        lines.append(f"- Adapter: `{kind}`, {adapter.num_virtual_tokens} virtual tokens")
     else:
         lines.append(f"- Adapter: `{kind}`")
     return lines
@@ -249,18 +248,16 @@ def data_lines(run: Run) -> list[str]:
     from the run's own reading of the files, are in the training section: a line count would miscount CSV)."""
     from tunesmith.models.cache import sha256_of_file
 
-    data = run.config.get("data") or {}
+    data = run.config.data
     lines = ["## Training data", "", "| split | file | sha256 |", "| --- | --- | --- |"]
-    for split in ("train", "validation"):
-        if not data.get(split):
+    for split, path in (("train", data.train), ("validation", data.validation)):
+        if path is None:
             continue
-        path = Path(data[split])
         digest = f"`{sha256_of_file(path)}`" if path.is_file() else "(file not found at export)"
         lines.append(f"| {split} | `{path.name}` | {digest} |")
-    if data.get("val_fraction"):
-        lines += ["", f"Validation: {data['val_fraction']:.0%} of the training file, held out."]
-    lines += ["", f"Format: `{data.get('format', 'auto')}`; loss on: `{data.get('loss_on', 'assistant')}` tokens; "
-                  f"max length {data.get('max_length')} tokens."]
+    if data.val_fraction:
+        lines += ["", f"Validation: {data.val_fraction:.0%} of the training file, held out."]
+    lines += ["", f"Format: `{data.format}`; loss on: `{data.loss_on}` tokens; max length {data.max_length} tokens."]
     return lines
 
 
@@ -269,7 +266,7 @@ def training_lines(run: Run) -> list[str]:
     records = read_metrics(run.directory)
     if not records:
         return []
-    train = run.config.get("train") or {}
+    train = run.config.train
     steps = [record for record in records if "event" not in record and "loss" in record]
     data = next((record for record in records if record.get("event") == "data"), {})
     validation = [record for record in records if "val_loss" in record]
@@ -279,9 +276,9 @@ def training_lines(run: Run) -> list[str]:
                      f"({data.get('train_tokens')} training tokens)")
     if steps:
         last = steps[-1]
-        length = f"train.max_steps {train['max_steps']}" if train.get("max_steps") else f"train.epochs {train.get('epochs')}"
-        lines.append(f"- Steps: {last['step']} ({length}); batch size {train.get('batch_size')} x "
-                     f"{train.get('grad_accum')} accumulation; lr {train.get('lr')} ({train.get('schedule')})")
+        length = f"train.max_steps {train.max_steps}" if train.max_steps else f"train.epochs {train.epochs}"
+        lines.append(f"- Steps: {last['step']} ({length}); batch size {train.batch_size} x {train.grad_accum} "
+                     f"accumulation; lr {train.lr} ({train.schedule})")
         lines.append(f"- Final training loss: {last['loss']:.4f}")
     if validation:
         best = min(validation, key=lambda record: record["val_loss"])
@@ -301,7 +298,7 @@ def metric_rows(system: str, metrics: dict[str, Any]) -> list[str]:
 
 def evaluation_lines(run: Run) -> list[str]:
     """The run's eval.json figures: every metric of the tuned model and of each baseline, with its 95% interval."""
-    path = run.directory / "eval.json"
+    path = run.directory / EVAL_FILE
     if not path.is_file():
         return ["## Evaluation", "", "Not evaluated before export (`tunesmith eval RUN --baseline base` adds the "
                                      "figures, with 95% intervals, to the next export's card)."]
@@ -329,8 +326,7 @@ def evaluation_lines(run: Run) -> list[str]:
 def prompt_lines(run: Run, tokenizer: Any) -> list[str]:
     """The intended prompt format: the system prompt rule and one user turn rendered by the shipped template."""
     lines = ["## Prompt format", ""]
-    data = run.config.get("data") or {}
-    if run.config.get("method") == "pretrain" or data.get("format") == "text":
+    if run.config.method == "pretrain" or run.config.data.format == "text":
         return lines + ["Trained on raw text (continued pre-training): prompt it with plain text."]
     if not tokenizer.chat_template:
         return lines + ["The tokenizer has no chat template; prompt it with plain text."]

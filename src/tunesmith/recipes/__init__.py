@@ -1,2 +1,2 @@
-"""Training recipes, one file per method; importing this package registers them all."""
-from tunesmith.recipes import distill, dpo, grpo, ppo, pretrain, reward, sft  # noqa: F401
+"""Training recipes, one file per method, each registering itself under its method name (registry.methods
+names these modules and imports them on its first lookup)."""

@@ -18,14 +18,14 @@ from typing import Any, Callable
 
 import torch
 
-from tunesmith.config import Config
+from tunesmith.config.schema import Config
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.packing import collate
 from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.errors import UserError
 from tunesmith.recipes.sft import RunResult, train_loop
 from tunesmith.registry import distill_losses, methods
-from tunesmith.serve.engine import Engine
+from tunesmith.engine.generation import Engine
 from tunesmith.train import distributed
 from tunesmith.train.cache import TEACHER_CACHE, model_identity, read_cache, write_cache
 from tunesmith.train.distill import CachedTeacher, Distiller, LiveTeacher, example_key, teacher_top_k

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tunesmith.config import Config
+from tunesmith.config.schema import Config
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.packing import Batch, collate, consecutive_runs
 from tunesmith.data.tokenize import Unit

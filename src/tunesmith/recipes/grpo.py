@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 
-from tunesmith.config import Config, RLConfig
+from tunesmith.config.schema import Config, RLConfig
 from tunesmith.data.packing import Batch
 from tunesmith.registry import methods
 from tunesmith.train import rl, rl_loop

@@ -22,7 +22,7 @@ from functools import partial
 
 import torch
 
-from tunesmith.config import Config
+from tunesmith.config.schema import Config
 from tunesmith.data.packing import Batch
 from tunesmith.registry import methods
 from tunesmith.train import rl, rl_loop

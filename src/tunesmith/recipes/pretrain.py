@@ -5,7 +5,7 @@ is cut into `max_length` pieces, and packing never lets one document attend to a
 """
 from __future__ import annotations
 
-from tunesmith.config import Config
+from tunesmith.config.schema import Config
 from tunesmith.recipes.sft import RunResult, train_loop
 from tunesmith.registry import methods
 

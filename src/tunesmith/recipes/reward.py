@@ -10,7 +10,7 @@ What it saves loads in plain transformers as a sequence classifier with one outp
 `freeze`) writes RUN/model/ for `AutoModelForSequenceClassification.from_pretrained`; LoRA (and QLoRA,
 DoRA) writes RUN/adapter/ in PEFT's SEQ_CLS format, the trained score head inside it, for
 `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=1), ADAPTER)`.
-`tunesmith score RUN`, `tunesmith eval RUN` and `rl.reward_model: RUN` load the run itself (eval/reward.py).
+`tunesmith score RUN`, `tunesmith eval RUN` and `rl.reward_model: RUN` load the run itself (engine/reward.py).
 """
 from __future__ import annotations
 
@@ -19,14 +19,15 @@ from typing import Any
 
 import torch
 
-from tunesmith.config import Config
+from tunesmith.config.schema import Config
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.tokenize import TokenizedPair, Unit
 from tunesmith.errors import Problem, UserError
 from tunesmith.recipes.sft import RunResult, train_loop
 from tunesmith.registry import methods
 from tunesmith.train.distributed import World
-from tunesmith.train.reward import RewardObjective, ScoreScale
+from tunesmith.engine.reward import ScoreScale
+from tunesmith.train.reward import RewardObjective
 
 ACCEPTS = ("preference", "score")
 # Adapters that train the new head with the rest: PEFT's LoRA family saves it in SEQ_CLS format; full and freeze

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from tunesmith.config import Config
+from tunesmith.config.schema import Config
 from tunesmith.data.dataset import PreparedData, prepare_data
 from tunesmith.errors import TrainingStopped
 from tunesmith.eval.in_training import InTrainingEval

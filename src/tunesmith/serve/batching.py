@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from tunesmith.serve.engine import Sampling
+from tunesmith.engine.generation import Sampling
 
 DEFAULT_MAX_BATCH = 8
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch

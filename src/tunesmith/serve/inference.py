@@ -28,7 +28,7 @@ from typing import Any
 from tunesmith.models import load_model
 from tunesmith.models.fused_lora import fuse_lora_layers
 from tunesmith.serve.batching import DEFAULT_MAX_BATCH, Row, Scheduler, Token
-from tunesmith.serve.engine import Engine, Sampling
+from tunesmith.engine.generation import Engine, Sampling
 from tunesmith.serve.request import (
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_COMPLETION_MAX_TOKENS,

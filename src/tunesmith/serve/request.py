@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunesmith.errors import UserError
-from tunesmith.serve.engine import Engine, Sampling
+from tunesmith.engine.generation import Engine, Sampling
 
 ROLES = ("system", "developer", "user", "assistant")
 TEMPLATE_ROLE = {"developer": "system"}  # OpenAI's newer name for the system message; templates know "system"

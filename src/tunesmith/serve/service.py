@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import yaml
 
 from tunesmith.errors import UserError
 from tunesmith.paths import home, make_private
@@ -199,9 +198,8 @@ class Service:
     def check_file(self, file_id: str, filename: str, method: str | None, param: str = "file"):
         """The CLI's validator over the decrypted lines (in memory); problems -> ApiError with FILE:LINE."""
         from tunesmith.data.validate import load_file, report
-        from tunesmith.registry import load_plugins, methods
+        from tunesmith.registry import methods
 
-        load_plugins()
         accepts = methods.info(method)["accepts"] if method else None
         loaded = load_file(Path(filename), "auto", accepts, method or "", lines=self.blobs.lines(f"files/{file_id}"))
         if loaded.problems:
@@ -325,19 +323,19 @@ class Service:
         the pool loads (the run's base model, or its full model/); `adapter`, its adapter/ as the pool's key and
         `files` (a loader of its bytes), or None; `system_prompt`, which chat applies as `tunesmith chat` does.
         A run that cannot be served (unfinished, a reward model, a non-LoRA adapter) is a UserError."""
-        from tunesmith.serve.engine import is_run_dir
+        from tunesmith.rundir import CONFIG_FILE, is_run_dir, read_run_config
 
         path = Path(spec).expanduser()
-        if not (path / "config.yaml").is_file():
+        if not (path / CONFIG_FILE).is_file():
             return None
         if not is_run_dir(path):
             raise UserError(f"{path} is a run directory without adapter/ or model/: the run has not finished; "
-                            f"fix: resume it with `tunesmith train {path / 'config.yaml'}`")
-        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
-        if config.get("method") == "reward":
+                            f"fix: resume it with `tunesmith train {path / CONFIG_FILE}`")
+        config = read_run_config(path)
+        if config.method == "reward":
             raise UserError(f"{path} is a reward model: it rates replies and does not write them; fix: serve a "
                             f"run that trained a generating model")
-        system_prompt = (config.get("data") or {}).get("system_prompt")
+        system_prompt = config.data.system_prompt
         if not (path / "adapter").is_dir():
             return {"base": str((path / "model").resolve()), "adapter": None, "files": None,
                     "system_prompt": system_prompt}
@@ -348,7 +346,7 @@ class Service:
             raise UserError(f"{adapter} holds a {settings.get('peft_type') or 'unreadable'} adapter; the service serves "
                             f"LoRA adapters (adapter_config.json + adapter_model.safetensors); fix: serve a LoRA run, "
                             f"or export this one merged (`tunesmith export`) and serve that model directory")
-        return {"base": str(config["model"]), "adapter": f"run:{adapter}", "system_prompt": system_prompt,
+        return {"base": config.model, "adapter": f"run:{adapter}", "system_prompt": system_prompt,
                 "files": lambda: {name: (adapter / name).read_bytes() for name in names}}
 
     def delete_model(self, project: str, model_id: str, actor: str = "cli") -> dict[str, Any]:

@@ -37,7 +37,8 @@ from typing import Any
 
 import yaml
 
-from tunesmith.rundir import read_metrics
+from tunesmith.models.adapters import checkpoint_adapter
+from tunesmith.rundir import checkpoint_steps, read_metrics, read_run_config
 from tunesmith.serve import jobs as job_spec
 from tunesmith.serve.service import Service, private_directory
 from tunesmith.serve.shapes import ApiError
@@ -186,13 +187,13 @@ class JobRun:
         directory = self.directory
         (directory / "data").mkdir(mode=0o700, exist_ok=True)
         sealed = self.service.sealed_run(self.job["id"])
-        if not checkpoints(directory / "run") and self.service.blobs.exists(sealed):
+        if not checkpoint_steps(directory / "run") and self.service.blobs.exists(sealed):
             shutil.rmtree(directory / "run", ignore_errors=True)
             self.service.blobs.extract_tree(sealed, directory / "run")
-            self.sealed_step = max(checkpoints(directory / "run"), default=0)
+            self.sealed_step = max(checkpoint_steps(directory / "run"), default=0)
             self.add_event(f"Restored the run from its sealed checkpoint at step {self.sealed_step}",
                            key=f"restore-{self.job['attempts']}")
-        resumed = bool(checkpoints(directory / "run"))
+        resumed = bool(checkpoint_steps(directory / "run"))
         paths = {}
         for param in ("training_file", "validation_file"):
             if self.job[param] is None:
@@ -294,7 +295,7 @@ class JobRun:
                     self.record_metrics(json.loads(line))
                 except ValueError:
                     continue
-        steps = checkpoints(self.directory / "run")
+        steps = checkpoint_steps(self.directory / "run")
         new = [step for step in steps if step not in self.recorded]
         newest = max(steps, default=0)
         if not seal:
@@ -307,7 +308,7 @@ class JobRun:
         """In the background: record the new checkpoints, then seal the run as of its newest one by then."""
         try:
             self.record_checkpoints(steps)
-            newest = max(checkpoints(self.directory / "run"), default=0)
+            newest = max(checkpoint_steps(self.directory / "run"), default=0)
             if newest > self.sealed_step:
                 self.seal(newest)
         except LeaseLost:
@@ -320,9 +321,9 @@ class JobRun:
         for step in steps:
             folder = run / "checkpoints" / f"step-{step}"
             try:
-                files = checkpoint_adapter(folder, yaml.safe_load((self.directory / "config.yaml").read_text()))
+                files = checkpoint_adapter(folder, read_run_config(self.directory))
             except Exception as error:  # pruned while read (a newer one exists), or an adapter we cannot rebuild
-                if not (folder / "state.json").is_file() or max(checkpoints(run), default=step) > step:
+                if not (folder / "state.json").is_file() or max(checkpoint_steps(run), default=step) > step:
                     continue
                 files = {}
                 self.add_event(f"Checkpoint step {step} cannot be served: its adapter was not stored "
@@ -478,40 +479,6 @@ def run_members(run: Path, step: int) -> list[str]:
             subfolders[:] = [name for name in subfolders if name == f"step-{step}"]
         members += [str(relative / name) for name in files if not (Path(folder) / name).is_symlink()]
     return sorted(members)
-
-
-def checkpoint_adapter(checkpoint: Path, config: dict[str, Any]) -> dict[str, bytes]:
-    """A checkpoint's LoRA adapter as PEFT saves one (what serves the checkpoint model): its trainable weights,
-    named as PEFT names them on disk (without the adapter's name, "default"), and the run's LoRA settings."""
-    from peft import LoraConfig
-    from safetensors.torch import save as save_safetensors
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from tunesmith.config import AdapterConfig
-    from tunesmith.train.checkpoint import read_weights
-
-    adapter = AdapterConfig(**config["adapter"])
-    if adapter.type != "lora":
-        raise ValueError(f"a {adapter.type} adapter; checkpoint models are LoRA adapters")
-    settings = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                          target_modules=adapter.target, use_rslora=adapter.rslora, bias="none", task_type="CAUSAL_LM",
-                          base_model_name_or_path=str(config["model"]))
-    try:
-        weights = read_weights(checkpoint)
-    except CheckpointException as error:  # a BaseException: a file gone while read (training pruned it), say
-        raise OSError(f"{checkpoint} could not be read: {error}") from None
-    weights = {name.replace(".default.", "."): tensor.contiguous() for name, tensor in weights.items()}
-    return {"adapter_config.json": json.dumps(settings.to_dict(), default=list, sort_keys=True).encode(),
-            "adapter_model.safetensors": save_safetensors(weights)}
-
-
-def checkpoints(run: Path) -> list[int]:
-    """The steps of the complete checkpoints in a run directory (a checkpoint is renamed into place whole)."""
-    folder = run / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(int(path.name.removeprefix("step-")) for path in folder.glob("step-*")
-                  if path.name.removeprefix("step-").isdigit() and (path / "state.json").is_file())
 
 
 def _bytes_at(handle, offset: int, size: int) -> bytes:

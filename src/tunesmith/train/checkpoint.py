@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -23,11 +22,8 @@ from typing import Any
 
 import torch
 
+from tunesmith.rundir import BEST_DIR, OPTIMIZER, STEP_DIR, WEIGHTS, numbered, read_shards
 from tunesmith.train.distributed import ONE_PROCESS, World
-
-STEP_DIR = re.compile(r"^step-(\d+)$")
-BEST_DIR = re.compile(r"^best-step-(\d+)$")
-
 
 @dataclass
 class TrainState:
@@ -67,9 +63,6 @@ def _commit(temporary: Path, final: Path) -> None:
         os.close(descriptor)
 
 
-WEIGHTS, OPTIMIZER = "weights.", "optimizer."  # the prefixes of the two state dicts' tensors in the shard files
-
-
 def _options() -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -104,17 +97,6 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path) -> None:
         warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
         dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(directory), save_distributed=True),
                  no_dist=not torch.distributed.is_initialized())
-
-
-def _read_shards(tensors: dict[str, torch.Tensor], directory: Path, local: bool = False) -> None:
-    """Fill `tensors` (this rank's layout, or whole tensors when `local`) from the shards, whatever number of
-    processes wrote them."""
-    import torch.distributed.checkpoint as dcp
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
-        dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(directory)),
-                 no_dist=local or not torch.distributed.is_initialized())
 
 
 def rng_state() -> dict[str, Any]:
@@ -176,7 +158,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
     weights, optimizer_state = _state_dicts(model, optimizer)
     tensors = _tensors(weights, optimizer_state)
-    _read_shards(tensors, path)
+    read_shards(tensors, path)
     scalars = json.loads((path / "optimizer.json").read_text())
     set_state_dict(model, optimizer,
                    model_state_dict={key: tensors[WEIGHTS + key] for key in weights},
@@ -191,39 +173,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return TrainState(**saved)
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The trainable weights in a checkpoint, as whole tensors by parameter name (for tools and tests)."""
-    import torch.distributed.checkpoint as dcp
-
-    metadata = dcp.HuggingFaceStorageReader(str(path)).read_metadata().state_dict_metadata
-    tensors = {key: torch.empty(entry.size, dtype=entry.properties.dtype) for key, entry in metadata.items()
-               if key.startswith(WEIGHTS)}
-    _read_shards(tensors, path, local=True)
-    return {key[len(WEIGHTS):]: tensor for key, tensor in tensors.items()}
-
-
-def _numbered(directory: Path, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
-    if not directory.is_dir():
-        return []
-    found = [(int(match.group(1)), path) for path in directory.iterdir() if (match := pattern.match(path.name))]
-    return sorted(found)
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    checkpoints = _numbered(directory, STEP_DIR)
-    return checkpoints[-1][1] if checkpoints else None
-
-
-def best_checkpoint(directory: Path) -> Path | None:
-    best = _numbered(directory, BEST_DIR)
-    return best[-1][1] if best else None
-
-
 def prune(directory: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` step checkpoints and all but the newest best checkpoint."""
-    for _, path in _numbered(directory, STEP_DIR)[:-keep_last]:
+    for _, path in numbered(directory, STEP_DIR)[:-keep_last]:
         shutil.rmtree(path)
-    for _, path in _numbered(directory, BEST_DIR)[:-1]:
+    for _, path in numbered(directory, BEST_DIR)[:-1]:
         shutil.rmtree(path)
     for leftover in directory.glob(".tmp-*"):  # an interrupted write: never a valid checkpoint
         shutil.rmtree(leftover, ignore_errors=True)
@@ -242,5 +196,5 @@ def load_best_weights(path: Path, model: torch.nn.Module) -> None:
 
     weights, _ = _state_dicts(model, None)
     tensors = _tensors(weights, {})
-    _read_shards(tensors, path)
+    read_shards(tensors, path)
     set_model_state_dict(model, {key: tensors[WEIGHTS + key] for key in weights}, options=_options())

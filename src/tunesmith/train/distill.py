@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from tunesmith.data.packing import IGNORE, Batch, collate, consecutive_runs
 from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.registry import distill_losses
-from tunesmith.train.loss import HEAD_CHUNK, decoder_and_head, hidden_states, target_logits
+from tunesmith.engine.forward import HEAD_CHUNK, decoder_and_head, hidden_states, target_logits
 from tunesmith.train.step import Objective
 
 Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student, teacher) log-probs (N, S) -> sum

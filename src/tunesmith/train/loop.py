@@ -13,17 +13,18 @@ from typing import Any
 import torch
 
 from tunesmith.allocator import FREED_PAGES
-from tunesmith.config import Config, TrainConfig
+from tunesmith.config.schema import Config, TrainConfig
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.packing import BatchPlan
 from tunesmith.errors import TrainingStopped
 from tunesmith.eval.in_training import InTrainingEval, higher_is_better
 from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter, load_options, output_name, save_final
+from tunesmith import rundir
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed
 from tunesmith.train.distributed import ONE_PROCESS, World
-from tunesmith.train.loss import decoder_and_head
+from tunesmith.engine.forward import decoder_and_head
 from tunesmith.train.metrics import MetricsLog
 from tunesmith.train.run import final_logged_loss, peak_rss_mb, write_summary
 from tunesmith.train.step import TOKEN_LOSS, Objective, StepResult, evaluate_loss
@@ -81,7 +82,7 @@ def save_outputs(config: Config, model, tokenizer, state: ckpt.TrainState, resul
     adds beside them), and summary.json. Sharded weights are gathered first; rank 0 writes."""
     FREED_PAGES.release()  # training is over: its activation pages are not needed again
     run_dir, checkpoints = config.output_dir, config.output_dir / "checkpoints"
-    best = ckpt.best_checkpoint(checkpoints)
+    best = rundir.best_checkpoint(checkpoints)
     if best is not None:
         ckpt.load_best_weights(best, model)
     output = run_dir / output_name(config.adapter.type)
@@ -212,7 +213,7 @@ def compile_layers(model: torch.nn.Module) -> None:
     """torch.compile every decoder layer, shapes dynamic (one graph for every packed length).
 
     The padding-free attention stays eager (it loops over examples); generation runs eagerly too
-    (serve/engine.py), so only training and scoring passes use the compiled layers.
+    (engine/generation.py), so only training and scoring passes use the compiled layers.
     """
     decoder, _ = decoder_and_head(model)
     for layer in decoder.layers:

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from tunesmith.config import TrainConfig
+from tunesmith.config.schema import TrainConfig
 from tunesmith.registry import schedules
 from tunesmith.train.strategies import layer_lr_groups
 

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.packing import IGNORE, Batch
+from tunesmith.engine.forward import HEAD_CHUNK, decoder_and_head, hidden_states
 from tunesmith.registry import preference_losses
-from tunesmith.train.loss import HEAD_CHUNK, decoder_and_head, hidden_states
+from tunesmith.train.loss import head_softmax_chunks
 from tunesmith.train.step import Objective
 
 # (chosen log-ratio, rejected log-ratio, beta, label smoothing) -> loss per pair
@@ -63,22 +64,14 @@ class HeadTokenLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        accumulate = torch.promote_types(hidden.dtype, torch.float32)
-        logprobs = torch.empty(targets.shape[0], dtype=accumulate, device=hidden.device)
+        logprobs = torch.empty(targets.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32),
+                               device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         head = weight.to(hidden.dtype)
-        for start in range(0, targets.shape[0], HEAD_CHUNK):
-            h, t = hidden[start: start + HEAD_CHUNK], targets[start: start + HEAD_CHUNK]
-            logits = (h @ head.T).to(accumulate)
-            picked = logits.gather(1, t[:, None]).squeeze(1)
-            peak = logits.amax(dim=-1, keepdim=True)
-            exp = logits.sub_(peak).exp_()
-            norm = exp.sum(dim=-1, keepdim=True)
-            logprobs[start: start + HEAD_CHUNK] = picked - (peak + norm.log()).squeeze(1)
+        for chunk in head_softmax_chunks(hidden, head, targets):
+            logprobs[chunk.rows] = chunk.logprobs
             if grad is not None:
-                d_logits = exp.div_(norm).neg_()  # -softmax
-                d_logits[torch.arange(t.shape[0], device=t.device), t] += 1
-                grad[start: start + HEAD_CHUNK] = d_logits.to(h.dtype) @ head
+                grad[chunk.rows] = chunk.softmax_minus_onehot().neg_().to(chunk.hidden.dtype) @ head  # onehot - softmax
         ctx.save_for_backward(grad)
         return logprobs
 

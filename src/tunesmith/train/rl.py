@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tunesmith.config import Config
+from tunesmith.config.schema import Config
 from tunesmith.data.dataset import PreparedData, split_validation
 from tunesmith.data.formats import Example, RowError
 from tunesmith.data.packing import IGNORE, Batch, collate, epoch_rows
@@ -26,9 +26,9 @@ from tunesmith.data.tokenize import ChatTokenizer, TokenizedExample
 from tunesmith.data.validate import load_file, report
 from tunesmith.errors import Problem, UserError
 from tunesmith.models import load_model
-from tunesmith.serve.engine import Sampling
+from tunesmith.engine.generation import Sampling
 from tunesmith.train.distributed import ONE_PROCESS, World
-from tunesmith.train.loss import HEAD_CHUNK, decoder_and_head, hidden_states
+from tunesmith.engine.forward import HEAD_CHUNK, decoder_and_head, hidden_states
 from tunesmith.train.preference import head_logprobs
 
 ACCEPTS = ("prompt", "chat", "preference")  # prompts; chat and preference rows give theirs up to the (chosen) reply

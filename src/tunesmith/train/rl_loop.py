@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from tunesmith.allocator import FREED_PAGES
-from tunesmith.config import Config
+from tunesmith.config.schema import Config
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.packing import Batch
 from tunesmith.data.tokenize import ChatTokenizer
@@ -22,11 +22,11 @@ from tunesmith.errors import TrainingStopped, UserError
 from tunesmith.eval.in_training import InTrainingEval
 from tunesmith.models import load_tokenizer
 from tunesmith.models.adapters import parameter_counts
-from tunesmith.serve.engine import Sampling, stop_token_ids
+from tunesmith.engine.generation import Sampling, stop_token_ids
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed, loop
 from tunesmith.train.loop import RunResult
-from tunesmith.train.loss import decoder_and_head
+from tunesmith.engine.forward import decoder_and_head
 from tunesmith.train.metrics import MetricsLog, Progress
 from tunesmith.train.optim import build_optimizer, build_scheduler
 from tunesmith.train.rewards import Reward, build_reward

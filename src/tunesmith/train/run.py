@@ -8,11 +8,11 @@ from typing import Any
 
 import yaml
 
-from tunesmith.config import Config
-from tunesmith.config_loading import write_config
+from tunesmith.config.schema import Config
+from tunesmith.config.loading import write_config
 from tunesmith.errors import UserError
 from tunesmith.rundir import read_metrics
-from tunesmith.train.checkpoint import latest_checkpoint
+from tunesmith.rundir import CONFIG_FILE, latest_checkpoint
 
 # Keys a resumed run may change: they steer how long and how loudly it runs, not what it computes.
 # train.parallel and train.cpu_offload too: checkpoints reshard, so a run may resume under DDP or FSDP; and
@@ -56,14 +56,14 @@ def prepare_run_dir(config: Config, write: bool = True) -> Path | None:
         if config.train.resume == "never":
             raise UserError(f"output_dir={run_dir} already holds checkpoints of a run; fix: choose another output_dir, "
                             f"delete that one, or set train.resume=auto to continue it")
-        saved = with_defaults(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")))
+        saved = with_defaults(yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8")))
         changes = config_changes(saved, config.model_dump(mode="json"))
         if changes:
             raise UserError(f"output_dir={run_dir} holds a run with a different config ({', '.join(changes)}), so it "
                             f"cannot be resumed; fix: choose another output_dir or set train.resume=never with a new one")
     if write:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(config, run_dir / "config.yaml")
+        write_config(config, run_dir / CONFIG_FILE)
     return checkpoint
 
 

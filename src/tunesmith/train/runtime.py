@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from tunesmith.config import TrainConfig
+from tunesmith.config.schema import TrainConfig
 
 
 def pick_device(config: TrainConfig) -> torch.device:

@@ -3,6 +3,23 @@
 A recipe's loss is an `Objective`: the summed loss of a micro-batch, and the count the step averages it
 over (target tokens for next-token losses, pairs for preference losses), plus any figures it wants logged.
 Both run the model through a runner (train/distributed.py), on one process or several.
+
+How one SFT step runs, file by file:
+
+    recipes/sft.py        train_loop asks the plan for this step's micro-batches
+    data/packing.py       BatchPlan: whole examples packed padding-free into rows of at most
+                          train.micro_batch_tokens tokens, the same on every resume
+    train/step.py         train_step: per micro-batch, under autocast (train/runtime.py) ...
+    train/distributed.py    ... the runner (the model, or its DDP/FSDP wrapper) calls the Objective ...
+    train/loss.py           ... token_loss_sum: the decoder's hidden states (engine/forward.py), each example
+                            attending only to itself (models/attention.py), LoRA and the gated MLP fused
+                            (models/fused_lora.py); then HeadCrossEntropy, the output head chunk by chunk
+                            at the target positions only, gradients computed in forward
+                          backward; the gradients sync on the last micro-batch; a penalty (train/strategies.py:
+                          L2-SP, L1) adds its gradient; clipping; the optimizer and schedule (train/optim.py)
+    train/loop.py         back in train_loop: the step is counted, checked for a finite loss, logged to
+                          metrics.jsonl (train/metrics.py), evaluated when due, and checkpointed
+                          (train/checkpoint.py, in the run directory's layout: rundir.py)
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from tunesmith.config import RegularizationConfig, UnfreezeConfig
+from tunesmith.config.schema import RegularizationConfig, UnfreezeConfig
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 EMBEDDING = re.compile(r"embed_tokens|wte|word_embeddings|prompt_encoder")

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import yaml
 
 from tunesmith.data.formats import Example
 from tunesmith.data.tokenize import ChatTokenizer
 from tunesmith.errors import UserError
 from tunesmith.models import load_model
 from tunesmith.models.adapters import has_soft_prompt, load_adapter, load_options
+from tunesmith.rundir import ADAPTER_DIR, CONFIG_FILE, MODEL_DIR, is_run_dir, read_run_config
 
 Messages = list[dict[str, str]]
 PREFIX_CACHE_MIN_TOKENS = 32  # below this, encoding the prefix with each row costs less than the cache copy
@@ -32,10 +32,6 @@ class Sampling:
         if self.temperature <= 0:
             return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and ((path / "adapter").is_dir() or (path / "model").is_dir())
 
 
 class Engine:
@@ -54,24 +50,23 @@ class Engine:
         """A run directory (base model + its adapter, or its full model) or any model spec."""
         path = Path(target)
         if is_run_dir(path):
-            run_config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-            if run_config.get("method") == "reward":
+            run_config = read_run_config(path)
+            if run_config.method == "reward":
                 raise UserError(f"{path} is a reward model: it rates replies and does not write them; fix: rate a "
                                 f"file with `tunesmith score {path} --data FILE`, or evaluate it with `tunesmith eval`")
-            system_prompt = run_config.get("data", {}).get("system_prompt")
-            if (path / "adapter").is_dir():  # the base as it trained (QLoRA: 4-bit), then the adapter
-                adapter_type = run_config.get("adapter", {}).get("type", "lora")
-                model, tokenizer = load_model(run_config["model"], **load_options(adapter_type))
-                return cls(load_adapter(model, path / "adapter"), tokenizer, system_prompt, has_adapter=True)
-            model, tokenizer = load_model(str(path / "model"))
+            system_prompt = run_config.data.system_prompt
+            if (path / ADAPTER_DIR).is_dir():  # the base as it trained (QLoRA: 4-bit), then the adapter
+                model, tokenizer = load_model(run_config.model, **load_options(run_config.adapter.type))
+                return cls(load_adapter(model, path / ADAPTER_DIR), tokenizer, system_prompt, has_adapter=True)
+            model, tokenizer = load_model(str(path / MODEL_DIR))
             return cls(model, tokenizer, system_prompt)
         from tunesmith.models import library
 
         if not path.exists() and target in library.names():  # an adapter from the local library
             return cls.load_library([target])
-        if path.is_dir() and (path / "config.yaml").is_file():
+        if path.is_dir() and (path / CONFIG_FILE).is_file():
             raise UserError(f"{path} is a run directory without adapter/ or model/: the run has not finished; "
-                            f"fix: resume it with `tunesmith train {path / 'config.yaml'}`")
+                            f"fix: resume it with `tunesmith train {path / CONFIG_FILE}`")
         model, tokenizer = load_model(target)
         return cls(model, tokenizer)
 
@@ -164,7 +159,7 @@ class Engine:
     def scored_loglikelihood(self, examples: list, batch_size: int = 16) -> list[tuple[float, int]]:
         """(sum of log-probabilities, count) of the tokens each tokenised example's loss mask marks."""
         from tunesmith.data.packing import collate
-        from tunesmith.train.loss import per_example_logprob
+        from tunesmith.engine.forward import per_example_logprob
 
         scores: list[tuple[float, int]] = []
         for start in range(0, len(examples), batch_size):
@@ -184,7 +179,7 @@ class Engine:
         """
         from tunesmith.data.packing import collate
         from tunesmith.data.tokenize import TokenizedExample
-        from tunesmith.train.loss import decoder_and_head, hidden_states
+        from tunesmith.engine.forward import decoder_and_head, hidden_states
 
         _, head = decoder_and_head(self.model)
         start_ids = self.tokenizer(reply_start, add_special_tokens=False)["input_ids"] if reply_start else []

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tunesmith.config import Config
+from tunesmith.config.schema import Config
 from tunesmith.errors import Problem, UserError, did_you_mean
 
 Location = dict[tuple[str, ...], str]  # key path -> "FILE:LINE" or "command line"

@@ -1,4 +1,4 @@
-"""The typed config: the schema and its defaults (config_loading.py reads it from YAML and overrides).
+"""The typed config: the schema and its defaults (config/loading.py reads it from YAML and overrides).
 
 Every field is documented once, here; the text feeds `tunesmith train --help-config` and the docs.
 """
@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tunesmith import registry
 from tunesmith.errors import did_you_mean
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -25,9 +26,6 @@ def registered(registry_name: str, value: str) -> str:
 
     A field validator (not a whole-config one), so a misspelt name is reported alongside every other problem.
     """
-    from tunesmith import registry
-
-    registry.load_plugins()
     plugins = getattr(registry, registry_name)
     if value not in plugins:
         raise ValueError(f"not a known {plugins.kind}{did_you_mean(value, plugins.names())}; "
@@ -418,9 +416,7 @@ class Config(Section):
         metric = self.train.early_stopping.metric
         if metric == "val_loss":
             return self
-        from tunesmith.eval.metrics import metric_names
-
-        names = metric_names(self.eval.task)
+        names = registry.metric_names(self.eval.task)
         if metric not in names:
             raise ValueError(f"train.early_stopping.metric: '{metric}' is not a metric of eval.task={self.eval.task}"
                              f"{did_you_mean(metric, names)}; choose val_loss or one of: {', '.join(names)}")

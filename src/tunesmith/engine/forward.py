@@ -1,0 +1,77 @@
+"""Forward helpers shared by training, scoring and generation: the decoder's final hidden states (soft prompts
+and packed examples included) and the output head applied only where a target is, in chunks, so the
+(tokens, vocab) logits never exist all at once.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.packing import IGNORE, Batch
+from tunesmith.models.adapters import soft_prompt
+
+HEAD_CHUNK = 1024  # positions per output-head chunk: 1024 x 49152 fp32 logits = 192 MiB
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer body and the output head of a causal LM, through a PEFT wrapper if there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """(1, T, H) final hidden states, attention causal within each example (models/attention.py).
+
+    Soft prompts act per example, as PEFT applies them to a batch of one: prompt tuning puts its virtual
+    tokens before each example (positions count them), prefix tuning gives every example's attention
+    its learned keys and values (positions start after them).
+    """
+    decoder, _ = decoder_and_head(model)
+    soft = soft_prompt(model)
+    if soft is None:
+        return decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                       segment_lengths=batch.segment_lengths).last_hidden_state
+    kind, value = soft
+    if kind == "prefix":
+        virtual = value[0][0].shape[2]
+        return decoder(input_ids=batch.input_ids, position_ids=batch.position_ids + virtual, use_cache=False,
+                       segment_lengths=batch.segment_lengths, segment_prefix=value).last_hidden_state
+    prompt = value.to(decoder.get_input_embeddings().weight.dtype)  # (N, H)
+    virtual = prompt.shape[0]
+    pieces, keep = [], []
+    for offset, piece in zip([0, *torch.tensor(batch.segment_lengths).cumsum(0).tolist()],
+                             decoder.get_input_embeddings()(batch.input_ids)[0].split(batch.segment_lengths)):
+        pieces += [prompt, piece]
+        keep.append(torch.arange(piece.shape[0]) + offset + virtual * (len(keep) + 1))
+    lengths = tuple(length + virtual for length in batch.segment_lengths)
+    positions = torch.cat([torch.arange(length) for length in lengths])[None].to(batch.input_ids.device)
+    hidden = decoder(inputs_embeds=torch.cat(pieces)[None], position_ids=positions, use_cache=False,
+                     segment_lengths=lengths).last_hidden_state
+    return hidden[:, torch.cat(keep).to(hidden.device)]
+
+
+def target_logits(model: torch.nn.Module, batch: Batch) -> Iterator[tuple[torch.Tensor, torch.Tensor, slice]]:
+    """(logits, targets, positions) per chunk of the batch's target positions, in order.
+
+    `positions` slices the target positions, so a caller can map a chunk back to its examples.
+    """
+    _, head = decoder_and_head(model)
+    hidden = hidden_states(model, batch)
+    keep = batch.targets != IGNORE
+    selected, targets = hidden[keep], batch.targets[keep]  # (N, H), (N,)
+    for start in range(0, targets.shape[0], HEAD_CHUNK):
+        chunk = slice(start, start + HEAD_CHUNK)
+        yield head(selected[chunk]).float(), targets[chunk], chunk
+
+
+def per_example_logprob(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: the sum of its target-token log-probabilities and its target count (scoring, not training)."""
+    keep = batch.targets[0] != IGNORE
+    owner = batch.example_index()[keep]
+    examples = len(batch.segment_lengths)
+    sums = torch.zeros(examples, dtype=torch.float32, device=keep.device)
+    for logits, targets, chunk in target_logits(model, batch):
+        sums.index_add_(0, owner[chunk], -F.cross_entropy(logits, targets, reduction="none"))
+    return sums, torch.bincount(owner, minlength=examples)
