@@ -46,7 +46,7 @@ def run_tunesmith(spec: dict, recompute: bool | str = False, compiled: bool = Fa
     from tunesmith.models import load_model
     from tunesmith.models.adapters import apply_adapter
     from tunesmith.train.distributed import Runner
-    from tunesmith.train.loop import compile_layers, enable_gradient_checkpointing, micro_batch_tokens
+    from tunesmith.train.session import compile_layers, enable_gradient_checkpointing, micro_batch_tokens
     from tunesmith.train.optim import build_optimizer, build_scheduler
     from tunesmith.train.step import train_step
 
@@ -93,7 +93,7 @@ def run_tunesmith_dpo(spec: dict) -> dict:
     from tunesmith.models.adapters import apply_adapter
     from tunesmith.registry import preference_losses
     from tunesmith.train.distributed import Runner
-    from tunesmith.train.loop import micro_batch_tokens
+    from tunesmith.train.session import micro_batch_tokens
     from tunesmith.train.optim import build_optimizer, build_scheduler
     from tunesmith.train.preference import PreferenceObjective, adapter_off_logprobs
     from tunesmith.train.step import train_step

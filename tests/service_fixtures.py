@@ -17,7 +17,18 @@ MARKER = "zebracornflakes"  # a word of the training data that must never be fou
 
 
 def files_containing(root: Path, needle: bytes) -> list[Path]:
-    return [path for path in root.rglob("*") if path.is_file() and needle in path.read_bytes()]
+    """The files under `root` that hold `needle`; a running job prunes checkpoints meanwhile, so what vanishes
+    while it is walked is skipped."""
+    found = []
+    for directory, _, names in os.walk(root):  # os.walk passes over a directory that vanishes; rglob raises
+        for name in names:
+            path = Path(directory) / name
+            try:
+                if needle in path.read_bytes():
+                    found.append(path)
+            except (FileNotFoundError, IsADirectoryError):
+                continue
+    return found
 
 
 def training_rows(count: int = 12, marker: str = MARKER) -> list[dict]:

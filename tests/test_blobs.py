@@ -105,7 +105,7 @@ def test_the_operator_is_told_whether_job_plaintext_is_in_memory_or_on_disk(tmp_
 
 def test_a_seal_holds_the_run_as_of_one_checkpoint_and_skips_the_others(tmp_path):
     from tunesmith.rundir import checkpoint_steps
-    from tunesmith.serve.worker import run_members
+    from tunesmith.serve.scratch import run_members
 
     run = tmp_path / "run"
     for name in ("metrics.jsonl", "config.yaml", "reference-cache/manifest.json", "checkpoints/step-10/state.json",

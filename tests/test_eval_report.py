@@ -167,7 +167,7 @@ def header_of(page: str) -> str:
 def test_the_header_shows_only_the_settings_that_shaped_the_task(tmp_path):
     """A perplexity report names no decoding or label settings; a classification report names its method and labels."""
     from tunesmith.data.formats import convert_classification, convert_text
-    from tunesmith.eval.run import EvalOptions, assemble
+    from tunesmith.eval.evaluate import EvalOptions, assemble
     from tunesmith.registry import tasks
 
     perplexity = tasks.get("perplexity")

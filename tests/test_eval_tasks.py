@@ -10,7 +10,7 @@ from conftest import write_config_file, write_jsonl
 from tunesmith.cli import main
 from tunesmith.data.formats import convert_classification, convert_messages
 from tunesmith.errors import UserError
-from tunesmith.eval.run import EvalOptions, evaluate, few_shot_prefix, format_summary, parse_baseline
+from tunesmith.eval.evaluate import EvalOptions, evaluate, few_shot_prefix, format_summary, parse_baseline
 from tunesmith.eval.tasks import parse_number, with_prefix
 
 LABELS = ["card_arrival", "lost_or_stolen_phone", "cancel_transfer", "fee"]
@@ -147,7 +147,7 @@ def test_preference_by_a_reward_model(run_dir, tiny_model, tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tunesmith.engine.reward import RewardScorer
+    from tunesmith.engine.reward_model import RewardScorer
 
     torch.manual_seed(1)
     reward_dir = tmp_path / "reward"

@@ -17,7 +17,7 @@ from tunesmith.errors import UserError
 from tunesmith.eval import redteam
 from tunesmith.eval.judge import Judge, default_rubric, load_rubric
 from tunesmith.eval.label import LabelOptions, label
-from tunesmith.eval.run import EvalOptions, evaluate
+from tunesmith.eval.evaluate import EvalOptions, evaluate
 from tunesmith.eval.stats import wilson_interval
 from tunesmith.registry import methods
 from tunesmith.engine.generation import Engine
@@ -192,7 +192,7 @@ def test_label_rate_writes_scores(tmp_path, tiny_model):
     assert loaded.format == "score" and not loaded.problems and len(loaded.examples) == result.counts["rows"]
     assert all(1.0 <= example.score <= 7.0 for example in loaded.examples)
     if "reward" in methods and "score" in methods.info("reward").get("accepts", ()):
-        from tunesmith.data.check import check_file
+        from tunesmith.data.validate import check_file
 
         assert not check_file(result.output, method="reward").problems
 

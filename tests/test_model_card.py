@@ -145,7 +145,7 @@ def evaluated_run(directory: Path, system_prompt: str | None) -> Run:
 def test_model_card_is_a_hub_card_with_the_runs_figures(tmp_path, tokenizers):
     from huggingface_hub import ModelCard
 
-    from tunesmith.models.cache import sha256_of_file
+    from tunesmith.models.cache_files import sha256_of_file
 
     run = evaluated_run(tmp_path / "my-run", "Name the intent.")
     tokenizer = apply_system_prompt(build_tokenizer(CHATML, "<|im_end|>"), "Name the intent.")

@@ -17,14 +17,14 @@ from tunesmith.data.formats import convert_preference, convert_score
 from tunesmith.data.packing import collate
 from tunesmith.data.tokenize import ChatTokenizer, TokenizedExample
 from tunesmith.errors import UserError
-from tunesmith.engine.reward import RewardScorer
-from tunesmith.eval.run import EvalOptions, evaluate
+from tunesmith.engine.reward_model import RewardScorer
+from tunesmith.eval.evaluate import EvalOptions, evaluate
 from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter, load_trainable_state
 from tunesmith.engine.generation import Engine
 from tunesmith import rundir
-from tunesmith.engine.reward import reward_positions, ScoreScale, sequence_rewards
-from tunesmith.train.reward import pairwise_loss, pointwise_loss
+from tunesmith.engine.reward_model import reward_positions, ScoreScale, sequence_rewards
+from tunesmith.train.reward_loss import pairwise_loss, pointwise_loss
 
 GOOD = ["Your card is on its way.", "I can cancel the transfer.", "The fee is 1 percent.", "Your refund is on its way."]
 BAD = ["the quick brown fox", "lazy dog lazy dog", "hello world", "0 1 2 3 ? !"]

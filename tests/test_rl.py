@@ -17,7 +17,9 @@ from tunesmith.errors import UserError
 from tunesmith.recipes.ppo import token_rewards
 from tunesmith.registry import reward_functions
 from tunesmith import rundir
-from tunesmith.train import rl
+from tunesmith.data import prompts
+from tunesmith.train import policy, rl_math
+from tunesmith.train import rollout as rollouts
 
 PROMPTS = [{"prompt": f"{question} {i}", "answer": str(i)} for i, question in enumerate(
     ["my card has not arrived", "I lost my phone", "cancel a transfer", "what is the fee", "top up balance",
@@ -64,7 +66,7 @@ def tiny_reward_model(tmp_path_factory) -> Path:
 
 def test_k3_kl_estimate():
     # d = log ref - log pi = -1: exp(-1) + 1 - 1; d = 0: 0; d = 2: e^2 - 3
-    kl = rl.kl_k3(torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-2.0, -2.0, -1.0]))
+    kl = rl_math.kl_k3(torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-2.0, -2.0, -1.0]))
     torch.testing.assert_close(kl, torch.tensor([math.exp(-1), 0.0, math.exp(2) - 3]))
 
 
@@ -72,19 +74,19 @@ def test_group_advantages():
     rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])
     std = math.sqrt((1.5 ** 2 + 0.5 ** 2) * 2 / 3)  # unbiased, of 1 2 3 4
     expected = [-1.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.5 / (std + 1e-4), 1.5 / (std + 1e-4), 0, 0, 0, 0]
-    torch.testing.assert_close(rl.group_advantages(rewards, 4), torch.tensor(expected))
-    centred = rl.group_advantages(rewards, 2, scale=False)  # groups (1, 2), (3, 4), (5, 5), (5, 5)
+    torch.testing.assert_close(rl_math.group_advantages(rewards, 4), torch.tensor(expected))
+    centred = rl_math.group_advantages(rewards, 2, scale=False)  # groups (1, 2), (3, 4), (5, 5), (5, 5)
     torch.testing.assert_close(centred, torch.tensor([-0.5, 0.5, -0.5, 0.5, 0, 0, 0, 0]))
 
 
 def test_gae():
     rewards, values = torch.tensor([0.0, 0.0, 1.0]), torch.tensor([0.5, 0.6, 0.7])
-    advantages, returns = rl.gae(rewards, values, gamma=0.9, lam=0.8)
+    advantages, returns = rl_math.gae(rewards, values, gamma=0.9, lam=0.8)
     # t=2: delta 1 - 0.7 = 0.3;  t=1: delta 0.9 * 0.7 - 0.6 = 0.03, A = 0.03 + 0.72 * 0.3 = 0.246;
     # t=0: delta 0.9 * 0.6 - 0.5 = 0.04, A = 0.04 + 0.72 * 0.246 = 0.21712
     torch.testing.assert_close(advantages, torch.tensor([0.21712, 0.246, 0.3]))
     torch.testing.assert_close(returns, torch.tensor([0.71712, 0.846, 1.0]))
-    advantages, returns = rl.gae(rewards, values, gamma=1.0, lam=1.0)  # no discount: the return minus the value
+    advantages, returns = rl_math.gae(rewards, values, gamma=1.0, lam=1.0)  # no discount: the return minus the value
     torch.testing.assert_close(advantages, torch.tensor([0.5, 0.4, 0.3]))
     torch.testing.assert_close(returns, torch.ones(3))
 
@@ -93,7 +95,7 @@ def test_clipped_policy_loss_and_its_gradient():
     ratios = torch.tensor([1.5, 1.5, 0.5, 0.5, 1.1])
     advantages = torch.tensor([1.0, -1.0, 1.0, -1.0, 2.0])
     logprobs = ratios.log().requires_grad_()
-    loss, clipped = rl.clipped_policy_loss(logprobs, torch.zeros(5), advantages, clip=0.2)
+    loss, clipped = rl_math.clipped_policy_loss(logprobs, torch.zeros(5), advantages, clip=0.2)
     # max(-A r, -A clip(r, 0.8, 1.2)): the clip binds where it makes the loss larger
     torch.testing.assert_close(loss, torch.tensor([-1.2, 1.5, -0.5, 0.8, -2.2]))
     assert clipped.tolist() == [True, False, False, True, False]
@@ -104,23 +106,23 @@ def test_clipped_policy_loss_and_its_gradient():
 
 def test_clipped_value_loss():
     old, values = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1.5, 1.5, 1.1])
-    loss, clipped = rl.clipped_value_loss(values, old, torch.tensor([2.0, 1.0, 2.0]), clip=0.2)
+    loss, clipped = rl_math.clipped_value_loss(values, old, torch.tensor([2.0, 1.0, 2.0]), clip=0.2)
     # V 1.5 is clipped to 1.2: R 2 -> max(0.25, 0.64) / 2; R 1 -> max(0.25, 0.04) / 2; V 1.1 within the clip
     torch.testing.assert_close(loss, torch.tensor([0.32, 0.125, 0.405]))
     assert clipped.tolist() == [True, False, False]
 
 
 def test_whiten_and_explained_variance():
-    white = rl.whiten(torch.tensor([1.0, 2.0, 3.0]))
+    white = rl_math.whiten(torch.tensor([1.0, 2.0, 3.0]))
     torch.testing.assert_close(white, torch.tensor([-1.0, 0.0, 1.0]))
     returns = torch.tensor([1.0, 2.0, 4.0])
-    assert rl.explained_variance(returns, returns) == pytest.approx(1.0)
-    assert rl.explained_variance(torch.zeros(3), returns) == pytest.approx(0.0)
-    assert rl.explained_variance(returns.flip(0), returns) < 0
+    assert rl_math.explained_variance(returns, returns) == pytest.approx(1.0)
+    assert rl_math.explained_variance(torch.zeros(3), returns) == pytest.approx(0.0)
+    assert rl_math.explained_variance(returns.flip(0), returns) < 0
 
 
 def test_ppo_token_rewards_put_the_score_on_the_last_token():
-    rollout = rl.Rollout(prompts=[[1], [2]], replies=[[5, 6], [7]], texts=["a", "b"], rewards=torch.tensor([1.0, 3.0]),
+    rollout = rollouts.Rollout(prompts=[[1], [2]], replies=[[5, 6], [7]], texts=["a", "b"], rewards=torch.tensor([1.0, 3.0]),
                          reward_parts={}, logprobs=torch.tensor([-1.0, -2.0, -1.0]), entropy=torch.zeros(3),
                          ref_logprobs=torch.tensor([-1.5, -2.0, -0.5]))
     # -0.1 * (log pi - log ref) = [-0.05, 0, 0.05]; scores 1 and 3 on each reply's last token
@@ -128,8 +130,8 @@ def test_ppo_token_rewards_put_the_score_on_the_last_token():
 
 
 def test_split_and_token_positions():
-    assert rl.split(list(range(5)), 2) == [[0, 1], [2, 3, 4]] and rl.split([0], 3) == [[0]]
-    rollout = rl.Rollout(prompts=[[1, 2], [3], [4, 5, 6]], replies=[[7, 8], [9, 10, 11], [12]], texts=["", "", ""],
+    assert rollouts.split(list(range(5)), 2) == [[0, 1], [2, 3, 4]] and rollouts.split([0], 3) == [[0]]
+    rollout = rollouts.Rollout(prompts=[[1, 2], [3], [4, 5, 6]], replies=[[7, 8], [9, 10, 11], [12]], texts=["", "", ""],
                          rewards=torch.zeros(3), reward_parts={}, logprobs=torch.arange(6.0), entropy=torch.zeros(6),
                          ref_logprobs=None)
     assert rollout.token_index([2, 0]).tolist() == [5, 0, 1]
@@ -149,9 +151,9 @@ def test_flat_batch_log_probs_match_a_plain_forward(tiny_model, temperature):
     model, _ = load_model(str(tiny_model))
     model = apply_adapter(model, AdapterConfig(type="lora"))
     prompts, replies = [[5, 17, 42], [99, 3], [7, 8, 9, 10]], [[11, 12], [13, 14, 15], [16]]
-    batch = rl.rollout_batch(prompts, replies)
-    logprobs, _ = rl.policy_outputs(model, batch, temperature)
-    scored, entropy, _ = rl.token_statistics(model, batch, temperature)
+    batch = rollouts.rollout_batch(prompts, replies)
+    logprobs, _ = policy.policy_outputs(model, batch, temperature)
+    scored, entropy, _ = policy.token_statistics(model, batch, temperature)
     expected, expected_entropy = [], []
     with torch.no_grad():
         for prompt, reply in zip(prompts, replies):
@@ -195,16 +197,16 @@ def test_chat_rows_become_prompts_with_their_reply_as_a_field(tmp_path, tiny_mod
     config = rl_config(tmp_path, tiny_model, "method=grpo", "rl.reward_functions=[{name: number_match, args: {field: output}}]",
                        "data.system_prompt=Be brief.", rows=rows)
     chat = ChatTokenizer(load_tokenizer(str(tiny_model)), system_prompt="Be brief.")
-    data = rl.load_prompts(config, chat, {"number_match": "output"})
+    data = prompts.load_prompts(config, chat, {"number_match": "output"})
     first = data.train[0]
     assert data.format == "alpaca" and [m["role"] for m in first.messages] == ["system", "user"]
     assert first.fields["output"] == first.fields["reference"] == "2 + 3 = 5\n#### 5"
     assert chat.tokenizer.decode(first.input_ids).endswith("<|im_start|>assistant\n")
     with pytest.raises(UserError, match=r"train.jsonl:1: reward 'number_match' reads the field 'answer'"):
-        rl.load_prompts(config, chat, {"number_match": "answer"})
+        prompts.load_prompts(config, chat, {"number_match": "answer"})
     pairs = rl_config(tmp_path, tiny_model, "method=grpo", "rl.reward_functions=[length_penalty]", rows=[{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go."}] * 3,
                       name="pairs")
-    prompt = rl.load_prompts(pairs, chat, {}).train[0]  # a reward model's pairs serve as RL prompts
+    prompt = prompts.load_prompts(pairs, chat, {}).train[0]  # a reward model's pairs serve as RL prompts
     assert prompt.messages[-1] == {"role": "user", "content": "Hi?"} and prompt.fields["reference"] == "Hello."
 
 
@@ -225,8 +227,8 @@ def test_built_in_reward_functions():
 
 def test_reward_sum_of_functions_and_a_reward_model(tmp_path, tiny_reward_model):
     from tunesmith.config.schema import RLConfig
-    from tunesmith.engine.reward import RewardScorer
-    from tunesmith.train.rewards import build_reward
+    from tunesmith.engine.reward_model import RewardScorer
+    from tunesmith.train.reward_functions import build_reward
 
     (tmp_path / "mine.py").write_text("def double(prompt, response, fields, *, factor=2.0):\n    return factor * len(response)\n")
     settings = RLConfig(reward_model=str(tiny_reward_model), reward_model_weight=0.5,
@@ -247,7 +249,7 @@ def test_reward_sum_of_functions_and_a_reward_model(tmp_path, tiny_reward_model)
 def test_reward_function_mistakes_are_clear(tmp_path):
     from tunesmith.config.schema import RLConfig
     from tunesmith.config.loading import load_config
-    from tunesmith.train.rewards import build_reward
+    from tunesmith.train.reward_functions import build_reward
 
     with pytest.raises(UserError, match="did you mean 'exact_match'"):
         load_config(None, ["data.train=x.jsonl", "method=grpo", "rl.reward_functions=[exact_mach]"])

@@ -16,7 +16,7 @@ from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter, load_trainable_state
 from tunesmith.registry import methods
 from tunesmith import rundir
-from tunesmith.train import loop
+from tunesmith.train import session
 
 
 def make_config(tmp_path: Path, model_dir: Path, rows: list, *overrides: str, name: str = "run"):
@@ -33,17 +33,17 @@ def run(config):
 
 def stop_by_signal_at(config, step: int, monkeypatch) -> TrainingStopped:
     """Run `config` until SIGTERM arrives right after `step`; the recipe checkpoints and stops. Run it again to resume."""
-    original = loop.advance
+    original = session.advance
 
     def advance_then_signal(state, plan, result):
         original(state, plan, result)
         if state.step == step:
             signal.raise_signal(signal.SIGTERM)
 
-    monkeypatch.setattr(loop, "advance", advance_then_signal)
+    monkeypatch.setattr(session, "advance", advance_then_signal)
     with pytest.raises(TrainingStopped) as stopped:
         run(config)
-    monkeypatch.setattr(loop, "advance", original)
+    monkeypatch.setattr(session, "advance", original)
     return stopped.value
 
 
@@ -224,7 +224,7 @@ def test_pretrain_trains_every_token_of_raw_text(tmp_path, tiny_model):
 
 def test_early_stopping_keeps_the_best_weights(tmp_path, tiny_model, chat_rows, monkeypatch):
     losses = iter([1.0, 0.5, 0.9, 0.95, 0.99])
-    monkeypatch.setattr(loop, "evaluate_loss", lambda *args, **kwargs: next(losses))
+    monkeypatch.setattr(session, "evaluate_loss", lambda *args, **kwargs: next(losses))
     config = make_config(tmp_path, tiny_model, chat_rows, "train.epochs=3", "data.val_fraction=0.2",
                          "train.eval_every=2", "train.early_stopping.patience=2")
     result = run(config)

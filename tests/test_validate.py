@@ -15,7 +15,7 @@ import pytest
 from conftest import write_jsonl
 from tunesmith.cli import main
 from tunesmith.config.schema import DataConfig
-from tunesmith.data.check import check_file
+from tunesmith.data.validate import check_file
 from tunesmith.data.dataset import prepare_data
 from tunesmith.data.formats import detect_format
 from tunesmith.data.tokenize import ChatTokenizer

@@ -72,7 +72,7 @@ def write_progress(run) -> None:
 
 def lock_is_free(run) -> bool:
     """Whether anyone (a worker, or a run's process) holds the job's scratch lock."""
-    from tunesmith.serve.worker import SCRATCH_LOCK
+    from tunesmith.serve.scratch import SCRATCH_LOCK
 
     with open(run.directory / SCRATCH_LOCK, "rb") as handle:
         try:

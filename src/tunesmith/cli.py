@@ -98,7 +98,7 @@ def launch_processes(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from tunesmith.data.check import check_file
+    from tunesmith.data.validate import check_file
     from tunesmith.data.files import parse_columns
     from tunesmith.models import load_tokenizer
 

@@ -84,7 +84,7 @@ tasks: Registry[Any] = Registry("evaluation task", ("tunesmith.eval.tasks",))
 distill_losses: Registry[Callable[..., Any]] = Registry("distillation loss", ("tunesmith.train.distill",))
 preference_losses: Registry[Callable[..., Any]] = Registry("preference loss", ("tunesmith.train.preference",))
 # (prompt messages, response text, row fields, **args) -> float: plain functions that score RL samples
-reward_functions: Registry[Callable[..., float]] = Registry("reward function", ("tunesmith.train.rewards",))
+reward_functions: Registry[Callable[..., float]] = Registry("reward function", ("tunesmith.train.reward_functions",))
 # how a task's raw outputs become resampled totals (eval/metrics.py's MetricTask), and the metrics read from them
 metric_tasks: Registry[Any] = Registry("metric task", METRICS)
 metrics: Registry[Callable[..., Any]] = Registry("metric", METRICS)

@@ -118,7 +118,7 @@ def delimited_hint(path: Path, text: str) -> str:
 
 def read_json_array(path: Path, data: bytes) -> Rows:
     """The elements of a .json file holding one JSON array, each at the line it starts on."""
-    from tunesmith.data.exports import element_lines  # the tickets importer's array walker, shared
+    from tunesmith.data.helpdesk_exports import element_lines  # the tickets importer's array walker, shared
 
     try:
         text = data.decode("utf-8-sig")

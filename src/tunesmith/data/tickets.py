@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tunesmith.data.exports import (
+from tunesmith.data.helpdesk_exports import (
     FLAVOURS,
     Mapping,
     Record,

@@ -34,7 +34,7 @@ class ScoredFile:
 
 def score_file(model: str, data: Path, output: Path | None = None, batch_size: int = 16) -> ScoredFile:
     """Rate every reply of `data` with the reward model `model` (a reward run or a classifier directory)."""
-    from tunesmith.engine.reward import RewardScorer
+    from tunesmith.engine.reward_model import RewardScorer
 
     output = output or data.with_name(f"{data.stem}.scored.jsonl")
     if output.resolve() == data.resolve():

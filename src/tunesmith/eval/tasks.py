@@ -1,6 +1,6 @@
 """Evaluation tasks: how examples become prompts and expectations, and how a model answers them.
 
-Each task is a small registered object; the runner (eval/run.py) treats them all alike. A model is
+Each task is a small registered object; the runner (eval/evaluate.py) treats them all alike. A model is
 reached only through the engine's narrow interface: `generate` and `loglikelihood`.
 
 A task names its `metric_task` (eval/metrics.py) and the `headline` metrics the summary prints (those the result

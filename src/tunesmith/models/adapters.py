@@ -245,7 +245,7 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 def save_final(model: torch.nn.Module, tokenizer: Any, directory: Path,
                state: dict[str, torch.Tensor] | None = None, base_model: str | None = None) -> None:
     """PEFT format (adapter_config.json + adapter_model.safetensors) or a full HF model directory; `state`
-    gives the weights when the model's own are sharded (gathered by train/loop.py). `base_model` (the config's
+    gives the weights when the model's own are sharded (gathered by train/session.py). `base_model` (the config's
     `model:`) is what the adapter names as its base, by its upstream id, not the cache path it was loaded from."""
     from tunesmith.models.model_card import name_upstream_base
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.errors import UserError, did_you_mean
-from tunesmith.models.cache import exclusive_lock, sha256_of_file
+from tunesmith.models.cache_files import exclusive_lock, sha256_of_file
 from tunesmith.models.gguf import SOURCE_RECORD_NAME, convert_gguf
 from tunesmith.paths import model_cache
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from tunesmith.config.schema import Config
 from tunesmith.errors import Problem, UserError, did_you_mean
-from tunesmith.models.cache import commit_directory, staging_directory
+from tunesmith.models.cache_files import commit_directory, staging_directory
 from tunesmith.models.gguf_export import LLAMA_QUANTIZE_ONLY_DTYPES, gguf_dtype_problem
 from tunesmith.registry import Registry
 from tunesmith.rundir import ADAPTER_DIR, CONFIG_FILE, MODEL_DIR, read_run_config

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunesmith.models.cache import commit_directory, staging_directory
+from tunesmith.models.cache_files import commit_directory, staging_directory
 
 # Written into every converted directory: where the weights came from, so a cache entry explains itself.
 SOURCE_RECORD_NAME = "tunesmith-source.json"

@@ -17,7 +17,7 @@ from typing import Any
 
 from tunesmith.config.schema import DataConfig
 from tunesmith.errors import UserError, did_you_mean
-from tunesmith.models.cache import sha256_of_file
+from tunesmith.models.cache_files import sha256_of_file
 from tunesmith.paths import home
 from tunesmith.rundir import ADAPTER_DIR, CONFIG_FILE, EVAL_FILE, read_run_config
 

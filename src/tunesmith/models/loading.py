@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunesmith.errors import UserError, did_you_mean
 from tunesmith.models import catalog
-from tunesmith.models.cache import exclusive_lock, sha256_of_file
+from tunesmith.models.cache_files import exclusive_lock, sha256_of_file
 from tunesmith.models.gguf import convert_gguf
 from tunesmith.paths import model_cache
 

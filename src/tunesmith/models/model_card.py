@@ -246,7 +246,7 @@ def method_lines(run: Run, upstream: str) -> list[str]:
 def data_lines(run: Run) -> list[str]:
     """Each data file by name, with its sha256: enough to tell which data trained the model (the example counts,
     from the run's own reading of the files, are in the training section: a line count would miscount CSV)."""
-    from tunesmith.models.cache import sha256_of_file
+    from tunesmith.models.cache_files import sha256_of_file
 
     data = run.config.data
     lines = ["## Training data", "", "| split | file | sha256 |", "| --- | --- | --- |"]

@@ -23,11 +23,12 @@ from tunesmith.data.dataset import PreparedData
 from tunesmith.data.packing import collate
 from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.errors import UserError
-from tunesmith.recipes.sft import RunResult, train_loop
+from tunesmith.recipes.sft import train_loop
+from tunesmith.train.session import RunResult
 from tunesmith.registry import distill_losses, methods
 from tunesmith.engine.generation import Engine
 from tunesmith.train import distributed
-from tunesmith.train.cache import TEACHER_CACHE, model_identity, read_cache, write_cache
+from tunesmith.train.tensor_cache import TEACHER_CACHE, model_identity, read_cache, write_cache
 from tunesmith.train.distill import CachedTeacher, Distiller, LiveTeacher, example_key, teacher_top_k
 from tunesmith.train.distributed import World
 

@@ -21,10 +21,11 @@ from tunesmith.data.dataset import PreparedData
 from tunesmith.data.packing import Batch, collate, consecutive_runs
 from tunesmith.data.tokenize import Unit
 from tunesmith.errors import UserError
-from tunesmith.recipes.sft import RunResult, train_loop
+from tunesmith.recipes.sft import train_loop
+from tunesmith.train.session import RunResult
 from tunesmith.registry import methods, preference_losses
 from tunesmith.train import distributed
-from tunesmith.train.cache import REFERENCE_CACHE, model_identity, read_cache, write_cache
+from tunesmith.train.tensor_cache import REFERENCE_CACHE, model_identity, read_cache, write_cache
 from tunesmith.train.distill import segment_keys
 from tunesmith.train.distributed import World
 from tunesmith.train.preference import PreferenceObjective, adapter_off_logprobs, sequence_logprobs

@@ -10,7 +10,8 @@ binds: it is the plain policy gradient with the group's mean as baseline.
 
 Logged per step: loss, reward (and each source's, reward_<name>), kl, entropy, response_length,
 truncated_fraction, clip_fraction; val_reward on validation prompts (greedy) every train.eval_every steps.
-The shared pieces (sampling, scoring, the losses) are in train/rl.py, the loop's machinery in train/rl_loop.py.
+The shared pieces are in data/prompts.py (prompts), train/rollout.py (sampling), train/policy.py (scoring) and
+train/rl_math.py (the losses); the loop's machinery in train/rl_loop.py.
 """
 from __future__ import annotations
 
@@ -20,14 +21,16 @@ from functools import partial
 import torch
 
 from tunesmith.config.schema import Config, RLConfig
+from tunesmith.data import prompts
 from tunesmith.data.packing import Batch
 from tunesmith.registry import methods
-from tunesmith.train import rl, rl_loop
-from tunesmith.train.loop import RunResult
+from tunesmith.train import policy, rl_loop, rl_math
+from tunesmith.train.rollout import Rollout
+from tunesmith.train.session import RunResult
 from tunesmith.train.runtime import stop_on_signals
 
 
-@methods.register("grpo", accepts=rl.ACCEPTS)
+@methods.register("grpo", accepts=prompts.ACCEPTS)
 def run_grpo(config: Config) -> RunResult:
     # ---- setup -------------------------------------------------------------------------------
     run = rl_loop.setup(config)
@@ -40,7 +43,7 @@ def run_grpo(config: Config) -> RunResult:
             started = time.perf_counter()
             rollout = rl_loop.collect_rollout(run, run.next_prompts(), group)
             # every token of a reply gets the reply's advantage: its reward relative to its group's
-            advantages = rl.group_advantages(rollout.rewards, group, config.grpo.scale_rewards)
+            advantages = rl_math.group_advantages(rollout.rewards, group, config.grpo.scale_rewards)
             rollout.advantages = rollout.per_token(advantages)
             result, figures = rl_loop.update_policy(run, rollout, partial(grpo_token_loss, config.rl, rollout))
             rl_loop.finish_step(run, result, {**rollout.figures(), **figures}, stop, started)
@@ -49,14 +52,14 @@ def run_grpo(config: Config) -> RunResult:
     return rl_loop.save(run, result)
 
 
-def grpo_token_loss(settings: RLConfig, rollout: rl.Rollout, model: torch.nn.Module, batch: Batch,
+def grpo_token_loss(settings: RLConfig, rollout: Rollout, model: torch.nn.Module, batch: Batch,
                     tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per reply token of `batch`: the clipped surrogate plus kl_coef * KL(policy || reference)."""
-    logprobs, _ = rl.policy_outputs(model, batch, settings.temperature)
-    loss, clipped = rl.clipped_policy_loss(logprobs, rollout.logprobs[tokens], rollout.advantages[tokens],
+    logprobs, _ = policy.policy_outputs(model, batch, settings.temperature)
+    loss, clipped = rl_math.clipped_policy_loss(logprobs, rollout.logprobs[tokens], rollout.advantages[tokens],
                                            settings.clip_range)
     figures = {"clip_fraction": clipped.float()}
     if rollout.ref_logprobs is None:  # full fine-tuning with kl_coef 0: no reference was loaded
         return loss, figures
-    kl = rl.kl_k3(logprobs, rollout.ref_logprobs[tokens])
+    kl = rl_math.kl_k3(logprobs, rollout.ref_logprobs[tokens])
     return loss + settings.kl_coef * kl, figures

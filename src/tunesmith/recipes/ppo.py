@@ -7,7 +7,7 @@ starting model) plus the score on its last token. GAE (ppo.gamma, ppo.lam) turns
 estimates into per-token advantages and returns; the loss per reply token is PPO's clipped surrogate plus
 ppo.value_coef times the clipped value loss.
 
-The critic is a small value head (train/rl.py `ValueHead`: a two-layer MLP on the policy's final hidden
+The critic is a small value head (train/policy.py `ValueHead`: a two-layer MLP on the policy's final hidden
 states, detached), not a second model: it costs one extra matmul per token, and the value loss never pulls on
 the policy's weights. It is trained and checkpointed with the policy; the run ships only the policy.
 
@@ -23,14 +23,16 @@ from functools import partial
 import torch
 
 from tunesmith.config.schema import Config
+from tunesmith.data import prompts
 from tunesmith.data.packing import Batch
 from tunesmith.registry import methods
-from tunesmith.train import rl, rl_loop
-from tunesmith.train.loop import RunResult
+from tunesmith.train import policy, rl_loop, rl_math
+from tunesmith.train.rollout import Rollout
+from tunesmith.train.session import RunResult
 from tunesmith.train.runtime import stop_on_signals
 
 
-@methods.register("ppo", accepts=rl.ACCEPTS)
+@methods.register("ppo", accepts=prompts.ACCEPTS)
 def run_ppo(config: Config) -> RunResult:
     # ---- setup -------------------------------------------------------------------------------
     run = rl_loop.setup(config, with_value_head=True)
@@ -43,20 +45,20 @@ def run_ppo(config: Config) -> RunResult:
             started = time.perf_counter()
             rollout = rl_loop.collect_rollout(run, run.next_prompts(), group_size=1)
             rewards = token_rewards(rollout, config.rl.kl_coef)
-            pieces = [rl.gae(r, v, settings.gamma, settings.lam)
+            pieces = [rl_math.gae(r, v, settings.gamma, settings.lam)
                       for r, v in zip(rewards.split(rollout.lengths), rollout.values.split(rollout.lengths))]
             advantages, rollout.returns = (torch.cat(column) for column in zip(*pieces))
-            rollout.advantages = rl.whiten(advantages, world=run.world) if settings.whiten_advantages else advantages
+            rollout.advantages = rl_math.whiten(advantages, world=run.world) if settings.whiten_advantages else advantages
             loss = partial(ppo_token_loss, config, rollout, run.value_head)
             result, figures = rl_loop.update_policy(run, rollout, loss)
-            figures["explained_variance"] = rl.explained_variance(rollout.values, rollout.returns)
+            figures["explained_variance"] = rl_math.explained_variance(rollout.values, rollout.returns)
             rl_loop.finish_step(run, result, {**rollout.figures(), **figures}, stop, started)
 
     # ---- save --------------------------------------------------------------------------------
     return rl_loop.save(run, result)
 
 
-def token_rewards(rollout: rl.Rollout, kl_coef: float) -> torch.Tensor:
+def token_rewards(rollout: Rollout, kl_coef: float) -> torch.Tensor:
     """(N,) -kl_coef * (log pi_old - log ref) on every reply token, plus the reply's score on its last token."""
     rewards = torch.zeros_like(rollout.logprobs)
     if rollout.ref_logprobs is not None:
@@ -66,13 +68,13 @@ def token_rewards(rollout: rl.Rollout, kl_coef: float) -> torch.Tensor:
     return rewards
 
 
-def ppo_token_loss(config: Config, rollout: rl.Rollout, value_head: rl.ValueHead, model: torch.nn.Module,
+def ppo_token_loss(config: Config, rollout: Rollout, value_head: policy.ValueHead, model: torch.nn.Module,
                    batch: Batch, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per reply token of `batch`: the clipped surrogate plus value_coef * the clipped value loss."""
-    logprobs, values = rl.policy_outputs(model, batch, config.rl.temperature, value_head)
-    policy_loss, clipped = rl.clipped_policy_loss(logprobs, rollout.logprobs[tokens], rollout.advantages[tokens],
+    logprobs, values = policy.policy_outputs(model, batch, config.rl.temperature, value_head)
+    policy_loss, clipped = rl_math.clipped_policy_loss(logprobs, rollout.logprobs[tokens], rollout.advantages[tokens],
                                                   config.rl.clip_range)
-    value_loss, value_clipped = rl.clipped_value_loss(values, rollout.values[tokens], rollout.returns[tokens],
+    value_loss, value_clipped = rl_math.clipped_value_loss(values, rollout.values[tokens], rollout.returns[tokens],
                                                       config.ppo.value_clip)
     return policy_loss + config.ppo.value_coef * value_loss, {
         "policy_loss": policy_loss, "value_loss": value_loss, "clip_fraction": clipped.float(),

@@ -6,7 +6,8 @@ is cut into `max_length` pieces, and packing never lets one document attend to a
 from __future__ import annotations
 
 from tunesmith.config.schema import Config
-from tunesmith.recipes.sft import RunResult, train_loop
+from tunesmith.recipes.sft import train_loop
+from tunesmith.train.session import RunResult
 from tunesmith.registry import methods
 
 

@@ -1,7 +1,7 @@
 """Reward model: the base model with a one-output score head, trained on preference pairs or on scored replies.
 
 The loop is the SFT loop (`train_loop`) with the base loaded as a sequence classifier (`num_labels=1`, its new
-head at zero) and `RewardObjective` (train/reward.py) as its loss and validation loss. The data picks the
+head at zero) and `RewardObjective` (train/reward_loss.py) as its loss and validation loss. The data picks the
 loss: {prompt, chosen, rejected} pairs train Bradley-Terry, {prompt, response, score} rows regress on the
 scores, standardised with the training set's mean and standard deviation (kept beside the weights in
 reward_scale.json).
@@ -10,7 +10,7 @@ What it saves loads in plain transformers as a sequence classifier with one outp
 `freeze`) writes RUN/model/ for `AutoModelForSequenceClassification.from_pretrained`; LoRA (and QLoRA,
 DoRA) writes RUN/adapter/ in PEFT's SEQ_CLS format, the trained score head inside it, for
 `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=1), ADAPTER)`.
-`tunesmith score RUN`, `tunesmith eval RUN` and `rl.reward_model: RUN` load the run itself (engine/reward.py).
+`tunesmith score RUN`, `tunesmith eval RUN` and `rl.reward_model: RUN` load the run itself (engine/reward_model.py).
 """
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ from tunesmith.config.schema import Config
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.tokenize import TokenizedPair, Unit
 from tunesmith.errors import Problem, UserError
-from tunesmith.recipes.sft import RunResult, train_loop
+from tunesmith.recipes.sft import train_loop
+from tunesmith.train.session import RunResult
 from tunesmith.registry import methods
 from tunesmith.train.distributed import World
-from tunesmith.engine.reward import ScoreScale
-from tunesmith.train.reward import RewardObjective
+from tunesmith.engine.reward_model import ScoreScale
+from tunesmith.train.reward_loss import RewardObjective
 
 ACCEPTS = ("preference", "score")
 # Adapters that train the new head with the rest: PEFT's LoRA family saves it in SEQ_CLS format; full and freeze

@@ -13,17 +13,12 @@ from tunesmith.config.schema import Config
 from tunesmith.data.dataset import PreparedData, prepare_data
 from tunesmith.errors import TrainingStopped
 from tunesmith.eval.in_training import InTrainingEval
-from tunesmith.models import load_tokenizer
-from tunesmith.models.adapters import parameter_counts
 from tunesmith.registry import methods
 from tunesmith.train import checkpoint as ckpt
-from tunesmith.train import distributed, loop
+from tunesmith.train import session
 from tunesmith.train.distributed import World
-from tunesmith.train.loop import RunResult
-from tunesmith.train.metrics import MetricsLog, Progress
-from tunesmith.train.optim import build_optimizer, build_scheduler
-from tunesmith.train.run import prepare_run_dir
-from tunesmith.train.runtime import autocast_dtype, pick_device, seed_everything, stop_on_signals
+from tunesmith.train.session import RunResult
+from tunesmith.train.runtime import stop_on_signals
 from tunesmith.train.step import TOKEN_LOSS, Objective, StepResult, train_step
 from tunesmith.train.strategies import GradualUnfreezing, Regularization
 
@@ -47,44 +42,36 @@ def train_loop(config: Config, accepts: tuple[str, ...], build_objective: Object
     `num_labels` trains a sequence classifier with that many outputs instead of a language model (reward.py)."""
     # ---- setup -------------------------------------------------------------------------------
     train_config = config.train
-    tokenizer = load_tokenizer(config.model)
-    data = prepare_data(config.data, tokenizer, accepts, config.method, train_config.seed)  # bad data: refused before any compute
-    device = pick_device(train_config)
-    world = distributed.start(device)  # one process, or this rank of the processes torchrun started
-    distributed.check_settings(config, world, device)
-    resume_from = prepare_run_dir(config, write=world.main)
-    run_dir, checkpoints = config.output_dir, config.output_dir / "checkpoints"
-    seed_everything(train_config.seed, train_config.threads)
-    amp_dtype = autocast_dtype(train_config, device)
-    model = loop.build_model(config, device, num_labels)
-    counts = parameter_counts(model)
-    unfreeze = GradualUnfreezing(model, train_config.unfreeze) if train_config.unfreeze else None
-    regularization = train_config.regularization  # anchored at the starting weights, before any step or resume
-    penalty = Regularization(model, regularization).penalty if regularization.l2_sp or regularization.l1_sp else None
-    if train_config.gradient_checkpointing:
-        loop.enable_gradient_checkpointing(model, train_config.gradient_checkpointing)
-    if train_config.compile:
-        loop.compile_layers(model)
-    runner = distributed.wrap(model, world, train_config.parallel, amp_dtype, train_config.cpu_offload,
-                              loop.shard_units(model))
-    plan, validation = loop.build_plans(config, data, device)
-    objective = build_objective(data, runner, tokenizer, device, world) if build_objective else TOKEN_LOSS
+    strategies: dict[str, Any] = {}
+    built: dict[str, Any] = {}
+
+    def extend(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """Gradual unfreezing and the penalty toward the starting weights, anchored before any step or resume."""
+        if train_config.unfreeze:
+            strategies["unfreeze"] = GradualUnfreezing(model, train_config.unfreeze)
+        regularization = train_config.regularization
+        if regularization.l2_sp or regularization.l1_sp:
+            strategies["penalty"] = Regularization(model, regularization).penalty
+        return model
+
+    def make_plan(tokenizer, data: PreparedData, model, runner, device: torch.device, world: World):
+        """The batch plans, then the loss (a recipe's objective may read the data and run the model)."""
+        steps, built["validation"] = session.build_plans(config, data, device)
+        built["objective"] = build_objective(data, runner, tokenizer, device, world) if build_objective else TOKEN_LOSS
+        built["task_eval"] = InTrainingEval(config, tokenizer) if config.eval.every and config.eval.data and \
+            world.main else None
+        return steps
+
+    run = session.open_session(
+        config, lambda tokenizer: prepare_data(config.data, tokenizer, accepts, config.method, train_config.seed),
+        make_plan, num_labels=num_labels, extend=extend)
+    model, runner, world, device, amp_dtype, plan = run.model, run.runner, run.world, run.device, run.amp_dtype, run.plan
+    optimizer, scheduler, state, log, progress = run.optimizer, run.scheduler, run.state, run.log, run.progress
+    checkpoints, total_steps = config.output_dir / "checkpoints", run.total_steps
+    unfreeze, penalty = strategies.get("unfreeze"), strategies.get("penalty")
+    objective, validation, task_eval = built["objective"], built["validation"], built["task_eval"]
     validation_objective = objective if validate_objective else TOKEN_LOSS
-    task_eval = InTrainingEval(config, tokenizer) if config.eval.every and config.eval.data and world.main else None
     selection = train_config.early_stopping
-    total_steps = loop.count_steps(plan, train_config.epochs, train_config.max_steps)
-    optimizer = build_optimizer(model, train_config)
-    scheduler = build_scheduler(optimizer, train_config, total_steps)
-    state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, world) if resume_from else ckpt.TrainState()
-    log = MetricsLog(run_dir / "metrics.jsonl" if world.main else None, resume_step=state.step if resume_from else None)
-    if not resume_from:
-        log.write({"step": 0, "event": "data", **data.summary(), "total_steps": total_steps, **counts,
-                   "processes": world.size})
-    progress = Progress(total_steps, state.step, train_config.progress and world.main, quiet=not world.main)
-    progress.write(f"{config.adapter.type}: training {counts['trainable_parameters']:,} of "
-                   f"{counts['total_parameters']:,} parameters ({counts['trainable_share']:.2%})"
-                   + (f" on {world.size} processes ({train_config.parallel})" if world.distributed else ""))
-    loop.announce_resume(progress, resume_from, state, total_steps)
 
     # ---- loop --------------------------------------------------------------------------------
     result: StepResult | None = None
@@ -98,8 +85,8 @@ def train_loop(config: Config, accepts: tuple[str, ...], build_objective: Object
                                 amp_dtype, objective, penalty, world)
             if unfreeze:
                 unfreeze.release()
-            loop.advance(state, plan, result)
-            loop.check_finite(state, result, train_config.max_bad_steps, log)
+            session.advance(state, plan, result)
+            session.check_finite(state, result, train_config.max_bad_steps, log)
             done = state.step == total_steps
             record = {"step": state.step, "epoch": state.epoch, "loss": result.loss, "lr": lr,
                       "grad_norm": result.grad_norm, "tokens": state.tokens_seen, "tokens_per_s": result.tokens / result.seconds}
@@ -108,16 +95,16 @@ def train_loop(config: Config, accepts: tuple[str, ...], build_objective: Object
             record.update(objective.take_stats(world))
             if state.step % train_config.log_every == 0 or done:
                 log.write(record)
-            scores = loop.evaluate_due(config, runner, validation, task_eval, state, done, log, device, amp_dtype,
+            scores = session.evaluate_due(config, runner, validation, task_eval, state, done, log, device, amp_dtype,
                                        validation_objective, world)
-            if selection.metric in scores and loop.keep_best(state, scores[selection.metric], selection):
+            if selection.metric in scores and session.keep_best(state, scores[selection.metric], selection):
                 ckpt.save_best_weights(checkpoints, model, state.step, world)
             if state.extra.get("stopped_early"):
                 log.write({"step": state.step, "event": "early_stop", "metric": selection.metric, "best_step": state.best_step})
             progress.update(state.step, result.loss, record["lr"], record["tokens_per_s"], state.best_val_loss)
             signal_number = world.max(stop.signal_number or 0, device)  # a signal to any rank stops them all here
             if state.step % train_config.save_every == 0 or done or signal_number or state.extra.get("stopped_early"):
-                loop.checkpoint(config, model, optimizer, scheduler, state, world)
+                session.checkpoint(config, model, optimizer, scheduler, state, world)
             if signal_number:
                 progress.close()
                 raise TrainingStopped(f"stopped by signal {signal_number} at step {state.step}; a checkpoint was "
@@ -125,4 +112,4 @@ def train_loop(config: Config, accepts: tuple[str, ...], build_objective: Object
     progress.close()
 
     # ---- save --------------------------------------------------------------------------------
-    return loop.save_outputs(config, model, tokenizer, state, result, data, objective, world)
+    return session.save_outputs(config, model, run.tokenizer, state, result, run.data, objective, world)

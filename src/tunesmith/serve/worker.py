@@ -19,8 +19,6 @@ next attempt waits until neither is left before it prepares the directory or sta
 """
 from __future__ import annotations
 
-import ctypes
-import fcntl
 import io
 import json
 import os
@@ -32,7 +30,6 @@ import sys
 import tarfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -40,7 +37,8 @@ import yaml
 from tunesmith.models.adapters import checkpoint_adapter
 from tunesmith.rundir import checkpoint_steps, read_metrics, read_run_config
 from tunesmith.serve import jobs as job_spec
-from tunesmith.serve.service import Service, private_directory
+from tunesmith.serve.scratch import Fenced, bytes_at, die_with_parent, run_members, stop, try_lock
+from tunesmith.serve.service import Service
 from tunesmith.serve.shapes import ApiError
 from tunesmith.serve.store import Lease, LeaseLost
 
@@ -51,7 +49,6 @@ USER_ERROR_EXIT = 2
 EVAL_HEADLINE = {"perplexity": "perplexity", "preference": "preference_accuracy"}  # the evaluation's task -> metric
 EVAL_MAX_EXAMPLES = 500  # validation examples the closing evaluation scores (each on the tuned and the base model)
 TUNESMITH = [sys.executable, "-m", "tunesmith"]  # how a run's process is started (`tunesmith train ...`)
-SCRATCH_LOCK = ".lock"  # in the scratch directory: flocked by the worker that prepares it and by its run's process
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -155,7 +152,7 @@ class JobRun:
 
     def put_blob(self, name: str, source: Any) -> None:
         """Encrypt `source` into blob `name`, committed only if the lease still holds when the source ends."""
-        self.service.blobs.put_stream(name, _Fenced(source, self.check_lease))
+        self.service.blobs.put_stream(name, Fenced(source, self.check_lease))
 
     def lock_scratch(self) -> dict[str, Any]:
         """Take the scratch directory's lock. While another attempt's process holds it (a stalled worker, or
@@ -163,7 +160,7 @@ class JobRun:
         Returns the job's row as last seen."""
         current, waited = self.job, False
         while True:
-            self.lock = _try_lock(self.service.scratch, self.directory)
+            self.lock = try_lock(self.service.scratch, self.directory)
             if self.lock is not None:
                 return current
             if not waited:
@@ -217,7 +214,7 @@ class JobRun:
         inherits the scratch lock: the directory stays locked while it lives, even past this worker."""
         with open(self.directory / log_name, "ab") as log:
             return subprocess.Popen([*TUNESMITH, *arguments], cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, preexec_fn=_die_with_parent, pass_fds=(self.lock,),
+                                    start_new_session=True, preexec_fn=die_with_parent, pass_fds=(self.lock,),
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def evaluate(self) -> str:
@@ -265,10 +262,10 @@ class JobRun:
                     raise LeaseLost(self.lease)
                 self.sync_run()
                 if current["cancel_requested"]:
-                    _stop(process)
+                    stop(process, CANCEL_GRACE_SECONDS)
                     return "cancelled"
         except BaseException as error:
-            _stop(process)  # the job is another worker's now (or a bug of ours): the run must not go on unwatched
+            stop(process, CANCEL_GRACE_SECONDS)  # the job is another worker's now (or a bug of ours): the run must not go on unwatched
             if isinstance(error, LeaseLost):
                 return "lost"
             raise
@@ -282,7 +279,7 @@ class JobRun:
             with metrics.open("rb") as handle:
                 # A resumed run rewrites its log (the lines past its checkpoint go): if the last line read is no
                 # longer where it was, read from the start again; events already stored are not stored twice.
-                if self.metrics_read and _bytes_at(handle, self.metrics_read - len(self.last_line), len(self.last_line)) != self.last_line:
+                if self.metrics_read and bytes_at(handle, self.metrics_read - len(self.last_line), len(self.last_line)) != self.last_line:
                     self.metrics_read = 0
                 handle.seek(self.metrics_read)
                 data = handle.read()
@@ -467,77 +464,6 @@ def headline(result: dict[str, Any]) -> str:
     if diff and diff.get("diff") is not None:
         parts.append(f"difference {difference(diff, '+.4g')}")
     return "; ".join(parts)
-
-
-def run_members(run: Path, step: int) -> list[str]:
-    """The files of a run directory as of checkpoint `step`: everything but the other checkpoints, which are
-    not even listed (training may be deleting them)."""
-    members = []
-    for folder, subfolders, files in os.walk(run):
-        relative = Path(folder).relative_to(run)
-        if relative == Path("checkpoints"):
-            subfolders[:] = [name for name in subfolders if name == f"step-{step}"]
-        members += [str(relative / name) for name in files if not (Path(folder) / name).is_symlink()]
-    return sorted(members)
-
-
-def _bytes_at(handle, offset: int, size: int) -> bytes:
-    if offset < 0:
-        return b""
-    handle.seek(offset)
-    return handle.read(size)
-
-
-def _try_lock(scratch: Path, directory: Path) -> int | None:
-    """A descriptor holding the exclusive flock on `directory`'s lock file (made, with the directory, if need
-    be), or None while another holds it."""
-    private_directory(scratch)
-    directory.mkdir(mode=0o700, exist_ok=True)
-    path = directory / SCRATCH_LOCK
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.fstat(descriptor).st_ino == os.stat(path).st_ino:  # not a lock file erased while we waited
-            return descriptor
-    except (BlockingIOError, FileNotFoundError):
-        pass
-    os.close(descriptor)
-    return None
-
-
-class _Fenced:
-    """A blob's source whose end first checks the lease: the blob store renames an object into place only after
-    its source ends, so a worker that lost its job commits nothing."""
-
-    def __init__(self, source: Any, check) -> None:
-        self.source, self.check = source, check
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.source.read(size)
-        if not data:
-            self.check()
-        return data
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the run's process group (train checkpoints and exits), SIGKILL after a grace period."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=CANCEL_GRACE_SECONDS)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGKILL when the worker dies, so a dead worker leaves no run behind to race a new one."""
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def run(service: Service, concurrency: int = 1, lease_seconds: float = LEASE_SECONDS) -> int:

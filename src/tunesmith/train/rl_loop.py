@@ -2,7 +2,8 @@
 and the supervised loop's bookkeeping (logging, evaluation, checkpoints, signals, saving) around them.
 
 The run directory is the supervised loop's: metrics.jsonl, checkpoints/step-N (the policy's trainable weights,
-PPO's value head with them), adapter/ or model/, summary.json. The pieces it works with are in train/rl.py.
+PPO's value head with them), adapter/ or model/, summary.json. The pieces it works with are in data/prompts.py,
+train/rollout.py, train/policy.py and train/rl_math.py.
 """
 from __future__ import annotations
 
@@ -20,47 +21,27 @@ from tunesmith.data.packing import Batch
 from tunesmith.data.tokenize import ChatTokenizer
 from tunesmith.errors import TrainingStopped, UserError
 from tunesmith.eval.in_training import InTrainingEval
-from tunesmith.models import load_tokenizer
-from tunesmith.models.adapters import parameter_counts
 from tunesmith.engine.generation import Sampling, stop_token_ids
-from tunesmith.train import checkpoint as ckpt
-from tunesmith.train import distributed, loop
-from tunesmith.train.loop import RunResult
+from tunesmith.train import distributed, session
+from tunesmith.train.session import RunResult, Session, open_session
 from tunesmith.engine.forward import decoder_and_head
-from tunesmith.train.metrics import MetricsLog, Progress
-from tunesmith.train.optim import build_optimizer, build_scheduler
-from tunesmith.train.rewards import Reward, build_reward
-from tunesmith.train.rl import (PolicyAndValue, Prompt, PromptPlan, Reference, Rollout, ValueHead, build_reference,
-                                load_prompts, rollout_batch, sample_replies, split, step_seed, token_statistics)
-from tunesmith.train.run import prepare_run_dir
-from tunesmith.train.runtime import autocast, autocast_dtype, pick_device, seed_everything
+from tunesmith.train.reward_functions import Reward, build_reward
+from tunesmith.data.prompts import Prompt, PromptPlan, load_prompts
+from tunesmith.train.policy import PolicyAndValue, Reference, ValueHead, build_reference, token_statistics
+from tunesmith.train.rollout import Rollout, rollout_batch, sample_replies, split, step_seed
+from tunesmith.train.runtime import autocast
 from tunesmith.train.step import StepResult
 
 
 
 @dataclass
-class RLRun:
-    """Everything a recipe's loop works with, from `setup`."""
+class RLRun(Session):
+    """Everything a recipe's loop works with, from `setup`: the session (whose data holds Prompts and whose plan is
+    a PromptPlan), and what RL adds."""
 
-    config: Config
-    tokenizer: Any
-    data: PreparedData  # train and validation hold Prompts
-    plan: PromptPlan
-    model: torch.nn.Module  # the policy
-    trained: torch.nn.Module  # what the optimizer and the checkpoints hold: the policy (and PPO's value head)
-    runner: torch.nn.Module  # runs passes of `trained` on one process or several (train/distributed.py)
-    world: distributed.World
     value_head: ValueHead | None
     reference: Reference | None
     reward: Reward
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    state: ckpt.TrainState
-    log: MetricsLog
-    progress: Progress
-    total_steps: int
-    device: torch.device
-    amp_dtype: torch.dtype | None
     sampling: Sampling
     pad_id: int
     stop_ids: list[int]
@@ -77,53 +58,40 @@ class RLRun:
 
 
 def setup(config: Config, with_value_head: bool = False) -> RLRun:
-    """Rewards, prompts (refused before any compute when bad), run directory, model, reference, optimizer, resume."""
-
+    """Rewards, prompts (refused before any compute when bad), then the session (run directory, model, value head,
+    reference, optimizer, resume)."""
     train_config = config.train
-    tokenizer = load_tokenizer(config.model)
-    chat = ChatTokenizer(tokenizer, system_prompt=config.data.system_prompt)
-    reward = build_reward(config.rl)
-    data = load_prompts(config, chat, reward.required_fields())
-    device = pick_device(train_config)
-    world = distributed.start(device)
-    distributed.check_settings(config, world, device)
-    if train_config.batch_size % world.size:
-        raise UserError(f"train.batch_size={train_config.batch_size} prompts per step cannot be shared evenly by "
-                        f"{world.size} processes; fix: make it a multiple of {world.size}")
-    resume_from = prepare_run_dir(config, write=world.main)
-    seed_everything(train_config.seed, train_config.threads)
-    model = loop.build_model(config, device)
-    counts = parameter_counts(model)
-    if train_config.gradient_checkpointing:
-        loop.enable_gradient_checkpointing(model, train_config.gradient_checkpointing)
-    if train_config.compile:
-        loop.compile_layers(model)
-    value_head = ValueHead(decoder_and_head(model)[1].weight.shape[1]).to(device) if with_value_head else None
-    trained = PolicyAndValue(model, value_head) if value_head is not None else model
-    runner = distributed.wrap(trained, world, train_config.parallel, autocast_dtype(train_config, device),
-                              train_config.cpu_offload, loop.shard_units(model))
-    reference = build_reference(config, model, device)  # before the resume restores the RNG: loading may draw from it
-    plan = PromptPlan(len(data.train), train_config.batch_size, train_config.seed)
-    total_steps = loop.count_steps(plan, train_config.epochs, train_config.max_steps)
-    optimizer = build_optimizer(trained, train_config)
-    scheduler = build_scheduler(optimizer, train_config, total_steps)
-    state = ckpt.load_checkpoint(resume_from, trained, optimizer, scheduler, world) if resume_from else ckpt.TrainState()
-    log = MetricsLog(config.output_dir / "metrics.jsonl" if world.main else None,
-                     resume_step=state.step if resume_from else None)
-    if not resume_from:
-        log.write({"step": 0, "event": "data", **data.summary(), "total_steps": total_steps, **counts,
-                   "processes": world.size})
-    progress = Progress(total_steps, state.step, train_config.progress and world.main, quiet=not world.main)
-    progress.write(f"{config.method}, {config.adapter.type}: training {counts['trainable_parameters']:,} of "
-                   f"{counts['total_parameters']:,} parameters ({counts['trainable_share']:.2%})"
-                   + (f" on {world.size} processes ({train_config.parallel})" if world.distributed else ""))
-    loop.announce_resume(progress, resume_from, state, total_steps)
+    parts: dict[str, Any] = {}
+
+    def load_data(tokenizer) -> PreparedData:
+        chat = ChatTokenizer(tokenizer, system_prompt=config.data.system_prompt)
+        parts["reward"] = build_reward(config.rl)
+        return load_prompts(config, chat, parts["reward"].required_fields())
+
+    def check(world: distributed.World) -> None:
+        if train_config.batch_size % world.size:
+            raise UserError(f"train.batch_size={train_config.batch_size} prompts per step cannot be shared evenly by "
+                            f"{world.size} processes; fix: make it a multiple of {world.size}")
+
+    def extend(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """PPO's value head beside the policy; both train."""
+        if not with_value_head:
+            parts["value_head"] = None
+            return model
+        parts["value_head"] = ValueHead(decoder_and_head(model)[1].weight.shape[1]).to(device)
+        return PolicyAndValue(model, parts["value_head"])
+
+    def make_plan(tokenizer, data: PreparedData, model, runner, device: torch.device, world) -> PromptPlan:
+        parts["reference"] = build_reference(config, model, device)  # before the resume restores the RNG
+        return PromptPlan(len(data.train), train_config.batch_size, train_config.seed)
+
+    run = open_session(config, load_data, make_plan, check=check, extend=extend, name=f"{config.method}, ")
+    tokenizer = run.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = Sampling(config.rl.max_new_tokens, config.rl.temperature, config.rl.top_p)
-    task_eval = InTrainingEval(config, tokenizer) if config.eval.every and config.eval.data and world.main else None
-    return RLRun(config, tokenizer, data, plan, model, trained, runner, world, value_head, reference, reward, optimizer, scheduler,
-                 state, log, progress, total_steps, device, autocast_dtype(train_config, device), sampling, pad_id,
-                 stop_token_ids(model, tokenizer), task_eval)
+    task_eval = InTrainingEval(config, tokenizer) if config.eval.every and config.eval.data and run.world.main else None
+    return RLRun(**vars(run), value_head=parts["value_head"], reference=parts["reference"], reward=parts["reward"],
+                 sampling=sampling, pad_id=pad_id, stop_ids=stop_token_ids(run.model, tokenizer), task_eval=task_eval)
 
 
 def collect_rollout(run: RLRun, prompts: list[Prompt], group_size: int) -> Rollout:
@@ -234,8 +202,8 @@ def finish_step(run: RLRun, result: StepResult, figures: dict[str, float], stop:
     result.seconds = time.perf_counter() - started  # the whole step: sampling, scoring and updates
     # the ranks' means (each rank had as many prompts); the update's figures are already the same on all
     figures = {name: total / world.size for name, total in world.sum_figures(figures).items()}
-    loop.advance(state, run.plan, result)
-    loop.check_finite(state, result, config.train.max_bad_steps, run.log)
+    session.advance(state, run.plan, result)
+    session.check_finite(state, result, config.train.max_bad_steps, run.log)
     done = state.step == run.total_steps
     record = {"step": state.step, "epoch": state.epoch, "loss": result.loss, "lr": figures.pop("lr"),
               "grad_norm": result.grad_norm, **figures, "tokens": state.tokens_seen,
@@ -244,12 +212,12 @@ def finish_step(run: RLRun, result: StepResult, figures: dict[str, float], stop:
         run.log.write(record)
     if run.data.validation and (state.step % config.train.eval_every == 0 or done):
         run.log.write({"step": state.step, **validation_reward(run)})
-    loop.evaluate_due(config, distributed.Runner(run.model), [], run.task_eval, state, done, run.log, run.device,
+    session.evaluate_due(config, distributed.Runner(run.model), [], run.task_eval, state, done, run.log, run.device,
                       run.amp_dtype, world=world)
     run.progress.update(state.step, result.loss, record["lr"], record["tokens_per_s"], None)
     signal_number = world.max(stop.signal_number or 0, run.device)  # a signal to any rank stops them all here
     if state.step % config.train.save_every == 0 or done or signal_number:
-        loop.checkpoint(config, run.trained, run.optimizer, run.scheduler, state, world)
+        session.checkpoint(config, run.trained, run.optimizer, run.scheduler, state, world)
     if signal_number:
         run.progress.close()
         raise TrainingStopped(f"stopped by signal {signal_number} at step {state.step}; a checkpoint was saved; "
@@ -260,4 +228,4 @@ def save(run: RLRun, result: StepResult | None) -> RunResult:
     """The policy as adapter/ or model/ (PPO's value head stays in the checkpoints), and summary.json."""
 
     run.progress.close()
-    return loop.save_outputs(run.config, run.model, run.tokenizer, run.state, result, run.data, world=run.world)
+    return session.save_outputs(run.config, run.model, run.tokenizer, run.state, result, run.data, world=run.world)

@@ -17,7 +17,7 @@ How one SFT step runs, file by file:
                             at the target positions only, gradients computed in forward
                           backward; the gradients sync on the last micro-batch; a penalty (train/strategies.py:
                           L2-SP, L1) adds its gradient; clipping; the optimizer and schedule (train/optim.py)
-    train/loop.py         back in train_loop: the step is counted, checked for a finite loss, logged to
+    train/session.py         back in train_loop: the step is counted, checked for a finite loss, logged to
                           metrics.jsonl (train/metrics.py), evaluated when due, and checkpointed
                           (train/checkpoint.py, in the run directory's layout: rundir.py)
 """

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.data.packing import Batch
-from tunesmith.engine.reward import ScoreScale, sequence_rewards
+from tunesmith.engine.reward_model import ScoreScale, sequence_rewards
 from tunesmith.train.step import Objective
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:

@@ -25,7 +25,7 @@ from tunesmith.errors import UserError
 from tunesmith.eval import metrics as metric_functions
 from tunesmith.eval.judge import Judge, Rubric, load_rubric
 from tunesmith.eval.preference_metrics import implicit_reward_accuracy
-from tunesmith.engine.reward import is_reward_model, RewardScorer
+from tunesmith.engine.reward_model import is_reward_model, RewardScorer
 from tunesmith.eval.stats import cell, difference
 from tunesmith.eval.tasks import Context, Item, ItemError, last_reply, metric_task_of
 from tunesmith.registry import tasks

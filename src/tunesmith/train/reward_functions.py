@@ -134,7 +134,7 @@ def build_reward(settings: Any) -> Reward:
 
 
 def model_scorer(spec: str) -> Scorer:
-    from tunesmith.engine.reward import RewardScorer
+    from tunesmith.engine.reward_model import RewardScorer
 
     scorer = RewardScorer.load(spec)
 

@@ -1,5 +1,6 @@
-"""The pieces every training loop shares: building the model and the batch plans, moving the counters,
-catching divergence, validation and best-checkpoint selection, and shipping the result.
+"""A training session: the setup every training loop shares (`open_session`), and the pieces of its loop:
+building the model and the batch plans, moving the counters, catching divergence, validation and
+best-checkpoint selection, and shipping the result.
 
 recipes/sft.py's `train_loop` reads top to bottom with these; the RL loop (train/rl_loop.py) uses them too.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -18,15 +19,17 @@ from tunesmith.data.dataset import PreparedData
 from tunesmith.data.packing import BatchPlan
 from tunesmith.errors import TrainingStopped
 from tunesmith.eval.in_training import InTrainingEval, higher_is_better
-from tunesmith.models import load_model
-from tunesmith.models.adapters import apply_adapter, load_options, output_name, save_final
+from tunesmith.models import load_model, load_tokenizer
+from tunesmith.models.adapters import apply_adapter, load_options, output_name, parameter_counts, save_final
 from tunesmith import rundir
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed
 from tunesmith.train.distributed import ONE_PROCESS, World
 from tunesmith.engine.forward import decoder_and_head
-from tunesmith.train.metrics import MetricsLog
-from tunesmith.train.run import final_logged_loss, peak_rss_mb, write_summary
+from tunesmith.train.metrics import MetricsLog, Progress
+from tunesmith.train.optim import build_optimizer, build_scheduler
+from tunesmith.train.resume import final_logged_loss, peak_rss_mb, prepare_run_dir, write_summary
+from tunesmith.train.runtime import autocast_dtype, pick_device, seed_everything
 from tunesmith.train.step import TOKEN_LOSS, Objective, StepResult, evaluate_loss
 
 
@@ -41,6 +44,79 @@ class RunResult:
     peak_rss_mb: float
     already_complete: bool = False  # resumed with nothing left to train: no step ran in this call
     stopped_early: bool = False
+
+
+@dataclass
+class Session:
+    """What a training loop works with, from `open_session`."""
+
+    config: Config
+    tokenizer: Any
+    data: PreparedData
+    device: torch.device
+    world: World
+    amp_dtype: torch.dtype | None
+    model: torch.nn.Module  # the model being trained
+    trained: torch.nn.Module  # what the optimizer and the checkpoints hold: the model (PPO: with its value head)
+    runner: torch.nn.Module  # runs passes of `trained` on one process or several (train/distributed.py)
+    plan: Any  # which examples (or prompts) each step takes
+    total_steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: ckpt.TrainState
+    log: MetricsLog
+    progress: Progress
+    resume_from: Path | None
+
+
+def open_session(config: Config, load_data: Callable[[Any], PreparedData],
+                 plan: Callable[[Any, PreparedData, torch.nn.Module, torch.nn.Module, torch.device, World], Any], *,
+                 num_labels: int | None = None, check: Callable[[World], None] | None = None,
+                 extend: Callable[[torch.nn.Module, torch.device], torch.nn.Module] | None = None,
+                 name: str = "") -> Session:
+    """The setup of every training loop, in one order (the random draws of a run, and so a resumed run's
+    bit-identity, depend on it): the tokenizer and the data (`load_data(tokenizer)`: bad data is refused before
+    any compute), the device and the processes (`check(world)`: the loop's own settings), the run directory and
+    the checkpoint to resume from, the seed, the model (`extend(model, device)`: what the loop adds before it
+    is wrapped, returning what trains), gradient checkpointing and compilation, the wrap for the processes, the
+    plan (`plan(tokenizer, data, model, runner, device, world)`), optimizer and schedule, the resume, the
+    metrics log and the progress line (`name` goes before it)."""
+    train = config.train
+    tokenizer = load_tokenizer(config.model)
+    data = load_data(tokenizer)
+    device = pick_device(train)
+    world = distributed.start(device)  # one process, or this rank of the processes torchrun started
+    distributed.check_settings(config, world, device)
+    if check is not None:
+        check(world)
+    resume_from = prepare_run_dir(config, write=world.main)
+    seed_everything(train.seed, train.threads)
+    amp_dtype = autocast_dtype(train, device)
+    model = build_model(config, device, num_labels)
+    counts = parameter_counts(model)
+    trained = extend(model, device) if extend is not None else model
+    if train.gradient_checkpointing:
+        enable_gradient_checkpointing(model, train.gradient_checkpointing)
+    if train.compile:
+        compile_layers(model)
+    runner = distributed.wrap(trained, world, train.parallel, amp_dtype, train.cpu_offload, shard_units(model))
+    steps = plan(tokenizer, data, model, runner, device, world)
+    total_steps = count_steps(steps, train.epochs, train.max_steps)
+    optimizer = build_optimizer(trained, train)
+    scheduler = build_scheduler(optimizer, train, total_steps)
+    state = ckpt.load_checkpoint(resume_from, trained, optimizer, scheduler, world) if resume_from else ckpt.TrainState()
+    log = MetricsLog(config.output_dir / rundir.METRICS_FILE if world.main else None,
+                     resume_step=state.step if resume_from else None)
+    if not resume_from:
+        log.write({"step": 0, "event": "data", **data.summary(), "total_steps": total_steps, **counts,
+                   "processes": world.size})
+    progress = Progress(total_steps, state.step, train.progress and world.main, quiet=not world.main)
+    progress.write(f"{name}{config.adapter.type}: training {counts['trainable_parameters']:,} of "
+                   f"{counts['total_parameters']:,} parameters ({counts['trainable_share']:.2%})"
+                   + (f" on {world.size} processes ({train.parallel})" if world.distributed else ""))
+    announce_resume(progress, resume_from, state, total_steps)
+    return Session(config, tokenizer, data, device, world, amp_dtype, model, trained, runner, steps, total_steps,
+                   optimizer, scheduler, state, log, progress, resume_from)
 
 
 def build_model(config: Config, device: torch.device, num_labels: int | None = None) -> torch.nn.Module:
