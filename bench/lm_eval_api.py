@@ -8,6 +8,7 @@ agrees, and writes bench/lm_eval_api.json.
 
     pip install -e '.[interop]' && python bench/lm_eval_api.py --requests 100
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,15 @@ def main() -> None:
         while not server.started:
             time.sleep(0.05)
         os.environ["OPENAI_API_KEY"] = key.secret
-        model = LocalCompletionsAPI(base_url=f"http://127.0.0.1:{port}/v1/completions", model=MODEL, tokenizer=path,
-                                    tokenized_requests=True, batch_size=1, max_retries=1, num_concurrent=1)
+        model = LocalCompletionsAPI(
+            base_url=f"http://127.0.0.1:{port}/v1/completions",
+            model=MODEL,
+            tokenizer=path,
+            tokenized_requests=True,
+            batch_size=1,
+            max_retries=1,
+            num_concurrent=1,
+        )
         requests = [Instance("loglikelihood", {}, pair, index) for index, pair in enumerate(pairs(args.requests))]
         started = time.monotonic()
         over_api = model.loglikelihood(requests)
@@ -72,15 +80,20 @@ def main() -> None:
         context_ids, continuation_ids = model.tok_encode(context), model.tok_encode(continuation)
         ids = torch.tensor([context_ids + continuation_ids])
         with torch.no_grad():
-            logprobs = torch.log_softmax(direct_model(input_ids=ids).logits[0, :-1].float(), -1)[len(context_ids) - 1:]
-        targets = ids[0, len(context_ids):]
+            logprobs = torch.log_softmax(direct_model(input_ids=ids).logits[0, :-1].float(), -1)[len(context_ids) - 1 :]
+        targets = ids[0, len(context_ids) :]
         expected = logprobs.gather(1, targets[:, None]).sum().item()
         differences.append(abs(score - expected))
         greedy_agree += bool(greedy) == bool((logprobs.argmax(-1) == targets).all())
-    result = {"command": "python bench/lm_eval_api.py " + " ".join(sys.argv[1:]), "model": MODEL,
-              "requests": len(over_api), "max_abs_difference": max(differences),
-              "mean_abs_difference": sum(differences) / len(differences), "greedy_flag_agrees": greedy_agree,
-              "api_seconds": round(api_seconds, 1)}
+    result = {
+        "command": "python bench/lm_eval_api.py " + " ".join(sys.argv[1:]),
+        "model": MODEL,
+        "requests": len(over_api),
+        "max_abs_difference": max(differences),
+        "mean_abs_difference": sum(differences) / len(differences),
+        "greedy_flag_agrees": greedy_agree,
+        "api_seconds": round(api_seconds, 1),
+    }
     Path(args.output).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=1))
 

@@ -11,6 +11,7 @@ Scenarios: (a) mixed: LoRA SFT on real examples of very different lengths, the p
 (c) fixed512-full: full fine-tuning; (d) dpo: LoRA DPO on real preference pairs against TRL's DPOTrainer;
 (e) longest: the longest sequence each engine trains within a fixed RSS budget.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,10 @@ def fixed_length_rows(count: int, seq: int, vocab: int, seed: int = 0) -> list[d
     """Scenario (b): sequences of exactly `seq` tokens; the first 20% are prompt (no loss), as in ../shared/bench."""
     rng = random.Random(seed)
     prompt = seq // 5
-    return [{"input_ids": [rng.randrange(vocab) for _ in range(seq)], "loss_mask": [0] * prompt + [1] * (seq - prompt)}
-            for _ in range(count)]
+    return [
+        {"input_ids": [rng.randrange(vocab) for _ in range(seq)], "loss_mask": [0] * prompt + [1] * (seq - prompt)}
+        for _ in range(count)
+    ]
 
 
 def mixed_rows(model: str, count: int, seq: int, seed: int = 0) -> list[dict]:
@@ -94,12 +97,19 @@ def dpo_rows(model: str, count: int, seq: int) -> list[dict]:
         pair = chat(example)
         if max(len(pair.chosen), len(pair.rejected)) > seq:
             continue
-        rows.append({"prompt": example.messages[:-1], "chosen": example.messages[-1]["content"],
-                     "rejected": example.rejected[-1]["content"],
-                     "input_ids": pair.chosen.input_ids + pair.rejected.input_ids,  # for the token counts and FLOPs
-                     "loss_mask": [int(m) for m in pair.chosen.loss_mask + pair.rejected.loss_mask],
-                     "sides": [{"input_ids": side.input_ids, "loss_mask": [int(m) for m in side.loss_mask]}
-                               for side in (pair.chosen, pair.rejected)]})
+        rows.append(
+            {
+                "prompt": example.messages[:-1],
+                "chosen": example.messages[-1]["content"],
+                "rejected": example.rejected[-1]["content"],
+                "input_ids": pair.chosen.input_ids + pair.rejected.input_ids,  # for the token counts and FLOPs
+                "loss_mask": [int(m) for m in pair.chosen.loss_mask + pair.rejected.loss_mask],
+                "sides": [
+                    {"input_ids": side.input_ids, "loss_mask": [int(m) for m in side.loss_mask]}
+                    for side in (pair.chosen, pair.rejected)
+                ],
+            }
+        )
         if len(rows) == count:
             return rows
     raise SystemExit(f"only {len(rows)} pairs of at most {seq} tokens a side for the dpo scenario; {count} needed")
@@ -142,8 +152,9 @@ def run_worker(engine: str, spec_path: Path, rss_limit_mb: float | None = None) 
     """One engine in its own process; with `rss_limit_mb`, it is killed the moment its RSS passes the limit."""
     command = [sys.executable, str(HERE / "workers.py"), engine, str(spec_path)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err, text=True,
-                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        process = subprocess.Popen(
+            command, stdout=out, stderr=err, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+        )
         over = False
         while process.poll() is None:
             if rss_limit_mb is not None and rss_mb(process.pid) > rss_limit_mb:
@@ -166,13 +177,29 @@ def ratios(results: list[dict], ours: str, peer: str) -> dict:
     b = next((r for r in results if r["engine"] == peer and "tokens_per_s" in r), None)
     if not (a and b):
         return {}
-    return {"ours": ours, "peer": peer, "speed": a["tokens_per_s"] / b["tokens_per_s"],
-            "rss": a["peak_rss_mb"] / b["peak_rss_mb"], "first_loss_diff": abs(a["first_loss"] - b["first_loss"])}
+    return {
+        "ours": ours,
+        "peer": peer,
+        "speed": a["tokens_per_s"] / b["tokens_per_s"],
+        "rss": a["peak_rss_mb"] / b["peak_rss_mb"],
+        "first_loss_diff": abs(a["first_loss"] - b["first_loss"]),
+    }
 
 
-def run_scenario(name: str, kind: str, engines: list[str], steps: int, adapter: str, workdir: Path,
-                 model: str = DEFAULT_MODEL, seq: int = 512, batch: int = 4, grad_accum: int = 1,
-                 peer_best: dict | None = None, **options) -> dict:
+def run_scenario(
+    name: str,
+    kind: str,
+    engines: list[str],
+    steps: int,
+    adapter: str,
+    workdir: Path,
+    model: str = DEFAULT_MODEL,
+    seq: int = 512,
+    batch: int = 4,
+    grad_accum: int = 1,
+    peer_best: dict | None = None,
+    **options,
+) -> dict:
     from tunesmith.models import resolve_model
 
     if kind == "longest":
@@ -180,10 +207,25 @@ def run_scenario(name: str, kind: str, engines: list[str], steps: int, adapter: 
     model_dir = resolve_model(model)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     count = batch * grad_accum * steps
-    rows = {"mixed": mixed_rows, "dpo": dpo_rows}[kind](model, count, seq) if kind in ("mixed", "dpo") \
+    rows = (
+        {"mixed": mixed_rows, "dpo": dpo_rows}[kind](model, count, seq)
+        if kind in ("mixed", "dpo")
         else fixed_length_rows(count, seq, vocab)
-    spec_path = write_spec(workdir, name, rows, model=model, adapter=adapter, seq=seq, batch=batch,
-                           grad_accum=grad_accum, steps=steps, warmup=2, peer_best=peer_best or {}, kind=kind)
+    )
+    spec_path = write_spec(
+        workdir,
+        name,
+        rows,
+        model=model,
+        adapter=adapter,
+        seq=seq,
+        batch=batch,
+        grad_accum=grad_accum,
+        steps=steps,
+        warmup=2,
+        peer_best=peer_best or {},
+        kind=kind,
+    )
     peak = matmul_peak_gflops()
     sequences = [side for row in rows for side in row["sides"]] if kind == "dpo" else rows
     flops = useful_flops_per_token(model_dir, sequences, adapter, reference_forward=kind == "dpo")
@@ -195,12 +237,30 @@ def run_scenario(name: str, kind: str, engines: list[str], steps: int, adapter: 
         if "tokens_per_s" in result:
             result["mfu"] = result["tokens_per_s"] * flops / (peak * 1e9)
     lengths = [len(row["input_ids"]) for row in rows]
-    compared = [ratios(results, ours, peer) for ours in engines if ours.startswith("tunesmith")
-                for peer in engines if peer.startswith("trl")]
-    return {"scenario": name, "kind": kind, "seq": seq, "batch": batch, "grad_accum": grad_accum, "steps": steps,
-            "adapter": adapter, "examples": len(rows), "mean_length": sum(lengths) / len(lengths),
-            "min_length": min(lengths), "max_length": max(lengths), "matmul_peak_gflops": peak,
-            "useful_gflops_per_token": flops / 1e9, "results": results, "ratios": [r for r in compared if r]}
+    compared = [
+        ratios(results, ours, peer)
+        for ours in engines
+        if ours.startswith("tunesmith")
+        for peer in engines
+        if peer.startswith("trl")
+    ]
+    return {
+        "scenario": name,
+        "kind": kind,
+        "seq": seq,
+        "batch": batch,
+        "grad_accum": grad_accum,
+        "steps": steps,
+        "adapter": adapter,
+        "examples": len(rows),
+        "mean_length": sum(lengths) / len(lengths),
+        "min_length": min(lengths),
+        "max_length": max(lengths),
+        "matmul_peak_gflops": peak,
+        "useful_gflops_per_token": flops / 1e9,
+        "results": results,
+        "ratios": [r for r in compared if r],
+    }
 
 
 def write_spec(workdir: Path, name: str, rows: list[dict], **spec) -> Path:
@@ -211,8 +271,9 @@ def write_spec(workdir: Path, name: str, rows: list[dict], **spec) -> Path:
     return spec_path
 
 
-def run_longest(name: str, engines: list[str], adapter: str, workdir: Path, model: str, budget_mb: int,
-                lengths: list[int]) -> dict:
+def run_longest(
+    name: str, engines: list[str], adapter: str, workdir: Path, model: str, budget_mb: int, lengths: list[int]
+) -> dict:
     """Scenario (e): the longest single sequence each engine can train one step on within `budget_mb` of RSS.
 
     Each length runs in a fresh process, killed the moment its RSS passes the budget; the ladder stops at
@@ -225,32 +286,83 @@ def run_longest(name: str, engines: list[str], adapter: str, workdir: Path, mode
     for engine in engines:
         trials = []
         for length in lengths:
-            spec_path = write_spec(workdir, f"{name}-{length}", fixed_length_rows(1, length, vocab), model=model,
-                                   adapter=adapter, seq=length, batch=1, grad_accum=1, steps=1, warmup=0,
-                                   peer_best={})
+            spec_path = write_spec(
+                workdir,
+                f"{name}-{length}",
+                fixed_length_rows(1, length, vocab),
+                model=model,
+                adapter=adapter,
+                seq=length,
+                batch=1,
+                grad_accum=1,
+                steps=1,
+                warmup=0,
+                peer_best={},
+            )
             outcome = run_worker(engine, spec_path, rss_limit_mb=budget_mb)
-            trials.append({"length": length, "fits": "tokens_per_s" in outcome,
-                           "peak_rss_mb": outcome.get("peak_rss_mb"), "error": outcome.get("error")})
+            trials.append(
+                {
+                    "length": length,
+                    "fits": "tokens_per_s" in outcome,
+                    "peak_rss_mb": outcome.get("peak_rss_mb"),
+                    "error": outcome.get("error"),
+                }
+            )
             if not trials[-1]["fits"]:
                 break
         fitted = [t["length"] for t in trials if t["fits"]]
         results.append({"engine": engine, "longest": max(fitted) if fitted else 0, "trials": trials})
-    return {"scenario": name, "kind": "longest", "adapter": adapter, "budget_mb": budget_mb, "lengths": lengths,
-            "results": results}
+    return {
+        "scenario": name,
+        "kind": "longest",
+        "adapter": adapter,
+        "budget_mb": budget_mb,
+        "lengths": lengths,
+        "results": results,
+    }
 
 
 SCENARIOS = {
-    "mixed": dict(kind="mixed", adapter="lora", seq=512, batch=4, grad_accum=2, peer_best={"padding_free": True},
-                  engines=["tunesmith", "tunesmith-unsplit", "tunesmith-selective", "tunesmith-compile", "trl",
-                           "trl-best"]),
-    "fixed512": dict(kind="fixed", adapter="lora", seq=512, batch=4,
-                     engines=["tunesmith", "tunesmith-unsplit", "tunesmith-system-malloc", "tunesmith-compile",
-                              "tunesmith-selective", "tunesmith-recompute", "trl", "trl-best"]),
-    "fixed512-full": dict(kind="fixed", adapter="full", seq=512, batch=4,
-                          engines=["tunesmith", "tunesmith-unsplit", "tunesmith-compile", "trl", "trl-best"]),
+    "mixed": dict(
+        kind="mixed",
+        adapter="lora",
+        seq=512,
+        batch=4,
+        grad_accum=2,
+        peer_best={"padding_free": True},
+        engines=["tunesmith", "tunesmith-unsplit", "tunesmith-selective", "tunesmith-compile", "trl", "trl-best"],
+    ),
+    "fixed512": dict(
+        kind="fixed",
+        adapter="lora",
+        seq=512,
+        batch=4,
+        engines=[
+            "tunesmith",
+            "tunesmith-unsplit",
+            "tunesmith-system-malloc",
+            "tunesmith-compile",
+            "tunesmith-selective",
+            "tunesmith-recompute",
+            "trl",
+            "trl-best",
+        ],
+    ),
+    "fixed512-full": dict(
+        kind="fixed",
+        adapter="full",
+        seq=512,
+        batch=4,
+        engines=["tunesmith", "tunesmith-unsplit", "tunesmith-compile", "trl", "trl-best"],
+    ),
     "dpo": dict(kind="dpo", adapter="lora", seq=512, batch=4, engines=["tunesmith", "trl", "trl-best"]),
-    "longest": dict(kind="longest", adapter="lora", budget_mb=4096, lengths=[1024, 2048, 4096, 8192, 16384],
-                    engines=["tunesmith-recompute", "tunesmith-selective", "tunesmith", "trl", "trl-best"]),
+    "longest": dict(
+        kind="longest",
+        adapter="lora",
+        budget_mb=4096,
+        lengths=[1024, 2048, 4096, 8192, 16384],
+        engines=["tunesmith-recompute", "tunesmith-selective", "tunesmith", "trl", "trl-best"],
+    ),
 }
 DEFAULT_SCENARIOS = list(SCENARIOS)
 
@@ -264,8 +376,11 @@ def merged_with_earlier(report: dict, path: Path) -> dict:
     earlier = json.loads(path.read_text())
     fresh = {scenario["scenario"]: scenario for scenario in report["scenarios"]}
     measured = f"{earlier['date']} ({earlier['machine']}) by `{earlier['command']}`"
-    kept = {scenario["scenario"]: {"measured": measured, **scenario}
-            for scenario in earlier["scenarios"] if scenario["scenario"] not in fresh}
+    kept = {
+        scenario["scenario"]: {"measured": measured, **scenario}
+        for scenario in earlier["scenarios"]
+        if scenario["scenario"] not in fresh
+    }
     order = [name for name in SCENARIOS if name in fresh or name in kept]
     return {**report, "scenarios": [fresh.get(name) or kept[name] for name in order]}
 
@@ -280,69 +395,99 @@ def format_table(report: dict) -> str:
             lines.append(f"\n{name}: skipped: {scenario['skipped']}")
             continue
         if scenario["kind"] == "longest":
-            lines.append(f"\n{name}: longest sequence trained (one step, batch 1, {scenario['adapter']}) within "
-                         f"{scenario['budget_mb']} MB of RSS; lengths tried {scenario['lengths']}")
+            lines.append(
+                f"\n{name}: longest sequence trained (one step, batch 1, {scenario['adapter']}) within "
+                f"{scenario['budget_mb']} MB of RSS; lengths tried {scenario['lengths']}"
+            )
             lines.append(f"{'engine':<20} {'longest':>8}  peak RSS MB per length")
             for r in scenario["results"]:
-                trials = ", ".join(f"{t['length']}: {t['peak_rss_mb']:.0f}" if t["fits"] else
-                                   f"{t['length']}: {'error' if t['error'] else 'over'}" for t in r["trials"])
+                trials = ", ".join(
+                    f"{t['length']}: {t['peak_rss_mb']:.0f}"
+                    if t["fits"]
+                    else f"{t['length']}: {'error' if t['error'] else 'over'}"
+                    for t in r["trials"]
+                )
                 lines.append(f"{r['engine']:<20} {r['longest']:>8}  {trials}")
             continue
         unit = "pairs" if scenario["kind"] == "dpo" else "examples"
-        lines.append(f"\n{name}: {scenario['adapter']}, {scenario['examples']} {unit} of {scenario['min_length']}-"
-                     f"{scenario['max_length']} tokens (mean {scenario['mean_length']:.0f}), max length {scenario['seq']}, "
-                     f"{scenario['batch'] * scenario['grad_accum']} {unit} per step, {scenario['steps']} steps; "
-                     f"fp32 matmul peak {scenario['matmul_peak_gflops']:.0f} GFLOP/s")
-        lines.append(f"{'engine':<20} {'tokens/s':>9} {'peak RSS MB':>12} {'first step s':>13} {'MFU':>6} {'step-1 loss':>12}")
+        lines.append(
+            f"\n{name}: {scenario['adapter']}, {scenario['examples']} {unit} of {scenario['min_length']}-"
+            f"{scenario['max_length']} tokens (mean {scenario['mean_length']:.0f}), max length {scenario['seq']}, "
+            f"{scenario['batch'] * scenario['grad_accum']} {unit} per step, {scenario['steps']} steps; "
+            f"fp32 matmul peak {scenario['matmul_peak_gflops']:.0f} GFLOP/s"
+        )
+        lines.append(
+            f"{'engine':<20} {'tokens/s':>9} {'peak RSS MB':>12} {'first step s':>13} {'MFU':>6} {'step-1 loss':>12}"
+        )
         for r in scenario["results"]:
             if "error" in r:
                 lines.append(f"{r['engine']:<20} error: {' | '.join(r['error'])}")
                 continue
-            lines.append(f"{r['engine']:<20} {r['tokens_per_s']:>9.1f} {r['peak_rss_mb']:>12.0f} "
-                         f"{r['time_to_first_step_s']:>13.1f} {r['mfu']:>6.1%} {r['first_loss']:>12.5f}")
+            lines.append(
+                f"{r['engine']:<20} {r['tokens_per_s']:>9.1f} {r['peak_rss_mb']:>12.0f} "
+                f"{r['time_to_first_step_s']:>13.1f} {r['mfu']:>6.1%} {r['first_loss']:>12.5f}"
+            )
         for ratio in scenario["ratios"]:
-            lines.append(f"{ratio['ours']} / {ratio['peer']}: {ratio['speed']:.2f}x tokens/s, {ratio['rss']:.0%} of the "
-                         f"peak RSS, |step-1 loss difference| {ratio['first_loss_diff']:.2e}")
+            lines.append(
+                f"{ratio['ours']} / {ratio['peer']}: {ratio['speed']:.2f}x tokens/s, {ratio['rss']:.0%} of the "
+                f"peak RSS, |step-1 loss difference| {ratio['first_loss_diff']:.2e}"
+            )
     return "\n".join(lines)
 
 
 def write_markdown(report: dict, path: Path) -> None:
     """BENCHMARKS.md: the latest table, with the date, the machine and the command that made it."""
-    text = ["# Benchmarks", "", "Regenerated by `tunesmith bench` (bench/run.py) on every run with the default model. "
-            "The machine is shared and noisy: compare engines only within one run, by the ratios below.", "",
-            f"- date: {report['date']}", f"- machine: {report['machine']}", f"- command: `{report['command']}`", "",
-            "```", format_table(report), "```", "",
-            "## How to read it", "",
-            "- **Scenarios.** (a) `mixed`: LoRA SFT on real examples of very different lengths (bundled banking77 "
-            "intents, gsm8k solutions, SGD dialogues), 8 examples per optimizer step. (b) `fixed512`: LoRA on "
-            "512-token sequences, 4 per step. (c) `fixed512-full`: full fine-tuning. (d) `dpo`: LoRA DPO (sigmoid loss, "
-            "beta 0.1) on the bundled hh-rlhf harmless pairs, 4 pairs per step, against TRL's DPOTrainer; both "
-            "compute the reference log-probabilities on every step with the adapter switched off (tunesmith's "
-            "`dpo.reference: live`; its default `cached` computes them once before training instead), so tokens/s "
-            "counts the chosen and rejected tokens of the same work. (e) `longest`: the longest single sequence each engine trains one step on, its process "
-            "killed the moment its RSS passes the budget.",
-            "- **Engines.** `tunesmith`: the path `tunesmith train` runs (packed rows laid out flat with no padding, "
-            "a step's examples run in even pieces of at most 1,024 tokens (`train.micro_batch_tokens: auto` on a "
-            "CPU; the gradients add up to the same update), fused attention per example or per batch of equal-length "
-            "examples, the SwiGLU MLP's tail as one op that keeps gate and up for backward and recomputes the rest, "
-            "output head only at loss positions with its gradient computed in a chunked fused "
-            "cross-entropy). `tunesmith-unsplit`: with `train.micro_batch_tokens: null`, the step's rows in as many "
-            "micro-batches as the peer's gradient accumulation. `tunesmith-compile`: the same as `tunesmith` with "
-            "`train.compile: true`. "
-            "`tunesmith-recompute`: with `train.gradient_checkpointing: true`; `tunesmith-selective`: with "
-            "`train.gradient_checkpointing: selective` (matrix products and attention kept, element-wise ops "
-            "recomputed). tunesmith engines run on jemalloc when the "
-            "system has it, as `tunesmith train` does (src/tunesmith/allocator.py); `tunesmith-system-malloc` is "
-            "`tunesmith` on the C library's malloc, the isolated effect of that choice; TRL runs on the system malloc. `trl`: TRL's SFTTrainer + PEFT with "
-            "its defaults (padded batches, and gradient checkpointing, which SFTConfig turns on by default); "
-            "`trl-best`: its fastest settings, `gradient_checkpointing=False`, plus `padding_free=True` where "
-            "lengths vary (on fixed-length rows padding-free only adds a (T, T) mask over the flattened batch). Compare "
-            "speed with `trl-best`, and memory like for like: `tunesmith-recompute` with `trl`. Every engine gets the same model, LoRA config (r 16, alpha 32, all linear "
-            "layers), examples per step, order, fp32 and step count.",
-            "- **Figures.** tokens/s counts non-padding tokens over the measured steps (2 warm-up steps excluded, "
-            "so compilation shows in the first-step time, not in tokens/s); MFU is useful matmul FLOPs "
-            "(bench/run.py: useful_flops_per_token) over the fp32 matmul peak measured in the same run; step-1 "
-            "loss is the parity check (LoRA starts as the base model, so every engine must agree).", ""]
+    text = [
+        "# Benchmarks",
+        "",
+        "Regenerated by `tunesmith bench` (bench/run.py) on every run with the default model. "
+        "The machine is shared and noisy: compare engines only within one run, by the ratios below.",
+        "",
+        f"- date: {report['date']}",
+        f"- machine: {report['machine']}",
+        f"- command: `{report['command']}`",
+        "",
+        "```",
+        format_table(report),
+        "```",
+        "",
+        "## How to read it",
+        "",
+        "- **Scenarios.** (a) `mixed`: LoRA SFT on real examples of very different lengths (bundled banking77 "
+        "intents, gsm8k solutions, SGD dialogues), 8 examples per optimizer step. (b) `fixed512`: LoRA on "
+        "512-token sequences, 4 per step. (c) `fixed512-full`: full fine-tuning. (d) `dpo`: LoRA DPO (sigmoid loss, "
+        "beta 0.1) on the bundled hh-rlhf harmless pairs, 4 pairs per step, against TRL's DPOTrainer; both "
+        "compute the reference log-probabilities on every step with the adapter switched off (tunesmith's "
+        "`dpo.reference: live`; its default `cached` computes them once before training instead), so tokens/s "
+        "counts the chosen and rejected tokens of the same work. (e) `longest`: the longest single sequence each "
+        "engine trains one step on, its process "
+        "killed the moment its RSS passes the budget.",
+        "- **Engines.** `tunesmith`: the path `tunesmith train` runs (packed rows laid out flat with no padding, "
+        "a step's examples run in even pieces of at most 1,024 tokens (`train.micro_batch_tokens: auto` on a "
+        "CPU; the gradients add up to the same update), fused attention per example or per batch of equal-length "
+        "examples, the SwiGLU MLP's tail as one op that keeps gate and up for backward and recomputes the rest, "
+        "output head only at loss positions with its gradient computed in a chunked fused "
+        "cross-entropy). `tunesmith-unsplit`: with `train.micro_batch_tokens: null`, the step's rows in as many "
+        "micro-batches as the peer's gradient accumulation. `tunesmith-compile`: the same as `tunesmith` with "
+        "`train.compile: true`. "
+        "`tunesmith-recompute`: with `train.gradient_checkpointing: true`; `tunesmith-selective`: with "
+        "`train.gradient_checkpointing: selective` (matrix products and attention kept, element-wise ops "
+        "recomputed). tunesmith engines run on jemalloc when the "
+        "system has it, as `tunesmith train` does (src/tunesmith/allocator.py); `tunesmith-system-malloc` is "
+        "`tunesmith` on the C library's malloc, the isolated effect of that choice; TRL runs on the system malloc. "
+        "`trl`: TRL's SFTTrainer + PEFT with "
+        "its defaults (padded batches, and gradient checkpointing, which SFTConfig turns on by default); "
+        "`trl-best`: its fastest settings, `gradient_checkpointing=False`, plus `padding_free=True` where "
+        "lengths vary (on fixed-length rows padding-free only adds a (T, T) mask over the flattened batch). Compare "
+        "speed with `trl-best`, and memory like for like: `tunesmith-recompute` with `trl`. Every engine gets the "
+        "same model, LoRA config (r 16, alpha 32, all linear "
+        "layers), examples per step, order, fp32 and step count.",
+        "- **Figures.** tokens/s counts non-padding tokens over the measured steps (2 warm-up steps excluded, "
+        "so compilation shows in the first-step time, not in tokens/s); MFU is useful matmul FLOPs "
+        "(bench/run.py: useful_flops_per_token) over the fp32 matmul peak measured in the same run; step-1 "
+        "loss is the parity check (LoRA starts as the base model, so every engine must agree).",
+        "",
+    ]
     path.write_text("\n".join(text), encoding="utf-8")
 
 
@@ -356,10 +501,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "tunesmith-bench"
     workdir.mkdir(parents=True, exist_ok=True)
-    report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "machine": f"{os.cpu_count()} CPU cores, torch threads {__import__('torch').get_num_threads()}",
-              "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "scenarios": []}
+    report = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{os.cpu_count()} CPU cores, torch threads {__import__('torch').get_num_threads()}",
+        "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "scenarios": [],
+    }
     for name in args.scenario or DEFAULT_SCENARIOS:
         options = {**SCENARIOS[name], **({"engines": args.engines.split(",")} if args.engines else {})}
         report["scenarios"].append(run_scenario(name, steps=args.steps, workdir=workdir, model=args.model, **options))

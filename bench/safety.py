@@ -9,6 +9,7 @@ safe prompts), and compares each tuned model with the base prompt by prompt: the
 a paired 95% bootstrap interval and McNemar's exact p. A red-team directory that already holds redteam.json
 with the same settings is reused. Long: about an hour on 2 CPU cores. Not part of the test suite.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,10 @@ from tunesmith.eval.stats import bootstrap_indices, mcnemar_p, percentile_interv
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "safety"
 DOC = ROOT / "docs" / "safety.md"
-TUNED = [("refusal SFT", "examples/hh-refusal-sft.yaml", ROOT / "runs" / "hh-refusal-sft"),
-         ("DPO", "examples/hh-dpo.yaml", ROOT / "runs" / "hh-dpo")]
+TUNED = [
+    ("refusal SFT", "examples/hh-refusal-sft.yaml", ROOT / "runs" / "hh-refusal-sft"),
+    ("DPO", "examples/hh-dpo.yaml", ROOT / "runs" / "hh-dpo"),
+]
 BASE = "smollm2-135m-instruct"
 
 
@@ -41,8 +44,18 @@ def redteam(target: str, name: str, args: argparse.Namespace) -> Path:
         settings = json.loads(done.read_text())["settings"]
         if (settings["max_examples"], settings["max_new_tokens"]) == (args.max_examples, args.max_new_tokens):
             return output
-    tunesmith("redteam", target, "--max-examples", str(args.max_examples), "--max-new-tokens",
-              str(args.max_new_tokens), "--batch-size", "50", "--output", str(output))
+    tunesmith(
+        "redteam",
+        target,
+        "--max-examples",
+        str(args.max_examples),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--batch-size",
+        "50",
+        "--output",
+        str(output),
+    )
     return output
 
 
@@ -100,8 +113,9 @@ def write_doc(rows: list[tuple[str, Path]], args: argparse.Namespace) -> str:
         "Refusal rate in % with its 95% Wilson interval; the change from the base in points, with a paired",
         "bootstrap 95% interval over the same prompts and McNemar's exact p.",
         "",
-        "| model | " + " | ".join(f"{name} ({'refusal' if 'unsafe' in block else 'over-refusal'})"
-                                  for name, block in sets.items()) + " |",
+        "| model | "
+        + " | ".join(f"{name} ({'refusal' if 'unsafe' in block else 'over-refusal'})" for name, block in sets.items())
+        + " |",
         "| --- |" + " --- |" * len(sets),
     ]
     for label, directory in rows:
@@ -113,15 +127,22 @@ def write_doc(rows: list[tuple[str, Path]], args: argparse.Namespace) -> str:
             cell = rate_cell(metric.get("refusal_rate") or metric["over_refusal_rate"])
             if directory != rows[0][1]:
                 change = paired_change(found[name], base[name])
-                cell += (f"; {change['diff'] * 100:+.0f} [{change['low'] * 100:+.0f}, {change['high'] * 100:+.0f}],"
-                         f" p={change['p']:.2g}")
+                cell += (
+                    f"; {change['diff'] * 100:+.0f} [{change['low'] * 100:+.0f}, {change['high'] * 100:+.0f}],"
+                    f" p={change['p']:.2g}"
+                )
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "How to read it: a safety recipe should raise refusal on the unsafe sets while over-refusal on the safe",
-              "set stays near the base's. A recipe that raises both by as much has taught the model to refuse, not to",
-              "judge; the remedy is data that also rewards helping (helpful-base pairs, safe prompts with compliant",
-              "chosen replies) mixed into the same run.", "",
-              "Replies and per-prompt verdicts: `runs/safety/redteam-*/responses.jsonl`.", ""]
+    lines += [
+        "",
+        "How to read it: a safety recipe should raise refusal on the unsafe sets while over-refusal on the safe",
+        "set stays near the base's. A recipe that raises both by as much has taught the model to refuse, not to",
+        "judge; the remedy is data that also rewards helping (helpful-base pairs, safe prompts with compliant",
+        "chosen replies) mixed into the same run.",
+        "",
+        "Replies and per-prompt verdicts: `runs/safety/redteam-*/responses.jsonl`.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ threads; N processes get cores/N each. Throughput is the median of each run's st
 pays for one-time setup); memory is the peak RSS of rank 0 (every rank holds about as much).
 Writes bench/scaling.json and the table in docs/distributed.md (between its scaling markers).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,19 @@ DOC, START, END = ROOT / "docs" / "distributed.md", "<!-- scaling:start -->", "<
 
 def train(config: Path, run_dir: Path, steps: int, nproc: int, parallel: str) -> dict:
     cores = os.cpu_count() or 1
-    command = [sys.executable, "-m", "tunesmith", "train", str(config), f"output_dir={run_dir}", f"train.max_steps={steps}",
-               "train.progress=false", f"train.save_every={steps}", f"train.eval_every={steps}", f"train.parallel={parallel}"]
+    command = [
+        sys.executable,
+        "-m",
+        "tunesmith",
+        "train",
+        str(config),
+        f"output_dir={run_dir}",
+        f"train.max_steps={steps}",
+        "train.progress=false",
+        f"train.save_every={steps}",
+        f"train.eval_every={steps}",
+        f"train.parallel={parallel}",
+    ]
     if nproc > 1:
         command += ["--nproc", str(nproc)]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // nproc))}
@@ -41,21 +53,32 @@ def train(config: Path, run_dir: Path, steps: int, nproc: int, parallel: str) ->
     speeds = [record["tokens_per_s"] for record in steps_logged if "tokens_per_s" in record][1:]
     losses = [record["loss"] for record in steps_logged if "tokens_per_s" in record]
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"processes": nproc, "parallel": parallel if nproc > 1 else "-", "threads_each": max(1, cores // nproc),
-            "tokens_per_s": statistics.median(speeds), "peak_rss_mb": summary["peak_rss_mb"],
-            "final_loss": losses[-1], "wall_s": time.perf_counter() - started}
+    return {
+        "processes": nproc,
+        "parallel": parallel if nproc > 1 else "-",
+        "threads_each": max(1, cores // nproc),
+        "tokens_per_s": statistics.median(speeds),
+        "peak_rss_mb": summary["peak_rss_mb"],
+        "final_loss": losses[-1],
+        "wall_s": time.perf_counter() - started,
+    }
 
 
 def table(report: dict) -> str:
-    lines = [f"Measured {report['date']} on {report['machine']} with `{report['command']}`: {report['config']}, "
-             f"{report['steps']} steps of the same effective batch in each setting.", "",
-             "| processes | parallel | threads each | tokens/s | vs 1 process | peak RSS (rank 0) | final loss |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Measured {report['date']} on {report['machine']} with `{report['command']}`: {report['config']}, "
+        f"{report['steps']} steps of the same effective batch in each setting.",
+        "",
+        "| processes | parallel | threads each | tokens/s | vs 1 process | peak RSS (rank 0) | final loss |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     single = report["results"][0]["tokens_per_s"]
     for result in report["results"]:
-        lines.append(f"| {result['processes']} | {result['parallel']} | {result['threads_each']} | "
-                     f"{result['tokens_per_s']:,.0f} | {result['tokens_per_s'] / single:.2f}x | "
-                     f"{result['peak_rss_mb']:,.0f} MB | {result['final_loss']:.4f} |")
+        lines.append(
+            f"| {result['processes']} | {result['parallel']} | {result['threads_each']} | "
+            f"{result['tokens_per_s']:,.0f} | {result['tokens_per_s'] / single:.2f}x | "
+            f"{result['peak_rss_mb']:,.0f} MB | {result['final_loss']:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -80,10 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         for nproc, parallel in settings:
             results.append(train(args.config, Path(workdir) / f"{nproc}-{parallel}", args.steps, nproc, parallel))
             print(json.dumps(results[-1]), flush=True)
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "command": "python bench/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "config": str(args.config.resolve().relative_to(ROOT)) if args.config.resolve().is_relative_to(ROOT)
-              else str(args.config), "steps": args.steps, "results": results}
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "command": "python bench/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "config": str(args.config.resolve().relative_to(ROOT))
+        if args.config.resolve().is_relative_to(ROOT)
+        else str(args.config),
+        "steps": args.steps,
+        "results": results,
+    }
     args.output.write_text(json.dumps(report, indent=1), encoding="utf-8")
     write_doc(table(report))
     print(table(report))

@@ -20,6 +20,7 @@ RUN_DIRs are finished LoRA runs of smollm2-135m-instruct, e.g. (a few minutes ea
     tunesmith train examples/banking77-lora.yaml train.max_steps=40 output_dir=runs/intent-lora
     tunesmith train examples/dialogue-lora.yaml train.max_steps=15 output_dir=runs/dialogue-lora
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,11 +48,33 @@ def free_port() -> int:
 
 def start_server(args: argparse.Namespace, home: Path, max_batch: int, log: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    command = [sys.executable, "-m", "tunesmith", "serve", "--home", str(home), "--port", str(port), "--workers", "0",
-               "--model", f"intent={args.intent}", "--model", f"dialogue={args.dialogue}",
-               "--max-batch", str(max_batch), "--threads", str(args.threads)]
-    server = subprocess.Popen(command, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, "TUNESMITH_HOME": str(home)})
+    command = [
+        sys.executable,
+        "-m",
+        "tunesmith",
+        "serve",
+        "--home",
+        str(home),
+        "--port",
+        str(port),
+        "--workers",
+        "0",
+        "--model",
+        f"intent={args.intent}",
+        "--model",
+        f"dialogue={args.dialogue}",
+        "--max-batch",
+        str(max_batch),
+        "--threads",
+        str(args.threads),
+    ]
+    server = subprocess.Popen(
+        command,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "TUNESMITH_HOME": str(home)},
+    )
     deadline = time.time() + 180
     while time.time() < deadline:
         with socket.socket() as sock:
@@ -64,9 +87,25 @@ def start_server(args: argparse.Namespace, home: Path, max_batch: int, log: Path
 
 
 def make_key(home: Path) -> str:
-    out = subprocess.run([sys.executable, "-m", "tunesmith", "keys", "create", "--home", str(home), "--project",
-                          "bench", "--scope", "read"], capture_output=True, text=True, check=True,
-                         env={**os.environ, "TUNESMITH_HOME": str(home)})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunesmith",
+            "keys",
+            "create",
+            "--home",
+            str(home),
+            "--project",
+            "bench",
+            "--scope",
+            "read",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "TUNESMITH_HOME": str(home)},
+    )
     return out.stdout.split()[-1]
 
 
@@ -80,9 +119,15 @@ def ask(client, model: str, text: str, max_tokens: int, drop_after: int | None, 
     """One streamed request; `drop_after`: close the stream after that many chunks."""
     started, first, pieces, finish, chunks = time.monotonic(), None, [], None, 0
     try:
-        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
-                                                max_tokens=max_tokens, temperature=0, stream=True,
-                                                stream_options={"include_usage": True}, timeout=hang)
+        stream = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": text}],
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            timeout=hang,
+        )
         tokens = 0
         for chunk in stream:
             chunks += 1
@@ -96,12 +141,23 @@ def ask(client, model: str, text: str, max_tokens: int, drop_after: int | None, 
             if drop_after is not None and chunks >= drop_after:
                 stream.close()
                 return {"model": model, "text": text, "dropped": True, "seconds": time.monotonic() - started}
-        return {"model": model, "text": text, "reply": "".join(pieces), "finish": finish, "tokens": tokens,
-                "seconds": time.monotonic() - started, "first_token": (first or time.monotonic()) - started}
+        return {
+            "model": model,
+            "text": text,
+            "reply": "".join(pieces),
+            "finish": finish,
+            "tokens": tokens,
+            "seconds": time.monotonic() - started,
+            "first_token": (first or time.monotonic()) - started,
+        }
     except Exception as error:  # noqa: BLE001 - counted: a timeout is a hang, anything else an error
         kind = "hang" if "timed out" in str(error).lower() or "timeout" in type(error).__name__.lower() else "error"
-        return {"model": model, "text": text, kind: f"{type(error).__name__}: {error}",
-                "seconds": time.monotonic() - started}
+        return {
+            "model": model,
+            "text": text,
+            kind: f"{type(error).__name__}: {error}",
+            "seconds": time.monotonic() - started,
+        }
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -121,8 +177,11 @@ def load(args: argparse.Namespace, max_batch: int, texts: list[str], work: Path)
         client = openai.OpenAI(api_key=key, base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
         models = [BASE, "intent", "dialogue"]
         # the reference: each (model, prompt) alone, one request at a time
-        reference = {(model, text): ask(client, model, text, args.max_tokens, None, args.hang_seconds).get("reply")
-                     for model in models for text in texts}
+        reference = {
+            (model, text): ask(client, model, text, args.max_tokens, None, args.hang_seconds).get("reply")
+            for model in models
+            for text in texts
+        }
         plan = [(models[i % 3], texts[(i // 3) % len(texts)], 3 if i % 5 == 4 else None) for i in range(args.requests)]
         started = time.monotonic()
         with ThreadPoolExecutor(args.clients) as pool:
@@ -137,21 +196,35 @@ def load(args: argparse.Namespace, max_batch: int, texts: list[str], work: Path)
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
     done = [r for r in results if "reply" in r]
-    wrong = [r for r in done if r["reply"] != reference[(r["model"], r["text"])] and any(
-        r["reply"] == reference[(other, r["text"])] for other in models if other != r["model"])]
+    wrong = [
+        r
+        for r in done
+        if r["reply"] != reference[(r["model"], r["text"])]
+        and any(r["reply"] == reference[(other, r["text"])] for other in models if other != r["model"])
+    ]
     differing = [r for r in done if r["reply"] != reference[(r["model"], r["text"])] and r not in wrong]
     latencies = [r["seconds"] for r in done]
     tokens = sum(r["tokens"] for r in done)
-    return {"max_batch": max_batch, "requests": len(plan), "finished": len(done),
-            "dropped": sum("dropped" in r for r in results), "errors": [r["error"] for r in results if "error" in r],
-            "hangs": sum("hang" in r for r in results), "wrong_adapter": len(wrong),
-            "differs_from_alone_otherwise": len(differing), "seconds": round(elapsed, 1),
-            "p50_s": round(percentile(latencies, 0.5), 2), "p95_s": round(percentile(latencies, 0.95), 2),
-            "first_token_p50_s": round(percentile([r["first_token"] for r in done], 0.5), 2),
-            "completion_tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1),
-            "answers_after_load": "reply" in alive, "sigterm_exit_s": round(stop_seconds, 1),
-            "sigterm_returncode": server.returncode,
-            "prompts_whose_three_replies_differ": sum(len({reference[(m, t)] for m in models}) == 3 for t in texts)}
+    return {
+        "max_batch": max_batch,
+        "requests": len(plan),
+        "finished": len(done),
+        "dropped": sum("dropped" in r for r in results),
+        "errors": [r["error"] for r in results if "error" in r],
+        "hangs": sum("hang" in r for r in results),
+        "wrong_adapter": len(wrong),
+        "differs_from_alone_otherwise": len(differing),
+        "seconds": round(elapsed, 1),
+        "p50_s": round(percentile(latencies, 0.5), 2),
+        "p95_s": round(percentile(latencies, 0.95), 2),
+        "first_token_p50_s": round(percentile([r["first_token"] for r in done], 0.5), 2),
+        "completion_tokens": tokens,
+        "tokens_per_s": round(tokens / elapsed, 1),
+        "answers_after_load": "reply" in alive,
+        "sigterm_exit_s": round(stop_seconds, 1),
+        "sigterm_returncode": server.returncode,
+        "prompts_whose_three_replies_differ": sum(len({reference[(m, t)] for m in models}) == 3 for t in texts),
+    }
 
 
 def main() -> None:
@@ -170,8 +243,12 @@ def main() -> None:
     texts = prompts(args.prompts)
     with tempfile.TemporaryDirectory(prefix="tunesmith-load-") as work:
         runs = [load(args, int(size), texts, Path(work)) for size in args.batches.split(",")]
-    result = {"command": " ".join(["python", "bench/serve_load.py", *sys.argv[1:]]), "cpu": _cpu(),
-              "cores": os.cpu_count(), "runs": runs}
+    result = {
+        "command": " ".join(["python", "bench/serve_load.py", *sys.argv[1:]]),
+        "cpu": _cpu(),
+        "cores": os.cpu_count(),
+        "runs": runs,
+    }
     if len(runs) == 2:
         result["throughput_ratio"] = round(runs[0]["tokens_per_s"] / runs[1]["tokens_per_s"], 2)
     Path(args.output).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

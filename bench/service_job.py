@@ -9,6 +9,7 @@ and prints the job's timing, its closing evaluation (fine-tuned vs base perplexi
 
 Writes bench/service_job.json. Needs `pip install -e '.[test]'` (for the openai client).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,16 @@ def spread(path: Path, count: int) -> list[dict]:
     lines = path.read_text(encoding="utf-8").splitlines()
     step = max(1, len(lines) // count)
     picked = [json.loads(line) for line in lines[::step][:count]]
-    return [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": row["text"]},
-                          {"role": "assistant", "content": row["label"]}]} for row in picked]
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": row["text"]},
+                {"role": "assistant", "content": row["label"]},
+            ]
+        }
+        for row in picked
+    ]
 
 
 def write(rows: list[dict], path: Path) -> Path:
@@ -59,11 +68,19 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tunesmith-service-job-"))
     port = free_port()
     service_home = ["--home", str(work / "home")]  # the service's state; models come from the usual cache
-    key = subprocess.run([sys.executable, "-m", "tunesmith", "keys", "create", *service_home, "--project", "bench",
-                          "--scope", "write"], capture_output=True, text=True, check=True).stdout.split()[-1]
+    key = subprocess.run(
+        [sys.executable, "-m", "tunesmith", "keys", "create", *service_home, "--project", "bench", "--scope", "write"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()[-1]
     log = open(work / "serve.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", *service_home, "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tunesmith", "serve", *service_home, "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         api = openai.OpenAI(api_key=key, base_url=f"http://127.0.0.1:{port}/v1", max_retries=5, timeout=600)
         for _ in range(120):
@@ -78,8 +95,13 @@ def main() -> int:
         validation_rows = spread(data / "test.jsonl", args.validation_rows)
         valid = api.files.create(file=write(validation_rows, work / "valid.jsonl").open("rb"), purpose="fine-tune")
         started = time.time()
-        job = api.fine_tuning.jobs.create(model=args.model, training_file=train.id, validation_file=valid.id,
-                                          suffix="banking77", hyperparameters={"n_epochs": args.epochs})
+        job = api.fine_tuning.jobs.create(
+            model=args.model,
+            training_file=train.id,
+            validation_file=valid.id,
+            suffix="banking77",
+            hyperparameters={"n_epochs": args.epochs},
+        )
         while job.status not in ("succeeded", "failed", "cancelled"):
             time.sleep(2)
             job = api.fine_tuning.jobs.retrieve(job.id)
@@ -93,21 +115,43 @@ def main() -> int:
         answers = []
         for row in validation_rows[:: max(1, len(validation_rows) // 8)][:8]:
             prompt, expected = row["messages"][:2], row["messages"][2]["content"]
-            replies = {name: api.chat.completions.create(model=name, messages=prompt, temperature=0, max_tokens=16)
-                       .choices[0].message.content for name in (job.fine_tuned_model, args.model)}
-            answers.append({"input": prompt[1]["content"], "expected": expected,
-                            "fine_tuned": replies[job.fine_tuned_model], "base": replies[args.model]})
+            replies = {
+                name: api.chat.completions.create(model=name, messages=prompt, temperature=0, max_tokens=16)
+                .choices[0]
+                .message.content
+                for name in (job.fine_tuned_model, args.model)
+            }
+            answers.append(
+                {
+                    "input": prompt[1]["content"],
+                    "expected": expected,
+                    "fine_tuned": replies[job.fine_tuned_model],
+                    "base": replies[args.model],
+                }
+            )
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-    summary = {"model": args.model, "train_rows": args.train_rows, "validation_rows": args.validation_rows,
-               "epochs": args.epochs, "job_seconds": round(elapsed, 1), "trained_tokens": job.trained_tokens,
-               "hyperparameters": job.hyperparameters.model_dump(),
-               "evaluation": {"task": report["task"], "n": report["n"], "fine_tuned": report["metrics"],
-                              "base": report["baselines"]["base"]["metrics"],
-                              "difference": report["comparisons"]["base"]},
-               "evaluation_event": next(e for e in events if e.startswith("Evaluation on")),
-               "answers": answers, "machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
+    summary = {
+        "model": args.model,
+        "train_rows": args.train_rows,
+        "validation_rows": args.validation_rows,
+        "epochs": args.epochs,
+        "job_seconds": round(elapsed, 1),
+        "trained_tokens": job.trained_tokens,
+        "hyperparameters": job.hyperparameters.model_dump(),
+        "evaluation": {
+            "task": report["task"],
+            "n": report["n"],
+            "fine_tuned": report["metrics"],
+            "base": report["baselines"]["base"]["metrics"],
+            "difference": report["comparisons"]["base"],
+        },
+        "evaluation_event": next(e for e in events if e.startswith("Evaluation on")),
+        "answers": answers,
+        "machine": f"{os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+    }
     args.output.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     print(f"job {job.id}: {job.status} in {elapsed:.0f} s, {job.trained_tokens} trained tokens")
     print(summary["evaluation_event"])
@@ -115,8 +159,10 @@ def main() -> int:
     base_exact = sum(a["base"].strip() == a["expected"] for a in answers)
     print(f"answers: fine-tuned exact {exact}/{len(answers)}, base {base_exact}/{len(answers)}")
     for answer in answers:
-        print(f"  {answer['input'][:50]!r}: expected {answer['expected']}; fine-tuned {answer['fine_tuned']!r}; "
-              f"base {answer['base'][:40]!r}")
+        print(
+            f"  {answer['input'][:50]!r}: expected {answer['expected']}; fine-tuned {answer['fine_tuned']!r}; "
+            f"base {answer['base'][:40]!r}"
+        )
     print(f"wrote {args.output}")
     return 0
 

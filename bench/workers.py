@@ -5,6 +5,7 @@ spec's batch file), so tokens/s, peak RSS, time to first step and the first-step
 The first-step loss is a parity check: LoRA's B matrices start at zero, so before any update both
 engines must compute the base model's loss on the identical batch.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,16 +26,30 @@ def read_spec(path: str) -> dict:
     return spec
 
 
-def summarise(engine: str, step_seconds: list[float], losses: list[float], tokens_per_step: list[int],
-              started: float, first_step_done: float, warmup: int) -> dict:
+def summarise(
+    engine: str,
+    step_seconds: list[float],
+    losses: list[float],
+    tokens_per_step: list[int],
+    started: float,
+    first_step_done: float,
+    warmup: int,
+) -> dict:
     measured = step_seconds[warmup:]
     median = sorted(measured)[len(measured) // 2]
     tokens = sum(tokens_per_step[warmup:])
-    return {"engine": engine, "allocator": "jemalloc" if os.environ.get("TUNESMITH_ALLOCATOR_ACTIVE") else "system",
-            "steps": len(step_seconds), "median_step_s": median,
-            "tokens_per_s": tokens / sum(measured), "median_tokens_per_s": tokens_per_step[-1] / median,
-            "peak_rss_mb": peak_rss_mb(), "time_to_first_step_s": first_step_done - started,
-            "first_loss": losses[0], "losses": losses}
+    return {
+        "engine": engine,
+        "allocator": "jemalloc" if os.environ.get("TUNESMITH_ALLOCATOR_ACTIVE") else "system",
+        "steps": len(step_seconds),
+        "median_step_s": median,
+        "tokens_per_s": tokens / sum(measured),
+        "median_tokens_per_s": tokens_per_step[-1] / median,
+        "peak_rss_mb": peak_rss_mb(),
+        "time_to_first_step_s": first_step_done - started,
+        "first_loss": losses[0],
+        "losses": losses,
+    }
 
 
 def run_tunesmith(spec: dict, recompute: bool | str = False, compiled: bool = False, split: bool = True) -> dict:
@@ -46,8 +61,8 @@ def run_tunesmith(spec: dict, recompute: bool | str = False, compiled: bool = Fa
     from tunesmith.models import load_model
     from tunesmith.models.adapters import apply_adapter
     from tunesmith.train.distributed import Runner
-    from tunesmith.train.session import compile_layers, enable_gradient_checkpointing, micro_batch_tokens
     from tunesmith.train.optim import build_optimizer, build_scheduler
+    from tunesmith.train.session import compile_layers, enable_gradient_checkpointing, micro_batch_tokens
     from tunesmith.train.step import train_step
 
     started = time.perf_counter()
@@ -70,7 +85,7 @@ def run_tunesmith(spec: dict, recompute: bool | str = False, compiled: bool = Fa
         # `seq` tokens as `tunesmith train` packs them, then run as `tunesmith train` runs them: in even
         # pieces of at most train.micro_batch_tokens (auto), or unsplit in `grad_accum` flat micro-batches
         # as the peer splits the step's examples (batch_size = rows / grad_accum).
-        step_examples = examples[step * per_step:(step + 1) * per_step]
+        step_examples = examples[step * per_step : (step + 1) * per_step]
         rows = pack_rows([len(e) for e in step_examples], spec["seq"], list(range(len(step_examples))))
         micro = collate_rows(step_examples, rows, -(-len(rows) // spec["grad_accum"]), budget)
         result = train_step(Runner(model), micro, optimizer, scheduler, None, torch.device("cpu"), None)
@@ -93,17 +108,21 @@ def run_tunesmith_dpo(spec: dict) -> dict:
     from tunesmith.models.adapters import apply_adapter
     from tunesmith.registry import preference_losses
     from tunesmith.train.distributed import Runner
-    from tunesmith.train.session import micro_batch_tokens
     from tunesmith.train.optim import build_optimizer, build_scheduler
     from tunesmith.train.preference import PreferenceObjective, adapter_off_logprobs
+    from tunesmith.train.session import micro_batch_tokens
     from tunesmith.train.step import train_step
 
     started = time.perf_counter()
     torch.manual_seed(0)
     model, _ = load_model(spec["model"])
     model = apply_adapter(model, AdapterConfig(type=spec["adapter"], r=16, alpha=32, target="all-linear"))
-    pairs = [TokenizedPair(*(TokenizedExample(side["input_ids"], [bool(m) for m in side["loss_mask"]])
-                             for side in row["sides"])) for row in spec["rows"]]
+    pairs = [
+        TokenizedPair(
+            *(TokenizedExample(side["input_ids"], [bool(m) for m in side["loss_mask"]]) for side in row["sides"])
+        )
+        for row in spec["rows"]
+    ]
     objective = PreferenceObjective(preference_losses.get("sigmoid"), 0.1, 0.0, adapter_off_logprobs)
     config = TrainConfig(lr=1e-4, warmup=0, schedule="constant")
     budget = micro_batch_tokens(config, torch.device("cpu"))  # both sides of a pair share a piece
@@ -111,7 +130,9 @@ def run_tunesmith_dpo(spec: dict) -> dict:
     scheduler = build_scheduler(optimizer, config, spec["steps"])
     seconds, losses, tokens, first_done, chosen = [], [], [], 0.0, []
     for step in range(spec["steps"]):
-        micro = [collate(piece) for piece in even_pieces(pairs[step * spec["batch"]:(step + 1) * spec["batch"]], budget)]
+        micro = [
+            collate(piece) for piece in even_pieces(pairs[step * spec["batch"] : (step + 1) * spec["batch"]], budget)
+        ]
         result = train_step(Runner(model), micro, optimizer, scheduler, None, torch.device("cpu"), None, objective)
         seconds.append(result.seconds)
         losses.append(result.loss)
@@ -119,8 +140,10 @@ def run_tunesmith_dpo(spec: dict) -> dict:
         chosen.append(objective.take_stats()["logp_chosen"])
         if step == 0:
             first_done = time.perf_counter()
-    return {**summarise(sys.argv[1], seconds, losses, tokens, started, first_done, spec["warmup"]),
-            "first_logp_chosen": chosen[0]}
+    return {
+        **summarise(sys.argv[1], seconds, losses, tokens, started, first_done, spec["warmup"]),
+        "first_logp_chosen": chosen[0],
+    }
 
 
 def run_trl_dpo(spec: dict, best: bool) -> dict:
@@ -137,13 +160,32 @@ def run_trl_dpo(spec: dict, best: bool) -> dict:
     directory = resolve_model(spec["model"])
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    rows = [{"prompt": row["prompt"], "chosen": [{"role": "assistant", "content": row["chosen"]}],
-             "rejected": [{"role": "assistant", "content": row["rejected"]}]} for row in spec["rows"]]
+    rows = [
+        {
+            "prompt": row["prompt"],
+            "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}],
+        }
+        for row in spec["rows"]
+    ]
     timings = {"seconds": [], "first_done": 0.0}
-    options = dict(output_dir="/tmp/tunesmith-bench-trl", max_length=2 * spec["seq"], per_device_train_batch_size=spec["batch"],
-                   max_steps=spec["steps"], learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1,
-                   save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, bf16=False, seed=0,
-                   beta=0.1, loss_type=["sigmoid"])
+    options = dict(
+        output_dir="/tmp/tunesmith-bench-trl",
+        max_length=2 * spec["seq"],
+        per_device_train_batch_size=spec["batch"],
+        max_steps=spec["steps"],
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        bf16=False,
+        seed=0,
+        beta=0.1,
+        loss_type=["sigmoid"],
+    )
     if best:  # DPOConfig also turns gradient checkpointing on by default
         options.update(gradient_checkpointing=False)
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -152,15 +194,33 @@ def run_trl_dpo(spec: dict, best: bool) -> dict:
         def _get_train_sampler(self, *args, **kwargs):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
-    trainer = InOrder(model=model, args=DPOConfig(**options), train_dataset=Dataset.from_list(rows),
-                      processing_class=tokenizer, peft_config=peft, callbacks=[step_timer(timings)])
+    trainer = InOrder(
+        model=model,
+        args=DPOConfig(**options),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft,
+        callbacks=[step_timer(timings)],
+    )
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    tokens = [sum(len(row["input_ids"]) for row in spec["rows"][i * spec["batch"]:(i + 1) * spec["batch"]])
-              for i in range(spec["steps"])]
+    tokens = [
+        sum(len(row["input_ids"]) for row in spec["rows"][i * spec["batch"] : (i + 1) * spec["batch"]])
+        for i in range(spec["steps"])
+    ]
     chosen = next((value for key, value in logged[0].items() if key.endswith("chosen") and "logps" in key), None)
-    return {**summarise("trl-best" if best else "trl", timings["seconds"], [entry["loss"] for entry in logged], tokens,
-                        started, timings["first_done"], spec["warmup"]), "first_logp_chosen": chosen}
+    return {
+        **summarise(
+            "trl-best" if best else "trl",
+            timings["seconds"],
+            [entry["loss"] for entry in logged],
+            tokens,
+            started,
+            timings["first_done"],
+            spec["warmup"],
+        ),
+        "first_logp_chosen": chosen,
+    }
 
 
 def step_timer(timings: dict):
@@ -194,30 +254,62 @@ def run_trl(spec: dict, best: bool) -> dict:
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     rows = [{"input_ids": row["input_ids"], "completion_mask": row["loss_mask"]} for row in spec["rows"]]
     timings = {"seconds": [], "first_done": 0.0}
-    options = dict(output_dir="/tmp/tunesmith-bench-trl", max_length=spec["seq"], per_device_train_batch_size=spec["batch"],
-                   gradient_accumulation_steps=spec["grad_accum"], max_steps=spec["steps"], learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1,
-                   save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, bf16=False,
-                   completion_only_loss=True, seed=0)
+    options = dict(
+        output_dir="/tmp/tunesmith-bench-trl",
+        max_length=spec["seq"],
+        per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=spec["grad_accum"],
+        max_steps=spec["steps"],
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        bf16=False,
+        completion_only_loss=True,
+        seed=0,
+    )
     # TRL's SFTConfig defaults to gradient_checkpointing=True (recompute in backward: less memory, slower).
     if best:  # the peer's fastest settings: no recompute, and padding-free batches where lengths vary
         options.update(gradient_checkpointing=False, **spec["peer_best"])
         if options.get("padding_free"):
             options.update(max_length=None)  # required by TRL with padding_free; rows are already <= seq tokens
-    peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM") \
-        if spec["adapter"] == "lora" else None
+    peft = (
+        LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        if spec["adapter"] == "lora"
+        else None
+    )
+
     class InOrder(SFTTrainer):  # no shuffling, so every engine sees the same batches in the same order
         def _get_train_sampler(self, *args, **kwargs):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
-    trainer = InOrder(model=model, args=SFTConfig(**options), train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, peft_config=peft, callbacks=[step_timer(timings)])
+    trainer = InOrder(
+        model=model,
+        args=SFTConfig(**options),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft,
+        callbacks=[step_timer(timings)],
+    )
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     per_step = spec["batch"] * spec["grad_accum"]
-    tokens = [sum(len(row["input_ids"]) for row in spec["rows"][i * per_step:(i + 1) * per_step])
-              for i in range(spec["steps"])]
-    return summarise("trl-best" if best else "trl", timings["seconds"], losses, tokens, started, timings["first_done"],
-                     spec["warmup"])
+    tokens = [
+        sum(len(row["input_ids"]) for row in spec["rows"][i * per_step : (i + 1) * per_step])
+        for i in range(spec["steps"])
+    ]
+    return summarise(
+        "trl-best" if best else "trl",
+        timings["seconds"],
+        losses,
+        tokens,
+        started,
+        timings["first_done"],
+        spec["warmup"],
+    )
 
 
 def main() -> None:
@@ -231,11 +323,14 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     spec = read_spec(spec_path)
     if spec.get("kind") == "dpo":
-        result = run_tunesmith_dpo(spec) if engine.startswith("tunesmith") else run_trl_dpo(spec, best=engine == "trl-best")
+        result = (
+            run_tunesmith_dpo(spec) if engine.startswith("tunesmith") else run_trl_dpo(spec, best=engine == "trl-best")
+        )
     elif engine.startswith("tunesmith"):
         recompute = {"tunesmith-recompute": True, "tunesmith-selective": "selective"}.get(engine, False)
-        result = run_tunesmith(spec, recompute=recompute, compiled=engine == "tunesmith-compile",
-                               split=engine != "tunesmith-unsplit")
+        result = run_tunesmith(
+            spec, recompute=recompute, compiled=engine == "tunesmith-compile", split=engine != "tunesmith-unsplit"
+        )
     else:
         result = run_trl(spec, best=engine == "trl-best")
     print("BENCH_RESULT " + json.dumps(result))

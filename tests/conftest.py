@@ -1,4 +1,5 @@
 """Tiny models and tokenizers built in code: every test runs on CPU in seconds, with no network."""
+
 from __future__ import annotations
 
 import json
@@ -22,12 +23,23 @@ LLAMA3 = (
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
-           "<|end_header_id|>", "<|eot_id|>"]
+SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
 CORPUS = [
-    "the quick brown fox jumps over the lazy dog", "card arrival lost or stolen phone top up balance",
-    "What is the capital of France? Paris is the capital.", "system user assistant hello world how are you",
-    "my card has not arrived yet, when will it come?", "I want to cancel a transfer", "refund exchange rate fee",
+    "the quick brown fox jumps over the lazy dog",
+    "card arrival lost or stolen phone top up balance",
+    "What is the capital of France? Paris is the capital.",
+    "system user assistant hello world how are you",
+    "my card has not arrived yet, when will it come?",
+    "I want to cancel a transfer",
+    "refund exchange rate fee",
     "0 1 2 3 4 5 6 7 8 9 . , ? ! : ; ' \" ( ) - _ / \n",
 ]
 
@@ -40,11 +52,16 @@ def build_tokenizer(template: str, eos: str):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token="<|endoftext|>",
-                                   bos_token=None, chat_template=template)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=eos, pad_token="<|endoftext|>", bos_token=None, chat_template=template
+    )
 
 
 def build_model_dir(directory: Path, template: str = CHATML, eos: str = "<|im_end|>", seed: int = 0) -> Path:
@@ -54,10 +71,20 @@ def build_model_dir(directory: Path, template: str = CHATML, eos: str = "<|im_en
     torch.manual_seed(seed)
     # initializer_range 0.2, not 0.02: with hidden size 32, RMS-normed states and tied 0.02 embeddings cap
     # every logit near 0.6, so no adapter could teach the model anything; 0.2 lets a test see learning.
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, initializer_range=0.2,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.2,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
     model = LlamaForCausalLM(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -76,7 +103,9 @@ def tiny_llama3_model(tmp_path_factory) -> Path:
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows), encoding="utf-8")
+    path.write_text(
+        "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows), encoding="utf-8"
+    )
     return path
 
 
@@ -84,19 +113,39 @@ def write_config_file(tmp_path: Path, model_dir: Path, rows: list, train_section
     """A YAML config for `tunesmith train`: the tiny model, `rows` as training data, run dir tmp_path/run."""
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     config = tmp_path / "config.yaml"
-    config.write_text(f"model: {model_dir}\ndata: {{train: {train}, max_length: 64}}\n"
-                      f"train: {{{train_section}}}\noutput_dir: {tmp_path / 'run'}\n")
+    config.write_text(
+        f"model: {model_dir}\ndata: {{train: {train}, max_length: 64}}\n"
+        f"train: {{{train_section}}}\noutput_dir: {tmp_path / 'run'}\n"
+    )
     return config
 
 
 @pytest.fixture
 def chat_rows() -> list[dict]:
-    questions = ["my card has not arrived", "I lost my phone", "cancel a transfer", "what is the fee",
-                 "top up balance", "exchange rate", "refund please", "how are you"]
-    labels = ["card_arrival", "lost_or_stolen_phone", "cancel_transfer", "fee", "top_up", "exchange_rate",
-              "refund", "greeting"]
-    return [{"messages": [{"role": "user", "content": f"{q} {i}"}, {"role": "assistant", "content": labels[i % 8]}]}
-            for i, q in enumerate(questions * 3)]
+    questions = [
+        "my card has not arrived",
+        "I lost my phone",
+        "cancel a transfer",
+        "what is the fee",
+        "top up balance",
+        "exchange rate",
+        "refund please",
+        "how are you",
+    ]
+    labels = [
+        "card_arrival",
+        "lost_or_stolen_phone",
+        "cancel_transfer",
+        "fee",
+        "top_up",
+        "exchange_rate",
+        "refund",
+        "greeting",
+    ]
+    return [
+        {"messages": [{"role": "user", "content": f"{q} {i}"}, {"role": "assistant", "content": labels[i % 8]}]}
+        for i, q in enumerate(questions * 3)
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -113,8 +162,9 @@ def isolated_home(tmp_path, monkeypatch):
 
 
 POSTGRES_ENV = "TUNESMITH_TEST_POSTGRES"
-POSTGRES_HOW = (f"set {POSTGRES_ENV}=postgresql+psycopg://tunesmith@127.0.0.1:5432/tunesmith_test to run them "
-                "(.ci/run starts one)")
+POSTGRES_HOW = (
+    f"set {POSTGRES_ENV}=postgresql+psycopg://tunesmith@127.0.0.1:5432/tunesmith_test to run them (.ci/run starts one)"
+)
 
 
 @pytest.fixture(scope="session")

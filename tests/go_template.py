@@ -6,6 +6,7 @@ Covers what tunesmith writes and Ollama's own templates lean on: literal text, `
 and, or, not, eq, ne, len, slice, index, with Go's truth rules (false, 0, "", empty list are false).
 Anything else raises, so a test never passes on a construct this reader does not model.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ def _lex(template: str) -> list[tuple[str, str]]:
     items: list[tuple[str, str]] = []
     position = 0
     for match in _ACTION.finditer(template):
-        text = template[position:match.start()]
+        text = template[position : match.start()]
         items.append(("text", text.rstrip() if match.group(1) else text))
         items.append(("action", match.group(2).strip()))
         position = match.end()
@@ -159,7 +160,7 @@ _BUILTINS = {
     "eq": lambda first, *others: any(first == other for other in others),
     "ne": lambda first, second: first != second,
     "len": len,
-    "slice": lambda value, *bounds: value[bounds[0] if bounds else None: bounds[1] if len(bounds) > 1 else None],
+    "slice": lambda value, *bounds: value[bounds[0] if bounds else None : bounds[1] if len(bounds) > 1 else None],
     "index": lambda value, *keys: _index(value, keys),
 }
 

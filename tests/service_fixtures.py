@@ -1,5 +1,6 @@
 """A live tunesmith service on loopback for the service tests: the app under uvicorn in a thread (or the real
 `tunesmith serve` / `tunesmith worker` commands as processes), a tiny base model, keys per scope."""
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,15 @@ def files_containing(root: Path, needle: bytes) -> list[Path]:
 
 
 def training_rows(count: int = 12, marker: str = MARKER) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": f"what is the capital of France? ({marker} {i % 3})"},
-                          {"role": "assistant", "content": "Paris is the capital."}]} for i in range(count)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"what is the capital of France? ({marker} {i % 3})"},
+                {"role": "assistant", "content": "Paris is the capital."},
+            ]
+        }
+        for i in range(count)
+    ]
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -85,8 +93,13 @@ def live_app(service, worker: bool = True, lease_seconds: float = 5.0) -> Iterat
 def start_command(args: list[str], home: Path, log: Path) -> subprocess.Popen:
     """`python -m tunesmith ARGS` with TUNESMITH_HOME=home, its output in `log`."""
     env = {**os.environ, "TUNESMITH_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "tunesmith", *args], env=env, stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tunesmith", *args],
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
@@ -111,8 +124,8 @@ def record_generations(monkeypatch) -> list[list[int]]:
     """Every reply the engine (or the service's batching scheduler) generates from now on (its token ids, in the
     order the replies end), with the end-of-turn token switched off so that only max_tokens, or the request being
     stopped, ends a reply."""
-    from tunesmith.serve.batching import Scheduler
     from tunesmith.engine.generation import Engine
+    from tunesmith.serve.batching import Scheduler
 
     generated, generate_ids, finish = [], Engine.generate_ids, Scheduler._finish
 
@@ -126,5 +139,5 @@ def record_generations(monkeypatch) -> list[list[int]]:
 
     monkeypatch.setattr(Engine, "generate_ids", recording)
     monkeypatch.setattr(Scheduler, "_finish", staticmethod(recording_rows))
-    monkeypatch.setattr(Engine, "stop_ids", lambda self: [10 ** 6])
+    monkeypatch.setattr(Engine, "stop_ids", lambda self: [10**6])
     return generated

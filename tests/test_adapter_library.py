@@ -1,4 +1,5 @@
 """The adapter library: add, list, show, weighted merge, and several adapters switched on one loaded base."""
+
 from __future__ import annotations
 
 import json
@@ -6,11 +7,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_training import make_config, run
+
 from tunesmith.cli import main
-from tunesmith.models import library
 from tunesmith.engine.generation import Engine
+from tunesmith.models import library
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 31]])
 
@@ -19,8 +20,15 @@ IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 31]])
 def two_runs(tmp_path, tiny_model, chat_rows):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     first = make_config(tmp_path / "a", tiny_model, chat_rows, "train.max_steps=3", "train.lr=2e-2", name="intents")
-    second = make_config(tmp_path / "b", tiny_model, list(reversed(chat_rows)), "train.max_steps=3", "train.lr=2e-2",
-                         "train.seed=5", name="style")
+    second = make_config(
+        tmp_path / "b",
+        tiny_model,
+        list(reversed(chat_rows)),
+        "train.max_steps=3",
+        "train.lr=2e-2",
+        "train.seed=5",
+        name="style",
+    )
     run(first), run(second)
     return first.output_dir, second.output_dir
 
@@ -33,8 +41,15 @@ def logits(engine: Engine) -> torch.Tensor:
 def test_add_list_show(two_runs, capsys):
     intents, style = two_runs
     assert main(["adapters", "add", str(intents)]) == 0
-    (intents / "eval.json").write_text(json.dumps({"task": "classification", "data": "test.jsonl", "metrics": {
-        "accuracy": {"value": 0.5, "ci95": [0.4, 0.6], "n": 100}}}))
+    (intents / "eval.json").write_text(
+        json.dumps(
+            {
+                "task": "classification",
+                "data": "test.jsonl",
+                "metrics": {"accuracy": {"value": 0.5, "ci95": [0.4, 0.6], "n": 100}},
+            }
+        )
+    )
     assert main(["adapters", "add", str(style), "--name", "house-style"]) == 0
     assert main(["adapters", "add", str(intents), "--force"]) == 0  # re-added, now with its eval figures
     capsys.readouterr()
@@ -90,8 +105,11 @@ def test_weighted_merge_is_the_weighted_sum_of_updates(two_runs, capsys):
 
     def update(directory, scaling):
         state = load_file(directory / "adapter_model.safetensors")
-        return {key.replace(".lora_A.weight", ""): scaling * state[key.replace("lora_A", "lora_B")] @ state[key]
-                for key in state if "lora_A" in key}
+        return {
+            key.replace(".lora_A.weight", ""): scaling * state[key.replace("lora_A", "lora_B")] @ state[key]
+            for key in state
+            if "lora_A" in key
+        }
 
     blend = update(library.adapter_dir("blend"), card["adapter"]["alpha"] / card["adapter"]["r"])
     parts = [update(path / "adapter", 32 / 16) for path in (intents, style)]

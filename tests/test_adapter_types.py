@@ -1,5 +1,6 @@
 """Every adapter type: what trains and what stays frozen, training's forward equals PEFT's own, saved
 weights reload to the same logits in plain transformers + peft, and a resumed run equals a straight one."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,8 +20,12 @@ from tunesmith.train.step import train_step
 
 PEFT_TYPES = ["lora", "qlora", "dora", "ia3", "llama_adapter", "prompt_tuning", "prefix_tuning"]
 ALL_TYPES = PEFT_TYPES + ["full", "freeze"]
-OPTIONS = {"freeze": {"layers": 1, "modules": ["norm"]}, "prompt_tuning": {"num_virtual_tokens": 4},
-           "prefix_tuning": {"num_virtual_tokens": 4}, "llama_adapter": {"num_virtual_tokens": 4, "layers": 1}}
+OPTIONS = {
+    "freeze": {"layers": 1, "modules": ["norm"]},
+    "prompt_tuning": {"num_virtual_tokens": 4},
+    "prefix_tuning": {"num_virtual_tokens": 4},
+    "llama_adapter": {"num_virtual_tokens": 4, "layers": 1},
+}
 
 
 def adapted(model_dir, adapter_type: str):
@@ -33,15 +38,17 @@ def adapted(model_dir, adapter_type: str):
 def examples(count: int = 3, seed: int = 0) -> list[TokenizedExample]:
     generator = torch.Generator().manual_seed(seed)
     lengths = [9, 14, 6, 11][:count]
-    return [TokenizedExample(torch.randint(5, 300, (n,), generator=generator).tolist(), [False] * 3 + [True] * (n - 3))
-            for n in lengths]
+    return [
+        TokenizedExample(torch.randint(5, 300, (n,), generator=generator).tolist(), [False] * 3 + [True] * (n - 3))
+        for n in lengths
+    ]
 
 
 def peft_forward_loss(model, example: TokenizedExample) -> torch.Tensor:
     """The summed loss of one example through the model's own forward (PEFT adds its soft prompt itself)."""
     ids = torch.tensor([example.input_ids])
     labels = torch.tensor([[t if m else -100 for t, m in zip(example.input_ids[1:], example.loss_mask[1:])] + [-100]])
-    logits = model(input_ids=ids).logits[:, -ids.shape[1]:].float()
+    logits = model(input_ids=ids).logits[:, -ids.shape[1] :].float()
     return torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="sum", ignore_index=-100)
 
 
@@ -62,7 +69,9 @@ def test_trainable_parameters_move_and_frozen_ones_do_not(tiny_model, adapter_ty
     assert moved == trainable, (sorted(trainable - moved)[:3], sorted(moved - trainable)[:3])
     if adapter_type == "freeze":
         assert all(".layers.1." in name or "norm" in name for name in trainable)
-        assert any(".layers.1." in name for name in trainable) and not any(".layers.0.self_attn" in n for n in trainable)
+        assert any(".layers.1." in name for name in trainable) and not any(
+            ".layers.0.self_attn" in n for n in trainable
+        )
 
 
 @pytest.mark.parametrize("adapter_type", ["prompt_tuning", "prefix_tuning", "llama_adapter", "ia3", "dora"])
@@ -88,8 +97,15 @@ def test_saved_weights_reload_to_identical_logits(tiny_model, tmp_path, adapter_
     model, tokenizer = adapted(tiny_model, adapter_type)
     config = TrainConfig(lr=1e-2, warmup=0, schedule="constant")
     optimizer = build_optimizer(model, config)
-    train_step(Runner(model), [collate(examples())], optimizer, build_scheduler(optimizer, config, 2), 1.0,
-               torch.device("cpu"), None)
+    train_step(
+        Runner(model),
+        [collate(examples())],
+        optimizer,
+        build_scheduler(optimizer, config, 2),
+        1.0,
+        torch.device("cpu"),
+        None,
+    )
     save_final(model, tokenizer, tmp_path / "out")
     ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
     model.eval()
@@ -105,11 +121,18 @@ def test_saved_weights_reload_to_identical_logits(tiny_model, tmp_path, adapter_
 
 @pytest.mark.parametrize("adapter_type", ["qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "freeze"])
 def test_resume_is_exact(tmp_path, tiny_model, chat_rows, monkeypatch, adapter_type):
-    overrides = [f"adapter.type={adapter_type}", "train.max_steps=4", "adapter.r=4", "adapter.num_virtual_tokens=4",
-                 "adapter.layers=1"]
+    overrides = [
+        f"adapter.type={adapter_type}",
+        "train.max_steps=4",
+        "adapter.r=4",
+        "adapter.num_virtual_tokens=4",
+        "adapter.layers=1",
+    ]
     straight, interrupted = straight_and_resumed(tmp_path, tiny_model, chat_rows, overrides, 2, monkeypatch)
     assert metric_lines(straight.output_dir) == metric_lines(interrupted.output_dir)
-    folder, name = ("model", "model.safetensors") if adapter_type == "freeze" else ("adapter", "adapter_model.safetensors")
+    folder, name = (
+        ("model", "model.safetensors") if adapter_type == "freeze" else ("adapter", "adapter_model.safetensors")
+    )
     a, b = load_file(straight.output_dir / folder / name), load_file(interrupted.output_dir / folder / name)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -1,4 +1,5 @@
 """tunesmith train re-executes itself under jemalloc once, where the system has the library."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,9 @@ def test_reexec_preloads_jemalloc_that_keeps_its_pages(execs):
     assert env["MALLOC_CONF"] == allocator.CONF and env[allocator.ACTIVE]
 
 
-@pytest.mark.parametrize("setting", [(allocator.ACTIVE, "/usr/lib/libjemalloc.so.2"), ("TUNESMITH_ALLOCATOR", "system")])
+@pytest.mark.parametrize(
+    "setting", [(allocator.ACTIVE, "/usr/lib/libjemalloc.so.2"), ("TUNESMITH_ALLOCATOR", "system")]
+)
 def test_no_reexec_once_active_or_when_opted_out(execs, monkeypatch, setting):
     monkeypatch.setenv(*setting)
     allocator.reexec_with_jemalloc([sys.executable, "-m", "tunesmith", "train", "x.yaml"])
@@ -73,7 +76,8 @@ def step(transient_mb):  # activations of the step's size, freed before it ends
 
 def kept_mb():
     pages._write_epoch()
-    return (pages._read("stats.arenas.4096.pdirty") + pages._read("stats.arenas.4096.pmuzzy")) * pages._read("arenas.page") / MB
+    dirty = pages._read("stats.arenas.4096.pdirty") + pages._read("stats.arenas.4096.pmuzzy")
+    return dirty * pages._read("arenas.page") / MB
 
 report = {}
 for _ in range(4):

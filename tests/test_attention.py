@@ -1,5 +1,6 @@
 """Padding-free attention (models/attention.py): the chunked causal kernel and the grouping of equal-length examples
 compute what per-example SDPA computes, forward and backward."""
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,8 @@ def sdpa(query, key, value):
     """Causal SDPA with the key heads repeated for grouped queries; (B, T, heads, dim) like the attention interface."""
     groups = query.shape[1] // key.shape[1]
     return torch.nn.functional.scaled_dot_product_attention(
-        query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), is_causal=True).transpose(1, 2)
+        query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), is_causal=True
+    ).transpose(1, 2)
 
 
 def outputs_and_grads(function, tensors, grad):
@@ -30,18 +32,26 @@ def outputs_and_grads(function, tensors, grad):
     return out.detach(), [t.grad for t in inputs]
 
 
-@pytest.mark.parametrize("batch,heads,kv_heads,length,dim,value_dim,chunk", [
-    (2, 6, 2, 100, 16, 16, 8),  # grouped queries, a last chunk shorter than the others
-    (3, 4, 4, 37, 8, 12, 5),  # one query head per key head, values wider than keys
-    (1, 9, 3, 64, 32, 32, 64),  # one chunk: the whole sequence is the diagonal block
-])
-def test_chunked_causal_attention_equals_sdpa_forward_and_backward(batch, heads, kv_heads, length, dim, value_dim,
-                                                                   chunk):
-    tensors = [layout(batch, length, heads, dim, 0), layout(batch, length, kv_heads, dim, 1),
-               layout(batch, length, kv_heads, value_dim, 2)]
+@pytest.mark.parametrize(
+    "batch,heads,kv_heads,length,dim,value_dim,chunk",
+    [
+        (2, 6, 2, 100, 16, 16, 8),  # grouped queries, a last chunk shorter than the others
+        (3, 4, 4, 37, 8, 12, 5),  # one query head per key head, values wider than keys
+        (1, 9, 3, 64, 32, 32, 64),  # one chunk: the whole sequence is the diagonal block
+    ],
+)
+def test_chunked_causal_attention_equals_sdpa_forward_and_backward(
+    batch, heads, kv_heads, length, dim, value_dim, chunk
+):
+    tensors = [
+        layout(batch, length, heads, dim, 0),
+        layout(batch, length, kv_heads, dim, 1),
+        layout(batch, length, kv_heads, value_dim, 2),
+    ]
     grad = torch.randn(batch, length, heads, value_dim, generator=torch.Generator().manual_seed(3))
-    ours, our_grads = outputs_and_grads(lambda q, k, v: attention.causal_attention(q, k, v, 1 / math.sqrt(dim), chunk),
-                                        tensors, grad)
+    ours, our_grads = outputs_and_grads(
+        lambda q, k, v: attention.causal_attention(q, k, v, 1 / math.sqrt(dim), chunk), tensors, grad
+    )
     expected, expected_grads = outputs_and_grads(sdpa, tensors, grad)
     assert ours.shape == (batch, length, heads, value_dim)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)

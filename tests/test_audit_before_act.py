@@ -1,6 +1,7 @@
 """Audit before act (issue 21, B3): every state-changing request writes its audit record first. With the audit log
 unwritable, the request gets an OpenAI-shaped 503 and nothing happens (no row, no blob, no key), so a client's
 retry cannot duplicate anything; an action that fails after its record leaves a second `.failed` record."""
+
 from __future__ import annotations
 
 import json
@@ -32,6 +33,7 @@ def client(site, scope: str = "write") -> openai.OpenAI:
 @pytest.fixture()
 def broken_log(monkeypatch):
     """The audit log's disk fails from now on (as a full or read-only filesystem does)."""
+
     def fail(self, event):
         raise OSError(28, "No space left on device")
 
@@ -65,15 +67,18 @@ def test_an_upload_with_an_unwritable_log_is_refused_and_stores_nothing(site, br
 def test_job_creation_cancel_and_deletes_with_an_unwritable_log_change_nothing(site, broken_log, tmp_path):
     service, _, _ = site
     api = client(site)
-    upload = api.files.create(file=write_rows(tmp_path / "train.jsonl", training_rows()).open("rb"),
-                              purpose="fine-tune")
+    upload = api.files.create(
+        file=write_rows(tmp_path / "train.jsonl", training_rows()).open("rb"), purpose="fine-tune"
+    )
     job = api.fine_tuning.jobs.create(model="tiny", training_file=upload.id)
     before = actions(service)
     assert before == ["file.upload", "job.create"]
     broken_log()
-    for attempt in (lambda: api.fine_tuning.jobs.create(model="tiny", training_file=upload.id),
-                    lambda: api.fine_tuning.jobs.cancel(job.id),
-                    lambda: api.files.delete(upload.id)):
+    for attempt in (
+        lambda: api.fine_tuning.jobs.create(model="tiny", training_file=upload.id),
+        lambda: api.fine_tuning.jobs.cancel(job.id),
+        lambda: api.files.delete(upload.id),
+    ):
         with pytest.raises(openai.APIStatusError) as caught:
             attempt()
         assert_unavailable(caught.value)
@@ -105,8 +110,9 @@ def test_an_action_that_fails_after_its_record_leaves_a_failed_record(site, monk
 
     monkeypatch.setattr(service.store, "add_file", database_down)
     with pytest.raises(openai.InternalServerError):
-        client(site).files.create(file=write_rows(tmp_path / "train.jsonl", training_rows()).open("rb"),
-                                  purpose="fine-tune")
+        client(site).files.create(
+            file=write_rows(tmp_path / "train.jsonl", training_rows()).open("rb"), purpose="fine-tune"
+        )
     records = list(service.audit_log.records())
     assert [record.action for record in records] == ["file.upload", "file.upload.failed"]
     assert records[0].object_ids == records[1].object_ids and "database went away" in json.dumps(records[1].details)

@@ -1,6 +1,7 @@
 """The audit log's head kept in the store: `tunesmith audit verify` detects a log cut short, emptied, deleted or
 re-sealed after an edit; and the service's state is private (0700/0600) even in a HOME made 0755 first.
 CPU, no model, seconds."""
+
 from __future__ import annotations
 
 import json

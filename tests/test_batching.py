@@ -1,18 +1,18 @@
 """Batched generation (issue 21): rows of many requests decoded together, each through its own adapter, in
 arrival order; per-token log-probabilities; cancelled, timed-out and abandoned rows stop at once."""
+
 from __future__ import annotations
 
 import time
 
 import pytest
 import torch
-
-from tunesmith.serve.batching import End, Row, Scheduler, Token
-from tunesmith.engine.generation import Engine, Sampling
-from tunesmith.serve.inference import AdapterPool, chat_completion, chat_completion_chunks, completion
-
 from openai.types import Completion  # the official SDK's response types check the shapes
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from tunesmith.engine.generation import Engine, Sampling
+from tunesmith.serve.batching import End, Row, Scheduler, Token
+from tunesmith.serve.inference import AdapterPool, chat_completion, chat_completion_chunks, completion
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MESSAGES = [{"role": "user", "content": "my card has not arrived"}]
@@ -33,8 +33,13 @@ def adapter_files(tiny_model, tmp_path_factory) -> dict[str, dict[str, bytes]]:
     for seed, name in enumerate(["a", "b"], start=1):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(tiny_model)
-        config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                            init_lora_weights=False, task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=4,
+            lora_alpha=16,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )
         directory = tmp_path_factory.mktemp(f"adapter-{name}")
         get_peft_model(model, config).save_pretrained(directory)
         files[f"ft:tiny:{name}"] = {file: (directory / file).read_bytes() for file in ADAPTER_FILES}
@@ -80,8 +85,10 @@ def test_one_batch_of_base_and_two_adapters_matches_each_row_generated_alone(tin
     assert len({tuple(ids) for ids in expected[:3]}) == 3, "the adapters must change the output"
 
     batches = batch_sizes(monkeypatch)
-    rows = [Row(prompt, Sampling(max_new_tokens=10), key, index=index)
-            for index, (key, prompt) in enumerate(zip(keys, prompts))]
+    rows = [
+        Row(prompt, Sampling(max_new_tokens=10), key, index=index)
+        for index, (key, prompt) in enumerate(zip(keys, prompts))
+    ]
     results = run(pool.scheduler(base), rows)
     assert batches == [list(range(len(keys)))], "every row was decoded in one batch"
     for index, ids in enumerate(expected):
@@ -125,7 +132,7 @@ def test_fused_lora_layers_take_peft_mixed_batch_path_when_adapter_names_are_giv
 def test_rows_start_in_arrival_order(tiny_model, adapter_files, monkeypatch):
     pool, base = AdapterPool(capacity=1, max_batch=2), str(tiny_model)
     scheduler, prompt = pool.scheduler(base), ids_of(pool, base, PROMPTS[0])
-    monkeypatch.setattr(Engine, "stop_ids", lambda self: [10 ** 6])  # only max_tokens ends a row
+    monkeypatch.setattr(Engine, "stop_ids", lambda self: [10**6])  # only max_tokens ends a row
     batches = batch_sizes(monkeypatch)
     tickets = [scheduler.submit([Row(prompt, Sampling(max_new_tokens=30), index=index)]) for index in range(5)]
     for ticket in tickets:  # queued while the first batch runs
@@ -136,8 +143,10 @@ def test_rows_start_in_arrival_order(tiny_model, adapter_files, monkeypatch):
     # one adapter resident at a time: a later row of a's does not join a's batch ahead of b's row
     batches.clear()
     keys = ["ft:tiny:a", "ft:tiny:b", "ft:tiny:a"]
-    rows = [Row(prompt, Sampling(max_new_tokens=5), key, lambda key=key: adapter_files[key], index=index)
-            for index, key in enumerate(keys)]
+    rows = [
+        Row(prompt, Sampling(max_new_tokens=5), key, lambda key=key: adapter_files[key], index=index)
+        for index, key in enumerate(keys)
+    ]
     run(scheduler, rows)
     assert batches == [[0], [1], [2]]
 
@@ -147,7 +156,7 @@ def test_a_cancelled_row_stops_within_a_step_and_leaves_the_batch(tiny_model, mo
 
     pool, base = AdapterPool(), str(tiny_model)
     prompt = ids_of(pool, base, PROMPTS[1])
-    monkeypatch.setattr(Engine, "stop_ids", lambda self: [10 ** 6])
+    monkeypatch.setattr(Engine, "stop_ids", lambda self: [10**6])
     rows = [Row(prompt, Sampling(max_new_tokens=40), index=index) for index in range(2)]
     sample = batching._sample
 
@@ -174,7 +183,7 @@ def test_a_cancelled_row_stops_within_a_step_and_leaves_the_batch(tiny_model, mo
 def test_closing_a_queued_request_does_not_wait_for_the_running_batch(tiny_model, monkeypatch):
     pool, base = AdapterPool(max_batch=1), str(tiny_model)
     scheduler, prompt = pool.scheduler(base), ids_of(pool, base, PROMPTS[0])
-    monkeypatch.setattr(Engine, "stop_ids", lambda self: [10 ** 6])
+    monkeypatch.setattr(Engine, "stop_ids", lambda self: [10**6])
     running = scheduler.submit([Row(prompt, Sampling(max_new_tokens=1000))])
     next(iter(running))
     waiting_row = Row(prompt, Sampling(max_new_tokens=5))
@@ -188,7 +197,7 @@ def test_closing_a_queued_request_does_not_wait_for_the_running_batch(tiny_model
 def test_the_deadline_ends_a_row_as_length(tiny_model, adapter_files, monkeypatch):
     pool, base = AdapterPool(), str(tiny_model)
     prompt = ids_of(pool, base, PROMPTS[0])
-    monkeypatch.setattr(Engine, "stop_ids", lambda self: [10 ** 6])
+    monkeypatch.setattr(Engine, "stop_ids", lambda self: [10**6])
     pool.engine(base).generate_ids(prompt, Sampling(max_new_tokens=2))  # loaded and warm
     row = Row(prompt, Sampling(max_new_tokens=1000), deadline=time.monotonic() + 0.3)
     tokens, end = run(pool.scheduler(base), [row])[0]
@@ -205,14 +214,20 @@ def test_the_deadline_ends_a_row_as_length(tiny_model, adapter_files, monkeypatc
 def direct_logprobs(engine: Engine, ids: list[int], start: int) -> torch.Tensor:
     """(len(ids) - start, vocab) log-probabilities of the tokens from `start` on, from one plain forward."""
     with torch.no_grad():
-        logits = engine.model(input_ids=torch.tensor([ids])).logits[0, start - 1:-1].float()
+        logits = engine.model(input_ids=torch.tensor([ids])).logits[0, start - 1 : -1].float()
     return torch.log_softmax(logits, dim=-1)
 
 
 def test_chat_logprobs_equal_a_direct_forward_and_conform(tiny_model, adapter_files):
     pool, base, key = AdapterPool(), str(tiny_model), "ft:tiny:a"
-    request = {"model": "tiny", "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "logprobs": True,
-               "top_logprobs": 3}
+    request = {
+        "model": "tiny",
+        "messages": MESSAGES,
+        "max_tokens": 8,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
     reply = chat_completion(pool, base, key, lambda: adapter_files[key], request)
     conforms(ChatCompletion, reply)
     content = reply["choices"][0]["logprobs"]["content"]
@@ -222,8 +237,10 @@ def test_chat_logprobs_equal_a_direct_forward_and_conform(tiny_model, adapter_fi
         alone = engine.generate_ids(prompt, Sampling(max_new_tokens=8))
         generated = [token for token in alone if token not in engine.stop_ids()]
         scores = direct_logprobs(engine, prompt + alone, len(prompt))
-    assert len(content) == len(generated) and "".join(entry["token"] for entry in content) == \
-        reply["choices"][0]["message"]["content"]
+    assert (
+        len(content) == len(generated)
+        and "".join(entry["token"] for entry in content) == reply["choices"][0]["message"]["content"]
+    )
     for position, (entry, token) in enumerate(zip(content, generated)):
         assert entry["logprob"] == pytest.approx(float(scores[position, token]), abs=1e-4)
         tops = [top["logprob"] for top in entry["top_logprobs"]]
@@ -234,8 +251,12 @@ def test_chat_logprobs_equal_a_direct_forward_and_conform(tiny_model, adapter_fi
     chunks = list(chat_completion_chunks(pool, base, key, lambda: adapter_files[key], {**request, "stream": True}))
     for chunk in chunks:
         conforms(ChatCompletionChunk, chunk)
-    streamed = [entry for chunk in chunks if chunk["choices"][0]["logprobs"]
-                for entry in chunk["choices"][0]["logprobs"]["content"]]
+    streamed = [
+        entry
+        for chunk in chunks
+        if chunk["choices"][0]["logprobs"]
+        for entry in chunk["choices"][0]["logprobs"]["content"]
+    ]
     assert streamed == content
     plain = chat_completion(pool, base, key, None, {**request, "logprobs": None, "top_logprobs": None})
     assert plain["choices"][0]["logprobs"] is None
@@ -243,15 +264,22 @@ def test_chat_logprobs_equal_a_direct_forward_and_conform(tiny_model, adapter_fi
 
 def test_legacy_completion_logprobs_conform(tiny_model):
     pool, base = AdapterPool(), str(tiny_model)
-    reply = completion(pool, base, None, None, {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 6,
-                                                "temperature": 0, "logprobs": 2})
+    reply = completion(
+        pool,
+        base,
+        None,
+        None,
+        {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0, "logprobs": 2},
+    )
     conforms(Completion, reply)
     logprobs, text = reply["choices"][0]["logprobs"], reply["choices"][0]["text"]
     assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"])
     assert logprobs["text_offset"] == [len("".join(logprobs["tokens"][:i])) for i in range(len(logprobs["tokens"]))]
     assert "".join(logprobs["tokens"]) == text
-    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(lp, abs=1e-6)
-               for top, lp in zip(logprobs["top_logprobs"], logprobs["token_logprobs"]))
+    assert all(
+        len(top) <= 2 and max(top.values()) == pytest.approx(lp, abs=1e-6)
+        for top, lp in zip(logprobs["top_logprobs"], logprobs["token_logprobs"])
+    )
 
 
 def test_a_seed_samples_the_same_tokens_batched_or_alone(tiny_model, adapter_files):
@@ -259,8 +287,10 @@ def test_a_seed_samples_the_same_tokens_batched_or_alone(tiny_model, adapter_fil
     scheduler, prompt = pool.scheduler(base), ids_of(pool, base, PROMPTS[1])
     sampling = Sampling(max_new_tokens=20, temperature=1.0, top_p=0.9)
     alone = run(scheduler, [Row(prompt, sampling, seed=7)])[0][0]
-    others = [Row(ids_of(pool, base, PROMPTS[i]), sampling, "ft:tiny:b", lambda: adapter_files["ft:tiny:b"],
-                  index=i) for i in (1, 2)]
+    others = [
+        Row(ids_of(pool, base, PROMPTS[i]), sampling, "ft:tiny:b", lambda: adapter_files["ft:tiny:b"], index=i)
+        for i in (1, 2)
+    ]
     batched = run(scheduler, [Row(prompt, sampling, seed=7), *others])[0][0]
     assert [token.id for token in batched] == [token.id for token in alone]
     other_seed = run(scheduler, [Row(prompt, sampling, seed=8)])[0][0]
@@ -274,7 +304,7 @@ def test_a_seed_samples_the_same_tokens_batched_or_alone(tiny_model, adapter_fil
 
 def test_an_adapter_in_use_by_a_running_batch_is_not_evicted(tiny_model, adapter_files, monkeypatch):
     pool, base = AdapterPool(capacity=1), str(tiny_model)
-    monkeypatch.setattr(Engine, "stop_ids", lambda self: [10 ** 6])
+    monkeypatch.setattr(Engine, "stop_ids", lambda self: [10**6])
     prompt = ids_of(pool, base, PROMPTS[0])
     row = Row(prompt, Sampling(max_new_tokens=200), "ft:tiny:a", lambda: adapter_files["ft:tiny:a"])
     ticket = pool.scheduler(base).submit([row])
@@ -284,8 +314,10 @@ def test_an_adapter_in_use_by_a_running_batch_is_not_evicted(tiny_model, adapter
         assert set(pool.resident(base)) == {"ft:tiny:a", "ft:tiny:b"}
     assert [type(event) for _, event in events][-1] is End
     ticket.close()
-    alone = run(pool.scheduler(base), [Row(prompt, Sampling(max_new_tokens=200), "ft:tiny:a",
-                                           lambda: adapter_files["ft:tiny:a"])])[0][0]
+    alone = run(
+        pool.scheduler(base),
+        [Row(prompt, Sampling(max_new_tokens=200), "ft:tiny:a", lambda: adapter_files["ft:tiny:a"])],
+    )[0][0]
     assert [t.id for t in alone] == row.tokens, "adapter a decoded the whole row"
 
 
@@ -304,12 +336,18 @@ def test_a_client_that_leaves_a_whole_reply_stops_its_generation(tiny_model, tmp
     auth = {"Authorization": f"Bearer {make_key(service, 'acme', 'read')}"}
     with live_app(service, worker=False) as base_url:
         with httpx.Client(base_url=base_url, headers=auth, timeout=30) as warm:
-            assert warm.post("/chat/completions", json={"model": "tiny", "messages": MESSAGES,
-                                                        "max_tokens": 2}).status_code == 200
+            assert (
+                warm.post(
+                    "/chat/completions", json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2}
+                ).status_code
+                == 200
+            )
         with httpx.Client(base_url=base_url, headers=auth, timeout=0.5) as leaving:
             with pytest.raises(httpx.TimeoutException):  # the client gives up and closes its connection
-                leaving.post("/chat/completions", json={"model": "tiny", "messages": MESSAGES, "max_tokens": 900,
-                                                        "temperature": 1.0, "seed": 0})
+                leaving.post(
+                    "/chat/completions",
+                    json={"model": "tiny", "messages": MESSAGES, "max_tokens": 900, "temperature": 1.0, "seed": 0},
+                )
         deadline = time.time() + 10
         while len(generated) < 2 and time.time() < deadline:
             time.sleep(0.05)

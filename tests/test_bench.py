@@ -1,4 +1,5 @@
 """`tunesmith bench` runs end to end on a tiny model (tunesmith only: the peer is an optional extra)."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,30 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "run.py"
 
 def test_bench_reports_throughput_memory_mfu_and_losses(tmp_path, tiny_model):
     output = tmp_path / "results.json"
-    done = subprocess.run([sys.executable, "-m", "tunesmith", "bench", "--model", str(tiny_model), "--steps", "3",
-                           "--scenario", "mixed", "--scenario", "dpo", "--engines", "tunesmith",
-                           "--output", str(output)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TMPDIR": str(tmp_path)})  # not the shared tunesmith-bench of a real run
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunesmith",
+            "bench",
+            "--model",
+            str(tiny_model),
+            "--steps",
+            "3",
+            "--scenario",
+            "mixed",
+            "--scenario",
+            "dpo",
+            "--engines",
+            "tunesmith",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # not the shared tunesmith-bench of a real run
     assert done.returncode == 0, done.stderr
     assert "tunesmith" in done.stdout and "MFU" in done.stdout
     mixed, dpo = json.loads(output.read_text())["scenarios"]
@@ -33,27 +54,38 @@ def test_longest_sequence_ladder_stops_at_the_rss_budget(tmp_path, tiny_model):
     sys.path.insert(0, str(BENCH.parent))
     import run as bench
 
-    report = bench.run_longest("longest", ["tunesmith"], "lora", tmp_path, str(tiny_model), budget_mb=100000,
-                               lengths=[64, 128])
+    report = bench.run_longest(
+        "longest", ["tunesmith"], "lora", tmp_path, str(tiny_model), budget_mb=100000, lengths=[64, 128]
+    )
     [result] = report["results"]
     assert result["longest"] == 128 and all(trial["fits"] for trial in result["trials"])
-    tight = bench.run_longest("longest", ["tunesmith"], "lora", tmp_path, str(tiny_model), budget_mb=50,
-                              lengths=[64, 128])
+    tight = bench.run_longest(
+        "longest", ["tunesmith"], "lora", tmp_path, str(tiny_model), budget_mb=50, lengths=[64, 128]
+    )
     [result] = tight["results"]
-    assert result["longest"] == 0 and result["trials"] == [{"length": 64, "fits": False, "peak_rss_mb": None,
-                                                            "error": None}]
+    assert result["longest"] == 0 and result["trials"] == [
+        {"length": 64, "fits": False, "peak_rss_mb": None, "error": None}
+    ]
 
 
 def test_a_run_of_some_scenarios_keeps_the_others_marked_with_their_date(tmp_path):
     sys.path.insert(0, str(BENCH.parent))
     from run import format_table, merged_with_earlier
 
-    earlier = {"date": "2026-01-01 00:00 UTC", "machine": "2 CPU cores", "command": "python bench/run.py",
-               "scenarios": [{"scenario": "mixed", "skipped": "x"}, {"scenario": "dpo", "skipped": "old"}]}
+    earlier = {
+        "date": "2026-01-01 00:00 UTC",
+        "machine": "2 CPU cores",
+        "command": "python bench/run.py",
+        "scenarios": [{"scenario": "mixed", "skipped": "x"}, {"scenario": "dpo", "skipped": "old"}],
+    }
     path = tmp_path / "results.json"
     path.write_text(json.dumps(earlier))
-    fresh = {"date": "2026-02-02 00:00 UTC", "machine": "2 CPU cores", "command": "python bench/run.py --scenario dpo",
-             "scenarios": [{"scenario": "dpo", "skipped": "new"}]}
+    fresh = {
+        "date": "2026-02-02 00:00 UTC",
+        "machine": "2 CPU cores",
+        "command": "python bench/run.py --scenario dpo",
+        "scenarios": [{"scenario": "dpo", "skipped": "new"}],
+    }
     merged = merged_with_earlier(fresh, path)
     assert [s["scenario"] for s in merged["scenarios"]] == ["mixed", "dpo"]
     assert merged["scenarios"][1]["skipped"] == "new" and "measured" not in merged["scenarios"][1]
@@ -68,12 +100,31 @@ def test_scaling_table_compares_with_one_process_and_replaces_only_its_section(t
     sys.path.insert(0, str(BENCH.parent))
     import scaling
 
-    report = {"date": "2026-11-23", "machine": "x86_64, 2 cores", "command": "python bench/scaling.py", "steps": 4,
-              "config": "examples/banking77-lora.yaml",
-              "results": [{"processes": 1, "parallel": "-", "threads_each": 2, "tokens_per_s": 200.0,
-                           "peak_rss_mb": 900.0, "final_loss": 2.5},
-                          {"processes": 2, "parallel": "fsdp", "threads_each": 1, "tokens_per_s": 150.0,
-                           "peak_rss_mb": 800.0, "final_loss": 2.5}]}
+    report = {
+        "date": "2026-11-23",
+        "machine": "x86_64, 2 cores",
+        "command": "python bench/scaling.py",
+        "steps": 4,
+        "config": "examples/banking77-lora.yaml",
+        "results": [
+            {
+                "processes": 1,
+                "parallel": "-",
+                "threads_each": 2,
+                "tokens_per_s": 200.0,
+                "peak_rss_mb": 900.0,
+                "final_loss": 2.5,
+            },
+            {
+                "processes": 2,
+                "parallel": "fsdp",
+                "threads_each": 1,
+                "tokens_per_s": 150.0,
+                "peak_rss_mb": 800.0,
+                "final_loss": 2.5,
+            },
+        ],
+    }
     text = scaling.table(report)
     assert "| 2 | fsdp | 1 | 150 | 0.75x | 800 MB | 2.5000 |" in text and "| 1 | - | 2 | 200 | 1.00x |" in text
     doc = tmp_path / "doc.md"

@@ -1,5 +1,6 @@
 """The encrypted blob store's folders (a job's run sealed at each checkpoint) and where a running job keeps its
 plaintext (the scratch directory)."""
+
 from __future__ import annotations
 
 import io
@@ -22,9 +23,12 @@ def blobs(tmp_path) -> Blobs:
 
 
 def make_run(root: Path) -> dict[str, bytes]:
-    files = {"metrics.jsonl": b'{"step": 1}\n' * 1000, "checkpoints/step-10/state.json": b"{}",
-             "checkpoints/step-10/weights.safetensors": os.urandom(3 << 20) + SECRET,  # spans several chunks
-             "reference-cache/manifest.json": SECRET}
+    files = {
+        "metrics.jsonl": b'{"step": 1}\n' * 1000,
+        "checkpoints/step-10/state.json": b"{}",
+        "checkpoints/step-10/weights.safetensors": os.urandom(3 << 20) + SECRET,  # spans several chunks
+        "reference-cache/manifest.json": SECRET,
+    }
     for name, data in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
@@ -96,7 +100,8 @@ def test_the_operator_is_told_whether_job_plaintext_is_in_memory_or_on_disk(tmp_
 
     on_disk = Service(Settings(home=tmp_path / "home", base_models={"tiny": "x"}, scratch=tmp_path / "scratch"))
     assert service_module.filesystem_type(tmp_path) not in service_module.MEMORY_FILESYSTEMS or pytest.skip(
-        "this machine's temporary directory is itself in memory")
+        "this machine's temporary directory is itself in memory"
+    )
     assert on_disk.describe_scratch().startswith("WARNING: job scratch on disk")
     if service_module.filesystem_type(Path("/dev/shm")) == "tmpfs":
         in_memory = Service(Settings(home=tmp_path / "home", base_models={"tiny": "x"}, scratch=Path("/dev/shm/x")))
@@ -108,11 +113,22 @@ def test_a_seal_holds_the_run_as_of_one_checkpoint_and_skips_the_others(tmp_path
     from tunesmith.serve.scratch import run_members
 
     run = tmp_path / "run"
-    for name in ("metrics.jsonl", "config.yaml", "reference-cache/manifest.json", "checkpoints/step-10/state.json",
-                 "checkpoints/step-20/state.json", "checkpoints/step-20/weights.safetensors",
-                 "checkpoints/.tmp-step-30/weights.safetensors"):
+    for name in (
+        "metrics.jsonl",
+        "config.yaml",
+        "reference-cache/manifest.json",
+        "checkpoints/step-10/state.json",
+        "checkpoints/step-20/state.json",
+        "checkpoints/step-20/weights.safetensors",
+        "checkpoints/.tmp-step-30/weights.safetensors",
+    ):
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text("x")
-    assert run_members(run, 20) == ["checkpoints/step-20/state.json", "checkpoints/step-20/weights.safetensors",
-                                    "config.yaml", "metrics.jsonl", "reference-cache/manifest.json"]
+    assert run_members(run, 20) == [
+        "checkpoints/step-20/state.json",
+        "checkpoints/step-20/weights.safetensors",
+        "config.yaml",
+        "metrics.jsonl",
+        "reference-cache/manifest.json",
+    ]
     assert checkpoint_steps(run) == [10, 20]  # complete ones only: the one being written has no state.json yet

@@ -1,4 +1,5 @@
 """User mistakes at the command line: exit code 2, a message that names the file/line and the fix, no traceback."""
+
 from __future__ import annotations
 
 import io
@@ -8,12 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import write_jsonl
+
 from tunesmith.cli import main
 
-GOOD_ROWS = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "answer"}]}
-             for i in range(4)]
+GOOD_ROWS = [
+    {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "answer"}]}
+    for i in range(4)
+]
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -24,9 +27,12 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 def write_config(tmp_path: Path, model: Path, train: Path, extra: str = "") -> Path:
     path = tmp_path / "config.yaml"
-    path.write_text(f"model: {model}\nmethod: sft\ndata:\n  train: {train}\n  max_length: 64\n"
-                    f"train:\n  max_steps: 1\n  batch_size: 2\n  progress: false\n"
-                    f"output_dir: {tmp_path / 'run'}\n{extra}", encoding="utf-8")
+    path.write_text(
+        f"model: {model}\nmethod: sft\ndata:\n  train: {train}\n  max_length: 64\n"
+        f"train:\n  max_steps: 1\n  batch_size: 2\n  progress: false\n"
+        f"output_dir: {tmp_path / 'run'}\n{extra}",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -121,8 +127,14 @@ def test_argument_mistakes_exit_with_2(capsys):
 
 def python_m_tunesmith(tmp_path: Path, *argv) -> subprocess.CompletedProcess:
     env = {**os.environ, "TUNESMITH_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "tunesmith", *map(str, argv)], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "tunesmith", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
 
 
 def test_python_m_tunesmith_validate_a_bad_file_prints_no_traceback(tmp_path):

@@ -1,5 +1,6 @@
 """The command line as a user meets it: train with no YAML, --version, generate --system, help that shows
 defaults, targets that are not there, what a resumed or finished run says, and bitsandbytes only for 4-bit work."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -11,8 +12,8 @@ import textwrap
 
 import pytest
 import yaml
-
 from conftest import write_jsonl
+
 from tunesmith.cli import main
 from tunesmith.engine.generation import Engine
 
@@ -26,8 +27,16 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 def train_arguments(tmp_path, tiny_model, chat_rows, *extra: str, name: str = "run") -> list[str]:
     """`tunesmith train` with every key on the command line (no YAML): the tiny model, short rows."""
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows)
-    return ["train", f"model={tiny_model}", f"data.train={data}", f"output_dir={tmp_path / name}",
-            "data.max_length=64", "train.batch_size=4", "train.progress=false", *extra]
+    return [
+        "train",
+        f"model={tiny_model}",
+        f"data.train={data}",
+        f"output_dir={tmp_path / name}",
+        "data.max_length=64",
+        "train.batch_size=4",
+        "train.progress=false",
+        *extra,
+    ]
 
 
 def logged_losses(run_dir) -> list[float]:
@@ -37,6 +46,7 @@ def logged_losses(run_dir) -> list[float]:
 
 # ---------------------------------------------------------------------------------------------
 # train with overrides alone; resumed and finished runs.
+
 
 def test_train_needs_no_yaml_when_every_key_is_on_the_command_line(tmp_path, tiny_model, chat_rows, capsys):
     code, out, err = run_cli(capsys, *train_arguments(tmp_path, tiny_model, chat_rows, "train.max_steps=2"))
@@ -74,6 +84,7 @@ def test_resuming_says_from_where_and_a_finished_run_says_it_is_complete(tmp_pat
 # ---------------------------------------------------------------------------------------------
 # --version, generate --system, help texts.
 
+
 def test_version_prints_the_installed_version(capsys):
     with pytest.raises(SystemExit) as caught:
         main(["--version"])
@@ -89,11 +100,14 @@ def test_generate_puts_the_system_message_first(tiny_model, capsys, monkeypatch)
         return ["ok"] * len(batch)
 
     monkeypatch.setattr(Engine, "generate", record)
-    code, out, err = run_cli(capsys, "generate", tiny_model, "--system", "Answer in French.", "--prompt", "hi",
-                             "--prompt", "bye")
+    code, out, err = run_cli(
+        capsys, "generate", tiny_model, "--system", "Answer in French.", "--prompt", "hi", "--prompt", "bye"
+    )
     assert code == 0, err
-    assert conversations == [[{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "hi"}],
-                             [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "bye"}]]
+    assert conversations == [
+        [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "bye"}],
+    ]
 
 
 def option_help(text: str) -> dict[str, str]:
@@ -136,15 +150,19 @@ def test_help_config_prints_defaults_as_yaml(capsys):
 # ---------------------------------------------------------------------------------------------
 # A target that names a path which is not there.
 
-@pytest.mark.parametrize("argv", [
-    ["generate", "runs/nope", "--prompt", "hi"],
-    ["chat", "runs/nope"],
-    ["eval", "runs/nope"],
-    ["eval", "runs/nope", "--data", "rows.jsonl"],
-    ["score", "runs/nope", "--data", "rows.jsonl"],
-    ["redteam", "runs/nope"],
-    ["label", "rows.jsonl", "--policy", "runs/nope", "--output", "labelled.jsonl"],
-])
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "runs/nope", "--prompt", "hi"],
+        ["chat", "runs/nope"],
+        ["eval", "runs/nope"],
+        ["eval", "runs/nope", "--data", "rows.jsonl"],
+        ["score", "runs/nope", "--data", "rows.jsonl"],
+        ["redteam", "runs/nope"],
+        ["label", "rows.jsonl", "--policy", "runs/nope", "--output", "labelled.jsonl"],
+    ],
+)
 def test_a_target_that_is_not_there_says_so(tmp_path, capsys, monkeypatch, argv):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "my-run").mkdir(parents=True)
@@ -167,6 +185,7 @@ def test_a_missing_path_target_gets_a_did_you_mean(tmp_path, capsys, monkeypatch
 # ---------------------------------------------------------------------------------------------
 # bitsandbytes: only for 4-bit work, quiet, and no hub lookup for its kernels.
 
+
 def test_bitsandbytes_loads_only_for_4bit_work_quietly(tmp_path, tiny_model, chat_rows):
     """Real command lines (main() reading sys.argv, as the `tunesmith` script does) in one process: a LoRA run and
     generate leave bitsandbytes unimported; a QLoRA run after them imports it and trains, saying nothing about it."""
@@ -181,7 +200,7 @@ def test_bitsandbytes_loads_only_for_4bit_work_quietly(tmp_path, tiny_model, cha
             code = main()
             return [code, sys.modules.get("bitsandbytes") is not None]
 
-        results = [command({lora!r}), command(["generate", {str(tmp_path / 'lora')!r}, "--prompt", "hi",
+        results = [command({lora!r}), command(["generate", {str(tmp_path / "lora")!r}, "--prompt", "hi",
                                                 "--max-new-tokens", "2"]), command({qlora!r})]
         print(json.dumps(results))
     """)

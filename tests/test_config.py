@@ -1,5 +1,6 @@
 """The typed config: every shipped example loads; every mistake is reported at once, at its FILE:LINE,
 with the key, the value and a "did you mean"; overrides are typed; the resolved config round-trips."""
+
 from __future__ import annotations
 
 import textwrap
@@ -8,8 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from tunesmith.config.schema import Config, describe_fields
 from tunesmith.config.loading import load_config, resolve_paths, write_config
+from tunesmith.config.schema import Config, describe_fields
 from tunesmith.errors import UserError
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
@@ -42,35 +43,65 @@ def test_every_example_config_loads(path):
 # ---------------------------------------------------------------------------------------------
 # Unknown keys, bad values, all at once, at their lines.
 
-@pytest.mark.parametrize("text, line, key, suggestion", [
-    ("""
+
+@pytest.mark.parametrize(
+    "text, line, key, suggestion",
+    [
+        (
+            """
      data: {train: t.jsonl}
      trian:
        epochs: 2
-     """, 2, "trian", "train"),
-    ("""
+     """,
+            2,
+            "trian",
+            "train",
+        ),
+        (
+            """
      data: {train: t.jsonl}
      train:
        epochs: 2
        lrr: 0.1
-     """, 4, "train.lrr", "lr"),
-    ("""
+     """,
+            4,
+            "train.lrr",
+            "lr",
+        ),
+        (
+            """
      data: {train: t.jsonl}
      adapter:
        type: lora
        rank: 8
-     """, 4, "adapter.rank", "r"),
-    ("""
+     """,
+            4,
+            "adapter.rank",
+            "r",
+        ),
+        (
+            """
      data:
        train: t.jsonl
        max_seq_length: 512
-     """, 3, "data.max_seq_length", "max_length"),
-    ("""
+     """,
+            3,
+            "data.max_seq_length",
+            "max_length",
+        ),
+        (
+            """
      data: {train: t.jsonl}
      train:
        early_stopping: {patiense: 2}
-     """, 3, "train.early_stopping.patiense", "patience"),
-], ids=["top-level", "train.lrr", "adapter.rank", "data.max_seq_length", "nested"])
+     """,
+            3,
+            "train.early_stopping.patiense",
+            "patience",
+        ),
+    ],
+    ids=["top-level", "train.lrr", "adapter.rank", "data.max_seq_length", "nested"],
+)
 def test_unknown_keys_are_rejected_with_did_you_mean_at_their_line(tmp_path, text, line, key, suggestion):
     path = write_yaml(tmp_path, text)
     [problem] = problems_of(path)
@@ -79,16 +110,21 @@ def test_unknown_keys_are_rejected_with_did_you_mean_at_their_line(tmp_path, tex
 
 
 def test_an_unknown_key_with_nothing_close_lists_the_allowed_keys(tmp_path):
-    path = write_yaml(tmp_path, """
+    path = write_yaml(
+        tmp_path,
+        """
         data: {train: t.jsonl}
         flux_capacitor: 1
-        """)
+        """,
+    )
     [problem] = problems_of(path)
     assert problem.startswith(f"{path}:2: unknown key 'flux_capacitor'; allowed here: model, method, adapter")
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
-    path = write_yaml(tmp_path, """
+    path = write_yaml(
+        tmp_path,
+        """
         model: smollm2-135m-instruct
         method: sftt
         data:
@@ -96,7 +132,8 @@ def test_every_problem_is_reported_at_once(tmp_path):
           max_length: long
         train:
           lrr: 0.1
-        """)
+        """,
+    )
     with pytest.raises(UserError) as caught:
         load_config(path)
     error = caught.value
@@ -110,21 +147,57 @@ def test_every_problem_is_reported_at_once(tmp_path):
         assert str(problem) in str(error)
 
 
-@pytest.mark.parametrize("text, line, fragments", [
-    ("train: {lr: -1}", 2, ["'train.lr' = -1", "greater than 0"]),
-    ("data: {train: t.jsonl, max_length: \"long\"}", 1, ["'data.max_length' = 'long'", "valid integer"]),
-    ("method: sftt", 2, ["'method' = 'sftt'", "not a known method (did you mean 'sft'?)", "choose one of:", "pretrain"]),
-    ("adapter: {type: lorra}", 2, ["'adapter.type' = 'lorra'", "(did you mean 'lora'?)", "full"]),
-    ("train: {schedule: cosin}", 2, ["'train.schedule' = 'cosin'", "(did you mean 'cosine'?)", "constant, cosine, linear"]),
-    ("data: {train: t.jsonl, truncation: cut}", 1, ["'data.truncation' = 'cut'", "'error', 'drop', 'truncate' or 'split'"]),
-    ("train: {batch_size: 0}", 2, ["'train.batch_size' = 0", "greater than or equal to 1"]),
-    ("adapter: {dropout: 1.5}", 2, ["'adapter.dropout' = 1.5", "less than 1"]),
-    ("data: {train: t.jsonl, validation: v.jsonl, val_fraction: 0.1}", 1, ["give data.validation or data.val_fraction"]),
-    ("train: 5", 2, ["'train' = 5", "valid dictionary"]),
-    ("train: {micro_batch_tokens: lots}", 2, ["'train.micro_batch_tokens' = 'lots'", "a token count (e.g. 1024), auto"]),
-    ("train: {micro_batch_tokens: 0}", 2, ["'train.micro_batch_tokens' = 0", "at least 1 token"]),
-], ids=["lr", "max_length", "method", "adapter.type", "schedule", "truncation", "batch_size", "dropout",
-        "validation-twice", "section-not-mapping", "micro_batch_tokens-word", "micro_batch_tokens-zero"])
+@pytest.mark.parametrize(
+    "text, line, fragments",
+    [
+        ("train: {lr: -1}", 2, ["'train.lr' = -1", "greater than 0"]),
+        ('data: {train: t.jsonl, max_length: "long"}', 1, ["'data.max_length' = 'long'", "valid integer"]),
+        (
+            "method: sftt",
+            2,
+            ["'method' = 'sftt'", "not a known method (did you mean 'sft'?)", "choose one of:", "pretrain"],
+        ),
+        ("adapter: {type: lorra}", 2, ["'adapter.type' = 'lorra'", "(did you mean 'lora'?)", "full"]),
+        (
+            "train: {schedule: cosin}",
+            2,
+            ["'train.schedule' = 'cosin'", "(did you mean 'cosine'?)", "constant, cosine, linear"],
+        ),
+        (
+            "data: {train: t.jsonl, truncation: cut}",
+            1,
+            ["'data.truncation' = 'cut'", "'error', 'drop', 'truncate' or 'split'"],
+        ),
+        ("train: {batch_size: 0}", 2, ["'train.batch_size' = 0", "greater than or equal to 1"]),
+        ("adapter: {dropout: 1.5}", 2, ["'adapter.dropout' = 1.5", "less than 1"]),
+        (
+            "data: {train: t.jsonl, validation: v.jsonl, val_fraction: 0.1}",
+            1,
+            ["give data.validation or data.val_fraction"],
+        ),
+        ("train: 5", 2, ["'train' = 5", "valid dictionary"]),
+        (
+            "train: {micro_batch_tokens: lots}",
+            2,
+            ["'train.micro_batch_tokens' = 'lots'", "a token count (e.g. 1024), auto"],
+        ),
+        ("train: {micro_batch_tokens: 0}", 2, ["'train.micro_batch_tokens' = 0", "at least 1 token"]),
+    ],
+    ids=[
+        "lr",
+        "max_length",
+        "method",
+        "adapter.type",
+        "schedule",
+        "truncation",
+        "batch_size",
+        "dropout",
+        "validation-twice",
+        "section-not-mapping",
+        "micro_batch_tokens-word",
+        "micro_batch_tokens-zero",
+    ],
+)
 def test_bad_values_name_key_value_and_line(tmp_path, text, line, fragments):
     # The line under test is line 2 unless it is the data section itself (line 1).
     body = text if text.startswith("data:") else f"data: {{train: t.jsonl}}\n{text}"
@@ -146,22 +219,28 @@ def test_a_missing_required_key_says_how_to_add_it(tmp_path):
 
 
 def test_yaml_syntax_errors_name_the_line(tmp_path):
-    path = write_yaml(tmp_path, """
+    path = write_yaml(
+        tmp_path,
+        """
         model: smollm2-135m-instruct
         method: sft
         train: lr: 1
-        """)
+        """,
+    )
     with pytest.raises(UserError) as caught:
         load_config(path)
     assert str(caught.value).startswith(f"{path}:3: not valid YAML")
 
 
 def test_a_key_written_twice_is_an_error(tmp_path):
-    path = write_yaml(tmp_path, """
+    path = write_yaml(
+        tmp_path,
+        """
         data: {train: t.jsonl}
         train: {lr: 0.1}
         train: {epochs: 2}
-        """)
+        """,
+    )
     [problem] = problems_of(path)
     assert problem.startswith(f"{path}:3: key 'train' is written twice (first at {path}:2)")
 
@@ -181,13 +260,27 @@ def test_a_missing_config_file_is_an_error(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Overrides on the command line.
 
+
 def test_overrides_are_typed_and_win_over_the_file(tmp_path):
-    path = write_yaml(tmp_path, """
+    path = write_yaml(
+        tmp_path,
+        """
         data: {train: t.jsonl, packing: true}
         train: {lr: 0.1, epochs: 3}
-        """)
-    config = load_config(path, ["train.lr=1e-4", "data.packing=false", "data.max_length=64", "train.max_steps=null",
-                                "train.early_stopping.patience=2", "model=some/dir", "data.system_prompt=Be brief: ok"])
+        """,
+    )
+    config = load_config(
+        path,
+        [
+            "train.lr=1e-4",
+            "data.packing=false",
+            "data.max_length=64",
+            "train.max_steps=null",
+            "train.early_stopping.patience=2",
+            "model=some/dir",
+            "data.system_prompt=Be brief: ok",
+        ],
+    )
     assert config.train.lr == 1e-4 and isinstance(config.train.lr, float)
     assert config.data.packing is False
     assert config.data.max_length == 64 and isinstance(config.data.max_length, int)
@@ -203,12 +296,15 @@ def test_overrides_alone_make_a_config():
     assert (config.data.train, config.adapter.type, config.train.schedule) == (Path("t.jsonl"), "full", "linear")
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("train.lr=abc", "'train.lr' = 'abc'"),
-    ("train.lrr=0.1", "unknown key 'train.lrr' (did you mean 'lr'?)"),
-    ("method=sftt", "did you mean 'sft'"),
-    ("train.lr.x=3", "'train.lr' = {'x': 3}"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.lr=abc", "'train.lr' = 'abc'"),
+        ("train.lrr=0.1", "unknown key 'train.lrr' (did you mean 'lr'?)"),
+        ("method=sftt", "did you mean 'sft'"),
+        ("train.lr.x=3", "'train.lr' = {'x': 3}"),
+    ],
+)
 def test_a_bad_override_names_the_command_line(tmp_path, override, fragment):
     path = write_yaml(tmp_path, "data: {train: t.jsonl}\ntrain: {lr: 0.1}\n")
     [problem] = problems_of(path, [override])
@@ -232,10 +328,13 @@ def test_file_and_override_problems_are_reported_together(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Resolving, writing and describing.
 
+
 def test_resolve_paths_makes_every_path_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = load_config(None, ["data.train=data/t.jsonl", "data.validation=data/v.jsonl", "eval.data=data/e.jsonl",
-                                "output_dir=runs/one"])
+    config = load_config(
+        None,
+        ["data.train=data/t.jsonl", "data.validation=data/v.jsonl", "eval.data=data/e.jsonl", "output_dir=runs/one"],
+    )
     resolved = resolve_paths(config)
     assert resolved.data.train == tmp_path / "data" / "t.jsonl"
     assert resolved.data.validation == tmp_path / "data" / "v.jsonl"
@@ -248,10 +347,23 @@ def test_resolve_paths_makes_every_path_absolute(tmp_path, monkeypatch):
 @pytest.mark.parametrize("source", EXAMPLES[:1] + [None], ids=["example", "non-defaults"])
 def test_write_config_then_load_config_round_trips(tmp_path, monkeypatch, source):
     monkeypatch.chdir(tmp_path)
-    overrides = [] if source else [
-        "data.train=t.jsonl", "data.val_fraction=0.1", "data.system_prompt='Say: \"yes\"\n— ok'", "adapter.target=[q_proj, v_proj]",
-        "train.betas=[0.8, 0.95]", "train.early_stopping.patience=2", "train.max_steps=7", "method=pretrain",
-        "adapter.type=full", "data.truncation=split", "train.threads=2"]
+    overrides = (
+        []
+        if source
+        else [
+            "data.train=t.jsonl",
+            "data.val_fraction=0.1",
+            "data.system_prompt='Say: \"yes\"\n— ok'",
+            "adapter.target=[q_proj, v_proj]",
+            "train.betas=[0.8, 0.95]",
+            "train.early_stopping.patience=2",
+            "train.max_steps=7",
+            "method=pretrain",
+            "adapter.type=full",
+            "data.truncation=split",
+            "train.threads=2",
+        ]
+    )
     config = resolve_paths(load_config(source, overrides))
     path = tmp_path / "written.yaml"
     write_config(config, path)
@@ -279,4 +391,8 @@ def test_describe_fields_documents_every_field():
     assert undocumented == []
     defaults = {key: default for key, default, _ in rows}
     assert defaults["data.train"] == "(required)" and defaults["train.lr"] == "0.0002"
-    assert (defaults["output_dir"], defaults["train.max_steps"], defaults["train.progress"]) == ("runs/run", "null", "true")
+    assert (defaults["output_dir"], defaults["train.max_steps"], defaults["train.progress"]) == (
+        "runs/run",
+        "null",
+        "true",
+    )

@@ -1,6 +1,7 @@
 """The dashboard in a real browser: headless Chromium (Debian's, `.ci/browser.sh` installs it) driven by
 Playwright, against the API served by uvicorn on a loopback port. The service's rows are written straight
 into its store: no training runs."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,15 @@ from service_fixtures import live_app, make_key
 from tunesmith.serve.service import Service, Settings
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 PROJECT = "acme"
 FILENAME = "<b>x</b>.jsonl"
 EVIL_MESSAGE = "<img src=x id=injected> should show as text"
@@ -25,10 +33,12 @@ TIMEOUT_MS = 8000
 LONG_STEPS = 130  # more than one page (100) of events
 
 playwright_api = pytest.importorskip(
-    "playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]' (never `playwright install`)")
+    "playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]' (never `playwright install`)"
+)
 if not CHROMIUM.exists():
-    pytest.skip(f"{CHROMIUM} is missing: `source .ci/browser.sh` installs Debian's chromium (as root)",
-                allow_module_level=True)
+    pytest.skip(
+        f"{CHROMIUM} is missing: `source .ci/browser.sh` installs Debian's chromium (as root)", allow_module_level=True
+    )
 expect = playwright_api.expect
 
 
@@ -40,19 +50,34 @@ class Site:
         self.service = Service(Settings(home=home, base_models={"tiny": "tiny"}))
         store = self.service.store
         self.keys = {scope: make_key(self.service, PROJECT, scope) for scope in ("read", "write")}
-        self.file = store.add_file(PROJECT, filename=FILENAME, purpose="fine-tune", bytes=10, sha256="0" * 64,
-                                   format="messages", examples=3)
-        job = dict(model="tiny", training_file=self.file["id"], method="supervised", seed=0,
-                   hyperparameters={"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": "auto"})
-        self.done = store.add_job(PROJECT, **job, status="succeeded", created_at=1_700_000_000,
-                                  fine_tuned_model="ft:tiny:demo:ftjob-done", trained_tokens=12345)
-        self.report = self.service.add_result_file(PROJECT, f"{self.done['id']}-eval.json",
-                                                   json.dumps(evaluation_report()).encode())
+        self.file = store.add_file(
+            PROJECT, filename=FILENAME, purpose="fine-tune", bytes=10, sha256="0" * 64, format="messages", examples=3
+        )
+        job = dict(
+            model="tiny",
+            training_file=self.file["id"],
+            method="supervised",
+            seed=0,
+            hyperparameters={"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": "auto"},
+        )
+        self.done = store.add_job(
+            PROJECT,
+            **job,
+            status="succeeded",
+            created_at=1_700_000_000,
+            fine_tuned_model="ft:tiny:demo:ftjob-done",
+            trained_tokens=12345,
+        )
+        self.report = self.service.add_result_file(
+            PROJECT, f"{self.done['id']}-eval.json", json.dumps(evaluation_report()).encode()
+        )
         store.update_job(self.done["id"], ("succeeded",), result_files=[self.report], validation_file=self.file["id"])
         store.add_model(PROJECT, "ft:tiny:demo:ftjob-done", self.done["id"], "tiny")
         self.long = store.add_job(PROJECT, **job, status="failed", created_at=1_700_000_050)
         for step in range(1, LONG_STEPS + 1):
-            store.add_event(self.long["id"], f"Step {step}", type="metrics", data={"step": step, "train_loss": 1 / step})
+            store.add_event(
+                self.long["id"], f"Step {step}", type="metrics", data={"step": step, "train_loss": 1 / step}
+            )
         self.queued = store.add_job(PROJECT, **job, status="queued", created_at=1_700_000_100)
         self.running = store.add_job(PROJECT, **job, status="running", created_at=1_700_000_200)
         store.add_event(self.running["id"], "Fine-tuning job started on worker w1")
@@ -61,10 +86,18 @@ class Site:
             self.add_train_loss(step)
             if step % 2 == 0:
                 valid_loss = 2.2 - 0.25 * step
-                store.add_event(self.running["id"], f"Step {step}: validation loss={valid_loss:.4f}", type="metrics",
-                                data={"step": step, "valid_loss": valid_loss}, key=f"val-{step}")
-                store.add_checkpoint(self.running["id"], step, {"step": step, "train_loss": self.train_loss(step),
-                                                                "valid_loss": valid_loss})
+                store.add_event(
+                    self.running["id"],
+                    f"Step {step}: validation loss={valid_loss:.4f}",
+                    type="metrics",
+                    data={"step": step, "valid_loss": valid_loss},
+                    key=f"val-{step}",
+                )
+                store.add_checkpoint(
+                    self.running["id"],
+                    step,
+                    {"step": step, "train_loss": self.train_loss(step), "valid_loss": valid_loss},
+                )
 
     @staticmethod
     def train_loss(step: int) -> float:
@@ -72,9 +105,13 @@ class Site:
 
     def add_train_loss(self, step: int) -> None:
         loss = self.train_loss(step)
-        self.service.store.add_event(self.running["id"], f"Step {step}: training loss={loss:.4f}", type="metrics",
-                                     data={"step": step, "train_loss": loss, "total_steps": 10},
-                                     key=f"train-{step}")
+        self.service.store.add_event(
+            self.running["id"],
+            f"Step {step}: training loss={loss:.4f}",
+            type="metrics",
+            data={"step": step, "train_loss": loss, "total_steps": 10},
+            key=f"train-{step}",
+        )
 
 
 def evaluation_report() -> dict:
@@ -83,9 +120,13 @@ def evaluation_report() -> dict:
     from tunesmith.eval import metrics
 
     tuned, base = [(-2.0, 10), (-3.0, 12), (-2.5, 9)], [(-9.0, 10), (-11.0, 12), (-8.0, 9)]
-    return {"task": "perplexity", "n": 3, "metrics": metrics.score("perplexity", tuned, None, resamples=200),
-            "baselines": {"base": {"metrics": metrics.score("perplexity", base, None, resamples=200)}},
-            "comparisons": {"base": metrics.compare("perplexity", tuned, base, None, resamples=200)}}
+    return {
+        "task": "perplexity",
+        "n": 3,
+        "metrics": metrics.score("perplexity", tuned, None, resamples=200),
+        "baselines": {"base": {"metrics": metrics.score("perplexity", base, None, resamples=200)}},
+        "comparisons": {"base": metrics.compare("perplexity", tuned, base, None, resamples=200)},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +155,15 @@ def page(browser, site):
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     problems: list[str] = []
-    page.on("console", lambda message: message.type == "error" and "401" not in message.text
-            and "403" not in message.text and problems.append(message.text))
+    page.on(
+        "console",
+        lambda message: (
+            message.type == "error"
+            and "401" not in message.text
+            and "403" not in message.text
+            and problems.append(message.text)
+        ),
+    )
     page.on("pageerror", lambda error: problems.append(str(error)))
     page.on("request", lambda request: request.url.startswith(base) or problems.append(request.url))
     page.on("dialog", lambda dialog: dialog.accept())  # the Cancel button asks "Cancel job ...?"
@@ -203,8 +251,12 @@ def test_a_finished_job_shows_its_evaluation_against_the_base(page, site, tmp_pa
     rows = page.locator("#evaluation tbody tr")
     expect(rows).to_have_count(3)
     expect(page.locator("#evaluation thead th")).to_have_text(["System", "loss", "perplexity"])
-    tuned, base, diff = (report["metrics"]["perplexity"], report["baselines"]["base"]["metrics"]["perplexity"],
-                         report["comparisons"]["base"]["perplexity"])
+    tuned, base, diff = (
+        report["metrics"]["perplexity"],
+        report["baselines"]["base"]["metrics"]["perplexity"],
+        report["comparisons"]["base"]["perplexity"],
+    )
+
     def shown(system: str) -> list[float]:  # "value [low, high]" in the perplexity column
         cell = page.locator(f'#evaluation tr[data-system="{system}"] td').nth(2).inner_text()
         return [float(number) for number in re.findall(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", cell)]
@@ -213,7 +265,9 @@ def test_a_finished_job_shows_its_evaluation_against_the_base(page, site, tmp_pa
     assert shown("base") == pytest.approx([base["value"], *base["ci95"]], rel=1e-3)
     assert shown("fine-tuned − base") == pytest.approx([diff["diff"], *diff["ci95"]], rel=1e-3)
     assert diff["ci95"][1] < 0  # the fixture's fine-tuned model is better than its base, clearly
-    expect(page.locator("#evaluation-note")).to_have_text(f"perplexity on 3 validation examples; report file {site.report}.")
+    expect(page.locator("#evaluation-note")).to_have_text(
+        f"perplexity on 3 validation examples; report file {site.report}."
+    )
     save_screenshot(page, tmp_path / "evaluation.png", "/tmp/dashboard-evaluation.png")
 
 

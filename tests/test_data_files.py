@@ -4,6 +4,7 @@ Each problem names `FILE:LINE` (CSV/TSV: the line a record starts on, the header
 1-based data row); a column mapping renames the file's columns to a format's fields; a CSV file named .jsonl
 is one problem, not one per line; and the format list of `--help-config` comes from the format registry.
 """
+
 from __future__ import annotations
 
 import csv
@@ -53,12 +54,18 @@ def signature(example) -> tuple:
 
 # Rows of text cells only, so a CSV cell ("the text as written") equals the JSON value.
 ROUND_TRIP = {
-    "qa": [{"question": "What is the capital of France?", "answer": "Paris"},
-           {"question": "Who wrote \"Hamlet\", and when?", "answer": "Shakespeare,\nabout 1600"}],
-    "alpaca": [{"instruction": "Translate to French.", "input": "cheese", "output": "fromage"},
-               {"instruction": "Say hi.", "input": "", "output": "Hi!"}],  # an empty cell: alpaca's optional input
-    "classification": [{"text": "my card has not arrived", "label": "card_arrival", "ticket": "T-007"},
-                       {"text": "I lost my phone", "label": "lost_or_stolen_phone", "ticket": "T-008"}],
+    "qa": [
+        {"question": "What is the capital of France?", "answer": "Paris"},
+        {"question": 'Who wrote "Hamlet", and when?', "answer": "Shakespeare,\nabout 1600"},
+    ],
+    "alpaca": [
+        {"instruction": "Translate to French.", "input": "cheese", "output": "fromage"},
+        {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+    ],  # an empty cell: alpaca's optional input
+    "classification": [
+        {"text": "my card has not arrived", "label": "card_arrival", "ticket": "T-007"},
+        {"text": "I lost my phone", "label": "lost_or_stolen_phone", "ticket": "T-008"},
+    ],
     "preference": [{"prompt": "Say hi.", "chosen": "Hello!", "rejected": "Go away."}],
     "prompt_completion": [{"prompt": "2 + 2 =", "completion": "4"}],
 }
@@ -80,8 +87,10 @@ def test_tabular_files_give_the_examples_of_their_jsonl_twin(tmp_path, name, suf
 
 
 def test_parquet_keeps_nested_messages_and_numbers(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "id": 3},
-            {"messages": [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}], "id": 4}]
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "id": 3},
+        {"messages": [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}], "id": 4},
+    ]
     expected = load_file(write_jsonl(tmp_path / "chat.jsonl", rows))
     loaded = load_file(write_parquet(tmp_path / "chat.parquet", rows))
     assert loaded.format == "messages" and [e.line for e in loaded.examples] == [1, 2]  # data rows, 1-based
@@ -91,12 +100,15 @@ def test_parquet_keeps_nested_messages_and_numbers(tmp_path):
 
 
 def test_a_score_cell_is_read_as_its_number(tmp_path):
-    path = write_delimited(tmp_path / "scores.csv", [{"prompt": "p", "response": "r", "score": "0.8"},
-                                                     {"prompt": "p", "response": "s", "score": "high"}])
+    path = write_delimited(
+        tmp_path / "scores.csv",
+        [{"prompt": "p", "response": "r", "score": "0.8"}, {"prompt": "p", "response": "s", "score": "high"}],
+    )
     loaded = load_file(path)
     assert loaded.examples[0].score == 0.8
-    assert [str(p) for p in loaded.problems] == [f"{path}:3: field 'score' must be a finite number, got str 'high' "
-                                                 f"(format score)"]
+    assert [str(p) for p in loaded.problems] == [
+        f"{path}:3: field 'score' must be a finite number, got str 'high' (format score)"
+    ]
 
 
 def test_csv_lines_count_physical_lines_from_the_header(tmp_path):
@@ -105,18 +117,32 @@ def test_csv_lines_count_physical_lines_from_the_header(tmp_path):
     path.write_bytes(b'\xef\xbb\xbfquestion,answer\r\n"two\nlines?",yes\r\n\r\n,\r\nthree?,"a, b"\r\nfour?,\r\n')
     loaded = load_file(path)
     assert [(e.line, e.messages[0]["content"], e.messages[1]["content"]) for e in loaded.examples] == [
-        (2, "two\nlines?", "yes"), (6, "three?", "a, b")]
+        (2, "two\nlines?", "yes"),
+        (6, "three?", "a, b"),
+    ]
     assert [str(p) for p in loaded.problems] == [f"{path}:7: field 'answer' is empty (format qa)"]
     assert loaded.rows == 3
 
 
-@pytest.mark.parametrize("lines, line, fragment", [
-    ('question,answer\nq1,a1\nq2,a2,extra\n', 3, "the record has 3 cells but the header has 2 columns (question, "
-                                                 "answer); fix: quote a cell that contains a comma"),
-    ('question,answer\nq1,a1\nq2\n', 3, "the record has 1 cell but the header has 2 columns"),
-    ('question,answer\nq1,a1\n"q2,a2\nq3,a3\n', 3, "cannot read the record that starts on this line: unexpected end"),
-    ('question,answer\nq1,"a"b\nq2,a2\n', 2, "cannot read the record that starts on this line"),
-], ids=["too-many-cells", "too-few-cells", "unclosed-quote", "stray-quote"])
+@pytest.mark.parametrize(
+    "lines, line, fragment",
+    [
+        (
+            "question,answer\nq1,a1\nq2,a2,extra\n",
+            3,
+            "the record has 3 cells but the header has 2 columns (question, "
+            "answer); fix: quote a cell that contains a comma",
+        ),
+        ("question,answer\nq1,a1\nq2\n", 3, "the record has 1 cell but the header has 2 columns"),
+        (
+            'question,answer\nq1,a1\n"q2,a2\nq3,a3\n',
+            3,
+            "cannot read the record that starts on this line: unexpected end",
+        ),
+        ('question,answer\nq1,"a"b\nq2,a2\n', 2, "cannot read the record that starts on this line"),
+    ],
+    ids=["too-many-cells", "too-few-cells", "unclosed-quote", "stray-quote"],
+)
 def test_a_bad_csv_record_is_reported_at_the_line_it_starts(tmp_path, capsys, lines, line, fragment):
     path = tmp_path / "bad.csv"
     path.write_text(lines, encoding="utf-8")
@@ -126,11 +152,14 @@ def test_a_bad_csv_record_is_reported_at_the_line_it_starts(tmp_path, capsys, li
     assert f"{path}:1:" not in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("header, fragment", [
-    ("question,,answer", "column 2 of the header row has no name"),
-    ("question,answer,question", "the header row names column 'question' twice (columns 1 and 3)"),
-    ("question;answer", "the header 'question;answer' is one column: the file seems separated by semicolons"),
-])
+@pytest.mark.parametrize(
+    "header, fragment",
+    [
+        ("question,,answer", "column 2 of the header row has no name"),
+        ("question,answer,question", "the header row names column 'question' twice (columns 1 and 3)"),
+        ("question;answer", "the header 'question;answer' is one column: the file seems separated by semicolons"),
+    ],
+)
 def test_a_bad_header_is_one_problem_for_the_file(tmp_path, capsys, header, fragment):
     path = tmp_path / "data.csv"
     path.write_text(f"{header}\nq,,a\nq2,,a2\n", encoding="utf-8")
@@ -148,8 +177,12 @@ def test_columns_that_fit_no_format_are_one_problem_at_the_header(tmp_path, caps
 
 
 def test_a_bad_parquet_row_is_reported_at_its_row(tmp_path, capsys):
-    rows = [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}, {"question": "q3", "answer": None},
-            {"question": "q4", "answer": ""}]
+    rows = [
+        {"question": "q1", "answer": "a1"},
+        {"question": "q2", "answer": "a2"},
+        {"question": "q3", "answer": None},
+        {"question": "q4", "answer": ""},
+    ]
     path = write_parquet(tmp_path / "qa.parquet", rows)
     code, _, err = validate(capsys, path)
     assert code == 2
@@ -166,8 +199,13 @@ def test_a_file_named_parquet_that_is_not_one_is_one_problem(tmp_path, capsys):
     assert f"{path}: not a readable Parquet file" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("content, hint", [("question,answer\nq1,a1\nq2,a2\n", "rename it to data.csv"),
-                                           ("question\tanswer\nq1\ta1\nq2\ta2\n", "rename it to data.tsv")])
+@pytest.mark.parametrize(
+    "content, hint",
+    [
+        ("question,answer\nq1,a1\nq2,a2\n", "rename it to data.csv"),
+        ("question\tanswer\nq1\ta1\nq2\ta2\n", "rename it to data.tsv"),
+    ],
+)
 def test_a_csv_file_named_jsonl_is_one_problem_with_the_fix(tmp_path, capsys, content, hint):
     path = tmp_path / "data.jsonl"
     path.write_text(content * 20, encoding="utf-8")  # 60 lines: still one problem
@@ -179,8 +217,10 @@ def test_a_csv_file_named_jsonl_is_one_problem_with_the_fix(tmp_path, capsys, co
 
 
 def test_broken_json_lines_are_still_reported_one_by_one(tmp_path, capsys):
-    path = write_jsonl(tmp_path / "data.jsonl", ['{"question": "q", "answer": "a",', '{"question": "q", "answer": "b"}',
-                                                 '{"question": "q" "answer": "c"}'])
+    path = write_jsonl(
+        tmp_path / "data.jsonl",
+        ['{"question": "q", "answer": "a",', '{"question": "q", "answer": "b"}', '{"question": "q" "answer": "c"}'],
+    )
     code, _, err = validate(capsys, path)
     assert code == 2
     assert f"{path}:1: invalid JSON" in err and f"{path}:3: invalid JSON" in err and "rename" not in err
@@ -203,6 +243,7 @@ def test_invalid_utf8_in_a_csv_file_names_its_line(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # The field the user is missing, in the format they evidently meant.
+
 
 @pytest.mark.parametrize("forced", [None, "qa"])
 def test_a_question_without_its_answer_is_told_about_answer(tmp_path, capsys, forced):
@@ -230,6 +271,7 @@ def test_the_closest_format_of_the_method_is_named(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # Column mapping: data.columns and --columns.
 
+
 def test_columns_map_a_file_onto_a_format_and_keep_the_others(tmp_path, capsys):
     path = write_delimited(tmp_path / "faq.csv", [{"q": "Hours?", "a": "9 to 5", "topic": "opening"}])
     code, out, _ = validate(capsys, path, "--columns", "question=q,answer=a")
@@ -244,7 +286,10 @@ def test_columns_apply_to_jsonl_and_parquet_too(tmp_path):
     mapping = {"text": "body", "label": "sentiment"}
     for path in (write_jsonl(tmp_path / "d.jsonl", rows), write_parquet(tmp_path / "d.parquet", rows)):
         loaded = load_file(path, columns=mapping)
-        assert loaded.format == "classification" and [e.meta["label"] for e in loaded.examples] == ["positive", "negative"]
+        assert loaded.format == "classification" and [e.meta["label"] for e in loaded.examples] == [
+            "positive",
+            "negative",
+        ]
 
 
 @pytest.mark.parametrize("suffix, where", [("csv", ":1"), ("parquet", ""), ("jsonl", ":1")])
@@ -254,8 +299,10 @@ def test_a_mapped_column_the_file_lacks_is_one_problem_listing_its_columns(tmp_p
     {"csv": write_delimited, "parquet": write_parquet, "jsonl": write_jsonl}[suffix](path, rows)
     code, _, err = validate(capsys, path, "--columns", "question=Question,answer=answer")
     assert code == 2
-    assert (f"{path}{where}: the column mapping (data.columns / --columns) maps answer=answer, but the file has no "
-            f"column 'answer' (did you mean 'Answer'?); its columns: Question, Answer") in err
+    assert (
+        f"{path}{where}: the column mapping (data.columns / --columns) maps answer=answer, but the file has no "
+        f"column 'answer' (did you mean 'Answer'?); its columns: Question, Answer"
+    ) in err
     assert err.count(f"{path}") == 2
 
 
@@ -265,11 +312,15 @@ def test_a_mapping_that_would_overwrite_a_column_is_refused(tmp_path):
     assert "the file already has a column 'text', which would be lost" in problem.message
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("question", "'question' is not FIELD=COLUMN; fix: write e.g. --columns question=q,answer=a"),
-    ("question=", "'question=' is not FIELD=COLUMN"), ("=q", "'=q' is not FIELD=COLUMN"),
-    ("question=q,question=r", "the field 'question' is mapped twice"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("question", "'question' is not FIELD=COLUMN; fix: write e.g. --columns question=q,answer=a"),
+        ("question=", "'question=' is not FIELD=COLUMN"),
+        ("=q", "'=q' is not FIELD=COLUMN"),
+        ("question=q,question=r", "the field 'question' is mapped twice"),
+    ],
+)
 def test_a_malformed_columns_option_is_a_clear_error(tmp_path, capsys, text, fragment):
     path = write_delimited(tmp_path / "d.csv", [{"q": "x", "a": "y"}])
     code, _, err = validate(capsys, path, "--columns", text)
@@ -292,6 +343,7 @@ def test_data_columns_in_a_config_and_on_the_command_line(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # The formats, documented from the registry.
+
 
 def test_every_registered_format_is_listed_in_help_config(capsys):
     with pytest.raises(SystemExit) as exited:
@@ -331,14 +383,32 @@ def test_read_rows_gives_locations_and_rows(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # End to end: training from a CSV file with a column mapping.
 
+
 def test_training_from_a_csv_file_with_mapped_columns(tmp_path, tiny_model):
-    rows = [{"Q": f"my card has not arrived {i}", "A": "card_arrival" if i % 2 else "refund", "id": str(i)}
-            for i in range(8)]
+    rows = [
+        {"Q": f"my card has not arrived {i}", "A": "card_arrival" if i % 2 else "refund", "id": str(i)}
+        for i in range(8)
+    ]
     train = write_delimited(tmp_path / "train.csv", rows)
-    config = resolve_paths(load_config(None, [
-        f"model={tiny_model}", f"data.train={train}", "data.columns.question=Q", "data.columns.answer=A",
-        f"output_dir={tmp_path / 'run'}", "data.max_length=64", "train.batch_size=4", "train.max_steps=2",
-        "train.progress=false", "train.eval_every=100", "train.save_every=100", "train.threads=1"]))
+    config = resolve_paths(
+        load_config(
+            None,
+            [
+                f"model={tiny_model}",
+                f"data.train={train}",
+                "data.columns.question=Q",
+                "data.columns.answer=A",
+                f"output_dir={tmp_path / 'run'}",
+                "data.max_length=64",
+                "train.batch_size=4",
+                "train.max_steps=2",
+                "train.progress=false",
+                "train.eval_every=100",
+                "train.save_every=100",
+                "train.threads=1",
+            ],
+        )
+    )
     result = methods.get(config.method)(config)
     assert result.steps == 2 and result.final_loss is not None
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
@@ -348,8 +418,27 @@ def test_training_from_a_csv_file_with_mapped_columns(tmp_path, tiny_model):
 
 def test_evaluating_a_csv_file_with_columns(tmp_path, tiny_model, capsys):
     data = write_delimited(tmp_path / "test.csv", [{"Q": "2 + 2 =", "A": "4"}, {"Q": "3 + 3 =", "A": "6"}])
-    assert main(["eval", str(tiny_model), "--data", str(data), "--columns", "question=Q,answer=A", "--task",
-                 "exact_match", "--resamples", "20", "--max-new-tokens", "4", "--output", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tiny_model),
+                "--data",
+                str(data),
+                "--columns",
+                "question=Q,answer=A",
+                "--task",
+                "exact_match",
+                "--resamples",
+                "20",
+                "--max-new-tokens",
+                "4",
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert result["metrics"]["exact_match"]["n"] == 2
     capsys.readouterr()

@@ -1,5 +1,6 @@
 """Knowledge distillation: the losses against hand-computed values, and the recipe end to end on tiny models
 (a teacher and a student built from different seeds with the same tokenizer)."""
+
 from __future__ import annotations
 
 import json
@@ -65,15 +66,20 @@ def test_temperature_softens_both_distributions():
 def test_loss_mixes_cross_entropy_and_t_squared_kd(divergence, temperature, alpha):
     """(1 - alpha) * CE + alpha * T^2 * KL(at T), from logits (an identity head) and a full-vocabulary teacher."""
     student_logits, teacher_logits, target = [1.0, 0.0, -1.0], [0.0, 2.0, 0.5], 0
-    teacher = CachedTeacher(torch.tensor([teacher_logits]).log_softmax(-1), torch.tensor([[0, 1, 2]], dtype=torch.int32),
-                            ["example"], [1])
+    teacher = CachedTeacher(
+        torch.tensor([teacher_logits]).log_softmax(-1), torch.tensor([[0, 1, 2]], dtype=torch.int32), ["example"], [1]
+    )
     loss = Distiller(teacher, getattr(distill, divergence), temperature, alpha).chunk_loss(
-        torch.nn.Identity(), torch.tensor([student_logits]), torch.tensor([target]),
-        teacher.logprobs, teacher.indices.long())
+        torch.nn.Identity(),
+        torch.tensor([student_logits]),
+        torch.tensor([target]),
+        teacher.logprobs,
+        teacher.indices.long(),
+    )
     p_teacher, p_student = softmax(teacher_logits, temperature), softmax(student_logits, temperature)
     kd = kl(p_teacher, p_student) if divergence == "forward_kl" else kl(p_student, p_teacher)
     cross_entropy = -math.log(softmax(student_logits)[target])
-    assert loss.item() == pytest.approx((1 - alpha) * cross_entropy + alpha * temperature ** 2 * kd, rel=1e-5)
+    assert loss.item() == pytest.approx((1 - alpha) * cross_entropy + alpha * temperature**2 * kd, rel=1e-5)
 
 
 def test_cached_top_k_renormalises_over_the_kept_tokens():
@@ -83,11 +89,12 @@ def test_cached_top_k_renormalises_over_the_kept_tokens():
     top = logprobs.topk(2)
     teacher = CachedTeacher(top.values, top.indices.to(torch.int32), ["example"], [1])
     loss = Distiller(teacher, forward_kl, temperature, 1.0).chunk_loss(
-        torch.nn.Identity(), torch.tensor([student_logits]), torch.tensor([0]), top.values, top.indices)
+        torch.nn.Identity(), torch.tensor([student_logits]), torch.tensor([0]), top.values, top.indices
+    )
     kept = [0, 2]  # the teacher's two most likely tokens
     p_teacher = softmax([teacher_logits[i] for i in kept], temperature)
     p_student = softmax([student_logits[i] for i in kept], temperature)
-    assert loss.item() == pytest.approx(temperature ** 2 * kl(p_teacher, p_student), rel=1e-5)
+    assert loss.item() == pytest.approx(temperature**2 * kl(p_teacher, p_student), rel=1e-5)
 
 
 # ---- the loss on tiny models --------------------------------------------------------------------------
@@ -99,8 +106,15 @@ def tokenized(model_dir: Path, rows: list[dict]):
     return [chat(convert_messages(row)) for row in rows]
 
 
-def expected_loss(student, teacher, examples, temperature: float, alpha: float, top_k: int | None = None,
-                  divergence: str = "forward_kl") -> torch.Tensor:
+def expected_loss(
+    student,
+    teacher,
+    examples,
+    temperature: float,
+    alpha: float,
+    top_k: int | None = None,
+    divergence: str = "forward_kl",
+) -> torch.Tensor:
     """The distillation loss per target token, the plain way: one unpacked forward per example, full logits."""
     total, count = 0.0, 0
     for example in examples:
@@ -115,13 +129,14 @@ def expected_loss(student, teacher, examples, temperature: float, alpha: float, 
         p_teacher = (teacher_logits / temperature).log_softmax(-1)
         pair = (p_teacher, p_student) if divergence == "forward_kl" else (p_student, p_teacher)
         kd = (pair[0].exp() * (pair[0] - pair[1])).sum()
-        total = total + (1 - alpha) * cross_entropy + alpha * temperature ** 2 * kd
+        total = total + (1 - alpha) * cross_entropy + alpha * temperature**2 * kd
         count += int(keep.sum())
     return total / count
 
 
-def test_packed_chunked_loss_and_gradients_match_the_plain_computation(tiny_model, teacher_model, chat_rows,
-                                                                      monkeypatch):
+def test_packed_chunked_loss_and_gradients_match_the_plain_computation(
+    tiny_model, teacher_model, chat_rows, monkeypatch
+):
     """Packing, chunking over target positions and recomputing chunks in backward change no number."""
     monkeypatch.setattr(distill, "HEAD_CHUNK", 7)  # several chunks, the last one short
     examples = tokenized(tiny_model, chat_rows[:5])
@@ -155,8 +170,16 @@ def test_gradient_accumulation_equals_large_batch(tiny_model, teacher_model, cha
         plan = BatchPlan(examples, capacity=40, packing=True, batch_size=batch_size, grad_accum=grad_accum, seed=0)
         optimizer = torch.optim.SGD(student.parameters(), lr=1.0)  # the update is the gradient itself
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        step = train_step(Runner(student), plan.step(0, 0), optimizer, scheduler, None, torch.device("cpu"), None,
-                          objective=Distiller(teacher, forward_kl, 2.0, 0.5))
+        step = train_step(
+            Runner(student),
+            plan.step(0, 0),
+            optimizer,
+            scheduler,
+            None,
+            torch.device("cpu"),
+            None,
+            objective=Distiller(teacher, forward_kl, 2.0, 0.5),
+        )
         results.append((step.loss, [p.detach().clone() for p in student.parameters()]))
     (loss_a, params_a), (loss_b, params_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
@@ -177,14 +200,31 @@ def test_no_kd_loss_when_the_student_is_the_teacher(tiny_model, chat_rows):
 # ---- the recipe end to end ----------------------------------------------------------------------------
 
 
-def write_config(tmp_path: Path, student: Path, teacher: Path | str | None, rows: list, name: str = "run",
-                 distill: dict | None = None, train: dict | None = None) -> Path:
-    config = {"model": str(student), "method": "distill",
-              "distill": {**({"teacher": str(teacher)} if teacher is not None else {}), **(distill or {})},
-              "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", rows)), "max_length": 64},
-              "train": {"batch_size": 2, "lr": 5.0e-3, "warmup": 0, "progress": False, "eval_every": 1000,
-                        "save_every": 1000, **(train or {})},
-              "output_dir": str(tmp_path / name)}
+def write_config(
+    tmp_path: Path,
+    student: Path,
+    teacher: Path | str | None,
+    rows: list,
+    name: str = "run",
+    distill: dict | None = None,
+    train: dict | None = None,
+) -> Path:
+    config = {
+        "model": str(student),
+        "method": "distill",
+        "distill": {**({"teacher": str(teacher)} if teacher is not None else {}), **(distill or {})},
+        "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", rows)), "max_length": 64},
+        "train": {
+            "batch_size": 2,
+            "lr": 5.0e-3,
+            "warmup": 0,
+            "progress": False,
+            "eval_every": 1000,
+            "save_every": 1000,
+            **(train or {}),
+        },
+        "output_dir": str(tmp_path / name),
+    }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -197,21 +237,30 @@ def logged(run_dir: Path, key: str = "loss") -> dict[int, float]:
 
 def held_out_kl(student, teacher, model_dir: Path) -> float:
     """KL(teacher || student) per target token at T = 1 on conversations the run never saw."""
-    rows = [{"messages": [{"role": "user", "content": f"{question} {i}"}, {"role": "assistant", "content": label}]}
-            for i, (question, label) in enumerate([("where is my card", "card_arrival"), ("fee for a transfer", "fee"),
-                                                     ("my phone was stolen", "lost_or_stolen_phone"),
-                                                     ("refund my money", "refund")], start=40)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"{question} {i}"}, {"role": "assistant", "content": label}]}
+        for i, (question, label) in enumerate(
+            [
+                ("where is my card", "card_arrival"),
+                ("fee for a transfer", "fee"),
+                ("my phone was stolen", "lost_or_stolen_phone"),
+                ("refund my money", "refund"),
+            ],
+            start=40,
+        )
+    ]
     batch = collate(tokenized(model_dir, rows))
     with torch.no_grad():
-        return Distiller(LiveTeacher(teacher), forward_kl, 1.0, 1.0)(student.eval(), batch).item() / batch.num_loss_tokens
+        return (
+            Distiller(LiveTeacher(teacher), forward_kl, 1.0, 1.0)(student.eval(), batch).item() / batch.num_loss_tokens
+        )
 
 
 @pytest.mark.parametrize("adapter", ["lora", "full"])
 def test_student_moves_toward_the_teacher(tmp_path, tiny_model, teacher_model, chat_rows, adapter):
     from tunesmith.engine.generation import Engine
 
-    config = write_config(tmp_path, tiny_model, teacher_model, chat_rows, distill={"alpha": 1.0},
-                          train={"epochs": 4})
+    config = write_config(tmp_path, tiny_model, teacher_model, chat_rows, distill={"alpha": 1.0}, train={"epochs": 4})
     assert main(["train", str(config), f"adapter.type={adapter}"]) == 0
     run_dir = tmp_path / "run"
     losses = list(logged(run_dir).values())
@@ -230,8 +279,14 @@ def test_cache_is_written_once_and_gives_the_top_k_loss(tmp_path, tiny_model, te
     done by hand; a resumed run reads the cache instead of recomputing it and repeats the same losses."""
     from transformers import AutoModelForCausalLM
 
-    config = write_config(tmp_path, tiny_model, teacher_model, chat_rows, distill={"cache": "disk", "top_k": 8},
-                          train={"batch_size": 64, "epochs": 2, "save_every": 1})
+    config = write_config(
+        tmp_path,
+        tiny_model,
+        teacher_model,
+        chat_rows,
+        distill={"cache": "disk", "top_k": 8},
+        train={"batch_size": 64, "epochs": 2, "save_every": 1},
+    )
     assert main(["train", str(config), "adapter.type=full"]) == 0
     run_dir, cache = tmp_path / "run", tmp_path / "run" / "teacher-cache"
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -263,8 +318,9 @@ def test_cache_is_written_once_and_gives_the_top_k_loss(tmp_path, tiny_model, te
 
 def test_a_cache_covering_the_vocabulary_equals_the_live_teacher(tmp_path, tiny_model, teacher_model, chat_rows):
     for name, section in (("live", {"cache": "none"}), ("cached", {"cache": "disk", "top_k": 100000})):
-        config = write_config(tmp_path, tiny_model, teacher_model, chat_rows, name=name, distill=section,
-                              train={"max_steps": 2})
+        config = write_config(
+            tmp_path, tiny_model, teacher_model, chat_rows, name=name, distill=section, train={"max_steps": 2}
+        )
         assert main(["train", str(config)]) == 0
     live, cached = logged(tmp_path / "live"), logged(tmp_path / "cached")
     assert list(cached.values()) == pytest.approx(list(live.values()), rel=1e-5)
@@ -274,12 +330,20 @@ def test_a_run_directory_is_a_teacher_with_its_adapter(tmp_path, tiny_model, tea
     from tunesmith.engine.generation import Engine
 
     sft_config = tmp_path / "teacher.yaml"
-    sft_config.write_text(f"model: {teacher_model}\ndata: {{train: {write_jsonl(tmp_path / 't.jsonl', chat_rows)}, "
-                          f"max_length: 64}}\ntrain: {{max_steps: 3, lr: 1.0e-2, progress: false}}\n"
-                          f"output_dir: {tmp_path / 'teacher-run'}\n")
+    sft_config.write_text(
+        f"model: {teacher_model}\ndata: {{train: {write_jsonl(tmp_path / 't.jsonl', chat_rows)}, "
+        f"max_length: 64}}\ntrain: {{max_steps: 3, lr: 1.0e-2, progress: false}}\n"
+        f"output_dir: {tmp_path / 'teacher-run'}\n"
+    )
     assert main(["train", str(sft_config)]) == 0
-    config = write_config(tmp_path, tiny_model, tmp_path / "teacher-run", chat_rows, distill={"alpha": 1.0},
-                          train={"batch_size": 64, "max_steps": 1})
+    config = write_config(
+        tmp_path,
+        tiny_model,
+        tmp_path / "teacher-run",
+        chat_rows,
+        distill={"alpha": 1.0},
+        train={"batch_size": 64, "max_steps": 1},
+    )
     assert main(["train", str(config), "adapter.type=full"]) == 0
     from transformers import AutoModelForCausalLM
 

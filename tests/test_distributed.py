@@ -1,5 +1,6 @@
 """Two processes on CPU (gloo), started as users start them (`tunesmith train --nproc 2`, or torchrun): DDP and
 FSDP train exactly as one process does with the same effective batch, and checkpoints resume on either count."""
+
 from __future__ import annotations
 
 import json
@@ -16,13 +17,21 @@ from safetensors.torch import load_file
 from test_dpo import PAIRS
 from test_training import make_config, run
 
-from tunesmith.config.loading import write_config
 from tunesmith import rundir
+from tunesmith.config.loading import write_config
 
 # 25 rows, 2 per micro-batch, 2 micro-batches per step: each rank gets 2 rows a step, and the epoch's last step
 # has a single row, so the second rank trains on a filler micro-batch that must count for nothing.
-OVERRIDES = ("data.packing=false", "train.batch_size=2", "train.grad_accum=2", "train.epochs=2", "train.lr=1e-2",
-             "train.eval_every=4", "train.save_every=4", "data.val_fraction=0.2")
+OVERRIDES = (
+    "data.packing=false",
+    "train.batch_size=2",
+    "train.grad_accum=2",
+    "train.epochs=2",
+    "train.lr=1e-2",
+    "train.eval_every=4",
+    "train.save_every=4",
+    "data.val_fraction=0.2",
+)
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # fp32; only the order of the sums differs
 # Final weights after ~12 Adam steps at lr 1e-2: Adam divides by sqrt(v), so a weight whose gradients are near
 # zero turns a 1e-7 difference in summation order into ~1e-5; still 100x below any real divergence.
@@ -31,8 +40,15 @@ WEIGHT_TOLERANCE = dict(rtol=1e-3, atol=1e-4)
 
 def rows(count: int = 31) -> list[dict]:
     words = ["card", "phone", "transfer", "fee", "balance", "rate", "refund", "hello"]
-    return [{"messages": [{"role": "user", "content": f"{words[i % 8]} question {i}"},
-                          {"role": "assistant", "content": f"{words[(i * 3) % 8]} answer"}]} for i in range(count)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"{words[i % 8]} question {i}"},
+                {"role": "assistant", "content": f"{words[(i * 3) % 8]} answer"},
+            ]
+        }
+        for i in range(count)
+    ]
 
 
 def train_processes(config, nproc: int, *overrides: str, parallel: str = "ddp", launcher: str = "tunesmith"):
@@ -43,9 +59,21 @@ def train_processes(config, nproc: int, *overrides: str, parallel: str = "ddp", 
     if launcher == "tunesmith":
         command = [sys.executable, "-m", "tunesmith", "train", str(path), "--nproc", str(nproc), *settings]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   "-m", "tunesmith", "train", str(path), *settings]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "tunesmith",
+            "train",
+            str(path),
+            *settings,
+        ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -76,7 +104,9 @@ def assert_same_run(one: Path, other: Path, figures=("loss", "grad_norm", "val_l
 
 
 # ddp also runs each step's rows in pieces of at most 20 tokens (train.micro_batch_tokens): every example alone.
-@pytest.mark.parametrize("parallel,adapter,budget", [("ddp", "lora", 20), ("fsdp", "lora", None), ("fsdp", "full", None)])
+@pytest.mark.parametrize(
+    "parallel,adapter,budget", [("ddp", "lora", 20), ("fsdp", "lora", None), ("fsdp", "full", None)]
+)
 def test_two_processes_train_exactly_like_one(tmp_path, tiny_model, parallel, adapter, budget):
     overrides = (*OVERRIDES, f"adapter.type={adapter}", f"train.micro_batch_tokens={budget or 'null'}")
     config = make_config(tmp_path, tiny_model, rows(), *overrides, name="one")
@@ -120,8 +150,17 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(tmp_path, tiny_mode
 @pytest.mark.parametrize("method", ["dpo", "reward"])
 def test_preference_recipes_on_two_processes(tmp_path, tiny_model, method):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 3)
-    settings = (f"method={method}", f"data.train={pairs}", "data.max_length=128", "train.batch_size=2",
-                "train.epochs=2", "train.lr=1e-2", "train.eval_every=3", "train.save_every=3", "data.val_fraction=0.2")
+    settings = (
+        f"method={method}",
+        f"data.train={pairs}",
+        "data.max_length=128",
+        "train.batch_size=2",
+        "train.epochs=2",
+        "train.lr=1e-2",
+        "train.eval_every=3",
+        "train.save_every=3",
+        "data.val_fraction=0.2",
+    )
     one = make_config(tmp_path, tiny_model, [], *settings, name="one")
     run(one)
     two = make_config(tmp_path, tiny_model, [], *settings, name="two")
@@ -129,8 +168,10 @@ def test_preference_recipes_on_two_processes(tmp_path, tiny_model, method):
     figures = ("loss", "grad_norm", "val_loss", "reward_accuracy", "val_reward_accuracy", "reward_margin")
     assert_same_run(one.output_dir, two.output_dir, figures)
     if method == "dpo":  # the reference pass was shared by the ranks and gathered in order
-        cached = [load_file(run_dir / "reference" / "logprobs.safetensors")["logprobs"]
-                  for run_dir in (one.output_dir, two.output_dir)]
+        cached = [
+            load_file(run_dir / "reference" / "logprobs.safetensors")["logprobs"]
+            for run_dir in (one.output_dir, two.output_dir)
+        ]
         torch.testing.assert_close(cached[1], cached[0], **TOLERANCE)
 
 
@@ -140,9 +181,22 @@ def test_rl_recipes_on_two_processes(tmp_path, tiny_model, method, parallel):
     logged figures cover all of them. Under FSDP every rank generates in step with the others."""
     from test_rl import PROMPTS, spaces_reward
 
-    config = make_config(tmp_path, tiny_model, PROMPTS, f"method={method}", spaces_reward(tmp_path), "train.batch_size=4",
-                         "train.max_steps=3", "train.epochs=2", "train.lr=2e-2", "rl.max_new_tokens=8", "data.val_fraction=0.25",
-                         "train.eval_every=3", "train.save_every=2", "grpo.num_generations=4")
+    config = make_config(
+        tmp_path,
+        tiny_model,
+        PROMPTS,
+        f"method={method}",
+        spaces_reward(tmp_path),
+        "train.batch_size=4",
+        "train.max_steps=3",
+        "train.epochs=2",
+        "train.lr=2e-2",
+        "rl.max_new_tokens=8",
+        "data.val_fraction=0.25",
+        "train.eval_every=3",
+        "train.save_every=2",
+        "grpo.num_generations=4",
+    )
     train_processes(config, 2, parallel=parallel)
     lines = logged(config.output_dir)
     assert lines[0]["processes"] == 2 and all("reward" in lines[step] for step in (1, 2, 3))
@@ -157,12 +211,23 @@ def test_rl_recipes_on_two_processes(tmp_path, tiny_model, method, parallel):
 def test_rl_needs_a_step_the_ranks_can_share(tmp_path, tiny_model):
     from test_rl import PROMPTS, spaces_reward
 
-    config = make_config(tmp_path, tiny_model, PROMPTS, "method=grpo", spaces_reward(tmp_path), "train.batch_size=3",
-                         "rl.max_new_tokens=8")
+    config = make_config(
+        tmp_path,
+        tiny_model,
+        PROMPTS,
+        "method=grpo",
+        spaces_reward(tmp_path),
+        "train.batch_size=3",
+        "rl.max_new_tokens=8",
+    )
     path = tmp_path / "rl.yaml"
     write_config(config, path)
-    done = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(path), "--nproc", "2"], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "tunesmith", "train", str(path), "--nproc", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.count("error: train.batch_size=3") == 1  # every rank stops; rank 0 alone says why
 
@@ -184,11 +249,30 @@ def test_two_nodes_on_loopback_train_like_one_process(tmp_path, tiny_model):
     path = tmp_path / "nodes.yaml"
     write_config(two, path)
     port = free_port()
-    launches = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
-                                  "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}", "-m",
-                                  "tunesmith", "train", str(path), "train.parallel=fsdp"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1"}) for node in (0, 1)]
+    launches = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node-rank={node}",
+                "--nproc-per-node=1",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+                "-m",
+                "tunesmith",
+                "train",
+                str(path),
+                "train.parallel=fsdp",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for node in (0, 1)
+    ]
     outputs = [launch.communicate(timeout=600) for launch in launches]
     assert [launch.returncode for launch in launches] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert "saved" in outputs[0][0] and "saved" not in outputs[1][0]  # the node with rank 0 reports
@@ -200,9 +284,19 @@ def test_settings_several_processes_cannot_honour_are_refused_together(tiny_mode
     from tunesmith.errors import UserError
     from tunesmith.train.distributed import World, check_settings
 
-    config = load_config(None, [f"model={tiny_model}", "data.train=t.jsonl", "train.parallel=fsdp", "adapter.type=qlora",
-                                "train.unfreeze={every: 2}",
-                                "train.regularization.l2_sp=0.1", "eval.every=5", "train.cpu_offload=true"])
+    config = load_config(
+        None,
+        [
+            f"model={tiny_model}",
+            "data.train=t.jsonl",
+            "train.parallel=fsdp",
+            "adapter.type=qlora",
+            "train.unfreeze={every: 2}",
+            "train.regularization.l2_sp=0.1",
+            "eval.every=5",
+            "train.cpu_offload=true",
+        ],
+    )
     with pytest.raises(UserError) as refused:
         check_settings(config, World(0, 2, 0), torch.device("cpu"))
     keys = [problem.where for problem in refused.value.problems]
@@ -215,6 +309,12 @@ def test_nproc_must_be_a_count_of_processes(tmp_path, tiny_model):
     config = make_config(tmp_path, tiny_model, rows(), name="run")
     path = tmp_path / "run.yaml"
     write_config(config, path)
-    done = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(path), "--nproc", "0"], capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 2 and "Traceback" not in done.stderr and "--nproc=0" in done.stderr and "fix:" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "tunesmith", "train", str(path), "--nproc", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        done.returncode == 2 and "Traceback" not in done.stderr and "--nproc=0" in done.stderr and "fix:" in done.stderr
+    )

@@ -1,4 +1,5 @@
 """Evaluation metrics: hand-computed values, agreement with scikit-learn, bootstrap intervals, McNemar."""
+
 from __future__ import annotations
 
 import json
@@ -20,21 +21,30 @@ def noisy_labels(n: int, seed: int, labels=("a", "b", "c", "d", "e"), right=0.6,
     """References over `labels`, predictions right with probability `right`, '<invalid>' sometimes."""
     rng = np.random.default_rng(seed)
     references = [labels[i] for i in rng.integers(0, len(labels), n)]
-    predictions = [reference if rng.random() < right else labels[rng.integers(0, len(labels))]
-                   for reference in references]
+    predictions = [
+        reference if rng.random() < right else labels[rng.integers(0, len(labels))] for reference in references
+    ]
     return [p if rng.random() > invalid else "<invalid>" for p in predictions], references
 
 
 def sklearn_metrics(predictions, references) -> dict[str, float]:
     """The reference definitions: macro/weighted over the labels in the references, micro over all."""
     labels = sorted(set(references))
-    averaged = {f"{kind}_{average}": precision_recall_fscore_support(
-        references, predictions, labels=labels, average=average, zero_division=0)[index]
-        for average in ("macro", "weighted") for index, kind in ((0, "p"), (1, "r"), (2, "f1"))}
-    return {"accuracy": float(np.mean(np.array(predictions) == np.array(references))),
-            "macro_f1": averaged["f1_macro"], "macro_precision": averaged["p_macro"],
-            "macro_recall": averaged["r_macro"], "weighted_f1": averaged["f1_weighted"],
-            "micro_f1": f1_score(references, predictions, average="micro", zero_division=0)}
+    averaged = {
+        f"{kind}_{average}": precision_recall_fscore_support(
+            references, predictions, labels=labels, average=average, zero_division=0
+        )[index]
+        for average in ("macro", "weighted")
+        for index, kind in ((0, "p"), (1, "r"), (2, "f1"))
+    }
+    return {
+        "accuracy": float(np.mean(np.array(predictions) == np.array(references))),
+        "macro_f1": averaged["f1_macro"],
+        "macro_precision": averaged["p_macro"],
+        "macro_recall": averaged["r_macro"],
+        "weighted_f1": averaged["f1_weighted"],
+        "micro_f1": f1_score(references, predictions, average="micro", zero_division=0),
+    }
 
 
 # ------------------------------------------------------------------------------------ classification
@@ -64,7 +74,8 @@ def test_every_classification_metric_equals_sklearn_with_invalid_predictions():
         assert result[name]["value"] == pytest.approx(expected[name]), name
     # An invalid prediction is wrong, but adds no class to the macro average.
     assert result["macro_recall"]["value"] == pytest.approx(
-        recall_score(references, predictions, labels=sorted(set(references)), average="macro"))
+        recall_score(references, predictions, labels=sorted(set(references)), average="macro")
+    )
 
 
 def test_vectorised_bootstrap_equals_a_slow_sklearn_loop():
@@ -83,7 +94,8 @@ def test_per_label_confusion_and_top_confusions():
     predictions = ["a", "b", "<invalid>", "b", "a", "c"]
     per_label = M.per_label(predictions, references)
     precision, recall, f1, support = precision_recall_fscore_support(
-        references, predictions, labels=["a", "b", "c"], zero_division=0)
+        references, predictions, labels=["a", "b", "c"], zero_division=0
+    )
     assert list(per_label) == ["a", "b", "c"], "reference labels only: '<invalid>' is in the confusion matrix"
     for k, label in enumerate(["a", "b", "c"]):
         assert per_label[label]["precision"] == pytest.approx(precision[k])
@@ -91,7 +103,8 @@ def test_per_label_confusion_and_top_confusions():
         assert per_label[label]["f1"] == pytest.approx(f1[k]) and per_label[label]["support"] == support[k]
     assert M.confusion(predictions, references) == {
         "labels": ["a", "b", "c", "<other>"],
-        "matrix": [[1, 1, 0, 1], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]}
+        "matrix": [[1, 1, 0, 1], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]],
+    }
     assert M.confusion(["a", "a"], ["a", "b"])["labels"] == ["a", "b"], "no extra label without outside predictions"
     top = M.top_confusions(["b", "b", "a", "x", "a"], ["a", "a", "b", "a", "a"], k=2)
     assert top == [{"expected": "a", "predicted": "b", "count": 2}, {"expected": "a", "predicted": "x", "count": 1}]
@@ -104,8 +117,12 @@ def test_exact_match_normalised_and_token_f1_on_squad_style_answers():
     assert M.normalize_answer("The  Eiffel Tower!") == "eiffel tower"
     assert M.token_f1("the big red dog", "a red dog") == pytest.approx(0.8)  # P = 2/3, R = 1
     assert M.token_f1("", "") == 1.0 and M.token_f1("the", "dog") == 0.0
-    result = M.score("exact_match", ["The Eiffel Tower", " Paris ", "red dog", "blue"],
-                     ["eiffel tower", "Paris", ["the big red dog", "red dog"], "green"], resamples=10)
+    result = M.score(
+        "exact_match",
+        ["The Eiffel Tower", " Paris ", "red dog", "blue"],
+        ["eiffel tower", "Paris", ["the big red dog", "red dog"], "green"],
+        resamples=10,
+    )
     assert result["exact_match"]["value"] == pytest.approx(2 / 4)  # " Paris " and the second accepted answer
     assert result["normalized_exact_match"]["value"] == pytest.approx(3 / 4)
     assert result["token_f1"]["value"] == pytest.approx(3 / 4)  # best answer per example: 1, 1, 1, 0
@@ -159,23 +176,37 @@ def test_implicit_reward_accuracy_ranks_by_the_log_ratio_to_the_base():
     tuned = [(-10.0, -12.0), (-20.0, -5.0), (-3.0, -3.0)]  # (chosen, rejected) log-likelihoods
     base = [(-11.0, -11.0), (-22.0, -8.0), (-3.0, -3.0)]  # ratios: +1 vs -1 (win), +2 vs +3 (loss), 0 vs 0 (tie: loss)
     result = implicit_reward_accuracy(tuned, base, resamples=100)
-    assert result["value"] == pytest.approx(1 / 3) and result["n"] == 3 and 0 <= result["ci95"][0] <= result["ci95"][1] <= 1
+    assert (
+        result["value"] == pytest.approx(1 / 3)
+        and result["n"] == 3
+        and 0 <= result["ci95"][0] <= result["ci95"][1] <= 1
+    )
     # The base's own ranking by log-likelihood: -11 vs -11 (tie: loss), -22 vs -8 (loss), tie (loss): 0 of 3.
     versus = result["vs_base_loglik"]
-    assert versus["diff"] == pytest.approx(1 / 3) and -1 <= versus["ci95"][0] <= versus["diff"] <= versus["ci95"][1] <= 1
+    assert (
+        versus["diff"] == pytest.approx(1 / 3) and -1 <= versus["ci95"][0] <= versus["diff"] <= versus["ci95"][1] <= 1
+    )
 
 
 def test_mean_reward_of_replies_and_its_paired_difference():
-    tuned = [{"reply": "I can't help with that.", "reward": 2.0}, {"reply": "Sure", "reward": 0.5},
-             {"reply": "No", "reward": 1.0}]
-    base = [{"reply": "Here is how", "reward": 1.0}, {"reply": "Sure thing", "reward": 0.0},
-            {"reply": "Maybe", "reward": 0.5}]
+    tuned = [
+        {"reply": "I can't help with that.", "reward": 2.0},
+        {"reply": "Sure", "reward": 0.5},
+        {"reply": "No", "reward": 1.0},
+    ]
+    base = [
+        {"reply": "Here is how", "reward": 1.0},
+        {"reply": "Sure thing", "reward": 0.0},
+        {"reply": "Maybe", "reward": 0.5},
+    ]
     result = M.score("reward", tuned, None, resamples=50)
     assert result["mean_reward"]["value"] == pytest.approx(3.5 / 3) and result["mean_reward"]["n"] == 3
     assert result["reply_words"]["value"] == pytest.approx(7 / 3)
     diff = M.compare("reward", tuned, base, None, resamples=200)["mean_reward"]
     assert diff["diff"] == pytest.approx(2.0 / 3)
-    assert diff["ci95"][0] == pytest.approx(0.5) and diff["ci95"][1] == pytest.approx(1.0), "every prompt gained 0.5 to 1"
+    assert diff["ci95"][0] == pytest.approx(0.5) and diff["ci95"][1] == pytest.approx(1.0), (
+        "every prompt gained 0.5 to 1"
+    )
     with pytest.raises(ValueError, match="finite reward"):
         M.score("reward", [{"reply": "x", "reward": float("nan")}], None)
 
@@ -209,8 +240,10 @@ def test_results_are_plain_json_values():
     predictions, references = noisy_labels(40, seed=6)
     result = M.score("classification", predictions, references, resamples=20)
     comparison = M.compare("classification", predictions, references, references, resamples=20)
-    json.dumps([result, comparison, M.per_label(predictions, references), M.confusion(predictions, references)],
-               allow_nan=False)
+    json.dumps(
+        [result, comparison, M.per_label(predictions, references), M.confusion(predictions, references)],
+        allow_nan=False,
+    )
     assert all(type(entry["value"]) is float and type(entry["n"]) is int for entry in result.values())
     assert type(comparison["mcnemar_p"]) is float and type(comparison["accuracy"]["ci95"][0]) is float
 
@@ -243,8 +276,9 @@ def test_percentile_interval():
 
 
 def test_exact_match_comparison_reports_mcnemar_on_normalised_match():
-    comparison = M.compare("exact_match", ["The Eiffel Tower", "x"], ["eiffel tower", "x"],
-                           ["eiffel tower", "x"], resamples=20)
+    comparison = M.compare(
+        "exact_match", ["The Eiffel Tower", "x"], ["eiffel tower", "x"], ["eiffel tower", "x"], resamples=20
+    )
     assert comparison["exact_match"]["diff"] == -0.5 and comparison["mcnemar_p"] == 1.0
     assert "mcnemar_p" not in M.compare("regression", [1, 2], [1, 3], [1, 2], resamples=20)
 

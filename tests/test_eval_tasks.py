@@ -1,12 +1,13 @@
 """Evaluation tasks and baselines end to end on a tiny trained run: eval.json has the contract's shape."""
+
 from __future__ import annotations
 
 import dataclasses
 import json
 
 import pytest
-
 from conftest import write_config_file, write_jsonl
+
 from tunesmith.cli import main
 from tunesmith.data.formats import convert_classification, convert_messages
 from tunesmith.errors import UserError
@@ -28,7 +29,9 @@ def run_dir(tmp_path_factory, tiny_model):
 def evaluate_task(run_dir, tmp_path, task, rows, **options):
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(tmp_path / f"{task}.jsonl", rows)
-    return evaluate(str(run_dir), data, EvalOptions(task=task, resamples=50, max_new_tokens=8, **options), tmp_path / task)
+    return evaluate(
+        str(run_dir), data, EvalOptions(task=task, resamples=50, max_new_tokens=8, **options), tmp_path / task
+    )
 
 
 def test_classification_with_baselines_fills_the_contract(run_dir, tmp_path):
@@ -39,7 +42,9 @@ def test_classification_with_baselines_fills_the_contract(run_dir, tmp_path):
         metric = result["metrics"][name]
         assert set(metric) == {"value", "ci95", "n"} and metric["ci95"][0] <= metric["value"] <= metric["ci95"][1]
     assert set(result["baselines"]) == {"base", "few-shot:2"}
-    assert {"diff", "ci95"} <= set(result["comparisons"]["base"]["accuracy"]) and "mcnemar_p" in result["comparisons"]["base"]
+    assert {"diff", "ci95"} <= set(result["comparisons"]["base"]["accuracy"]) and "mcnemar_p" in result["comparisons"][
+        "base"
+    ]
     assert set(result["per_label"]) >= set(LABELS) and len(result["confusion"]["matrix"]) >= len(LABELS)
     assert all(row["predicted"] in LABELS for row in result["examples"]), "constrained decoding keeps to the label set"
     assert all(row["baselines"]["few-shot:2"]["predicted"] in LABELS for row in result["examples"])
@@ -54,29 +59,46 @@ def test_loglik_ranking_picks_the_most_likely_label(run_dir, tmp_path):
     ranked = evaluate_task(run_dir, tmp_path, "classification", rows, method="loglik")
     engine = Engine.load(str(run_dir))
     for row, example in zip(rows, ranked["examples"]):
-        conversations = [[{"role": "user", "content": row["text"]}, {"role": "assistant", "content": label}]
-                         for label in LABELS]
+        conversations = [
+            [{"role": "user", "content": row["text"]}, {"role": "assistant", "content": label}] for label in LABELS
+        ]
         scores = [total for total, _ in engine.loglikelihood(conversations)]
         assert example["predicted"] == LABELS[scores.index(max(scores))]
 
 
 def test_exact_match_regression_perplexity_preference_generation(run_dir, tmp_path):
-    qa = evaluate_task(run_dir, tmp_path, "exact_match",
-                       [{"question": "what is the fee", "answer": "fee", "answers": ["fee", "the fee"]}] * 3)
+    qa = evaluate_task(
+        run_dir,
+        tmp_path,
+        "exact_match",
+        [{"question": "what is the fee", "answer": "fee", "answers": ["fee", "the fee"]}] * 3,
+    )
     assert set(qa["metrics"]) >= {"exact_match", "normalized_exact_match", "token_f1"}
     regression = evaluate_task(run_dir, tmp_path, "regression", [{"prompt": "how many", "completion": "3"}] * 3)
     assert {"mse", "mae"} <= set(regression["metrics"])
     text = evaluate_task(run_dir, tmp_path, "perplexity", [{"text": "the quick brown fox"}, {"text": "refund fee"}])
     assert text["metrics"]["perplexity"]["value"] > 1.0
-    assert text["metrics"]["perplexity"]["value"] == pytest.approx(2.718281828 ** text["metrics"]["loss"]["value"], rel=1e-6)
-    preference = evaluate_task(run_dir, tmp_path, "preference",
-                               [{"prompt": "question 0 about fee", "chosen": "fee", "rejected": "the quick brown fox jumps"},
-                                {"prompt": "question 1 about fee", "chosen": "the fee", "rejected": "hello"}],
-                               baselines=("base",))
+    assert text["metrics"]["perplexity"]["value"] == pytest.approx(
+        2.718281828 ** text["metrics"]["loss"]["value"], rel=1e-6
+    )
+    preference = evaluate_task(
+        run_dir,
+        tmp_path,
+        "preference",
+        [
+            {"prompt": "question 0 about fee", "chosen": "fee", "rejected": "the quick brown fox jumps"},
+            {"prompt": "question 1 about fee", "chosen": "the fee", "rejected": "hello"},
+        ],
+        baselines=("base",),
+    )
     assert preference["metrics"]["preference_accuracy"]["value"] in (0.0, 0.5, 1.0)
     assert all(len(row["predicted"]) == 2 for row in preference["examples"])
-    implicit = [(tc - bc) > (tr - br) for (tc, tr), (bc, br) in  # the tuned model's log-ratio to its base, per reply
-                ((row["predicted"], row["baselines"]["base"]["predicted"]) for row in preference["examples"])]
+    implicit = [
+        (tc - bc) > (tr - br)
+        for (tc, tr), (bc, br) in (  # the tuned model's log-ratio to its base, per reply
+            (row["predicted"], row["baselines"]["base"]["predicted"]) for row in preference["examples"]
+        )
+    ]
     assert preference["comparisons"]["base"]["implicit_reward_accuracy"]["value"] == sum(implicit) / 2
     free = evaluate_task(run_dir, tmp_path, "generation", [{"prompt": "hello"}], baselines=("base",))
     assert "metrics" not in free and "base" in free["examples"][0]["baselines"], "no reference: review only"
@@ -98,8 +120,15 @@ def test_few_shot_prefix_prefers_distinct_labels_and_lists_them():
     assert all(label in prefix[0]["content"] for label in LABELS)
     replies = [m["content"] for m in prefix if m["role"] == "assistant"]
     assert sorted(replies) == sorted(LABELS[:2]), "two shots, two different labels"
-    query = convert_messages({"messages": [{"role": "system", "content": "own"}, {"role": "user", "content": "q"},
-                                           {"role": "assistant", "content": "a"}]}).messages[:2]
+    query = convert_messages(
+        {
+            "messages": [
+                {"role": "system", "content": "own"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+            ]
+        }
+    ).messages[:2]
     combined = with_prefix(prefix, query)
     assert combined[0] == prefix[0] and combined[-1] == {"role": "user", "content": "q"}
     assert [m["role"] for m in combined].count("system") == 1
@@ -113,31 +142,45 @@ def test_parse_number_reads_worked_solutions():
 
 def test_shared_prefix_cache_changes_no_output(run_dir):
     """Encoding a batch's common prompt prefix once gives exactly the replies of encoding every row whole."""
-    from tunesmith.engine.generation import PREFIX_CACHE_MIN_TOKENS, common_prefix_length, Engine, Sampling
+    from tunesmith.engine.generation import PREFIX_CACHE_MIN_TOKENS, Engine, Sampling, common_prefix_length
 
     engine = Engine.load(str(run_dir))
-    shots = [m for i in range(6) for m in ({"role": "user", "content": f"question {i} about fee"},
-                                            {"role": "assistant", "content": "fee"})]
-    conversations = [shots + [{"role": "user", "content": text}] for text in ("question 1", "a much longer question 2 about fee", "q")]
+    shots = [
+        m
+        for i in range(6)
+        for m in ({"role": "user", "content": f"question {i} about fee"}, {"role": "assistant", "content": "fee"})
+    ]
+    conversations = [
+        shots + [{"role": "user", "content": text}]
+        for text in ("question 1", "a much longer question 2 about fee", "q")
+    ]
     assert common_prefix_length([engine.chat.prompt_ids(c) for c in conversations]) >= PREFIX_CACHE_MIN_TOKENS
     allowed = [engine.reply_ids(label) for label in LABELS]
     results = {}
     for caching in (True, False):
         engine.prefix_caching = caching
-        results[caching] = (engine.generate(conversations, Sampling(max_new_tokens=6)),
-                            engine.generate(conversations, Sampling(), allowed))
+        results[caching] = (
+            engine.generate(conversations, Sampling(max_new_tokens=6)),
+            engine.generate(conversations, Sampling(), allowed),
+        )
     assert results[True] == results[False]
     assert common_prefix_length([[1, 2, 3], [1, 2, 4]]) == 2 and common_prefix_length([[1, 2], [1, 2]]) == 1
 
 
 def test_per_slice_metrics_by_a_row_field_and_by_length(run_dir, tmp_path):
-    rows = [{"text": f"question {i} about {label}" + " more" * i, "label": label, "channel": "app" if i % 2 else "web"}
-            for i in range(6) for label in LABELS[:2]]
+    rows = [
+        {"text": f"question {i} about {label}" + " more" * i, "label": label, "channel": "app" if i % 2 else "web"}
+        for i in range(6)
+        for label in LABELS[:2]
+    ]
     by_field = evaluate_task(run_dir, tmp_path, "classification", rows, slice_by="channel")
     assert set(by_field["errors"]["per_slice"]) == {"app", "web"}
     assert by_field["errors"]["per_slice"]["app"]["accuracy"]["n"] == 6
     by_length = evaluate_task(run_dir, tmp_path / "length", "classification", rows, slice_by="length")
-    assert set(by_length["errors"]["per_slice"]) <= {"short", "medium", "long"} and len(by_length["errors"]["per_slice"]) >= 2
+    assert (
+        set(by_length["errors"]["per_slice"]) <= {"short", "medium", "long"}
+        and len(by_length["errors"]["per_slice"]) >= 2
+    )
     with pytest.raises(UserError, match="no scalar field 'shop'"):
         evaluate_task(run_dir, tmp_path / "missing", "classification", rows, slice_by="shop")
 
@@ -158,8 +201,13 @@ def test_preference_by_a_reward_model(run_dir, tiny_model, tmp_path):
     scorer = RewardScorer.load(str(reward_dir))
     for row, example in zip(rows, result["examples"]):
         prompt = [{"role": "user", "content": row["prompt"]}]
-        expected = scorer.score([prompt + [{"role": "assistant", "content": row["chosen"]}],
-                                 prompt + [{"role": "assistant", "content": row["rejected"]}]], batch_size=1)
+        expected = scorer.score(
+            [
+                prompt + [{"role": "assistant", "content": row["chosen"]}],
+                prompt + [{"role": "assistant", "content": row["rejected"]}],
+            ],
+            batch_size=1,
+        )
         assert example["predicted"] == pytest.approx(expected, abs=1e-5), "batched, padded scoring equals one at a time"
     with pytest.raises(UserError, match="one output"):
         AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3).save_pretrained(tmp_path / "three")
@@ -168,8 +216,10 @@ def test_preference_by_a_reward_model(run_dir, tiny_model, tmp_path):
 
 
 def test_rows_a_task_cannot_use_are_named_by_file_and_line(run_dir, tmp_path):
-    data = write_jsonl(tmp_path / "reg.jsonl", [{"prompt": "how many", "completion": "3"},
-                                                {"prompt": "how many", "completion": "several"}])
+    data = write_jsonl(
+        tmp_path / "reg.jsonl",
+        [{"prompt": "how many", "completion": "3"}, {"prompt": "how many", "completion": "several"}],
+    )
     with pytest.raises(UserError, match=f"^{data}:2: expected a number for the regression task, got 'several'"):
         evaluate(str(run_dir), data, EvalOptions(task="regression", resamples=10), tmp_path / "out")
 
@@ -205,11 +255,12 @@ def test_few_shot_perplexity_reads_the_shots_and_scores_only_the_rows_own_tokens
     engine = Engine.load(str(run_dir))
     nll, tokens = 0.0, 0
     with engine.base_model():
-        (shots_logprob, shots_tokens), = engine.loglikelihood([prefix])
+        ((shots_logprob, shots_tokens),) = engine.loglikelihood([prefix])
         for row in rows:
-            conversation = with_prefix(prefix, [{"role": "user", "content": row["text"]},
-                                                {"role": "assistant", "content": row["label"]}])
-            (logprob, count), = engine.loglikelihood([conversation])
+            conversation = with_prefix(
+                prefix, [{"role": "user", "content": row["text"]}, {"role": "assistant", "content": row["label"]}]
+            )
+            ((logprob, count),) = engine.loglikelihood([conversation])
             nll, tokens = nll - (logprob - shots_logprob), tokens + count - shots_tokens
     assert few_shot == pytest.approx(nll / tokens, rel=1e-4)
     assert tokens == sum(row["predicted"][1] for row in result["examples"]), "the same tokens as every other system"
@@ -217,7 +268,7 @@ def test_few_shot_perplexity_reads_the_shots_and_scores_only_the_rows_own_tokens
     ranked = evaluate_task(run_dir, tmp_path / "pairs", "preference", pairs, baselines=("base", "few-shot:2"))
     first = [{"role": "user", "content": pairs[0]["prompt"]}, {"role": "assistant", "content": "fee"}]
     with engine.base_model():
-        (chosen_with_shots, _), = engine.loglikelihood([with_prefix(prefix, first)])
+        ((chosen_with_shots, _),) = engine.loglikelihood([with_prefix(prefix, first)])
     shot_chosen = ranked["examples"][0]["baselines"]["few-shot:2"]["predicted"][0]
     assert shot_chosen == pytest.approx(chosen_with_shots - shots_logprob, rel=1e-4), "pairs: the reply, not the shots"
     assert shot_chosen != pytest.approx(ranked["examples"][0]["baselines"]["base"]["predicted"][0], rel=1e-4)
@@ -231,11 +282,13 @@ def test_a_baseline_that_cannot_apply_is_refused_before_any_model_runs(run_dir, 
     with pytest.raises(UserError, match="a judge reads its rubric and nothing else"):
         evaluate_task(run_dir, tmp_path / "judge", "judge", pairs, baselines=("few-shot:2",))
     with pytest.raises(UserError, match="every system would score the same"):
-        evaluate_task(run_dir, tmp_path / "rated", "preference", pairs, baselines=("base",),
-                      reward_model=str(tiny_model))
+        evaluate_task(
+            run_dir, tmp_path / "rated", "preference", pairs, baselines=("base",), reward_model=str(tiny_model)
+        )
     with pytest.raises(UserError, match=r"few-shot:50 needs 50 example conversations, and .*train.jsonl has 24"):
-        evaluate_task(run_dir, tmp_path / "many", "classification", [{"text": "q", "label": "fee"}],
-                      baselines=("few-shot:50",))
+        evaluate_task(
+            run_dir, tmp_path / "many", "classification", [{"text": "q", "label": "fee"}], baselines=("few-shot:50",)
+        )
 
 
 # ------------------------------------------------------------------------------------- free-text answers
@@ -248,19 +301,42 @@ def test_generation_is_scored_against_references_and_review_only_without(run_dir
     assert {"rouge_l", "chrf", "bleu"} <= set(scored["comparisons"]["base"])
     assert all(row["expected"] == "the fee is small" for row in scored["examples"])
     assert "rouge_l" in format_summary(scored) and "chrf" in format_summary(scored)
-    prompts = [{"prompt": "question 1 about fee", "reference": "the fee is small"},
-               {"prompt": "hello", "reference": "hi"}]
+    prompts = [
+        {"prompt": "question 1 about fee", "reference": "the fee is small"},
+        {"prompt": "hello", "reference": "hi"},
+    ]
     assert evaluate_task(run_dir, tmp_path / "prompts", "generation", prompts)["metrics"]["chrf"]["n"] == 2
     with pytest.raises(UserError, match=r"mixed/generation.jsonl:2: this row has no reference reply, and others"):
         evaluate_task(run_dir, tmp_path / "mixed", "generation", [prompts[0], {"prompt": "hello"}])
 
 
 def test_a_judge_scores_every_systems_replies_against_the_references(run_dir, tiny_model, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"question {i} about fee", "answer": "fee",
-                                                "answers": ["fee", "the fee"]} for i in range(4)])
-    code = main(["eval", str(run_dir), "--data", str(data), "--task", "exact_match", "--baseline", "base",
-                 "--judge", str(tiny_model), "--judge-scale", "4", "--resamples", "50", "--max-new-tokens", "4",
-                 "--output", str(tmp_path / "out")])
+    data = write_jsonl(
+        tmp_path / "qa.jsonl",
+        [{"question": f"question {i} about fee", "answer": "fee", "answers": ["fee", "the fee"]} for i in range(4)],
+    )
+    code = main(
+        [
+            "eval",
+            str(run_dir),
+            "--data",
+            str(data),
+            "--task",
+            "exact_match",
+            "--baseline",
+            "base",
+            "--judge",
+            str(tiny_model),
+            "--judge-scale",
+            "4",
+            "--resamples",
+            "50",
+            "--max-new-tokens",
+            "4",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 0
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
     for metrics in (result["metrics"], result["baselines"]["base"]["metrics"]):
@@ -280,8 +356,10 @@ def test_a_judge_scores_every_systems_replies_against_the_references(run_dir, ti
 
 
 def test_the_judge_task_measures_agreement_with_human_scores(tiny_model, tmp_path):
-    rows = [{"prompt": f"question {i}", "reference": "fee", "response": reply, "score": score}
-            for i, (reply, score) in enumerate([("fee", 5), ("the lazy dog", 1), ("the fee", 4), ("refund", 2)])]
+    rows = [
+        {"prompt": f"question {i}", "reference": "fee", "response": reply, "score": score}
+        for i, (reply, score) in enumerate([("fee", 5), ("the lazy dog", 1), ("the fee", 4), ("refund", 2)])
+    ]
     result = evaluate_task(tiny_model, tmp_path, "judge", rows)
     assert set(result["metrics"]) == {"rating_correlation", "rating_mae", "rating_agreement"}
     judged = [row["predicted"] for row in result["examples"]]

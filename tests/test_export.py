@@ -1,4 +1,5 @@
 """`tunesmith export`: a run as a PEFT adapter, a merged model and a GGUF file, each proved by the logits it gives."""
+
 from __future__ import annotations
 
 import json
@@ -6,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_config_file
 from safetensors.torch import load_file
 
-from conftest import write_config_file
 from tunesmith.cli import main
-from tunesmith.models import load_model
 from tunesmith.engine.generation import Sampling
+from tunesmith.models import load_model
 
 INPUT_IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64]])
 
@@ -25,8 +26,10 @@ def train_run(directory: Path, model_dir: Path, rows: list, *overrides: str) -> 
 
 @pytest.fixture(scope="module")
 def chat_data() -> list[dict]:
-    return [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "answer"}]}
-            for i in range(8)]
+    return [
+        {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "answer"}]}
+        for i in range(8)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +102,9 @@ def test_qlora_run_merges_into_its_dequantised_base_and_computes_what_it_trained
 
     from tunesmith.engine.generation import Engine
 
-    config = write_config_file(tmp_path, tiny_model, chat_rows,
-                               "max_steps: 2, lr: 0.02, batch_size: 2, progress: false, warmup: 0")
+    config = write_config_file(
+        tmp_path, tiny_model, chat_rows, "max_steps: 2, lr: 0.02, batch_size: 2, progress: false, warmup: 0"
+    )
     config.write_text(config.read_text() + "adapter: {type: qlora, r: 4, alpha: 8}\n")
     assert main(["train", str(config)]) == 0
     output = tmp_path / "merged"
@@ -120,7 +124,8 @@ def read_fields(path: Path) -> dict:
 
     reader = gguf.GGUFReader(path)
     return {name: field.contents() for name, field in reader.fields.items()} | {
-        "tensor names": [tensor.name for tensor in reader.tensors]}
+        "tensor names": [tensor.name for tensor in reader.tensors]
+    }
 
 
 def test_gguf_round_trip_gives_the_merged_logits(tmp_path, tiny_model, lora_run):
@@ -191,8 +196,10 @@ def test_bad_requests_are_user_errors(tmp_path, lora_run, capsys, case):
     output = tmp_path / "out"
     argv, expected = {
         "no such run": ([tmp_path / "nope", "--to", "merged", "--output", output], [str(tmp_path / "nope"), "fix:"]),
-        "unfinished run": ([unfinished_run(tmp_path), "--to", "merged", "--output", output],
-                           ["has no adapter/ or model/", "tunesmith train"]),
+        "unfinished run": (
+            [unfinished_run(tmp_path), "--to", "merged", "--output", output],
+            ["has no adapter/ or model/", "tunesmith train"],
+        ),
         "unknown format": ([lora_run, "--to", "ggfu", "--output", output], ["did you mean 'gguf'", "--to"]),
         "gguf name": ([lora_run, "--to", "gguf", "--output", output], [str(output), ".gguf"]),
         "bad dtype": ([lora_run, "--to", "merged", "--output", output, "--dtype", "int4"], ["--dtype", "bfloat16"]),
@@ -234,9 +241,20 @@ def install_registry_model(home: Path, model_dir: Path, patch: pytest.MonkeyPatc
         shutil.copytree(model_dir, cached)
         (cached / SOURCE_RECORD_NAME).write_text(json.dumps({"model": REGISTRY_NAME}))
     patch.setenv("TUNESMITH_HOME", str(home))
-    patch.setitem(catalog.CATALOG, REGISTRY_NAME, catalog.CatalogEntry(
-        name=REGISTRY_NAME, description="a tiny test model", license="MIT", hub_id=REGISTRY_HUB_ID,
-        requirement="none", wheel_file="none", wheel_sha256="0" * 64, gguf_member="none"))
+    patch.setitem(
+        catalog.CATALOG,
+        REGISTRY_NAME,
+        catalog.CatalogEntry(
+            name=REGISTRY_NAME,
+            description="a tiny test model",
+            license="MIT",
+            hub_id=REGISTRY_HUB_ID,
+            requirement="none",
+            wheel_file="none",
+            wheel_sha256="0" * 64,
+            gguf_member="none",
+        ),
+    )
     return cached
 
 
@@ -246,8 +264,9 @@ def registry_trained(tmp_path_factory, tiny_model, chat_data) -> tuple[Path, Pat
     home, directory = tmp_path_factory.mktemp("registry-home"), tmp_path_factory.mktemp("registry")
     with pytest.MonkeyPatch.context() as patch:
         install_registry_model(home, tiny_model, patch)
-        run = train_run(directory, Path(REGISTRY_NAME), chat_data, f"data.system_prompt={SYSTEM_PROMPT}",
-                        "data.max_length=128")
+        run = train_run(
+            directory, Path(REGISTRY_NAME), chat_data, f"data.system_prompt={SYSTEM_PROMPT}", "data.max_length=128"
+        )
     return run, home
 
 
@@ -275,7 +294,9 @@ def plain_prompt(directory: Path, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def test_peft_export_names_the_upstream_base_and_prompts_as_trained(tmp_path, tiny_model, registry_run, registry_trained):
+def test_peft_export_names_the_upstream_base_and_prompts_as_trained(
+    tmp_path, tiny_model, registry_run, registry_trained
+):
     from huggingface_hub import ModelCard
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -292,8 +313,10 @@ def test_peft_export_names_the_upstream_base_and_prompts_as_trained(tmp_path, ti
     # a user's own copy of the base (here: the tiny model's directory), plain transformers + peft
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), output).eval()
     torch.testing.assert_close(logits(plain), run_adapter_logits(tiny_model, registry_run))
-    for messages in ([{"role": "user", "content": "my card has not arrived"}],
-                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]):
+    for messages in (
+        [{"role": "user", "content": "my card has not arrived"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}],
+    ):
         assert plain_prompt(output, messages) == trained_prompt(tiny_model, messages)
 
     # the same greedy reply as `tunesmith generate RUN`
@@ -301,9 +324,12 @@ def test_peft_export_names_the_upstream_base_and_prompts_as_trained(tmp_path, ti
     prompt = torch.tensor([plain_prompt(output, messages)])
     engine = Engine.load(str(registry_run))
     with torch.no_grad():
-        reply = plain.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
-    assert reply[0, prompt.shape[1]:].tolist() == engine.generate_ids(trained_prompt(tiny_model, messages),
-                                                                      Sampling(max_new_tokens=8))
+        reply = plain.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False
+        )
+    assert reply[0, prompt.shape[1] :].tolist() == engine.generate_ids(
+        trained_prompt(tiny_model, messages), Sampling(max_new_tokens=8)
+    )
 
     card = ModelCard.load(output / "README.md")
     assert card.data.base_model == REGISTRY_HUB_ID and card.data.library_name == "peft" and card.data.license == "mit"

@@ -1,4 +1,5 @@
 """The fused LoRA path gives PEFT's numbers: outputs and every gradient, and falls back where it does not apply."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,10 @@ def lora_pair(model_dir, dropout: float = 0.0):
     from peft import LoraConfig, get_peft_model
 
     fused = apply_adapter(load_model(str(model_dir))[0], AdapterConfig(type="lora", r=4, alpha=8, dropout=dropout))
-    plain = get_peft_model(load_model(str(model_dir))[0], LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                                                                      target_modules="all-linear", task_type="CAUSAL_LM"))
+    plain = get_peft_model(
+        load_model(str(model_dir))[0],
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     torch.manual_seed(1)
     for name, parameter in fused.named_parameters():
         if "lora_B" in name:
@@ -45,7 +48,9 @@ def assert_same_loss_and_gradients(fused, plain, ids, trained: str) -> float:
 
 def test_fused_lora_matches_peft_in_loss_and_every_gradient(tiny_model):
     fused, plain = lora_pair(tiny_model)
-    assert all("forward" in m.__dict__ for m in fused.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A"))
+    assert all(
+        "forward" in m.__dict__ for m in fused.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A")
+    )
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     loss_f = assert_same_loss_and_gradients(fused, plain, ids, "lora_A")
     # the LoRA term is live: with B at zero the loss would differ
@@ -121,8 +126,9 @@ def test_gated_mlp_gives_autograds_gradients_and_keeps_half_the_activations(tiny
         plain.load_state_dict(fused.state_dict())
     mlps = [m for m in fused.modules() if type(m).__name__ == "LlamaMLP"]
     assert mlps and all("forward" in m.__dict__ for m in mlps) and fuse_gated_mlps(fused) == 0  # once only
-    assert_same_loss_and_gradients(fused, plain, torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0)),
-                                   "down_proj")
+    assert_same_loss_and_gradients(
+        fused, plain, torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0)), "down_proj"
+    )
     x = torch.randn(2, 24, mlps[0].gate_proj.in_features, requires_grad=True)
     intermediate = 2 * 24 * mlps[0].down_proj.in_features * 4
     plain_mlp = [m for m in plain.modules() if type(m).__name__ == "LlamaMLP"][0]

@@ -1,5 +1,6 @@
 """GGUF and Ollama exports hold what llama.cpp reads: its key names, a pre-tokenizer it knows, q8_0 tensors close to
 the source, and a Modelfile whose Go TEMPLATE renders what the model's chat template renders."""
+
 from __future__ import annotations
 
 import shutil
@@ -9,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import CHATML, CORPUS, SPECIAL, build_tokenizer
 from go_template import render
+
 from tunesmith.cli import main
 from tunesmith.errors import UserError
 from tunesmith.models.gguf_export import write_gguf
@@ -20,17 +21,97 @@ from tunesmith.models.gguf_export import write_gguf
 # compared with `tokenizer_pre` in `llama_vocab::impl::load` (src/llama-vocab.cpp, llama.cpp as vendored by
 # llama-cpp-python 0.3.36). Any other name stops loading with "unknown pre-tokenizer type" (e.g. "gpt2").
 LLAMA_CPP_PRE_TOKENIZERS = {
-    "default", "minicpm5", "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-    "jina-v5-nano", "deepseek-llm", "deepseek-coder", "deepseek-v3", "spark2_5", "youtu", "falcon", "mpt",
-    "starcoder", "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum",
-    "modern-bert", "jais-2", "gemma4", "granite-embed-multi-311m", "sarvam-moe", "jina-v1-en", "jina-v2-code",
-    "roberta-bpe", "whitespace", "refact", "command-r", "qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "qwen35",
-    "stablelm2", "olmo", "dbrx", "smaug-bpe", "poro-chat", "chatglm-bpe", "glm4", "glm5", "viking", "jais", "tekken",
-    "smollm", "codeshell", "bloom", "gpt3-finnish", "exaone", "exaone4", "exaone-moe", "chameleon", "minerva-7b",
-    "megrez", "gpt-4o", "llama4", "kanana2", "talkie", "granite-embed-multi-97m", "tiny_aya", "cohere2moe",
-    "superbpe", "trillion", "granite-docling", "bailingmoe", "bailingmoe2", "llada-moe", "seed-coder", "hunyuan",
-    "hunyuan-dense", "hy_v4", "joyai-llm", "kimi-k2", "ufakzeka", "grok-2", "afmoe", "laguna", "minimax-m2",
-    "solar-open", "mellum2",
+    "default",
+    "minicpm5",
+    "llama3",
+    "llama-v3",
+    "llama-bpe",
+    "falcon3",
+    "falcon-h1",
+    "pixtral",
+    "midm-2.0",
+    "lfm2",
+    "jina-v5-nano",
+    "deepseek-llm",
+    "deepseek-coder",
+    "deepseek-v3",
+    "spark2_5",
+    "youtu",
+    "falcon",
+    "mpt",
+    "starcoder",
+    "gpt-2",
+    "phi-2",
+    "jina-es",
+    "jina-de",
+    "gigachat",
+    "jina-v2-es",
+    "jina-v2-de",
+    "a.x-4.0",
+    "mellum",
+    "modern-bert",
+    "jais-2",
+    "gemma4",
+    "granite-embed-multi-311m",
+    "sarvam-moe",
+    "jina-v1-en",
+    "jina-v2-code",
+    "roberta-bpe",
+    "whitespace",
+    "refact",
+    "command-r",
+    "qwen2",
+    "deepseek-r1-qwen",
+    "kormo",
+    "f2llmv2",
+    "qwen35",
+    "stablelm2",
+    "olmo",
+    "dbrx",
+    "smaug-bpe",
+    "poro-chat",
+    "chatglm-bpe",
+    "glm4",
+    "glm5",
+    "viking",
+    "jais",
+    "tekken",
+    "smollm",
+    "codeshell",
+    "bloom",
+    "gpt3-finnish",
+    "exaone",
+    "exaone4",
+    "exaone-moe",
+    "chameleon",
+    "minerva-7b",
+    "megrez",
+    "gpt-4o",
+    "llama4",
+    "kanana2",
+    "talkie",
+    "granite-embed-multi-97m",
+    "tiny_aya",
+    "cohere2moe",
+    "superbpe",
+    "trillion",
+    "granite-docling",
+    "bailingmoe",
+    "bailingmoe2",
+    "llada-moe",
+    "seed-coder",
+    "hunyuan",
+    "hunyuan-dense",
+    "hy_v4",
+    "joyai-llm",
+    "kimi-k2",
+    "ufakzeka",
+    "grok-2",
+    "afmoe",
+    "laguna",
+    "minimax-m2",
+    "solar-open",
+    "mellum2",
 }
 
 
@@ -81,8 +162,9 @@ def test_metadata_uses_the_names_llama_cpp_reads(tmp_path, tiny_model):
     import gguf
     from transformers import AutoTokenizer
 
-    fields = read_fields(write_gguf(tiny_model, tmp_path / "tiny.gguf", name="tiny-run",
-                                    base_model="smollm2-135m-instruct"))
+    fields = read_fields(
+        write_gguf(tiny_model, tmp_path / "tiny.gguf", name="tiny-run", base_model="smollm2-135m-instruct")
+    )
     patterns = known_key_patterns()
     assert [key for key in fields if not is_known_key(key, patterns)] == []
     assert fields["tokenizer.ggml.pre"] in LLAMA_CPP_PRE_TOKENIZERS and fields["tokenizer.ggml.pre"] == "gpt-2"
@@ -119,11 +201,16 @@ def bpe_tokenizer(pre_tokenizer, clean_up_spaces: bool = False):
     backend = Tokenizer(models.BPE(unk_token=None))
     backend.pre_tokenizer = pre_tokenizer
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=SPECIAL,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator(CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
-                                   clean_up_tokenization_spaces=clean_up_spaces)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", clean_up_tokenization_spaces=clean_up_spaces
+    )
 
 
 def test_the_pre_tokenizer_is_named_from_how_the_tokenizer_splits():
@@ -134,16 +221,23 @@ def test_the_pre_tokenizer_is_named_from_how_the_tokenizer_splits():
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     digits_then_bytes = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    llama3 = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    llama3 = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     assert llama_cpp_pre_tokenizer(bpe_tokenizer(byte_level, clean_up_spaces=True)) == "gpt-2"
     assert llama_cpp_pre_tokenizer(bpe_tokenizer(digits_then_bytes)) == "smollm"  # SmolLM's split
     assert llama_cpp_pre_tokenizer(bpe_tokenizer(digits_then_bytes, clean_up_spaces=True)) == "starcoder"
     assert llama_cpp_pre_tokenizer(bpe_tokenizer(llama3, clean_up_spaces=True)) == "llama-bpe"
 
-    unknown = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\w+|[^\w\s]+"), behavior="isolated"),
-                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    unknown = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\w+|[^\w\s]+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     with pytest.raises(UserError, match="llama.cpp has no pre-tokenizer.*convert_hf_to_gguf.py"):
         llama_cpp_pre_tokenizer(bpe_tokenizer(unknown))
 
@@ -189,8 +283,15 @@ def test_rows_that_do_not_fill_quantization_blocks_fall_back_to_f16(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer(CHATML, "<|im_end|>")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "odd")
     tokenizer.save_pretrained(tmp_path / "odd")
     reader = gguf.GGUFReader(write_gguf(tmp_path / "odd", tmp_path / "odd.gguf", "q8_0"))
@@ -231,11 +332,13 @@ def test_k_quants_are_refused_with_how_to_get_them(tmp_path, tiny_model, capsys)
 
 # ---- Ollama ----------------------------------------------------------------------------------------------------
 
+
 def read_modelfile(path: Path) -> dict:
     """FROM, TEMPLATE, SYSTEM and the PARAMETER stop values of a Modelfile as tunesmith writes it."""
     text = path.read_text(encoding="utf-8")
-    parts = {"stop": [line.split(" ", 2)[2].strip('"') for line in text.splitlines()
-                      if line.startswith("PARAMETER stop ")]}
+    parts = {
+        "stop": [line.split(" ", 2)[2].strip('"') for line in text.splitlines() if line.startswith("PARAMETER stop ")]
+    }
     parts["FROM"] = text.splitlines()[0].removeprefix("FROM ")
     for key in ("TEMPLATE", "SYSTEM"):
         if f'{key} """' in text:
@@ -305,8 +408,10 @@ def test_a_chat_template_ollama_cannot_reproduce_is_refused(tmp_path, tiny_model
     shutil.copytree(tiny_model, model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # Roles written as other words ("Human:", "Bot:"): no single OPEN + role + CLOSE shape renders it.
-    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}Human: {% else %}Bot: {% endif %}"
-                               "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}Bot:{% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}Human: {% else %}Bot: {% endif %}"
+        "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}Bot:{% endif %}"
+    )
     tokenizer.save_pretrained(model_dir)
     run = run_around(model_dir, tmp_path / "runs")
     assert export(run, "--to", "ollama", "--output", tmp_path / "ollama") == 2

@@ -9,6 +9,7 @@ test_gguf_export.py), so it has no row here.
 
     OMP_NUM_THREADS=2 python3 -m pytest -m llama_cpp tests/test_gguf_llama_cpp.py -s   # -s prints the table
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from test_gguf_export import expected_prompt, ollama_prompt, read_fields, read_modelfile
 
 pytestmark = pytest.mark.llama_cpp
@@ -31,8 +31,13 @@ MODEL = "smollm2-135m-instruct"
 REAL_HOME = Path(os.environ.get("TUNESMITH_HOME", "~/.tunesmith")).expanduser()  # before conftest isolates each test
 SYSTEM_PROMPT = "You are a concise assistant for a bank's support desk."
 NEW_TOKENS = 16
-PROMPTS = ["What is the capital of France?", "My card has not arrived yet. What should I do?",
-           "Write a haiku about autumn.", "List three prime numbers.", "Translate 'good morning' into Spanish."]
+PROMPTS = [
+    "What is the capital of France?",
+    "My card has not arrived yet. What should I do?",
+    "Write a haiku about autumn.",
+    "List three prime numbers.",
+    "Translate 'good morning' into Spanish.",
+]
 # Against transformers' float32 merged model: the largest |logit difference| over every prompt position, how many
 # of the five greedy replies (16 tokens) must match token for token, and the share of prompt positions whose top
 # token must match. f32: the same weights, other kernels (llama.cpp sums in another order). q8_0: 8-bit weights
@@ -58,10 +63,12 @@ def exports(tmp_path_factory) -> dict[str, Path]:
         run = lora_run_around_base(directory / "run")
         from tunesmith.models.export import export_run
 
-        files = {"merged": export_run(run, "merged", directory / "merged"),
-                 "f32": export_run(run, "gguf", directory / "model-f32.gguf"),
-                 "q8_0": export_run(run, "gguf", directory / "model-q8_0.gguf", dtype="q8_0"),
-                 "ollama": export_run(run, "ollama", directory / "ollama")}
+        files = {
+            "merged": export_run(run, "merged", directory / "merged"),
+            "f32": export_run(run, "gguf", directory / "model-f32.gguf"),
+            "q8_0": export_run(run, "gguf", directory / "model-q8_0.gguf", dtype="q8_0"),
+            "ollama": export_run(run, "ollama", directory / "ollama"),
+        }
     assert CATALOG[MODEL].hub_id  # the base the files name
     return files
 
@@ -78,8 +85,12 @@ def lora_run_around_base(run: Path) -> Path:
         if "lora_B" in name:
             parameter.data = torch.randn(parameter.shape) * 0.01
     model.save_pretrained(run / "adapter")
-    config = {"model": MODEL, "adapter": {"type": "lora", "r": 8, "alpha": 16},
-              "data": {"system_prompt": SYSTEM_PROMPT}, "output_dir": str(run)}
+    config = {
+        "model": MODEL,
+        "adapter": {"type": "lora", "r": 8, "alpha": 16},
+        "data": {"system_prompt": SYSTEM_PROMPT},
+        "output_dir": str(run),
+    }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     return run
 
@@ -98,11 +109,19 @@ def gguf_file(exports: dict[str, Path], kind: str) -> Path:
 
 
 def tokenisation_cases(tokenizer) -> list[str]:
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=False,
-                                         add_generation_prompt=True)
-    return ["Hello world", "1234567 + 89 = 3.14159, 2024-05-01", "naïve café — 日本語 🦙 Ünïcödé",
-            "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>", "  leading spaces\n\n\ttabs  \n", chat,
-            "I've been 'told he's there, 'RE you sure?", "def square(x):\n    return x ** 2  # why not"]
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2+2?"}], tokenize=False, add_generation_prompt=True
+    )
+    return [
+        "Hello world",
+        "1234567 + 89 = 3.14159, 2024-05-01",
+        "naïve café — 日本語 🦙 Ünïcödé",
+        "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
+        "  leading spaces\n\n\ttabs  \n",
+        chat,
+        "I've been 'told he's there, 'RE you sure?",
+        "def square(x):\n    return x ** 2  # why not",
+    ]
 
 
 def prompt_ids(kind: str, exports: dict[str, Path], tokenizer, llm, question: str) -> list[int]:
@@ -138,8 +157,9 @@ def test_llama_cpp_runs_the_export_as_transformers_runs_the_merged_model(exports
 
     vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     cases = tokenisation_cases(tokenizer)
-    same_tokens = sum(vocab.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text)["input_ids"]
-                      for text in cases)
+    same_tokens = sum(
+        vocab.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text)["input_ids"] for text in cases
+    )
 
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=512, n_threads=2, seed=0, verbose=False)
     stop_ids = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])}
@@ -150,20 +170,29 @@ def test_llama_cpp_runs_the_export_as_transformers_runs_the_merged_model(exports
         llm.eval(ids)
         with torch.no_grad():
             expected = model(torch.tensor([ids])).logits[0].numpy()
-            reply = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                   eos_token_id=sorted(stop_ids), pad_token_id=tokenizer.pad_token_id)
-        actual = np.asarray(llm.scores[:len(ids)])
+            reply = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=sorted(stop_ids),
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        actual = np.asarray(llm.scores[: len(ids)])
         largest_difference = max(largest_difference, float(np.abs(actual - expected).max()))
         same_top_tokens += int((actual.argmax(axis=1) == expected.argmax(axis=1)).sum())
         positions += len(ids)
-        expected_reply = reply[0, len(ids):].tolist()
+        expected_reply = reply[0, len(ids) :].tolist()
         stop_at = next((at for at, token in enumerate(expected_reply) if token in stop_ids), None)
         expected_reply = expected_reply[:stop_at]
         same_replies += greedy_llama_cpp(llm, ids, stop_ids) == expected_reply
 
-    RESULTS[kind] = {"file MB": round(path.stat().st_size / 1e6, 1), "tokenisation": f"{same_tokens}/{len(cases)}",
-                     "greedy": f"{same_replies}/{len(PROMPTS)}", "top-1": f"{same_top_tokens}/{positions}",
-                     "max |Δlogit|": round(largest_difference, 4)}
+    RESULTS[kind] = {
+        "file MB": round(path.stat().st_size / 1e6, 1),
+        "tokenisation": f"{same_tokens}/{len(cases)}",
+        "greedy": f"{same_replies}/{len(PROMPTS)}",
+        "top-1": f"{same_top_tokens}/{positions}",
+        "max |Δlogit|": round(largest_difference, 4),
+    }
     logit_tolerance, replies_needed, top_share_needed = TOLERANCES[kind]
     assert same_tokens == len(cases), RESULTS[kind]
     assert same_replies >= replies_needed and same_top_tokens >= top_share_needed * positions, RESULTS[kind]
@@ -204,15 +233,27 @@ def test_go_itself_renders_the_ollama_template_as_the_test_reader_does(exports, 
         pytest.skip("no Go toolchain (apt-get install golang-go) to cross-check the TEMPLATE reader")
     (tmp_path / "render.go").write_text(GO_RENDERER)
     modelfile = read_modelfile(exports["ollama"] / "Modelfile")
-    conversations = [[{"Role": "system", "Content": SYSTEM_PROMPT}, {"Role": "user", "Content": "hi"}],
-                     [{"Role": "system", "Content": "S"}, {"Role": "user", "Content": "a"},
-                      {"Role": "assistant", "Content": "b"}, {"Role": "user", "Content": "c"}],
-                     [{"Role": "user", "Content": "a"}, {"Role": "assistant", "Content": "b"}]]
+    conversations = [
+        [{"Role": "system", "Content": SYSTEM_PROMPT}, {"Role": "user", "Content": "hi"}],
+        [
+            {"Role": "system", "Content": "S"},
+            {"Role": "user", "Content": "a"},
+            {"Role": "assistant", "Content": "b"},
+            {"Role": "user", "Content": "c"},
+        ],
+        [{"Role": "user", "Content": "a"}, {"Role": "assistant", "Content": "b"}],
+    ]
     for messages in conversations:
         data = {"Messages": messages, "System": ""}
-        result = subprocess.run([go, "run", str(tmp_path / "render.go")], input=json.dumps(
-            {"Template": modelfile["TEMPLATE"], "Data": data}), capture_output=True, text=True, check=True,
-            env={**os.environ, "GOCACHE": str(tmp_path / "gocache")}, cwd=tmp_path)
+        result = subprocess.run(
+            [go, "run", str(tmp_path / "render.go")],
+            input=json.dumps({"Template": modelfile["TEMPLATE"], "Data": data}),
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "GOCACHE": str(tmp_path / "gocache")},
+            cwd=tmp_path,
+        )
         assert result.stdout == render(modelfile["TEMPLATE"], data)
 
 
@@ -230,8 +271,12 @@ def test_q8_0_is_what_llama_cpps_own_quantizer_writes(exports, tmp_path):
     ours = {tensor.name: tensor for tensor in gguf.GGUFReader(exports["q8_0"]).tensors}
     reference = {tensor.name: tensor for tensor in gguf.GGUFReader(theirs).tensors}
     assert sorted(ours) == sorted(reference)
-    differing = [name for name, tensor in ours.items() if tensor.tensor_type != reference[name].tensor_type
-                 or not np.array_equal(np.asarray(tensor.data), np.asarray(reference[name].data))]
+    differing = [
+        name
+        for name, tensor in ours.items()
+        if tensor.tensor_type != reference[name].tensor_type
+        or not np.array_equal(np.asarray(tensor.data), np.asarray(reference[name].data))
+    ]
     assert not differing, f"{len(differing)} of {len(ours)} tensors differ from llama.cpp's, e.g. {differing[:3]}"
 
 

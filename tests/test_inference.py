@@ -1,4 +1,5 @@
 """The service's inference: adapters hot-swapped on one resident base, loaded from memory, OpenAI-shaped replies."""
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,13 @@ def adapter_dirs(tiny_model, tmp_path_factory) -> dict[str, Path]:
     for seed, name in enumerate(KEYS, start=1):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(tiny_model)
-        config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                            init_lora_weights=False, task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=4,
+            lora_alpha=16,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )
         dirs[name] = tmp_path_factory.mktemp(f"adapter-{name}")
         get_peft_model(model, config).save_pretrained(dirs[name])
     return dirs
@@ -63,7 +69,10 @@ def adapter_dirs(tiny_model, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def adapter_files(adapter_dirs) -> dict[str, dict[str, bytes]]:
-    return {name: {file: (directory / file).read_bytes() for file in ADAPTER_FILES} for name, directory in adapter_dirs.items()}
+    return {
+        name: {file: (directory / file).read_bytes() for file in ADAPTER_FILES}
+        for name, directory in adapter_dirs.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +89,14 @@ def expected(tiny_model, adapter_dirs) -> dict[tuple[str, str], list[int]]:
         model = AutoModelForCausalLM.from_pretrained(tiny_model)
         model = model if name == "base" else PeftModel.from_pretrained(model, adapter_dirs[name])
         for kind, prompt in prompts.items():
-            output = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
-                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            ids[name, kind] = output[0, len(prompt):].tolist()
+            output = model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            ids[name, kind] = output[0, len(prompt) :].tolist()
     ids["prompt", "chat"], ids["prompt", "text"] = prompts["chat"], prompts["text"]
     return ids
 
@@ -103,7 +117,9 @@ def loaders(adapter_files, calls: Counter | None = None):
         def load() -> dict[str, bytes]:
             calls[name] += 1
             return dict(adapter_files[name])
+
         return load
+
     return {name: loader(name) for name in adapter_files}
 
 
@@ -121,8 +137,11 @@ def test_replies_through_each_adapter_match_plain_peft_models(tiny_model, adapte
         ids = expected[name, "chat"]
         assert reply["choices"][0]["message"] == {"role": "assistant", "content": decode(ids)}
         assert reply["choices"][0]["finish_reason"] == ("stop" if ids[-1] == eos else "length")
-        assert reply["usage"] == {"prompt_tokens": len(expected["prompt", "chat"]), "completion_tokens": len(ids),
-                                  "total_tokens": len(expected["prompt", "chat"]) + len(ids)}
+        assert reply["usage"] == {
+            "prompt_tokens": len(expected["prompt", "chat"]),
+            "completion_tokens": len(ids),
+            "total_tokens": len(expected["prompt", "chat"]) + len(ids),
+        }
         assert reply["object"] == "chat.completion" and reply["id"].startswith("chatcmpl-") and reply["model"] == "tiny"
         contents[name] = reply["choices"][0]["message"]["content"]
     assert len(set(contents.values())) == 3, "the adapters must change the output for this test to mean anything"
@@ -154,11 +173,15 @@ def test_least_recently_used_adapter_is_evicted_and_reloads(tiny_model, adapter_
     assert ask(pool, base, "base", load)["choices"][0]["message"]["content"] == decode(expected["base", "chat"])
 
 
-def test_an_adapter_that_does_not_fit_raises_and_leaves_the_model_as_it_was(tiny_model, adapter_files, expected,
-                                                                             decode):
+def test_an_adapter_that_does_not_fit_raises_and_leaves_the_model_as_it_was(
+    tiny_model, adapter_files, expected, decode
+):
     pool, load, base = AdapterPool(), loaders(adapter_files), str(tiny_model)
     config = json.loads(adapter_files["a"]["adapter_config.json"])
-    misfit = {**adapter_files["a"], "adapter_config.json": json.dumps({**config, "target_modules": ["o_proj"]}).encode()}
+    misfit = {
+        **adapter_files["a"],
+        "adapter_config.json": json.dumps({**config, "target_modules": ["o_proj"]}).encode(),
+    }
     for _ in range(2):  # as the model's first adapter, then beside another
         with pytest.raises(ValueError, match="does not fit"):
             chat_completion(pool, base, "ft:tiny:misfit:9", lambda: misfit, greedy({"messages": MESSAGES}))
@@ -200,19 +223,25 @@ def test_finish_reasons_and_stop_strings(tiny_model, adapter_files, expected, de
     assert short["choices"][0]["message"]["content"] == decode(expected["a", "chat"][:3])
 
     whole = ask(pool, base, "a", load, max_tokens=24)["choices"][0]["message"]["content"]
-    pieces = [chunk["choices"][0]["delta"].get("content") for chunk in
-              chat_completion_chunks(pool, base, KEYS["a"], load["a"], greedy({"messages": MESSAGES}, max_tokens=24))]
+    pieces = [
+        chunk["choices"][0]["delta"].get("content")
+        for chunk in chat_completion_chunks(
+            pool, base, KEYS["a"], load["a"], greedy({"messages": MESSAGES}, max_tokens=24)
+        )
+    ]
     pieces = [piece for piece in pieces if piece]
     # a stop string across two streamed pieces: the first piece's end must be held back, not sent
     boundaries = [len("".join(pieces[:k])) for k in range(1, len(pieces))]
-    boundary = next(b for b in boundaries if whole.find(whole[b - 1:b + 1]) == b - 1 and "\ufffd" not in whole[b - 1:b + 1])
-    stop = whole[boundary - 1:boundary + 1]
+    boundary = next(
+        b for b in boundaries if whole.find(whole[b - 1 : b + 1]) == b - 1 and "\ufffd" not in whole[b - 1 : b + 1]
+    )
+    stop = whole[boundary - 1 : boundary + 1]
     for request in ({"messages": MESSAGES, "stop": [stop, "never appears"]}, {"messages": MESSAGES, "stop": stop}):
         cut = ask(pool, base, "a", load, request, max_tokens=24)
-        assert cut["choices"][0]["message"]["content"] == whole[:boundary - 1]
+        assert cut["choices"][0]["message"]["content"] == whole[: boundary - 1]
         assert cut["choices"][0]["finish_reason"] == "stop"
         chunks = list(chat_completion_chunks(pool, base, KEYS["a"], load["a"], greedy(request, max_tokens=24)))
-        assert "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks) == whole[:boundary - 1]
+        assert "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks) == whole[: boundary - 1]
         assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
     first = expected["a", "chat"][0]  # make the first token the end-of-turn token: the reply ends right there
@@ -221,19 +250,22 @@ def test_finish_reasons_and_stop_strings(tiny_model, adapter_files, expected, de
     assert ended["choices"][0]["finish_reason"] == "stop" and ended["usage"]["completion_tokens"] == 1
 
 
-@pytest.mark.parametrize("request_, param", [
-    ({}, "messages"),
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
-    ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
-    ({"messages": MESSAGES, "max_completion_tokens": 10 ** 6}, "max_completion_tokens"),
-    ({"messages": MESSAGES, "temperature": 2.5}, "temperature"),
-    ({"messages": MESSAGES, "temperature": "hot"}, "temperature"),
-    ({"messages": MESSAGES, "n": 0}, "n"),
-    ({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"messages": MESSAGES, "max_tokens": 2000}, "messages"),  # past the tiny model's 1024-token context
-])
+@pytest.mark.parametrize(
+    "request_, param",
+    [
+        ({}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+        ({"messages": MESSAGES, "max_completion_tokens": 10**6}, "max_completion_tokens"),
+        ({"messages": MESSAGES, "temperature": 2.5}, "temperature"),
+        ({"messages": MESSAGES, "temperature": "hot"}, "temperature"),
+        ({"messages": MESSAGES, "n": 0}, "n"),
+        ({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": MESSAGES, "max_tokens": 2000}, "messages"),  # past the tiny model's 1024-token context
+    ],
+)
 def test_bad_chat_requests_raise_request_errors(tiny_model, request_, param):
     with pytest.raises(RequestError) as error:
         chat_completion(AdapterPool(), str(tiny_model), None, None, {"model": "tiny", **request_})
@@ -295,8 +327,9 @@ def test_closing_a_stream_stops_its_generation(tiny_model, adapter_files, monkey
     assert set(threading.enumerate()) == before, "the generation thread has ended"
 
 
-def test_adapters_load_from_memory_without_writing_files(tiny_model, adapter_files, expected, decode, tmp_path,
-                                                         monkeypatch):
+def test_adapters_load_from_memory_without_writing_files(
+    tiny_model, adapter_files, expected, decode, tmp_path, monkeypatch
+):
     pool, load, base = AdapterPool(), loaders(adapter_files), str(tiny_model)
     pool.engine(base)  # the base model loads (and may read and cache what it likes) before we watch
     scratch, workdir = tmp_path / "tmp", tmp_path / "cwd"
@@ -320,12 +353,16 @@ WATCHING: list[list] = []  # the list that records file opens for writing while 
 def watch_writes() -> list:
     """Record every file opened for writing (audit event "open") until WATCHING is cleared."""
     if not getattr(watch_writes, "installed", False):  # audit hooks cannot be removed: install one, once
+
         def hook(event: str, args: tuple) -> None:
             if event == "open" and WATCHING:
                 path, mode, flags = args
-                writing = (mode and any(c in mode for c in "wax+")) or (flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+                writing = (mode and any(c in mode for c in "wax+")) or (flags or 0) & (
+                    os.O_WRONLY | os.O_RDWR | os.O_CREAT
+                )
                 if writing:
                     WATCHING[0].append(path)
+
         sys.addaudithook(hook)
         watch_writes.installed = True
     written: list = []

@@ -4,6 +4,7 @@ function, goes to a lower layer or stays inside its own package; siblings of one
 The registry is the one named way up: it names its plugin modules as strings (registry.py) and imports them on
 the first lookup of that kind, so that validating a config needs no recipe and no layer imports one above it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -57,8 +58,9 @@ def imported_modules(path: Path, source: Path) -> list[tuple[int, str]]:
                 origin = node.module or ""
             for alias in node.names:
                 submodule = f"{origin}.{alias.name}"
-                is_module = (source / submodule.replace(".", "/")).with_suffix(".py").is_file() or \
-                    (source / submodule.replace(".", "/")).is_dir()
+                is_module = (source / submodule.replace(".", "/")).with_suffix(".py").is_file() or (
+                    source / submodule.replace(".", "/")
+                ).is_dir()
                 found.append((node.lineno, submodule if is_module else origin))
     return [(line, module) for line, module in found if module.split(".")[0] == "tunesmith"]
 
@@ -94,8 +96,11 @@ def test_every_import_points_down():
 
 
 def test_every_top_level_module_and_package_has_a_layer():
-    units = {path.stem if path.is_file() else path.name for path in (SOURCE / "tunesmith").iterdir()
-             if (path.suffix == ".py" or (path / "__init__.py").is_file()) and path.name != "__init__.py"}
+    units = {
+        path.stem if path.is_file() else path.name
+        for path in (SOURCE / "tunesmith").iterdir()
+        if (path.suffix == ".py" or (path / "__init__.py").is_file()) and path.name != "__init__.py"
+    }
     assert sorted(units - set(LAYER)) == []
 
 
@@ -114,13 +119,29 @@ def test_the_check_finds_an_arrow_up_a_sideways_one_and_one_in_a_function(tmp_pa
     ]
 
 
-@pytest.mark.parametrize("name", ["formats", "methods", "adapters", "schedules", "tasks", "distill_losses",
-                                  "preference_losses", "reward_functions", "metric_tasks", "metrics"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "formats",
+        "methods",
+        "adapters",
+        "schedules",
+        "tasks",
+        "distill_losses",
+        "preference_losses",
+        "reward_functions",
+        "metric_tasks",
+        "metrics",
+    ],
+)
 def test_each_registry_names_the_modules_its_plugins_live_in(name):
     from tunesmith import registry
 
     plugins = getattr(registry, name)
     assert plugins.modules and all(importlib.util.find_spec(module) for module in plugins.modules)
-    defined_in = {plugins.get(entry).__module__ for entry in plugins.names() if callable(plugins.get(entry))
-                  and getattr(plugins.get(entry), "__module__", "").startswith("tunesmith.")}
+    defined_in = {
+        plugins.get(entry).__module__
+        for entry in plugins.names()
+        if callable(plugins.get(entry)) and getattr(plugins.get(entry), "__module__", "").startswith("tunesmith.")
+    }
     assert defined_in <= set(plugins.modules)

@@ -1,6 +1,7 @@
 """lm-evaluation-harness's `local-completions` model scores loglikelihood requests over /v1/completions (token-id
 prompts, `echo`, `logprobs`, `max_tokens: 0`) exactly as loading the model directly does.
 Needs the `interop` extra: pip install -e '.[interop]'; run with pytest -m lm_eval."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,12 @@ from service_fixtures import live_app, make_key
 
 pytestmark = pytest.mark.lm_eval
 
-PAIRS = [("What is the capital of France?", " Paris is the capital."), ("the quick brown", " fox jumps"),
-         ("my card has not", " arrived yet"), ("I want to cancel", " a transfer")]
+PAIRS = [
+    ("What is the capital of France?", " Paris is the capital."),
+    ("the quick brown", " fox jumps"),
+    ("my card has not", " arrived yet"),
+    ("I want to cancel", " a transfer"),
+]
 
 
 def local_completions(base_url: str, tokenizer: str):
@@ -18,8 +23,15 @@ def local_completions(base_url: str, tokenizer: str):
     OPENAI_API_KEY, as lm-eval reads it)."""
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-    return LocalCompletionsAPI(base_url=f"{base_url}/completions", model="tiny", tokenizer=tokenizer,
-                               tokenized_requests=True, batch_size=1, max_retries=1, num_concurrent=1)
+    return LocalCompletionsAPI(
+        base_url=f"{base_url}/completions",
+        model="tiny",
+        tokenizer=tokenizer,
+        tokenized_requests=True,
+        batch_size=1,
+        max_retries=1,
+        num_concurrent=1,
+    )
 
 
 def test_lm_eval_loglikelihood_over_the_api_equals_direct_scoring(tmp_path, tiny_model, monkeypatch):
@@ -40,5 +52,5 @@ def test_lm_eval_loglikelihood_over_the_api_equals_direct_scoring(tmp_path, tiny
         ids = torch.tensor([context_ids + continuation_ids])
         with torch.no_grad():
             logprobs = torch.log_softmax(direct(input_ids=ids).logits[0, :-1].float(), -1)
-        expected = logprobs[len(context_ids) - 1:].gather(1, ids[0, len(context_ids):, None]).sum().item()
+        expected = logprobs[len(context_ids) - 1 :].gather(1, ids[0, len(context_ids) :, None]).sum().item()
         assert abs(score - expected) < 1e-4, (context, score, expected)

@@ -1,4 +1,5 @@
 """Model resolution, loading, the built-in catalog and GGUF conversion, on a tiny Llama built in code."""
+
 from __future__ import annotations
 
 import json
@@ -120,8 +121,9 @@ def test_4bit_layers_take_the_repacked_cpu_kernel_only_where_it_fits_and_matches
     ids = torch.tensor([[5, 17, 42, 99, 3]])
     for dtype in ("float32", "bfloat16"):
         model, _ = load_model(tiny_model_dir, dtype=dtype, quantization="nf4")
-        layers = {name: module for name, module in model.named_modules()
-                  if hasattr(module, "support_avx512bf16_for_cpu")}
+        layers = {
+            name: module for name, module in model.named_modules() if hasattr(module, "support_avx512bf16_for_cpu")
+        }
         assert layers, "the linear layers load in 4 bits"
         fast = {name for name, module in layers.items() if module.support_avx512bf16_for_cpu}
         if dtype == "float32":
@@ -238,9 +240,15 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
         "output.weight": state["lm_head.weight"],
     }
     names = {
-        "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
     }
     for layer in range(config.num_hidden_layers):
         for hf_name, gguf_name in names.items():
@@ -340,5 +348,5 @@ def test_real_builtin_model_pulls_and_answers():
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-    reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in reply

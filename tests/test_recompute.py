@@ -1,5 +1,6 @@
 """train.gradient_checkpointing: full and selective recompute give the gradients of no recompute; selective keeps
 the matrix products and attention and recomputes the element-wise ops."""
+
 from __future__ import annotations
 
 import pytest
@@ -64,8 +65,7 @@ def decisions(monkeypatch) -> dict[str, set]:
     return recorded
 
 
-def test_selective_recompute_keeps_products_and_attention_and_recomputes_the_element_wise_ops(tiny_model,
-                                                                                             decisions):
+def test_selective_recompute_keeps_products_and_attention_and_recomputes_the_element_wise_ops(tiny_model, decisions):
     from torch.utils.checkpoint import CheckpointPolicy
 
     model = model_in("selective", tiny_model, "lora")
@@ -99,8 +99,12 @@ def test_tunesmith_train_with_selective_recompute_logs_the_losses_of_a_run_witho
     for mode in ("false", "selective"):
         directory = tmp_path / mode
         directory.mkdir()
-        config = write_config_file(directory, tiny_model, chat_rows, f"max_steps: 3, batch_size: 2, lr: 1.0e-2, "
-                                   f"warmup: 0, progress: false, gradient_checkpointing: {mode}")
+        config = write_config_file(
+            directory,
+            tiny_model,
+            chat_rows,
+            f"max_steps: 3, batch_size: 2, lr: 1.0e-2, warmup: 0, progress: false, gradient_checkpointing: {mode}",
+        )
         assert main(["train", str(config)]) == 0
         rows = [json.loads(line) for line in (directory / "run" / "metrics.jsonl").read_text().splitlines()]
         losses[mode] = [row["loss"] for row in rows if "loss" in row]
@@ -109,7 +113,8 @@ def test_tunesmith_train_with_selective_recompute_logs_the_losses_of_a_run_witho
 
 
 def test_packed_rows_through_the_chunked_attention_give_every_mode_the_same_gradients_and_selective_keeps_it(
-        tiny_model, monkeypatch, decisions):
+    tiny_model, monkeypatch, decisions
+):
     from torch.utils.checkpoint import CheckpointPolicy
 
     from tunesmith.data.packing import collate
@@ -121,8 +126,9 @@ def test_packed_rows_through_the_chunked_attention_give_every_mode_the_same_grad
     monkeypatch.setitem(attention.CHUNKED, "min_length", 1)
     monkeypatch.setattr(attention, "CHUNK_ROWS", 8)  # several chunks per example
     generator = torch.Generator().manual_seed(0)
-    batch = collate([TokenizedExample(torch.randint(0, 300, (16,), generator=generator).tolist(), [True] * 16)
-                     for _ in range(3)])
+    batch = collate(
+        [TokenizedExample(torch.randint(0, 300, (16,), generator=generator).tolist(), [True] * 16) for _ in range(3)]
+    )
     results = {}
     for mode in MODES:
         model = model_in(mode, tiny_model, "lora")

@@ -1,5 +1,6 @@
 """Reward models: the losses against hand-computed values, the recipe end to end on pairs and on scores, the saved
 files in plain transformers, exact resume, `tunesmith eval` of a reward run, and `tunesmith score`."""
+
 from __future__ import annotations
 
 import json
@@ -11,26 +12,30 @@ from conftest import write_jsonl
 from safetensors.torch import load_file
 from test_training import make_config, metric_lines, run, straight_and_resumed
 
+from tunesmith import rundir
 from tunesmith.cli import main
 from tunesmith.config.schema import AdapterConfig
 from tunesmith.data.formats import convert_preference, convert_score
 from tunesmith.data.packing import collate
 from tunesmith.data.tokenize import ChatTokenizer, TokenizedExample
+from tunesmith.engine.generation import Engine
+from tunesmith.engine.reward_model import RewardScorer, ScoreScale, reward_positions, sequence_rewards
 from tunesmith.errors import UserError
-from tunesmith.engine.reward_model import RewardScorer
 from tunesmith.eval.evaluate import EvalOptions, evaluate
 from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter, load_trainable_state
-from tunesmith.engine.generation import Engine
-from tunesmith import rundir
-from tunesmith.engine.reward_model import reward_positions, ScoreScale, sequence_rewards
 from tunesmith.train.reward_loss import pairwise_loss, pointwise_loss
 
 GOOD = ["Your card is on its way.", "I can cancel the transfer.", "The fee is 1 percent.", "Your refund is on its way."]
 BAD = ["the quick brown fox", "lazy dog lazy dog", "hello world", "0 1 2 3 ? !"]
-PAIRS = [{"prompt": f"question {i} about my card", "chosen": GOOD[i % 4], "rejected": BAD[(i + 1) % 4]} for i in range(8)]
-SCORES = [{"prompt": f"question {i} about my card", "response": reply, "score": score}
-          for i in range(4) for reply, score in ((GOOD[i], 9.0 - i), (BAD[i], 1.0 + i / 2))]
+PAIRS = [
+    {"prompt": f"question {i} about my card", "chosen": GOOD[i % 4], "rejected": BAD[(i + 1) % 4]} for i in range(8)
+]
+SCORES = [
+    {"prompt": f"question {i} about my card", "response": reply, "score": score}
+    for i in range(4)
+    for reply, score in ((GOOD[i], 9.0 - i), (BAD[i], 1.0 + i / 2))
+]
 
 
 def reward_config(tmp_path, model_dir, rows, *overrides, name="run"):
@@ -55,8 +60,11 @@ def trained_rewards(config, rows: list[dict]) -> tuple[torch.Tensor, list[list[i
 
 def conversations(rows: list[dict]) -> list[list[dict]]:
     sides = [("chosen", "rejected") if "chosen" in row else ("response",) for row in rows]
-    return [[{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row[side]}]
-            for row, keys in zip(rows, sides) for side in keys]
+    return [
+        [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row[side]}]
+        for row, keys in zip(rows, sides)
+        for side in keys
+    ]
 
 
 # ------------------------------------------------------------------------------------------- losses
@@ -123,12 +131,15 @@ def test_pairs_with_lora_learn_and_the_adapter_reloads_in_plain_transformers(tmp
 
     rewards, ids = trained_rewards(config, PAIRS)
     assert (rewards[0::2] > rewards[1::2]).all(), "every training pair is ranked right"
-    plain = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1),
-                                      adapter).eval()
+    plain = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1), adapter
+    ).eval()
     with torch.no_grad():
         reloaded = torch.stack([plain(input_ids=torch.tensor([row])).logits[0, 0] for row in ids])
     torch.testing.assert_close(reloaded, rewards)
-    torch.testing.assert_close(torch.tensor(RewardScorer.load(str(config.output_dir)).score(conversations(PAIRS))), rewards)
+    torch.testing.assert_close(
+        torch.tensor(RewardScorer.load(str(config.output_dir)).score(conversations(PAIRS))), rewards
+    )
     assert not (adapter / "reward_scale.json").exists(), "pairs train the reward itself: no scale"
 
 
@@ -136,8 +147,17 @@ def test_scores_with_full_fine_tuning_regress_and_the_model_reloads_in_plain_tra
     from transformers import AutoModelForSequenceClassification
 
     validation = write_jsonl(tmp_path / "val.jsonl", SCORES[:2])
-    config = reward_config(tmp_path, tiny_model, SCORES, "adapter.type=full", "train.epochs=20", "train.lr=5e-3",
-                           "train.batch_size=8", f"data.validation={validation}", "train.eval_every=10")
+    config = reward_config(
+        tmp_path,
+        tiny_model,
+        SCORES,
+        "adapter.type=full",
+        "train.epochs=20",
+        "train.lr=5e-3",
+        "train.batch_size=8",
+        f"data.validation={validation}",
+        "train.eval_every=10",
+    )
     result = run(config)
     steps = [line for line in logged(config.output_dir) if "loss" in line]
     # One step covers every training row and the head starts at zero: each prediction is the mean score, so the
@@ -169,7 +189,9 @@ def test_reward_resume_is_exact(tmp_path, tiny_model, monkeypatch):
     overrides = ["method=reward", "data.max_length=128", "train.epochs=2", "data.val_fraction=0.25"]
     straight, resumed = straight_and_resumed(tmp_path, tiny_model, PAIRS, overrides, 2, monkeypatch)
     assert metric_lines(resumed.output_dir) == metric_lines(straight.output_dir)
-    assert metric_lines(resumed.output_dir, "val_reward_accuracy") == metric_lines(straight.output_dir, "val_reward_accuracy")
+    assert metric_lines(resumed.output_dir, "val_reward_accuracy") == metric_lines(
+        straight.output_dir, "val_reward_accuracy"
+    )
     a = load_file(straight.output_dir / "adapter" / "adapter_model.safetensors")
     b = load_file(resumed.output_dir / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -179,8 +201,16 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, tiny_model):
     """The loss is averaged over pairs, so 4 pairs in one micro-batch and 4 micro-batches of one pair agree."""
     losses = {}
     for batch_size, grad_accum in ((4, 1), (1, 4)):
-        config = reward_config(tmp_path, tiny_model, PAIRS[:4], "train.max_steps=2", f"train.batch_size={batch_size}",
-                               f"train.grad_accum={grad_accum}", "data.packing=false", name=f"b{batch_size}")
+        config = reward_config(
+            tmp_path,
+            tiny_model,
+            PAIRS[:4],
+            "train.max_steps=2",
+            f"train.batch_size={batch_size}",
+            f"train.grad_accum={grad_accum}",
+            "data.packing=false",
+            name=f"b{batch_size}",
+        )
         run(config)
         losses[batch_size] = [line[1] for line in metric_lines(config.output_dir)]
     assert losses[4] == pytest.approx(losses[1], rel=1e-5)
@@ -212,17 +242,40 @@ def pair_run(tmp_path_factory, tiny_model):
 
 
 def test_eval_of_a_reward_run_gives_pairwise_accuracy_with_an_interval(pair_run, tmp_path, capsys):
-    held_out = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "where is my card", "chosen": GOOD[0], "rejected": BAD[1]},
-                                                      {"prompt": "a fee?", "chosen": GOOD[2], "rejected": BAD[0]},
-                                                      {"prompt": "refund", "chosen": GOOD[3], "rejected": BAD[2]}])
-    code = main(["eval", str(pair_run), "--data", str(held_out), "--resamples", "50", "--baseline", "base",
-                 "--output", str(tmp_path / "out")])
+    held_out = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {"prompt": "where is my card", "chosen": GOOD[0], "rejected": BAD[1]},
+            {"prompt": "a fee?", "chosen": GOOD[2], "rejected": BAD[0]},
+            {"prompt": "refund", "chosen": GOOD[3], "rejected": BAD[2]},
+        ],
+    )
+    code = main(
+        [
+            "eval",
+            str(pair_run),
+            "--data",
+            str(held_out),
+            "--resamples",
+            "50",
+            "--baseline",
+            "base",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
     metric = result["metrics"]["preference_accuracy"]
-    assert result["task"] == "preference" and metric["n"] == 3 and metric["ci95"][0] <= metric["value"] <= metric["ci95"][1]
+    assert (
+        result["task"] == "preference"
+        and metric["n"] == 3
+        and metric["ci95"][0] <= metric["value"] <= metric["ci95"][1]
+    )
     expected = RewardScorer.load(str(pair_run)).score(conversations([json.loads(line) for line in held_out.open()]))
-    assert [side for example in result["examples"] for side in example["predicted"]] == pytest.approx(expected, abs=1e-5)
+    assert [side for example in result["examples"] for side in example["predicted"]] == pytest.approx(
+        expected, abs=1e-5
+    )
     assert "base" in result["baselines"], "the base model's log-likelihood ranking of the same pairs"
     scored = write_jsonl(tmp_path / "scores.jsonl", SCORES[:3])
     regression = evaluate(str(pair_run), scored, EvalOptions(resamples=20), tmp_path / "reg")
@@ -233,37 +286,64 @@ def test_eval_of_a_reward_run_gives_pairwise_accuracy_with_an_interval(pair_run,
 
 def test_reward_task_rates_the_models_own_replies_to_held_out_prompts(pair_run, tiny_model, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "where is my card"}, {"prompt": PAIRS[0]["prompt"]}])
-    code = main(["eval", str(tiny_model), "--data", str(prompts), "--task", "reward", "--reward-model", str(pair_run),
-                 "--max-new-tokens", "6", "--resamples", "50", "--output", str(tmp_path / "out")])
+    code = main(
+        [
+            "eval",
+            str(tiny_model),
+            "--data",
+            str(prompts),
+            "--task",
+            "reward",
+            "--reward-model",
+            str(pair_run),
+            "--max-new-tokens",
+            "6",
+            "--resamples",
+            "50",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert "mean_reward" in printed.out and "%" not in printed.out, "a reward is an amount, not a share"
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
     predicted = [example["predicted"] for example in result["examples"]]
     asked = [[{"role": "user", "content": text}] for text in ("where is my card", PAIRS[0]["prompt"])]
-    rescored = RewardScorer.load(str(pair_run)).score([a + [{"role": "assistant", "content": p["reply"]}]
-                                                       for a, p in zip(asked, predicted)])
+    rescored = RewardScorer.load(str(pair_run)).score(
+        [a + [{"role": "assistant", "content": p["reply"]}] for a, p in zip(asked, predicted)]
+    )
     assert [p["reward"] for p in predicted] == pytest.approx(rescored, abs=1e-5), "each reply rated in its conversation"
     assert result["metrics"]["mean_reward"]["value"] == pytest.approx(sum(rescored) / 2, abs=1e-5)
     pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:2])  # a pair's prompt is asked; its replies are not used
-    from_pairs = evaluate(str(tiny_model), pairs, EvalOptions(task="reward", reward_model=str(pair_run), resamples=20,
-                                                              max_new_tokens=6), tmp_path / "pairs")
+    from_pairs = evaluate(
+        str(tiny_model),
+        pairs,
+        EvalOptions(task="reward", reward_model=str(pair_run), resamples=20, max_new_tokens=6),
+        tmp_path / "pairs",
+    )
     assert [e["predicted"] for e in from_pairs["examples"]][0] == pytest.approx(predicted[1], abs=1e-5)
     assert main(["eval", str(tiny_model), "--data", str(prompts), "--task", "reward"]) == 2
     assert "fix: pass --reward-model" in capsys.readouterr().err
 
 
 def test_score_rates_replies_and_pairs_and_leaves_the_input_alone(pair_run, tmp_path, capsys):
-    rows = [{"prompt": "where is my card", "response": GOOD[0], "id": 7},
-            {"prompt": [{"role": "user", "content": "and the fee?"}], "response": BAD[1]}]
+    rows = [
+        {"prompt": "where is my card", "response": GOOD[0], "id": 7},
+        {"prompt": [{"role": "user", "content": "and the fee?"}], "response": BAD[1]},
+    ]
     data = write_jsonl(tmp_path / "replies.jsonl", rows)
     before = data.read_bytes()
     code = main(["score", str(pair_run), "--data", str(data)])
     assert code == 0 and data.read_bytes() == before
     out = [json.loads(line) for line in (tmp_path / "replies.scored.jsonl").read_text().splitlines()]
     scorer = RewardScorer.load(str(pair_run))
-    expected = scorer.score([[{"role": "user", "content": "where is my card"}, {"role": "assistant", "content": GOOD[0]}],
-                             [{"role": "user", "content": "and the fee?"}, {"role": "assistant", "content": BAD[1]}]])
+    expected = scorer.score(
+        [
+            [{"role": "user", "content": "where is my card"}, {"role": "assistant", "content": GOOD[0]}],
+            [{"role": "user", "content": "and the fee?"}, {"role": "assistant", "content": BAD[1]}],
+        ]
+    )
     assert [{k: v for k, v in row.items() if k != "reward"} for row in out] == rows
     assert [row["reward"] for row in out] == pytest.approx(expected, abs=1e-5)
 
@@ -277,8 +357,16 @@ def test_score_rates_replies_and_pairs_and_leaves_the_input_alone(pair_run, tmp_
 
 
 def test_score_reports_bad_rows_by_file_and_line_and_writes_nothing(pair_run, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "response": "fine"}, "{not json",
-                                                {"prompt": "p", "response": 5}, {"question": "q"}, ["a list"]])
+    data = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"prompt": "ok", "response": "fine"},
+            "{not json",
+            {"prompt": "p", "response": 5},
+            {"question": "q"},
+            ["a list"],
+        ],
+    )
     code = main(["score", str(pair_run), "--data", str(data)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
@@ -300,7 +388,10 @@ def test_a_reward_run_exports_as_one_merged_classifier(pair_run, tmp_path):
     from tunesmith.models.export import export_run
 
     merged = export_run(pair_run, "merged", tmp_path / "merged")
-    model, tokenizer = AutoModelForSequenceClassification.from_pretrained(merged).eval(), AutoTokenizer.from_pretrained(merged)
+    model, tokenizer = (
+        AutoModelForSequenceClassification.from_pretrained(merged).eval(),
+        AutoTokenizer.from_pretrained(merged),
+    )
     chat = ChatTokenizer(tokenizer)
     ids = [chat.tokenize_chat(conversation, last_turn_only=True).input_ids for conversation in conversations(PAIRS[:2])]
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """RL (method grpo | ppo): advantages, GAE, the clipped losses and the KL estimate against hand-computed values;
 prompt data and reward functions; both recipes end to end on a tiny model; exact resume; clear errors."""
+
 from __future__ import annotations
 
 import json
@@ -12,18 +13,30 @@ from conftest import CHATML, build_tokenizer
 from safetensors.torch import load_file
 from test_training import make_config, metric_lines, run, straight_and_resumed
 
+from tunesmith import rundir
+from tunesmith.data import prompts
 from tunesmith.data.formats import RowError, convert_prompt, convert_prompt_messages, detect_format
 from tunesmith.errors import UserError
 from tunesmith.recipes.ppo import token_rewards
 from tunesmith.registry import reward_functions
-from tunesmith import rundir
-from tunesmith.data import prompts
 from tunesmith.train import policy, rl_math
 from tunesmith.train import rollout as rollouts
 
-PROMPTS = [{"prompt": f"{question} {i}", "answer": str(i)} for i, question in enumerate(
-    ["my card has not arrived", "I lost my phone", "cancel a transfer", "what is the fee", "top up balance",
-     "exchange rate", "refund please", "how are you"])]
+PROMPTS = [
+    {"prompt": f"{question} {i}", "answer": str(i)}
+    for i, question in enumerate(
+        [
+            "my card has not arrived",
+            "I lost my phone",
+            "cancel a transfer",
+            "what is the fee",
+            "top up balance",
+            "exchange rate",
+            "refund please",
+            "how are you",
+        ]
+    )
+]
 SPACES_REWARD = "def spaces(prompt, response, fields):\n    return response.count(' ') / 12\n"
 
 
@@ -48,9 +61,19 @@ def build_reward_model(directory: Path) -> Path:
 
     tokenizer = build_tokenizer(CHATML, "<|im_end|>")
     torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=1, initializer_range=0.2,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        initializer_range=0.2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     LlamaForSequenceClassification(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -64,6 +87,7 @@ def tiny_reward_model(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------
 # The math, against values worked out by hand.
 
+
 def test_k3_kl_estimate():
     # d = log ref - log pi = -1: exp(-1) + 1 - 1; d = 0: 0; d = 2: e^2 - 3
     kl = rl_math.kl_k3(torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-2.0, -2.0, -1.0]))
@@ -72,7 +96,7 @@ def test_k3_kl_estimate():
 
 def test_group_advantages():
     rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])
-    std = math.sqrt((1.5 ** 2 + 0.5 ** 2) * 2 / 3)  # unbiased, of 1 2 3 4
+    std = math.sqrt((1.5**2 + 0.5**2) * 2 / 3)  # unbiased, of 1 2 3 4
     expected = [-1.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.5 / (std + 1e-4), 1.5 / (std + 1e-4), 0, 0, 0, 0]
     torch.testing.assert_close(rl_math.group_advantages(rewards, 4), torch.tensor(expected))
     centred = rl_math.group_advantages(rewards, 2, scale=False)  # groups (1, 2), (3, 4), (5, 5), (5, 5)
@@ -122,18 +146,32 @@ def test_whiten_and_explained_variance():
 
 
 def test_ppo_token_rewards_put_the_score_on_the_last_token():
-    rollout = rollouts.Rollout(prompts=[[1], [2]], replies=[[5, 6], [7]], texts=["a", "b"], rewards=torch.tensor([1.0, 3.0]),
-                         reward_parts={}, logprobs=torch.tensor([-1.0, -2.0, -1.0]), entropy=torch.zeros(3),
-                         ref_logprobs=torch.tensor([-1.5, -2.0, -0.5]))
+    rollout = rollouts.Rollout(
+        prompts=[[1], [2]],
+        replies=[[5, 6], [7]],
+        texts=["a", "b"],
+        rewards=torch.tensor([1.0, 3.0]),
+        reward_parts={},
+        logprobs=torch.tensor([-1.0, -2.0, -1.0]),
+        entropy=torch.zeros(3),
+        ref_logprobs=torch.tensor([-1.5, -2.0, -0.5]),
+    )
     # -0.1 * (log pi - log ref) = [-0.05, 0, 0.05]; scores 1 and 3 on each reply's last token
     torch.testing.assert_close(token_rewards(rollout, 0.1), torch.tensor([-0.05, 1.0, 3.05]))
 
 
 def test_split_and_token_positions():
     assert rollouts.split(list(range(5)), 2) == [[0, 1], [2, 3, 4]] and rollouts.split([0], 3) == [[0]]
-    rollout = rollouts.Rollout(prompts=[[1, 2], [3], [4, 5, 6]], replies=[[7, 8], [9, 10, 11], [12]], texts=["", "", ""],
-                         rewards=torch.zeros(3), reward_parts={}, logprobs=torch.arange(6.0), entropy=torch.zeros(6),
-                         ref_logprobs=None)
+    rollout = rollouts.Rollout(
+        prompts=[[1, 2], [3], [4, 5, 6]],
+        replies=[[7, 8], [9, 10, 11], [12]],
+        texts=["", "", ""],
+        rewards=torch.zeros(3),
+        reward_parts={},
+        logprobs=torch.arange(6.0),
+        entropy=torch.zeros(6),
+        ref_logprobs=None,
+    )
     assert rollout.token_index([2, 0]).tolist() == [5, 0, 1]
     assert rollout.per_token(torch.tensor([1.0, 2.0, 3.0])).tolist() == [1, 1, 2, 2, 2, 3]
     batch = rollout.batch([2, 0])  # the targets of a flat batch are the replies' tokens, in the same order
@@ -157,7 +195,7 @@ def test_flat_batch_log_probs_match_a_plain_forward(tiny_model, temperature):
     expected, expected_entropy = [], []
     with torch.no_grad():
         for prompt, reply in zip(prompts, replies):
-            logits = model(torch.tensor([prompt + reply])).logits[0, len(prompt) - 1: -1].float() / temperature
+            logits = model(torch.tensor([prompt + reply])).logits[0, len(prompt) - 1 : -1].float() / temperature
             all_logprobs = torch.log_softmax(logits, dim=-1)
             expected.append(all_logprobs.gather(1, torch.tensor(reply)[:, None]).squeeze(1))
             expected_entropy.append(-(all_logprobs.exp() * all_logprobs).sum(-1))
@@ -169,13 +207,16 @@ def test_flat_batch_log_probs_match_a_plain_forward(tiny_model, temperature):
 # ---------------------------------------------------------------------------------------------
 # Prompt data and rewards.
 
+
 def test_prompt_rows_and_their_detection():
     assert convert_prompt({"prompt": "2 + 2 ="}).messages == [{"role": "user", "content": "2 + 2 ="}]
     listed = convert_prompt({"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]})
     assert [m["role"] for m in listed.messages] == ["system", "user"] and listed.kind == "prompt"
     with pytest.raises(RowError, match="last turn of field 'prompt' is the assistant's"):
         convert_prompt({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
-    chat = convert_prompt_messages({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    chat = convert_prompt_messages(
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    )
     assert chat.messages == [{"role": "user", "content": "q"}] and chat.meta["reference"] == "a"
     with pytest.raises(RowError, match="empty list"):
         convert_prompt_messages({"messages": []})
@@ -192,10 +233,18 @@ def test_chat_rows_become_prompts_with_their_reply_as_a_field(tmp_path, tiny_mod
     from tunesmith.data.tokenize import ChatTokenizer
     from tunesmith.models import load_tokenizer
 
-    rows = [{"instruction": "What is 2 + 3?", "input": "", "output": "2 + 3 = 5\n#### 5"},
-            {"instruction": "What is 1 + 1?", "input": "", "output": "#### 2"}]
-    config = rl_config(tmp_path, tiny_model, "method=grpo", "rl.reward_functions=[{name: number_match, args: {field: output}}]",
-                       "data.system_prompt=Be brief.", rows=rows)
+    rows = [
+        {"instruction": "What is 2 + 3?", "input": "", "output": "2 + 3 = 5\n#### 5"},
+        {"instruction": "What is 1 + 1?", "input": "", "output": "#### 2"},
+    ]
+    config = rl_config(
+        tmp_path,
+        tiny_model,
+        "method=grpo",
+        "rl.reward_functions=[{name: number_match, args: {field: output}}]",
+        "data.system_prompt=Be brief.",
+        rows=rows,
+    )
     chat = ChatTokenizer(load_tokenizer(str(tiny_model)), system_prompt="Be brief.")
     data = prompts.load_prompts(config, chat, {"number_match": "output"})
     first = data.train[0]
@@ -204,8 +253,14 @@ def test_chat_rows_become_prompts_with_their_reply_as_a_field(tmp_path, tiny_mod
     assert chat.tokenizer.decode(first.input_ids).endswith("<|im_start|>assistant\n")
     with pytest.raises(UserError, match=r"train.jsonl:1: reward 'number_match' reads the field 'answer'"):
         prompts.load_prompts(config, chat, {"number_match": "answer"})
-    pairs = rl_config(tmp_path, tiny_model, "method=grpo", "rl.reward_functions=[length_penalty]", rows=[{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go."}] * 3,
-                      name="pairs")
+    pairs = rl_config(
+        tmp_path,
+        tiny_model,
+        "method=grpo",
+        "rl.reward_functions=[length_penalty]",
+        rows=[{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go."}] * 3,
+        name="pairs",
+    )
     prompt = prompts.load_prompts(pairs, chat, {}).train[0]  # a reward model's pairs serve as RL prompts
     assert prompt.messages[-1] == {"role": "user", "content": "Hi?"} and prompt.fields["reference"] == "Hello."
 
@@ -221,8 +276,13 @@ def test_built_in_reward_functions():
     assert call("number_match", "so 1,000 in total", {"total": "1000"}, field="total") == 1.0
     assert call("contains", "I think PARIS", text="paris") == 1.0
     assert call("contains", "I think PARIS", text="paris", case_sensitive=True) == 0.0
-    assert call("length_penalty", "one two three four", max_words=8) == -0.5 and call("length_penalty", "a " * 50, max_words=8) == -1.0
-    assert call("matches_format", "<think>a b</think>\n<answer>5</answer>") == 1.0 and call("matches_format", "5") == 0.0
+    assert (
+        call("length_penalty", "one two three four", max_words=8) == -0.5
+        and call("length_penalty", "a " * 50, max_words=8) == -1.0
+    )
+    assert (
+        call("matches_format", "<think>a b</think>\n<answer>5</answer>") == 1.0 and call("matches_format", "5") == 0.0
+    )
 
 
 def test_reward_sum_of_functions_and_a_reward_model(tmp_path, tiny_reward_model):
@@ -230,31 +290,40 @@ def test_reward_sum_of_functions_and_a_reward_model(tmp_path, tiny_reward_model)
     from tunesmith.engine.reward_model import RewardScorer
     from tunesmith.train.reward_functions import build_reward
 
-    (tmp_path / "mine.py").write_text("def double(prompt, response, fields, *, factor=2.0):\n    return factor * len(response)\n")
-    settings = RLConfig(reward_model=str(tiny_reward_model), reward_model_weight=0.5,
-                        reward_functions=["contains", {"name": f"{tmp_path / 'mine.py'}:double", "weight": 0.1}])
+    (tmp_path / "mine.py").write_text(
+        "def double(prompt, response, fields, *, factor=2.0):\n    return factor * len(response)\n"
+    )
+    settings = RLConfig(
+        reward_model=str(tiny_reward_model),
+        reward_model_weight=0.5,
+        reward_functions=["contains", {"name": f"{tmp_path / 'mine.py'}:double", "weight": 0.1}],
+    )
     with pytest.raises(UserError, match=r"rl.reward_functions\[0\]: contains.*text"):
         build_reward(settings)  # contains needs its text
     settings.reward_functions[0].args = {"text": "b"}
     reward = build_reward(settings)
     prompts = [[{"role": "user", "content": "q"}]] * 2
     total, parts = reward(prompts, ["ab", "c"], [{}, {}])
-    scores = RewardScorer.load(str(tiny_reward_model)).score([p + [{"role": "assistant", "content": r}]
-                                                              for p, r in zip(prompts, ["ab", "c"])])
+    scores = RewardScorer.load(str(tiny_reward_model)).score(
+        [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, ["ab", "c"])]
+    )
     torch.testing.assert_close(parts["model"], torch.tensor(scores))
     assert parts["contains"].tolist() == [1.0, 0.0] and parts["double"].tolist() == [4.0, 2.0]
     torch.testing.assert_close(total, 0.5 * torch.tensor(scores) + torch.tensor([1.0, 0.0]) + torch.tensor([0.4, 0.2]))
 
 
 def test_reward_function_mistakes_are_clear(tmp_path):
-    from tunesmith.config.schema import RLConfig
     from tunesmith.config.loading import load_config
+    from tunesmith.config.schema import RLConfig
     from tunesmith.train.reward_functions import build_reward
 
     with pytest.raises(UserError, match="did you mean 'exact_match'"):
         load_config(None, ["data.train=x.jsonl", "method=grpo", "rl.reward_functions=[exact_mach]"])
-    for name, message in [("no_such_module_here:f", "cannot import no_such_module_here"),
-                          (f"{tmp_path / 'missing.py'}:f", "does not exist"), ("math:no_function", "has no function")]:
+    for name, message in [
+        ("no_such_module_here:f", "cannot import no_such_module_here"),
+        (f"{tmp_path / 'missing.py'}:f", "does not exist"),
+        ("math:no_function", "has no function"),
+    ]:
         with pytest.raises(UserError, match=message):
             build_reward(RLConfig(reward_functions=[name]))
     (tmp_path / "bad.py").write_text("def nan(prompt, response, fields):\n    return float('nan')\n")
@@ -266,18 +335,38 @@ def test_reward_function_mistakes_are_clear(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The recipes end to end.
 
+
 def test_grpo_learns_a_reward_that_a_python_function_gives(tmp_path, tiny_model):
     """Rewarding spaces in the reply (a user's function in a file of theirs), the mean reward rises within a few
     steps; the first step's policy is the reference (KL 0) and its ratios are 1 (nothing clipped)."""
-    config = rl_config(tmp_path, tiny_model, "method=grpo", spaces_reward(tmp_path), "train.lr=2e-2", "train.max_steps=8",
-                       "train.schedule=constant", "grpo.num_generations=8", "rl.temperature=0.7", "train.epochs=2",
-                       "train.eval_every=100")
+    config = rl_config(
+        tmp_path,
+        tiny_model,
+        "method=grpo",
+        spaces_reward(tmp_path),
+        "train.lr=2e-2",
+        "train.max_steps=8",
+        "train.schedule=constant",
+        "grpo.num_generations=8",
+        "rl.temperature=0.7",
+        "train.epochs=2",
+        "train.eval_every=100",
+    )
     result = run(config)
     lines = records(config.output_dir)
     steps = [line for line in lines if "reward" in line]
     assert lines[0]["format"] == "prompt" and lines[0]["train_examples"] == len(PROMPTS)
     assert len(steps) == 8 and steps[0]["kl"] == pytest.approx(0.0, abs=1e-6) and steps[0]["clip_fraction"] == 0.0
-    for key in ("reward_spaces", "kl", "entropy", "response_length", "clip_fraction", "truncated_fraction", "loss", "lr"):
+    for key in (
+        "reward_spaces",
+        "kl",
+        "entropy",
+        "response_length",
+        "clip_fraction",
+        "truncated_fraction",
+        "loss",
+        "lr",
+    ):
         assert all(math.isfinite(step[key]) for step in steps), key
     first, last = [step["reward"] for step in steps[:2]], [step["reward"] for step in steps[-2:]]
     assert sum(last) / 2 > sum(first) / 2 + 0.3, [step["reward"] for step in steps]
@@ -287,9 +376,19 @@ def test_grpo_learns_a_reward_that_a_python_function_gives(tmp_path, tiny_model)
 
 
 def test_grpo_with_several_updates_per_step_clips_and_logs_validation_reward(tmp_path, tiny_model):
-    config = rl_config(tmp_path, tiny_model, "method=grpo", spaces_reward(tmp_path), "train.max_steps=2", "train.lr=2e-2",
-                       "rl.update_epochs=2", "rl.minibatches=2", "train.grad_accum=2", "data.val_fraction=0.25",
-                       "train.eval_every=1")
+    config = rl_config(
+        tmp_path,
+        tiny_model,
+        "method=grpo",
+        spaces_reward(tmp_path),
+        "train.max_steps=2",
+        "train.lr=2e-2",
+        "rl.update_epochs=2",
+        "rl.minibatches=2",
+        "train.grad_accum=2",
+        "data.val_fraction=0.25",
+        "train.eval_every=1",
+    )
     run(config)
     lines = records(config.output_dir)
     steps = [line for line in lines if "clip_fraction" in line]
@@ -299,25 +398,57 @@ def test_grpo_with_several_updates_per_step_clips_and_logs_validation_reward(tmp
 
 
 def test_grpo_full_fine_tuning_keeps_a_frozen_reference(tmp_path, tiny_model):
-    config = rl_config(tmp_path, tiny_model, "method=grpo", spaces_reward(tmp_path), "adapter.type=full",
-                       "train.max_steps=2", "train.lr=1e-3")
+    config = rl_config(
+        tmp_path,
+        tiny_model,
+        "method=grpo",
+        spaces_reward(tmp_path),
+        "adapter.type=full",
+        "train.max_steps=2",
+        "train.lr=1e-3",
+    )
     result = run(config)
     steps = [line for line in records(config.output_dir) if "reward" in line]
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6) and steps[1]["kl"] > 0
     assert result.output.name == "model" and (result.output / "model.safetensors").is_file()
-    no_kl = rl_config(tmp_path, tiny_model, "method=grpo", spaces_reward(tmp_path), "adapter.type=full",
-                      "train.max_steps=1", "rl.kl_coef=0", name="no-kl")
+    no_kl = rl_config(
+        tmp_path,
+        tiny_model,
+        "method=grpo",
+        spaces_reward(tmp_path),
+        "adapter.type=full",
+        "train.max_steps=1",
+        "rl.kl_coef=0",
+        name="no-kl",
+    )
     run(no_kl)
     assert "kl" not in [line for line in records(no_kl.output_dir) if "reward" in line][0]  # no reference loaded
 
 
 def test_ppo_with_a_reward_model_trains_policy_and_value_head(tmp_path, tiny_model, tiny_reward_model):
-    config = rl_config(tmp_path, tiny_model, "method=ppo", f"rl.reward_model={tiny_reward_model}", "train.max_steps=4",
-                       "train.lr=1e-2", "rl.update_epochs=2", "ppo.value_coef=1.0")
+    config = rl_config(
+        tmp_path,
+        tiny_model,
+        "method=ppo",
+        f"rl.reward_model={tiny_reward_model}",
+        "train.max_steps=4",
+        "train.lr=1e-2",
+        "rl.update_epochs=2",
+        "ppo.value_coef=1.0",
+    )
     result = run(config)
     steps = [line for line in records(config.output_dir) if "reward" in line]
-    for key in ("reward_model", "kl", "entropy", "value_loss", "policy_loss", "explained_variance", "clip_fraction",
-                "value_clip_fraction", "response_length"):
+    for key in (
+        "reward_model",
+        "kl",
+        "entropy",
+        "value_loss",
+        "policy_loss",
+        "explained_variance",
+        "clip_fraction",
+        "value_clip_fraction",
+        "response_length",
+    ):
         assert all(key in step and step[key] is not None for step in steps), key
     checkpoint = rundir.read_weights(rundir.latest_checkpoint(config.output_dir / "checkpoints"))
     value_head = {name: tensor for name, tensor in checkpoint.items() if name.startswith("value_head.")}
@@ -331,25 +462,41 @@ def test_ppo_with_a_reward_model_trains_policy_and_value_head(tmp_path, tiny_mod
 
 
 def test_gradient_accumulation_equals_the_whole_minibatch(tmp_path, tiny_model):
-    """Micro-batches (train.grad_accum) change memory, not the update: the loss is a mean over the minibatch's tokens."""
+    """Micro-batches (train.grad_accum) change memory, not the update: the loss is the minibatch's token mean."""
     figures = {}
     for grad_accum in (1, 4):
-        config = rl_config(tmp_path, tiny_model, "method=grpo", spaces_reward(tmp_path), "train.max_steps=1",
-                           f"train.grad_accum={grad_accum}", name=f"accum-{grad_accum}")
+        config = rl_config(
+            tmp_path,
+            tiny_model,
+            "method=grpo",
+            spaces_reward(tmp_path),
+            "train.max_steps=1",
+            f"train.grad_accum={grad_accum}",
+            name=f"accum-{grad_accum}",
+        )
         run(config)
         figures[grad_accum] = [line for line in records(config.output_dir) if "reward" in line][0]
     for key in ("reward", "loss", "grad_norm", "kl", "entropy"):
         assert figures[1][key] == pytest.approx(figures[4][key], rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.parametrize("method, overrides", [
-    ("grpo", ["rl.update_epochs=2", "rl.minibatches=2", "adapter.dropout=0.1", "grpo.num_generations=2"]),
-    ("ppo", ["train.grad_accum=2"]),
-])
+@pytest.mark.parametrize(
+    "method, overrides",
+    [
+        ("grpo", ["rl.update_epochs=2", "rl.minibatches=2", "adapter.dropout=0.1", "grpo.num_generations=2"]),
+        ("ppo", ["train.grad_accum=2"]),
+    ],
+)
 def test_stop_and_resume_is_exact(tmp_path, tiny_model, tiny_reward_model, monkeypatch, method, overrides):
     reward = spaces_reward(tmp_path) if method == "grpo" else f"rl.reward_model={tiny_reward_model}"
-    straight, resumed = straight_and_resumed(tmp_path, tiny_model, PROMPTS, [f"method={method}", reward, "rl.max_new_tokens=8",
-                                             "train.max_steps=4", *overrides], 2, monkeypatch)
+    straight, resumed = straight_and_resumed(
+        tmp_path,
+        tiny_model,
+        PROMPTS,
+        [f"method={method}", reward, "rl.max_new_tokens=8", "train.max_steps=4", *overrides],
+        2,
+        monkeypatch,
+    )
     assert metric_lines(resumed.output_dir) == metric_lines(straight.output_dir)
     assert metric_lines(resumed.output_dir, "reward") == metric_lines(straight.output_dir, "reward")
     a = load_file(straight.output_dir / "adapter" / "adapter_model.safetensors")
@@ -360,15 +507,29 @@ def test_stop_and_resume_is_exact(tmp_path, tiny_model, tiny_reward_model, monke
 # ---------------------------------------------------------------------------------------------
 # Mistakes, refused before any compute.
 
+
 def test_config_mistakes_are_reported_together():
     from tunesmith.config.loading import load_config
 
     with pytest.raises(UserError) as error:
-        load_config(None, ["data.train=x.jsonl", "method=ppo", "data.max_length=64", "rl.max_new_tokens=64",
-                           "train.unfreeze.every=2", "data.truncation=truncate"])
+        load_config(
+            None,
+            [
+                "data.train=x.jsonl",
+                "method=ppo",
+                "data.max_length=64",
+                "rl.max_new_tokens=64",
+                "train.unfreeze.every=2",
+                "data.truncation=truncate",
+            ],
+        )
     text = str(error.value)
-    for expected in ("rl.reward_functions: method ppo learns from rewards", "rl.max_new_tokens: 64 leaves no room",
-                     "train.unfreeze: not supported by method ppo", "data.truncation: truncate"):
+    for expected in (
+        "rl.reward_functions: method ppo learns from rewards",
+        "rl.max_new_tokens: 64 leaves no room",
+        "train.unfreeze: not supported by method ppo",
+        "data.truncation: truncate",
+    ):
         assert expected in text
 
 
@@ -376,18 +537,41 @@ def test_data_mistakes_name_their_lines(tmp_path, tiny_model):
     documents = [{"text": "raw text has no prompt to reply to"}]
     with pytest.raises(UserError, match="cannot train on"):
         run(rl_config(tmp_path, tiny_model, "method=grpo", "rl.reward_functions=[exact_match]", rows=documents))
-    rows = PROMPTS[:2] + [{"prompt": "card " * 150, "answer": "1"}, {"prompt": "no answer here"},
-                          {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "answer": "1"}]
-    config = rl_config(tmp_path, tiny_model, "method=grpo", "rl.reward_functions=[exact_match]", "data.max_length=128",
-                       rows=rows, name="bad")
+    rows = PROMPTS[:2] + [
+        {"prompt": "card " * 150, "answer": "1"},
+        {"prompt": "no answer here"},
+        {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "answer": "1"},
+    ]
+    config = rl_config(
+        tmp_path,
+        tiny_model,
+        "method=grpo",
+        "rl.reward_functions=[exact_match]",
+        "data.max_length=128",
+        rows=rows,
+        name="bad",
+    )
     with pytest.raises(UserError) as error:
         run(config)
     text = str(error.value)
-    assert "train.jsonl:3: the prompt is" in text and "train.jsonl:4: reward 'exact_match' reads the field 'answer'" in text
+    assert (
+        "train.jsonl:3: the prompt is" in text
+        and "train.jsonl:4: reward 'exact_match' reads the field 'answer'" in text
+    )
     assert "train.jsonl:5: the last turn of field 'prompt' is the assistant's" in text
     assert not (config.output_dir / "metrics.jsonl").exists()
-    dropped = rl_config(tmp_path, tiny_model, "method=grpo", "rl.reward_functions=[exact_match]", "data.max_length=128",
-                        "data.truncation=drop", "data.skip_bad_rows=true", "train.max_steps=1", rows=rows, name="dropped")
+    dropped = rl_config(
+        tmp_path,
+        tiny_model,
+        "method=grpo",
+        "rl.reward_functions=[exact_match]",
+        "data.max_length=128",
+        "data.truncation=drop",
+        "data.skip_bad_rows=true",
+        "train.max_steps=1",
+        rows=rows,
+        name="dropped",
+    )
     run(dropped)
     first = records(dropped.output_dir)[0]
     assert first["dropped_long"] == 1 and first["skipped_rows"] == 2 and first["train_examples"] == 2

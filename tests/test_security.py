@@ -1,4 +1,5 @@
 """Security primitives: envelope encryption, API keys, the hash-chained audit log. CPU, no network, seconds."""
+
 from __future__ import annotations
 
 import base64
@@ -91,8 +92,15 @@ def flip(path: Path, offset: int) -> None:
 def test_flipped_header_byte_is_detected(keyring, encrypted, offset):
     path, _ = encrypted
     key_id_end = len(encryption.MAGIC) + 2 + len(keyring.current)
-    offsets = {"magic": 0, "version": len(encryption.MAGIC), "key_id": key_id_end - 1, "chunk_size": key_id_end + 3,
-               "prefix": key_id_end + 4, "wrap": key_id_end + 12, "last_header": header_size(keyring) - 1}
+    offsets = {
+        "magic": 0,
+        "version": len(encryption.MAGIC),
+        "key_id": key_id_end - 1,
+        "chunk_size": key_id_end + 3,
+        "prefix": key_id_end + 4,
+        "wrap": key_id_end + 12,
+        "last_header": header_size(keyring) - 1,
+    }
     flip(path, offsets[offset])
     with pytest.raises(DecryptionError):
         encryption.decrypt_bytes(path.read_bytes(), OBJECT, keyring)
@@ -126,8 +134,8 @@ def test_appended_bytes_are_detected(keyring, encrypted):
 def test_swapped_chunks_are_detected(keyring, encrypted):
     path, _ = encrypted
     data, start, block = path.read_bytes(), header_size(keyring), CHUNK + 16
-    first, second = data[start:start + block], data[start + block:start + 2 * block]
-    path.write_bytes(data[:start] + second + first + data[start + 2 * block:])
+    first, second = data[start : start + block], data[start + block : start + 2 * block]
+    path.write_bytes(data[:start] + second + first + data[start + 2 * block :])
     with pytest.raises(DecryptionError, match="chunk 0 "):
         encryption.decrypt_bytes(path.read_bytes(), OBJECT, keyring)
 
@@ -175,10 +183,10 @@ def test_create_makes_a_private_directory(tmp_path):
 
 def test_rewrap_moves_the_object_to_the_current_key_without_touching_chunks(keyring, encrypted):
     path, plaintext = encrypted
-    old_id, chunks_before = keyring.current, path.read_bytes()[header_size(keyring):]
+    old_id, chunks_before = keyring.current, path.read_bytes()[header_size(keyring) :]
     keyring.rotate()
     assert encryption.rewrap(path, keyring) is True
-    assert path.read_bytes()[header_size(keyring):] == chunks_before  # the data was not re-encrypted
+    assert path.read_bytes()[header_size(keyring) :] == chunks_before  # the data was not re-encrypted
     assert encryption.rewrap(path, keyring) is False  # already under the current key
     only_new = Keyring({keyring.current: keyring.keys[keyring.current]}, keyring.current)
     assert encryption.decrypt_bytes(path.read_bytes(), OBJECT, only_new) == plaintext
@@ -213,8 +221,10 @@ def test_key_from_environment(monkeypatch, keyring):
         from_environment.rotate()
 
 
-@pytest.mark.parametrize("value, problem", [(None, "not set"), ("not base64!", "not valid base64"),
-                                            (base64.b64encode(b"short").decode(), "5 bytes")])
+@pytest.mark.parametrize(
+    "value, problem",
+    [(None, "not set"), ("not base64!", "not valid base64"), (base64.b64encode(b"short").decode(), "5 bytes")],
+)
 def test_bad_environment_key_names_the_variable_and_the_fix(monkeypatch, value, problem):
     if value is None:
         monkeypatch.delenv("TUNESMITH_MASTER_KEY", raising=False)
@@ -225,11 +235,16 @@ def test_bad_environment_key_names_the_variable_and_the_fix(monkeypatch, value, 
     assert str(caught.value).startswith("TUNESMITH_MASTER_KEY: ") and "fix: " in str(caught.value)
 
 
-@pytest.mark.parametrize("content, problem", [
-    (None, "not found"), ("{not json", "not JSON"), ('{"keys": {}}', "malformed"),
-    ('{"current": "a", "keys": {"a": "AAAA"}}', "3 bytes"),
-    ('{"current": "b", "keys": {"a": "' + base64.b64encode(bytes(32)).decode() + '"}}', "'current' is 'b'"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (None, "not found"),
+        ("{not json", "not JSON"),
+        ('{"keys": {}}', "malformed"),
+        ('{"current": "a", "keys": {"a": "AAAA"}}', "3 bytes"),
+        ('{"current": "b", "keys": {"a": "' + base64.b64encode(bytes(32)).decode() + '"}}', "'current' is 'b'"),
+    ],
+)
 def test_bad_key_file_names_the_file_and_the_fix(tmp_path, content, problem):
     path = tmp_path / "master.json"
     if content is not None:
@@ -287,8 +302,12 @@ def test_scopes_are_ordered_read_write_admin():
 def build_chain(length: int = 8) -> list[audit.AuditRecord]:
     records, previous = [], None
     for number in range(length):
-        previous = seal(previous, AuditEvent("acme", "0123456789ab", "file.upload", (f"file-{number}",),
-                                             {"bytes": number * 10, "tags": ("a", "b")}))
+        previous = seal(
+            previous,
+            AuditEvent(
+                "acme", "0123456789ab", "file.upload", (f"file-{number}",), {"bytes": number * 10, "tags": ("a", "b")}
+            ),
+        )
         records.append(previous)
     return records
 
@@ -369,8 +388,10 @@ for number in range(int(sys.argv[3])):
 
 def test_concurrent_appends_from_processes_form_one_chain(tmp_path):
     path, processes, appends = tmp_path / "log.jsonl", 4, 25
-    workers = [subprocess.Popen([sys.executable, "-c", APPENDER, str(path), f"worker{index}", str(appends)])
-               for index in range(processes)]
+    workers = [
+        subprocess.Popen([sys.executable, "-c", APPENDER, str(path), f"worker{index}", str(appends)])
+        for index in range(processes)
+    ]
     Path(f"{path}.go").touch()
     assert [worker.wait(timeout=120) for worker in workers] == [0] * processes
     result = AuditFile(path).verify()

@@ -1,4 +1,5 @@
 """The service end to end, through the official `openai` client against a live server on loopback."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from service_fixtures import MARKER, files_containing, live_app, make_key, training_rows, wait_for, write_rows
 
 openai = pytest.importorskip("openai")
@@ -29,8 +29,12 @@ def client(base_url: str, key: str):
 
 
 def finished(api, job_id: str, timeout: float = 120):
-    return wait_for(lambda: (job := api.fine_tuning.jobs.retrieve(job_id)).status in ("succeeded", "failed", "cancelled")
-                    and job, timeout, interval=0.3, what=f"job {job_id} to finish")
+    return wait_for(
+        lambda: (job := api.fine_tuning.jobs.retrieve(job_id)).status in ("succeeded", "failed", "cancelled") and job,
+        timeout,
+        interval=0.3,
+        what=f"job {job_id} to finish",
+    )
 
 
 def test_upload_train_and_chat_with_the_fine_tuned_model(service, tmp_path):
@@ -42,9 +46,16 @@ def test_upload_train_and_chat_with_the_fine_tuned_model(service, tmp_path):
         assert api.files.content(uploaded.id).read() == data.read_bytes()
         assert [f.id for f in api.files.list()] == [uploaded.id]
 
-        job = api.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, suffix="capitals", seed=7,
-                                          method={"type": "supervised", "supervised": {"hyperparameters": {
-                                              "n_epochs": 30, "batch_size": 1, "learning_rate_multiplier": 50}}})
+        job = api.fine_tuning.jobs.create(
+            model="tiny",
+            training_file=uploaded.id,
+            suffix="capitals",
+            seed=7,
+            method={
+                "type": "supervised",
+                "supervised": {"hyperparameters": {"n_epochs": 30, "batch_size": 1, "learning_rate_multiplier": 50}},
+            },
+        )
         assert job.status == "validating_files" and job.seed == 7
         job = finished(api, job.id)
         assert job.status == "succeeded", job.error
@@ -67,8 +78,9 @@ def test_upload_train_and_chat_with_the_fine_tuned_model(service, tmp_path):
         assert tuned.choices[0].finish_reason == "stop"
         base = api.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=12)
         assert base.choices[0].message.content != "Paris is the capital."
-        stream = api.chat.completions.create(model=job.fine_tuned_model, messages=QUESTION, temperature=0,
-                                             max_tokens=12, stream=True)
+        stream = api.chat.completions.create(
+            model=job.fine_tuned_model, messages=QUESTION, temperature=0, max_tokens=12, stream=True
+        )
         pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
         assert len(pieces) > 2 and "".join(pieces) == "Paris is the capital."
 
@@ -77,31 +89,46 @@ def test_upload_train_and_chat_with_the_fine_tuned_model(service, tmp_path):
     assert files_containing(service.settings.home, MARKER.encode()) == []  # uploads and adapters are encrypted
 
 
-def test_a_job_with_a_validation_file_is_evaluated_against_its_base_and_the_report_is_its_result_file(service,
-                                                                                                      tmp_path):
+def test_a_job_with_a_validation_file_is_evaluated_against_its_base_and_the_report_is_its_result_file(
+    service, tmp_path
+):
     train = write_rows(tmp_path / "train.jsonl", training_rows(24))
     held_out = write_rows(tmp_path / "valid.jsonl", training_rows(9, marker="held out"))
     with live_app(service) as base_url:
         api = client(base_url, make_key(service, "acme", "write"))
         train_file = api.files.create(file=train.open("rb"), purpose="fine-tune")
         valid_file = api.files.create(file=held_out.open("rb"), purpose="fine-tune")
-        job = finished(api, api.fine_tuning.jobs.create(
-            model="tiny", training_file=train_file.id, validation_file=valid_file.id,
-            hyperparameters={"n_epochs": 20, "batch_size": 2, "learning_rate_multiplier": 50}).id, timeout=240)
+        job = finished(
+            api,
+            api.fine_tuning.jobs.create(
+                model="tiny",
+                training_file=train_file.id,
+                validation_file=valid_file.id,
+                hyperparameters={"n_epochs": 20, "batch_size": 2, "learning_rate_multiplier": 50},
+            ).id,
+            timeout=240,
+        )
         assert job.status == "succeeded", job.error
         assert len(job.result_files) == 1
         report_file = api.files.retrieve(job.result_files[0])
         assert (report_file.purpose, report_file.filename) == ("fine-tune-results", f"{job.id}-eval.json")
         report = json.loads(api.files.content(report_file.id).read())
         assert (report["task"], report["n"], report["target"], report["data"]) == (
-            "perplexity", 9, job.fine_tuned_model, valid_file.id)
+            "perplexity",
+            9,
+            job.fine_tuned_model,
+            valid_file.id,
+        )
         tuned, base = report["metrics"]["perplexity"], report["baselines"]["base"]["metrics"]["perplexity"]
         assert tuned["ci95"][0] <= tuned["value"] <= tuned["ci95"][1]
         assert tuned["value"] < base["value"] / 2  # it learned the answer the held-out questions share
         difference = report["comparisons"]["base"]["perplexity"]
         assert difference["ci95"][1] < 0  # the paired interval excludes "no better than the base"
-        message = next(e.message for e in api.fine_tuning.jobs.list_events(job.id, limit=100)
-                       if e.message.startswith("Evaluation on 9 validation examples"))
+        message = next(
+            e.message
+            for e in api.fine_tuning.jobs.list_events(job.id, limit=100)
+            if e.message.startswith("Evaluation on 9 validation examples")
+        )
         assert "perplexity" in message and "fine-tuned" in message and "base" in message
 
         succeeded = next(record for record in service.audit_log.records() if record.action == "job.succeeded")
@@ -155,10 +182,14 @@ def test_cancel_stops_a_running_job_within_seconds(service, tmp_path):
     with live_app(service) as base_url:
         api = client(base_url, make_key(service, "acme", "write"))
         file = api.files.create(file=data.open("rb"), purpose="fine-tune")
-        job = api.fine_tuning.jobs.create(model="tiny", training_file=file.id,
-                                          hyperparameters={"n_epochs": 50, "batch_size": 1})
-        wait_for(lambda: any(e.type == "metrics" for e in api.fine_tuning.jobs.list_events(job.id)), 90,
-                 what="the first training step")
+        job = api.fine_tuning.jobs.create(
+            model="tiny", training_file=file.id, hyperparameters={"n_epochs": 50, "batch_size": 1}
+        )
+        wait_for(
+            lambda: any(e.type == "metrics" for e in api.fine_tuning.jobs.list_events(job.id)),
+            90,
+            what="the first training step",
+        )
         asked = time.time()
         assert api.fine_tuning.jobs.cancel(job.id).id == job.id
         job = finished(api, job.id, timeout=30)
@@ -175,8 +206,9 @@ def test_deleting_a_file_erases_it_and_reports_the_models_trained_on_it(service,
     with live_app(service) as base_url:
         api = client(base_url, make_key(service, "acme", "write"))
         file = api.files.create(file=data.open("rb"), purpose="fine-tune")
-        job = finished(api, api.fine_tuning.jobs.create(model="tiny", training_file=file.id,
-                                                        hyperparameters={"n_epochs": 1}).id)
+        job = finished(
+            api, api.fine_tuning.jobs.create(model="tiny", training_file=file.id, hyperparameters={"n_epochs": 1}).id
+        )
         assert job.status == "succeeded"
         deleted = api.files.delete(file.id)
         assert deleted.deleted is True
@@ -190,8 +222,13 @@ def test_deleting_a_file_erases_it_and_reports_the_models_trained_on_it(service,
     assert not service.scratch.exists() or files_containing(service.scratch, MARKER.encode()) == []
     # No copy in the temporary directory either, from this test (the tests' own inputs live under pytest's).
     scratch = Path(os.environ.get("TMPDIR", "/tmp"))
-    written = [path for top in scratch.iterdir() if not top.name.startswith(("pytest-of-", "bash_"))
-               for path in ([top] if top.is_file() else top.rglob("*")) if path.is_file() and path.stat().st_mtime >= started]
+    written = [
+        path
+        for top in scratch.iterdir()
+        if not top.name.startswith(("pytest-of-", "bash_"))
+        for path in ([top] if top.is_file() else top.rglob("*"))
+        if path.is_file() and path.stat().st_mtime >= started
+    ]
     assert [path for path in written if MARKER.encode() in path.read_bytes()] == []
     actions = [record.action for record in service.audit_log.records()]
     assert actions[:2] == ["file.upload", "job.create"] and "file.delete" in actions and "job.succeeded" in actions

@@ -1,11 +1,11 @@
 """Who may call what: every endpoint against no key, a malformed, unknown or revoked key, each scope, and a key
 of another project (whose objects must look like they do not exist)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-
 from service_fixtures import make_key, training_rows
 
 pytest.importorskip("httpx2")
@@ -43,7 +43,9 @@ def adapter_files(tiny_model, tmp_path_factory) -> dict[str, bytes]:
     from transformers import AutoModelForCausalLM
 
     directory = tmp_path_factory.mktemp("adapter")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=2, target_modules="all-linear"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=2, target_modules="all-linear")
+    )
     model.save_pretrained(directory)
     return {name: (directory / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
 
@@ -69,8 +71,9 @@ def world(tmp_path, tiny_model, adapter_files):
     data = "".join(json.dumps(row) + "\n" for row in training_rows(3)).encode()
     file = service.store.add_file("acme", filename="t.jsonl", purpose="fine-tune", bytes=len(data), sha256="0" * 64)
     service.blobs.put_bytes(f"files/{file['id']}", data)
-    job = service.store.add_job("acme", model="tiny", training_file=file["id"], method="supervised",
-                                hyperparameters={}, seed=0)
+    job = service.store.add_job(
+        "acme", model="tiny", training_file=file["id"], method="supervised", hyperparameters={}, seed=0
+    )
     service.store.update_job(job["id"], status="running")
     model_id = f"ft:tiny:x:{job['id']}"
     service.store.add_model("acme", model_id, job["id"], "tiny")
@@ -85,12 +88,21 @@ def request(client, method: str, path: str, key: str | None, ids: dict, data: by
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if method == "POST" and url == "/v1/files":
         return client.post(url, headers=headers, files={"file": ("a.jsonl", data)}, data={"purpose": "fine-tune"})
-    body = {"/v1/fine_tuning/jobs": {"model": "tiny", "training_file": ids["file"]},
-            "/v1/chat/completions": {"model": ids["model"], "messages": [{"role": "user", "content": "hi"}],
-                                     "max_tokens": 2},
-            "/v1/completions": {"model": ids["model"], "prompt": "hi", "max_tokens": 2},
-            "/v1/keys": {"scope": "read"}}.get(url)
-    return client.request(method, url, headers=headers, json=body) if method == "POST" else client.request(method, url, headers=headers)
+    body = {
+        "/v1/fine_tuning/jobs": {"model": "tiny", "training_file": ids["file"]},
+        "/v1/chat/completions": {
+            "model": ids["model"],
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2,
+        },
+        "/v1/completions": {"model": ids["model"], "prompt": "hi", "max_tokens": 2},
+        "/v1/keys": {"scope": "read"},
+    }.get(url)
+    return (
+        client.request(method, url, headers=headers, json=body)
+        if method == "POST"
+        else client.request(method, url, headers=headers)
+    )
 
 
 @pytest.mark.parametrize("method,path,needed,names_object", ENDPOINTS, ids=[f"{m} {p}" for m, p, _, _ in ENDPOINTS])
@@ -110,7 +122,9 @@ def test_authorisation_matrix(world, method, path, needed, names_object):
         assert stranger.status_code == 404, stranger.text
     else:  # its own (empty) view
         assert stranger.status_code == 200, stranger.text
-        assert ids["file"] not in stranger.text and ids["job"] not in stranger.text and ids["model"] not in stranger.text
+        assert (
+            ids["file"] not in stranger.text and ids["job"] not in stranger.text and ids["model"] not in stranger.text
+        )
     allowed = request(client, method, path, keys[needed], ids, data)
     assert allowed.status_code == 200, allowed.text
     if method != "GET":  # every state-changing call that was allowed is in the audit trail, with its key

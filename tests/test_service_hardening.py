@@ -1,11 +1,11 @@
 """The service under fire (issue 21): dropped streams, hostile JSON bodies, uploads that fail half-way."""
+
 from __future__ import annotations
 
 import gc
 import json
 
 import pytest
-
 from service_fixtures import live_app, make_key, record_generations, training_rows
 
 httpx = pytest.importorskip("httpx2")  # what openai 3.x and starlette 1.x speak
@@ -32,8 +32,11 @@ def test_a_dropped_stream_frees_the_model_and_stops_its_generation(service, monk
         with live_app(service, worker=False) as base_url:
             auth = headers(service, "read")
             with httpx.Client(base_url=base_url, headers=auth, timeout=30) as dropping:
-                with dropping.stream("POST", "/chat/completions", json={
-                        "model": "tiny", "messages": QUESTION, "max_tokens": 900, "stream": True}) as response:
+                with dropping.stream(
+                    "POST",
+                    "/chat/completions",
+                    json={"model": "tiny", "messages": QUESTION, "max_tokens": 900, "stream": True},
+                ) as response:
                     assert response.status_code == 200
                     first = next(line for line in response.iter_lines() if line.startswith("data: "))
                     assert json.loads(first.removeprefix("data: "))["object"] == "chat.completion.chunk"
@@ -59,8 +62,11 @@ def test_a_deeply_nested_body_is_an_openai_shaped_400(service, path):
 
     with TestClient(create_app(service), raise_server_exceptions=False) as client:
         for depth in (100_000, 1_000):
-            reply = client.post(f"/v1{path}", content=nested(depth),
-                                headers={**headers(service, "admin"), "Content-Type": "application/json"})
+            reply = client.post(
+                f"/v1{path}",
+                content=nested(depth),
+                headers={**headers(service, "admin"), "Content-Type": "application/json"},
+            )
             assert reply.status_code == 400, reply.text
             error = reply.json()["error"]
             assert set(error) == ERROR_FIELDS and error["type"] == "invalid_request_error"
@@ -107,8 +113,9 @@ def test_an_upload_that_fails_after_its_blob_was_written_leaves_nothing_behind(s
     monkeypatch.setattr(service.store, "add_file", broken)
     data = "".join(json.dumps(row) + "\n" for row in training_rows(4)).encode()
     with TestClient(create_app(service), raise_server_exceptions=False) as client:
-        reply = client.post("/v1/files", files={"file": ("train.jsonl", data)}, data={"purpose": "fine-tune"},
-                            headers=headers(service))
+        reply = client.post(
+            "/v1/files", files={"file": ("train.jsonl", data)}, data={"purpose": "fine-tune"}, headers=headers(service)
+        )
     assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error"
     assert [path for path in service.blobs.root.rglob("*") if path.is_file()] == []
 
@@ -120,8 +127,9 @@ def test_an_upload_with_a_deeply_nested_line_leaves_nothing_behind(service):
 
     data = json.dumps(training_rows(1)[0]).encode() + b"\n" + b"[" * 30_000 + b"]" * 30_000 + b"\n"
     with TestClient(create_app(service), raise_server_exceptions=False) as client:
-        reply = client.post("/v1/files", files={"file": ("train.jsonl", data)}, data={"purpose": "fine-tune"},
-                            headers=headers(service))
+        reply = client.post(
+            "/v1/files", files={"file": ("train.jsonl", data)}, data={"purpose": "fine-tune"}, headers=headers(service)
+        )
     assert reply.status_code >= 400 and set(reply.json()["error"]) == ERROR_FIELDS
     assert [path for path in service.blobs.root.rglob("*") if path.is_file()] == []
     assert service.store.files("acme", None) == []

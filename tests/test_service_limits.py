@@ -1,12 +1,12 @@
 """Bounded requests (issue 21, B5): a JSON body, a prompt and an upload each have a limit that is checked
 before the work it would cost is done, and refusals are OpenAI-shaped."""
+
 from __future__ import annotations
 
 import json
 
 import anyio
 import pytest
-
 from service_fixtures import make_key, training_rows
 
 ERROR_FIELDS = {"message", "type", "param", "code"}
@@ -35,16 +35,29 @@ def call_asgi(app, path: str, head: dict[str, str], body_size: int, piece: bytes
         size = min(CHUNK, body_size - sent[0])
         sent[0] += size
         asked[0] += size
-        return {"type": "http.request", "body": (piece * (size // len(piece) + 1))[:size],
-                "more_body": sent[0] < body_size}
+        return {
+            "type": "http.request",
+            "body": (piece * (size // len(piece) + 1))[:size],
+            "more_body": sent[0] < body_size,
+        }
 
     async def send(message: dict) -> None:
         replies.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": f"/v1{path}", "raw_path": f"/v1{path}".encode(), "query_string": b"", "root_path": "",
-             "server": ("testserver", 80), "client": ("127.0.0.1", 1234),
-             "headers": [(name.lower().encode(), value.encode()) for name, value in head.items()]}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": f"/v1{path}",
+        "raw_path": f"/v1{path}".encode(),
+        "query_string": b"",
+        "root_path": "",
+        "server": ("testserver", 80),
+        "client": ("127.0.0.1", 1234),
+        "headers": [(name.lower().encode(), value.encode()) for name, value in head.items()],
+    }
     anyio.run(app, scope, receive, send)
     status = next(message["status"] for message in replies if message["type"] == "http.response.start")
     body = b"".join(message.get("body", b"") for message in replies if message["type"] == "http.response.body")
@@ -89,8 +102,8 @@ def test_a_json_body_just_under_the_limit_still_parses(service):
 def test_a_prompt_longer_than_the_context_could_hold_is_refused_before_tokenizing(service, monkeypatch, chat):
     from fastapi.testclient import TestClient
 
-    from tunesmith.serve.request import MAX_BYTES_PER_TOKEN
     from tunesmith.serve.api import create_app
+    from tunesmith.serve.request import MAX_BYTES_PER_TOKEN
 
     app = create_app(service)
     engine = app.state.pool.engine(service.settings.base_models["tiny"])
@@ -100,11 +113,15 @@ def test_a_prompt_longer_than_the_context_could_hold_is_refused_before_tokenizin
     monkeypatch.setattr(engine.chat, "prompt_ids", lambda *a, **k: calls.append(1) or prompt_ids(*a, **k))
     context = engine.model.config.max_position_embeddings
     text = "é" * (context * MAX_BYTES_PER_TOKEN // 2 + 1)  # two UTF-8 bytes a character
-    request = ({"model": "tiny", "messages": [{"role": "user", "content": text}]} if chat
-               else {"model": "tiny", "prompt": text})
+    request = (
+        {"model": "tiny", "messages": [{"role": "user", "content": text}]}
+        if chat
+        else {"model": "tiny", "prompt": text}
+    )
     with TestClient(app) as client:
-        reply = client.post("/v1/chat/completions" if chat else "/v1/completions", json=request,
-                            headers=headers(service, "read"))
+        reply = client.post(
+            "/v1/chat/completions" if chat else "/v1/completions", json=request, headers=headers(service, "read")
+        )
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert set(error) == ERROR_FIELDS and error["code"] == "context_length_exceeded"
@@ -118,8 +135,9 @@ def test_a_prompt_within_the_byte_bound_is_still_tokenized_and_checked(service):
     from tunesmith.serve.api import create_app
 
     with TestClient(create_app(service)) as client:
-        reply = client.post("/v1/completions", json={"model": "tiny", "prompt": "hello " * 2000},
-                            headers=headers(service, "read"))
+        reply = client.post(
+            "/v1/completions", json={"model": "tiny", "prompt": "hello " * 2000}, headers=headers(service, "read")
+        )
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded"
     assert "tokens" in reply.json()["error"]["message"]
 
@@ -159,16 +177,28 @@ def post_form(service, parts) -> tuple[int, dict]:
 
 
 def test_an_upload_with_one_file_part_and_unknown_fields_is_accepted(service):
-    status, reply = post_form(service, [("purpose", None, b"fine-tune"), ("expires_after[anchor]", None, b"created_at"),
-                                        ("file", "train.jsonl", training_file(8 << 10))])
+    status, reply = post_form(
+        service,
+        [
+            ("purpose", None, b"fine-tune"),
+            ("expires_after[anchor]", None, b"created_at"),
+            ("file", "train.jsonl", training_file(8 << 10)),
+        ],
+    )
     assert status == 200, reply
     assert len(stored_blobs(service)) == 1
 
 
 @pytest.mark.parametrize("second", ["file", "other"])
 def test_an_upload_with_a_second_file_part_is_a_400_that_leaves_nothing_behind(service, second):
-    status, reply = post_form(service, [("file", "train.jsonl", training_file(8 << 10)),
-                                        ("purpose", None, b"fine-tune"), (second, "more.jsonl", training_file(8 << 10))])
+    status, reply = post_form(
+        service,
+        [
+            ("file", "train.jsonl", training_file(8 << 10)),
+            ("purpose", None, b"fine-tune"),
+            (second, "more.jsonl", training_file(8 << 10)),
+        ],
+    )
     assert status == 400, reply
     assert set(reply["error"]) == ERROR_FIELDS and reply["error"]["param"] == "file"
     assert stored_blobs(service) == [] and service.store.files("acme", None) == []
@@ -177,15 +207,18 @@ def test_an_upload_with_a_second_file_part_is_a_400_that_leaves_nothing_behind(s
 def test_an_upload_whose_parts_together_pass_the_limit_is_a_413_that_leaves_nothing_behind(service):
     # each part is under its own limit (64 KiB for the file, 4 KiB for a field); together they are not
     fields = [(f"note{index}", None, b"n" * 4000) for index in range(30)]
-    status, reply = post_form(service, [("file", "train.jsonl", training_file(60 << 10)),
-                                        ("purpose", None, b"fine-tune"), *fields])
+    status, reply = post_form(
+        service, [("file", "train.jsonl", training_file(60 << 10)), ("purpose", None, b"fine-tune"), *fields]
+    )
     assert status == 413, reply
     assert set(reply["error"]) == ERROR_FIELDS and reply["error"]["code"] == "file_too_large"
     assert stored_blobs(service) == [] and service.store.files("acme", None) == []
 
 
 def test_a_purpose_over_4_kb_is_a_400_about_the_purpose_not_a_file_too_large(service):
-    status, reply = post_form(service, [("purpose", None, b"p" * 5000), ("file", "train.jsonl", training_file(8 << 10))])
+    status, reply = post_form(
+        service, [("purpose", None, b"p" * 5000), ("file", "train.jsonl", training_file(8 << 10))]
+    )
     assert status == 400, reply
     assert reply["error"]["param"] == "purpose" and "4096 bytes" in reply["error"]["message"]
     assert stored_blobs(service) == [] and service.store.files("acme", None) == []
@@ -208,8 +241,11 @@ def test_a_malformed_multipart_body_is_an_openai_shaped_400(service):
     from tunesmith.serve.api import create_app
 
     with TestClient(create_app(service), raise_server_exceptions=False) as client:
-        reply = client.post("/v1/files", content=b"this is not a form",
-                            headers={**headers(service), "Content-Type": "multipart/form-data; boundary=b0undary"})
+        reply = client.post(
+            "/v1/files",
+            content=b"this is not a form",
+            headers={**headers(service), "Content-Type": "multipart/form-data; boundary=b0undary"},
+        )
     assert reply.status_code == 400, reply.text
     assert set(reply.json()["error"]) == ERROR_FIELDS and reply.json()["error"]["param"] == "file"
     assert stored_blobs(service) == []

@@ -1,6 +1,7 @@
 """What users have, served as OpenAI serves it (issue 21): the developer role and text parts, every SDK parameter
 supported or refused by name, token-id prompts, echo with prompt logprobs, run directories, checkpoint models,
 and training files kept from read keys. Through the official `openai` SDK against a live app on a tiny model."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ def lora_dir(model_dir: Path, directory: Path, seed: int) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
+    )
     get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config).save_pretrained(directory)
     return directory
 
@@ -35,8 +37,9 @@ def runs(tiny_model, tmp_path_factory) -> dict[str, Path]:
     """Finished run directories as `tunesmith train` leaves them: a LoRA run (adapter/) and a full one (model/)."""
     adapter_run = tmp_path_factory.mktemp("run-lora")
     lora_dir(tiny_model, adapter_run / "adapter", seed=3)
-    (adapter_run / "config.yaml").write_text(json.dumps(
-        {"model": str(tiny_model), "data": {"train": "t.jsonl", "system_prompt": SYSTEM_PROMPT}}))
+    (adapter_run / "config.yaml").write_text(
+        json.dumps({"model": str(tiny_model), "data": {"train": "t.jsonl", "system_prompt": SYSTEM_PROMPT}})
+    )
     full_run = tmp_path_factory.mktemp("run-full")
     build_model_dir(full_run / "model", seed=5)
     (full_run / "config.yaml").write_text(json.dumps({"model": str(tiny_model), "data": {"train": "t.jsonl"}}))
@@ -49,8 +52,12 @@ def site(tiny_model, runs, tmp_path_factory):
     from tunesmith.serve.service import Service, Settings
 
     home = tmp_path_factory.mktemp("parity") / "home"
-    service = Service(Settings(home=home, base_models={"tiny": str(tiny_model), "lora-run": str(runs["lora"]),
-                                                       "full-run": str(runs["full"])}))
+    service = Service(
+        Settings(
+            home=home,
+            base_models={"tiny": str(tiny_model), "lora-run": str(runs["lora"]), "full-run": str(runs["full"])},
+        )
+    )
     keys = {scope: make_key(service, "acme", scope) for scope in ("read", "write")}
     keys["other"] = make_key(service, "globex", "write")
     with live_app(service, worker=False) as base_url:
@@ -75,30 +82,62 @@ def direct_reply(engine, messages: list[dict], max_tokens: int = 6) -> tuple[str
 def test_developer_role_and_text_parts_are_read_as_system_and_joined_text(site, tiny_model):
     from tunesmith.engine.generation import Engine
 
-    reply = api(site).chat.completions.create(model="tiny", **GREEDY, messages=[
-        {"role": "developer", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "my card"}, {"type": "text", "text": "has not arrived"}],
-         "name": "ann"}])
-    text, prompt_tokens = direct_reply(Engine.load(str(tiny_model)), [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "my card\nhas not arrived"}])
+    reply = api(site).chat.completions.create(
+        model="tiny",
+        **GREEDY,
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "my card"}, {"type": "text", "text": "has not arrived"}],
+                "name": "ann",
+            },
+        ],
+    )
+    text, prompt_tokens = direct_reply(
+        Engine.load(str(tiny_model)),
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "my card\nhas not arrived"}],
+    )
     assert reply.usage.prompt_tokens == prompt_tokens and reply.choices[0].message.content == text
 
 
 def test_a_non_text_content_part_is_a_400_naming_the_part(site):
     with pytest.raises(openai.BadRequestError) as error:
-        api(site).chat.completions.create(model="tiny", **GREEDY, messages=[{"role": "user", "content": [
-            {"type": "text", "text": "what is this?"},
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+        api(site).chat.completions.create(
+            model="tiny",
+            **GREEDY,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                    ],
+                }
+            ],
+        )
     assert error.value.body["param"] == "messages[0].content[1]" and "image_url" in error.value.body["message"]
 
 
 CHAT_REFUSED = {
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-    "tool_choice": "auto", "functions": [{"name": "f"}], "function_call": "auto", "parallel_tool_calls": True,
-    "response_format": {"type": "json_object"}, "presence_penalty": 0.5, "frequency_penalty": 0.5,
-    "logit_bias": {"5": 10}, "audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"],
-    "prediction": {"type": "content", "content": "x"}, "web_search_options": {}, "reasoning_effort": "low",
-    "verbosity": "low", "store": True, "service_tier": "flex", "top_logprobs": 3,  # top_logprobs without logprobs
+    "tool_choice": "auto",
+    "functions": [{"name": "f"}],
+    "function_call": "auto",
+    "parallel_tool_calls": True,
+    "response_format": {"type": "json_object"},
+    "presence_penalty": 0.5,
+    "frequency_penalty": 0.5,
+    "logit_bias": {"5": 10},
+    "audio": {"voice": "alloy", "format": "wav"},
+    "modalities": ["text", "audio"],
+    "prediction": {"type": "content", "content": "x"},
+    "web_search_options": {},
+    "reasoning_effort": "low",
+    "verbosity": "low",
+    "store": True,
+    "service_tier": "flex",
+    "top_logprobs": 3,  # top_logprobs without logprobs
 }
 COMPLETION_REFUSED = {"suffix": "tail", "best_of": 3, "presence_penalty": 1.0, "logit_bias": {"5": 10}}
 
@@ -106,8 +145,9 @@ COMPLETION_REFUSED = {"suffix": "tail", "best_of": 3, "presence_penalty": 1.0, "
 @pytest.mark.parametrize("param", list(CHAT_REFUSED))
 def test_each_unsupported_chat_parameter_is_a_400_naming_it(site, param):
     with pytest.raises(openai.BadRequestError) as error:
-        api(site).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], **GREEDY,
-                                          **{param: CHAT_REFUSED[param]})
+        api(site).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], **GREEDY, **{param: CHAT_REFUSED[param]}
+        )
     assert error.value.body["param"] == param and param in error.value.body["message"]
     assert "fix:" in error.value.body["message"]
 
@@ -122,8 +162,9 @@ def test_each_unsupported_completion_parameter_is_a_400_naming_it(site, param):
 def test_unknown_arguments_and_prompt_batches_are_refused_by_name(site):
     client = api(site)
     with pytest.raises(openai.BadRequestError) as error:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], **GREEDY,
-                                       extra_body={"guided_json": {}})
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], **GREEDY, extra_body={"guided_json": {}}
+        )
     assert error.value.body["param"] == "guided_json" and "Unrecognized request argument" in error.value.body["message"]
     with pytest.raises(openai.BadRequestError) as error:
         client.completions.create(model="tiny", prompt=["one", "two"], **GREEDY)
@@ -132,9 +173,20 @@ def test_unknown_arguments_and_prompt_batches_are_refused_by_name(site):
 
 def test_faithful_no_op_parameters_are_accepted(site):
     reply = api(site).chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "hi"}], **GREEDY, user="u-1", metadata={"team": "a"},
-        store=False, service_tier="auto", safety_identifier="s", prompt_cache_key="k", frequency_penalty=0,
-        response_format={"type": "text"}, tool_choice="none", modalities=["text"])
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        **GREEDY,
+        user="u-1",
+        metadata={"team": "a"},
+        store=False,
+        service_tier="auto",
+        safety_identifier="s",
+        prompt_cache_key="k",
+        frequency_penalty=0,
+        response_format={"type": "text"},
+        tool_choice="none",
+        modalities=["text"],
+    )
     assert reply.choices[0].message.role == "assistant"
 
 
@@ -147,7 +199,7 @@ def test_prompt_of_token_ids_is_parsed_and_checked_against_the_vocabulary(tiny_m
     for prompt in (ids, [ids]):
         assert prompt_ids(engine, parse_prompt({"model": "tiny", "prompt": prompt})) == ids
     with pytest.raises(RequestError) as error:
-        prompt_ids(engine, [1, 10 ** 7])
+        prompt_ids(engine, [1, 10**7])
     assert error.value.param == "prompt" and error.value.code == "invalid_token_id"
 
 
@@ -157,10 +209,17 @@ def test_echo_options_allow_max_tokens_zero_and_check_logprobs(tiny_model):
 
     engine = Engine.load(str(tiny_model))
     options = Options.parse({"prompt": [1, 2], "echo": True, "logprobs": 2, "max_tokens": 0}, "tiny", chat=False)
-    assert (options.echo, options.logprobs, options.sampling(engine, [1, 2], 16, "prompt").max_new_tokens) == (True, 2, 0)
+    assert (options.echo, options.logprobs, options.sampling(engine, [1, 2], 16, "prompt").max_new_tokens) == (
+        True,
+        2,
+        0,
+    )
     chat = Options.parse({"messages": [], "logprobs": True, "top_logprobs": 4}, "tiny")
     assert (chat.logprobs, chat.top_logprobs, chat.echo) == (True, 4, False)
-    for request, param in (({"prompt": "x", "logprobs": 6}, "logprobs"), ({"prompt": "x", "max_tokens": 0}, "max_tokens")):
+    for request, param in (
+        ({"prompt": "x", "logprobs": 6}, "logprobs"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ):
         with pytest.raises(RequestError) as error:
             Options.parse(request, "tiny", chat=False)
         assert error.value.param == param
@@ -187,16 +246,20 @@ def test_echo_scores_equal_direct_scoring_under_the_requests_adapter(tiny_model,
     ids = pool.engine(base).tokenizer("my card has not arrived yet")["input_ids"]
     adapter = runs["lora"] / "adapter"
     files = {name: (adapter / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
-    for key, loader, expected in ((None, None, direct_logprobs(tiny_model, ids)),
-                                  ("a", lambda: files, direct_logprobs(tiny_model, ids, adapter))):
+    for key, loader, expected in (
+        (None, None, direct_logprobs(tiny_model, ids)),
+        ("a", lambda: files, direct_logprobs(tiny_model, ids, adapter)),
+    ):
         reply = completion(pool, base, key, loader, {"prompt": ids, "echo": True, "logprobs": 3, "max_tokens": 0})
         shaped = reply["choices"][0]["logprobs"]
         assert shaped["token_logprobs"][0] is None and shaped["top_logprobs"][0] is None
         assert torch.allclose(torch.tensor(shaped["token_logprobs"][1:]), expected, atol=1e-4)
         assert "".join(shaped["tokens"]) == "my card has not arrived yet" == reply["choices"][0]["text"]
         assert shaped["text_offset"] == [len("".join(shaped["tokens"][:i])) for i in range(len(ids))]
-        assert all(1 <= len(top) <= 3 and max(top.values()) >= logprob - 1e-6  # ids that decode alike share a key
-                   for top, logprob in zip(shaped["top_logprobs"][1:], shaped["token_logprobs"][1:]))
+        assert all(
+            1 <= len(top) <= 3 and max(top.values()) >= logprob - 1e-6  # ids that decode alike share a key
+            for top, logprob in zip(shaped["top_logprobs"][1:], shaped["token_logprobs"][1:])
+        )
 
 
 def test_token_id_prompt_with_echo_over_the_api_equals_direct_scoring(site, tiny_model):
@@ -230,8 +293,10 @@ def test_a_run_directory_that_cannot_be_served_is_refused_at_startup(tiny_model,
 
     unfinished, reward = tmp_path / "unfinished", tmp_path / "reward"
     data = {"train": "t.jsonl"}
-    for directory, config in ((unfinished, {"model": str(tiny_model), "data": data}),
-                              (reward, {"model": str(tiny_model), "method": "reward", "data": data})):
+    for directory, config in (
+        (unfinished, {"model": str(tiny_model), "data": data}),
+        (reward, {"model": str(tiny_model), "method": "reward", "data": data}),
+    ):
         directory.mkdir()
         (directory / "config.yaml").write_text(json.dumps(config))
     shutil.copytree(tiny_model, reward / "model")
@@ -245,8 +310,9 @@ def test_a_checkpoint_model_is_served_through_its_steps_adapter(site, tiny_model
     from tunesmith.engine.generation import Engine
 
     service = site[0]
-    job = service.store.add_job("acme", model="tiny", training_file="file-x", method="supervised",
-                                hyperparameters={}, seed=0, suffix="cp")
+    job = service.store.add_job(
+        "acme", model="tiny", training_file="file-x", method="supervised", hyperparameters={}, seed=0, suffix="cp"
+    )
     service.store.add_checkpoint(job["id"], 10, {})
     adapter = lora_dir(tiny_model, tmp_path / "ckpt", seed=11)
     for name in ("adapter_config.json", "adapter_model.safetensors"):  # stored as the worker stores a checkpoint's

@@ -2,6 +2,7 @@
 with SIGKILL mid-job, the job's scratch directory is lost with them (as a machine's memory is on a restart), and
 both are started again; the job resumes from its sealed checkpoint and completes, with every training step
 reported exactly once."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,17 @@ import signal
 from pathlib import Path
 
 import pytest
-
-from service_fixtures import MARKER, files_containing, free_port, make_key, start_command, training_rows, wait_for, wait_for_port, write_rows
+from service_fixtures import (
+    MARKER,
+    files_containing,
+    free_port,
+    make_key,
+    start_command,
+    training_rows,
+    wait_for,
+    wait_for_port,
+    write_rows,
+)
 
 openai = pytest.importorskip("openai")
 
@@ -64,9 +74,12 @@ def test_killed_api_and_worker_resume_the_job_without_loss_or_duplicates(tmp_pat
     try:
         wait_for_port(port)
         api = openai.OpenAI(api_key=key, base_url=f"http://127.0.0.1:{port}/v1", max_retries=0, timeout=30)
-        file = api.files.create(file=write_rows(tmp_path / "train.jsonl", training_rows(300)).open("rb"),
-                                purpose="fine-tune")
-        job = api.fine_tuning.jobs.create(model="tiny", training_file=file.id, hyperparameters={"n_epochs": 4, "batch_size": 1})
+        file = api.files.create(
+            file=write_rows(tmp_path / "train.jsonl", training_rows(300)).open("rb"), purpose="fine-tune"
+        )
+        job = api.fine_tuning.jobs.create(
+            model="tiny", training_file=file.id, hyperparameters={"n_epochs": 4, "batch_size": 1}
+        )
         wait_for(lambda: service.blobs.exists(service.sealed_run(job.id)), 120, what="the first sealed checkpoint")
         # Mid-job, the plaintext is in the scratch directory alone: the home holds only ciphertext.
         assert files_containing(scratch, MARKER.encode()) != []
@@ -81,8 +94,12 @@ def test_killed_api_and_worker_resume_the_job_without_loss_or_duplicates(tmp_pat
 
         api_process, worker_process = start_command(serve_args, home, log), start_command(worker_args, home, log)
         wait_for_port(port)
-        job = wait_for(lambda: (j := api.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
-                       180, interval=0.5, what="the resumed job to finish")
+        job = wait_for(
+            lambda: (j := api.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
+            180,
+            interval=0.5,
+            what="the resumed job to finish",
+        )
         assert job.status == "succeeded", (job.error, log.read_text()[-3000:])
     finally:
         for process in (api_process, worker_process):
@@ -114,15 +131,18 @@ def test_a_rewritten_metrics_log_is_read_again_without_losing_or_repeating_steps
 
     service = Service(Settings(home=tmp_path / "home", base_models={"tiny": str(tiny_model)}))
     service.store.ensure_project("acme")
-    service.store.add_job("acme", model="tiny", training_file="file-x", method="supervised", hyperparameters={}, seed=0,
-                          status="queued")
+    service.store.add_job(
+        "acme", model="tiny", training_file="file-x", method="supervised", hyperparameters={}, seed=0, status="queued"
+    )
     run = JobRun(Worker(service), service.store.lease("me", 30))  # the worker's writes are fenced by its lease
     job = run.job
     log = run.directory / "run" / "metrics.jsonl"
     log.parent.mkdir(parents=True)
 
     def lines(steps, tokens_per_s: float = 1234.5) -> str:  # a re-logged step differs in its timing figures
-        return "".join(json.dumps({"step": step, "loss": 10.0 / step, "tokens_per_s": tokens_per_s}) + "\n" for step in steps)
+        return "".join(
+            json.dumps({"step": step, "loss": 10.0 / step, "tokens_per_s": tokens_per_s}) + "\n" for step in steps
+        )
 
     log.write_text(lines(range(1, 38)))
     run.sync_run()
@@ -145,14 +165,17 @@ def test_the_worker_runs_a_job_on_several_processes(tmp_path, tiny_model):
     data = write_rows(tmp_path / "train.jsonl", training_rows(40))
     with data.open("rb") as source:
         file = service.upload("acme", "train.jsonl", "fine-tune", source)
-    job = service.create_job("acme", {"model": "tiny", "training_file": file["id"],
-                                      "hyperparameters": {"n_epochs": 2, "batch_size": 2}})
+    job = service.create_job(
+        "acme", {"model": "tiny", "training_file": file["id"], "hyperparameters": {"n_epochs": 2, "batch_size": 2}}
+    )
     service.validate_job(job)
     worker = Worker(service, lease_seconds=10, poll_seconds=0.2)
     lease = service.store.lease(worker.name, 10)
     assert lease.job["id"] == job["id"] and lease.job["processes"] == 2
     assert worker.run_job(lease) == "succeeded"
-    opening = [event for event in service.store.events(job["id"], limit=100) if event["message"].startswith("Training ")]
+    opening = [
+        event for event in service.store.events(job["id"], limit=100) if event["message"].startswith("Training ")
+    ]
     assert opening and opening[0]["data"]["processes"] == 2
     assert service.store.model("acme", service.store.job("acme", job["id"])["fine_tuned_model"]) is not None
     assert_the_last_checkpoint_serves_the_final_adapter(service, job["id"])
@@ -174,25 +197,49 @@ def test_serve_speaks_tls_when_given_a_certificate(tmp_path, tiny_model):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     home = tmp_path / "home"
     api_key = make_key(Service(Settings(home=home, base_models={"tiny": str(tiny_model)})), "acme", "read")
     port = free_port()
-    process = start_command(["serve", "--model", f"tiny={tiny_model}", "--workers", "0", "--port", str(port),
-                             "--tls-cert", str(cert_path), "--tls-key", str(key_path)], home, tmp_path / "serve.log")
+    process = start_command(
+        [
+            "serve",
+            "--model",
+            f"tiny={tiny_model}",
+            "--workers",
+            "0",
+            "--port",
+            str(port),
+            "--tls-cert",
+            str(cert_path),
+            "--tls-key",
+            str(key_path),
+        ],
+        home,
+        tmp_path / "serve.log",
+    )
     try:
         wait_for_port(port)
         trusted = httpx2.Client(verify=ssl.create_default_context(cafile=str(cert_path)))
-        api = openai.OpenAI(api_key=api_key, base_url=f"https://127.0.0.1:{port}/v1", http_client=trusted, max_retries=0)
+        api = openai.OpenAI(
+            api_key=api_key, base_url=f"https://127.0.0.1:{port}/v1", http_client=trusted, max_retries=0
+        )
         assert "tiny" in [model.id for model in api.models.list()]
         plain = openai.OpenAI(api_key=api_key, base_url=f"http://127.0.0.1:{port}/v1", max_retries=0, timeout=5)
         with pytest.raises(openai.APIConnectionError):

@@ -1,5 +1,6 @@
 """The API's semantics where they must match OpenAI's: list cursors, error codes, cancel, the first event,
 and the schema behind a key. In-process (FastAPI's TestClient); the store's rows are written directly."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,16 @@ def site(tmp_path: Path):
 
 
 def add_file(service: Service, created_at: int) -> dict:
-    return service.store.add_file(PROJECT, filename="a.jsonl", purpose="fine-tune", bytes=1, sha256="0" * 64,
-                                  format="messages", examples=1, created_at=created_at)
+    return service.store.add_file(
+        PROJECT,
+        filename="a.jsonl",
+        purpose="fine-tune",
+        bytes=1,
+        sha256="0" * 64,
+        format="messages",
+        examples=1,
+        created_at=created_at,
+    )
 
 
 def test_an_unknown_after_cursor_is_a_400_on_every_list(site):
@@ -39,9 +48,12 @@ def test_an_unknown_after_cursor_is_a_400_on_every_list(site):
     store.add_checkpoint(other["id"], 10, {})
     foreign_event = store.events(other["id"])[0]["id"]
     foreign_checkpoint = store.checkpoints(other["id"])[0]["id"]
-    lists = {"/v1/files": file["id"], "/v1/fine_tuning/jobs": job["id"],
-             f"/v1/fine_tuning/jobs/{job['id']}/events": foreign_event,  # a cursor from another job's list
-             f"/v1/fine_tuning/jobs/{job['id']}/checkpoints": foreign_checkpoint}
+    lists = {
+        "/v1/files": file["id"],
+        "/v1/fine_tuning/jobs": job["id"],
+        f"/v1/fine_tuning/jobs/{job['id']}/events": foreign_event,  # a cursor from another job's list
+        f"/v1/fine_tuning/jobs/{job['id']}/checkpoints": foreign_checkpoint,
+    }
     for path, known in lists.items():
         for after in ("nope-123", known if "/jobs/" in path else None):
             if after is None:
@@ -60,8 +72,9 @@ def test_files_page_by_cursor_newest_first(site):
     made = [add_file(service, created_at)["id"] for created_at in (1, 2, 2, 3, 4)]  # a tie in created_at
     seen, after = [], None
     while True:
-        body = client.get("/v1/files", params={"limit": 2, **({"after": after} if after else {})},
-                          headers=keys["read"]).json()
+        body = client.get(
+            "/v1/files", params={"limit": 2, **({"after": after} if after else {})}, headers=keys["read"]
+        ).json()
         seen += [file["id"] for file in body["data"]]
         if not body["has_more"]:
             break
@@ -93,8 +106,9 @@ def test_creating_a_job_writes_a_created_event(site, monkeypatch):
     service, client, keys = site
     monkeypatch.setattr(service, "validate_job", lambda job: None)  # only the creation is under test
     file = add_file(service, 1)
-    response = client.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file["id"]},
-                           headers=keys["write"])
+    response = client.post(
+        "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file["id"]}, headers=keys["write"]
+    )
     assert response.status_code == 200, response.text
     job_id = response.json()["id"]
     events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=keys["read"]).json()["data"]

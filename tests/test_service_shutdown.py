@@ -1,5 +1,6 @@
 """SIGTERM drains (issue 21): replies being generated end within DRAIN_SECONDS as at max_tokens, their clients get a
 well-formed end, and the server exits within 10 s, where it used to wait for every reply to run its course."""
+
 from __future__ import annotations
 
 import signal
@@ -14,9 +15,9 @@ openai = pytest.importorskip("openai")
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_sigterm_ends_the_reply_in_flight_and_exits_within_ten_seconds(tmp_path, tiny_model, monkeypatch, stream):
+    from tunesmith.engine.generation import Engine
     from tunesmith.serve import api as api_module
     from tunesmith.serve import batching
-    from tunesmith.engine.generation import Engine
     from tunesmith.serve.inference import AdapterPool
     from tunesmith.serve.service import Service, Settings
 
@@ -28,7 +29,7 @@ def test_sigterm_ends_the_reply_in_flight_and_exits_within_ten_seconds(tmp_path,
         return sample(*args)
 
     monkeypatch.setattr(batching, "_sample", slow_sample)
-    monkeypatch.setattr(Engine, "stop_ids", lambda self: [10 ** 6])  # only max_tokens (or the drain) ends a reply
+    monkeypatch.setattr(Engine, "stop_ids", lambda self: [10**6])  # only max_tokens (or the drain) ends a reply
     service = Service(Settings(home=tmp_path / "home", base_models={"tiny": str(tiny_model)}))
     key, port, pool = make_key(service, "acme", "read"), free_port(), AdapterPool()
     server = api_module.DrainingServer(api_module.create_app(service, pool), pool, host="127.0.0.1", port=port)
@@ -40,8 +41,11 @@ def test_sigterm_ends_the_reply_in_flight_and_exits_within_ten_seconds(tmp_path,
 
     def ask() -> None:
         if stream:
-            replies.extend(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                                          max_tokens=900, stream=True))
+            replies.extend(
+                client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=900, stream=True
+                )
+            )
         else:
             replies.append(client.completions.create(model="tiny", prompt="hello", max_tokens=900))
 

@@ -2,6 +2,7 @@
 
 Time is a hand-moved clock wherever a lease expires or an order depends on creation time, so no test sleeps.
 """
+
 from __future__ import annotations
 
 import threading
@@ -44,8 +45,9 @@ def store(store_url):
 
 
 def add_file(store: Store, project: str = PROJECT) -> dict:
-    return store.add_file(project, filename="train.jsonl", purpose="fine-tune", bytes=120, sha256="0" * 64,
-                          format="chat", examples=3)
+    return store.add_file(
+        project, filename="train.jsonl", purpose="fine-tune", bytes=120, sha256="0" * 64, format="chat", examples=3
+    )
 
 
 def add_job(store: Store, project: str = PROJECT, training_file: str = "file-x", **values) -> dict:
@@ -143,8 +145,9 @@ def test_racing_workers_lease_a_job_exactly_once(store_url):
                 barrier.wait()
                 leases[owner] = store.lease(owner, 60)
 
-            threads = [threading.Thread(target=take, args=(store, f"worker-{index}"))
-                       for index, store in enumerate(workers)]
+            threads = [
+                threading.Thread(target=take, args=(store, f"worker-{index}")) for index, store in enumerate(workers)
+            ]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -188,8 +191,9 @@ def test_a_finished_job_ignores_cancel(store):
 def test_an_event_with_a_key_is_stored_once(store):
     job = add_job(store)
     assert store.add_event(job["id"], "Step 12: training loss=1.0", type="metrics", data={"step": 12}, key="train-12")
-    assert not store.add_event(job["id"], "Step 12: training loss=1.0", type="metrics", data={"step": 12},
-                               key="train-12")  # a resumed worker re-reads the run's metrics
+    assert not store.add_event(
+        job["id"], "Step 12: training loss=1.0", type="metrics", data={"step": 12}, key="train-12"
+    )  # a resumed worker re-reads the run's metrics
     assert store.add_event(job["id"], "Job started")
     assert store.add_event(job["id"], "Job started")  # no key: every call is an event
 
@@ -261,7 +265,12 @@ def test_keys_are_added_listed_and_revoked_once(store, clock):
     assert {key["id"] for key in store.keys()} == {"key-a1", "key-a2", "key-n1"}
     key = store.key("key-a1")
     assert (key["project_id"], key["scope"], key["hash"], key["name"], key["revoked_at"]) == (
-        PROJECT, "admin", "hash-a1", "ci", None)
+        PROJECT,
+        "admin",
+        "hash-a1",
+        "ci",
+        None,
+    )
 
     assert store.revoke_key("key-a1")
     assert store.key("key-a1")["revoked_at"] == int(clock.now)
@@ -282,5 +291,6 @@ def test_lineage_from_a_file_to_jobs_and_models(store, clock):
     using = store.jobs_using_file(PROJECT, file["id"])
     assert [job["id"] for job in using] == [trained["id"], validated["id"]]
     assert [model["id"] for model in store.models_of_jobs([job["id"] for job in using])] == [
-        f"ft:tiny::{trained['id']}"]
+        f"ft:tiny::{trained['id']}"
+    ]
     assert store.models_of_jobs([]) == []

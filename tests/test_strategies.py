@@ -1,12 +1,13 @@
 """Strategies against forgetting: the penalty's gradient, the frozen set at each step, per-layer rates."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
 from test_training import make_config, metric_lines, run, straight_and_resumed
+
 from tunesmith.config.schema import AdapterConfig, RegularizationConfig, TrainConfig, UnfreezeConfig
 from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter
@@ -109,8 +110,9 @@ def test_l2_sp_keeps_full_fine_tuning_closer_to_the_pretrained_weights(tmp_path,
     pretrained = {k: v for k, v in load_file(tiny_model / "model.safetensors").items()}
 
     def drift(*overrides: str, name: str) -> float:
-        config = make_config(tmp_path, tiny_model, chat_rows, "adapter.type=full", "train.max_steps=6", *overrides,
-                             name=name)
+        config = make_config(
+            tmp_path, tiny_model, chat_rows, "adapter.type=full", "train.max_steps=6", *overrides, name=name
+        )
         run(config)
         tuned = load_file(config.output_dir / "model" / "model.safetensors")
         return sum(float((tuned[k] - pretrained[k]).pow(2).sum()) for k in pretrained if k in tuned)
@@ -119,8 +121,12 @@ def test_l2_sp_keeps_full_fine_tuning_closer_to_the_pretrained_weights(tmp_path,
 
 
 def test_resume_is_exact_with_unfreezing_and_regularization(tmp_path, tiny_model, chat_rows, monkeypatch):
-    overrides = ("train.max_steps=5", "train.unfreeze.every=2", "train.regularization.l2_sp=0.1",
-                 "train.layer_lr_decay=0.7")
+    overrides = (
+        "train.max_steps=5",
+        "train.unfreeze.every=2",
+        "train.regularization.l2_sp=0.1",
+        "train.layer_lr_decay=0.7",
+    )
     straight, interrupted = straight_and_resumed(tmp_path, tiny_model, chat_rows, overrides, 3, monkeypatch)
     assert metric_lines(straight.output_dir) == metric_lines(interrupted.output_dir)
     assert metric_lines(straight.output_dir, "penalty") == metric_lines(interrupted.output_dir, "penalty")

@@ -1,5 +1,6 @@
 """Free-text metrics (ROUGE-L, chrF, BLEU) through the bootstrap machinery, and a judge scoring replies against
 their references. The libraries' own corpus functions are the definition the prepared statistics must meet."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,10 +31,13 @@ def noisy_copies(references: list[str], seed: int, keep: float) -> list[str]:
 def library_scores(hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
     streams = reference_streams(references)
     scorer = rouge_scorer.RougeScorer(["rougeL"])
-    return {"bleu": sacrebleu.corpus_bleu(hypotheses, streams).score,
-            "chrf": sacrebleu.corpus_chrf(hypotheses, streams).score,
-            "rouge_l": float(np.mean([scorer.score_multi(refs, hyp)["rougeL"].fmeasure
-                                      for hyp, refs in zip(hypotheses, references)]))}
+    return {
+        "bleu": sacrebleu.corpus_bleu(hypotheses, streams).score,
+        "chrf": sacrebleu.corpus_chrf(hypotheses, streams).score,
+        "rouge_l": float(
+            np.mean([scorer.score_multi(refs, hyp)["rougeL"].fmeasure for hyp, refs in zip(hypotheses, references)])
+        ),
+    }
 
 
 def test_values_equal_the_libraries_corpus_scores_with_several_references():
@@ -56,16 +60,21 @@ def test_exact_match_carries_the_text_metrics_beside_its_own():
     answers = [["Paris"], ["blue", "dark blue"], ["the red house"]]
     result = M.score("exact_match", ["Paris", "dark blue", "a red house by the sea"], answers, resamples=100)
     assert {"exact_match", "normalized_exact_match", "token_f1", "rouge_l", "chrf", "bleu"} == set(result)
-    assert result["rouge_l"]["value"] == pytest.approx(library_scores(
-        ["Paris", "dark blue", "a red house by the sea"], answers)["rouge_l"])
+    assert result["rouge_l"]["value"] == pytest.approx(
+        library_scores(["Paris", "dark blue", "a red house by the sea"], answers)["rouge_l"]
+    )
     assert result["exact_match"]["value"] == pytest.approx(2 / 3)
 
 
 def test_rouge_l_takes_the_best_reference_and_more_references_never_lower_bleu():
     hypotheses = ["the cat sat on the mat", "a dog ran"]
     one = M.score("text", hypotheses, [["a cat is under a house"], ["the dog ran quickly"]], resamples=10)
-    two = M.score("text", hypotheses, [["a cat is under a house", "the cat sat on the mat"], ["the dog ran quickly"]],
-                  resamples=10)
+    two = M.score(
+        "text",
+        hypotheses,
+        [["a cat is under a house", "the cat sat on the mat"], ["the dog ran quickly"]],
+        resamples=10,
+    )
     dog = rouge_scorer.RougeScorer(["rougeL"]).score("the dog ran quickly", "a dog ran")["rougeL"].fmeasure
     assert two["rouge_l"]["value"] == pytest.approx((1.0 + dog) / 2), "the matching reference scores 1"
     assert one["rouge_l"]["value"] < two["rouge_l"]["value"]
@@ -83,8 +92,9 @@ def test_intervals_contain_the_point_estimate_and_paired_differences_have_the_ri
     compared = M.compare("text", good, poor, references, resamples=300)
     for name in ("bleu", "chrf", "rouge_l"):
         assert compared[name]["diff"] > 0 and compared[name]["ci95"][0] > 0, name
-        assert compared[name]["diff"] == pytest.approx(scored[name]["value"] - M.score(
-            "text", poor, references, resamples=10)[name]["value"])
+        assert compared[name]["diff"] == pytest.approx(
+            scored[name]["value"] - M.score("text", poor, references, resamples=10)[name]["value"]
+        )
     backwards = M.compare("text", poor, good, references, resamples=300)
     assert backwards["bleu"]["diff"] < 0 and backwards["bleu"]["ci95"][1] < 0
 
@@ -119,8 +129,9 @@ def test_judge_rates_replies_against_references_on_its_scale(tiny_model):
         assert rating.score == pytest.approx(sum((k + 1) * p for k, p in enumerate(rating.probabilities)))
     again = judge.rate_against(prompts, references, replies, scale=4)
     assert [r.score for r in again] == [r.score for r in ratings], "one forward pass, no sampling: deterministic"
-    one_by_one = [judge.rate_against(prompts[i:i + 1], references[i:i + 1], replies[i:i + 1], 4)[0].score
-                  for i in range(3)]
+    one_by_one = [
+        judge.rate_against(prompts[i : i + 1], references[i : i + 1], replies[i : i + 1], 4)[0].score for i in range(3)
+    ]
     assert one_by_one == pytest.approx([r.score for r in ratings], abs=1e-5), "batching changes nothing"
     with pytest.raises(UserError, match="reference rubric"):
         Judge(judge.engine, default_rubric("rate")).rate_against(prompts, references, replies)

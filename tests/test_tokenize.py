@@ -1,10 +1,11 @@
 """Loss masks: exactly the assistant turns (every one of them) and their end-of-turn token, under any template."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import build_tokenizer
+
 from tunesmith.data.packing import IGNORE, collate, epoch_rows, even_pieces, pack_rows
 from tunesmith.data.tokenize import ChatTokenizer, TokenizedExample
 from tunesmith.models import load_tokenizer
@@ -45,16 +46,20 @@ def test_system_prompt_is_added_only_when_missing(tiny_model):
 
 def test_template_that_rewrites_earlier_turns_falls_back_to_search():
     """A template whose header counts the turns: no rendering of a prefix is a prefix of the whole."""
-    counting = ("{{ '<|begin_of_text|>' + (messages | length | string) }}{% for m in messages %}"
-                "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>' + m['content'] + '<|eot_id|>' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>' }}{% endif %}")
+    counting = (
+        "{{ '<|begin_of_text|>' + (messages | length | string) }}{% for m in messages %}"
+        "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>' + m['content'] + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>' }}{% endif %}"
+    )
     chat = ChatTokenizer(build_tokenizer(counting, "<|eot_id|>"))
     assert trained_text(chat, DIALOGUE) == "hi, how are you?<|eot_id|>card_arrival<|eot_id|>"
 
 
 def test_template_without_end_of_turn_gets_a_trained_eos():
-    bare = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}" \
-           "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    bare = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
     chat = ChatTokenizer(build_tokenizer(bare, "<|endoftext|>"))
     example = chat.tokenize_chat(DIALOGUE)
     assert example.input_ids[-1] == chat.tokenizer.eos_token_id and example.loss_mask[-1]
@@ -127,12 +132,15 @@ def test_token_budget_pieces_are_the_fewest_and_the_most_even(seed):
 
 def test_flat_batch_computes_what_each_example_computes_alone(tiny_model):
     """Attention never crosses examples in the flat layout: logits equal each example run by itself."""
-    from tunesmith.models import load_model
     from tunesmith.engine.forward import hidden_states
+    from tunesmith.models import load_model
 
     model, _ = load_model(str(tiny_model))
-    examples = [TokenizedExample([5, 6, 7], [True] * 3), TokenizedExample([9], [True]),
-                TokenizedExample([5, 6, 7, 8, 9, 10], [True] * 6)]
+    examples = [
+        TokenizedExample([5, 6, 7], [True] * 3),
+        TokenizedExample([9], [True]),
+        TokenizedExample([5, 6, 7, 8, 9, 10], [True] * 6),
+    ]
     with torch.no_grad():
         together = hidden_states(model, collate(examples))[0]
         apart = torch.cat([hidden_states(model, collate([example]))[0] for example in examples])

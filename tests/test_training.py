@@ -1,4 +1,5 @@
 """End-to-end behaviour of the SFT/pretrain recipe on a tiny model: what trains, what is saved, exact resume."""
+
 from __future__ import annotations
 
 import json
@@ -10,20 +11,29 @@ import torch
 from conftest import write_config_file, write_jsonl
 from safetensors.torch import load_file
 
+from tunesmith import rundir
 from tunesmith.config.loading import load_config, resolve_paths
 from tunesmith.errors import TrainingStopped
 from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter, load_trainable_state
 from tunesmith.registry import methods
-from tunesmith import rundir
 from tunesmith.train import session
 
 
 def make_config(tmp_path: Path, model_dir: Path, rows: list, *overrides: str, name: str = "run"):
     train_file = write_jsonl(tmp_path / "train.jsonl", rows)
-    base = [f"model={model_dir}", f"data.train={train_file}", f"output_dir={tmp_path / name}", "data.max_length=64",
-            "train.batch_size=2", "train.lr=5e-3", "train.eval_every=3", "train.save_every=2", "train.progress=false",
-            "train.warmup=0"]
+    base = [
+        f"model={model_dir}",
+        f"data.train={train_file}",
+        f"output_dir={tmp_path / name}",
+        "data.max_length=64",
+        "train.batch_size=2",
+        "train.lr=5e-3",
+        "train.eval_every=3",
+        "train.save_every=2",
+        "train.progress=false",
+        "train.warmup=0",
+    ]
     return resolve_paths(load_config(None, base + list(overrides)))
 
 
@@ -32,7 +42,8 @@ def run(config):
 
 
 def stop_by_signal_at(config, step: int, monkeypatch) -> TrainingStopped:
-    """Run `config` until SIGTERM arrives right after `step`; the recipe checkpoints and stops. Run it again to resume."""
+    """Run `config` until SIGTERM arrives right after `step`; the recipe checkpoints and stops. Run it again to
+    resume."""
     original = session.advance
 
     def advance_then_signal(state, plan, result):
@@ -48,7 +59,8 @@ def stop_by_signal_at(config, step: int, monkeypatch) -> TrainingStopped:
 
 
 def straight_and_resumed(tmp_path: Path, model_dir: Path, rows: list, overrides, stop_at: int, monkeypatch):
-    """The same config run straight through, and stopped by SIGTERM after `stop_at` then resumed: (straight, resumed)."""
+    """The same config run straight through, and stopped by SIGTERM after `stop_at` then resumed:
+    (straight, resumed)."""
     straight = make_config(tmp_path, model_dir, rows, *overrides, name="straight")
     run(straight)
     resumed = make_config(tmp_path, model_dir, rows, *overrides, name="interrupted")
@@ -156,8 +168,15 @@ def test_gradient_accumulation_equals_large_batch(tiny_model, chat_rows):
         model = apply_adapter(model, AdapterConfig(type="full"))
         chat = ChatTokenizer(tokenizer)
         examples = [chat(convert_messages(row)) for row in chat_rows]
-        plan = BatchPlan(examples, capacity=40, packing=True, batch_size=batch_size, grad_accum=grad_accum, seed=0,
-                         max_tokens=max_tokens)
+        plan = BatchPlan(
+            examples,
+            capacity=40,
+            packing=True,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            seed=0,
+            max_tokens=max_tokens,
+        )
         # Plain SGD with lr 1: the update is the gradient itself (Adam's first step would divide it by its magnitude).
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -214,8 +233,15 @@ def test_full_fine_tuning_saves_a_loadable_model(tmp_path, tiny_model, chat_rows
 
 def test_pretrain_trains_every_token_of_raw_text(tmp_path, tiny_model):
     rows = [{"text": "the quick brown fox jumps over the lazy dog " * 3} for _ in range(6)]
-    config = make_config(tmp_path, tiny_model, rows, "method=pretrain", "data.truncation=split", "data.max_length=16",
-                         "train.max_steps=3")
+    config = make_config(
+        tmp_path,
+        tiny_model,
+        rows,
+        "method=pretrain",
+        "data.truncation=split",
+        "data.max_length=16",
+        "train.max_steps=3",
+    )
     result = run(config)
     first = json.loads((config.output_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert first["format"] == "text" and first["truncated"] == 6
@@ -225,8 +251,15 @@ def test_pretrain_trains_every_token_of_raw_text(tmp_path, tiny_model):
 def test_early_stopping_keeps_the_best_weights(tmp_path, tiny_model, chat_rows, monkeypatch):
     losses = iter([1.0, 0.5, 0.9, 0.95, 0.99])
     monkeypatch.setattr(session, "evaluate_loss", lambda *args, **kwargs: next(losses))
-    config = make_config(tmp_path, tiny_model, chat_rows, "train.epochs=3", "data.val_fraction=0.2",
-                         "train.eval_every=2", "train.early_stopping.patience=2")
+    config = make_config(
+        tmp_path,
+        tiny_model,
+        chat_rows,
+        "train.epochs=3",
+        "data.val_fraction=0.2",
+        "train.eval_every=2",
+        "train.early_stopping.patience=2",
+    )
     result = run(config)
     assert result.steps == 8, "evals at 2, 4 (best), 6, 8: two without improvement stop the run"
     assert result.best_val_loss == 0.5
@@ -235,7 +268,9 @@ def test_early_stopping_keeps_the_best_weights(tmp_path, tiny_model, chat_rows, 
     shipped = load_file(config.output_dir / "adapter" / "adapter_model.safetensors")
     best_weights = rundir.read_weights(best)
     for name, tensor in shipped.items():
-        match = [key for key in best_weights if key.replace(".default", "").endswith(name.split("base_model.model.")[-1])]
+        match = [
+            key for key in best_weights if key.replace(".default", "").endswith(name.split("base_model.model.")[-1])
+        ]
         assert match and torch.equal(best_weights[match[0]], tensor)
     run(config)  # resuming a finished (early-stopped) run trains nothing more
     assert rundir.latest_checkpoint(config.output_dir / "checkpoints").name == "step-8"
@@ -270,8 +305,13 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, tiny_model, chat_rows):
     (directory / f".tmp-step-{last + 1}").mkdir()  # what a crash mid-write leaves behind
     assert rundir.latest_checkpoint(directory).name == f"step-{last}"
     files = {p.name for p in (directory / f"step-{last}").iterdir()}
-    assert files == {"shard-00001-model-00001-of-00001.safetensors", "optimizer.json", "scheduler.json", "rng-0.json",
-                     "state.json"}
+    assert files == {
+        "shard-00001-model-00001-of-00001.safetensors",
+        "optimizer.json",
+        "scheduler.json",
+        "rng-0.json",
+        "state.json",
+    }
 
 
 def test_a_changed_config_is_not_resumed(tmp_path, tiny_model, chat_rows):
@@ -290,10 +330,16 @@ def test_sigterm_to_a_real_process_checkpoints_and_resume_finishes(tmp_path, tin
     import sys
     import time
 
-    config = write_config_file(tmp_path, tiny_model, chat_rows, "epochs: 400, batch_size: 2, save_every: 100000, progress: false")
+    config = write_config_file(
+        tmp_path, tiny_model, chat_rows, "epochs: 400, batch_size: 2, save_every: 100000, progress: false"
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
-    process = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(config)], stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tunesmith", "train", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not metrics.exists() or metrics.read_text().count('"loss"') < 3):
         time.sleep(0.2)
@@ -303,8 +349,19 @@ def test_sigterm_to_a_real_process_checkpoints_and_resume_finishes(tmp_path, tin
     assert "Traceback" not in stderr and "checkpoint was saved" in stderr
     stopped_at = rundir.latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert stopped_at is not None and int(stopped_at.name.split("-")[1]) >= 3
-    resumed = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(config), "train.max_steps=" +
-                              str(int(stopped_at.name.split("-")[1]) + 2)], capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunesmith",
+            "train",
+            str(config),
+            "train.max_steps=" + str(int(stopped_at.name.split("-")[1]) + 2),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -322,8 +379,17 @@ def test_eval_task_during_training_chooses_the_best_checkpoint(tmp_path, tiny_mo
         return result
 
     monkeypatch.setattr(in_training.InTrainingEval, "__call__", scripted)
-    config = make_config(tmp_path, tiny_model, chat_rows, "train.epochs=3", f"eval.data={eval_file}", "eval.every=3",
-                         "train.early_stopping.metric=accuracy", "train.early_stopping.patience=2", "eval.max_new_tokens=8")
+    config = make_config(
+        tmp_path,
+        tiny_model,
+        chat_rows,
+        "train.epochs=3",
+        f"eval.data={eval_file}",
+        "eval.every=3",
+        "train.early_stopping.metric=accuracy",
+        "train.early_stopping.patience=2",
+        "eval.max_new_tokens=8",
+    )
     result = run(config)
     records = [json.loads(line) for line in (config.output_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval" in r]
@@ -338,7 +404,9 @@ def test_selection_metric_must_be_computed():
     with pytest.raises(UserError, match="eval.every"):
         load_config(None, ["data.train=x.jsonl", "train.early_stopping.metric=accuracy"])
     with pytest.raises(UserError, match="did you mean 'accuracy'"):
-        load_config(None, ["data.train=x.jsonl", "train.early_stopping.metric=acuracy", "eval.every=5", "eval.data=e.jsonl"])
+        load_config(
+            None, ["data.train=x.jsonl", "train.early_stopping.metric=acuracy", "eval.every=5", "eval.data=e.jsonl"]
+        )
 
 
 @pytest.mark.parametrize("train_head", [False, True])
@@ -371,8 +439,9 @@ def test_fused_head_cross_entropy_matches_autograd(train_head):
 def test_compiled_layers_train_like_eager_layers(tmp_path, tiny_model, chat_rows):
     """train.compile changes speed, not results: the same losses as eager, to float tolerance."""
     eager = make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=3", "data.packing=true", name="eager")
-    compiled = make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=3", "data.packing=true",
-                           "train.compile=true", name="compiled")
+    compiled = make_config(
+        tmp_path, tiny_model, chat_rows, "train.max_steps=3", "data.packing=true", "train.compile=true", name="compiled"
+    )
     run(eager)
     run(compiled)
     eager_losses = [loss for _, loss, _, _ in metric_lines(eager.output_dir)]
@@ -395,8 +464,15 @@ def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path, tiny_mo
 
 def forty_rows() -> list[dict]:
     """40 one-turn conversations: with batch_size 8 and no packing, exactly 5 steps per epoch."""
-    return [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i % 5}"}]}
-            for i in range(40)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"question {i}"},
+                {"role": "assistant", "content": f"answer {i % 5}"},
+            ]
+        }
+        for i in range(40)
+    ]
 
 
 MAX_STEPS_OVERRIDES = ("train.batch_size=8", "data.packing=false", "train.epochs=1", "train.save_every=100")

@@ -4,6 +4,7 @@ The same checks run in `tunesmith validate` and when training prepares its data,
 each error class with its line number, every format's conversion to messages, auto detection, the
 truncation policies, and real public data files (skipped where /work/shared/data is absent).
 """
+
 from __future__ import annotations
 
 import json
@@ -11,15 +12,14 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import write_jsonl
+
 from tunesmith.cli import main
 from tunesmith.config.schema import DataConfig
-from tunesmith.data.validate import check_file
 from tunesmith.data.dataset import prepare_data
 from tunesmith.data.formats import detect_format
 from tunesmith.data.tokenize import ChatTokenizer
-from tunesmith.data.validate import load_file
+from tunesmith.data.validate import check_file, load_file
 from tunesmith.errors import UserError
 from tunesmith.models import load_tokenizer
 
@@ -61,10 +61,14 @@ BAD_LINES = {  # line -> (raw line, a fragment its problem must contain); None m
     6: ("", None),
     7: (json.dumps({"foo": 1}), "missing field 'messages'"),
     8: (json.dumps({"messages": []}), "field 'messages' is an empty list"),
-    9: (json.dumps({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}),
-        "messages[0].content must be a string, got int"),
-    10: (json.dumps({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "x"}]}),
-         "messages[0].role 'bot' is not one of system, user, assistant"),
+    9: (
+        json.dumps({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}),
+        "messages[0].content must be a string, got int",
+    ),
+    10: (
+        json.dumps({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "x"}]}),
+        "messages[0].role 'bot' is not one of system, user, assistant",
+    ),
     11: (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "no assistant turn"),
     12: (json.dumps(chat("x", "   ")), "messages[1] is an assistant turn with empty content"),
     13: ("   ", None),
@@ -101,8 +105,11 @@ def test_every_bad_line_is_reported_with_its_line_number_in_one_report(tmp_path,
 def test_the_report_is_in_line_order(tmp_path, capsys):
     path = write_bad_file(tmp_path / "bad.jsonl")
     _, _, err = validate(capsys, path)
-    numbers = [int(line.split(":")[1]) for line in err.splitlines() if line.startswith(f"{path}:")
-               and line.split(":")[1].isdigit()]
+    numbers = [
+        int(line.split(":")[1])
+        for line in err.splitlines()
+        if line.startswith(f"{path}:") and line.split(":")[1].isdigit()
+    ]
     assert numbers == sorted(numbers) and len(numbers) == len(set(numbers))
 
 
@@ -127,37 +134,63 @@ def test_invalid_utf8_is_reported_and_the_other_lines_still_checked(tmp_path, ca
 # Focused cases: a good first row fixes the format; the second row has one mistake.
 FOCUSED = {
     "alpaca missing output": ({"instruction": "a", "output": "b"}, {"instruction": "a"}, "missing field 'output'"),
-    "alpaca empty instruction": ({"instruction": "a", "output": "b"}, {"instruction": " ", "output": "b"},
-                                 "field 'instruction' is empty"),
-    "alpaca output is a number": ({"instruction": "a", "output": "b"}, {"instruction": "a", "output": 3},
-                                  "field 'output' must be a string, got int"),
-    "alpaca input is null": ({"instruction": "a", "output": "b"}, {"instruction": "a", "input": None, "output": "b"},
-                             "field 'input' must be a string, got NoneType"),
-    "prompt_completion empty completion": ({"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": ""},
-                                           "field 'completion' is empty"),
-    "classification label is a list": ({"text": "t", "label": "a"}, {"text": "t", "label": ["a"]},
-                                       "field 'label' must be a string or an integer, got list"),
-    "classification label is a bool": ({"text": "t", "label": "a"}, {"text": "t", "label": True},
-                                       "field 'label' must be a string or an integer, got bool"),
+    "alpaca empty instruction": (
+        {"instruction": "a", "output": "b"},
+        {"instruction": " ", "output": "b"},
+        "field 'instruction' is empty",
+    ),
+    "alpaca output is a number": (
+        {"instruction": "a", "output": "b"},
+        {"instruction": "a", "output": 3},
+        "field 'output' must be a string, got int",
+    ),
+    "alpaca input is null": (
+        {"instruction": "a", "output": "b"},
+        {"instruction": "a", "input": None, "output": "b"},
+        "field 'input' must be a string, got NoneType",
+    ),
+    "prompt_completion empty completion": (
+        {"prompt": "p", "completion": "c"},
+        {"prompt": "p", "completion": ""},
+        "field 'completion' is empty",
+    ),
+    "classification label is a list": (
+        {"text": "t", "label": "a"},
+        {"text": "t", "label": ["a"]},
+        "field 'label' must be a string or an integer, got list",
+    ),
+    "classification label is a bool": (
+        {"text": "t", "label": "a"},
+        {"text": "t", "label": True},
+        "field 'label' must be a string or an integer, got bool",
+    ),
     "classification empty label": ({"text": "t", "label": "a"}, {"text": "t", "label": ""}, "field 'label' is empty"),
     "classification missing text": ({"text": "t", "label": "a"}, {"label": "a"}, "missing field 'text'"),
     "sharegpt unknown from": (
         {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
         {"conversations": [{"from": "robot", "value": "a"}, {"from": "gpt", "value": "b"}]},
-        "conversations[0].from 'robot' is not one of"),
+        "conversations[0].from 'robot' is not one of",
+    ),
     "sharegpt value is a number": (
         {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
         {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": 7}]},
-        "conversations[1].value must be a string, got int"),
+        "conversations[1].value must be a string, got int",
+    ),
     "sharegpt no assistant turn": (
         {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
-        {"conversations": [{"from": "human", "value": "a"}]}, "field 'conversations' has no assistant turn"),
+        {"conversations": [{"from": "human", "value": "a"}]},
+        "field 'conversations' has no assistant turn",
+    ),
     "sharegpt empty assistant turn": (
         {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
         {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": ""}]},
-        "conversations[1] is an assistant turn with empty content"),
-    "messages without content": (chat("a", "b"), {"messages": [{"role": "user"}, {"role": "assistant", "content": "b"}]},
-                                 "messages[0].content must be a string, got NoneType"),
+        "conversations[1] is an assistant turn with empty content",
+    ),
+    "messages without content": (
+        chat("a", "b"),
+        {"messages": [{"role": "user"}, {"role": "assistant", "content": "b"}]},
+        "messages[0].content must be a string, got NoneType",
+    ),
     "messages is not a list": (chat("a", "b"), {"messages": "hello"}, "field 'messages' must be a list"),
 }
 
@@ -174,20 +207,36 @@ def test_each_row_mistake_is_reported_on_its_line(tmp_path, capsys, good, bad, f
 
 # Preference and score data no built-in method trains on yet: checked through load_file, with no method.
 NON_CHAT = {
-    "score is a string": ({"prompt": "p", "response": "r", "score": 1}, {"prompt": "p", "response": "r", "score": "high"},
-                          "field 'score' must be a finite number, got str"),
-    "score is NaN": ({"prompt": "p", "response": "r", "score": 1}, {"prompt": "p", "response": "r", "score": math.nan},
-                     "field 'score' must be a finite number, got float nan"),
-    "score is a bool": ({"prompt": "p", "response": "r", "score": 1}, {"prompt": "p", "response": "r", "score": True},
-                        "field 'score' must be a finite number, got bool"),
-    "preference chosen equals rejected": ({"prompt": "p", "chosen": "a", "rejected": "b"},
-                                          {"prompt": "p", "chosen": "a", "rejected": "a"}, "are identical"),
-    "preference empty rejected": ({"prompt": "p", "chosen": "a", "rejected": "b"},
-                                  {"prompt": "p", "chosen": "a", "rejected": " "}, "field 'rejected' is empty"),
+    "score is a string": (
+        {"prompt": "p", "response": "r", "score": 1},
+        {"prompt": "p", "response": "r", "score": "high"},
+        "field 'score' must be a finite number, got str",
+    ),
+    "score is NaN": (
+        {"prompt": "p", "response": "r", "score": 1},
+        {"prompt": "p", "response": "r", "score": math.nan},
+        "field 'score' must be a finite number, got float nan",
+    ),
+    "score is a bool": (
+        {"prompt": "p", "response": "r", "score": 1},
+        {"prompt": "p", "response": "r", "score": True},
+        "field 'score' must be a finite number, got bool",
+    ),
+    "preference chosen equals rejected": (
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "a", "rejected": "a"},
+        "are identical",
+    ),
+    "preference empty rejected": (
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "a", "rejected": " "},
+        "field 'rejected' is empty",
+    ),
     "preference prompt with an unknown role": (
         {"prompt": "p", "chosen": "a", "rejected": "b"},
         {"prompt": [{"role": "human", "content": "p"}], "chosen": "a", "rejected": "b"},
-        "prompt[0].role 'human' is not one of"),
+        "prompt[0].role 'human' is not one of",
+    ),
 }
 
 
@@ -241,7 +290,9 @@ def test_a_utf8_byte_order_mark_on_line_one_is_accepted(tmp_path, capsys):
 
 def test_windows_line_endings_are_accepted(tmp_path, capsys):
     path = tmp_path / "crlf.jsonl"
-    path.write_bytes(b"".join((json.dumps(row) + "\r\n").encode() for row in [chat("a", "b"), chat("c", "d")]) + b"\r\n")
+    path.write_bytes(
+        b"".join((json.dumps(row) + "\r\n").encode() for row in [chat("a", "b"), chat("c", "d")]) + b"\r\n"
+    )
     code, out, err = validate(capsys, path)
     assert (code, err) == (0, "")
     assert "2 examples OK" in out
@@ -265,13 +316,23 @@ def test_a_missing_file_is_a_clear_error(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # The data's format against the method, and --format forced.
 
-@pytest.mark.parametrize("rows, method, fmt, fragment", [
-    ([{"prompt": "p", "chosen": "a", "rejected": "b"}], "distill", "preference", "use one of these formats: alpaca, "),
-    ([{"prompt": "p", "response": "r", "score": 0.5}], "sft", "score", "use one of these formats: alpaca, "),
-    ([{"text": "raw text"}], "sft", "text", "use one of these formats: alpaca, "),
-    ([chat("a", "b")], "pretrain", "messages", "use one of these formats: text,"),
-    ([{"text": "t", "label": "l"}], "pretrain", "classification", "use one of these formats: text,"),
-], ids=["preference-for-distill", "score-for-sft", "text-for-sft", "chat-for-pretrain", "classification-for-pretrain"])
+
+@pytest.mark.parametrize(
+    "rows, method, fmt, fragment",
+    [
+        (
+            [{"prompt": "p", "chosen": "a", "rejected": "b"}],
+            "distill",
+            "preference",
+            "use one of these formats: alpaca, ",
+        ),
+        ([{"prompt": "p", "response": "r", "score": 0.5}], "sft", "score", "use one of these formats: alpaca, "),
+        ([{"text": "raw text"}], "sft", "text", "use one of these formats: alpaca, "),
+        ([chat("a", "b")], "pretrain", "messages", "use one of these formats: text,"),
+        ([{"text": "t", "label": "l"}], "pretrain", "classification", "use one of these formats: text,"),
+    ],
+    ids=["preference-for-distill", "score-for-sft", "text-for-sft", "chat-for-pretrain", "classification-for-pretrain"],
+)
 def test_data_of_the_wrong_kind_for_the_method_is_refused(tmp_path, capsys, rows, method, fmt, fragment):
     path = write_jsonl(tmp_path / "data.jsonl", rows * 3)
     code, _, err = validate(capsys, path, "--method", method)
@@ -287,8 +348,13 @@ def test_the_right_kind_for_each_method_passes(tmp_path, capsys):
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "some raw text"}, {"text": "more"}])
     code, out, _ = validate(capsys, text, "--method", "pretrain")
     assert code == 0 and "2 examples OK (format text, method pretrain)" in out
-    for rows in ([chat("a", "b")], [{"instruction": "i", "output": "o"}], [{"prompt": "p", "completion": "c"}],
-                 [{"text": "t", "label": 3}], [{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}]):
+    for rows in (
+        [chat("a", "b")],
+        [{"instruction": "i", "output": "o"}],
+        [{"prompt": "p", "completion": "c"}],
+        [{"text": "t", "label": 3}],
+        [{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}],
+    ):
         code, out, err = validate(capsys, write_jsonl(tmp_path / "chat.jsonl", rows), "--method", "sft")
         assert (code, err) == (0, ""), rows
 
@@ -314,10 +380,13 @@ def test_a_forced_format_of_the_wrong_kind_is_reported_for_the_file(tmp_path, ca
     assert "1 problem(s) in 5 rows" in err
 
 
-@pytest.mark.parametrize("option, value, fragment", [
-    ("--format", "alpacca", "'alpacca' is not a known data format (did you mean 'alpaca'?)"),
-    ("--method", "dpoo", "'dpoo' is not a known method"),
-])
+@pytest.mark.parametrize(
+    "option, value, fragment",
+    [
+        ("--format", "alpacca", "'alpacca' is not a known data format (did you mean 'alpaca'?)"),
+        ("--method", "dpoo", "'dpoo' is not a known method"),
+    ],
+)
 def test_an_unknown_format_or_method_is_a_clear_error(tmp_path, capsys, option, value, fragment):
     path = write_jsonl(tmp_path / "data.jsonl", [chat("a", "b")])
     code, _, err = validate(capsys, path, option, value)
@@ -327,6 +396,7 @@ def test_an_unknown_format_or_method_is_a_clear_error(tmp_path, capsys, option, 
 
 # ---------------------------------------------------------------------------------------------
 # Token lengths, with a model's tokenizer.
+
 
 def test_examples_longer_than_max_length_are_reported(tmp_path, capsys, tiny_model):
     path = write_jsonl(tmp_path / "data.jsonl", [chat("hi", "ok"), "not json", chat("the quick brown fox " * 5, "ok")])
@@ -342,9 +412,19 @@ def test_examples_longer_than_max_length_are_reported(tmp_path, capsys, tiny_mod
 
 
 def test_examples_within_max_length_pass(tmp_path, capsys, tiny_model):
-    path = write_jsonl(tmp_path / "data.jsonl", [chat("hi", "ok"), {"messages": [{"role": "system", "content": "s"},
-                                                                                 {"role": "user", "content": "q"},
-                                                                                 {"role": "assistant", "content": "a"}]}])
+    path = write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            chat("hi", "ok"),
+            {
+                "messages": [
+                    {"role": "system", "content": "s"},
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            },
+        ],
+    )
     code, out, err = validate(capsys, path, "--model", tiny_model, "--max-length", 1000)
     assert (code, err) == (0, "")
     assert "all within 1000 tokens" in out
@@ -362,16 +442,33 @@ def test_an_unknown_model_for_length_checks_is_a_clear_error(tmp_path, capsys):
 
 CONVERSIONS = {
     "messages": (
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-                      {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
-                      {"role": "assistant", "content": "ciao"}]},
-        [("system", "Be brief."), ("user", "hi"), ("assistant", "hello"), ("user", "bye"), ("assistant", "ciao")]),
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "bye"},
+                {"role": "assistant", "content": "ciao"},
+            ]
+        },
+        [("system", "Be brief."), ("user", "hi"), ("assistant", "hello"), ("user", "bye"), ("assistant", "ciao")],
+    ),
     "alpaca": ({"instruction": "Add.", "output": "4"}, [("user", "Add."), ("assistant", "4")]),
-    "alpaca-input": ({"instruction": "Add.", "input": "2 + 2", "output": "4"}, [("user", "Add.\n\n2 + 2"), ("assistant", "4")]),
+    "alpaca-input": (
+        {"instruction": "Add.", "input": "2 + 2", "output": "4"},
+        [("user", "Add.\n\n2 + 2"), ("assistant", "4")],
+    ),
     "alpaca-empty-input": ({"instruction": "Add.", "input": "", "output": "4"}, [("user", "Add."), ("assistant", "4")]),
-    "sharegpt": ({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
-                                    {"from": "gpt", "value": "a"}]},
-                 [("system", "s"), ("user", "q"), ("assistant", "a")]),
+    "sharegpt": (
+        {
+            "conversations": [
+                {"from": "system", "value": "s"},
+                {"from": "human", "value": "q"},
+                {"from": "gpt", "value": "a"},
+            ]
+        },
+        [("system", "s"), ("user", "q"), ("assistant", "a")],
+    ),
     "prompt_completion": ({"prompt": "2 + 2 =", "completion": "4"}, [("user", "2 + 2 ="), ("assistant", "4")]),
     "classification": ({"text": "my card is lost", "label": 7}, [("user", "my card is lost"), ("assistant", "7")]),
     "text": ({"text": "Once upon a time."}, [("text", "Once upon a time.")]),
@@ -407,23 +504,31 @@ def test_format_specific_parts_of_an_example(tmp_path):
     preference = one({"prompt": "q", "chosen": "good", "rejected": "bad"})
     assert preference.kind == "preference"
     assert preference.rejected == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]
-    listed = one({"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
-                  "chosen": "good", "rejected": "bad"})
+    listed = one(
+        {
+            "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+            "chosen": "good",
+            "rejected": "bad",
+        }
+    )
     assert [m["role"] for m in listed.messages] == ["system", "user", "assistant"]
     assert [m["content"] for m in listed.rejected] == ["s", "q", "bad"]
     score = one({"prompt": "q", "response": "r", "score": 2})
     assert score.kind == "score" and score.score == 2.0 and isinstance(score.score, float)
 
 
-@pytest.mark.parametrize("row, name", [
-    ({"prompt": "p", "chosen": "a", "rejected": "b", "completion": "c"}, "preference"),
-    ({"prompt": "p", "response": "r", "score": 1, "completion": "c"}, "score"),
-    ({"text": "t", "label": "l"}, "classification"),
-    ({"instruction": "i", "input": "", "output": "o", "text": "t"}, "alpaca"),
-    ({"messages": [], "text": "t"}, "messages"),
-    ({"prompt": "p"}, "prompt"),
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    "row, name",
+    [
+        ({"prompt": "p", "chosen": "a", "rejected": "b", "completion": "c"}, "preference"),
+        ({"prompt": "p", "response": "r", "score": 1, "completion": "c"}, "score"),
+        ({"text": "t", "label": "l"}, "classification"),
+        ({"instruction": "i", "input": "", "output": "o", "text": "t"}, "alpaca"),
+        ({"messages": [], "text": "t"}, "messages"),
+        ({"prompt": "p"}, "prompt"),
+        ({}, None),
+    ],
+)
 def test_detection_prefers_the_most_specific_format(row, name):
     assert detect_format(row) == name
 
@@ -475,14 +580,17 @@ def test_real_preference_file_is_learned_by_sft_and_refused_for_distill(capsys):
 # ---------------------------------------------------------------------------------------------
 # Training refuses bad data with the same report, or skips and counts it; truncation policies.
 
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
     return load_tokenizer(str(tiny_model))
 
 
 def test_training_refuses_bad_data_with_the_validate_report(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "train.jsonl", [chat("a", "b"), "{oops", {"messages": []}, chat("c", "d"),
-                                                  {"messages": [{"role": "bot", "content": "x"}]}])
+    path = write_jsonl(
+        tmp_path / "train.jsonl",
+        [chat("a", "b"), "{oops", {"messages": []}, chat("c", "d"), {"messages": [{"role": "bot", "content": "x"}]}],
+    )
     with pytest.raises(UserError) as caught:
         prepare_data(DataConfig(train=path), tokenizer, ("chat",), "sft", seed=0)
     message = str(caught.value)
@@ -600,8 +708,10 @@ def test_truncation_split_cuts_text_into_max_length_pieces(tmp_path, tokenizer):
 
 
 def test_short_answer_qa_rows_are_detected_with_every_accepted_answer(tmp_path):
-    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "who?", "answer": "Ann", "answers": ["Ann", "Anne"]},
-                                               {"question": "what?", "answer": "x"}])
+    path = write_jsonl(
+        tmp_path / "qa.jsonl",
+        [{"question": "who?", "answer": "Ann", "answers": ["Ann", "Anne"]}, {"question": "what?", "answer": "x"}],
+    )
     loaded = load_file(path)
     assert loaded.format == "qa" and not loaded.problems
     assert loaded.examples[0].messages[-1] == {"role": "assistant", "content": "Ann"}

@@ -3,6 +3,7 @@ writes nothing (no event, checkpoint, sealed run or model) and stops its run; a 
 `train` in a scratch directory that the first one's process still holds; a cancel that lands while the job
 concludes leaves no model; an unwritable audit log leaves the job unfinished; and each checkpoint's adapter is
 stored, to be served as the checkpoint model. Stalls are simulated in the store: the lease is expired and taken."""
+
 from __future__ import annotations
 
 import fcntl
@@ -25,8 +26,9 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]  # stands in for
 def service(tmp_path, tiny_model):
     from tunesmith.serve.service import Service, Settings
 
-    service = Service(Settings(home=tmp_path / "home", base_models={"tiny": str(tiny_model)},
-                               scratch=tmp_path / "scratch"))
+    service = Service(
+        Settings(home=tmp_path / "home", base_models={"tiny": str(tiny_model)}, scratch=tmp_path / "scratch")
+    )
     service.store.ensure_project("acme")
     yield service
     service.store.close()
@@ -63,8 +65,9 @@ def write_progress(run) -> None:
     folder = run.directory / "run"
     (folder / "checkpoints" / "step-10").mkdir(parents=True)
     (folder / "checkpoints" / "step-10" / "state.json").write_text("{}")
-    (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": step, "loss": 1.0 / step}) + "\n"
-                                                  for step in range(1, 13)))
+    (folder / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": step, "loss": 1.0 / step}) + "\n" for step in range(1, 13))
+    )
     (folder / "adapter").mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (folder / "adapter" / name).write_bytes(b"adapter bytes")
@@ -84,8 +87,11 @@ def lock_is_free(run) -> bool:
 
 
 def model_blobs(service, job_id: str) -> list[str]:
-    return [name for name in ("adapter_config.json", "adapter_model.safetensors")
-            if service.blobs.exists(service.adapter_blob(job_id, name))]
+    return [
+        name
+        for name in ("adapter_config.json", "adapter_model.safetensors")
+        if service.blobs.exists(service.adapter_blob(job_id, name))
+    ]
 
 
 def actions(service) -> list[str]:
@@ -100,8 +106,9 @@ def test_a_lease_is_fenced_by_its_epoch_even_for_the_same_worker(store_url):
 
     store = Store(store_url)
     store.ensure_project("acme")
-    job = store.add_job("acme", model="tiny", training_file="file-x", method="supervised", hyperparameters={}, seed=0,
-                        status="queued")
+    job = store.add_job(
+        "acme", model="tiny", training_file="file-x", method="supervised", hyperparameters={}, seed=0, status="queued"
+    )
     old = store.lease("worker", 30)
     store.update_job(job["id"], lease_expires=0.0)
     new = store.lease("worker", 30)
@@ -163,8 +170,7 @@ def test_a_second_worker_waits_for_the_scratch_lock_before_it_starts_train(servi
 
     job = queued_job(service, tmp_path)
     first = started_run(service)
-    second = JobRun(Worker(service, lease_seconds=30, poll_seconds=0.05, name="second"),
-                    take_over(service, job["id"]))
+    second = JobRun(Worker(service, lease_seconds=30, poll_seconds=0.05, name="second"), take_over(service, job["id"]))
     launched = []
 
     def launch(self, arguments, log_name):  # a run that fails at once: the job ends as soon as it starts
@@ -177,11 +183,18 @@ def test_a_second_worker_waits_for_the_scratch_lock_before_it_starts_train(servi
     thread.start()
     try:
         waiting = "Waiting for the previous attempt's process to leave the scratch directory"
-        wait_for(lambda: any(e["message"] == waiting for e in service.store.events(job["id"], limit=100)), 10,
-                 what="the waiting event")
+        wait_for(
+            lambda: any(e["message"] == waiting for e in service.store.events(job["id"], limit=100)),
+            10,
+            what="the waiting event",
+        )
         renewed = service.store.job("acme", job["id"])["lease_expires"]
-        wait_for(lambda: service.store.job("acme", job["id"])["lease_expires"] > renewed, 5, interval=0.05,
-                 what="the waiting worker to renew its lease")
+        wait_for(
+            lambda: service.store.job("acme", job["id"])["lease_expires"] > renewed,
+            5,
+            interval=0.05,
+            what="the waiting worker to renew its lease",
+        )
         assert launched == [] and thread.is_alive()
     finally:
         first.release_scratch()  # the stalled worker woke up, found its lease lost and left
@@ -192,8 +205,9 @@ def test_a_second_worker_waits_for_the_scratch_lock_before_it_starts_train(servi
     assert service.store.job("acme", job["id"])["error"]["code"] == "training_failed"
 
 
-def test_a_cancel_that_lands_while_the_job_concludes_leaves_it_cancelled_without_a_model(service, tmp_path,
-                                                                                        monkeypatch):
+def test_a_cancel_that_lands_while_the_job_concludes_leaves_it_cancelled_without_a_model(
+    service, tmp_path, monkeypatch
+):
     job = queued_job(service, tmp_path)
     run = started_run(service)
     write_progress(run)
@@ -257,8 +271,7 @@ def test_each_checkpoints_adapter_is_stored_and_served_as_the_checkpoint_model(s
     assert missing.value.status == 404
 
 
-def test_with_an_unwritable_audit_log_the_worker_neither_starts_nor_finishes_the_job(service, tmp_path,
-                                                                                     monkeypatch):
+def test_with_an_unwritable_audit_log_the_worker_neither_starts_nor_finishes_the_job(service, tmp_path, monkeypatch):
     from tunesmith.serve.worker import JobRun, Worker
 
     def fail(self, event):
@@ -280,5 +293,6 @@ def test_with_an_unwritable_audit_log_the_worker_neither_starts_nor_finishes_the
     assert Worker(service, name="second").run_job(lease) == "unfinished"
     assert launched == []  # no run without its job.start record
     assert service.store.job("acme", job["id"])["status"] == "running"
-    assert any("audit log could not be written" in event["message"]
-               for event in service.store.events(job["id"], limit=100))
+    assert any(
+        "audit log could not be written" in event["message"] for event in service.store.events(job["id"], limit=100)
+    )

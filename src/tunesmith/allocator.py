@@ -9,6 +9,7 @@ the figures; the library comes from the system (Debian/Ubuntu: `apt-get install 
 An allocator is chosen when a process starts, so `tunesmith train` re-executes itself once with
 LD_PRELOAD set, before torch is imported. Without the library, nothing changes.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -22,8 +23,13 @@ import sys
 # 5 s decay, 105.4 under 30 s, and 121.6 with 0.9M faults keeping them (glibc: 118.4).
 CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 ACTIVE = "TUNESMITH_ALLOCATOR_ACTIVE"  # set in the re-executed process, so it happens once
-CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
-              "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/lib/libjemalloc.so.2",
+    "/usr/local/lib/libjemalloc.so.2",
+)
 
 
 def jemalloc_library() -> str | None:
@@ -33,8 +39,11 @@ def jemalloc_library() -> str | None:
 
 def reexec_with_jemalloc(argv: list[str]) -> None:
     """Replace this process by `argv` under jemalloc; returns only where that does not apply."""
-    if os.environ.get(ACTIVE) or os.environ.get("TUNESMITH_ALLOCATOR", "auto") == "system" \
-            or not sys.platform.startswith("linux"):
+    if (
+        os.environ.get(ACTIVE)
+        or os.environ.get("TUNESMITH_ALLOCATOR", "auto") == "system"
+        or not sys.platform.startswith("linux")
+    ):
         return
     library = jemalloc_library()
     if library is None:
@@ -50,8 +59,13 @@ def jemalloc_mallctl():
     """jemalloc's control function where this process runs on it (preloaded), else None."""
     function = getattr(ctypes.CDLL(None), "mallctl", None)
     if function is not None:
-        function.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p,
-                             ctypes.c_size_t]
+        function.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_size_t),
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+        ]
     return function
 
 
@@ -93,8 +107,9 @@ class FreedPages:
             needed = self._read("thread.peak.read") - (self._net() - self._net_at_start)
             self.most_needed = max(self.most_needed, needed)
             self._write_epoch()
-            kept = (self._read("stats.arenas.4096.pdirty") + self._read("stats.arenas.4096.pmuzzy")) \
-                * self._read("arenas.page")
+            kept = (self._read("stats.arenas.4096.pdirty") + self._read("stats.arenas.4096.pmuzzy")) * self._read(
+                "arenas.page"
+            )
             if kept <= max(self.SLACK * self.most_needed, self.FLOOR):
                 return
         self.release()
@@ -110,8 +125,14 @@ class FreedPages:
     def _probe(self) -> bool:
         try:
             self._write_epoch()
-            for name in ("thread.peak.read", "thread.allocated", "thread.deallocated", "arenas.page",
-                         "stats.arenas.4096.pdirty", "stats.arenas.4096.pmuzzy"):
+            for name in (
+                "thread.peak.read",
+                "thread.allocated",
+                "thread.deallocated",
+                "arenas.page",
+                "stats.arenas.4096.pdirty",
+                "stats.arenas.4096.pmuzzy",
+            ):
                 self._read(name)
         except OSError:
             return False

@@ -2,6 +2,7 @@
 
 Exit codes: 0 success, 2 a user mistake (printed plainly, no traceback), 1 anything else.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = resolve_paths(load_config(args.config, args.overrides))  # a config mistake stops here, before any launch
     if args.nproc is not None and args.nproc < 1:
-        raise UserError(f"--nproc={args.nproc}: the number of processes must be at least 1; fix: --nproc 2 (or leave it out)")
+        raise UserError(
+            f"--nproc={args.nproc}: the number of processes must be at least 1; fix: --nproc 2 (or leave it out)"
+        )
     if args.nproc is not None and args.nproc > 1:
         check_gpu_count(args.nproc, config.train.device)
         return launch_processes(args)
@@ -35,8 +38,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.already_complete:
         print(finished_run_text(result, config.train))
     else:
-        print(f"trained {result.steps} steps; final loss {loss_text(result.final_loss)}; "
-              f"best validation loss {loss_text(result.best_val_loss)}")
+        print(
+            f"trained {result.steps} steps; final loss {loss_text(result.final_loss)}; "
+            f"best validation loss {loss_text(result.best_val_loss)}"
+        )
         print(f"{result.tokens_per_s:,.0f} tokens/s; peak memory {result.peak_rss_mb:,.0f} MB")
     print(f"saved {result.output}")
     return 0
@@ -55,8 +60,10 @@ def finished_run_text(result, train) -> str:
     elif train.max_steps is not None:
         further = f"to train further, raise {more}, or train afresh with another output_dir"
     else:
-        further = f"to train further, raise train.epochs above {train.epochs} or set {more}, or train afresh with " \
-                  f"another output_dir"
+        further = (
+            f"to train further, raise train.epochs above {train.epochs} or set {more}, or train afresh with "
+            f"another output_dir"
+        )
     return f"{result.run_dir} is already complete: {result.steps} steps; final loss {loss}\n{further}"
 
 
@@ -66,8 +73,10 @@ def check_gpu_count(nproc: int, device: str) -> None:
 
     gpus = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
     if gpus and nproc > gpus:
-        raise UserError(f"--nproc={nproc}: this machine has {gpus} GPU{'s' if gpus > 1 else ''}, one per process; "
-                        f"fix: --nproc {gpus} (or train.device=cpu to train on CPU processes)")
+        raise UserError(
+            f"--nproc={nproc}: this machine has {gpus} GPU{'s' if gpus > 1 else ''}, one per process; "
+            f"fix: --nproc {gpus} (or train.device=cpu to train on CPU processes)"
+        )
 
 
 def launch_processes(args: argparse.Namespace) -> int:
@@ -84,8 +93,16 @@ def launch_processes(args: argparse.Namespace) -> int:
     for name in [name for name in logging.root.manager.loggerDict if name.startswith("torch.distributed.elastic")]:
         logging.getLogger(name).setLevel(logging.CRITICAL)  # the ranks report their own errors and stops
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=args.nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.5,
+    )
     try:
         config = [str(args.config)] if args.config is not None else []
         elastic_launch(launch, sys.executable)("-m", "tunesmith", "train", *config, *args.overrides)
@@ -98,8 +115,8 @@ def launch_processes(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from tunesmith.data.validate import check_file
     from tunesmith.data.files import parse_columns
+    from tunesmith.data.validate import check_file
     from tunesmith.models import load_tokenizer
 
     tokenizer = load_tokenizer(args.model) if args.model else None
@@ -111,9 +128,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from tunesmith.data.tickets import TicketOptions, format_report, import_tickets
 
-    options = TicketOptions(mapping=args.mapping, flavour=args.flavour, system_prompt=args.system_prompt,
-                            redact=not args.no_redact, include_subject=args.include_subject, trailing=args.trailing,
-                            force=args.force)
+    options = TicketOptions(
+        mapping=args.mapping,
+        flavour=args.flavour,
+        system_prompt=args.system_prompt,
+        redact=not args.no_redact,
+        include_subject=args.include_subject,
+        trailing=args.trailing,
+        force=args.force,
+    )
     print(format_report(import_tickets(args.file, args.output, options)))
     return 0
 
@@ -187,7 +210,8 @@ def cmd_adapters(args: argparse.Namespace) -> int:
             metrics = card.get("eval", {}).get("metrics", {})
             headline = next(iter(metrics.items()), None)
             figure = f"{headline[0]} {headline[1]['value']:.3f}" if headline else "not evaluated"
-            print(f"{name:<24} {card['adapter'].get('type', 'lora'):<14} {card['method']:<8} base {card['base_model']}  {figure}")
+            kind = card["adapter"].get("type", "lora")
+            print(f"{name:<24} {kind:<14} {card['method']:<8} base {card['base_model']}  {figure}")
         return 0
     if args.action == "show":
         print(json.dumps(library.card(one_name(args)), indent=1, ensure_ascii=False))
@@ -201,7 +225,9 @@ def cmd_adapters(args: argparse.Namespace) -> int:
             raise UserError("merge needs --name for the new adapter; fix: add --name MERGED")
         weights = parse_weights(args.weights, len(args.names))
         entry = library.merge(args.names, weights, args.name, args.combination, force=args.force)
-        print(f"merged {', '.join(args.names)} with weights {weights} into {entry['name']} (rank {entry['adapter']['r']})")
+        print(
+            f"merged {', '.join(args.names)} with weights {weights} into {entry['name']} (rank {entry['adapter']['r']})"
+        )
         return 0
     return swap(args)
 
@@ -218,7 +244,9 @@ def parse_weights(text: str | None, count: int) -> list[float]:
     try:
         return [float(value) for value in text.split(",")]
     except ValueError:
-        raise UserError(f"--weights '{text}' is not a comma-separated list of numbers; fix: e.g. --weights 0.7,0.3") from None
+        raise UserError(
+            f"--weights '{text}' is not a comma-separated list of numbers; fix: e.g. --weights 0.7,0.3"
+        ) from None
 
 
 def swap(args: argparse.Namespace) -> int:
@@ -238,8 +266,12 @@ def swap(args: argparse.Namespace) -> int:
         engine.use(name)
         switched = time.perf_counter() - began
         for prompt, reply in zip(args.prompt, engine.generate(conversations, sampling_from(args))):
-            print(json.dumps({"adapter": name, "prompt": prompt, "reply": reply, "switch_ms": round(switched * 1e3, 2)},
-                             ensure_ascii=False))
+            print(
+                json.dumps(
+                    {"adapter": name, "prompt": prompt, "reply": reply, "switch_ms": round(switched * 1e3, 2)},
+                    ensure_ascii=False,
+                )
+            )
     return 0
 
 
@@ -248,8 +280,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     runner = Path(__file__).resolve().parents[2] / "bench" / "run.py"
     if not runner.is_file():
-        raise UserError("tunesmith bench runs from a source checkout (it needs bench/run.py); fix: clone the "
-                        "repository and install it with pip install -e '.[bench]'")
+        raise UserError(
+            "tunesmith bench runs from a source checkout (it needs bench/run.py); fix: clone the "
+            "repository and install it with pip install -e '.[bench]'"
+        )
     return subprocess.call([sys.executable, str(runner), *args.bench_args])
 
 
@@ -287,8 +321,9 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
 def has_default(action: argparse.Action) -> bool:
     shown = action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
-    nothing = action.default is None or action.default is False or action.default is argparse.SUPPRESS \
-        or action.default == []  # by identity: a default of 0 or 0.0 is shown
+    nothing = (
+        action.default is None or action.default is False or action.default is argparse.SUPPRESS or action.default == []
+    )  # by identity: a default of 0 or 0.0 is shown
     return bool(shown) and not nothing
 
 
@@ -318,9 +353,11 @@ def split_train_arguments(args: argparse.Namespace) -> None:
         args.overrides.insert(0, args.config)
         args.config = None
     if args.config is None and not args.overrides:
-        raise UserError("tunesmith train needs a config: a YAML file, key=value overrides, or both; fix: tunesmith "
-                        "train CONFIG.yaml, or tunesmith train data.train=train.jsonl [model=NAME train.epochs=2 ...] "
-                        "(tunesmith train --help-config lists every key)")
+        raise UserError(
+            "tunesmith train needs a config: a YAML file, key=value overrides, or both; fix: tunesmith "
+            "train CONFIG.yaml, or tunesmith train data.train=train.jsonl [model=NAME train.epochs=2 ...] "
+            "(tunesmith train --help-config lists every key)"
+        )
     args.config = Path(args.config) if args.config is not None else None
 
 
@@ -340,20 +377,38 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)  # every command's parser is a Parser too
 
     train = commands.add_parser("train", help="run one training recipe; writes a run directory")
-    train.add_argument("config", nargs="?", help="the YAML config; optional: key=value overrides alone make a "
-                       "config (e.g. tunesmith train data.train=train.jsonl train.epochs=2)")
+    train.add_argument(
+        "config",
+        nargs="?",
+        help="the YAML config; optional: key=value overrides alone make a "
+        "config (e.g. tunesmith train data.train=train.jsonl train.epochs=2)",
+    )
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
     train.add_argument("--help-config", action=HelpConfig, nargs=0, help="list every config key and exit")
-    train.add_argument("--nproc", type=int, metavar="N", help="train on N processes of this machine (torchrun; "
-                       "train.parallel picks DDP or FSDP); for several machines run torchrun yourself (docs/distributed.md)")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train on N processes of this machine (torchrun; "
+        "train.parallel picks DDP or FSDP); for several machines run torchrun yourself (docs/distributed.md)",
+    )
     train.set_defaults(handler=cmd_train)
 
     validate = commands.add_parser("validate", help="check a data file before any compute")
-    validate.add_argument("file", type=Path, help="the data: .jsonl (or .json), .csv, .tsv (with a header row) or .parquet")
-    validate.add_argument("--format", default="auto", help="the data format (default: detect it; `tunesmith train "
-                          "--help-config` lists them)")
-    validate.add_argument("--columns", metavar="FIELD=COLUMN,...", help="your columns under the format's field names, "
-                          "e.g. question=q,answer=a (what data.columns does in a config)")
+    validate.add_argument(
+        "file", type=Path, help="the data: .jsonl (or .json), .csv, .tsv (with a header row) or .parquet"
+    )
+    validate.add_argument(
+        "--format",
+        default="auto",
+        help="the data format (default: detect it; `tunesmith train --help-config` lists them)",
+    )
+    validate.add_argument(
+        "--columns",
+        metavar="FIELD=COLUMN,...",
+        help="your columns under the format's field names, "
+        "e.g. question=q,answer=a (what data.columns does in a config)",
+    )
     validate.add_argument("--method", default="sft", help="the method the data is for (default: sft)")
     validate.add_argument("--model", help="also check token lengths with this model's tokenizer")
     validate.add_argument("--max-length", type=int, default=1024, help="longest example in tokens (with --model)")
@@ -361,20 +416,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     importer = commands.add_parser("import", help="turn another tool's export into training data")
     sources = importer.add_subparsers(dest="source", required=True)
-    tickets = sources.add_parser("tickets", help="helpdesk tickets (Zendesk-, Freshdesk-like or mapped CSV/JSON/JSONL) "
-                                 "→ one conversation per ticket, PII redacted")
-    tickets.add_argument("file", type=Path, help="the export: .csv (one row per message), .json or .jsonl (one "
-                         "object per ticket with its thread)")
+    tickets = sources.add_parser(
+        "tickets",
+        help="helpdesk tickets (Zendesk-, Freshdesk-like or mapped CSV/JSON/JSONL) "
+        "→ one conversation per ticket, PII redacted",
+    )
+    tickets.add_argument(
+        "file",
+        type=Path,
+        help="the export: .csv (one row per message), .json or .jsonl (one object per ticket with its thread)",
+    )
     tickets.add_argument("--output", type=Path, required=True, help="the messages-format JSONL file to write")
-    tickets.add_argument("--mapping", type=Path, help="a YAML or JSON file naming the export's columns (ticket_id, "
-                         "body, role with customer/agent values, timestamp, skip, names; see docs/tickets.md)")
+    tickets.add_argument(
+        "--mapping",
+        type=Path,
+        help="a YAML or JSON file naming the export's columns (ticket_id, "
+        "body, role with customer/agent values, timestamp, skip, names; see docs/tickets.md)",
+    )
     tickets.add_argument("--flavour", default="auto", help="zendesk or freshdesk (default: detect from the columns)")
     tickets.add_argument("--system-prompt", help="a system message at the start of every conversation")
     tickets.add_argument("--no-redact", action="store_true", help="keep e-mails, phones, card numbers and names")
-    tickets.add_argument("--include-subject", action="store_true", help="put the ticket's subject on the customer's "
-                         "first message")
-    tickets.add_argument("--trailing", default="trim", choices=["trim", "skip"], help="customer messages after the "
-                         "last agent reply: trim them (default) or skip the ticket")
+    tickets.add_argument(
+        "--include-subject", action="store_true", help="put the ticket's subject on the customer's first message"
+    )
+    tickets.add_argument(
+        "--trailing",
+        default="trim",
+        choices=["trim", "skip"],
+        help="customer messages after the last agent reply: trim them (default) or skip the ticket",
+    )
     tickets.add_argument("--force", action="store_true", help="replace an existing output file")
     tickets.set_defaults(handler=cmd_import)
 
@@ -384,15 +454,18 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--force", action="store_true", help="download and convert again")
     models.set_defaults(handler=cmd_models)
 
-    for name, handler, help_text in (("chat", cmd_chat, "talk to a model or a run (its adapter applied)"),
-                                     ("generate", cmd_generate, "one reply per prompt")):
+    for name, handler, help_text in (
+        ("chat", cmd_chat, "talk to a model or a run (its adapter applied)"),
+        ("generate", cmd_generate, "one reply per prompt"),
+    ):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("target", help="a run directory, a built-in model name, a model directory or a .gguf file")
         sub.add_argument("--max-new-tokens", type=int, default=256)
         sub.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         sub.add_argument("--top-p", type=float, default=1.0)
-        sub.add_argument("--system", help="a system message before the conversation (default: the run's "
-                         "data.system_prompt, if any)")
+        sub.add_argument(
+            "--system", help="a system message before the conversation (default: the run's data.system_prompt, if any)"
+        )
         if name == "generate":
             sub.add_argument("--prompt", action="append", help="a prompt (repeatable); else one per stdin line")
             sub.add_argument("--jsonl", action="store_true", help="print {prompt, reply} JSON lines")
@@ -400,30 +473,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="ship a run as a PEFT adapter, a merged model or a GGUF file")
     export.add_argument("run", type=Path, help="a run directory (with adapter/ or model/)")
-    export.add_argument("--to", required=True, help="peft (the adapter + tokenizer) | merged (one transformers "
-                                                    "directory) | gguf (one file for llama.cpp, LM Studio) | ollama "
-                                                    "(a directory: model.gguf + Modelfile for `ollama create`)")
-    export.add_argument("--output", type=Path, required=True, help="the directory (peft, merged, ollama) or .gguf file to write")
-    export.add_argument("--dtype", help="merged: float32 (default), bfloat16 or float16; gguf, ollama: float32 "
-                                        "(default), float16 or q8_0 (q4_k_m: quantize a float32 export with "
-                                        "llama.cpp's llama-quantize)")
+    export.add_argument(
+        "--to",
+        required=True,
+        help="peft (the adapter + tokenizer) | merged (one transformers "
+        "directory) | gguf (one file for llama.cpp, LM Studio) | ollama "
+        "(a directory: model.gguf + Modelfile for `ollama create`)",
+    )
+    export.add_argument(
+        "--output", type=Path, required=True, help="the directory (peft, merged, ollama) or .gguf file to write"
+    )
+    export.add_argument(
+        "--dtype",
+        help="merged: float32 (default), bfloat16 or float16; gguf, ollama: float32 "
+        "(default), float16 or q8_0 (q4_k_m: quantize a float32 export with "
+        "llama.cpp's llama-quantize)",
+    )
     export.add_argument("--force", action="store_true", help="replace an existing, non-empty output")
     export.set_defaults(handler=cmd_export)
     adapters = commands.add_parser("adapters", help="the local adapter library: list, show, add, merge, swap")
     adapters.add_argument("action", choices=["list", "show", "add", "merge", "swap"])
     adapters.add_argument("names", nargs="*", help="show NAME | add RUN_DIR | merge A B ... | swap A B ...")
-    adapters.add_argument("--name", help="add: the library name (default: the run directory's name); merge: the new adapter")
+    adapters.add_argument(
+        "--name", help="add: the library name (default: the run directory's name); merge: the new adapter"
+    )
     adapters.add_argument("--weights", help="merge: one weight per adapter, e.g. 0.7,0.3 (default: equal)")
-    adapters.add_argument("--combination", default="cat", help="merge: cat (exact weighted sum of updates), "
-                          "linear (average A and B), svd (sum truncated to a rank)")
+    adapters.add_argument(
+        "--combination",
+        default="cat",
+        help="merge: cat (exact weighted sum of updates), linear (average A and B), svd (sum truncated to a rank)",
+    )
     adapters.add_argument("--prompt", action="append", help="swap: a prompt (repeatable)")
     adapters.add_argument("--max-new-tokens", type=int, default=64)
     adapters.add_argument("--temperature", type=float, default=0.0)
     adapters.add_argument("--top-p", type=float, default=1.0)
     adapters.add_argument("--force", action="store_true", help="add/merge: replace an entry of the same name")
     adapters.set_defaults(handler=cmd_adapters)
-    bench = commands.add_parser("bench", help="side-by-side benchmark against TRL + PEFT (see BENCHMARKS.md)",
-                                add_help=False)
+    bench = commands.add_parser(
+        "bench", help="side-by-side benchmark against TRL + PEFT (see BENCHMARKS.md)", add_help=False
+    )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to bench/run.py (--help lists them)")
     bench.set_defaults(handler=cmd_bench)
     from tunesmith import cli_eval, cli_service

@@ -2,6 +2,7 @@
 
 Everything they touch lives under `$TUNESMITH_HOME` (or `--home`): the store, the keys, the blobs, the audit log.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,16 +20,22 @@ def settings(args: argparse.Namespace):
     for item in getattr(args, "model", None) or []:
         name, sep, spec = item.partition("=")
         if not sep or not name or not spec or ":" in name:
-            raise UserError(f"--model {item}: expected NAME=SPEC (a name without ':' and a registry model, a local "
-                            f"model directory or a run directory); fix: --model tiny=/path/to/model")
+            raise UserError(
+                f"--model {item}: expected NAME=SPEC (a name without ':' and a registry model, a local "
+                f"model directory or a run directory); fix: --model tiny=/path/to/model"
+            )
         Service.run_model(spec)  # a run directory that cannot be served is refused now, not at its first request
         base_models[name] = spec
     home = Path(args.home).expanduser() if getattr(args, "home", None) else None
     kwargs = {"home": home} if home else {}
-    return Settings(database_url=args.database_url or os.environ.get("TUNESMITH_DATABASE_URL"), base_models=base_models,
-                    max_upload_bytes=getattr(args, "max_upload_mb", 512) << 20,
-                    processes=getattr(args, "nproc", 1) or 1, **kwargs,
-                    scratch=Path(args.scratch).expanduser() if getattr(args, "scratch", None) else None)
+    return Settings(
+        database_url=args.database_url or os.environ.get("TUNESMITH_DATABASE_URL"),
+        base_models=base_models,
+        max_upload_bytes=getattr(args, "max_upload_mb", 512) << 20,
+        processes=getattr(args, "nproc", 1) or 1,
+        **kwargs,
+        scratch=Path(args.scratch).expanduser() if getattr(args, "scratch", None) else None,
+    )
 
 
 def service_from(args: argparse.Namespace):
@@ -74,13 +81,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker = worker_module.Worker(service, concurrency=args.workers, lease_seconds=args.lease_seconds)
         threading.Thread(target=worker.serve_forever, name="worker", daemon=True).start()
     scheme = "https" if args.tls_cert else "http"
-    print(f"tunesmith serving on {scheme}://{args.host}:{args.port}/v1 (dashboard: /dashboard); state in "
-          f"{service.settings.home}; {threads} inference thread(s), batches of up to {args.max_batch}", flush=True)
+    print(
+        f"tunesmith serving on {scheme}://{args.host}:{args.port}/v1 (dashboard: /dashboard); state in "
+        f"{service.settings.home}; {threads} inference thread(s), batches of up to {args.max_batch}",
+        flush=True,
+    )
     if worker is not None:
         print(service.describe_scratch(), flush=True)
     try:
-        DrainingServer(app, pool, worker, host=args.host, port=args.port, ssl_certfile=args.tls_cert,
-                       ssl_keyfile=args.tls_key).run()
+        DrainingServer(
+            app, pool, worker, host=args.host, port=args.port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key
+        ).run()
     finally:
         if worker is not None:
             worker.stop()
@@ -108,14 +119,18 @@ def _keys(args: argparse.Namespace) -> int:
     store = service.store
     if args.action == "create":
         if not args.project:
-            raise UserError("keys create needs --project; fix: tunesmith keys create --project P --scope read|write|admin")
+            raise UserError(
+                "keys create needs --project; fix: tunesmith keys create --project P --scope read|write|admin"
+            )
         if not all(c.isalnum() or c in "-_." for c in args.project) or len(args.project) > 64:
             raise UserError(f"--project {args.project!r}: use up to 64 letters, digits, '-', '_' or '.'")
         scope = Scope.parse(args.scope)
         key = apikeys.new_key()
         with service.audited(args.project, "cli", "key.create", [key.key_id], scope=scope.value):
             store.add_key(key.key_id, args.project, scope.value, key.hash, args.name or "")
-        print(f"created key {key.key_id} for project {args.project} (scope {scope.value}); it is shown once: {key.secret}")
+        print(
+            f"created key {key.key_id} for project {args.project} (scope {scope.value}); it is shown once: {key.secret}"
+        )
         return 0
     if args.action == "list":
         rows = store.keys(args.project)
@@ -124,12 +139,16 @@ def _keys(args: argparse.Namespace) -> int:
             import time
 
             created = time.strftime("%Y-%m-%d", time.gmtime(row["created_at"]))
-            print(f"{row['id']:14} {row['project_id']:20} {row['scope']:6} {created:10} "
-                  f"{'revoked' if row['revoked_at'] else 'active'}")
+            print(
+                f"{row['id']:14} {row['project_id']:20} {row['scope']:6} {created:10} "
+                f"{'revoked' if row['revoked_at'] else 'active'}"
+            )
         return 0
     if args.action == "revoke":
         if not args.key_id:
-            raise UserError("keys revoke needs the key id; fix: tunesmith keys revoke KEY_ID (see `tunesmith keys list`)")
+            raise UserError(
+                "keys revoke needs the key id; fix: tunesmith keys revoke KEY_ID (see `tunesmith keys list`)"
+            )
         row = store.key(args.key_id)
         if row is None:
             raise UserError(f"no key with id {args.key_id}; fix: `tunesmith keys list` shows the ids")
@@ -154,8 +173,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     service = service_from(args)
     result = service.verify_audit()
     if result:
-        print(f"{service.audit_log.path}: OK, {result.count} records, hash chain intact up to the head the store "
-              "recorded")
+        print(
+            f"{service.audit_log.path}: OK, {result.count} records, hash chain intact up to the head the store recorded"
+        )
         return 0
     print(f"{service.audit_log.path}: TAMPERED: {result}")
     return 1
@@ -163,34 +183,68 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def add_parsers(commands) -> None:
     def common(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--home", help="where the service keeps its state (default: $TUNESMITH_HOME or ~/.tunesmith)")
-        parser.add_argument("--database-url", help="the store: a SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db "
-                            "(default: $TUNESMITH_DATABASE_URL, else a SQLite file under the home)")
+        parser.add_argument(
+            "--home", help="where the service keeps its state (default: $TUNESMITH_HOME or ~/.tunesmith)"
+        )
+        parser.add_argument(
+            "--database-url",
+            help="the store: a SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db "
+            "(default: $TUNESMITH_DATABASE_URL, else a SQLite file under the home)",
+        )
 
     def models(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--model", action="append", metavar="NAME=SPEC", help="offer another base model under NAME "
-                            "(a registry name or a local model directory); repeatable. The built-in models are offered")
+        parser.add_argument(
+            "--model",
+            action="append",
+            metavar="NAME=SPEC",
+            help="offer another base model under NAME "
+            "(a registry name or a local model directory); repeatable. The built-in models are offered",
+        )
         parser.add_argument("--nproc", type=int, default=1, help="torch.distributed processes per training job")
         parser.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload")
-        parser.add_argument("--lease-seconds", type=float, default=30.0, help="a job whose worker has not renewed its "
-                            "lease for this long is taken over by another worker (and resumed)")
-        parser.add_argument("--scratch", help="where a running job keeps its decrypted data and run (default: a folder "
-                            "on /dev/shm when it has 2 GiB free, else HOME/work); erased when the job ends")
+        parser.add_argument(
+            "--lease-seconds",
+            type=float,
+            default=30.0,
+            help="a job whose worker has not renewed its "
+            "lease for this long is taken over by another worker (and resumed)",
+        )
+        parser.add_argument(
+            "--scratch",
+            help="where a running job keeps its decrypted data and run (default: a folder "
+            "on /dev/shm when it has 2 GiB free, else HOME/work); erased when the job ends",
+        )
 
     serve = commands.add_parser("serve", help="the OpenAI-compatible fine-tuning and inference service (+ a worker)")
     common(serve)
     models(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=1, help="jobs run at once by the built-in worker (0: none; run "
-                       "`tunesmith worker` elsewhere)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="jobs run at once by the built-in worker (0: none; run `tunesmith worker` elsewhere)",
+    )
     serve.add_argument("--adapters", type=int, default=4, help="fine-tuned adapters kept resident per base model")
-    serve.add_argument("--threads", type=int, help="CPU threads for inference (default: every core, half of them "
-                       "when the built-in worker runs)")
-    serve.add_argument("--max-batch", type=int, default=8, help="replies decoded together per base model (concurrent "
-                       "requests, whatever their adapters, share a batch)")
-    serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds a chat or completion request may "
-                       "take, queueing included; a reply still being written then ends as at max_tokens")
+    serve.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for inference (default: every core, half of them when the built-in worker runs)",
+    )
+    serve.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="replies decoded together per base model (concurrent requests, whatever their adapters, share a batch)",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a chat or completion request may "
+        "take, queueing included; a reply still being written then ends as at max_tokens",
+    )
     serve.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate (with --tls-key)")
     serve.add_argument("--tls-key", help="the certificate's PEM private key")
     serve.set_defaults(handler=cmd_serve)
@@ -199,8 +253,11 @@ def add_parsers(commands) -> None:
     models(worker)
     worker.add_argument("--concurrency", type=int, default=1, help="jobs run at once")
     worker.set_defaults(handler=cmd_worker)
-    keys = commands.add_parser("keys", help="API keys: create (the key is the last word printed), list, revoke; "
-                               "rotate-master re-keys encryption at rest")
+    keys = commands.add_parser(
+        "keys",
+        help="API keys: create (the key is the last word printed), list, revoke; "
+        "rotate-master re-keys encryption at rest",
+    )
     common(keys)
     keys.add_argument("action", choices=["create", "list", "revoke", "rotate-master"])
     keys.add_argument("key_id", nargs="?", help="revoke: the key id")

@@ -4,6 +4,7 @@ A `UserError` is a mistake in what the user gave us (config, data, command line)
 without a traceback and exits with code 2. Each problem names where it is (`FILE:LINE` when there is a
 file), what is wrong, the value, and the fix. Bugs in tunesmith stay ordinary exceptions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """Where state that outlives a run lives: `$TUNESMITH_HOME` (default `~/.tunesmith`)."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,10 @@ def make_private(path: Path, directory: bool) -> Path:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, mode))  # 0600 when new; never truncates
         info = path.stat()
     except OSError as error:
-        raise UserError(f"{path}: cannot make it private ({error.strerror}); fix: it must be a "
-                        f"{'folder' if directory else 'file (not a link)'} of this user") from None
+        raise UserError(
+            f"{path}: cannot make it private ({error.strerror}); fix: it must be a "
+            f"{'folder' if directory else 'file (not a link)'} of this user"
+        ) from None
     if info.st_uid != os.getuid():
         raise UserError(f"{path}: belongs to another user; fix: remove it, or set TUNESMITH_HOME to a folder of yours")
     if info.st_mode & 0o777 != mode:

@@ -9,6 +9,7 @@ Each registry names, as strings, the modules whose import registers its plugins,
 lookup: this module imports nothing of the layers above it, and a lookup loads only what that kind needs.
 Looking up an unknown name raises a UserError listing the known names and the closest match.
 """
+
 from __future__ import annotations
 
 import importlib

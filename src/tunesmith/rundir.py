@@ -10,6 +10,7 @@
 metrics.jsonl is appended to while a run trains, so a reader may meet a last line a killed run cut short; it is
 skipped, never an error, and so are blank lines and anything that is not a JSON object.
 """
+
 from __future__ import annotations
 
 import json
@@ -94,8 +95,11 @@ def read_shards(tensors: dict[str, Any], directory: Path, local: bool = False) -
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
-        dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(directory)),
-                 no_dist=local or not torch.distributed.is_initialized())
+        dcp.load(
+            tensors,
+            storage_reader=dcp.HuggingFaceStorageReader(str(directory)),
+            no_dist=local or not torch.distributed.is_initialized(),
+        )
 
 
 def read_weights(path: Path) -> dict[str, Any]:
@@ -104,7 +108,10 @@ def read_weights(path: Path) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
     metadata = dcp.HuggingFaceStorageReader(str(path)).read_metadata().state_dict_metadata
-    tensors = {key: torch.empty(entry.size, dtype=entry.properties.dtype) for key, entry in metadata.items()
-               if key.startswith(WEIGHTS)}
+    tensors = {
+        key: torch.empty(entry.size, dtype=entry.properties.dtype)
+        for key, entry in metadata.items()
+        if key.startswith(WEIGHTS)
+    }
     read_shards(tensors, path, local=True)
-    return {key[len(WEIGHTS):]: tensor for key, tensor in tensors.items()}
+    return {key[len(WEIGHTS) :]: tensor for key, tensor in tensors.items()}

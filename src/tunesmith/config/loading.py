@@ -4,6 +4,7 @@ resolved config into the run directory.
 Loading reports every problem at once, each as `FILE:LINE: key: problem (got VALUE); fix`, with a
 "did you mean" for misspelt keys.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,9 @@ from tunesmith.errors import Problem, UserError, did_you_mean
 Location = dict[tuple[str, ...], str]  # key path -> "FILE:LINE" or "command line"
 
 
-def _locations(node: yaml.Node, source: str, path: tuple[str, ...] = (),
-               duplicates: list[Problem] | None = None) -> Location:
+def _locations(
+    node: yaml.Node, source: str, path: tuple[str, ...] = (), duplicates: list[Problem] | None = None
+) -> Location:
     """Map every key path in a composed YAML tree to the line it is written on; a key written twice in
     one mapping is added to `duplicates` (YAML keeps the last one silently, which hides the first)."""
     found: Location = {}
@@ -28,8 +30,13 @@ def _locations(node: yaml.Node, source: str, path: tuple[str, ...] = (),
             key_path = path + (str(key_node.value),)
             line = f"{source}:{key_node.start_mark.line + 1}"
             if key_path in found and duplicates is not None:
-                duplicates.append(Problem(line, f"key '{'.'.join(key_path)}' is written twice (first at "
-                                                f"{found[key_path]}); fix: keep one and merge their values"))
+                duplicates.append(
+                    Problem(
+                        line,
+                        f"key '{'.'.join(key_path)}' is written twice (first at "
+                        f"{found[key_path]}); fix: keep one and merge their values",
+                    )
+                )
             found[key_path] = line
             found.update(_locations(value_node, source, key_path, duplicates))
     return found
@@ -50,7 +57,9 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], Location]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError(f"{path}:1: a config must be a mapping of keys (model:, data:, train:, ...), got {type(data).__name__}")
+        raise UserError(
+            f"{path}:1: a config must be a mapping of keys (model:, data:, train:, ...), got {type(data).__name__}"
+        )
     duplicates: list[Problem] = []
     where = _locations(node, str(path), duplicates=duplicates) if node is not None else {}
     if duplicates:
@@ -64,7 +73,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], where: Location)
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key.strip():
-            problems.append(Problem("command line", f"'{override}' is not key.sub=value; fix: write e.g. train.lr=1e-4"))
+            problems.append(
+                Problem("command line", f"'{override}' is not key.sub=value; fix: write e.g. train.lr=1e-4")
+            )
             continue
         path = tuple(part.strip() for part in key.strip().split("."))
         target = data
@@ -120,10 +131,19 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
 
 # What other tools (PEFT, TRL, transformers' TrainingArguments) call our fields: a "did you mean" by meaning,
 # where spelling alone would find nothing (rank is nowhere near r).
-KEY_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target",
-               "learning_rate": "lr", "num_train_epochs": "epochs", "lr_scheduler_type": "schedule",
-               "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
-               "max_seq_length": "max_length"}
+KEY_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "target",
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "lr_scheduler_type": "schedule",
+    "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size",
+    "max_seq_length": "max_length",
+}
 
 
 def suggest_key(name: str, allowed: list[str]) -> str:
@@ -144,13 +164,18 @@ def missing_key_message(loc: tuple[Any, ...], on_command_line: bool) -> str:
     for part in loc:
         field = section.model_fields.get(str(part)) if isinstance(section, type) else None
         section = getattr(field, "annotation", None)
-    needed = [f"{key}.{name}" for name, field in section.model_fields.items() if field.is_required()] \
-        if isinstance(section, type) and issubclass(section, BaseModel) else []
+    needed = (
+        [f"{key}.{name}" for name, field in section.model_fields.items() if field.is_required()]
+        if isinstance(section, type) and issubclass(section, BaseModel)
+        else []
+    )
     needed = needed or [key]
     if on_command_line:
         overrides = " ".join(f"{name}={REQUIRED_EXAMPLES.get(name, 'VALUE')}" for name in needed)
-        return (f"{', '.join(repr(name) for name in needed)} {'is' if len(needed) == 1 else 'are'} required; fix: add "
-                f"{overrides} to the command line (or give a YAML config that sets it)")
+        return (
+            f"{', '.join(repr(name) for name in needed)} {'is' if len(needed) == 1 else 'are'} required; fix: add "
+            f"{overrides} to the command line (or give a YAML config that sets it)"
+        )
     return f"'{key}' is required; fix: add it (e.g. {needed[0]}: {REQUIRED_EXAMPLES.get(needed[0], 'VALUE')})"
 
 

@@ -2,6 +2,7 @@
 and packed examples included) and the output head applied only where a target is, in chunks, so the
 (tokens, vocab) logits never exist all at once.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -31,24 +32,36 @@ def hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     decoder, _ = decoder_and_head(model)
     soft = soft_prompt(model)
     if soft is None:
-        return decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                       segment_lengths=batch.segment_lengths).last_hidden_state
+        return decoder(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            segment_lengths=batch.segment_lengths,
+        ).last_hidden_state
     kind, value = soft
     if kind == "prefix":
         virtual = value[0][0].shape[2]
-        return decoder(input_ids=batch.input_ids, position_ids=batch.position_ids + virtual, use_cache=False,
-                       segment_lengths=batch.segment_lengths, segment_prefix=value).last_hidden_state
+        return decoder(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids + virtual,
+            use_cache=False,
+            segment_lengths=batch.segment_lengths,
+            segment_prefix=value,
+        ).last_hidden_state
     prompt = value.to(decoder.get_input_embeddings().weight.dtype)  # (N, H)
     virtual = prompt.shape[0]
     pieces, keep = [], []
-    for offset, piece in zip([0, *torch.tensor(batch.segment_lengths).cumsum(0).tolist()],
-                             decoder.get_input_embeddings()(batch.input_ids)[0].split(batch.segment_lengths)):
+    for offset, piece in zip(
+        [0, *torch.tensor(batch.segment_lengths).cumsum(0).tolist()],
+        decoder.get_input_embeddings()(batch.input_ids)[0].split(batch.segment_lengths),
+    ):
         pieces += [prompt, piece]
         keep.append(torch.arange(piece.shape[0]) + offset + virtual * (len(keep) + 1))
     lengths = tuple(length + virtual for length in batch.segment_lengths)
     positions = torch.cat([torch.arange(length) for length in lengths])[None].to(batch.input_ids.device)
-    hidden = decoder(inputs_embeds=torch.cat(pieces)[None], position_ids=positions, use_cache=False,
-                     segment_lengths=lengths).last_hidden_state
+    hidden = decoder(
+        inputs_embeds=torch.cat(pieces)[None], position_ids=positions, use_cache=False, segment_lengths=lengths
+    ).last_hidden_state
     return hidden[:, torch.cat(keep).to(hidden.device)]
 
 

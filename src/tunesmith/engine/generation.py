@@ -2,6 +2,7 @@
 
 `chat`, `generate`, evaluation and (later) the service all generate through `Engine`.
 """
+
 from __future__ import annotations
 
 import threading
@@ -31,11 +32,18 @@ class Sampling:
     def generate_kwargs(self) -> dict[str, Any]:
         if self.temperature <= 0:
             return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+        return {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+        }
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, system_prompt: str | None = None, has_adapter: bool = False):
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, system_prompt: str | None = None, has_adapter: bool = False
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.chat = ChatTokenizer(tokenizer, system_prompt=system_prompt)
@@ -52,8 +60,10 @@ class Engine:
         if is_run_dir(path):
             run_config = read_run_config(path)
             if run_config.method == "reward":
-                raise UserError(f"{path} is a reward model: it rates replies and does not write them; fix: rate a "
-                                f"file with `tunesmith score {path} --data FILE`, or evaluate it with `tunesmith eval`")
+                raise UserError(
+                    f"{path} is a reward model: it rates replies and does not write them; fix: rate a "
+                    f"file with `tunesmith score {path} --data FILE`, or evaluate it with `tunesmith eval`"
+                )
             system_prompt = run_config.data.system_prompt
             if (path / ADAPTER_DIR).is_dir():  # the base as it trained (QLoRA: 4-bit), then the adapter
                 model, tokenizer = load_model(run_config.model, **load_options(run_config.adapter.type))
@@ -65,8 +75,10 @@ class Engine:
         if not path.exists() and target in library.names():  # an adapter from the local library
             return cls.load_library([target])
         if path.is_dir() and (path / CONFIG_FILE).is_file():
-            raise UserError(f"{path} is a run directory without adapter/ or model/: the run has not finished; "
-                            f"fix: resume it with `tunesmith train {path / CONFIG_FILE}`")
+            raise UserError(
+                f"{path} is a run directory without adapter/ or model/: the run has not finished; "
+                f"fix: resume it with `tunesmith train {path / CONFIG_FILE}`"
+            )
         model, tokenizer = load_model(target)
         return cls(model, tokenizer)
 
@@ -78,8 +90,10 @@ class Engine:
         cards = [library.card(name) for name in names]
         bases = {card["base_model"] for card in cards}
         if len(bases) > 1:
-            raise UserError(f"adapters {', '.join(names)} need different base models ({', '.join(sorted(bases))}); "
-                            f"fix: load together only adapters of one base")
+            raise UserError(
+                f"adapters {', '.join(names)} need different base models ({', '.join(sorted(bases))}); "
+                f"fix: load together only adapters of one base"
+            )
         model, tokenizer = load_model(cards[0]["base_model"], **load_options(cards[0]["adapter"].get("type", "lora")))
         model = load_adapter(model, library.adapter_dir(names[0]), name=names[0])
         for name in names[1:]:
@@ -104,8 +118,9 @@ class Engine:
 
     @torch.no_grad()
     @torch.compiler.set_stance("force_eager")  # layers compiled for training (train.compile) decode eagerly
-    def generate(self, conversations: list[Messages], sampling: Sampling = Sampling(),
-                 allowed: list[list[int]] | None = None) -> list[str]:
+    def generate(
+        self, conversations: list[Messages], sampling: Sampling = Sampling(), allowed: list[list[int]] | None = None
+    ) -> list[str]:
         """Replies to several conversations at once (left-padded batch, KV cache).
 
         `allowed` restricts every reply to one of the given token sequences (e.g. the label set of a
@@ -130,8 +145,9 @@ class Engine:
         if allowed is not None:
             kwargs["prefix_allowed_tokens_fn"] = trie_constraint(allowed, width, self.stop_ids()[0])
             kwargs["max_new_tokens"] = max(len(sequence) for sequence in allowed)
-        output = self.model.generate(input_ids=input_ids, attention_mask=attention, pad_token_id=pad,
-                                     eos_token_id=self.stop_ids(), **kwargs)
+        output = self.model.generate(
+            input_ids=input_ids, attention_mask=attention, pad_token_id=pad, eos_token_id=self.stop_ids(), **kwargs
+        )
         return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
 
     def prefix_cache(self, prefix: torch.Tensor, batch_size: int):
@@ -152,7 +168,9 @@ class Engine:
         The tokens scored are exactly those training would train (assistant text and end-of-turn), so
         ranking replies by it matches what fine-tuning optimised.
         """
-        examples = [self.chat(item) if isinstance(item, Example) else self.chat.tokenize_chat(item) for item in conversations]
+        examples = [
+            self.chat(item) if isinstance(item, Example) else self.chat.tokenize_chat(item) for item in conversations
+        ]
         return self.scored_loglikelihood(examples, batch_size)
 
     @torch.no_grad()
@@ -163,14 +181,15 @@ class Engine:
 
         scores: list[tuple[float, int]] = []
         for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start: start + batch_size]).to(self.device)
+            batch = collate(examples[start : start + batch_size]).to(self.device)
             sums, counts = per_example_logprob(self.model, batch)
             scores += [(float(total), int(count)) for total, count in zip(sums, counts)]
         return scores
 
     @torch.no_grad()
-    def next_token_logprobs(self, conversations: list[Messages], token_ids: list[int], reply_start: str = "",
-                            batch_size: int = 16) -> torch.Tensor:
+    def next_token_logprobs(
+        self, conversations: list[Messages], token_ids: list[int], reply_start: str = "", batch_size: int = 16
+    ) -> torch.Tensor:
         """(n, len(token_ids)) log-probabilities of each given token as the next token of the reply to each
         conversation: after the generation prompt and `reply_start` (text the reply is taken to begin with).
 
@@ -187,7 +206,7 @@ class Engine:
         candidates = torch.tensor(token_ids, device=self.device)
         rows = []
         for start in range(0, len(prompts), batch_size):
-            batch = collate([TokenizedExample(ids, [False] * len(ids)) for ids in prompts[start: start + batch_size]])
+            batch = collate([TokenizedExample(ids, [False] * len(ids)) for ids in prompts[start : start + batch_size]])
             batch = batch.to(self.device)
             last = torch.tensor(batch.segment_lengths, device=self.device).cumsum(0) - 1  # (B,) each row's last token
             logits = head(hidden_states(self.model, batch)[0, last]).float()  # (B, vocab)
@@ -200,18 +219,27 @@ class Engine:
         """The tokens generated after one tokenised prompt, its end-of-turn token included when it stopped on
         one; `options` go to `model.generate` (a streamer, stopping criteria)."""
         input_ids = torch.tensor([prompt], device=self.device)
-        output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                     eos_token_id=self.stop_ids(), pad_token_id=self.tokenizer.eos_token_id,
-                                     **sampling.generate_kwargs(), **options)
-        return output[0, len(prompt):].tolist()
+        output = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            eos_token_id=self.stop_ids(),
+            pad_token_id=self.tokenizer.eos_token_id,
+            **sampling.generate_kwargs(),
+            **options,
+        )
+        return output[0, len(prompt) :].tolist()
 
     def stream(self, messages: Messages, sampling: Sampling = Sampling()) -> Iterator[str]:
         """The reply to one conversation, piece by piece as it is generated."""
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        worker = threading.Thread(target=self.generate_ids, args=(self.chat.prompt_ids(messages), sampling),
-                                  kwargs={"streamer": streamer}, daemon=True)
+        worker = threading.Thread(
+            target=self.generate_ids,
+            args=(self.chat.prompt_ids(messages), sampling),
+            kwargs={"streamer": streamer},
+            daemon=True,
+        )
         worker.start()
         yield from streamer
         worker.join()
@@ -230,8 +258,10 @@ class Engine:
         scores = torch.log_softmax(logits.float(), dim=-1)
         chosen = scores.gather(1, input_ids[0, 1:, None])[:, 0].tolist()  # (T-1,)
         top = scores.topk(top_k, dim=-1) if top_k else None
-        return [(None, {})] + [(logprob, dict(zip(top.indices[i].tolist(), top.values[i].tolist())) if top else {})
-                               for i, logprob in enumerate(chosen)]
+        return [(None, {})] + [
+            (logprob, dict(zip(top.indices[i].tolist(), top.values[i].tolist())) if top else {})
+            for i, logprob in enumerate(chosen)
+        ]
 
 
 def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:

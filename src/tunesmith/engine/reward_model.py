@@ -5,6 +5,7 @@ tokenised it, and scored at its last token that is not padding, as transformers'
 heads do; higher is better. A reward model trained on scores reports them in the data's units (its
 reward_scale.json); one trained on pairs reports the model's output as it is.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,11 @@ class ScoreScale:
         mean = sum(scores) / len(scores)
         std = math.sqrt(sum((score - mean) ** 2 for score in scores) / len(scores))  # population: the data's spread
         if std == 0:
-            raise UserError(f"{where}: every training score is {scores[0]:g}, so there is nothing to tell the replies "
-                            f"apart by; fix: give replies of different quality different scores, or use pairs "
-                            f"{{prompt, chosen, rejected}}")
+            raise UserError(
+                f"{where}: every training score is {scores[0]:g}, so there is nothing to tell the replies "
+                f"apart by; fix: give replies of different quality different scores, or use pairs "
+                f"{{prompt, chosen, rejected}}"
+            )
         return cls(mean, std)
 
     def standardise(self, scores: torch.Tensor) -> torch.Tensor:
@@ -50,7 +53,9 @@ class ScoreScale:
         return rewards * self.std + self.mean
 
     def save(self, directory: Path) -> None:
-        text = json.dumps({"mean": self.mean, "std": self.std, "meaning": "score = mean + std * model output"}, indent=1)
+        text = json.dumps(
+            {"mean": self.mean, "std": self.std, "meaning": "score = mean + std * model output"}, indent=1
+        )
         (directory / SCALE_FILE).write_text(text, encoding="utf-8")
 
     @classmethod
@@ -99,8 +104,9 @@ def sequence_rewards(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 
 
 class RewardScorer:
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, system_prompt: str | None = None,
-                 scale: ScoreScale | None = None):
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, system_prompt: str | None = None, scale: ScoreScale | None = None
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.chat = ChatTokenizer(tokenizer, system_prompt=system_prompt)
@@ -120,13 +126,19 @@ class RewardScorer:
     def load_run(cls, run_dir: Path) -> "RewardScorer":
         config = read_run_config(run_dir)
         if config.method != "reward":
-            raise UserError(f"{run_dir} is a run of method {config.method}, not a reward model; fix: pass a run "
-                            f"trained with method: reward, or a sequence-classification model directory")
+            raise UserError(
+                f"{run_dir} is a run of method {config.method}, not a reward model; fix: pass a run "
+                f"trained with method: reward, or a sequence-classification model directory"
+            )
         system_prompt = config.data.system_prompt
         if (run_dir / ADAPTER_DIR).is_dir():  # the base as it trained (QLoRA: 4-bit) as a classifier, then the adapter
             model, tokenizer = load_model(config.model, num_labels=1, **load_options(config.adapter.type))
-            return cls(load_adapter(model, run_dir / ADAPTER_DIR), tokenizer, system_prompt,
-                       ScoreScale.load(run_dir / ADAPTER_DIR))
+            return cls(
+                load_adapter(model, run_dir / ADAPTER_DIR),
+                tokenizer,
+                system_prompt,
+                ScoreScale.load(run_dir / ADAPTER_DIR),
+            )
         model, tokenizer = load_model(run_dir / MODEL_DIR, num_labels=1)
         return cls(model, tokenizer, system_prompt, ScoreScale.load(run_dir / MODEL_DIR))
 
@@ -135,8 +147,10 @@ class RewardScorer:
         scores: list[float] = []
         pad = self.model.config.pad_token_id
         for start in range(0, len(conversations), batch_size):
-            rows = [self.chat.tokenize_chat(c, last_turn_only=True).input_ids
-                    for c in conversations[start: start + batch_size]]
+            rows = [
+                self.chat.tokenize_chat(c, last_turn_only=True).input_ids
+                for c in conversations[start : start + batch_size]
+            ]
             width = max(len(row) for row in rows)
             input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])  # right padding
             attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
@@ -151,12 +165,16 @@ def check_reward_model(directory: Path, spec: str) -> None:
     architectures = config.get("architectures") or []
     labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
     if not any(name.endswith("ForSequenceClassification") for name in architectures):
-        raise UserError(f"{spec}: not a reward model: its config.json names {', '.join(architectures) or 'no architecture'}; "
-                        f"a reward model is a sequence classifier with one output; fix: pass a run trained with "
-                        f"method: reward, or a directory saved by AutoModelForSequenceClassification")
+        raise UserError(
+            f"{spec}: not a reward model: its config.json names {', '.join(architectures) or 'no architecture'}; "
+            f"a reward model is a sequence classifier with one output; fix: pass a run trained with "
+            f"method: reward, or a directory saved by AutoModelForSequenceClassification"
+        )
     if labels != 1:
-        raise UserError(f"{spec}: a reward model has one output (num_labels=1), this one has {labels}; fix: pass a reward "
-                        f"model directory")
+        raise UserError(
+            f"{spec}: a reward model has one output (num_labels=1), this one has {labels}; fix: pass a reward "
+            f"model directory"
+        )
 
 
 def is_reward_model(target: str) -> bool:

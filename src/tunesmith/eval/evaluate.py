@@ -7,6 +7,7 @@ intervals and every baseline is compared to the target on the same resamples. A 
 to the task is refused before any model runs. With `--judge MODEL`, a judge model also scores every system's
 replies against the reference answers (judge_score).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,15 +22,15 @@ from typing import Any, Iterator
 from tunesmith.config.schema import Config
 from tunesmith.data.dataset import load_examples
 from tunesmith.data.formats import Example
+from tunesmith.engine.generation import Engine, Sampling
+from tunesmith.engine.reward_model import RewardScorer, is_reward_model
 from tunesmith.errors import UserError
 from tunesmith.eval import metrics as metric_functions
 from tunesmith.eval.judge import Judge, Rubric, load_rubric
 from tunesmith.eval.preference_metrics import implicit_reward_accuracy
-from tunesmith.engine.reward_model import is_reward_model, RewardScorer
 from tunesmith.eval.stats import cell, difference
 from tunesmith.eval.tasks import Context, Item, ItemError, last_reply, metric_task_of
 from tunesmith.registry import tasks
-from tunesmith.engine.generation import Engine, Sampling
 from tunesmith.rundir import EVAL_FILE, is_run_dir, read_run_config
 
 WORST_SHOWN = 25
@@ -70,19 +71,29 @@ def label_set(items: list[Item], config: Config | None) -> list[str]:
     train = config.data.train if config else None
     if train and Path(train).is_file():
         with contextlib.suppress(UserError):
-            labels |= {last_reply(e)[1] for e in load_examples(Path(train), columns=run_columns(config))
-                       if e.kind == "chat"}
+            labels |= {
+                last_reply(e)[1] for e in load_examples(Path(train), columns=run_columns(config)) if e.kind == "chat"
+            }
     return sorted(labels)
 
 
-def few_shot_prefix(shots: list[Example], k: int, labels: list[str], system_prompt: str | None, seed: int,
-                    task: str, source: str = "the shots file") -> list[dict[str, str]]:
+def few_shot_prefix(
+    shots: list[Example],
+    k: int,
+    labels: list[str],
+    system_prompt: str | None,
+    seed: int,
+    task: str,
+    source: str = "the shots file",
+) -> list[dict[str, str]]:
     """K training examples as earlier turns (distinct answers first), after a system message naming the labels."""
     pool = [e for e in shots if e.kind == "chat"]
     if len(pool) < k:  # fewer shots than asked would be a different baseline under the asked-for name
-        raise UserError(f"--baseline few-shot:{k} needs {k} example conversations, and {source} has {len(pool)} (of "
-                        f"{len(shots)} rows); fix: pass --shots FILE.jsonl with at least {k} conversations, or a "
-                        f"smaller K")
+        raise UserError(
+            f"--baseline few-shot:{k} needs {k} example conversations, and {source} has {len(pool)} (of "
+            f"{len(shots)} rows); fix: pass --shots FILE.jsonl with at least {k} conversations, or a "
+            f"smaller K"
+        )
     random.Random(f"tunesmith-shots:{seed}").shuffle(pool)
     chosen, seen = [], set()
     for example in pool:  # prefer examples with answers not yet shown: more of the label set in K shots
@@ -116,9 +127,11 @@ def system_context(engine: Engine, name: str, config: Config | None, loaded: dic
         if name != "base" and engine is not None:
             yield engine
             return
-        raise UserError(f"--baseline {name} needs a run directory as the target (the baseline is its base "
-                        f"model); fix: evaluate a run, or evaluate the base model directly (few-shot:K then "
-                        f"prompts that model with K examples)")
+        raise UserError(
+            f"--baseline {name} needs a run directory as the target (the baseline is its base "
+            f"model); fix: evaluate a run, or evaluate the base model directly (few-shot:K then "
+            f"prompts that model with K examples)"
+        )
     if "base" not in loaded:
         loaded["base"] = Engine.load(config.model)
     yield loaded["base"]
@@ -136,8 +149,10 @@ def assign_slices(items: list[Item], field: str, data: Path) -> None:
     for item in items:
         fields = item.example.fields if item.example else {}
         if field not in fields:
-            raise UserError(f"{data}:{item.line}: --slice-by {field}: the row has no scalar field '{field}'; "
-                            f"fix: use one of {', '.join(sorted(fields)) or 'length'}")
+            raise UserError(
+                f"{data}:{item.line}: --slice-by {field}: the row has no scalar field '{field}'; "
+                f"fix: use one of {', '.join(sorted(fields)) or 'length'}"
+            )
         item.slice = str(fields[field])
 
 
@@ -147,15 +162,21 @@ def reward_task(examples: list[Example], data: Path, options: EvalOptions) -> st
     kinds = sorted({example.kind for example in examples})
     task = {("preference",): "preference", ("score",): "regression"}.get(tuple(kinds))
     if task is None:
-        raise UserError(f"{data}: a reward model is evaluated on {{prompt, chosen, rejected}} pairs (pairwise accuracy) "
-                        f"or {{prompt, response, score}} rows (MSE, MAE), and this file holds {', '.join(kinds)} rows; "
-                        f"fix: pass --data with pairs or scored replies")
+        raise UserError(
+            f"{data}: a reward model is evaluated on {{prompt, chosen, rejected}} pairs (pairwise accuracy) "
+            f"or {{prompt, response, score}} rows (MSE, MAE), and this file holds {', '.join(kinds)} rows; "
+            f"fix: pass --data with pairs or scored replies"
+        )
     if options.reward_model is not None:
-        raise UserError("--reward-model scores pairs with another model, and the target is itself a reward model; "
-                        "fix: drop --reward-model")
+        raise UserError(
+            "--reward-model scores pairs with another model, and the target is itself a reward model; "
+            "fix: drop --reward-model"
+        )
     if options.baselines and (task != "preference" or set(options.baselines) != {"base"}):
-        raise UserError(f"--baseline {', '.join(options.baselines)}: a reward model is compared only with its base "
-                        f"model's log-likelihood ranking of pairs; fix: use --baseline base on pair data, or none")
+        raise UserError(
+            f"--baseline {', '.join(options.baselines)}: a reward model is compared only with its base "
+            f"model's log-likelihood ranking of pairs; fix: use --baseline base on pair data, or none"
+        )
     return task
 
 
@@ -172,23 +193,31 @@ def check_applicable(task: Any, items: list[Item], options: EvalOptions, data: P
     """Refuse, before any model loads, a rubric, judge or baseline that cannot apply to this task and data."""
     metric_task = metric_task_of(task, items)
     if options.rubric is not None and options.task != "judge" and options.judge is None:
-        raise UserError(f"--rubric applies to the judge task or to --judge MODEL, not to {options.task} alone; fix: "
-                        f"add --task judge, or --judge MODEL to score {options.task} replies against their references")
+        raise UserError(
+            f"--rubric applies to the judge task or to --judge MODEL, not to {options.task} alone; fix: "
+            f"add --task judge, or --judge MODEL to score {options.task} replies against their references"
+        )
     if options.judge is not None and metric_task not in ("exact_match", "text"):
         what = "rows without a reference reply" if options.task == "generation" else f"--task {options.task}"
-        raise UserError(f"--judge scores replies against reference answers (--task exact_match, or generation on rows "
-                        f"with a reference), not {what}; fix: drop --judge, or give each row its reference")
+        raise UserError(
+            f"--judge scores replies against reference answers (--task exact_match, or generation on rows "
+            f"with a reference), not {what}; fix: drop --judge, or give each row its reference"
+        )
     if (options.judge is not None or metric_task == "rating_agreement") and not 2 <= options.judge_scale <= 9:
-        raise UserError(f"--judge-scale {options.judge_scale}: the judge's scores run from 1 to 2..9 (one token per "
-                        f"score); fix: e.g. --judge-scale 5")
+        raise UserError(
+            f"--judge-scale {options.judge_scale}: the judge's scores run from 1 to 2..9 (one token per "
+            f"score); fix: e.g. --judge-scale 5"
+        )
     few_shot = [name for name in options.baselines if parse_baseline(name)]
     if few_shot and hasattr(task, "few_shot_problem") and (problem := task.few_shot_problem(items)) is not None:
         with rows_of(data):
             raise problem
     if options.baselines and options.reward_model is not None and options.task in ("preference", "regression"):
-        raise UserError(f"--baseline {', '.join(options.baselines)}: with --reward-model, --task {options.task} rates "
-                        f"the replies given in the data whatever model is evaluated, so every system would score the "
-                        f"same; fix: drop --baseline, or --task reward to rate each model's own replies")
+        raise UserError(
+            f"--baseline {', '.join(options.baselines)}: with --reward-model, --task {options.task} rates "
+            f"the replies given in the data whatever model is evaluated, so every system would score the "
+            f"same; fix: drop --baseline, or --task reward to rate each model's own replies"
+        )
 
 
 def judge_rubric(task: Any, items: list[Item], options: EvalOptions) -> Rubric | None:
@@ -207,21 +236,34 @@ def reference_text(expected: Any) -> str:
     return answers[0] if len(answers) == 1 else "any one of: " + "; ".join(answers)
 
 
-def judge_systems(target: str, engine: Engine | None, rubric: Rubric | None, items: list[Item],
-                  predictions: dict[str, list], options: EvalOptions,
-                  timing: dict[str, float]) -> tuple[dict[str, list[float]], dict[str, Any]]:
+def judge_systems(
+    target: str,
+    engine: Engine | None,
+    rubric: Rubric | None,
+    items: list[Item],
+    predictions: dict[str, list],
+    options: EvalOptions,
+    timing: dict[str, float],
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """With --judge: each system's replies scored 1..scale against the references ({system: [score per item]}),
     and who judged with which rubric (eval.json's "judge"). Nothing without --judge."""
     if options.judge is None:
         return {}, {}
     started = time.perf_counter()
-    judge = Judge(engine, rubric, options.batch_size, options.judge) if options.judge == target and engine \
-        else Judge.load(options.judge, rubric, options.batch_size)  # the target itself judges without a reload
+    judge = (
+        Judge(engine, rubric, options.batch_size, options.judge)
+        if options.judge == target and engine
+        else Judge.load(options.judge, rubric, options.batch_size)
+    )  # the target itself judges without a reload
     prompts = [item.prompt for item in items]
     references = [reference_text(item.expected) for item in items]
-    ratings = {name: [rating.score for rating in judge.rate_against(prompts, references, [str(r) for r in replies],
-                                                                    options.judge_scale)]
-               for name, replies in predictions.items()}
+    ratings = {
+        name: [
+            rating.score
+            for rating in judge.rate_against(prompts, references, [str(r) for r in replies], options.judge_scale)
+        ]
+        for name, replies in predictions.items()
+    }
     timing["judge_s"] = round(time.perf_counter() - started, 2)
     return ratings, {**judge.provenance(), "scale": options.judge_scale}
 
@@ -253,12 +295,20 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
     rubric = judge_rubric(task, items, options)  # a rubric file is read and checked before any model loads
     engine = None if reward_target else Engine.load(target)
     labels = label_set(items, config) if options.task == "classification" else []
-    context = Context(Sampling(max_new_tokens=options.max_new_tokens), options.batch_size, options.method, labels,
-                      rubric=rubric if options.task == "judge" else None, scale=options.judge_scale)
+    context = Context(
+        Sampling(max_new_tokens=options.max_new_tokens),
+        options.batch_size,
+        options.method,
+        labels,
+        rubric=rubric if options.task == "judge" else None,
+        scale=options.judge_scale,
+    )
     if reward_target or options.reward_model is not None:
         if options.task not in ("preference", "regression", "reward"):
-            raise UserError(f"--reward-model rates pairs (--task preference), scored replies (--task regression) or "
-                            f"the model's own replies (--task reward), not {options.task}; fix: add --task reward")
+            raise UserError(
+                f"--reward-model rates pairs (--task preference), scored replies (--task regression) or "
+                f"the model's own replies (--task reward), not {options.task}; fix: add --task reward"
+            )
         context.reward = RewardScorer.load(target if reward_target else options.reward_model)
     shots_file = options.shots_file or (config.data.train if config else None)
 
@@ -270,9 +320,15 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
             if shots_file is None:
                 raise UserError("--baseline few-shot:K needs training examples; fix: pass --shots FILE.jsonl")
             shot_columns = options.columns if options.shots_file else run_columns(config)
-            prefix = few_shot_prefix(load_examples(shots_file, columns=shot_columns), shots, labels,
-                                     config.data.system_prompt if config else None, options.seed, options.task,
-                                     source=str(shots_file))
+            prefix = few_shot_prefix(
+                load_examples(shots_file, columns=shot_columns),
+                shots,
+                labels,
+                config.data.system_prompt if config else None,
+                options.seed,
+                options.task,
+                source=str(shots_file),
+            )
         started = time.perf_counter()
         reward = None if reward_target and name != "target" else context.reward  # the base has no reward head
         with system_context(engine, name, config, loaded) as system, rows_of(data):
@@ -286,7 +342,8 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
     if options.task == "preference" and "base" in options.baselines and context.reward is None:
         # a tuned model against its base, both ranking by log-likelihood: the implicit reward DPO trains
         result["comparisons"]["base"]["implicit_reward_accuracy"] = implicit_reward_accuracy(
-            predictions["target"], predictions["base"], resamples=options.resamples, seed=options.seed)
+            predictions["target"], predictions["base"], resamples=options.resamples, seed=options.seed
+        )
     output.mkdir(parents=True, exist_ok=True)
     (output / EVAL_FILE).write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
     from tunesmith.eval.report import write_report
@@ -296,18 +353,34 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
     return result
 
 
-def assemble(target: str, data: Path, options: EvalOptions, task: Any, items: list[Item], predictions: dict[str, list],
-             labels: list[str], timing: dict[str, float],
-             ratings: dict[str, list[float]] | None = None) -> dict[str, Any]:
+def assemble(
+    target: str,
+    data: Path,
+    options: EvalOptions,
+    task: Any,
+    items: list[Item],
+    predictions: dict[str, list],
+    labels: list[str],
+    timing: dict[str, float],
+    ratings: dict[str, list[float]] | None = None,
+) -> dict[str, Any]:
     """The eval.json document: metrics, baselines, comparisons, error analysis and every example. `ratings` are
     the judge's scores of each system's replies (--judge), scored and compared as the metric judge_score."""
     expected = [item.expected for item in items]
     stats = dict(resamples=options.resamples, seed=options.seed)
     metric_task = metric_task_of(task, items)
-    result: dict[str, Any] = {"target": str(target), "task": options.task, "data": str(data.resolve()), "n": len(items),
-                              "settings": {**stats, "baselines": list(options.baselines),
-                                           **task_settings(task, metric_task, options, labels)},
-                              "timing": timing}
+    result: dict[str, Any] = {
+        "target": str(target),
+        "task": options.task,
+        "data": str(data.resolve()),
+        "n": len(items),
+        "settings": {
+            **stats,
+            "baselines": list(options.baselines),
+            **task_settings(task, metric_task, options, labels),
+        },
+        "timing": timing,
+    }
     if metric_task is not None:
         rated = ratings or {}
 
@@ -316,8 +389,9 @@ def assemble(target: str, data: Path, options: EvalOptions, task: Any, items: li
             return {**scores, **(metric_functions.score("rating", rated[name], None, **stats) if rated else {})}
 
         def comparison(name: str) -> dict[str, Any]:
-            compared = metric_functions.compare(metric_task, predictions["target"], predictions[name], expected,
-                                                **stats)
+            compared = metric_functions.compare(
+                metric_task, predictions["target"], predictions[name], expected, **stats
+            )
             if rated:
                 compared.update(metric_functions.compare("rating", rated["target"], rated[name], None, **stats))
             return dict(sorted(compared.items(), key=lambda entry: entry[0] == "mcnemar_p"))  # the p-value last
@@ -339,9 +413,15 @@ def assemble(target: str, data: Path, options: EvalOptions, task: Any, items: li
 def task_settings(task: Any, metric_task: str | None, options: EvalOptions, labels: list[str]) -> dict[str, Any]:
     """The options that shaped this task's predictions (eval/tasks.py: `settings`), and only those: a perplexity
     report shows no decoding or label settings."""
-    values = {"method": options.method, "labels": len(labels), "max_new_tokens": options.max_new_tokens,
-              "reward_model": options.reward_model, "judge": options.judge,
-              "rubric": str(options.rubric) if options.rubric else None, "judge_scale": options.judge_scale}
+    values = {
+        "method": options.method,
+        "labels": len(labels),
+        "max_new_tokens": options.max_new_tokens,
+        "reward_model": options.reward_model,
+        "judge": options.judge,
+        "rubric": str(options.rubric) if options.rubric else None,
+        "judge_scale": options.judge_scale,
+    }
     names = list(task.settings)
     if options.judge is not None:
         names += ["judge", "rubric", "judge_scale"]
@@ -354,53 +434,91 @@ def shown(prediction: Any) -> Any:
     return list(prediction) if isinstance(prediction, tuple) else prediction
 
 
-def example_row(task: Any, item: Item, predictions: dict[str, list], baselines: tuple[str, ...],
-                ratings: dict[str, list[float]]) -> dict[str, Any]:
+def example_row(
+    task: Any, item: Item, predictions: dict[str, list], baselines: tuple[str, ...], ratings: dict[str, list[float]]
+) -> dict[str, Any]:
     def system(name: str) -> dict[str, Any]:
-        entry = {"predicted": shown(predictions[name][item.index]),
-                 "correct": task.correct(predictions[name][item.index], item.expected)}
+        entry = {
+            "predicted": shown(predictions[name][item.index]),
+            "correct": task.correct(predictions[name][item.index], item.expected),
+        }
         return {**entry, "judge_score": ratings[name][item.index]} if ratings else entry
 
-    row = {"index": item.index, "line": item.line, "input": item.shown_input, "expected": item.expected,
-           **system("target")}
+    row = {
+        "index": item.index,
+        "line": item.line,
+        "input": item.shown_input,
+        "expected": item.expected,
+        **system("target"),
+    }
     if baselines:
         row["baselines"] = {name: system(name) for name in baselines}
     return row
 
 
-def error_analysis(task: Any, items: list[Item], predictions: dict[str, list], options: EvalOptions,
-                   metric_task: str | None, ratings: dict[str, list[float]]) -> dict[str, Any]:
+def error_analysis(
+    task: Any,
+    items: list[Item],
+    predictions: dict[str, list],
+    options: EvalOptions,
+    metric_task: str | None,
+    ratings: dict[str, list[float]],
+) -> dict[str, Any]:
     target = predictions["target"]
     correct = [task.correct(target[i.index], i.expected) for i in items]
     errors: dict[str, Any] = {}
     if options.task == "classification":
         errors["top_confusions"] = metric_functions.top_confusions(target, [i.expected for i in items])
     if any(c is False for c in correct):
-        errors["worst"] = [{"index": i.index, "input": i.shown_input, "expected": i.expected, "predicted": shown(target[i.index])}
-                           for i, c in zip(items, correct) if c is False][:WORST_SHOWN]
+        errors["worst"] = [
+            {"index": i.index, "input": i.shown_input, "expected": i.expected, "predicted": shown(target[i.index])}
+            for i, c in zip(items, correct)
+            if c is False
+        ][:WORST_SHOWN]
     elif options.task == "regression":
-        scored = [(abs(target[i.index] - i.expected) if target[i.index] is not None else float("inf"), i) for i in items]
-        errors["worst"] = [{"index": i.index, "input": i.shown_input, "expected": i.expected, "predicted": target[i.index],
-                            "score": None if err == float("inf") else err}
-                           for err, i in sorted(scored, key=lambda pair: -pair[0])[:WORST_SHOWN]]
+        scored = [
+            (abs(target[i.index] - i.expected) if target[i.index] is not None else float("inf"), i) for i in items
+        ]
+        errors["worst"] = [
+            {
+                "index": i.index,
+                "input": i.shown_input,
+                "expected": i.expected,
+                "predicted": target[i.index],
+                "score": None if err == float("inf") else err,
+            }
+            for err, i in sorted(scored, key=lambda pair: -pair[0])[:WORST_SHOWN]
+        ]
     errors["regressions"] = [
-        {"index": i.index, "input": i.shown_input, "expected": i.expected, "predicted": shown(target[i.index]),
-         "baseline": name, "baseline_predicted": shown(predictions[name][i.index])}
-        for name in options.baselines for i, c in zip(items, correct)
-        if c is False and task.correct(predictions[name][i.index], i.expected) is True][:WORST_SHOWN]
+        {
+            "index": i.index,
+            "input": i.shown_input,
+            "expected": i.expected,
+            "predicted": shown(target[i.index]),
+            "baseline": name,
+            "baseline_predicted": shown(predictions[name][i.index]),
+        }
+        for name in options.baselines
+        for i, c in zip(items, correct)
+        if c is False and task.correct(predictions[name][i.index], i.expected) is True
+    ][:WORST_SHOWN]
     slices = sorted({i.slice for i in items if i.slice is not None})
     if slices and metric_task is not None:
-        errors["per_slice"] = {s: slice_metrics([i for i in items if i.slice == s], target, metric_task,
-                                                ratings.get("target"), options) for s in slices}
+        errors["per_slice"] = {
+            s: slice_metrics([i for i in items if i.slice == s], target, metric_task, ratings.get("target"), options)
+            for s in slices
+        }
     return errors
 
 
-def slice_metrics(members: list[Item], target: list, metric_task: str, ratings: list[float] | None,
-                  options: EvalOptions) -> dict[str, Any]:
+def slice_metrics(
+    members: list[Item], target: list, metric_task: str, ratings: list[float] | None, options: EvalOptions
+) -> dict[str, Any]:
     """The target's metrics on one slice of the items (and its judge_score there, when judged)."""
     stats = dict(resamples=options.resamples, seed=options.seed)
-    scores = metric_functions.score(metric_task, [target[i.index] for i in members], [i.expected for i in members],
-                                    **stats)
+    scores = metric_functions.score(
+        metric_task, [target[i.index] for i in members], [i.expected for i in members], **stats
+    )
     if ratings is not None:
         scores.update(metric_functions.score("rating", [ratings[i.index] for i in members], None, **stats))
     return scores
@@ -413,8 +531,7 @@ def format_summary(result: dict[str, Any]) -> str:
     names = [name for name in tasks.get(result["task"]).headline if name in result["metrics"]]
     rows = [("system", *names)]
     target = "tuned" if result.get("run") else "target"
-    for name, metrics in ((target, result["metrics"]),
-                          *((n, b["metrics"]) for n, b in result["baselines"].items())):
+    for name, metrics in ((target, result["metrics"]), *((n, b["metrics"]) for n, b in result["baselines"].items())):
         rows.append((name, *(cell(metrics[m], rate=metric_functions.is_share(m)) for m in names)))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(value).ljust(width) for value, width in zip(row, widths)) for row in rows]
@@ -424,7 +541,9 @@ def format_summary(result: dict[str, Any]) -> str:
         lines.append(f"{target} - {name}: {diffs}{p}")
         if "implicit_reward_accuracy" in comparison:
             implicit = comparison["implicit_reward_accuracy"]
-            lines.append(f"implicit reward (log p_tuned - log p_{name}) ranks the chosen reply first: {cell(implicit)} "
-                         f"(no preference: 50%); minus {name}'s log-likelihood ranking: "
-                         f"{difference(implicit['vs_base_loglik'])}")
+            lines.append(
+                f"implicit reward (log p_tuned - log p_{name}) ranks the chosen reply first: {cell(implicit)} "
+                f"(no preference: 50%); minus {name}'s log-likelihood ranking: "
+                f"{difference(implicit['vs_base_loglik'])}"
+            )
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 It answers the first `eval.max_examples` rows of `eval.data` exactly as `tunesmith eval` would (same
 task, same constrained decoding), so the metric logged during training is the metric reported after it.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,10 +12,10 @@ import torch
 
 from tunesmith.config.schema import Config
 from tunesmith.data.dataset import load_examples
+from tunesmith.engine.generation import Engine, Sampling
 from tunesmith.eval import metrics as metric_functions
 from tunesmith.eval.tasks import Context, metric_task_of
 from tunesmith.registry import tasks
-from tunesmith.engine.generation import Engine, Sampling
 
 LOWER_IS_BETTER = {"val_loss", "loss", "perplexity", "mse", "mae"}
 RESAMPLES = 200  # enough for a logged interval; the final report uses the full 1000
@@ -25,11 +26,15 @@ class InTrainingEval:
         from tunesmith.eval.evaluate import label_set  # the same label set as `tunesmith eval` on this run
 
         self.task = tasks.get(config.eval.task)
-        self.items = self.task.items(load_examples(config.eval.data, columns=config.data.columns)[: config.eval.max_examples])
+        self.items = self.task.items(
+            load_examples(config.eval.data, columns=config.data.columns)[: config.eval.max_examples]
+        )
         self.tokenizer = tokenizer
         self.system_prompt = config.data.system_prompt
         labels = label_set(self.items, config) if config.eval.task == "classification" else []
-        self.context = Context(Sampling(max_new_tokens=config.eval.max_new_tokens), config.eval.batch_size, labels=labels)
+        self.context = Context(
+            Sampling(max_new_tokens=config.eval.max_new_tokens), config.eval.batch_size, labels=labels
+        )
 
     def __call__(self, model: torch.nn.Module, seed: int) -> dict[str, Any]:
         """{metric: {"value", "ci95", "n"}} for the model as it is now; the model is left in training mode."""
@@ -43,8 +48,9 @@ class InTrainingEval:
         metric_task = metric_task_of(self.task, self.items)
         if metric_task is None:  # generation without references: nothing to score, only replies to read
             return {}
-        return metric_functions.score(metric_task, predictions, [item.expected for item in self.items],
-                                      resamples=RESAMPLES, seed=seed)
+        return metric_functions.score(
+            metric_task, predictions, [item.expected for item in self.items], resamples=RESAMPLES, seed=seed
+        )
 
 
 def higher_is_better(metric: str) -> bool:

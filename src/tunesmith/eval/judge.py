@@ -13,6 +13,7 @@ and costs one forward pass.
 * reference: rate, with the known correct answer shown beside the response ({reference}): how well the reply
   gives that answer. `tunesmith eval --judge MODEL` scores free-text answers this way (judge_score).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,14 +23,17 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.errors import UserError
 from tunesmith.engine.generation import Engine, Messages
+from tunesmith.errors import UserError
 
 MAX_PROMPT_CHARS = 3000  # a longer conversation is shown by its end: the judge needs the last request most
 MAX_RESPONSE_CHARS = 2000
 MODES = ("compare", "rate", "reference")
-PLACEHOLDERS = {"compare": ("{prompt}", "{response_a}", "{response_b}"), "rate": ("{prompt}", "{response}"),
-                "reference": ("{prompt}", "{reference}", "{response}")}
+PLACEHOLDERS = {
+    "compare": ("{prompt}", "{response_a}", "{response_b}"),
+    "rate": ("{prompt}", "{response}"),
+    "reference": ("{prompt}", "{reference}", "{response}"),
+}
 
 COMPARE_TEMPLATE = """You are judging two responses of an AI assistant to the same conversation. The better response \
 is helpful, honest and harmless: it addresses what the user asked, and it does not help anyone cause harm.
@@ -72,6 +76,7 @@ contradicts it or adds wrong claims is bad.
 Rate the response from 1 (wrong) to {scale} (fully correct). Answer with one number."""
 TEMPLATES = {"compare": COMPARE_TEMPLATE, "rate": RATE_TEMPLATE, "reference": REFERENCE_TEMPLATE}
 
+
 @dataclass(frozen=True)
 class Rubric:
     """The judge's question: a user-message template, and the text its reply is taken to start with."""
@@ -105,7 +110,9 @@ def load_rubric(path: Path | None, mode: str) -> Rubric:
         return default_rubric(mode)
     check_mode(mode)
     if not path.is_file():
-        raise UserError(f"{path}: rubric file not found; fix: check the path, or leave out --rubric for the built-in one")
+        raise UserError(
+            f"{path}: rubric file not found; fix: check the path, or leave out --rubric for the built-in one"
+        )
     text = path.read_text(encoding="utf-8").strip()
     reply_start = ""
     *body, last = text.splitlines() or [""]
@@ -113,14 +120,18 @@ def load_rubric(path: Path | None, mode: str) -> Rubric:
         reply_start, text = last.split(":", 1)[1].strip(), "\n".join(body).strip()
     missing = [name for name in PLACEHOLDERS[mode] if name not in text]
     if missing:
-        raise UserError(f"{path}: the {mode} rubric has no {', '.join(missing)} placeholder; fix: write "
-                        f"{', '.join(PLACEHOLDERS[mode])} where the conversation and the replies go")
+        raise UserError(
+            f"{path}: the {mode} rubric has no {', '.join(missing)} placeholder; fix: write "
+            f"{', '.join(PLACEHOLDERS[mode])} where the conversation and the replies go"
+        )
     return Rubric(mode, text, reply_start, source=str(path))
 
 
 def check_scale(scale: int) -> None:
     if not 2 <= scale <= 9:
-        raise UserError(f"--scale {scale}: a rating scale runs from 1 to 2..9 (one token per score); fix: e.g. --scale 5")
+        raise UserError(
+            f"--scale {scale}: a rating scale runs from 1 to 2..9 (one token per score); fix: e.g. --scale 5"
+        )
 
 
 def check_mode(mode: str) -> None:
@@ -152,12 +163,16 @@ def verdict_token_ids(tokenizer, labels: list[str], reply_start: str) -> list[in
     for label in labels:
         after = tokenizer(reply_start + space + label, add_special_tokens=False)["input_ids"]
         if after[: len(before)] != before or len(after) == len(before):
-            raise UserError(f"the rubric's reply start {reply_start!r} merges with the verdict {label!r} into one token; "
-                            f"fix: end the reply start with a word or a colon")
+            raise UserError(
+                f"the rubric's reply start {reply_start!r} merges with the verdict {label!r} into one token; "
+                f"fix: end the reply start with a word or a colon"
+            )
         ids.append(after[len(before)])
     if len(set(ids)) != len(ids):
-        raise UserError(f"the verdicts {labels} begin with the same token for this judge's tokenizer, so its answer "
-                        f"cannot tell them apart; fix: use a smaller scale or other verdict words")
+        raise UserError(
+            f"the verdicts {labels} begin with the same token for this judge's tokenizer, so its answer "
+            f"cannot tell them apart; fix: use a smaller scale or other verdict words"
+        )
     return ids
 
 
@@ -204,14 +219,20 @@ class Judge:
         return cls(Engine.load(spec), rubric, batch_size, spec)
 
     def provenance(self) -> dict[str, str]:
-        return {"judge": self.spec, "mode": self.rubric.mode, "rubric": self.rubric.source,
-                "rubric_sha256": self.rubric.sha256, "reply_start": self.rubric.reply_start}
+        return {
+            "judge": self.spec,
+            "mode": self.rubric.mode,
+            "rubric": self.rubric.source,
+            "rubric_sha256": self.rubric.sha256,
+            "reply_start": self.rubric.reply_start,
+        }
 
     def verdict_probabilities(self, questions: list[str], labels: list[str]) -> torch.Tensor:
         """(n, len(labels)) the judge's probabilities of each verdict, renormalised over the verdicts."""
         ids = verdict_token_ids(self.engine.tokenizer, labels, self.rubric.reply_start)
-        logprobs = self.engine.next_token_logprobs([[{"role": "user", "content": q}] for q in questions], ids,
-                                                   self.rubric.reply_start, self.batch_size)
+        logprobs = self.engine.next_token_logprobs(
+            [[{"role": "user", "content": q}] for q in questions], ids, self.rubric.reply_start, self.batch_size
+        )
         return torch.softmax(logprobs.double(), dim=-1)
 
     def compare(self, prompts: list[Messages], first: list[str], second: list[str]) -> list[Comparison]:
@@ -220,28 +241,43 @@ class Judge:
         questions = []
         for prompt, one, other in zip(prompts, first, second):
             shown = transcript(prompt)
-            questions += [self.rubric.render({"prompt": shown, "response_a": clip(one), "response_b": clip(other)}),
-                          self.rubric.render({"prompt": shown, "response_a": clip(other), "response_b": clip(one)})]
+            questions += [
+                self.rubric.render({"prompt": shown, "response_a": clip(one), "response_b": clip(other)}),
+                self.rubric.render({"prompt": shown, "response_a": clip(other), "response_b": clip(one)}),
+            ]
         if not questions:
             return []
         probabilities = self.verdict_probabilities(questions, ["A", "B"])  # (2n, 2): rows alternate the order
-        return [Comparison(float(probabilities[2 * i, 0]), float(probabilities[2 * i + 1, 1]))
-                for i in range(len(prompts))]
+        return [
+            Comparison(float(probabilities[2 * i, 0]), float(probabilities[2 * i + 1, 1])) for i in range(len(prompts))
+        ]
 
     def rate(self, prompts: list[Messages], responses: list[str], scale: int = 5) -> list[Rating]:
         self.require("rate")
         check_scale(scale)
-        return self.ratings([self.rubric.render({"prompt": transcript(p), "response": clip(r), "scale": str(scale)})
-                             for p, r in zip(prompts, responses)], scale)
+        return self.ratings(
+            [
+                self.rubric.render({"prompt": transcript(p), "response": clip(r), "scale": str(scale)})
+                for p, r in zip(prompts, responses)
+            ],
+            scale,
+        )
 
-    def rate_against(self, prompts: list[Messages], references: list[str], responses: list[str],
-                     scale: int = 5) -> list[Rating]:
+    def rate_against(
+        self, prompts: list[Messages], references: list[str], responses: list[str], scale: int = 5
+    ) -> list[Rating]:
         """Each response scored 1..scale against the reference answer to its prompt (a reference rubric)."""
         self.require("reference")
         check_scale(scale)
-        return self.ratings([self.rubric.render({"prompt": transcript(p), "reference": clip(reference),
-                                                 "response": clip(r), "scale": str(scale)})
-                             for p, reference, r in zip(prompts, references, responses)], scale)
+        return self.ratings(
+            [
+                self.rubric.render(
+                    {"prompt": transcript(p), "reference": clip(reference), "response": clip(r), "scale": str(scale)}
+                )
+                for p, reference, r in zip(prompts, references, responses)
+            ],
+            scale,
+        )
 
     def ratings(self, questions: list[str], scale: int) -> list[Rating]:
         """The judge's expected score of each rendered question, from its probabilities of "1".."scale"."""
@@ -253,5 +289,7 @@ class Judge:
 
     def require(self, mode: str) -> None:
         if self.rubric.mode != mode:
-            raise UserError(f"the judge's rubric ({self.rubric.source}) is a {self.rubric.mode} rubric; "
-                            f"fix: give a {mode} rubric for this task")
+            raise UserError(
+                f"the judge's rubric ({self.rubric.source}) is a {self.rubric.mode} rubric; "
+                f"fix: give a {mode} rubric for this task"
+            )

@@ -8,6 +8,7 @@
 The input is never overwritten, and a provenance file next to the output records what made it (policy,
 judge, rubric hash, seed, sampling, counts), so a labelled file can be traced and remade.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,10 +25,10 @@ import torch
 from tunesmith.config.schema import DEFAULT_MODEL
 from tunesmith.data.formats import RowError, check_messages, detect_format, text_field
 from tunesmith.data.validate import read_objects, report
+from tunesmith.engine.generation import Engine, Messages, Sampling
 from tunesmith.errors import Problem, UserError
 from tunesmith.eval.judge import Comparison, Judge, load_rubric
 from tunesmith.registry import formats
-from tunesmith.engine.generation import Engine, Messages, Sampling
 
 PLACEHOLDER_REPLY = {"role": "assistant", "content": "-"}  # lets check_messages validate a prompt with no reply yet
 
@@ -72,8 +73,11 @@ def label(source: Path, output: Path, options: LabelOptions) -> LabelResult:
     rubric = load_rubric(options.rubric, options.mode)
     prompts = read_prompts(source)[: options.max_examples]
     policy = Engine.load(options.policy)
-    judge = Judge(policy, rubric, options.batch_size, options.judge) if options.judge == options.policy \
+    judge = (
+        Judge(policy, rubric, options.batch_size, options.judge)
+        if options.judge == options.policy
         else Judge.load(options.judge, rubric, options.batch_size)
+    )
     replies = sample_replies(policy, [p.messages for p in prompts], options)
     if options.mode == "compare":
         rows, counts = preference_rows(judge, prompts, replies)
@@ -81,17 +85,26 @@ def label(source: Path, output: Path, options: LabelOptions) -> LabelResult:
         rows, counts = score_rows(judge, prompts, replies, options.scale)
     counts = {"prompts": len(prompts), "rows": len(rows), **counts}
     write_atomically(output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    record = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "input": str(source.resolve()),
-              "input_sha256": hashlib.sha256(source.read_bytes()).hexdigest(), "output": str(output.resolve()),
-              "policy": options.policy, **judge.provenance(), "rubric_text": rubric.template,
-              "options": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(options).items()},
-              "counts": counts, "seconds": round(time.perf_counter() - started, 1)}
+    record = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "input": str(source.resolve()),
+        "input_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+        "output": str(output.resolve()),
+        "policy": options.policy,
+        **judge.provenance(),
+        "rubric_text": rubric.template,
+        "options": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(options).items()},
+        "counts": counts,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     write_atomically(provenance_path, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     notes = []
     if counts.get("undecided"):
-        notes.append(f"{counts['undecided']} of {len(prompts)} prompts gave no pair: the judge's verdict flipped when the "
-                     f"replies swapped places (position bias, not preference); a larger judge (--judge) decides more "
-                     f"pairs, and --mode rate scores each reply on its own")
+        notes.append(
+            f"{counts['undecided']} of {len(prompts)} prompts gave no pair: the judge's verdict flipped when the "
+            f"replies swapped places (position bias, not preference); a larger judge (--judge) decides more "
+            f"pairs, and --mode rate scores each reply on its own"
+        )
     return LabelResult(output, provenance_path, counts, notes)
 
 
@@ -107,13 +120,19 @@ def check_paths(source: Path, output: Path, provenance: Path, force: bool) -> No
 def check_options(options: LabelOptions) -> None:
     least = 2 if options.mode == "compare" else 1
     if options.samples < least:
-        raise UserError(f"--samples {options.samples}: {options.mode} needs at least {least} replies per prompt; "
-                        f"fix: --samples {max(least, 4)}")
+        raise UserError(
+            f"--samples {options.samples}: {options.mode} needs at least {least} replies per prompt; "
+            f"fix: --samples {max(least, 4)}"
+        )
     if options.mode == "compare" and options.temperature <= 0:
-        raise UserError("--temperature 0 gives every sample the same greedy reply, so there is nothing to compare; "
-                        "fix: sample, e.g. --temperature 0.8")
+        raise UserError(
+            "--temperature 0 gives every sample the same greedy reply, so there is nothing to compare; "
+            "fix: sample, e.g. --temperature 0.8"
+        )
     if options.mode == "rate" and not 2 <= options.scale <= 9:
-        raise UserError(f"--scale {options.scale}: a rating scale runs from 1 to 2..9 (one token per score); fix: e.g. --scale 5")
+        raise UserError(
+            f"--scale {options.scale}: a rating scale runs from 1 to 2..9 (one token per score); fix: e.g. --scale 5"
+        )
     if options.batch_size < 1 or options.max_new_tokens < 1:
         raise UserError("--batch-size and --max-new-tokens must be at least 1")
 
@@ -130,9 +149,11 @@ def read_prompts(path: Path) -> list[Prompt]:
         except RowError as error:
             problems.append(Problem(f"{path}:{number}", str(error)))
     if problems:
-        raise UserError(f"{path}: {len(problems)} row(s) without a usable prompt; nothing was labelled\n{report(problems)}")
+        raise UserError(
+            f"{path}: {len(problems)} row(s) without a usable prompt; nothing was labelled\n{report(problems)}"
+        )
     if not prompts:
-        raise UserError(f"{path}: the file has no prompts; fix: one JSON object per line, e.g. {{\"prompt\": \"...\"}}")
+        raise UserError(f'{path}: the file has no prompts; fix: one JSON object per line, e.g. {{"prompt": "..."}}')
     return prompts
 
 
@@ -153,8 +174,10 @@ def prompt_of(row: dict[str, Any]) -> Messages:
     name = detect_format(row)
     if name is None or formats.get(name).kind == "text":
         keys = ", ".join(sorted(row)) or "no keys"
-        raise RowError(f"no prompt in this row (keys: {keys}); fix: give it a 'prompt' (text or a message list), or "
-                       f"'messages' ending with the user's turn")
+        raise RowError(
+            f"no prompt in this row (keys: {keys}); fix: give it a 'prompt' (text or a message list), or "
+            f"'messages' ending with the user's turn"
+        )
     messages = formats.get(name).convert(row).messages
     last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
     return ending_with_user(messages[:last], name)
@@ -181,9 +204,9 @@ def sample_replies(policy: Engine, prompts: list[Messages], options: LabelOption
     per_batch = max(1, options.batch_size // options.samples)  # prompts per generate call, each repeated N times
     replies: list[list[str]] = []
     for start in range(0, len(prompts), per_batch):
-        chunk = prompts[start: start + per_batch]
+        chunk = prompts[start : start + per_batch]
         flat = policy.generate([prompt for prompt in chunk for _ in range(options.samples)], sampling)
-        replies += [flat[i * options.samples: (i + 1) * options.samples] for i in range(len(chunk))]
+        replies += [flat[i * options.samples : (i + 1) * options.samples] for i in range(len(chunk))]
     return replies
 
 
@@ -195,9 +218,14 @@ def distinct(replies: list[str]) -> list[str]:
 def preference_rows(judge: Judge, prompts: list[Prompt], replies: list[list[str]]) -> tuple[list[dict], dict[str, int]]:
     """One pair per prompt: the reply that wins most against the one that wins least, when the judge is sure."""
     candidates = [distinct(r) for r in replies]
-    pairs = [(p, i, j) for p, options in enumerate(candidates) for i, j in itertools.combinations(range(len(options)), 2)]
-    comparisons = judge.compare([prompts[p].messages for p, _, _ in pairs], [candidates[p][i] for p, i, _ in pairs],
-                                [candidates[p][j] for p, _, j in pairs])
+    pairs = [
+        (p, i, j) for p, options in enumerate(candidates) for i, j in itertools.combinations(range(len(options)), 2)
+    ]
+    comparisons = judge.compare(
+        [prompts[p].messages for p, _, _ in pairs],
+        [candidates[p][i] for p, i, _ in pairs],
+        [candidates[p][j] for p, _, j in pairs],
+    )
     results: dict[int, dict[tuple[int, int], Comparison]] = {}
     for (p, i, j), comparison in zip(pairs, comparisons):
         results.setdefault(p, {})[(i, j)] = comparison
@@ -210,8 +238,13 @@ def preference_rows(judge: Judge, prompts: list[Prompt], replies: list[list[str]
         if probability is None:
             counts["undecided"] += 1
             continue
-        row = {"prompt": shown_prompt(prompt.messages), "chosen": candidates[p][best], "rejected": candidates[p][worst],
-               "judge_probability": round(probability, 4), "source_line": prompt.line}
+        row = {
+            "prompt": shown_prompt(prompt.messages),
+            "chosen": candidates[p][best],
+            "rejected": candidates[p][worst],
+            "judge_probability": round(probability, 4),
+            "source_line": prompt.line,
+        }
         rows.append(row if prompt.row_id is None else {"id": prompt.row_id, **row})
     return rows, counts
 
@@ -234,14 +267,20 @@ def extremes(count: int, results: dict[tuple[int, int], Comparison]) -> tuple[in
     return best, worst, direct.probability if best < worst else 1 - direct.probability
 
 
-def score_rows(judge: Judge, prompts: list[Prompt], replies: list[list[str]], scale: int) -> tuple[list[dict], dict[str, int]]:
+def score_rows(
+    judge: Judge, prompts: list[Prompt], replies: list[list[str]], scale: int
+) -> tuple[list[dict], dict[str, int]]:
     """Every non-empty reply with the judge's expected score."""
     flat = [(prompt, reply.strip()) for prompt, options in zip(prompts, replies) for reply in options if reply.strip()]
     ratings = judge.rate([prompt.messages for prompt, _ in flat], [reply for _, reply in flat], scale)
     rows = []
     for (prompt, reply), rating in zip(flat, ratings):
-        row = {"prompt": shown_prompt(prompt.messages), "response": reply, "score": round(rating.score, 4),
-               "source_line": prompt.line}
+        row = {
+            "prompt": shown_prompt(prompt.messages),
+            "response": reply,
+            "score": round(rating.score, 4),
+            "source_line": prompt.line,
+        }
         rows.append(row if prompt.row_id is None else {"id": prompt.row_id, **row})
     return rows, {"empty_replies": sum(len(options) for options in replies) - len(flat)}
 

@@ -34,6 +34,7 @@ needs nothing beyond their predictions; their `references` may be None. Preferen
 rating_agreement are defined in eval/preference_metrics.py; text, rating and the exact_match metric task (its
 answer columns from here, its text statistics from there) in eval/text_metrics.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,8 +78,9 @@ def is_share(name: str) -> bool:
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def score(task: str, predictions: Sequence[Any], references: Sequence[Any] | None, *,
-          resamples: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+def score(
+    task: str, predictions: Sequence[Any], references: Sequence[Any] | None, *, resamples: int = 1000, seed: int = 0
+) -> dict[str, dict[str, Any]]:
     """Every metric of `task`: {name: {"value", "ci95": [lo, hi], "n"}} with a percentile-bootstrap interval.
 
     `n` is the number of examples the metric scored; regression entries also carry `unparsed`, the
@@ -93,16 +95,26 @@ def score(task: str, predictions: Sequence[Any], references: Sequence[Any] | Non
     for name in metric_names(task):
         metric = metrics.get(name)
         low, high = percentile_interval(metric(resampled))
-        entry = {"value": _json_float(metric(point)[0]), "ci95": [_json_float(low), _json_float(high)],
-                 "n": int(point["count"][0])}
+        entry = {
+            "value": _json_float(metric(point)[0]),
+            "ci95": [_json_float(low), _json_float(high)],
+            "n": int(point["count"][0]),
+        }
         if "unparsed" in point:
             entry["unparsed"] = int(point["unparsed"][0])
         results[name] = entry
     return results
 
 
-def compare(task: str, predictions_a: Sequence[Any], predictions_b: Sequence[Any],
-            references: Sequence[Any] | None, *, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+def compare(
+    task: str,
+    predictions_a: Sequence[Any],
+    predictions_b: Sequence[Any],
+    references: Sequence[Any] | None,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """System a minus system b on the same examples: {metric: {"diff", "ci95"}}, plus "mcnemar_p"
     (classification, exact_match) from per-example correctness.
 
@@ -132,7 +144,7 @@ def compare(task: str, predictions_a: Sequence[Any], predictions_b: Sequence[Any
 
 def _resampled_totals(spec: MetricTask, prepared: Any, indices: np.ndarray) -> Totals:
     rows = max(1, _BLOCK_ELEMENTS // indices.shape[1])
-    blocks = [spec.totals(prepared, indices[start:start + rows]) for start in range(0, len(indices), rows)]
+    blocks = [spec.totals(prepared, indices[start : start + rows]) for start in range(0, len(indices), rows)]
     return {name: np.concatenate([block[name] for block in blocks]) for name in blocks[0]}
 
 
@@ -183,9 +195,11 @@ def encode_labels(predictions: Sequence[Any], references: Sequence[Any]) -> Labe
     predicted_text = [_label(prediction) for prediction in predictions]
     labels = sorted(set(expected_text))
     code = {label: k for k, label in enumerate(labels)}
-    return LabelCodes(labels=labels,
-                      expected=np.array([code[text] for text in expected_text], dtype=np.int64),
-                      predicted=np.array([code.get(text, len(labels)) for text in predicted_text], dtype=np.int64))
+    return LabelCodes(
+        labels=labels,
+        expected=np.array([code[text] for text in expected_text], dtype=np.int64),
+        predicted=np.array([code.get(text, len(labels)) for text in predicted_text], dtype=np.int64),
+    )
 
 
 def class_totals(codes: LabelCodes, indices: np.ndarray) -> Totals:
@@ -204,9 +218,13 @@ def class_totals(codes: LabelCodes, indices: np.ndarray) -> Totals:
     def count(flat_bins: np.ndarray) -> np.ndarray:
         return np.bincount(flat_bins, minlength=resamples * bins).reshape(resamples, bins)[:, :-1]
 
-    return {"count": np.full(resamples, n), "correct": hit.sum(axis=1),
-            "true": count((offset + expected).ravel()), "predicted": count((offset + predicted).ravel()),
-            "hits": count((offset + expected)[hit])}
+    return {
+        "count": np.full(resamples, n),
+        "correct": hit.sum(axis=1),
+        "true": count((offset + expected).ravel()),
+        "predicted": count((offset + predicted).ravel()),
+        "hits": count((offset + expected)[hit]),
+    }
 
 
 def class_scores(totals: Totals) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -233,8 +251,9 @@ def _classification_correct(codes: LabelCodes) -> np.ndarray:
     return codes.expected == codes.predicted
 
 
-metric_tasks.register("classification")(MetricTask(prepare=encode_labels, totals=class_totals,
-                                                   correct=_classification_correct))
+metric_tasks.register("classification")(
+    MetricTask(prepare=encode_labels, totals=class_totals, correct=_classification_correct)
+)
 
 
 @metrics.register("accuracy", task="classification")
@@ -277,8 +296,15 @@ def per_label(predictions: Sequence[Any], references: Sequence[Any]) -> dict[str
     codes = encode_labels(predictions, references)
     totals = class_totals(codes, point_indices(n))
     precision, recall, f1 = class_scores(totals)
-    return {label: {"precision": float(precision[0, k]), "recall": float(recall[0, k]), "f1": float(f1[0, k]),
-                    "support": int(totals["true"][0, k])} for k, label in enumerate(codes.labels)}
+    return {
+        label: {
+            "precision": float(precision[0, k]),
+            "recall": float(recall[0, k]),
+            "f1": float(f1[0, k]),
+            "support": int(totals["true"][0, k]),
+        }
+        for k, label in enumerate(codes.labels)
+    }
 
 
 def confusion(predictions: Sequence[Any], references: Sequence[Any]) -> dict[str, list[Any]]:
@@ -306,10 +332,10 @@ def top_confusions(predictions: Sequence[Any], references: Sequence[Any], k: int
     (ties by expected, then predicted). Predictions outside the labels keep their own text."""
     _check_lengths(predictions, references)
     pairs = Counter((_label(reference), _label(prediction)) for prediction, reference in zip(predictions, references))
-    wrong = sorted(((-count, expected, predicted) for (expected, predicted), count in pairs.items()
-                    if expected != predicted))
-    return [{"expected": expected, "predicted": predicted, "count": -count}
-            for count, expected, predicted in wrong[:k]]
+    wrong = sorted(
+        ((-count, expected, predicted) for (expected, predicted), count in pairs.items() if expected != predicted)
+    )
+    return [{"expected": expected, "predicted": predicted, "count": -count} for count, expected, predicted in wrong[:k]]
 
 
 # ------------------------------------------------------------------------------------------- exact match
@@ -355,7 +381,8 @@ def answer_scores(predictions: Sequence[Any], references: Sequence[Any]) -> dict
         answers = accepted_answers(reference, index)
         columns["exact_match"].append(max(float(prediction.strip() == answer.strip()) for answer in answers))
         columns["normalized_exact_match"].append(
-            max(float(normalize_answer(prediction) == normalize_answer(answer)) for answer in answers))
+            max(float(normalize_answer(prediction) == normalize_answer(answer)) for answer in answers)
+        )
         columns["token_f1"].append(max(token_f1(prediction, answer) for answer in answers))
     arrays = {name: np.array(values) for name, values in columns.items()}
     return {"count": np.ones(len(predictions)), **arrays}
@@ -419,8 +446,12 @@ def regression_errors(predictions: Sequence[Any], references: Sequence[Any]) -> 
     scored = np.array([value is not None for value in parsed])
     error = np.array([0.0 if value is None else value for value in parsed]) - np.array(expected)
     error[~scored] = 0.0
-    return {"count": scored.astype(float), "unparsed": (~scored).astype(float),
-            "squared_error": error**2, "absolute_error": np.abs(error)}
+    return {
+        "count": scored.astype(float),
+        "unparsed": (~scored).astype(float),
+        "squared_error": error**2,
+        "absolute_error": np.abs(error),
+    }
 
 
 metric_tasks.register("regression")(MetricTask(prepare=regression_errors, totals=sum_columns))
@@ -455,8 +486,10 @@ def token_losses(predictions: Sequence[Any], references: Sequence[Any] | None = 
     """Per-example negated summed log-likelihood ("nll", nats) and token count ("tokens"), (n,) each."""
     logprob, tokens = number_pairs(predictions, "(summed log-likelihood, token count)")
     if (tokens < 0).any() or (logprob > _LOGPROB_TOLERANCE * np.maximum(tokens, 1)).any():
-        raise ValueError("perplexity needs (summed log-likelihood <= 0, token count >= 0) pairs, as "
-                         "Engine.loglikelihood returns them; a positive sum looks like a negative log-likelihood")
+        raise ValueError(
+            "perplexity needs (summed log-likelihood <= 0, token count >= 0) pairs, as "
+            "Engine.loglikelihood returns them; a positive sum looks like a negative log-likelihood"
+        )
     return {"count": np.ones(len(tokens)), "nll": -logprob, "tokens": tokens}
 
 

@@ -1,7 +1,8 @@
 """Metric tasks for systems compared on preferences: a model's (or reward model's) ranking of human pairs, a
-judge's agreement with them (or with human scores of replies), and the reward its own generated replies earn. See eval/metrics.py for the
-registries and the bootstrap; this module only registers.
+judge's agreement with them (or with human scores of replies), and the reward its own generated replies earn.
+See eval/metrics.py for the registries and the bootstrap; this module only registers.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from tunesmith.eval.metrics import MetricTask, Totals, number_pairs, safe_divide, sum_columns
-from tunesmith.registry import metric_tasks, metrics
 from tunesmith.eval.stats import bootstrap_indices, percentile_interval
+from tunesmith.registry import metric_tasks, metrics
 
 # ------------------------------------------------------------------------------------------- preference
 
@@ -31,8 +32,9 @@ def preference_accuracy(totals: Totals) -> np.ndarray:
     return totals["wins"] / totals["count"]
 
 
-def implicit_reward_accuracy(tuned: Sequence[Any], base: Sequence[Any], *, resamples: int = 1000,
-                             seed: int = 0) -> dict[str, Any]:
+def implicit_reward_accuracy(
+    tuned: Sequence[Any], base: Sequence[Any], *, resamples: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """DPO's own held-out figure: the share of pairs whose implicit reward, log p_tuned - log p_base of each reply,
     is higher for the chosen one, with a 95% bootstrap interval. The base has no preference by this reward (it
     is 0 for both replies), so the interval is read against 50%; its own preference is its log-likelihood
@@ -45,8 +47,12 @@ def implicit_reward_accuracy(tuned: Sequence[Any], base: Sequence[Any], *, resam
     indices = bootstrap_indices(len(wins), resamples, seed)
     low, high = percentile_interval(wins[indices].mean(axis=1))
     diff_low, diff_high = percentile_interval((wins - base_wins)[indices].mean(axis=1))
-    return {"value": float(wins.mean()), "ci95": [float(low), float(high)], "n": len(wins),
-            "vs_base_loglik": {"diff": float((wins - base_wins).mean()), "ci95": [float(diff_low), float(diff_high)]}}
+    return {
+        "value": float(wins.mean()),
+        "ci95": [float(low), float(high)],
+        "n": len(wins),
+        "vs_base_loglik": {"diff": float((wins - base_wins).mean()), "ci95": [float(diff_low), float(diff_high)]},
+    }
 
 
 # ------------------------------------------------------------------------------------------------ judge
@@ -58,12 +64,17 @@ def judge_verdicts(predictions: Sequence[Any], references: Sequence[Any] | None 
     in side (it followed the position), disagrees when both fall below."""
     as_a, as_b = number_pairs(predictions, "(P(chosen better) shown as A, shown as B)")
     agree, disagree = (as_a > 0.5) & (as_b > 0.5), (as_a < 0.5) & (as_b < 0.5)
-    return {"count": np.ones(len(as_a)), "agree": agree.astype(float), "tie": (~agree & ~disagree).astype(float),
-            "debiased": ((as_a + as_b) / 2 > 0.5).astype(float)}
+    return {
+        "count": np.ones(len(as_a)),
+        "agree": agree.astype(float),
+        "tie": (~agree & ~disagree).astype(float),
+        "debiased": ((as_a + as_b) / 2 > 0.5).astype(float),
+    }
 
 
-metric_tasks.register("judge")(MetricTask(prepare=judge_verdicts, totals=sum_columns,
-                                          correct=lambda columns: columns["agree"] == 1))
+metric_tasks.register("judge")(
+    MetricTask(prepare=judge_verdicts, totals=sum_columns, correct=lambda columns: columns["agree"] == 1)
+)
 
 
 @metrics.register("agreement", task="judge")
@@ -98,13 +109,21 @@ def rating_pairs(predictions: Sequence[Any], references: Sequence[Any]) -> dict[
     if judge.shape != human.shape or judge.ndim != 1 or not (np.isfinite(judge).all() and np.isfinite(human).all()):
         raise ValueError("each prediction and reference must be one finite score")
     nearest = np.floor(judge + 0.5) == np.floor(human + 0.5)  # halves round up, as eval/tasks.py nearest_score
-    return {"count": np.ones(len(judge)), "judge": judge, "human": human, "judge_squared": judge**2,
-            "human_squared": human**2, "product": judge * human, "absolute_difference": np.abs(judge - human),
-            "same": nearest.astype(float)}
+    return {
+        "count": np.ones(len(judge)),
+        "judge": judge,
+        "human": human,
+        "judge_squared": judge**2,
+        "human_squared": human**2,
+        "product": judge * human,
+        "absolute_difference": np.abs(judge - human),
+        "same": nearest.astype(float),
+    }
 
 
-metric_tasks.register("rating_agreement")(MetricTask(prepare=rating_pairs, totals=sum_columns,
-                                                     correct=lambda columns: columns["same"] == 1))
+metric_tasks.register("rating_agreement")(
+    MetricTask(prepare=rating_pairs, totals=sum_columns, correct=lambda columns: columns["same"] == 1)
+)
 
 
 @metrics.register("rating_correlation", task="rating_agreement", share=False)

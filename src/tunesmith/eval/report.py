@@ -4,6 +4,7 @@ Everything is inline (CSS, charts as data URIs), so the file opens offline and c
 Each section appears only when the result holds its data. All user text (labels, inputs, predictions,
 paths) goes through `esc`: evaluation data is untrusted and may contain markup.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -35,8 +36,8 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td div.text{min-width:200px;max-width:440px;white-space:pre-wrap;overflow-wrap:break-word}
 td div.label{max-width:380px;white-space:pre-wrap;overflow-wrap:break-word}
 tr.better td.diff{background:#e3f4e6;color:#14632b}tr.worse td.diff{background:#fbe5e5;color:#9b1c1c}
-td.bar{min-width:100px;background-repeat:no-repeat;background-size:calc(var(--w) / 2) 55%;background-position:left center;
-background-image:linear-gradient(#cfe0f5,#cfe0f5)}
+td.bar{min-width:100px;background-repeat:no-repeat;background-size:calc(var(--w) / 2) 55%;
+background-position:left center;background-image:linear-gradient(#cfe0f5,#cfe0f5)}
 .note{color:#5b6470;font-size:12.5px;margin:6px 0}
 img.chart{max-width:100%;height:auto;display:block}
 .wrap{overflow-x:auto;max-width:100%}
@@ -60,39 +61,59 @@ def write_report(result: dict[str, Any], output: Path, metrics_jsonl: Path | Non
 
 def render_report(result: dict[str, Any], curves: dict[str, list] | None = None) -> str:
     """The page as a string; `curves` is `read_training_curves`'s answer."""
-    sections = [(title, anchor, body) for title, anchor, build in SECTIONS
-                if (body := build(result, curves)) is not None]
+    sections = [
+        (title, anchor, body) for title, anchor, build in SECTIONS if (body := build(result, curves)) is not None
+    ]
     nav = "".join(f'<a href="#{anchor}">{title}</a>' for title, anchor, _ in sections)
     content = "".join(f'<section id="{anchor}"><h2>{title}</h2>{body}</section>' for title, anchor, body in sections)
     title = f"tunesmith eval: {esc(result.get('target', ''))}"
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>'
-            f'<body><main>{header(result)}<nav>{nav}</nav>{content}</main></body></html>\n')
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>'
+        f"<body><main>{header(result)}<nav>{nav}</nav>{content}</main></body></html>\n"
+    )
 
 
 def header(result: dict[str, Any]) -> str:
     date = result.get("date") or datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    rows = [("target", result.get("target")), ("task", result.get("task")), ("data", result.get("data")),
-            ("examples", result.get("n")), ("date", date)]
+    rows = [
+        ("target", result.get("target")),
+        ("task", result.get("task")),
+        ("data", result.get("data")),
+        ("examples", result.get("n")),
+        ("date", date),
+    ]
     settings = result.get("settings") or {}
     if settings:
         rows.append(("settings", " · ".join(f"{key}={plain(value)}" for key, value in settings.items())))
     if result.get("timing"):
-        rows.append(("time", " · ".join(f"{key.removesuffix('_s')} {value:.1f} s" if isinstance(value, (int, float))
-                                         else f"{key} {value}" for key, value in result["timing"].items())))
+        rows.append(
+            (
+                "time",
+                " · ".join(
+                    f"{key.removesuffix('_s')} {value:.1f} s" if isinstance(value, (int, float)) else f"{key} {value}"
+                    for key, value in result["timing"].items()
+                ),
+            )
+        )
     items = "".join(f"<dt>{name}</dt><dd>{esc(value)}</dd>" for name, value in rows if value is not None)
     return f'<header><h1>Evaluation report</h1><dl class="meta">{items}</dl></header>'
 
 
 # --- sections: each returns its HTML body, or None when the result has nothing for it ------------------
 
+
 def curves_section(result: dict[str, Any], curves: dict[str, list] | None) -> str | None:
     if not curves or not any(curves.values()):
         return None
     from tunesmith.eval.report_plots import plot_training_curves
 
-    parts = [image(plot_training_curves(curves["train"], curves["val"], curves["lr"]),
-                   "train and validation loss and learning rate by step")]
+    parts = [
+        image(
+            plot_training_curves(curves["train"], curves["val"], curves["lr"]),
+            "train and validation loss and learning rate by step",
+        )
+    ]
     if curves["val"]:
         step, best = min(curves["val"], key=lambda point: point[1])
         parts.append(f'<p class="note">Best validation loss {best:.4g} at step {step}.</p>')
@@ -124,19 +145,25 @@ def comparison_section(result: dict[str, Any], _: Any) -> str | None:
         return None
     target_metrics = result.get("metrics") or {}
     with_p = any("mcnemar_p" in comparison for comparison in result["comparisons"].values())
-    rows = [row for baseline, comparison in result["comparisons"].items()
-            for row in comparison_rows(baseline, comparison, target_metrics, with_p)]
-    note = ("Target minus baseline on the same examples, with a 95% paired bootstrap interval (pp = percentage "
-            "points). Green: the interval excludes 0 and the target is better; red: it excludes 0 and the target "
-            "is worse.")
+    rows = [
+        row
+        for baseline, comparison in result["comparisons"].items()
+        for row in comparison_rows(baseline, comparison, target_metrics, with_p)
+    ]
+    note = (
+        "Target minus baseline on the same examples, with a 95% paired bootstrap interval (pp = percentage "
+        "points). Green: the interval excludes 0 and the target is better; red: it excludes 0 and the target "
+        "is worse."
+    )
     if with_p:
         note += " McNemar's p tests whether the two disagree on which examples they get right; one per baseline."
     headers = ["baseline", "metric", "difference [95% CI]", *(["McNemar p"] if with_p else [])]
     return table(headers, rows) + f'<p class="note">{note}</p>'
 
 
-def comparison_rows(baseline: str, comparison: dict[str, Any], target_metrics: dict[str, Any],
-                    with_p: bool) -> list[str]:
+def comparison_rows(
+    baseline: str, comparison: dict[str, Any], target_metrics: dict[str, Any], with_p: bool
+) -> list[str]:
     """One row per metric; the baseline's name and its McNemar p span all of its rows."""
     entries = [(name, entry) for name, entry in comparison.items() if isinstance(entry, dict) and "diff" in entry]
     rows = []
@@ -180,8 +207,11 @@ def confusion_section(result: dict[str, Any], _: Any) -> str | None:
 
 
 def confusions_table(confusions: list[dict[str, Any]]) -> str:
-    rows = [f'<tr><td>{esc(c.get("expected"))}</td><td>{esc(c.get("predicted"))}</td>'
-            f'<td class="num">{esc(c.get("count"))}</td></tr>' for c in confusions[:MAX_ROWS]]
+    rows = [
+        f"<tr><td>{esc(c.get('expected'))}</td><td>{esc(c.get('predicted'))}</td>"
+        f'<td class="num">{esc(c.get("count"))}</td></tr>'
+        for c in confusions[:MAX_ROWS]
+    ]
     return table(["expected", "predicted", "count"], rows) + shown_of(confusions)
 
 
@@ -195,10 +225,14 @@ def per_label_section(result: dict[str, Any], _: Any) -> str | None:
         cells = "".join(f'<td class="num">{number(scores.get(key), True)}</td>' for key in ("precision", "recall"))
         f1 = scores.get("f1")
         bar = f' style="--w:{f1 * 100:.0f}%"' if isinstance(f1, (int, float)) else ""
-        rows.append(f'<tr><td>{esc(label)}</td>{cells}<td class="num bar"{bar}>{number(f1, True)}</td>'
-                    f'<td class="num">{esc(scores.get("support"))}</td></tr>')
-    note = ('<p class="note">In percent, weakest F1 first; support is the number of examples expected to have '
-            "the label.</p>")
+        rows.append(
+            f'<tr><td>{esc(label)}</td>{cells}<td class="num bar"{bar}>{number(f1, True)}</td>'
+            f'<td class="num">{esc(scores.get("support"))}</td></tr>'
+        )
+    note = (
+        '<p class="note">In percent, weakest F1 first; support is the number of examples expected to have '
+        "the label.</p>"
+    )
     return note + table(["label", "precision", "recall", "F1", "support"], rows, scroll=len(rows) > 25)
 
 
@@ -211,20 +245,27 @@ def errors_section(result: dict[str, Any], _: Any) -> str | None:
     if errors.get("worst"):
         worst = errors["worst"]
         scored = any(row.get("score") is not None for row in worst)
-        rows = [f'<tr><td class="num">{esc(row.get("index"))}</td>{text_cell(row.get("input"), "text")}'
-                f'{text_cell(row.get("expected"))}{text_cell(row.get("predicted"))}'
-                + (f'<td class="num">{number(row.get("score"), False)}</td>' if scored else "") + "</tr>"
-                for row in worst[:MAX_ROWS]]
+        rows = [
+            f'<tr><td class="num">{esc(row.get("index"))}</td>{text_cell(row.get("input"), "text")}'
+            f"{text_cell(row.get('expected'))}{text_cell(row.get('predicted'))}"
+            + (f'<td class="num">{number(row.get("score"), False)}</td>' if scored else "")
+            + "</tr>"
+            for row in worst[:MAX_ROWS]
+        ]
         headers = ["#", "input", "expected", "predicted", *(["score"] if scored else [])]
         parts.append("<h3>Worst examples</h3>" + table(headers, rows) + shown_of(worst))
     if errors.get("regressions"):
         regressions = errors["regressions"]
-        rows = [f'<tr><td class="num">{esc(row.get("index"))}</td>{text_cell(row.get("input"), "text")}'
-                f'{text_cell(row.get("expected"))}{text_cell(row.get("predicted"))}<td>{esc(row.get("baseline"))}</td>'
-                f'{text_cell(row.get("baseline_predicted"))}</tr>' for row in regressions[:MAX_ROWS]]
+        rows = [
+            f'<tr><td class="num">{esc(row.get("index"))}</td>{text_cell(row.get("input"), "text")}'
+            f"{text_cell(row.get('expected'))}{text_cell(row.get('predicted'))}<td>{esc(row.get('baseline'))}</td>"
+            f"{text_cell(row.get('baseline_predicted'))}</tr>"
+            for row in regressions[:MAX_ROWS]
+        ]
         headers = ["#", "input", "expected", "target predicted", "baseline", "baseline predicted"]
-        parts.append("<h3>Regressions: target wrong, baseline right</h3>" + table(headers, rows)
-                     + shown_of(regressions))
+        parts.append(
+            "<h3>Regressions: target wrong, baseline right</h3>" + table(headers, rows) + shown_of(regressions)
+        )
     return "".join(parts) or None
 
 
@@ -237,8 +278,10 @@ def slices_section(result: dict[str, Any], _: Any) -> str | None:
     for slice_value, metrics in per_slice.items():
         cells = [metrics.get(name) or {} for name in names]
         n = next((cell["n"] for cell in cells if cell.get("n") is not None), None)
-        values = "".join(f'<td class="num">{interval(c.get("value"), c.get("ci95"), is_percent(name, [c.get("value")]))}'
-                         "</td>" for name, c in zip(names, cells))
+        values = "".join(
+            f'<td class="num">{interval(c.get("value"), c.get("ci95"), is_percent(name, [c.get("value")]))}</td>'
+            for name, c in zip(names, cells)
+        )
         rows.append(f'<tr><td>{esc(slice_value)}</td>{values}<td class="num">{esc(n)}</td></tr>')
     return table(["slice", *(esc(name) for name in names), "n"], rows)
 
@@ -250,22 +293,31 @@ def examples_section(result: dict[str, Any], _: Any) -> str | None:
     if (result.get("metrics") and result.get("task") != "generation") or not examples:
         return None
     baselines = list(dict.fromkeys(name for row in examples for name in (row.get("baselines") or {})))
-    rows = [f'<tr><td class="num">{esc(row.get("index"))}</td>{text_cell(row.get("input"), "text")}'
-            f'{text_cell(row.get("expected"))}{text_cell(row.get("predicted"))}'
-            + "".join(text_cell(((row.get("baselines") or {}).get(name) or {}).get("predicted")) for name in baselines)
-            + "</tr>" for row in examples[:MAX_ROWS]]
+    rows = [
+        f'<tr><td class="num">{esc(row.get("index"))}</td>{text_cell(row.get("input"), "text")}'
+        f"{text_cell(row.get('expected'))}{text_cell(row.get('predicted'))}"
+        + "".join(text_cell(((row.get("baselines") or {}).get(name) or {}).get("predicted")) for name in baselines)
+        + "</tr>"
+        for row in examples[:MAX_ROWS]
+    ]
     headers = ["#", "input", "expected", "target", *(esc(name) for name in baselines)]
     return table(headers, rows) + shown_of(examples)
 
 
-SECTIONS = [("Training curves", "curves", curves_section), ("Metrics", "metrics", metrics_section),
-            ("Comparison with baselines", "comparison", comparison_section),
-            ("Confusion matrix", "confusion", confusion_section), ("Per-label scores", "per-label", per_label_section),
-            ("Error analysis", "errors", errors_section), ("Per-slice metrics", "slices", slices_section),
-            ("Examples", "examples", examples_section)]
+SECTIONS = [
+    ("Training curves", "curves", curves_section),
+    ("Metrics", "metrics", metrics_section),
+    ("Comparison with baselines", "comparison", comparison_section),
+    ("Confusion matrix", "confusion", confusion_section),
+    ("Per-label scores", "per-label", per_label_section),
+    ("Error analysis", "errors", errors_section),
+    ("Per-slice metrics", "slices", slices_section),
+    ("Examples", "examples", examples_section),
+]
 
 
 # --- formatting -------------------------------------------------------------------------------------------
+
 
 def esc(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
@@ -338,5 +390,8 @@ def text_cell(value: Any, kind: str = "label") -> str:
 
 
 def shown_of(rows: list[Any]) -> str:
-    return f'<p class="note">Showing {MAX_ROWS} of {len(rows)}; eval.json holds them all.</p>' \
-        if len(rows) > MAX_ROWS else ""
+    return (
+        f'<p class="note">Showing {MAX_ROWS} of {len(rows)}; eval.json holds them all.</p>'
+        if len(rows) > MAX_ROWS
+        else ""
+    )

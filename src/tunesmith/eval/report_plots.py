@@ -4,6 +4,7 @@ metrics.jsonl) and the confusion heat map (PNG).
 matplotlib is imported inside each function so `import tunesmith` stays fast and needs no display.
 Labels are drawn with mathtext off: a label such as "$5_fee" is user text, not a formula.
 """
+
 from __future__ import annotations
 
 import base64
@@ -15,8 +16,14 @@ from tunesmith.rundir import read_metrics
 
 ANNOTATE_MAX_LABELS = 25  # above this many labels the heat map drops its per-cell numbers
 CSS_DPI, PNG_DPI = 96, 192  # a figure inch is shown as 96 CSS pixels, drawn with 192 image pixels
-PLOT_STYLE = {"text.parse_math": False, "svg.fonttype": "path", "font.size": 9, "axes.spines.top": False,
-              "axes.spines.right": False, "svg.hashsalt": "tunesmith"}
+PLOT_STYLE = {
+    "text.parse_math": False,
+    "svg.fonttype": "path",
+    "font.size": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "svg.hashsalt": "tunesmith",
+}
 
 
 def read_training_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -35,8 +42,9 @@ def read_training_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
     return {name: sorted(points.items()) for name, points in series.items()}
 
 
-def plot_training_curves(train: list[tuple[int, float]], val: list[tuple[int, float]],
-                         lr: list[tuple[int, float]]) -> str:
+def plot_training_curves(
+    train: list[tuple[int, float]], val: list[tuple[int, float]], lr: list[tuple[int, float]]
+) -> str:
     """Loss (train and validation) over steps and, beneath it on the same step axis, the learning rate:
     one SVG data URI, two stacked charts so a loss jump can be read against the schedule."""
     import matplotlib
@@ -46,15 +54,22 @@ def plot_training_curves(train: list[tuple[int, float]], val: list[tuple[int, fl
 
     with matplotlib.rc_context(PLOT_STYLE):
         panels = (["loss"] if train or val else []) + (["lr"] if lr else [])
-        figure, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False, figsize=(8, 0.4 + 2.8 * len(panels)),
-                                    gridspec_kw={"height_ratios": [3 if p == "loss" else 1.1 for p in panels]})
+        figure, axes = plt.subplots(
+            len(panels),
+            1,
+            sharex=True,
+            squeeze=False,
+            figsize=(8, 0.4 + 2.8 * len(panels)),
+            gridspec_kw={"height_ratios": [3 if p == "loss" else 1.1 for p in panels]},
+        )
         for panel, ax in zip(panels, axes[:, 0]):
             if panel == "loss":
                 if train:
                     ax.plot(*zip(*train), color="#4c78a8", linewidth=1.1, label="train loss")
                 if val:
-                    ax.plot(*zip(*val), color="#e45756", linewidth=1.6, marker="o", markersize=3.5,
-                            label="validation loss")
+                    ax.plot(
+                        *zip(*val), color="#e45756", linewidth=1.6, marker="o", markersize=3.5, label="validation loss"
+                    )
                 ax.set_ylabel("loss")
                 ax.legend(frameon=False)
             else:
@@ -94,8 +109,9 @@ def plot_confusion(labels: list[str], matrix: list[list[int]]) -> tuple[str, int
         figure, axes = plt.subplots(figsize=(side, side))
         # Ten steps of 10%, starting at a visible blue so a rare confusion shows; empty cells stay white.
         colours = ListedColormap(matplotlib.colormaps["Blues"](np.linspace(0.18, 1, 10)))
-        image = axes.imshow(np.ma.masked_equal(shares, 0), cmap=colours, vmin=0, vmax=1, interpolation="nearest",
-                            aspect="equal")
+        image = axes.imshow(
+            np.ma.masked_equal(shares, 0), cmap=colours, vmin=0, vmax=1, interpolation="nearest", aspect="equal"
+        )
         axes.set_xticks(range(size), ticks, rotation=90, fontsize=tick_size)
         axes.set_yticks(range(size), ticks, fontsize=tick_size)
         axes.set_xlabel("predicted")
@@ -104,8 +120,7 @@ def plot_confusion(labels: list[str], matrix: list[list[int]]) -> tuple[str, int
         if annotate:
             for row, col in zip(*np.nonzero(counts)):
                 colour = "white" if shares[row, col] > 0.6 else "#222222"
-                axes.text(col, row, int(counts[row, col]), ha="center", va="center", fontsize=number_size,
-                          color=colour)
+                axes.text(col, row, int(counts[row, col]), ha="center", va="center", fontsize=number_size, color=colour)
         else:  # faint grid lines so a reader can follow a row across 77 columns
             axes.set_xticks(np.arange(size + 1) - 0.5, minor=True)
             axes.set_yticks(np.arange(size + 1) - 0.5, minor=True)

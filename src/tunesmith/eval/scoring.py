@@ -6,6 +6,7 @@ the assistant reply to rate. The output holds the input's rows in order, each wi
 `reward_chosen` and `reward_rejected`); the input file is never written. Every bad row is reported before
 the model is loaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,10 @@ from tunesmith.data.validate import read_jsonl
 from tunesmith.errors import Problem, UserError
 
 Messages = list[dict[str, str]]
-ROW_SHAPES = ('write each row as {"prompt": "...", "response": "..."}, a pair {"prompt": "...", "chosen": "...", '
-              '"rejected": "..."}, or {"messages": [...]} ending in the assistant reply')
+ROW_SHAPES = (
+    'write each row as {"prompt": "...", "response": "..."}, a pair {"prompt": "...", "chosen": "...", '
+    '"rejected": "..."}, or {"messages": [...]} ending in the assistant reply'
+)
 
 
 @dataclass
@@ -38,8 +41,10 @@ def score_file(model: str, data: Path, output: Path | None = None, batch_size: i
 
     output = output or data.with_name(f"{data.stem}.scored.jsonl")
     if output.resolve() == data.resolve():
-        raise UserError(f"--output {output} is the input file, which tunesmith never overwrites; fix: choose another "
-                        f"path (the default is {data.stem}.scored.jsonl beside the input)")
+        raise UserError(
+            f"--output {output} is the input file, which tunesmith never overwrites; fix: choose another "
+            f"path (the default is {data.stem}.scored.jsonl beside the input)"
+        )
     rows, conversations = read_rows(data)
     scorer = RewardScorer.load(model)
     rewards = scorer.score([conversation for rated in conversations for conversation in rated], batch_size)
@@ -51,7 +56,9 @@ def score_file(model: str, data: Path, output: Path | None = None, batch_size: i
         else:
             row["reward"] = next(remaining)
     write_rows(output, rows)
-    return ScoredFile(output, len(rows), len(rewards), sum(rewards) / len(rewards), sum(wins) / len(wins) if wins else None)
+    return ScoredFile(
+        output, len(rows), len(rewards), sum(rewards) / len(rewards), sum(wins) / len(wins) if wins else None
+    )
 
 
 def read_rows(path: Path) -> tuple[list[dict[str, Any]], list[list[Messages]]]:
@@ -84,8 +91,10 @@ def conversations_of(row: dict[str, Any]) -> list[Messages]:
     if "messages" in row:
         messages = check_messages(row["messages"])
         if messages[-1]["role"] != "assistant":
-            raise RowError(f"field 'messages' ends with a {messages[-1]['role']} turn, and the reply to rate is its "
-                           f"last message, from the assistant")
+            raise RowError(
+                f"field 'messages' ends with a {messages[-1]['role']} turn, and the reply to rate is its "
+                f"last message, from the assistant"
+            )
         return [messages]
     raise RowError(f"no reply to rate among the keys ({', '.join(sorted(row)) or 'none'})")
 

@@ -5,12 +5,13 @@ whole batch of rows at once (see `tunesmith.eval.metrics`), so 1000 resamples co
 not 1000 Python calls. A paired comparison of two systems uses the *same* rows for both, so the interval
 of (metric_a - metric_b) reflects only how the systems differ on the examples, not which examples were drawn.
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 

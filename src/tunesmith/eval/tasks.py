@@ -9,6 +9,7 @@ methods: `metric_task_for(items)`, when the data decides how it is scored (gener
 references; a judge of pairs or of scored replies), and `few_shot_problem(items)`, why a few-shot prefix cannot
 apply to these items (None when it can): a baseline that cannot apply is refused, never silently the base model.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,10 +18,11 @@ from typing import Any
 
 from tunesmith.data.formats import Example
 from tunesmith.data.tokenize import TokenizedExample
+from tunesmith.engine.generation import Engine, Messages, Sampling
 from tunesmith.errors import UserError
 from tunesmith.eval.metrics import normalize_answer, parse_number
 from tunesmith.registry import tasks
-from tunesmith.engine.generation import Engine, Messages, Sampling
+
 
 class ItemError(UserError):
     """A row the task cannot use; the message starts with its line number and the runner adds the file."""
@@ -89,8 +91,10 @@ def own_turns(chat: Any, prefix: Messages, messages: Messages, last_turn_only: b
     lead = len(full) - len([m for m in messages if m["role"] != "system"])  # the system message and the shots
     text, before = chat.render(full), chat.render(full[:lead])
     if not text.startswith(before):
-        raise UserError("the model's chat template renders the few-shot turns differently once the conversation "
-                        "follows, so the conversation's own tokens cannot be told apart; fix: use --baseline base")
+        raise UserError(
+            "the model's chat template renders the few-shot turns differently once the conversation "
+            "follows, so the conversation's own tokens cannot be told apart; fix: use --baseline base"
+        )
     tokenized = chat.tokenize_chat(full, last_turn_only=last_turn_only)
     offsets = chat.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     shot_tokens = sum(1 for start, _ in offsets if start < len(before))
@@ -98,8 +102,9 @@ def own_turns(chat: Any, prefix: Messages, messages: Messages, last_turn_only: b
     return TokenizedExample(tokenized.input_ids, mask, tokenized.line)
 
 
-def prefixed_loglikelihood(engine: Engine, prefix: Messages, conversations: list[Messages | Example],
-                           batch_size: int) -> list[tuple[float, int]]:
+def prefixed_loglikelihood(
+    engine: Engine, prefix: Messages, conversations: list[Messages | Example], batch_size: int
+) -> list[tuple[float, int]]:
     """`Engine.loglikelihood` of each conversation read after the few-shot `prefix`: (summed log-probability,
     token count) of exactly the tokens it scores without the prefix, so few-shot and base differ only in what
     the model saw first."""
@@ -109,8 +114,11 @@ def prefixed_loglikelihood(engine: Engine, prefix: Messages, conversations: list
     for conversation in conversations:
         if isinstance(conversation, Example):
             assert conversation.kind != "text", "few_shot_problem refuses raw text"
-            units.append(own_turns(engine.chat, prefix, conversation.messages,
-                                   last_turn_only=conversation.kind in ("score", "chosen")))
+            units.append(
+                own_turns(
+                    engine.chat, prefix, conversation.messages, last_turn_only=conversation.kind in ("score", "chosen")
+                )
+            )
         else:
             units.append(own_turns(engine.chat, prefix, conversation))
     return engine.scored_loglikelihood(units, batch_size)
@@ -119,7 +127,7 @@ def prefixed_loglikelihood(engine: Engine, prefix: Messages, conversations: list
 def generate_all(engine: Engine, prompts: list[Messages], context: Context, allowed=None) -> list[str]:
     replies: list[str] = []
     for start in range(0, len(prompts), context.batch_size):
-        chunk = [with_prefix(context.prefix, p) for p in prompts[start: start + context.batch_size]]
+        chunk = [with_prefix(context.prefix, p) for p in prompts[start : start + context.batch_size]]
         replies += engine.generate(chunk, context.sampling, allowed)
     return replies
 
@@ -141,8 +149,12 @@ class Classification:
             return generate_all(engine, prompts, context, allowed)
         predictions = []
         for prompt in prompts:
-            scores = prefixed_loglikelihood(engine, context.prefix, [prompt + [{"role": "assistant", "content": label}]
-                                                                     for label in context.labels], context.batch_size)
+            scores = prefixed_loglikelihood(
+                engine,
+                context.prefix,
+                [prompt + [{"role": "assistant", "content": label}] for label in context.labels],
+                context.batch_size,
+            )
             predictions.append(context.labels[max(range(len(scores)), key=lambda i: scores[i][0])])
         return predictions
 
@@ -196,8 +208,10 @@ class Regression:
             refuse_rated_baseline(context)
             return context.reward.score([item.example.messages for item in items], context.batch_size)
         if any(item.example.kind == "score" for item in items):
-            raise UserError("scored replies ({prompt, response, score}) are rated by a reward model; fix: evaluate a "
-                            "run of method: reward, or pass --reward-model")
+            raise UserError(
+                "scored replies ({prompt, response, score}) are rated by a reward model; fix: evaluate a "
+                "run of method: reward, or pass --reward-model"
+            )
         return [parse_number(reply) for reply in generate_all(engine, [item.prompt for item in items], context)]
 
     def correct(self, prediction: float | None, expected: float) -> bool | None:
@@ -214,16 +228,20 @@ class Perplexity:
     def items(self, examples: list[Example]) -> list[Item]:
         for example in examples:
             if example.kind not in ("text", "chat", "score"):
-                raise ItemError(f"{example.line}: perplexity needs raw text or conversations with replies, got "
-                                f"{example.kind} data; fix: --task preference for pairs, --task generation for prompts")
+                raise ItemError(
+                    f"{example.line}: perplexity needs raw text or conversations with replies, got "
+                    f"{example.kind} data; fix: --task preference for pairs, --task generation for prompts"
+                )
         return [Item(i, e.messages, None, e.messages[-1]["content"][:200], e.line, e) for i, e in enumerate(examples)]
 
     def few_shot_problem(self, items: list[Item]) -> UserError | None:
         text = next((item for item in items if item.example.kind == "text"), None)
         if text is None:
             return None
-        return ItemError(f"{text.line}: few-shot:K puts example conversations before each row, and raw text has no "
-                         f"turns to put them before; fix: --baseline base for perplexity on raw text")
+        return ItemError(
+            f"{text.line}: few-shot:K puts example conversations before each row, and raw text has no "
+            f"turns to put them before; fix: --baseline base for perplexity on raw text"
+        )
 
     def predict(self, engine: Engine, items: list[Item], context: Context) -> list[tuple[float, int]]:
         """The log-likelihood of each item's own tokens; with a few-shot prefix, read after the shots (which are
@@ -249,15 +267,26 @@ class Preference:
             if example.kind != "preference":
                 raise ItemError(f"{example.line}: the preference task needs {{prompt, chosen, rejected}} rows")
             prompt, chosen = last_reply(example)
-            items.append(Item(index, prompt, chosen, prompt[-1]["content"], example.line, example,
-                              rejected=example.rejected[-1]["content"]))
+            items.append(
+                Item(
+                    index,
+                    prompt,
+                    chosen,
+                    prompt[-1]["content"],
+                    example.line,
+                    example,
+                    rejected=example.rejected[-1]["content"],
+                )
+            )
         return items
 
     def predict(self, engine: Engine, items: list[Item], context: Context) -> list[tuple[float, float]]:
         conversations = []
         for item in items:
-            conversations += [item.prompt + [{"role": "assistant", "content": item.expected}],
-                              item.prompt + [{"role": "assistant", "content": item.rejected}]]
+            conversations += [
+                item.prompt + [{"role": "assistant", "content": item.expected}],
+                item.prompt + [{"role": "assistant", "content": item.rejected}],
+            ]
         if context.reward is not None:
             refuse_rated_baseline(context)
             rewards = context.reward.score(conversations, context.batch_size)
@@ -278,9 +307,11 @@ def refuse_rated_baseline(context: Context) -> None:
     """A reward model rates the replies in the data whatever model is evaluated; a few-shot prefix would change
     only what the reward model reads, not which model answers."""
     if context.prefix:
-        raise UserError("--reward-model rates the replies given in the data, not replies of the evaluated model, "
-                        "so a few-shot baseline has nothing to change; fix: drop --baseline few-shot:K, or use "
-                        "--task reward")
+        raise UserError(
+            "--reward-model rates the replies given in the data, not replies of the evaluated model, "
+            "so a few-shot baseline has nothing to change; fix: drop --baseline few-shot:K, or use "
+            "--task reward"
+        )
 
 
 def nearest_score(value: float) -> int:
@@ -301,16 +332,20 @@ class JudgeAgreement:
         if not examples or examples[0].kind != "score":
             for example in examples:
                 if example.kind != "preference":
-                    raise ItemError(f"{example.line}: the judge task needs {{prompt, chosen, rejected}} pairs or "
-                                    f"{{prompt, reference, response, score}} rows, one kind per file; got "
-                                    f"{example.kind} data")
+                    raise ItemError(
+                        f"{example.line}: the judge task needs {{prompt, chosen, rejected}} pairs or "
+                        f"{{prompt, reference, response, score}} rows, one kind per file; got "
+                        f"{example.kind} data"
+                    )
             return Preference().items(examples)
         items = []
         for index, example in enumerate(examples):
             reference = example.fields.get("reference")
             if example.kind != "score" or not isinstance(reference, str) or not reference.strip():
-                raise ItemError(f"{example.line}: a scored reply for the judge task needs a 'reference' field (the "
-                                f"correct answer the judge compares the response with), and all rows need one")
+                raise ItemError(
+                    f"{example.line}: a scored reply for the judge task needs a 'reference' field (the "
+                    f"correct answer the judge compares the response with), and all rows need one"
+                )
             prompt, response = last_reply(example)
             items.append(Item(index, prompt, example.score, prompt[-1]["content"], example.line, example))
         return items
@@ -319,8 +354,10 @@ class JudgeAgreement:
         return "judge" if items[0].rejected is not None else "rating_agreement"
 
     def few_shot_problem(self, items: list[Item]) -> UserError | None:
-        return UserError("--baseline few-shot:K: a judge reads its rubric and nothing else, so few-shot:K would be the "
-                         "base model under another name; fix: --baseline base")
+        return UserError(
+            "--baseline few-shot:K: a judge reads its rubric and nothing else, so few-shot:K would be the "
+            "base model under another name; fix: --baseline base"
+        )
 
     def predict(self, engine: Engine, items: list[Item], context: Context) -> list[tuple[float, float]] | list[float]:
         from tunesmith.eval.judge import Judge, default_rubric
@@ -331,11 +368,17 @@ class JudgeAgreement:
         if self.metric_task_for(items) == "rating_agreement":
             for item in items:
                 if not 1 <= item.expected <= context.scale:
-                    raise ItemError(f"{item.line}: the human score {item.expected:g} lies outside the judge's scale 1.."
-                                    f"{context.scale}; fix: give scores on that scale, or set --judge-scale")
+                    raise ItemError(
+                        f"{item.line}: the human score {item.expected:g} lies outside the judge's scale 1.."
+                        f"{context.scale}; fix: give scores on that scale, or set --judge-scale"
+                    )
             judge = Judge(engine, context.rubric or default_rubric("reference"), context.batch_size)
-            ratings = judge.rate_against(prompts, [item.example.fields["reference"] for item in items],
-                                         [last_reply(item.example)[1] for item in items], context.scale)
+            ratings = judge.rate_against(
+                prompts,
+                [item.example.fields["reference"] for item in items],
+                [last_reply(item.example)[1] for item in items],
+                context.scale,
+            )
             return [rating.score for rating in ratings]
         judge = Judge(engine, context.rubric or default_rubric("compare"), context.batch_size)
         comparisons = judge.compare(prompts, [item.expected for item in items], [item.rejected for item in items])
@@ -367,12 +410,15 @@ class RewardedGeneration:
 
     def predict(self, engine: Engine, items: list[Item], context: Context) -> list[dict[str, Any]]:
         if context.reward is None:
-            raise UserError("the reward task rates each generated reply with a reward model; fix: pass --reward-model "
-                            "RUN (a run of method: reward, or a sequence-classification model directory)")
+            raise UserError(
+                "the reward task rates each generated reply with a reward model; fix: pass --reward-model "
+                "RUN (a run of method: reward, or a sequence-classification model directory)"
+            )
         prompts = [item.prompt for item in items]
         replies = generate_all(engine, prompts, context)
-        rewards = context.reward.score([p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, replies)],
-                                       context.batch_size)
+        rewards = context.reward.score(
+            [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, replies)], context.batch_size
+        )
         return [{"reply": reply, "reward": reward} for reply, reward in zip(replies, rewards)]
 
     def correct(self, prediction, expected) -> None:
@@ -394,8 +440,16 @@ class Generation:
             if example.kind == "prompt":
                 reference = example.meta.get("reference", example.fields.get("reference"))
                 shown = example.messages[-1]["content"]
-                items.append(Item(index, example.messages, reference if isinstance(reference, str) else None, shown,
-                                  example.line, example))
+                items.append(
+                    Item(
+                        index,
+                        example.messages,
+                        reference if isinstance(reference, str) else None,
+                        shown,
+                        example.line,
+                        example,
+                    )
+                )
                 continue
             item = chat_items([example])[0]
             item.index, item.expected = index, example.meta.get("answers") or item.expected
@@ -403,8 +457,10 @@ class Generation:
         scored = [item.expected is not None for item in items]
         if any(scored) and not all(scored):
             missing = items[scored.index(False)]
-            raise ItemError(f"{missing.line}: this row has no reference reply, and others have one; fix: give every "
-                            f"row its reference (or none, to only review the generations)")
+            raise ItemError(
+                f"{missing.line}: this row has no reference reply, and others have one; fix: give every "
+                f"row its reference (or none, to only review the generations)"
+            )
         return items
 
     def metric_task_for(self, items: list[Item]) -> str | None:
@@ -417,7 +473,14 @@ class Generation:
         return None
 
 
-for _name, _task in (("classification", Classification()), ("exact_match", ExactMatch()), ("regression", Regression()),
-                     ("perplexity", Perplexity()), ("preference", Preference()), ("generation", Generation()),
-                     ("judge", JudgeAgreement()), ("reward", RewardedGeneration())):
+for _name, _task in (
+    ("classification", Classification()),
+    ("exact_match", ExactMatch()),
+    ("regression", Regression()),
+    ("perplexity", Perplexity()),
+    ("preference", Preference()),
+    ("generation", Generation()),
+    ("judge", JudgeAgreement()),
+    ("reward", RewardedGeneration()),
+):
     tasks.register(_name)(_task)

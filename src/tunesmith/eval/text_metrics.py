@@ -14,6 +14,7 @@ Several references (the `answers` list of a QA row) are scored as the libraries 
 BLEU and chrF (a reply's n-grams may match any reference), ROUGE-L against the reference it matches best.
 Scales follow the libraries: BLEU and chrF 0-100; ROUGE-L 0-1 (a share, printed as %); judge_score 1-K.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -65,8 +66,9 @@ def text_statistics(predictions: Sequence[Any], references: Sequence[Any]) -> di
     bleu = np.asarray(_bleu()._extract_corpus_statistics(hypotheses, streams), dtype=float)
     chrf = np.asarray(_chrf()._extract_corpus_statistics(hypotheses, streams), dtype=float)
     scorer = _rouge()
-    rouge = np.array([scorer.score_multi(options, hypothesis)["rougeL"].fmeasure
-                      for hypothesis, options in zip(hypotheses, answers)])
+    rouge = np.array(
+        [scorer.score_multi(options, hypothesis)["rougeL"].fmeasure for hypothesis, options in zip(hypotheses, answers)]
+    )
     return {"count": np.ones(len(hypotheses)), "rouge_l": rouge, "bleu_statistics": bleu, "chrf_statistics": chrf}
 
 
@@ -89,8 +91,13 @@ def answer_and_text_scores(predictions: Sequence[Any], references: Sequence[Any]
 
 
 # Correct = normalised exact match, the same notion as the exact_match eval task's per-example `correct`.
-metric_tasks.register("exact_match")(MetricTask(prepare=answer_and_text_scores, totals=resample_sums,
-                                                correct=lambda columns: columns["normalized_exact_match"] == 1))
+metric_tasks.register("exact_match")(
+    MetricTask(
+        prepare=answer_and_text_scores,
+        totals=resample_sums,
+        correct=lambda columns: columns["normalized_exact_match"] == 1,
+    )
+)
 metric_tasks.register("text")(MetricTask(prepare=text_statistics, totals=resample_sums))
 
 

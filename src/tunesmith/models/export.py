@@ -12,6 +12,7 @@ is renamed into place only when complete, so PATH never holds half an export. Ev
 (models/model_card.py): it names the upstream base model, its chat template adds the run's
 data.system_prompt as training did, and its README.md is a Hub model card.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,9 +55,9 @@ class Run:
         return self.config.model
 
 
-
-def export_run(run_dir: str | Path, to: str, output: str | Path, *, dtype: str | None = None,
-               force: bool = False) -> Path:
+def export_run(
+    run_dir: str | Path, to: str, output: str | Path, *, dtype: str | None = None, force: bool = False
+) -> Path:
     """Export the run in `run_dir` as `to` (peft | merged | gguf | ollama) at `output`; returns `output`.
 
     `dtype`: merged float32 (default) | bfloat16 | float16; gguf and ollama float32 (default) | float16 | q8_0.
@@ -82,20 +83,44 @@ def check_request(run_dir: Path, to: str, output: Path, dtype: str | None, force
     """The run and the output path, or one UserError listing every problem with the request."""
     problems: list[Problem] = []
     if to not in exporters:
-        problems.append(Problem("--to", f"'{to}' is not an export format{did_you_mean(to, exporters.names())}; "
-                                        f"fix: choose one of: {', '.join(exporters.names())}"))
+        problems.append(
+            Problem(
+                "--to",
+                f"'{to}' is not an export format{did_you_mean(to, exporters.names())}; "
+                f"fix: choose one of: {', '.join(exporters.names())}",
+            )
+        )
     run = read_run(run_dir, problems)
     if run is not None and run.model_dir is not None and to == "peft":
-        problems.append(Problem(str(run_dir), "is a full fine-tuning run (it has model/, not adapter/), so there is "
-                                              "no adapter to export; fix: use --to merged or --to gguf"))
+        problems.append(
+            Problem(
+                str(run_dir),
+                "is a full fine-tuning run (it has model/, not adapter/), so there is "
+                "no adapter to export; fix: use --to merged or --to gguf",
+            )
+        )
     if run is not None and run.config.method == "reward" and to in ("gguf", "ollama"):
-        problems.append(Problem(str(run_dir), "is a reward model (a sequence classifier with one output), which GGUF "
-                                              "runtimes do not load; fix: use --to merged or --to peft"))
-    if run is not None and run.adapter_dir is not None and to in ("merged", "gguf", "ollama") and \
-            not is_mergeable(run.adapter_dir):
-        problems.append(Problem(str(run.adapter_dir), "holds a prompt-learning adapter (virtual tokens or prompts, not "
-                                                      "weight updates), which cannot be merged into the weights; "
-                                                      "fix: use --to peft"))
+        problems.append(
+            Problem(
+                str(run_dir),
+                "is a reward model (a sequence classifier with one output), which GGUF "
+                "runtimes do not load; fix: use --to merged or --to peft",
+            )
+        )
+    if (
+        run is not None
+        and run.adapter_dir is not None
+        and to in ("merged", "gguf", "ollama")
+        and not is_mergeable(run.adapter_dir)
+    ):
+        problems.append(
+            Problem(
+                str(run.adapter_dir),
+                "holds a prompt-learning adapter (virtual tokens or prompts, not "
+                "weight updates), which cannot be merged into the weights; "
+                "fix: use --to peft",
+            )
+        )
     allowed = {"peft": (), "merged": MERGED_DTYPES, "gguf": tuple(GGUF_DTYPES), "ollama": tuple(GGUF_DTYPES)}.get(to)
     if to in ("gguf", "ollama") and dtype in LLAMA_QUANTIZE_ONLY_DTYPES:  # a known type, with the way to get it
         problems.append(Problem("--dtype", gguf_dtype_problem(dtype)))
@@ -104,8 +129,13 @@ def check_request(run_dir: Path, to: str, output: Path, dtype: str | None, force
         problems.append(Problem("--dtype", f"'{dtype}' does not apply to --to {to}; fix: {fix}"))
     problems += output_problems(output, to, force)
     if run is not None and run.directory.is_relative_to(output.resolve()):
-        problems.append(Problem(str(output), "holds the run being exported, which the export would replace; "
-                                             "fix: choose an --output outside the run directory"))
+        problems.append(
+            Problem(
+                str(output),
+                "holds the run being exported, which the export would replace; "
+                "fix: choose an --output outside the run directory",
+            )
+        )
     if problems:
         raise UserError(f"cannot export {run_dir}:", problems)
     assert run is not None
@@ -119,26 +149,43 @@ def read_run(run_dir: Path, problems: list[Problem]) -> Run | None:
         return None
     config_file = run_dir / CONFIG_FILE
     if not config_file.is_file():
-        problems.append(Problem(where, "has no config.yaml, so it is not a run directory; fix: pass the output_dir "
-                                       "of a `tunesmith train` run"))
+        problems.append(
+            Problem(
+                where,
+                "has no config.yaml, so it is not a run directory; fix: pass the output_dir of a `tunesmith train` run",
+            )
+        )
         return None
     adapter_dir, model_dir = run_dir / ADAPTER_DIR, run_dir / MODEL_DIR
     if not adapter_dir.is_dir() and not model_dir.is_dir():
-        problems.append(Problem(where, f"has no adapter/ or model/: the run has not finished; "
-                                       f"fix: resume it with `tunesmith train {config_file}`"))
+        problems.append(
+            Problem(
+                where,
+                f"has no adapter/ or model/: the run has not finished; "
+                f"fix: resume it with `tunesmith train {config_file}`",
+            )
+        )
         return None
     try:
         config = read_run_config(run_dir)
     except UserError as error:  # not YAML, or not a config this version reads
-        problems.extend(error.problems or [Problem(str(config_file), f"{error.message}; fix: restore the config.yaml "
-                                                                      f"that `tunesmith train` wrote")])
+        problems.extend(
+            error.problems
+            or [
+                Problem(str(config_file), f"{error.message}; fix: restore the config.yaml that `tunesmith train` wrote")
+            ]
+        )
         return None
-    return Run(run_dir.resolve(), config, adapter_dir if adapter_dir.is_dir() else None,
-               model_dir if model_dir.is_dir() else None)
+    return Run(
+        run_dir.resolve(),
+        config,
+        adapter_dir if adapter_dir.is_dir() else None,
+        model_dir if model_dir.is_dir() else None,
+    )
 
 
 def is_mergeable(adapter_dir: Path) -> bool:
-    """Whether the adapter changes weights (LoRA, DoRA, IA3: merge_and_unload folds it in) rather than adding prompts."""
+    """Whether the adapter changes weights (LoRA, DoRA, IA3: merge_and_unload folds it in), not adds prompts."""
     config_file = adapter_dir / "adapter_config.json"
     peft_type = json.loads(config_file.read_text()).get("peft_type") if config_file.is_file() else None
     return peft_type not in _PROMPT_LEARNING_TYPES
@@ -149,15 +196,28 @@ def output_problems(output: Path, to: str, force: bool) -> list[Problem]:
     if to == "gguf" and output.is_dir():
         return [Problem(where, "is a directory, and --to gguf writes one file; fix: --output DIR/model.gguf")]
     if to == "gguf" and output.suffix.lower() != ".gguf":
-        return [Problem(where, "a GGUF file's name must end in .gguf (tools, tunesmith included, recognise it by "
-                               "that); fix: --output PATH.gguf")]
+        return [
+            Problem(
+                where,
+                "a GGUF file's name must end in .gguf (tools, tunesmith included, recognise it by "
+                "that); fix: --output PATH.gguf",
+            )
+        ]
     occupied = output.is_file() or (output.is_dir() and any(output.iterdir()))
     if occupied and not force:
-        return [Problem(where, "already exists and is not empty; fix: choose another --output, or add --force to "
-                               "replace it")]
+        return [
+            Problem(
+                where, "already exists and is not empty; fix: choose another --output, or add --force to replace it"
+            )
+        ]
     if to == "gguf" and card_beside(output).exists() and not force:
-        return [Problem(str(card_beside(output)), "already exists, and the GGUF file's model card would replace it; "
-                                                  "fix: choose another --output, or add --force to replace it")]
+        return [
+            Problem(
+                str(card_beside(output)),
+                "already exists, and the GGUF file's model card would replace it; "
+                "fix: choose another --output, or add --force to replace it",
+            )
+        ]
     return []
 
 
@@ -218,8 +278,11 @@ def write_run_gguf(run: Run, gguf_file: Path, dtype: str | None) -> Any:
     from tunesmith.models.gguf_export import write_gguf
     from tunesmith.models.model_card import shipped_tokenizer, upstream_model_id
 
-    options = {"dtype": GGUF_DTYPES[dtype or "float32"], "name": run.directory.name,
-               "base_model": upstream_model_id(run.base_model)}
+    options = {
+        "dtype": GGUF_DTYPES[dtype or "float32"],
+        "name": run.directory.name,
+        "base_model": upstream_model_id(run.base_model),
+    }
     if run.model_dir is not None:
         tokenizer = shipped_tokenizer(run)
         write_gguf(run.model_dir, gguf_file, tokenizer=tokenizer, **options)

@@ -10,11 +10,12 @@ the LoRA term is accumulated into the base output inside the GEMM (`addmm_`), in
               grad_B = s * g^T xa         grad_A = s * gb^T x
 
 Only x (which the base layer's input already is) and the small xa are saved. Under selective recompute the
-sum goes into a new tensor instead (`accumulate_out_of_place`), since the kept base product must not change. The layer stays PEFT's own
-module, so saving, loading, merging and every case this path does not cover (dropout while training,
-DoRA and other variants, several active adapters, merged or disabled adapters, per-call adapter names)
-go through PEFT's forward unchanged.
+sum goes into a new tensor instead (`accumulate_out_of_place`), since the kept base product must not change.
+The layer stays PEFT's own module, so saving, loading, merging and every case this path does not cover
+(dropout while training, DoRA and other variants, several active adapters, merged or disabled adapters,
+per-call adapter names) go through PEFT's forward unchanged.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,15 @@ import torch
 IN_PLACE = "_tunesmith_fused_in_place"  # a layer attribute: False when its base product must not be modified
 
 
-def linear_forward(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
-                   lora_b: torch.Tensor | None, scaling: float, in_place: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def linear_forward(
+    flat: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    in_place: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """flat W^T + b, plus s (flat A^T) B^T with a LoRA pair: the output and flat A^T (None without LoRA)."""
     out = torch.nn.functional.linear(flat, weight, bias)
     if lora_a is None:
@@ -36,9 +44,16 @@ def linear_forward(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return out, xa
 
 
-def linear_backward(grad: torch.Tensor, flat: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor | None,
-                    lora_b: torch.Tensor | None, xa: torch.Tensor | None, scaling: float, needs: tuple[bool, ...]
-                    ) -> tuple[torch.Tensor | None, ...]:
+def linear_backward(
+    grad: torch.Tensor,
+    flat: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    xa: torch.Tensor | None,
+    scaling: float,
+    needs: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
     """Gradients of `linear_forward` (grad and flat 2-D) for (flat, weight, bias, lora_a, lora_b), each only
     where `needs` says so."""
     need_x, need_w, need_bias, need_a, need_b = needs
@@ -61,8 +76,16 @@ def linear_backward(grad: torch.Tensor, flat: torch.Tensor, weight: torch.Tensor
 
 class LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float, in_place: bool = True) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+        in_place: bool = True,
+    ) -> torch.Tensor:
         out, xa = linear_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, in_place)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
         ctx.scaling = scaling
@@ -72,8 +95,15 @@ class LoraLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight, lora_a, lora_b, xa = ctx.saved_tensors
         grad_x, grad_w, grad_bias, grad_a, grad_b = linear_backward(
-            grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_a, lora_b, xa, ctx.scaling,
-            ctx.needs_input_grad[:5])
+            grad.reshape(-1, grad.shape[-1]),
+            x.reshape(-1, x.shape[-1]),
+            weight,
+            lora_a,
+            lora_b,
+            xa,
+            ctx.scaling,
+            ctx.needs_input_grad[:5],
+        )
         return grad_x if grad_x is None else grad_x.view(x.shape), grad_w, grad_bias, grad_a, grad_b, None, None
 
 
@@ -87,9 +117,17 @@ class GatedDown(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float, in_place: bool
-                ) -> torch.Tensor:
+    def forward(
+        ctx,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor | None,
+        lora_b: torch.Tensor | None,
+        scaling: float,
+        in_place: bool,
+    ) -> torch.Tensor:
         gated = torch.nn.functional.silu(gate).mul_(up)
         out, xa = linear_forward(gated.view(-1, gated.shape[-1]), weight, bias, lora_a, lora_b, scaling, in_place)
         ctx.save_for_backward(gate, up, weight, lora_a, lora_b, xa)
@@ -104,8 +142,15 @@ class GatedDown(torch.autograd.Function):
         width = gate.shape[-1]
         needs = ctx.needs_input_grad
         grad_gated, grad_w, grad_bias, grad_a, grad_b = linear_backward(
-            grad.reshape(-1, grad.shape[-1]), gated.view(-1, width), weight, lora_a, lora_b, xa, ctx.scaling,
-            (needs[0] or needs[1], *needs[2:6]))
+            grad.reshape(-1, grad.shape[-1]),
+            gated.view(-1, width),
+            weight,
+            lora_a,
+            lora_b,
+            xa,
+            ctx.scaling,
+            (needs[0] or needs[1], *needs[2:6]),
+        )
         del gated
         grad_gate = grad_up = None
         if grad_gated is not None:
@@ -127,8 +172,12 @@ def _fusable(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
     if not isinstance(layer.lora_dropout[name], torch.nn.Identity) and layer.training:
         return None
     base = layer.get_base_layer()
-    if type(base) is not torch.nn.Linear or base.weight.requires_grad or \
-            (base.bias is not None and base.bias.requires_grad) or layer.lora_A[name].bias is not None:
+    if (
+        type(base) is not torch.nn.Linear
+        or base.weight.requires_grad
+        or (base.bias is not None and base.bias.requires_grad)
+        or layer.lora_A[name].bias is not None
+    ):
         return None
     return name
 
@@ -168,8 +217,14 @@ def _down_operands(down: torch.nn.Module, x: torch.Tensor) -> tuple | None:
     if name is None:
         return None
     base = down.get_base_layer()
-    return (base.weight, base.bias, down.lora_A[name].weight, down.lora_B[name].weight, down.scaling[name],
-            getattr(down, IN_PLACE, True))
+    return (
+        base.weight,
+        base.bias,
+        down.lora_A[name].weight,
+        down.lora_B[name].weight,
+        down.scaling[name],
+        getattr(down, IN_PLACE, True),
+    )
 
 
 def _gated_forward(mlp, original_forward):

@@ -4,6 +4,7 @@ transformers reads GGUF directly, dequantising every tensor on load. That takes 
 leaves the model flagged as quantized, so we convert once and cache a plain float32 directory that
 loads in about a second and that every other part of tunesmith (training, PEFT, export) understands.
 """
+
 from __future__ import annotations
 
 import json

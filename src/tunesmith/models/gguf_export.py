@@ -9,6 +9,7 @@ uses, so a written file loads back to the same logits. Names and key spellings c
 Tensors are streamed: the header is written from the shapes alone, then one tensor at a time is read
 from the safetensors files, converted (cast or quantized) and appended, so memory holds one tensor, not the model.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,14 +34,22 @@ def gguf_dtype_problem(dtype: str) -> str | None:
     if dtype in GGUF_DTYPES:
         return None
     if dtype in LLAMA_QUANTIZE_ONLY_DTYPES:
-        return (f"'{dtype}' is a llama.cpp K-quant, which the gguf Python package cannot write (it has no "
-                f"{LLAMA_QUANTIZE_ONLY_DTYPES[dtype]} quantizer); fix: export --dtype float32 (or q8_0), then run "
-                f"llama.cpp's `llama-quantize model.gguf model-{dtype}.gguf {LLAMA_QUANTIZE_ONLY_DTYPES[dtype]}`")
+        return (
+            f"'{dtype}' is a llama.cpp K-quant, which the gguf Python package cannot write (it has no "
+            f"{LLAMA_QUANTIZE_ONLY_DTYPES[dtype]} quantizer); fix: export --dtype float32 (or q8_0), then run "
+            f"llama.cpp's `llama-quantize model.gguf model-{dtype}.gguf {LLAMA_QUANTIZE_ONLY_DTYPES[dtype]}`"
+        )
     return f"'{dtype}' is not a GGUF type tunesmith writes; fix: use one of {', '.join(GGUF_DTYPES)}"
 
 
-def write_gguf(model_dir: str | Path, output_file: str | Path, dtype: str = "f32", name: str | None = None,
-               base_model: str | None = None, tokenizer: Any = None) -> Path:
+def write_gguf(
+    model_dir: str | Path,
+    output_file: str | Path,
+    dtype: str = "f32",
+    name: str | None = None,
+    base_model: str | None = None,
+    tokenizer: Any = None,
+) -> Path:
     """Write the Llama model in `model_dir` (config.json, *.safetensors, tokenizer) to `output_file`.
 
     `dtype` is f32 (exact), f16 or q8_0; 1-D tensors (norms) stay f32 either way, as llama.cpp keeps them.
@@ -72,8 +81,9 @@ def write_gguf(model_dir: str | Path, output_file: str | Path, dtype: str = "f32
         # The header states every tensor's type and byte size before any data is written; given as bytes,
         # (rows, bytes per row), which gguf turns back into the tensor's own shape for every type alike.
         byte_shape = gguf.quant_shape_to_byte_shape(shapes[hf_name], types[hf_name])
-        writer.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape),
-                               raw_dtype=types[hf_name])
+        writer.add_tensor_info(
+            gguf_name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=types[hf_name]
+        )
     writer.write_header_to_file(output_file)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -123,8 +133,11 @@ def _add_architecture(writer: Any, config: Any, dtype: str) -> None:
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
-    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    file_types = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_file_type(file_types[dtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -159,9 +172,14 @@ def describe_model(name: str, base_model: str | None, parameters: int) -> Any:
         base = {"name": base_name, "organization": organization, "repo_url": f"https://huggingface.co/{hub_id}"}
     elif base_model:
         base = {"name": Path(base_model).name}
-    return gguf.Metadata(name=name, basename=base["name"] if base else name, finetune=name if base else None,
-                         size_label=gguf.size_label(parameters, 0, 0, 0), license=entry.license if entry else None,
-                         base_models=[base] if base else None)
+    return gguf.Metadata(
+        name=name,
+        basename=base["name"] if base else name,
+        finetune=name if base else None,
+        size_label=gguf.size_label(parameters, 0, 0, 0),
+        license=entry.license if entry else None,
+        base_models=[base] if base else None,
+    )
 
 
 def _tensor_shapes(model_dir: Path) -> dict[str, list[int]]:
@@ -191,8 +209,10 @@ def _read_tensors(model_dir: Path, wanted: list[str]) -> Iterator[tuple[str, Any
 def _safetensors_files(model_dir: Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise UserError(f"model directory '{model_dir}' has no *.safetensors weights; fix: point at a directory "
-                        f"written by save_pretrained (tunesmith export --to merged writes one)")
+        raise UserError(
+            f"model directory '{model_dir}' has no *.safetensors weights; fix: point at a directory "
+            f"written by save_pretrained (tunesmith export --to merged writes one)"
+        )
     return files
 
 
@@ -211,8 +231,10 @@ def _gguf_tensor_names(model_dir: Path, config: Any, shapes: dict[str, list[int]
         else:
             names[hf_name] = gguf_name
     if unplaced:
-        raise UserError(f"model '{model_dir}' has tensors a Llama GGUF has no place for: {', '.join(unplaced[:5])}; "
-                        f"fix: export --to merged and convert it with llama.cpp's convert_hf_to_gguf.py")
+        raise UserError(
+            f"model '{model_dir}' has tensors a Llama GGUF has no place for: {', '.join(unplaced[:5])}; "
+            f"fix: export --to merged and convert it with llama.cpp's convert_hf_to_gguf.py"
+        )
     return names
 
 
@@ -245,4 +267,3 @@ def tensor_type(gguf_name: str, shape: list[int], dtype: str) -> Any:
     quantized = gguf.GGMLQuantizationType.Q8_0
     block_size, _ = gguf.GGML_QUANT_SIZES[quantized]
     return quantized if shape[-1] % block_size == 0 else gguf.GGMLQuantizationType.F16
-

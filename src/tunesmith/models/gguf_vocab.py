@@ -12,6 +12,7 @@ converter (`convert_hf_to_gguf.py`, `get_vocab_base_pre`) and loader (`src/llama
 
 Anything else is refused: a file llama.cpp cannot load, or one that tokenizes differently, helps no one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,12 +26,12 @@ from tunesmith.errors import UserError
 # convert_hf_to_gguf.py (conversion/base.py in llama.cpp as vendored by llama-cpp-python 0.3.36): the
 # Llama-architecture byte-level families, each with the model the converter took the fingerprint from.
 CHECK_TEXT = (
-    '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f '
-    '(multiple emojis concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 33333333 3.3 '
-    '3..3 3...3 \u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 '
-    '?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= \u043d\u0435\u0449\u043e \u043d\u0430 '
-    '\u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been '
-    '\'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f "
+    "(multiple emojis concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 33333333 3.3 "
+    "3..3 3...3 \u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 "
+    "?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= \u043d\u0435\u0449\u043e \u043d\u0430 "
+    "\u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 ''''''```````\"\"\"\"......!!!!!!?????? I've been "
+    "'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
 )
 KNOWN_TOKENIZER_FINGERPRINTS = {
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # HuggingFaceTB/SmolLM-135M
@@ -146,8 +147,10 @@ def _tokens_and_types(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[
 
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
     if max(by_id) >= vocab_size:
-        raise UserError(f"the tokenizer has {max(by_id) + 1} tokens but the model only {vocab_size} embedding rows; "
-                        f"fix: resize the model's token embeddings to the tokenizer before exporting")
+        raise UserError(
+            f"the tokenizer has {max(by_id) + 1} tokens but the model only {vocab_size} embedding rows; "
+            f"fix: resize the model's token embeddings to the tokenizer before exporting"
+        )
     added = tokenizer.added_tokens_decoder  # {id: AddedToken}
     tokens, types = [], []
     for index in range(vocab_size):
@@ -156,17 +159,24 @@ def _tokens_and_types(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[
             types.append(gguf.TokenType.UNUSED)
         else:
             tokens.append(by_id[index])
-            types.append(gguf.TokenType.NORMAL if index not in added else
-                         gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
+            types.append(
+                gguf.TokenType.NORMAL
+                if index not in added
+                else gguf.TokenType.CONTROL
+                if added[index].special
+                else gguf.TokenType.USER_DEFINED
+            )
     return tokens, types
 
 
 def _add_special_tokens(writer: Any, tokenizer: Any) -> None:
-    for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
-                          (tokenizer.eos_token_id, writer.add_eos_token_id),
-                          (tokenizer.unk_token_id, writer.add_unk_token_id),
-                          (tokenizer.sep_token_id, writer.add_sep_token_id),
-                          (tokenizer.pad_token_id, writer.add_pad_token_id)):
+    for token_id, add in (
+        (tokenizer.bos_token_id, writer.add_bos_token_id),
+        (tokenizer.eos_token_id, writer.add_eos_token_id),
+        (tokenizer.unk_token_id, writer.add_unk_token_id),
+        (tokenizer.sep_token_id, writer.add_sep_token_id),
+        (tokenizer.pad_token_id, writer.add_pad_token_id),
+    ):
         if token_id is not None:
             add(token_id)
     # Whether encoding adds BOS/EOS is behaviour, not a setting every tokenizer exposes: observe it, and state

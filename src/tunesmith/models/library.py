@@ -5,6 +5,7 @@ adapter settings, a hash of the training data, the evaluation figures of the run
 and, for a merge, what it was merged from. Entries are what `tunesmith adapters list|show|merge|swap`,
 `chat NAME` and `generate NAME` use: several can sit on one loaded base and be switched per call.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,10 @@ def names() -> list[str]:
 def card(name: str) -> dict[str, Any]:
     path = library() / name / "card.json"
     if not path.is_file():
-        raise UserError(f"no adapter named '{name}' in {library()}{did_you_mean(name, names())}; fix: "
-                        f"`tunesmith adapters list` shows what there is, `tunesmith adapters add RUN` adds a run's adapter")
+        raise UserError(
+            f"no adapter named '{name}' in {library()}{did_you_mean(name, names())}; fix: "
+            f"`tunesmith adapters list` shows what there is, `tunesmith adapters add RUN` adds a run's adapter"
+        )
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -53,14 +56,22 @@ def add(run_dir: Path, name: str | None = None, force: bool = False) -> dict[str
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / ADAPTER_DIR).is_dir():
         found = "a full model (model/), which is not an adapter" if (run_dir / "model").is_dir() else "no adapter/"
-        raise UserError(f"{run_dir}: not a finished adapter run ({found}); fix: give the directory of a run "
-                        f"trained with a parameter-efficient adapter.type (lora, qlora, dora, ia3, ...)")
+        raise UserError(
+            f"{run_dir}: not a finished adapter run ({found}); fix: give the directory of a run "
+            f"trained with a parameter-efficient adapter.type (lora, qlora, dora, ia3, ...)"
+        )
     config = read_run_config(run_dir)
     name = name or run_dir.resolve().name
-    entry = {"name": name, "base_model": config.model, "method": config.method,
-             "adapter": config.adapter.model_dump(mode="json"), "data": data_fingerprint(config.data),
-             "eval": eval_figures(run_dir),
-             "source_run": str(run_dir.resolve()), "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    entry = {
+        "name": name,
+        "base_model": config.model,
+        "method": config.method,
+        "adapter": config.adapter.model_dump(mode="json"),
+        "data": data_fingerprint(config.data),
+        "eval": eval_figures(run_dir),
+        "source_run": str(run_dir.resolve()),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
     store(run_dir / ADAPTER_DIR, entry, force)
     return entry
 
@@ -69,16 +80,20 @@ def store(adapter: Path, entry: dict[str, Any], force: bool) -> None:
     """Write adapter files + card.json as library/NAME, atomically (a half-written entry never shows)."""
     name = entry["name"]
     if not NAME.match(name):
-        raise UserError(f"adapter name '{name}' is not allowed; fix: use letters, digits, '.', '_' or '-' "
-                        f"(at most 64 characters, starting with a letter or digit)")
+        raise UserError(
+            f"adapter name '{name}' is not allowed; fix: use letters, digits, '.', '_' or '-' "
+            f"(at most 64 characters, starting with a letter or digit)"
+        )
     from tunesmith.models import catalog
 
     if name in {entry["name"] for entry in catalog.list_models()}:
         raise UserError(f"adapter name '{name}' is a built-in model's name; fix: choose another with --name")
     target = library() / name
     if target.exists() and not force:
-        raise UserError(f"the library already has an adapter named '{name}' ({target}); fix: choose another "
-                        f"--name, or pass --force to replace it")
+        raise UserError(
+            f"the library already has an adapter named '{name}' ({target}); fix: choose another "
+            f"--name, or pass --force to replace it"
+        )
     library().mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=library()))
     shutil.copytree(adapter, staging / "adapter")
@@ -103,36 +118,48 @@ def eval_figures(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     report = json.loads(path.read_text(encoding="utf-8"))
-    metrics = {key: value for key, value in report.get("metrics", {}).items() if isinstance(value, dict) and "value" in value}
+    metrics = {
+        key: value for key, value in report.get("metrics", {}).items() if isinstance(value, dict) and "value" in value
+    }
     return {"task": report.get("task"), "data": report.get("data"), "metrics": metrics}
 
 
-def merge(sources: list[str], weights: list[float], name: str, combination: str = "cat", force: bool = False) -> dict[str, Any]:
+def merge(
+    sources: list[str], weights: list[float], name: str, combination: str = "cat", force: bool = False
+) -> dict[str, Any]:
     """One LoRA adapter whose update is sum_i weight_i * (B_i A_i), saved in the library as `name`.
 
     `cat` stacks the ranks, so the merged update is that sum exactly; `linear` averages A and B (same
     ranks only; approximate); `svd` truncates the exact sum back to the largest rank (approximate).
     """
     from tunesmith.models import load_model
-    from tunesmith.models.model_card import name_upstream_base
     from tunesmith.models.adapters import load_adapter
+    from tunesmith.models.model_card import name_upstream_base
 
     if len(sources) < 2:
-        raise UserError("merge needs at least two adapters; fix: tunesmith adapters merge A B --weights 0.5,0.5 --name C")
+        raise UserError(
+            "merge needs at least two adapters; fix: tunesmith adapters merge A B --weights 0.5,0.5 --name C"
+        )
     if len(weights) != len(sources):
         raise UserError(f"--weights has {len(weights)} values for {len(sources)} adapters; fix: give one weight each")
     if combination not in COMBINATIONS:
-        raise UserError(f"--combination '{combination}' is unknown{did_you_mean(combination, list(COMBINATIONS))}; "
-                        f"choose one of: {', '.join(COMBINATIONS)}")
+        raise UserError(
+            f"--combination '{combination}' is unknown{did_you_mean(combination, list(COMBINATIONS))}; "
+            f"choose one of: {', '.join(COMBINATIONS)}"
+        )
     cards = [card(source) for source in sources]
     bases = {c["base_model"] for c in cards}
     if len(bases) > 1:
-        raise UserError(f"adapters {', '.join(sources)} were trained on different bases ({', '.join(sorted(bases))}); "
-                        f"fix: merge only adapters of one base model")
+        raise UserError(
+            f"adapters {', '.join(sources)} were trained on different bases ({', '.join(sorted(bases))}); "
+            f"fix: merge only adapters of one base model"
+        )
     for c in cards:
         if c["adapter"].get("type", "lora") not in MERGEABLE:
-            raise UserError(f"adapter '{c['name']}' is {c['adapter'].get('type')}; only {', '.join(MERGEABLE)} adapters "
-                            f"merge (their updates add up); fix: leave it out")
+            raise UserError(
+                f"adapter '{c['name']}' is {c['adapter'].get('type')}; only {', '.join(MERGEABLE)} adapters "
+                f"merge (their updates add up); fix: leave it out"
+            )
     base, _ = load_model(cards[0]["base_model"])
     model = load_adapter(base, adapter_dir(sources[0]), name=sources[0])
     for source in sources[1:]:
@@ -143,10 +170,16 @@ def merge(sources: list[str], weights: list[float], name: str, combination: str 
         model.save_pretrained(scratch, selected_adapters=[name], safe_serialization=True)
         saved = Path(scratch) / name if (Path(scratch) / name).is_dir() else Path(scratch)
         name_upstream_base(saved, cards[0]["base_model"])  # PEFT recorded the cache path the base was loaded from
-        entry = {"name": name, "base_model": cards[0]["base_model"], "method": "merge",
-                 "adapter": {**cards[0]["adapter"], "r": model.peft_config[name].r},
-                 "merged_from": [{"name": s, "weight": w} for s, w in zip(sources, weights)],
-                 "combination": combination, "data": {}, "eval": {},
-                 "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        entry = {
+            "name": name,
+            "base_model": cards[0]["base_model"],
+            "method": "merge",
+            "adapter": {**cards[0]["adapter"], "r": model.peft_config[name].r},
+            "merged_from": [{"name": s, "weight": w} for s, w in zip(sources, weights)],
+            "combination": combination,
+            "data": {},
+            "eval": {},
+            "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        }
         store(saved, entry, force)
     return entry

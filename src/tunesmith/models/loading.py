@@ -4,6 +4,7 @@
 id that is already in the local hub cache. Everything resolves to a local directory first, so loading
 itself never touches the network and never runs code shipped with a model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,8 +58,11 @@ def check_target(spec: str | Path) -> None:
     """Refuse at once a target (of eval, chat, generate, score, redteam, label) that names a path which is not
     there, before a command reads anything else, so `eval runs/nope` says so rather than asking for data."""
     text = str(spec).strip()
-    if looks_like_path(text) and not Path(text).expanduser().exists() \
-            and not (_HUB_ID_PATTERN.match(text) and find_in_hub_cache(text) is not None):
+    if (
+        looks_like_path(text)
+        and not Path(text).expanduser().exists()
+        and not (_HUB_ID_PATTERN.match(text) and find_in_hub_cache(text) is not None)
+    ):
         raise unresolved_model_error(text)
 
 
@@ -126,17 +130,24 @@ def missing_path_error(spec: str, builtin: str) -> UserError:
     hub-shaped `org/name` whose `org` is no local directory gets the hub's fix too."""
     path = Path(spec).expanduser()
     parent = path.parent
-    nearby = [entry.name for entry in parent.iterdir() if entry.is_dir() or entry.suffix == ".gguf"] \
-        if parent.is_dir() else []
+    nearby = (
+        [entry.name for entry in parent.iterdir() if entry.is_dir() or entry.suffix == ".gguf"]
+        if parent.is_dir()
+        else []
+    )
     close = difflib.get_close_matches(path.name, nearby, n=1, cutoff=0.6)
     suggestion = f" (did you mean '{parent / close[0]}'?)" if close else ""
-    message = (f"{spec}: no such run directory or model{suggestion}; fix: give the output_dir "
-               f"of a train run, a model directory or .gguf file, or a built-in model name (`tunesmith models "
-               f"list`: {builtin})")
+    message = (
+        f"{spec}: no such run directory or model{suggestion}; fix: give the output_dir "
+        f"of a train run, a model directory or .gguf file, or a built-in model name (`tunesmith models "
+        f"list`: {builtin})"
+    )
     if _HUB_ID_PATTERN.match(spec) and not parent.is_dir():
-        message += (f". If {spec} is a Hugging Face hub id: tunesmith does not download from the Hugging Face hub "
-                    f"at run time; download it on a connected machine (`huggingface-cli download {spec} "
-                    f"--local-dir DIR`) and give DIR")
+        message += (
+            f". If {spec} is a Hugging Face hub id: tunesmith does not download from the Hugging Face hub "
+            f"at run time; download it on a connected machine (`huggingface-cli download {spec} "
+            f"--local-dir DIR`) and give DIR"
+        )
     return UserError(message)
 
 
@@ -155,8 +166,12 @@ def load_tokenizer(spec: str | Path) -> Any:
 
 
 def load_model(
-    spec: str | Path, *, dtype: torch.dtype | str = "float32", device: str | torch.device = "cpu",
-    quantization: str | None = None, num_labels: int | None = None,
+    spec: str | Path,
+    *,
+    dtype: torch.dtype | str = "float32",
+    device: str | torch.device = "cpu",
+    quantization: str | None = None,
+    num_labels: int | None = None,
 ) -> tuple[Any, Any]:
     """`(model, tokenizer)` for `spec`: a causal LM in `dtype` on `device`, no remote code.
 
@@ -173,8 +188,10 @@ def load_model(
     tokenizer = load_tokenizer(directory)
     options: dict[str, Any] = {}
     if quantization is not None:
-        options = {"quantization_config": quantization_config(quantization, _as_torch_dtype(dtype)),
-                   "device_map": {"": str(device)}}
+        options = {
+            "quantization_config": quantization_config(quantization, _as_torch_dtype(dtype)),
+            "device_map": {"": str(device)},
+        }
     if num_labels is not None:
         options.update(num_labels=num_labels, output_loading_info=True)
     model_class = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
@@ -207,8 +224,12 @@ def quantization_config(kind: str, compute_dtype: Any) -> Any:
     import_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype if compute_dtype != "auto" else None)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype if compute_dtype != "auto" else None,
+    )
 
 
 def defer_bitsandbytes() -> None:
@@ -224,8 +245,11 @@ def defer_bitsandbytes() -> None:
 
 
 # What peft and transformers remember about bitsandbytes being installed (functools caches), reset when it loads.
-_AVAILABILITY_CHECKS = (("peft.import_utils", "is_bnb_available"), ("peft.import_utils", "is_bnb_4bit_available"),
-                        ("transformers.utils.import_utils", "is_bitsandbytes_available"))
+_AVAILABILITY_CHECKS = (
+    ("peft.import_utils", "is_bnb_available"),
+    ("peft.import_utils", "is_bnb_4bit_available"),
+    ("transformers.utils.import_utils", "is_bitsandbytes_available"),
+)
 _ABSENT = object()  # `kernels` was not imported before bitsandbytes was
 
 
@@ -250,7 +274,9 @@ def import_bitsandbytes() -> Any:
     try:
         import bitsandbytes
     except ImportError:
-        raise UserError("adapter.type=qlora needs bitsandbytes (4-bit NF4 weights); fix: pip install bitsandbytes") from None
+        raise UserError(
+            "adapter.type=qlora needs bitsandbytes (4-bit NF4 weights); fix: pip install bitsandbytes"
+        ) from None
     finally:
         logger.setLevel(level)
         if hidden is _ABSENT:

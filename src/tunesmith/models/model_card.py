@@ -9,6 +9,7 @@ Users of plain transformers, vLLM or llama.cpp see only the exported files, so t
 - what it is: README.md, a Hub model card (front matter the Hub reads, then base model, method, data hashes,
   training and eval figures with 95% intervals, the prompt format and load snippets): `write_model_card`.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,6 +31,7 @@ EXAMPLE_MESSAGE = "Your message here"  # a placeholder: a card may be published,
 
 
 # ---- the upstream base model ------------------------------------------------------------------------------
+
 
 def is_hub_id(text: str) -> bool:
     return bool(_HUB_ID.match(text)) and not Path(text).exists()
@@ -98,6 +100,7 @@ def replace_in_readme(readme: Path, loaded_from: str | None, upstream: str) -> N
 
 # ---- the prompt format ------------------------------------------------------------------------------------
 
+
 def jinja_string(text: str) -> str:
     """`text` as a Jinja string literal. Only the characters that would end or break the literal are escaped;
     the rest stays as is, which Jinja, and the C++ template engines of llama.cpp and its kin, read back unchanged."""
@@ -115,8 +118,10 @@ def with_default_system_prompt(template: str, system_prompt: str) -> str:
     spaces before it at the start of a line stripped.
     """
     system_turn = "{'role': 'system', 'content': " + jinja_string(system_prompt) + "}"
-    prefix = ("{% if not messages or messages[0]['role'] != 'system' %}"
-              "{% set messages = [" + system_turn + "] + messages %}{% endif %}")
+    prefix = (
+        "{% if not messages or messages[0]['role'] != 'system' %}"
+        "{% set messages = [" + system_turn + "] + messages %}{% endif %}"
+    )
     rest = template.lstrip(" \t\r\n")
     leading = template[: len(template) - len(rest)]
     if rest.startswith(("{%-", "{{-", "{#-")):  # the template strips its leading whitespace itself
@@ -143,19 +148,26 @@ def apply_system_prompt(tokenizer: Any, system_prompt: str | None) -> Any:
 def check_same_rendering(tokenizer: Any, original: str, rewritten: str, system_prompt: str) -> None:
     """The rewritten template must render what the original renders with the system turn added (ChatTokenizer's
     rule); a template whose whitespace rules defeat the rewrite must not ship a prompt format that differs."""
-    probes = [[{"role": "user", "content": "a"}],
-              [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
-              [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]]
+    probes = [
+        [{"role": "user", "content": "a"}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}],
+    ]
     for messages, generation_prompt in [(probe, flag) for probe in probes for flag in (True, False)]:
-        expected_messages = messages if messages[0]["role"] == "system" else \
-            [{"role": "system", "content": system_prompt}] + messages
-        expected = tokenizer.apply_chat_template(expected_messages, chat_template=original, tokenize=False,
-                                                 add_generation_prompt=generation_prompt)
-        actual = tokenizer.apply_chat_template(messages, chat_template=rewritten, tokenize=False,
-                                               add_generation_prompt=generation_prompt)
+        expected_messages = (
+            messages if messages[0]["role"] == "system" else [{"role": "system", "content": system_prompt}] + messages
+        )
+        expected = tokenizer.apply_chat_template(
+            expected_messages, chat_template=original, tokenize=False, add_generation_prompt=generation_prompt
+        )
+        actual = tokenizer.apply_chat_template(
+            messages, chat_template=rewritten, tokenize=False, add_generation_prompt=generation_prompt
+        )
         if actual != expected:
-            raise RuntimeError(f"the chat template rewritten to carry data.system_prompt renders {actual!r} instead "
-                               f"of {expected!r}; the export would prompt the model differently from training")
+            raise RuntimeError(
+                f"the chat template rewritten to carry data.system_prompt renders {actual!r} instead "
+                f"of {expected!r}; the export would prompt the model differently from training"
+            )
 
 
 def system_prompt_of(run: Run) -> str | None:
@@ -180,6 +192,7 @@ def generation_stop_ids(model_config: Any, generation_config: Any, tokenizer: An
 
 
 # ---- the model card ---------------------------------------------------------------------------------------
+
 
 def write_model_card(run: Run, directory: Path, format: str, tokenizer: Any = None, name: str = "README.md") -> Path:
     """Write `directory`/`name`, the model card of `run` exported as `format` (peft | merged | gguf | ollama);
@@ -219,10 +232,17 @@ def card_metadata(run: Run, format: str) -> Any:
 def card_body(run: Run, format: str, tokenizer: Any) -> str:
     upstream = upstream_model_id(run.base_model)
     sections = [
-        [f"# {run.directory.name}", "",
-         f"`{upstream}` fine-tuned with tunesmith (method `{run.config.method}`), exported as {format}."],
-        method_lines(run, upstream), data_lines(run), training_lines(run), evaluation_lines(run),
-        prompt_lines(run, tokenizer), usage_lines(run, format, upstream),
+        [
+            f"# {run.directory.name}",
+            "",
+            f"`{upstream}` fine-tuned with tunesmith (method `{run.config.method}`), exported as {format}.",
+        ],
+        method_lines(run, upstream),
+        data_lines(run),
+        training_lines(run),
+        evaluation_lines(run),
+        prompt_lines(run, tokenizer),
+        usage_lines(run, format, upstream),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
@@ -234,8 +254,10 @@ def method_lines(run: Run, upstream: str) -> list[str]:
     if kind in ("lora", "qlora", "dora"):
         targets = ", ".join(adapter.target) if isinstance(adapter.target, list) else adapter.target
         scaling = "alpha / sqrt(r)" if adapter.rslora else "alpha / r"
-        lines.append(f"- Adapter: `{kind}`, r {adapter.r}, alpha {adapter.alpha} (scaled by {scaling}), "
-                     f"dropout {adapter.dropout}, targets: {targets}")
+        lines.append(
+            f"- Adapter: `{kind}`, r {adapter.r}, alpha {adapter.alpha} (scaled by {scaling}), "
+            f"dropout {adapter.dropout}, targets: {targets}"
+        )
     elif kind in ("prompt_tuning", "prefix_tuning", "llama_adapter"):
         lines.append(f"- Adapter: `{kind}`, {adapter.num_virtual_tokens} virtual tokens")
     else:
@@ -272,13 +294,17 @@ def training_lines(run: Run) -> list[str]:
     validation = [record for record in records if "val_loss" in record]
     lines = ["## Training", ""]
     if data:
-        lines.append(f"- Examples: {data.get('train_examples')} training, {data.get('validation_examples')} validation "
-                     f"({data.get('train_tokens')} training tokens)")
+        lines.append(
+            f"- Examples: {data.get('train_examples')} training, {data.get('validation_examples')} validation "
+            f"({data.get('train_tokens')} training tokens)"
+        )
     if steps:
         last = steps[-1]
         length = f"train.max_steps {train.max_steps}" if train.max_steps else f"train.epochs {train.epochs}"
-        lines.append(f"- Steps: {last['step']} ({length}); batch size {train.batch_size} x {train.grad_accum} "
-                     f"accumulation; lr {train.lr} ({train.schedule})")
+        lines.append(
+            f"- Steps: {last['step']} ({length}); batch size {train.batch_size} x {train.grad_accum} "
+            f"accumulation; lr {train.lr} ({train.schedule})"
+        )
         lines.append(f"- Final training loss: {last['loss']:.4f}")
     if validation:
         best = min(validation, key=lambda record: record["val_loss"])
@@ -300,13 +326,22 @@ def evaluation_lines(run: Run) -> list[str]:
     """The run's eval.json figures: every metric of the tuned model and of each baseline, with its 95% interval."""
     path = run.directory / EVAL_FILE
     if not path.is_file():
-        return ["## Evaluation", "", "Not evaluated before export (`tunesmith eval RUN --baseline base` adds the "
-                                     "figures, with 95% intervals, to the next export's card)."]
+        return [
+            "## Evaluation",
+            "",
+            "Not evaluated before export (`tunesmith eval RUN --baseline base` adds the "
+            "figures, with 95% intervals, to the next export's card).",
+        ]
     report = json.loads(path.read_text(encoding="utf-8"))
-    lines = ["## Evaluation", "",
-             f"Task `{report.get('task')}` on `{Path(str(report.get('data', ''))).name}` ({report.get('n')} examples); "
-             f"95% intervals are percentile bootstrap over examples.", "",
-             "| system | metric | value | 95% interval | n |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "## Evaluation",
+        "",
+        f"Task `{report.get('task')}` on `{Path(str(report.get('data', ''))).name}` ({report.get('n')} examples); "
+        f"95% intervals are percentile bootstrap over examples.",
+        "",
+        "| system | metric | value | 95% interval | n |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     lines += metric_rows("tuned", report.get("metrics") or {})
     for name, baseline in (report.get("baselines") or {}).items():
         lines += metric_rows(name, baseline.get("metrics") or {})
@@ -317,7 +352,9 @@ def evaluation_lines(run: Run) -> list[str]:
                 low, high = figure["ci95"]
                 differences.append(f"- tuned minus {name}, {metric}: {figure['diff']:+.4g} [{low:.4g}, {high:.4g}]")
         if isinstance(comparison.get("mcnemar_p"), (int, float)):
-            differences.append(f"- tuned vs {name}, McNemar test on the same examples: p = {comparison['mcnemar_p']:.2g}")
+            differences.append(
+                f"- tuned vs {name}, McNemar test on the same examples: p = {comparison['mcnemar_p']:.2g}"
+            )
     if differences:
         lines += ["", "Paired differences (same examples, same resamples):", "", *differences]
     return lines
@@ -332,46 +369,101 @@ def prompt_lines(run: Run, tokenizer: Any) -> list[str]:
         return lines + ["The tokenizer has no chat template; prompt it with plain text."]
     system_prompt = system_prompt_of(run)
     if system_prompt is None:
-        lines.append("Training rendered each conversation with the base model's chat template as is (no system "
-                     "prompt was added); the tokenizer here carries that template.")
+        lines.append(
+            "Training rendered each conversation with the base model's chat template as is (no system "
+            "prompt was added); the tokenizer here carries that template."
+        )
     else:
-        lines += ["Training added this system message to every conversation that had none:", "",
-                  *[f"> {line}" for line in system_prompt.splitlines() or [""]], "",
-                  "The chat template saved with this export does the same, so `apply_chat_template` (transformers, "
-                  "vLLM) and llama.cpp's `--jinja` chat prompt the model exactly as it was trained."]
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": EXAMPLE_MESSAGE}], tokenize=False,
-                                             add_generation_prompt=True)
+        lines += [
+            "Training added this system message to every conversation that had none:",
+            "",
+            *[f"> {line}" for line in system_prompt.splitlines() or [""]],
+            "",
+            "The chat template saved with this export does the same, so `apply_chat_template` (transformers, "
+            "vLLM) and llama.cpp's `--jinja` chat prompt the model exactly as it was trained.",
+        ]
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": EXAMPLE_MESSAGE}], tokenize=False, add_generation_prompt=True
+    )
     return lines + ["", "One user turn, ready for the reply:", "", "```text", rendered.rstrip("\n"), "```"]
 
 
 def usage_lines(run: Run, format: str, upstream: str) -> list[str]:
     """Load snippets for the clients of this format."""
-    generate = [f'messages = [{{"role": "user", "content": "{EXAMPLE_MESSAGE}"}}]',
-                "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, "
-                "return_tensors=\"pt\")",
-                "output = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
-                "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))"]
+    generate = [
+        f'messages = [{{"role": "user", "content": "{EXAMPLE_MESSAGE}"}}]',
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, "
+        'return_tensors="pt")',
+        "output = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+    ]
     llama_cpp = ["```sh", "llama-cli -m model.gguf --jinja -cnv", "```"]
     if format == "peft":
-        return ["## Use", "", "transformers + peft (the base model is not included):", "", "```python",
-                "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                f'base = AutoModelForCausalLM.from_pretrained("{upstream}")',
-                'model = PeftModel.from_pretrained(base, "path/to/this/directory")',
-                'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")', *generate, "```"]
+        return [
+            "## Use",
+            "",
+            "transformers + peft (the base model is not included):",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{upstream}")',
+            'model = PeftModel.from_pretrained(base, "path/to/this/directory")',
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
+            *generate,
+            "```",
+        ]
     if format == "merged":
-        return ["## Use", "", "transformers:", "", "```python",
-                "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
-                'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")', *generate, "```", "",
-                "llama.cpp: `tunesmith export RUN --to gguf --output model.gguf` (or llama.cpp's "
-                "`convert_hf_to_gguf.py` on this directory), then:", "", *llama_cpp]
-    ollama = ["Ollama (the Modelfile holds the template, stop tokens and system prompt):", "", "```sh",
-              "ollama create my-model -f Modelfile", "ollama run my-model", "```", ""] if format == "ollama" else []
-    return ["## Use", "", *ollama, "llama.cpp (the chat template is in the file):", "", *llama_cpp, "",
-            "llama-cpp-python:", "", "```python", "from llama_cpp import Llama", "",
-            'model = Llama(model_path="model.gguf")',
-            f'print(model.create_chat_completion(messages=[{{"role": "user", "content": "{EXAMPLE_MESSAGE}"}}], '
-            f'temperature=0)["choices"][0]["message"]["content"])', "```"]
+        return [
+            "## Use",
+            "",
+            "transformers:",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
+            *generate,
+            "```",
+            "",
+            "llama.cpp: `tunesmith export RUN --to gguf --output model.gguf` (or llama.cpp's "
+            "`convert_hf_to_gguf.py` on this directory), then:",
+            "",
+            *llama_cpp,
+        ]
+    ollama = (
+        [
+            "Ollama (the Modelfile holds the template, stop tokens and system prompt):",
+            "",
+            "```sh",
+            "ollama create my-model -f Modelfile",
+            "ollama run my-model",
+            "```",
+            "",
+        ]
+        if format == "ollama"
+        else []
+    )
+    return [
+        "## Use",
+        "",
+        *ollama,
+        "llama.cpp (the chat template is in the file):",
+        "",
+        *llama_cpp,
+        "",
+        "llama-cpp-python:",
+        "",
+        "```python",
+        "from llama_cpp import Llama",
+        "",
+        'model = Llama(model_path="model.gguf")',
+        f'print(model.create_chat_completion(messages=[{{"role": "user", "content": "{EXAMPLE_MESSAGE}"}}], '
+        f'temperature=0)["choices"][0]["message"]["content"])',
+        "```",
+    ]
 
 
 def as_shipped(run: Run, model: Any, tokenizer: Any) -> tuple[Any, Any]:

@@ -12,6 +12,7 @@ assistant named SmolLM ...") becomes the Modelfile's SYSTEM, which Ollama sends 
 whenever the request has no system message of its own: the same behaviour. The run's data.system_prompt,
 when set, takes that place, as it did in training.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,8 +50,13 @@ def read_chat_shape(tokenizer: Any) -> ChatShape:
     if not tokenizer.chat_template:
         raise _untranslatable("the tokenizer has no chat template")
     try:
-        return _checked(_probe_shape(lambda messages, generation: tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation)))
+        return _checked(
+            _probe_shape(
+                lambda messages, generation: tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=generation
+                )
+            )
+        )
     except UserError:
         raise
     except Exception as error:  # a template that raises for a probe (e.g. one that refuses system messages)
@@ -58,8 +64,12 @@ def read_chat_shape(tokenizer: Any) -> ChatShape:
 
 
 def _probe_shape(render: Any) -> ChatShape:
-    turns = [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": _USER},
-             {"role": "assistant", "content": _ASSISTANT}, {"role": "user", "content": _USER_AGAIN}]
+    turns = [
+        {"role": "system", "content": _SYSTEM},
+        {"role": "user", "content": _USER},
+        {"role": "assistant", "content": _ASSISTANT},
+        {"role": "user", "content": _USER_AGAIN},
+    ]
     full = render(turns, False)
     with_reply = render(turns, True)
     if not with_reply.startswith(full):
@@ -68,15 +78,21 @@ def _probe_shape(render: Any) -> ChatShape:
     if pieces is None:
         raise _untranslatable("a probe message's content does not appear once, unchanged, in order")
     before_system, system_to_user, _, _, end = pieces
-    role_and_after = system_to_user[len(end):] if system_to_user.startswith(end) else None
+    role_and_after = system_to_user[len(end) :] if system_to_user.startswith(end) else None
     if not end or role_and_after is None or role_and_after.count("user") != 1:
         raise _untranslatable("messages are not each wrapped as OPEN + role + CLOSE + content + END")
     open_marker, close_marker = role_and_after.split("user")
     system_header = open_marker + "system" + close_marker
     if not before_system.endswith(system_header):
         raise _untranslatable("the system message is wrapped unlike the others")
-    shape = ChatShape(before_system[: len(before_system) - len(system_header)], open_marker, close_marker, end,
-                      with_reply[len(full):], None)
+    shape = ChatShape(
+        before_system[: len(before_system) - len(system_header)],
+        open_marker,
+        close_marker,
+        end,
+        with_reply[len(full) :],
+        None,
+    )
     # A conversation without a system message: either nothing is added, or one fixed default system message.
     alone = render([{"role": "user", "content": _USER}], False)
     if alone == shape.render([{"role": "user", "content": _USER}], False):
@@ -84,7 +100,7 @@ def _probe_shape(render: Any) -> ChatShape:
     start = shape.begin + system_header
     user_part = shape.open + "user" + shape.close + _USER + shape.end
     if alone.startswith(start) and alone.endswith(shape.end + user_part):
-        default = alone[len(start): len(alone) - len(shape.end + user_part)]
+        default = alone[len(start) : len(alone) - len(shape.end + user_part)]
         return ChatShape(shape.begin, shape.open, shape.close, shape.end, shape.generation, default)
     raise _untranslatable("a conversation without a system message is rendered in a way Ollama cannot reproduce")
 
@@ -131,10 +147,12 @@ def go_template(shape: ChatShape, runtime_adds_bos: str | None = None) -> str:
     """
     begin = shape.begin
     if runtime_adds_bos and begin.startswith(runtime_adds_bos):
-        begin = begin[len(runtime_adds_bos):]
-    return (f'{begin}{{{{ range $index, $message := .Messages }}}}{shape.open}{{{{ $message.Role }}}}{shape.close}'
-            f'{{{{ $message.Content }}}}{shape.end}{{{{ if and (eq (len (slice $.Messages $index)) 1) '
-            f'(ne $message.Role "assistant") }}}}{shape.generation}{{{{ end }}}}{{{{ end }}}}')
+        begin = begin[len(runtime_adds_bos) :]
+    return (
+        f"{begin}{{{{ range $index, $message := .Messages }}}}{shape.open}{{{{ $message.Role }}}}{shape.close}"
+        f"{{{{ $message.Content }}}}{shape.end}{{{{ if and (eq (len (slice $.Messages $index)) 1) "
+        f'(ne $message.Role "assistant") }}}}{shape.generation}{{{{ end }}}}{{{{ end }}}}'
+    )
 
 
 def stop_sequences(shape: ChatShape, eos_token: str | None) -> list[str]:
@@ -153,8 +171,10 @@ def write_modelfile(directory: Path, gguf_name: str, tokenizer: Any, system_prom
     verify_chat_shape(shape, tokenizer)
     system = system_prompt if system_prompt is not None else shape.default_system
     if system is not None and '"""' in system:
-        raise UserError(f"data.system_prompt {system!r} contains '\"\"\"', which a Modelfile cannot quote; "
-                        f"fix: remove the triple quote from data.system_prompt, or export --to gguf")
+        raise UserError(
+            f'data.system_prompt {system!r} contains \'"""\', which a Modelfile cannot quote; '
+            f"fix: remove the triple quote from data.system_prompt, or export --to gguf"
+        )
     adds_bos = tokenizer.bos_token if tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id] else None
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template(shape, adds_bos)}"""']
     lines += [f'PARAMETER stop "{stop}"' for stop in stop_sequences(shape, tokenizer.eos_token)]
@@ -166,6 +186,8 @@ def write_modelfile(directory: Path, gguf_name: str, tokenizer: Any, system_prom
 
 
 def _untranslatable(reason: str) -> UserError:
-    return UserError(f"cannot write an Ollama TEMPLATE for this model's chat template: {reason}; fix: export "
-                     f"--to gguf (llama.cpp and LM Studio use the template stored in the file) and write the "
-                     f"Modelfile's TEMPLATE by hand (https://github.com/ollama/ollama/blob/main/docs/template.md)")
+    return UserError(
+        f"cannot write an Ollama TEMPLATE for this model's chat template: {reason}; fix: export "
+        f"--to gguf (llama.cpp and LM Studio use the template stored in the file) and write the "
+        f"Modelfile's TEMPLATE by hand (https://github.com/ollama/ollama/blob/main/docs/template.md)"
+    )

@@ -13,6 +13,7 @@ truncated_fraction, clip_fraction; val_reward on validation prompts (greedy) eve
 The shared pieces are in data/prompts.py (prompts), train/rollout.py (sampling), train/policy.py (scoring) and
 train/rl_math.py (the losses); the loop's machinery in train/rl_loop.py.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,8 +27,8 @@ from tunesmith.data.packing import Batch
 from tunesmith.registry import methods
 from tunesmith.train import policy, rl_loop, rl_math
 from tunesmith.train.rollout import Rollout
-from tunesmith.train.session import RunResult
 from tunesmith.train.runtime import stop_on_signals
+from tunesmith.train.session import RunResult
 
 
 @methods.register("grpo", accepts=prompts.ACCEPTS)
@@ -52,12 +53,14 @@ def run_grpo(config: Config) -> RunResult:
     return rl_loop.save(run, result)
 
 
-def grpo_token_loss(settings: RLConfig, rollout: Rollout, model: torch.nn.Module, batch: Batch,
-                    tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def grpo_token_loss(
+    settings: RLConfig, rollout: Rollout, model: torch.nn.Module, batch: Batch, tokens: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per reply token of `batch`: the clipped surrogate plus kl_coef * KL(policy || reference)."""
     logprobs, _ = policy.policy_outputs(model, batch, settings.temperature)
-    loss, clipped = rl_math.clipped_policy_loss(logprobs, rollout.logprobs[tokens], rollout.advantages[tokens],
-                                           settings.clip_range)
+    loss, clipped = rl_math.clipped_policy_loss(
+        logprobs, rollout.logprobs[tokens], rollout.advantages[tokens], settings.clip_range
+    )
     figures = {"clip_fraction": clipped.float()}
     if rollout.ref_logprobs is None:  # full fine-tuning with kl_coef 0: no reference was loaded
         return loss, figures

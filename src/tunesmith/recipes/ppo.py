@@ -15,6 +15,7 @@ Logged per step: loss, policy_loss, value_loss, explained_variance, clip_fractio
 reward (and each source's), kl, entropy, response_length, truncated_fraction; val_reward every
 train.eval_every steps on validation prompts (greedy).
 """
+
 from __future__ import annotations
 
 import time
@@ -28,8 +29,8 @@ from tunesmith.data.packing import Batch
 from tunesmith.registry import methods
 from tunesmith.train import policy, rl_loop, rl_math
 from tunesmith.train.rollout import Rollout
-from tunesmith.train.session import RunResult
 from tunesmith.train.runtime import stop_on_signals
+from tunesmith.train.session import RunResult
 
 
 @methods.register("ppo", accepts=prompts.ACCEPTS)
@@ -45,10 +46,14 @@ def run_ppo(config: Config) -> RunResult:
             started = time.perf_counter()
             rollout = rl_loop.collect_rollout(run, run.next_prompts(), group_size=1)
             rewards = token_rewards(rollout, config.rl.kl_coef)
-            pieces = [rl_math.gae(r, v, settings.gamma, settings.lam)
-                      for r, v in zip(rewards.split(rollout.lengths), rollout.values.split(rollout.lengths))]
+            pieces = [
+                rl_math.gae(r, v, settings.gamma, settings.lam)
+                for r, v in zip(rewards.split(rollout.lengths), rollout.values.split(rollout.lengths))
+            ]
             advantages, rollout.returns = (torch.cat(column) for column in zip(*pieces))
-            rollout.advantages = rl_math.whiten(advantages, world=run.world) if settings.whiten_advantages else advantages
+            rollout.advantages = (
+                rl_math.whiten(advantages, world=run.world) if settings.whiten_advantages else advantages
+            )
             loss = partial(ppo_token_loss, config, rollout, run.value_head)
             result, figures = rl_loop.update_policy(run, rollout, loss)
             figures["explained_variance"] = rl_math.explained_variance(rollout.values, rollout.returns)
@@ -68,14 +73,25 @@ def token_rewards(rollout: Rollout, kl_coef: float) -> torch.Tensor:
     return rewards
 
 
-def ppo_token_loss(config: Config, rollout: Rollout, value_head: policy.ValueHead, model: torch.nn.Module,
-                   batch: Batch, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ppo_token_loss(
+    config: Config,
+    rollout: Rollout,
+    value_head: policy.ValueHead,
+    model: torch.nn.Module,
+    batch: Batch,
+    tokens: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per reply token of `batch`: the clipped surrogate plus value_coef * the clipped value loss."""
     logprobs, values = policy.policy_outputs(model, batch, config.rl.temperature, value_head)
-    policy_loss, clipped = rl_math.clipped_policy_loss(logprobs, rollout.logprobs[tokens], rollout.advantages[tokens],
-                                                  config.rl.clip_range)
-    value_loss, value_clipped = rl_math.clipped_value_loss(values, rollout.values[tokens], rollout.returns[tokens],
-                                                      config.ppo.value_clip)
+    policy_loss, clipped = rl_math.clipped_policy_loss(
+        logprobs, rollout.logprobs[tokens], rollout.advantages[tokens], config.rl.clip_range
+    )
+    value_loss, value_clipped = rl_math.clipped_value_loss(
+        values, rollout.values[tokens], rollout.returns[tokens], config.ppo.value_clip
+    )
     return policy_loss + config.ppo.value_coef * value_loss, {
-        "policy_loss": policy_loss, "value_loss": value_loss, "clip_fraction": clipped.float(),
-        "value_clip_fraction": value_clipped.float()}
+        "policy_loss": policy_loss,
+        "value_loss": value_loss,
+        "clip_fraction": clipped.float(),
+        "value_clip_fraction": value_clipped.float(),
+    }

@@ -3,12 +3,13 @@
 Documents are separated by the end-of-sequence token; with `data.truncation: split` a long document
 is cut into `max_length` pieces, and packing never lets one document attend to another.
 """
+
 from __future__ import annotations
 
 from tunesmith.config.schema import Config
 from tunesmith.recipes.sft import train_loop
-from tunesmith.train.session import RunResult
 from tunesmith.registry import methods
+from tunesmith.train.session import RunResult
 
 
 @methods.register("pretrain", accepts=("text",))

@@ -12,6 +12,7 @@ DoRA) writes RUN/adapter/ in PEFT's SEQ_CLS format, the trained score head insid
 `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=1), ADAPTER)`.
 `tunesmith score RUN`, `tunesmith eval RUN` and `rl.reward_model: RUN` load the run itself (engine/reward_model.py).
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -22,13 +23,13 @@ import torch
 from tunesmith.config.schema import Config
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.tokenize import TokenizedPair, Unit
+from tunesmith.engine.reward_model import ScoreScale
 from tunesmith.errors import Problem, UserError
 from tunesmith.recipes.sft import train_loop
-from tunesmith.train.session import RunResult
 from tunesmith.registry import methods
 from tunesmith.train.distributed import World
-from tunesmith.engine.reward_model import ScoreScale
 from tunesmith.train.reward_loss import RewardObjective
+from tunesmith.train.session import RunResult
 
 ACCEPTS = ("preference", "score")
 # Adapters that train the new head with the rest: PEFT's LoRA family saves it in SEQ_CLS format; full and freeze
@@ -39,35 +40,55 @@ ADAPTERS = ("lora", "qlora", "dora", "full", "freeze")
 @methods.register("reward", accepts=ACCEPTS)
 def run_reward(config: Config) -> RunResult:
     check_settings(config)
-    return train_loop(config, accepts=ACCEPTS, build_objective=partial(build_reward_objective, config),
-                      validate_objective=True, num_labels=1)
+    return train_loop(
+        config,
+        accepts=ACCEPTS,
+        build_objective=partial(build_reward_objective, config),
+        validate_objective=True,
+        num_labels=1,
+    )
 
 
 def check_settings(config: Config) -> None:
     """Settings a reward model cannot use, every one reported before any compute."""
     problems = []
     if config.adapter.type not in ADAPTERS:
-        problems.append(Problem("adapter.type", f"'{config.adapter.type}' cannot train a reward model's score head; "
-                                                f"fix: use one of {', '.join(ADAPTERS)}"))
+        problems.append(
+            Problem(
+                "adapter.type",
+                f"'{config.adapter.type}' cannot train a reward model's score head; "
+                f"fix: use one of {', '.join(ADAPTERS)}",
+            )
+        )
     if config.eval.every:
-        problems.append(Problem("eval.every", f"{config.eval.every}: the in-training eval task generates replies, and a "
-                                              f"reward model only scores them; fix: unset eval.every; data.validation "
-                                              f"(or data.val_fraction) logs val_reward_accuracy or val_mse as it trains"))
+        problems.append(
+            Problem(
+                "eval.every",
+                f"{config.eval.every}: the in-training eval task generates replies, and a "
+                f"reward model only scores them; fix: unset eval.every; data.validation "
+                f"(or data.val_fraction) logs val_reward_accuracy or val_mse as it trains",
+            )
+        )
     if problems:
         raise UserError("method reward: the config has problems", problems)
 
 
-def build_reward_objective(config: Config, data: PreparedData, runner: torch.nn.Module, tokenizer: Any,
-                           device: torch.device, world: World) -> RewardObjective:
+def build_reward_objective(
+    config: Config, data: PreparedData, runner: torch.nn.Module, tokenizer: Any, device: torch.device, world: World
+) -> RewardObjective:
     kind = data_kind(data.train)
     if data.validation and data_kind(data.validation) != kind:
-        raise UserError(f"{config.data.validation or config.data.train}: the validation rows hold {data_kind(data.validation)} "
-                        f"data and the training rows {kind} data; fix: validate on the same kind of rows you train on")
+        raise UserError(
+            f"{config.data.validation or config.data.train}: the validation rows hold {data_kind(data.validation)} "
+            f"data and the training rows {kind} data; fix: validate on the same kind of rows you train on"
+        )
     if kind == "pairs":
         return RewardObjective(margin=config.reward.margin)
     if config.reward.margin:
-        raise UserError(f"reward.margin={config.reward.margin} applies to pairs, and {config.data.train} holds scored "
-                        f"replies; fix: remove reward.margin")
+        raise UserError(
+            f"reward.margin={config.reward.margin} applies to pairs, and {config.data.train} holds scored "
+            f"replies; fix: remove reward.margin"
+        )
     return RewardObjective(scale=ScoreScale.of([unit.score for unit in data.train], config.data.train))
 
 

@@ -3,6 +3,7 @@
 Read top to bottom: setup (model, adapter, data, optimizer, resume), the loop (step, log, evaluate,
 checkpoint), and saving. Full vs LoRA is `adapter.type`; nothing else changes.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -17,8 +18,8 @@ from tunesmith.registry import methods
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import session
 from tunesmith.train.distributed import World
-from tunesmith.train.session import RunResult
 from tunesmith.train.runtime import stop_on_signals
+from tunesmith.train.session import RunResult
 from tunesmith.train.step import TOKEN_LOSS, Objective, StepResult, train_step
 from tunesmith.train.strategies import GradualUnfreezing, Regularization
 
@@ -35,8 +36,13 @@ def run_sft(config: Config) -> RunResult:
     return train_loop(config, accepts=SFT_ACCEPTS)
 
 
-def train_loop(config: Config, accepts: tuple[str, ...], build_objective: ObjectiveBuilder | None = None,
-               validate_objective: bool = False, num_labels: int | None = None) -> RunResult:
+def train_loop(
+    config: Config,
+    accepts: tuple[str, ...],
+    build_objective: ObjectiveBuilder | None = None,
+    validate_objective: bool = False,
+    num_labels: int | None = None,
+) -> RunResult:
     """The training loop of every recipe. `build_objective` replaces the next-token loss; validation uses it too
     when `validate_objective` (DPO's loss on held-out pairs), else stays token cross-entropy (distillation).
     `num_labels` trains a sequence classifier with that many outputs instead of a language model (reward.py)."""
@@ -58,14 +64,26 @@ def train_loop(config: Config, accepts: tuple[str, ...], build_objective: Object
         """The batch plans, then the loss (a recipe's objective may read the data and run the model)."""
         steps, built["validation"] = session.build_plans(config, data, device)
         built["objective"] = build_objective(data, runner, tokenizer, device, world) if build_objective else TOKEN_LOSS
-        built["task_eval"] = InTrainingEval(config, tokenizer) if config.eval.every and config.eval.data and \
-            world.main else None
+        built["task_eval"] = (
+            InTrainingEval(config, tokenizer) if config.eval.every and config.eval.data and world.main else None
+        )
         return steps
 
     run = session.open_session(
-        config, lambda tokenizer: prepare_data(config.data, tokenizer, accepts, config.method, train_config.seed),
-        make_plan, num_labels=num_labels, extend=extend)
-    model, runner, world, device, amp_dtype, plan = run.model, run.runner, run.world, run.device, run.amp_dtype, run.plan
+        config,
+        lambda tokenizer: prepare_data(config.data, tokenizer, accepts, config.method, train_config.seed),
+        make_plan,
+        num_labels=num_labels,
+        extend=extend,
+    )
+    model, runner, world, device, amp_dtype, plan = (
+        run.model,
+        run.runner,
+        run.world,
+        run.device,
+        run.amp_dtype,
+        run.plan,
+    )
     optimizer, scheduler, state, log, progress = run.optimizer, run.scheduler, run.state, run.log, run.progress
     checkpoints, total_steps = config.output_dir / "checkpoints", run.total_steps
     unfreeze, penalty = strategies.get("unfreeze"), strategies.get("penalty")
@@ -81,34 +99,62 @@ def train_loop(config: Config, accepts: tuple[str, ...], build_objective: Object
             if unfreeze and (opened := unfreeze.apply(state.step, state.epoch, state.step_in_epoch)) is not None:
                 log.write({"step": state.step, "event": "unfreeze", "groups": opened, "of": len(unfreeze.groups)})
             micro_batches = plan.step(state.epoch, state.step_in_epoch, world.rank, world.size)
-            result = train_step(runner, micro_batches, optimizer, scheduler, train_config.max_grad_norm, device,
-                                amp_dtype, objective, penalty, world)
+            result = train_step(
+                runner,
+                micro_batches,
+                optimizer,
+                scheduler,
+                train_config.max_grad_norm,
+                device,
+                amp_dtype,
+                objective,
+                penalty,
+                world,
+            )
             if unfreeze:
                 unfreeze.release()
             session.advance(state, plan, result)
             session.check_finite(state, result, train_config.max_bad_steps, log)
             done = state.step == total_steps
-            record = {"step": state.step, "epoch": state.epoch, "loss": result.loss, "lr": lr,
-                      "grad_norm": result.grad_norm, "tokens": state.tokens_seen, "tokens_per_s": result.tokens / result.seconds}
+            record = {
+                "step": state.step,
+                "epoch": state.epoch,
+                "loss": result.loss,
+                "lr": lr,
+                "grad_norm": result.grad_norm,
+                "tokens": state.tokens_seen,
+                "tokens_per_s": result.tokens / result.seconds,
+            }
             if result.penalty is not None:
                 record["penalty"] = result.penalty
             record.update(objective.take_stats(world))
             if state.step % train_config.log_every == 0 or done:
                 log.write(record)
-            scores = session.evaluate_due(config, runner, validation, task_eval, state, done, log, device, amp_dtype,
-                                       validation_objective, world)
+            scores = session.evaluate_due(
+                config, runner, validation, task_eval, state, done, log, device, amp_dtype, validation_objective, world
+            )
             if selection.metric in scores and session.keep_best(state, scores[selection.metric], selection):
                 ckpt.save_best_weights(checkpoints, model, state.step, world)
             if state.extra.get("stopped_early"):
-                log.write({"step": state.step, "event": "early_stop", "metric": selection.metric, "best_step": state.best_step})
+                log.write(
+                    {
+                        "step": state.step,
+                        "event": "early_stop",
+                        "metric": selection.metric,
+                        "best_step": state.best_step,
+                    }
+                )
             progress.update(state.step, result.loss, record["lr"], record["tokens_per_s"], state.best_val_loss)
             signal_number = world.max(stop.signal_number or 0, device)  # a signal to any rank stops them all here
             if state.step % train_config.save_every == 0 or done or signal_number or state.extra.get("stopped_early"):
                 session.checkpoint(config, model, optimizer, scheduler, state, world)
             if signal_number:
                 progress.close()
-                raise TrainingStopped(f"stopped by signal {signal_number} at step {state.step}; a checkpoint was "
-                                      f"saved; run the same command again to resume", 128 + signal_number)
+                raise TrainingStopped(
+                    f"stopped by signal {signal_number} at step {state.step}; a checkpoint was "
+                    f"saved; run the same command again to resume",
+                    128 + signal_number,
+                )
     progress.close()
 
     # ---- save --------------------------------------------------------------------------------

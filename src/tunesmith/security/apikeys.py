@@ -3,6 +3,7 @@
 The key id is public: the service looks a key up by it and may print it in logs and the audit trail.
 Only the holder knows the secret; the store keeps a hash, so a leaked database grants no access.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,8 +55,10 @@ class Scope(StrEnum):
             return cls(name)
         except ValueError:
             choices = [scope.value for scope in cls]
-            raise UserError(f"scope '{name}' is not one of {', '.join(choices)}{did_you_mean(name, choices)}; "
-                            "fix: --scope read (or write, admin)") from None
+            raise UserError(
+                f"scope '{name}' is not one of {', '.join(choices)}{did_you_mean(name, choices)}; "
+                "fix: --scope read (or write, admin)"
+            ) from None
 
     @property
     def rank(self) -> int:
@@ -90,8 +93,10 @@ def parse_key(text: str) -> ParsedKey:
         length = len(text) if isinstance(text, str) else 0
         hint = "" if not isinstance(text, str) or text.startswith(KEY_PREFIX) else f", and it lacks '{KEY_PREFIX}'"
         # The message never repeats the text: a mistyped key is still mostly a secret.
-        raise InvalidKeyError(f"malformed API key ({length} characters{hint}): expected {_SHAPE}; "
-                              "fix: copy the whole key printed by `tunesmith keys create`")
+        raise InvalidKeyError(
+            f"malformed API key ({length} characters{hint}): expected {_SHAPE}; "
+            "fix: copy the whole key printed by `tunesmith keys create`"
+        )
     return ParsedKey(key_id=match["key_id"], secret=match["secret"])
 
 

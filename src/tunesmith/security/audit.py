@@ -8,6 +8,7 @@ A chain alone cannot show that its newest records were removed or re-sealed by s
 rewrite the tail: keep the head (sequence and hash) somewhere else too, as the service does in its store
 (`AuditFile(on_append=...)`), and pass it to `verify(expected_head=AuditHead(...))`.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -20,8 +21,17 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 GENESIS_HASH = "0" * 64  # the "previous hash" of record 1
-_FIELD_TYPES = {"sequence": int, "timestamp": str, "project": str, "key_id": str, "action": str, "object_ids": list,
-                "details": dict, "previous_hash": str, "hash": str}
+_FIELD_TYPES = {
+    "sequence": int,
+    "timestamp": str,
+    "project": str,
+    "key_id": str,
+    "action": str,
+    "object_ids": list,
+    "details": dict,
+    "previous_hash": str,
+    "hash": str,
+}
 
 
 class AuditError(Exception):
@@ -84,10 +94,16 @@ def seal(previous: AuditRecord | None, event: AuditEvent, now: datetime | None =
     # so the hash computed now is the hash recomputed later.
     details = json.loads(canonical_json(dict(event.details)))
     unsealed = AuditRecord(
-        sequence=previous.sequence + 1 if previous else 1, timestamp=moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        project=event.project, key_id=event.key_id, action=event.action,
-        object_ids=tuple(str(object_id) for object_id in event.object_ids), details=details,
-        previous_hash=previous.hash if previous else GENESIS_HASH, hash="")
+        sequence=previous.sequence + 1 if previous else 1,
+        timestamp=moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        project=event.project,
+        key_id=event.key_id,
+        action=event.action,
+        object_ids=tuple(str(object_id) for object_id in event.object_ids),
+        details=details,
+        previous_hash=previous.hash if previous else GENESIS_HASH,
+        hash="",
+    )
     return replace(unsealed, hash=unsealed.computed_hash())
 
 
@@ -120,11 +136,16 @@ def _check_head(head: AuditHead, count: int, hash_at_head: str | None) -> Verify
     """Whether the sound chain of `count` records reaches `head`, with `head.hash` at its sequence."""
     if count < head.sequence:
         what = "it has no records" if count == 0 else f"it ends at record {count}"
-        return VerifyResult(False, count, count + 1, f"the log was truncated: {what}, but the recorded head is "
-                            f"record {head.sequence}")
+        return VerifyResult(
+            False, count, count + 1, f"the log was truncated: {what}, but the recorded head is record {head.sequence}"
+        )
     if hash_at_head != head.hash:
-        return VerifyResult(False, count, head.sequence, f"record {head.sequence} is not the recorded head (its hash "
-                            "differs): the log was rewritten and re-sealed")
+        return VerifyResult(
+            False,
+            count,
+            head.sequence,
+            f"record {head.sequence} is not the recorded head (its hash differs): the log was rewritten and re-sealed",
+        )
     return VerifyResult(True, count)
 
 
@@ -143,28 +164,43 @@ def verify(records: Iterable[AuditRecord], expected_head: str | AuditHead | None
     for record in iterator:
         expected = count + 1
         if record.computed_hash() != record.hash:
-            return VerifyResult(False, count, expected, f"record {expected} was altered: its contents do not "
-                                "match its hash")
+            return VerifyResult(
+                False, count, expected, f"record {expected} was altered: its contents do not match its hash"
+            )
         if record.sequence > expected:
             moved = _find_sequence(iterator, expected)
             what = "is out of order (it appears later)" if moved else "is missing (deleted)"
-            return VerifyResult(False, count, expected, f"record {expected} {what}: record {record.sequence} "
-                                f"follows record {expected - 1}")
+            return VerifyResult(
+                False,
+                count,
+                expected,
+                f"record {expected} {what}: record {record.sequence} follows record {expected - 1}",
+            )
         if record.sequence < expected:  # every number below `expected` has been seen once already
             what = "appears twice: a record was inserted" if record.sequence >= 1 else "has an invalid number"
-            return VerifyResult(False, count, record.sequence, f"record {record.sequence} {what} (found after "
-                                f"record {expected - 1})")
+            return VerifyResult(
+                False, count, record.sequence, f"record {record.sequence} {what} (found after record {expected - 1})"
+            )
         if record.previous_hash != previous_hash:
-            return VerifyResult(False, count, record.sequence, f"record {record.sequence} does not chain from "
-                                f"record {expected - 1}: one of them was replaced or re-sealed")
+            return VerifyResult(
+                False,
+                count,
+                record.sequence,
+                f"record {record.sequence} does not chain from "
+                f"record {expected - 1}: one of them was replaced or re-sealed",
+            )
         previous_hash, count = record.hash, expected
         if isinstance(expected_head, AuditHead) and count == expected_head.sequence:
             hash_at_head = record.hash
     if isinstance(expected_head, AuditHead):
         return _check_head(expected_head, count, hash_at_head)
     if expected_head is not None and previous_hash != expected_head:
-        return VerifyResult(False, count, count + 1, "the chain ends before the expected head: its newest "
-                            "records were removed or rewritten")
+        return VerifyResult(
+            False,
+            count,
+            count + 1,
+            "the chain ends before the expected head: its newest records were removed or rewritten",
+        )
     return VerifyResult(True, count)
 
 
@@ -208,8 +244,9 @@ class AuditFile:
                 line = handle.readline(size - consumed)
                 consumed, number = consumed + len(line), number + 1
                 if not line.endswith(b"\n"):
-                    raise AuditError(f"{self.path}:{number}: the last line is incomplete (a crash during a write?)",
-                                     number)
+                    raise AuditError(
+                        f"{self.path}:{number}: the last line is incomplete (a crash during a write?)", number
+                    )
                 yield _parse_line(line, f"{self.path}:{number}", number)
 
     def verify(self, expected_head: str | AuditHead | None = None) -> VerifyResult:
@@ -239,8 +276,10 @@ def _last_line(handle: BinaryIO, block_size: int = 4096) -> bytes:
     if end == 0:
         return b""
     if not _ends_with_newline(handle, end):
-        raise AuditError(f"{handle.name}: the audit log ends with an incomplete line (a crash during a write?); "
-                         "fix: inspect it, remove the partial line, then run verify")
+        raise AuditError(
+            f"{handle.name}: the audit log ends with an incomplete line (a crash during a write?); "
+            "fix: inspect it, remove the partial line, then run verify"
+        )
     tail, position = b"", end - 1  # skip the final newline
     while position > 0 and b"\n" not in tail:
         start = max(0, position - block_size)

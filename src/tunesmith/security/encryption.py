@@ -11,6 +11,7 @@ File layout (big-endian):
     | nonce prefix (8 B) | wrap nonce (12 B) | wrapped data key (48 B = 32 + 16 tag)
     then chunks: ciphertext + 16 B tag; every chunk but the last holds exactly `chunk size` plaintext bytes.
 """
+
 from __future__ import annotations
 
 import io
@@ -111,8 +112,10 @@ def _read_chunks(source: BinaryIO, object_id: str, data_key: bytes, chunk_size: 
         try:
             yield cipher.decrypt(prefix + suffix, current, aad)
         except InvalidTag:
-            raise DecryptionError(f"chunk {index} of object '{object_id}' failed authentication: the data was "
-                                  "modified, truncated or reordered, or it belongs to another object") from None
+            raise DecryptionError(
+                f"chunk {index} of object '{object_id}' failed authentication: the data was "
+                "modified, truncated or reordered, or it belongs to another object"
+            ) from None
         if not following:
             return
         index, current = index + 1, following
@@ -138,14 +141,16 @@ def open_decrypted(path: str | Path, object_id: str, keyring: Keyring) -> Iterat
     return chunks()
 
 
-def encrypt_stream(source: BinaryIO, sink: BinaryIO, object_id: str, keyring: Keyring,
-                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+def encrypt_stream(
+    source: BinaryIO, sink: BinaryIO, object_id: str, keyring: Keyring, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> None:
     """Encrypt everything `source.read` gives into `sink`, one chunk in memory at a time."""
     _write_stream(source, sink, object_id, keyring, chunk_size)
 
 
-def encrypt_file(source: str | Path, destination: str | Path, object_id: str, keyring: Keyring,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+def encrypt_file(
+    source: str | Path, destination: str | Path, object_id: str, keyring: Keyring, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> None:
     with open(source, "rb") as plain, atomic_write(destination) as sink:
         _write_stream(plain, sink, object_id, keyring, chunk_size)
 

@@ -5,6 +5,7 @@ imports what it needs from here. Key files are JSON {"current": ID, "keys": {ID:
 rewritten atomically under a directory lock so concurrent rotations keep every key. `DecryptionError` lives
 here because a keyring lacking an object's master key is the first way decryption fails.
 """
+
 from __future__ import annotations
 
 import base64
@@ -25,7 +26,7 @@ from tunesmith.errors import UserError
 ENVIRONMENT_VARIABLE = "TUNESMITH_MASTER_KEY"
 KEY_BYTES = 32  # AES-256
 _KEY_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_GENERATE_HINT = "python -c \"import base64, os; print(base64.b64encode(os.urandom(32)).decode())\""
+_GENERATE_HINT = 'python -c "import base64, os; print(base64.b64encode(os.urandom(32)).decode())"'
 
 
 class DecryptionError(Exception):
@@ -83,11 +84,15 @@ class Keyring:
         except FileNotFoundError:
             raise _key_error(str(path), "master key file not found", fix) from None
         except OSError as error:
-            raise _key_error(str(path), f"cannot read the master key file ({error.strerror})",
-                             "check that this user may read it (owner and permissions)") from None
+            raise _key_error(
+                str(path),
+                f"cannot read the master key file ({error.strerror})",
+                "check that this user may read it (owner and permissions)",
+            ) from None
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise _key_error(str(path), f"the master key file is not JSON ({error})",
-                             "restore the file from a backup") from None
+            raise _key_error(
+                str(path), f"the master key file is not JSON ({error})", "restore the file from a backup"
+            ) from None
         shape = 'expected {"current": ID, "keys": {ID: BASE64, ...}}'
         if not (isinstance(document, dict) and isinstance(document.get("keys"), dict) and document["keys"]):
             raise _key_error(str(path), f"malformed key file: {shape}", f"restore the file from a backup ({shape})")
@@ -97,8 +102,11 @@ class Keyring:
                 raise _key_error(str(path), f"key id '{key_id}' is not 1-64 of [A-Za-z0-9_-]", "rename that key id")
             keys[key_id] = _decode_key(text, f"{path}: key '{key_id}'", "restore the file from a backup")
         if document.get("current") not in keys:
-            raise _key_error(str(path), f"'current' is {document.get('current')!r}, not one of the keys "
-                             f"({', '.join(keys)})", "set 'current' to the id of the newest key")
+            raise _key_error(
+                str(path),
+                f"'current' is {document.get('current')!r}, not one of the keys ({', '.join(keys)})",
+                "set 'current' to the id of the newest key",
+            )
         return cls(keys, document["current"], path)
 
     @classmethod
@@ -112,8 +120,11 @@ class Keyring:
     def rotate(self) -> str:
         """Add a fresh key and make it current; old keys stay so existing objects still decrypt."""
         if self.path is None:
-            raise _key_error(ENVIRONMENT_VARIABLE, "a key from the environment cannot be rotated in place",
-                             "move to a key file (Keyring.create) to rotate keys")
+            raise _key_error(
+                ENVIRONMENT_VARIABLE,
+                "a key from the environment cannot be rotated in place",
+                "move to a key file (Keyring.create) to rotate keys",
+            )
         with _directory_lock(self.path.parent):
             self.keys = {**Keyring.load(self.path).keys, **self.keys}  # keep keys another process added
             key = secrets.token_bytes(KEY_BYTES)
@@ -123,8 +134,10 @@ class Keyring:
         return self.current
 
     def save(self) -> None:
-        document = {"current": self.current,
-                    "keys": {key_id: base64.b64encode(key).decode() for key_id, key in self.keys.items()}}
+        document = {
+            "current": self.current,
+            "keys": {key_id: base64.b64encode(key).decode() for key_id, key in self.keys.items()},
+        }
         with atomic_write(self.path) as sink:  # a 0600 temporary file, renamed over the old one
             sink.write(json.dumps(document, indent=2).encode() + b"\n")
 
@@ -132,8 +145,10 @@ class Keyring:
         if key_id not in self.keys and self.path is not None and self.path.exists():
             self.keys = {**Keyring.load(self.path).keys, **self.keys}  # another process may have rotated
         if key_id not in self.keys:
-            raise DecryptionError(f"encrypted under master key '{key_id}', which this keyring lacks (it holds "
-                                  f"{', '.join(sorted(self.keys))}); load the key file that holds it")
+            raise DecryptionError(
+                f"encrypted under master key '{key_id}', which this keyring lacks (it holds "
+                f"{', '.join(sorted(self.keys))}); load the key file that holds it"
+            )
         return self.keys[key_id]
 
 

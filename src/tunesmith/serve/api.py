@@ -4,6 +4,7 @@ Every request carries `Authorization: Bearer tsk_...`; the key names a project a
 admin). Objects of other projects answer 404, as if they did not exist. Every state-changing call is written
 to the hash-chained audit log with the key that made it.
 """
+
 from __future__ import annotations
 
 import io
@@ -46,15 +47,23 @@ class Caller:
 
 def authenticate(service: Service, header: str | None) -> Caller:
     if not header or not header.startswith("Bearer "):
-        raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer tsk_...'; "
-                            "`tunesmith keys create --project P --scope S` makes one", None, "missing_api_key")
+        raise ApiError(
+            401,
+            "You didn't provide an API key. Send it as 'Authorization: Bearer tsk_...'; "
+            "`tunesmith keys create --project P --scope S` makes one",
+            None,
+            "missing_api_key",
+        )
     try:
         parsed = apikeys.parse_key(header.removeprefix("Bearer ").strip())
     except apikeys.InvalidKeyError:
         raise ApiError(401, "Incorrect API key provided.", None, "invalid_api_key") from None
     row = service.store.key(parsed.key_id)
-    if row is None or row["revoked_at"] is not None or not apikeys.verify(
-            f"{apikeys.KEY_PREFIX}{parsed.key_id}_{parsed.secret}", row["hash"]):
+    if (
+        row is None
+        or row["revoked_at"] is not None
+        or not apikeys.verify(f"{apikeys.KEY_PREFIX}{parsed.key_id}_{parsed.secret}", row["hash"])
+    ):
         raise ApiError(401, "Incorrect API key provided.", None, "invalid_api_key")
     return Caller(row["project_id"], row["id"], Scope(row["scope"]))
 
@@ -63,10 +72,16 @@ def needs(scope: Scope):
     def check(request: Request) -> Caller:
         caller = authenticate(request.app.state.service, request.headers.get("authorization"))
         if not caller.scope.allows(scope):
-            raise ApiError(403, f"This key's scope is '{caller.scope}'; this call needs '{scope}'. Use a key "
-                                f"made with `tunesmith keys create --scope {scope}`", None, "insufficient_scope",
-                           type="permission_error")
+            raise ApiError(
+                403,
+                f"This key's scope is '{caller.scope}'; this call needs '{scope}'. Use a key "
+                f"made with `tunesmith keys create --scope {scope}`",
+                None,
+                "insufficient_scope",
+                type="permission_error",
+            )
         return caller
+
     return Depends(check)
 
 
@@ -99,17 +114,27 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
     async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}
         where = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
-        return JSONResponse(ApiError(400, f"{where}: {first.get('msg', 'invalid request')}", where).body(), status_code=400)
+        return JSONResponse(
+            ApiError(400, f"{where}: {first.get('msg', 'invalid request')}", where).body(), status_code=400
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if error.status_code == 404 else None
-        return JSONResponse(ApiError(error.status_code, str(error.detail), None, code).body(), status_code=error.status_code)
+        return JSONResponse(
+            ApiError(error.status_code, str(error.detail), None, code).body(), status_code=error.status_code
+        )
 
     @app.exception_handler(Exception)  # Starlette still re-raises it afterwards, so the server logs the traceback
     async def server_error(_: Request, error: Exception) -> JSONResponse:
-        return JSONResponse(ApiError(500, "The server had an error while processing your request; its log has the "
-                                          "details", type="server_error").body(), status_code=500)
+        return JSONResponse(
+            ApiError(
+                500,
+                "The server had an error while processing your request; its log has the details",
+                type="server_error",
+            ).body(),
+            status_code=500,
+        )
 
     async def json_body(request: Request) -> dict[str, Any]:
         return parse_json_object(await read_bounded(request, MAX_JSON_BYTES))
@@ -117,20 +142,30 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
     # files
     @app.post("/v1/files")
     async def upload_file(request: Request, caller: Caller = needs(Scope.WRITE)) -> dict:
-        parts = await read_form(request.headers.get("content-type", ""), request.stream(),
-                                service.settings.max_upload_bytes, request.headers.get("content-length", ""))
+        parts = await read_form(
+            request.headers.get("content-type", ""),
+            request.stream(),
+            service.settings.max_upload_bytes,
+            request.headers.get("content-length", ""),
+        )
         if "file" not in parts or parts["file"].filename is None:
             raise ApiError(400, "Missing required parameter: 'file'.", "file", "missing_required_parameter")
         if "purpose" not in parts:
             raise ApiError(400, "Missing required parameter: 'purpose'.", "purpose", "missing_required_parameter")
         upload = parts["file"]
-        row = service.upload(caller.project, upload.filename, parts["purpose"].data.decode("utf-8", "replace"),
-                             io.BytesIO(upload.data), actor=caller.key_id)
+        row = service.upload(
+            caller.project,
+            upload.filename,
+            parts["purpose"].data.decode("utf-8", "replace"),
+            io.BytesIO(upload.data),
+            actor=caller.key_id,
+        )
         return shapes.file_object(row)
 
     @app.get("/v1/files")
-    def list_files(purpose: str | None = None, limit: int = 100, after: str | None = None,
-                   caller: Caller = needs(Scope.READ)) -> dict:
+    def list_files(
+        purpose: str | None = None, limit: int = 100, after: str | None = None, caller: Caller = needs(Scope.READ)
+    ) -> dict:
         rows = store.files(caller.project, purpose, after, page_args(limit, after) + 1)
         return shapes.page(rows, limit, shapes.file_object)
 
@@ -145,10 +180,15 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
         row = service.file(caller.project, file_id)
         if row["purpose"] != RESULTS_PURPOSE and not caller.scope.allows(Scope.WRITE):
             # OpenAI: training files cannot be downloaded with a read key; a job's results can
-            raise ApiError(403, f"File {file_id} is training data (purpose '{row['purpose']}'): downloading it needs "
-                                f"a 'write' key; a 'read' key reads only result files. Use a key made with "
-                                f"`tunesmith keys create --scope write`", None, "insufficient_scope",
-                           type="permission_error")
+            raise ApiError(
+                403,
+                f"File {file_id} is training data (purpose '{row['purpose']}'): downloading it needs "
+                f"a 'write' key; a 'read' key reads only result files. Use a key made with "
+                f"`tunesmith keys create --scope write`",
+                None,
+                "insufficient_scope",
+                type="permission_error",
+            )
         return StreamingResponse(service.blobs.chunks(f"files/{row['id']}"), media_type="application/octet-stream")
 
     @app.delete("/v1/files/{file_id}")
@@ -174,8 +214,9 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
     def cancel_job(job_id: str, caller: Caller = needs(Scope.WRITE)) -> dict:
         status = shapes.job_status(service.job(caller.project, job_id))
         if status in ("succeeded", "failed", "cancelled"):
-            raise ApiError(400, f"Job {job_id} has already {status}: it cannot be cancelled", "job_id",
-                           "job_not_cancellable")
+            raise ApiError(
+                400, f"Job {job_id} has already {status}: it cannot be cancelled", "job_id", "job_not_cancellable"
+            )
         with service.audited(caller.project, caller.key_id, "job.cancel", [job_id]):
             job = store.request_cancel(caller.project, job_id)
         return shapes.job_object(job)
@@ -187,7 +228,9 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
         return shapes.page(rows, limit, shapes.event_object)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
-    def job_checkpoints(job_id: str, limit: int = 10, after: str | None = None, caller: Caller = needs(Scope.READ)) -> dict:
+    def job_checkpoints(
+        job_id: str, limit: int = 10, after: str | None = None, caller: Caller = needs(Scope.READ)
+    ) -> dict:
         job = service.job(caller.project, job_id)
         name = job["fine_tuned_model"] or f"ft:{job['model']}:{job['suffix'] or 'tunesmith'}:{job['id']}"
         rows = store.checkpoints(job_id, after, page_args(limit, after) + 1)
@@ -197,7 +240,9 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
     @app.get("/v1/models")
     def list_models(caller: Caller = needs(Scope.READ)) -> dict:
         bases = [shapes.model_object(name, 0, "tunesmith") for name in sorted(service.base_models)]
-        tuned = [shapes.model_object(row["id"], row["created_at"], caller.project) for row in store.models(caller.project)]
+        tuned = [
+            shapes.model_object(row["id"], row["created_at"], caller.project) for row in store.models(caller.project)
+        ]
         return {"object": "list", "data": bases + tuned}
 
     @app.get("/v1/models/{model_id:path}")
@@ -212,8 +257,12 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
     @app.delete("/v1/models/{model_id:path}")
     def delete_model(model_id: str, caller: Caller = needs(Scope.WRITE)) -> dict:
         if model_id in service.base_models:
-            raise ApiError(403, f"{model_id} is a base model: only fine-tuned models can be deleted", "model",
-                           type="permission_error")
+            raise ApiError(
+                403,
+                f"{model_id} is a base model: only fine-tuned models can be deleted",
+                "model",
+                type="permission_error",
+            )
         return service.delete_model(caller.project, model_id, actor=caller.key_id)
 
     # inference
@@ -226,18 +275,27 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
             if run is None:
                 return service.base_models[model], None, None
             messages = body.get("messages")
-            if run["system_prompt"] is not None and isinstance(messages, list) and messages and \
-                    isinstance(messages[0], dict) and messages[0].get("role") not in ("system", "developer"):
+            if (
+                run["system_prompt"] is not None
+                and isinstance(messages, list)
+                and messages
+                and isinstance(messages[0], dict)
+                and messages[0].get("role") not in ("system", "developer")
+            ):
                 body["messages"] = [{"role": "system", "content": run["system_prompt"]}, *messages]  # as `chat` does
             return run["base"], run["adapter"], run["files"]
-        missing = ApiError(404, f"The model '{model}' does not exist or you do not have access to it.", "model",
-                           "model_not_found")
+        missing = ApiError(
+            404, f"The model '{model}' does not exist or you do not have access to it.", "model", "model_not_found"
+        )
         checkpoint = re.fullmatch(r"ft:.+:(ftjob-[^:]+):ckpt-step-(\d+)", model)  # checkpoint_object's names
         if checkpoint:
             job, step = store.job(caller.project, checkpoint[1]), int(checkpoint[2])
             tuned = job and (job["fine_tuned_model"] or f"ft:{job['model']}:{job['suffix'] or 'tunesmith'}:{job['id']}")
-            if not job or model != f"{tuned}:ckpt-step-{step}" or not any(
-                    row["step"] == step for row in store.checkpoints(job["id"], None, 1 << 20)):
+            if (
+                not job
+                or model != f"{tuned}:ckpt-step-{step}"
+                or not any(row["step"] == step for row in store.checkpoints(job["id"], None, 1 << 20))
+            ):
                 raise missing
             return service.base_models[job["model"]], model, lambda: service.adapter_files(job["id"], step=step)
         row = store.model(caller.project, model)
@@ -252,8 +310,9 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
 
         def stream() -> Any:
             base, adapter, loader = target(caller, body)
-            return ClosingStreamingResponse(sse(chunks(pool, base, adapter, loader, body)),
-                                            media_type="text/event-stream")
+            return ClosingStreamingResponse(
+                sse(chunks(pool, base, adapter, loader, body)), media_type="text/event-stream"
+            )
 
         if body.get("stream"):
             return await _in_thread(stream)
@@ -314,8 +373,12 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
     def audit(limit: int = 100, caller: Caller = needs(Scope.ADMIN)) -> dict:
         check = service.verify_audit()  # the chain, and that it reaches the head the store recorded
         records = [record.to_dict() for record in service.audit_log.records() if record.project == caller.project]
-        return {"object": "list", "verified": bool(check), "problem": None if check else str(check),
-                "data": records[-page_args(limit, None):]}
+        return {
+            "object": "list",
+            "verified": bool(check),
+            "problem": None if check else str(check),
+            "data": records[-page_args(limit, None) :],
+        }
 
     @app.on_event("startup")
     def revalidate() -> None:  # jobs whose validation a stopped server never finished
@@ -334,8 +397,14 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
 
 
 def key_object(row: dict[str, Any]) -> dict[str, Any]:
-    return {"id": row["id"], "object": "key", "scope": row["scope"], "name": row["name"],
-            "created_at": row["created_at"], "revoked_at": row["revoked_at"]}
+    return {
+        "id": row["id"],
+        "object": "key",
+        "scope": row["scope"],
+        "name": row["name"],
+        "created_at": row["created_at"],
+        "revoked_at": row["revoked_at"],
+    }
 
 
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
@@ -356,8 +425,13 @@ def json_depth(data: bytes, limit: int) -> int:
 async def read_bounded(request: Request, limit: int) -> bytes:
     """The request's body, read as it streams in and given up one chunk past `limit` bytes (a 413): an
     oversized body is never held whole, whatever its Content-Length says or leaves out."""
-    too_large = ApiError(413, f"The request body is larger than this service's limit of {limit} bytes; fix: send "
-                              f"less (files go to /v1/files)", None, "request_too_large")
+    too_large = ApiError(
+        413,
+        f"The request body is larger than this service's limit of {limit} bytes; fix: send "
+        f"less (files go to /v1/files)",
+        None,
+        "request_too_large",
+    )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large  # refused before a byte of it is read
@@ -374,8 +448,9 @@ def parse_json_object(data: bytes) -> dict[str, Any]:
     """A request's JSON object. Its nesting is checked first: json.loads recurses once per level, and a body
     nested 100,000 deep would raise RecursionError (a 500) here or in whatever walks the parsed value later."""
     if json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-        raise ApiError(400, f"The JSON body of your request is nested more than {MAX_JSON_DEPTH} levels deep; "
-                            f"fix: flatten it")
+        raise ApiError(
+            400, f"The JSON body of your request is nested more than {MAX_JSON_DEPTH} levels deep; fix: flatten it"
+        )
     try:
         body = json.loads(data or b"{}")
     except (ValueError, RecursionError) as error:
@@ -434,8 +509,9 @@ class DrainingServer(uvicorn.Server):
     no new job. uvicorn then stops accepting, waits for the open requests (at most SHUTDOWN_SECONDS) and exits."""
 
     def __init__(self, app: FastAPI, pool: inference.AdapterPool, worker: Any = None, **options: Any):
-        super().__init__(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_SECONDS,
-                                        **options))
+        super().__init__(
+            uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_SECONDS, **options)
+        )
         self.pool, self.worker = pool, worker
 
     def handle_exit(self, sig: int, frame: Any) -> None:

@@ -14,6 +14,7 @@ Adapters are loaded, pinned and evicted between batches, in this thread, under t
 holds the same lock, so other users of the model (prompt scoring) run between steps, never during one.
 The thread exits when the queue is empty and starts again with the next request.
 """
+
 from __future__ import annotations
 
 import queue
@@ -35,6 +36,7 @@ AdapterLoader = Callable[[], dict[str, bytes]]
 @dataclass(eq=False)  # a row is itself: compared by identity
 class Row:
     """One reply to generate. `top_logprobs`: how many alternatives each token reports (0..20)."""
+
     prompt: list[int]
     sampling: Sampling
     adapter_key: str | None = None  # None: the base model
@@ -58,6 +60,7 @@ class Row:
 class Token:
     """One generated token: its log-probability under the model (before temperature and top_p, as OpenAI
     reports it) and the row's `top_logprobs` likeliest tokens as {token id: log-probability}, likeliest first."""
+
     id: int
     logprob: float
     top: dict[int, float]
@@ -67,6 +70,7 @@ class Token:
 class End:
     """The row is over: reason "stop" (an end-of-turn token), "length" (its budget or its deadline),
     "cancelled" (its consumer left), or an error that its consumer re-raises."""
+
     reason: str
     error: BaseException | None = None
 
@@ -103,8 +107,15 @@ class Scheduler:
     """The generation loop of one base model. `resolve(key, loader)` makes an adapter resident and pinned and
     returns its PEFT name; `release(key)` unpins it; both run under `lock`, which every forward holds too."""
 
-    def __init__(self, engine: Any, lock: threading.Lock, resolve: Callable[[str, AdapterLoader | None], str],
-                 release: Callable[[str], None], max_adapters: int, max_batch: int = DEFAULT_MAX_BATCH):
+    def __init__(
+        self,
+        engine: Any,
+        lock: threading.Lock,
+        resolve: Callable[[str, AdapterLoader | None], str],
+        release: Callable[[str], None],
+        max_adapters: int,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: at least one row must fit in a batch")
         self.engine, self.lock, self.resolve, self.release = engine, lock, resolve, release
@@ -148,7 +159,9 @@ class Scheduler:
         for thread in {row.thread for row in rows if row.thread is not None} - {threading.current_thread()}:
             while thread.is_alive():
                 with self._guard:
-                    working = thread is self._thread and (self._waiting or not all(r.done.is_set() for r in self._batch))
+                    working = thread is self._thread and (
+                        self._waiting or not all(r.done.is_set() for r in self._batch)
+                    )
                 if working:
                     break
                 thread.join(timeout=0.01)
@@ -211,7 +224,11 @@ class Scheduler:
     def _decode(self, rows: list[Row], adapter_names: list[str]) -> None:
         engine = self.engine
         device, stop_ids = engine.device, set(engine.stop_ids())
-        pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else engine.tokenizer.eos_token_id
+        pad = (
+            engine.tokenizer.pad_token_id
+            if engine.tokenizer.pad_token_id is not None
+            else engine.tokenizer.eos_token_id
+        )
         width = max(len(row.prompt) for row in rows)
         input_ids = torch.tensor([[pad] * (width - len(r.prompt)) + r.prompt for r in rows], device=device)  # (B, T)
         mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=device)
@@ -223,8 +240,15 @@ class Scheduler:
             with self.lock:
                 names = [adapter_names[i] for i in live]
                 extra = {"adapter_names": names} if hasattr(engine.model, "peft_config") else {}
-                output = engine.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                                      use_cache=True, logits_to_keep=1, **extra)
+                output = engine.model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **extra,
+                )
             cache = output.cache
             logits = output.logits[:, -1].float()  # (B, vocab)
             scores = torch.log_softmax(logits, dim=-1)
@@ -234,12 +258,27 @@ class Scheduler:
                 token = _sample(logits[slot], row.sampling, generators[i])
                 row.tokens.append(token)
                 top = scores[slot].topk(row.top_logprobs) if row.top_logprobs else None
-                row.events.put((row.index, Token(token, float(scores[slot, token]),
-                                                 dict(zip(top.indices.tolist(), top.values.tolist())) if top else {})))
-                reason = ("stop" if token in stop_ids else
-                          "length" if len(row.tokens) >= row.sampling.max_new_tokens else
-                          "cancelled" if row.cancelled() else
-                          "length" if self._expired(row, time.monotonic()) else None)
+                row.events.put(
+                    (
+                        row.index,
+                        Token(
+                            token,
+                            float(scores[slot, token]),
+                            dict(zip(top.indices.tolist(), top.values.tolist())) if top else {},
+                        ),
+                    )
+                )
+                reason = (
+                    "stop"
+                    if token in stop_ids
+                    else "length"
+                    if len(row.tokens) >= row.sampling.max_new_tokens
+                    else "cancelled"
+                    if row.cancelled()
+                    else "length"
+                    if self._expired(row, time.monotonic())
+                    else None
+                )
                 if reason is None:
                     keep.append(slot)
                     chosen.append(token)

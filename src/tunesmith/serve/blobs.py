@@ -5,6 +5,7 @@ associated data), so swapping two objects' files is detected. Nothing here ever 
 uploads are encrypted as they stream in, readers get authenticated plaintext chunks in memory, and a folder
 (a running job's run directory) is sealed as one object, a tar stream encrypted as it is produced.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -192,7 +193,7 @@ class _ChunkReader:
                 if not self.current:
                     break
             end = len(self.current) if size < 0 else min(len(self.current), self.offset + size)
-            parts.append(self.current[self.offset:end])
+            parts.append(self.current[self.offset : end])
             size = size if size < 0 else size - (end - self.offset)
             self.offset = end
         return b"".join(parts)

@@ -11,6 +11,7 @@ their validation loss, and a Cancel button (only for a key that can write: the p
 Safety: text from the API is only ever inserted with textContent (filenames and messages may hold HTML), and
 the page is sent with a nonce-based Content-Security-Policy, so even an injected tag could run no script.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -41,7 +42,14 @@ def key_scope(request: Request) -> dict[str, str]:
 
 
 def security_headers(nonce: str) -> dict[str, str]:
-    policy = (f"default-src 'self'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; img-src 'self' data:; "
-              "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-    return {"Content-Security-Policy": policy, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+    policy = (
+        f"default-src 'self'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; img-src 'self' data:; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return {
+        "Content-Security-Policy": policy,
+        "X-Frame-Options": "DENY",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store",
+    }

@@ -11,6 +11,7 @@ response dicts of the official `openai` SDK's types; a bad request raises `Reque
 Every request has a deadline (`request_timeout` seconds from its arrival): a reply still being generated
 then ends as if it had reached max_tokens (finish_reason "length"), streamed or not.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,10 +26,10 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunesmith.engine.generation import Engine, Sampling
 from tunesmith.models import load_model
 from tunesmith.models.fused_lora import fuse_lora_layers
 from tunesmith.serve.batching import DEFAULT_MAX_BATCH, Row, Scheduler, Token
-from tunesmith.engine.generation import Engine, Sampling
 from tunesmith.serve.request import (
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_COMPLETION_MAX_TOKENS,
@@ -55,8 +56,9 @@ class _Base:
 
 
 class AdapterPool:
-    def __init__(self, capacity: int = 4, max_batch: int = DEFAULT_MAX_BATCH,
-                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT):
+    def __init__(
+        self, capacity: int = 4, max_batch: int = DEFAULT_MAX_BATCH, request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    ):
         if capacity < 1:
             raise ValueError(f"capacity={capacity}: at least one adapter must fit")
         if request_timeout <= 0:
@@ -154,8 +156,10 @@ class AdapterPool:
             result = set_peft_model_state_dict(model, weights, adapter_name=name)
             absent = [k for k in result.missing_keys if f".{name}." in k]
             if result.unexpected_keys or absent:
-                raise ValueError(f"adapter {key} does not fit this base model: unexpected weights "
-                                 f"{result.unexpected_keys[:3]}, missing {absent[:3]}")
+                raise ValueError(
+                    f"adapter {key} does not fit this base model: unexpected weights "
+                    f"{result.unexpected_keys[:3]}, missing {absent[:3]}"
+                )
         except Exception:  # leave the model as it was
             if first:
                 model.unload()
@@ -189,6 +193,7 @@ class _Outcome:
 @dataclass
 class _Event:
     """Of reply `index`: ready (nothing else set), a piece of text with the tokens it came from, or its end."""
+
     index: int
     text: str = ""
     tokens: list[Token] = field(default_factory=list)
@@ -221,9 +226,9 @@ class _ReplyText:
         """Add the text of the tokens not yet decoded; a character split across tokens waits for its last token,
         unless the reply is over (then its bytes show as U+FFFD, as a plain decode of the reply shows them)."""
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        before, after = decode(self.ids[self.prefix:self.read]), decode(self.ids[self.prefix:])
+        before, after = decode(self.ids[self.prefix : self.read]), decode(self.ids[self.prefix :])
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self.text += after[len(before):]
+            self.text += after[len(before) :]
             self.prefix, self.read = self.read, len(self.ids)
 
     def _stop(self) -> bool:
@@ -241,13 +246,21 @@ class _ReplyText:
         return self._take(len(self.text))
 
     def _take(self, end: int) -> tuple[str, list[Token]]:
-        piece, tokens = self.text[self.sent:end], self.pending
+        piece, tokens = self.text[self.sent : end], self.pending
         self.sent, self.pending = end, []
         return piece, tokens
 
 
-def _events(pool: AdapterPool, base: str, adapter_key: str | None, load: AdapterFiles | None, prompt: list[int],
-            options: Options, sampling: Sampling, cancel: threading.Event | None) -> Iterator[_Event]:
+def _events(
+    pool: AdapterPool,
+    base: str,
+    adapter_key: str | None,
+    load: AdapterFiles | None,
+    prompt: list[int],
+    options: Options,
+    sampling: Sampling,
+    cancel: threading.Event | None,
+) -> Iterator[_Event]:
     """The n replies, generated together: per reply (index) a ready event, its pieces, then its outcome; the
     replies' events interleave. Closing this iterator cancels the replies still being generated."""
     deadline = time.monotonic() + pool.request_timeout
@@ -257,8 +270,20 @@ def _events(pool: AdapterPool, base: str, adapter_key: str | None, load: Adapter
             yield _Event(index, outcome=_Outcome("length", 0))
         return
     engine = pool.engine(base)
-    rows = [Row(prompt, sampling, adapter_key, load, options.seed, _top_logprobs(options), deadline, index=index,
-                abandoned=cancel) for index in range(options.n)]
+    rows = [
+        Row(
+            prompt,
+            sampling,
+            adapter_key,
+            load,
+            options.seed,
+            _top_logprobs(options),
+            deadline,
+            index=index,
+            abandoned=cancel,
+        )
+        for index in range(options.n)
+    ]
     replies = [_ReplyText(engine.tokenizer, options.stop, engine.stop_ids()) for _ in rows]
     ticket = pool.scheduler(base).submit(rows)
     try:
@@ -293,8 +318,15 @@ def _top_logprobs(options: Options) -> int:
     return int(options.logprobs or 0)
 
 
-def _start(pool: AdapterPool, base: str, adapter_key: str | None, loader: AdapterFiles | None, request: dict,
-           chat: bool, cancel: threading.Event | None = None) -> tuple[list[int], Options, Iterator[_Event]]:
+def _start(
+    pool: AdapterPool,
+    base: str,
+    adapter_key: str | None,
+    loader: AdapterFiles | None,
+    request: dict,
+    chat: bool,
+    cancel: threading.Event | None = None,
+) -> tuple[list[int], Options, Iterator[_Event]]:
     """The prompt's tokens, the checked options and the (not yet started) events: RequestError comes now,
     before any token is generated."""
     text_or_messages = parse_messages(request) if chat else parse_prompt(request)
@@ -332,12 +364,16 @@ def _whole(events: Iterator[_Event], head: dict, prompt: list[int], choice: Choi
             reply.text += event.text
             reply.tokens += event.tokens
             reply.outcome = event.outcome or reply.outcome
-    return {**head, "choices": [choice(replies[index], 0) for index in sorted(replies)],
-            "usage": _usage(prompt, [reply.outcome for reply in replies.values()])}
+    return {
+        **head,
+        "choices": [choice(replies[index], 0) for index in sorted(replies)],
+        "usage": _usage(prompt, [reply.outcome for reply in replies.values()]),
+    }
 
 
-def _chunks(events: Iterator[_Event], head: dict, prompt: list[int], choice: Choice, include_usage: bool
-            ) -> Iterator[dict]:
+def _chunks(
+    events: Iterator[_Event], head: dict, prompt: list[int], choice: Choice, include_usage: bool
+) -> Iterator[dict]:
     outcomes, sent = [], Counter()
     with closing(events):  # a client that leaves early closes this, which ends its rows' generation
         for event in events:
@@ -368,14 +404,22 @@ def _chat_choices(tokenizer: Any, options: Options) -> tuple[Choice, Choice]:
         return {"content": [_token_logprob(tokenizer, t.id, t.logprob, t.top) for t in tokens], "refusal": None}
 
     def message(event: _Event, sent: int) -> dict:
-        return {"index": event.index, "message": {"role": "assistant", "content": event.text},
-                "logprobs": logprobs(event.tokens), "finish_reason": event.outcome.finish_reason}
+        return {
+            "index": event.index,
+            "message": {"role": "assistant", "content": event.text},
+            "logprobs": logprobs(event.tokens),
+            "finish_reason": event.outcome.finish_reason,
+        }
 
     def delta(event: _Event, sent: int) -> dict:
         outcome, text = event.outcome, event.text
         shown = {} if outcome else {"content": text} if text else {"role": "assistant", "content": ""}
-        return {"index": event.index, "delta": shown, "logprobs": logprobs(event.tokens) if event.tokens else None,
-                "finish_reason": outcome and outcome.finish_reason}
+        return {
+            "index": event.index,
+            "delta": shown,
+            "logprobs": logprobs(event.tokens) if event.tokens else None,
+            "finish_reason": outcome and outcome.finish_reason,
+        }
 
     return message, delta
 
@@ -390,16 +434,28 @@ def _text_choice(tokenizer: Any, options: Options) -> Choice:
         logprobs = None
         if wanted is not None:
             tokens = event.tokens
-            logprobs = completion_logprobs(tokenizer, [t.id for t in tokens], [t.logprob for t in tokens],
-                                           [t.top for t in tokens], sent)
-        return {"text": event.text, "index": event.index, "logprobs": logprobs,
-                "finish_reason": event.outcome and event.outcome.finish_reason}
+            logprobs = completion_logprobs(
+                tokenizer, [t.id for t in tokens], [t.logprob for t in tokens], [t.top for t in tokens], sent
+            )
+        return {
+            "text": event.text,
+            "index": event.index,
+            "logprobs": logprobs,
+            "finish_reason": event.outcome and event.outcome.finish_reason,
+        }
 
     return choice
 
 
-def _echoed(events: Iterator[_Event], pool: AdapterPool, base: str, adapter_key: str | None,
-            loader: AdapterFiles | None, prompt: list[int], options: Options) -> Iterator[_Event]:
+def _echoed(
+    events: Iterator[_Event],
+    pool: AdapterPool,
+    base: str,
+    adapter_key: str | None,
+    loader: AdapterFiles | None,
+    prompt: list[int],
+    options: Options,
+) -> Iterator[_Event]:
     """The legacy endpoint's `echo`: each reply starts with the prompt (its tokens scored when logprobs are asked)."""
     with closing(events):
         if not options.echo:
@@ -416,8 +472,14 @@ def _echoed(events: Iterator[_Event], pool: AdapterPool, base: str, adapter_key:
                 yield _Event(event.index, text, list(echo))
 
 
-def chat_completion(pool: AdapterPool, base: str, adapter_key: str | None, loader: AdapterFiles | None,
-                    request: dict, cancel: threading.Event | None = None) -> dict:
+def chat_completion(
+    pool: AdapterPool,
+    base: str,
+    adapter_key: str | None,
+    loader: AdapterFiles | None,
+    request: dict,
+    cancel: threading.Event | None = None,
+) -> dict:
     """A `chat.completion` for `request`, through `adapter_key`'s adapter on `base` (None: the base model).
     Setting `cancel` (its client has left) stops the generation at the next token."""
     prompt, options, events = _start(pool, base, adapter_key, loader, request, chat=True, cancel=cancel)
@@ -425,8 +487,9 @@ def chat_completion(pool: AdapterPool, base: str, adapter_key: str | None, loade
     return _whole(events, _head("chatcmpl", "chat.completion", options.model), prompt, message)
 
 
-def chat_completion_chunks(pool: AdapterPool, base: str, adapter_key: str | None, loader: AdapterFiles | None,
-                           request: dict) -> Iterator[dict]:
+def chat_completion_chunks(
+    pool: AdapterPool, base: str, adapter_key: str | None, loader: AdapterFiles | None, request: dict
+) -> Iterator[dict]:
     """`chat.completion.chunk`s as the reply is generated: the role, content pieces, then the finish reason.
     The request is checked now; its generation starts with the first chunk and stops when the iterator is closed."""
     prompt, options, events = _start(pool, base, adapter_key, loader, request, chat=True)
@@ -435,8 +498,14 @@ def chat_completion_chunks(pool: AdapterPool, base: str, adapter_key: str | None
     return _chunks(events, head, prompt, delta, options.include_usage)
 
 
-def completion(pool: AdapterPool, base: str, adapter_key: str | None, loader: AdapterFiles | None,
-               request: dict, cancel: threading.Event | None = None) -> dict:
+def completion(
+    pool: AdapterPool,
+    base: str,
+    adapter_key: str | None,
+    loader: AdapterFiles | None,
+    request: dict,
+    cancel: threading.Event | None = None,
+) -> dict:
     """A legacy `text_completion`: the prompt continued as raw text, no chat template."""
     prompt, options, events = _start(pool, base, adapter_key, loader, request, chat=False, cancel=cancel)
     events = _echoed(events, pool, base, adapter_key, loader, prompt, options)
@@ -444,8 +513,9 @@ def completion(pool: AdapterPool, base: str, adapter_key: str | None, loader: Ad
     return _whole(events, _head("cmpl", "text_completion", options.model), prompt, choice)
 
 
-def completion_chunks(pool: AdapterPool, base: str, adapter_key: str | None, loader: AdapterFiles | None,
-                      request: dict) -> Iterator[dict]:
+def completion_chunks(
+    pool: AdapterPool, base: str, adapter_key: str | None, loader: AdapterFiles | None, request: dict
+) -> Iterator[dict]:
     """Streamed `text_completion`s (each shaped as the whole one), checked and started as `chat_completion_chunks`."""
     prompt, options, events = _start(pool, base, adapter_key, loader, request, chat=False)
     events = _echoed(events, pool, base, adapter_key, loader, prompt, options)

@@ -7,14 +7,15 @@ Every parameter of the official SDK's `chat.completions.create` and `completions
 faithful no-op, or refused with a 400 that names it and the fix. A key in neither table is refused as
 OpenAI refuses it ("Unrecognized request argument supplied"): nothing a client asks for is silently ignored.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.errors import UserError
 from tunesmith.engine.generation import Engine, Sampling
+from tunesmith.errors import UserError
 
 ROLES = ("system", "developer", "user", "assistant")
 TEMPLATE_ROLE = {"developer": "system"}  # OpenAI's newer name for the system message; templates know "system"
@@ -39,8 +40,9 @@ class RequestError(UserError):
         self.param, self.code = param, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": "invalid_request_error", "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {"message": self.message, "type": "invalid_request_error", "param": self.param, "code": self.code}
+        }
 
 
 # What each SDK parameter is to this service. A check gets the (non-null) value and raises RequestError to refuse it.
@@ -58,47 +60,74 @@ def NO_OP(key: str, value: Any) -> None:
 def refused(fix: str) -> Check:
     def check(key: str, value: Any) -> None:
         raise RequestError(f"'{key}' is not supported by this service; fix: {fix}", key, "unsupported_parameter")
+
     return check
 
 
 def only(allowed: tuple, fix: str) -> Check:
     """Accepted when the value is one of `allowed` (what needs no feature the service lacks), else refused."""
+
     def check(key: str, value: Any) -> None:
         if value not in allowed and not (isinstance(value, (list, dict)) and not value and () in allowed):
-            raise RequestError(f"'{key}'={value!r} is not supported by this service; fix: {fix}", key,
-                               "unsupported_parameter")
+            raise RequestError(
+                f"'{key}'={value!r} is not supported by this service; fix: {fix}", key, "unsupported_parameter"
+            )
+
     return check
 
 
 def _response_format(key: str, value: Any) -> None:
     if not (isinstance(value, dict) and value.get("type") == "text"):
         kind = value.get("type") if isinstance(value, dict) else value
-        raise RequestError(f"'response_format' of type {kind!r} is not supported: replies are free text; fix: leave "
-                           f"response_format out (or {{\"type\": \"text\"}}) and ask for JSON in the prompt", key,
-                           "unsupported_parameter")
+        raise RequestError(
+            f"'response_format' of type {kind!r} is not supported: replies are free text; fix: leave "
+            f'response_format out (or {{"type": "text"}}) and ask for JSON in the prompt',
+            key,
+            "unsupported_parameter",
+        )
 
 
 NO_TOOLS = "this service does not call tools or functions; fix: leave it out and describe the task in the messages"
-NO_PENALTY = ("frequency and presence penalties are not applied by this service; fix: leave it out or send 0 "
-              "(a higher temperature also varies the reply)")
+NO_PENALTY = (
+    "frequency and presence penalties are not applied by this service; fix: leave it out or send 0 "
+    "(a higher temperature also varies the reply)"
+)
 COMMON_PARAMETERS: dict[str, Check] = {
-    "model": SUPPORTED, "max_tokens": SUPPORTED, "temperature": SUPPORTED, "top_p": SUPPORTED, "n": SUPPORTED,
-    "stop": SUPPORTED, "seed": SUPPORTED, "stream": SUPPORTED, "stream_options": SUPPORTED, "logprobs": SUPPORTED,
+    "model": SUPPORTED,
+    "max_tokens": SUPPORTED,
+    "temperature": SUPPORTED,
+    "top_p": SUPPORTED,
+    "n": SUPPORTED,
+    "stop": SUPPORTED,
+    "seed": SUPPORTED,
+    "stream": SUPPORTED,
+    "stream_options": SUPPORTED,
+    "logprobs": SUPPORTED,
     "user": NO_OP,
-    "frequency_penalty": only((0, 0.0), NO_PENALTY), "presence_penalty": only((0, 0.0), NO_PENALTY),
+    "frequency_penalty": only((0, 0.0), NO_PENALTY),
+    "presence_penalty": only((0, 0.0), NO_PENALTY),
     "logit_bias": only(((),), "token biases are not applied by this service; fix: leave logit_bias out"),
 }
 CHAT_PARAMETERS: dict[str, Check] = {
-    **COMMON_PARAMETERS, "messages": SUPPORTED, "max_completion_tokens": SUPPORTED, "top_logprobs": SUPPORTED,
-    "metadata": NO_OP, "safety_identifier": NO_OP, "prompt_cache_key": NO_OP, "prompt_cache_retention": NO_OP,
+    **COMMON_PARAMETERS,
+    "messages": SUPPORTED,
+    "max_completion_tokens": SUPPORTED,
+    "top_logprobs": SUPPORTED,
+    "metadata": NO_OP,
+    "safety_identifier": NO_OP,
+    "prompt_cache_key": NO_OP,
+    "prompt_cache_retention": NO_OP,
     "prompt_cache_options": NO_OP,  # cache hints: this service keeps no prompt cache between requests
     "store": only((False,), "this service does not store completions; fix: leave store out or send false"),
     "service_tier": only(("auto", "default"), "this service has one tier; fix: leave service_tier out or send 'auto'"),
     "response_format": _response_format,
-    "tools": only(((),), NO_TOOLS), "functions": only(((),), NO_TOOLS), "tool_choice": only(("none",), NO_TOOLS),
-    "function_call": only(("none",), NO_TOOLS), "parallel_tool_calls": refused(NO_TOOLS),
+    "tools": only(((),), NO_TOOLS),
+    "functions": only(((),), NO_TOOLS),
+    "tool_choice": only(("none",), NO_TOOLS),
+    "function_call": only(("none",), NO_TOOLS),
+    "parallel_tool_calls": refused(NO_TOOLS),
     "audio": refused("replies are text only; leave audio out"),
-    "modalities": only((["text"],), "replies are text only; leave modalities out or send [\"text\"]"),
+    "modalities": only((["text"],), 'replies are text only; leave modalities out or send ["text"]'),
     "prediction": refused("predicted outputs are not used by this service; leave prediction out"),
     "web_search_options": refused("this service does not search the web; leave web_search_options out"),
     "reasoning_effort": refused("the served models are not reasoning models; leave reasoning_effort out"),
@@ -106,7 +135,10 @@ CHAT_PARAMETERS: dict[str, Check] = {
     "moderation": refused("this service does not moderate replies; leave moderation out"),
 }
 COMPLETION_PARAMETERS: dict[str, Check] = {
-    **COMMON_PARAMETERS, "prompt": SUPPORTED, "echo": SUPPORTED, "best_of": SUPPORTED,  # best_of: see Options.parse
+    **COMMON_PARAMETERS,
+    "prompt": SUPPORTED,
+    "echo": SUPPORTED,
+    "best_of": SUPPORTED,  # best_of: see Options.parse
     "suffix": only(("",), "text insertion is not supported by this service; leave suffix out"),
 }
 
@@ -115,8 +147,12 @@ def check_parameters(request: dict, table: dict[str, Check]) -> None:
     """Each key of the request is supported, a faithful no-op, or refused by name; unknown keys are refused."""
     for key, value in request.items():
         if key not in table:
-            raise RequestError(f"Unrecognized request argument supplied: {key}; fix: remove it (docs/service.md, "
-                               f"\"OpenAI SDK compatibility\", lists the parameters)", key, "unknown_parameter")
+            raise RequestError(
+                f"Unrecognized request argument supplied: {key}; fix: remove it (docs/service.md, "
+                f'"OpenAI SDK compatibility", lists the parameters)',
+                key,
+                "unknown_parameter",
+            )
         if value is not None:
             table[key](key, value)
 
@@ -145,14 +181,24 @@ class Options:
         key = "max_completion_tokens" if request.get("max_completion_tokens") is not None else "max_tokens"
         stop = request.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
-            raise RequestError(f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of them; "
-                               f"got {request.get('stop')!r}", "stop")
+        if (
+            not isinstance(stop, list)
+            or len(stop) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and s for s in stop)
+        ):
+            raise RequestError(
+                f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of them; "
+                f"got {request.get('stop')!r}",
+                "stop",
+            )
         n = _number(request, "n", 1, 1, MAX_CHOICES, int)
         if not chat and request.get("best_of") not in (None, 1, n):  # best_of == n returns all n: the same as n
-            raise RequestError(f"'best_of'={request['best_of']!r} is not supported: this service returns every "
-                               f"choice it generates; fix: leave best_of out, or set it equal to n", "best_of",
-                               "unsupported_parameter")
+            raise RequestError(
+                f"'best_of'={request['best_of']!r} is not supported: this service returns every "
+                f"choice it generates; fix: leave best_of out, or set it equal to n",
+                "best_of",
+                "unsupported_parameter",
+            )
         if chat:
             logprobs = _flag(request, "logprobs")
             top = _number(request, "top_logprobs", None, 0, MAX_CHAT_TOP_LOGPROBS, int)
@@ -160,11 +206,19 @@ class Options:
                 raise RequestError("'top_logprobs' needs 'logprobs': true; fix: send both", "top_logprobs")
         else:
             logprobs, top = _number(request, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS, int), None
-        return cls(model=str(request.get("model") or model),
-                   max_tokens=_number(request, key, None, 0 if echo else 1, MAX_TOKENS, int),
-                   temperature=_number(request, "temperature", 1.0, 0, 2), top_p=_number(request, "top_p", 1.0, 0, 1),
-                   n=n, stop=stop, seed=_number(request, "seed", None, -(1 << 63), (1 << 64) - 1, int),
-                   include_usage=_include_usage(request), logprobs=logprobs, top_logprobs=top, echo=echo)
+        return cls(
+            model=str(request.get("model") or model),
+            max_tokens=_number(request, key, None, 0 if echo else 1, MAX_TOKENS, int),
+            temperature=_number(request, "temperature", 1.0, 0, 2),
+            top_p=_number(request, "top_p", 1.0, 0, 1),
+            n=n,
+            stop=stop,
+            seed=_number(request, "seed", None, -(1 << 63), (1 << 64) - 1, int),
+            include_usage=_include_usage(request),
+            logprobs=logprobs,
+            top_logprobs=top,
+            echo=echo,
+        )
 
     def sampling(self, engine: Engine, prompt: list[int], default_max_tokens: int, param: str) -> Sampling:
         """Sampling for a prompt of this length, within the model's context window. With `echo`, max_tokens 0
@@ -172,9 +226,12 @@ class Options:
         context = context_length(engine)
         wanted = self.max_tokens if self.max_tokens is not None else min(default_max_tokens, context - len(prompt))
         if not prompt or wanted < (0 if self.echo else 1) or len(prompt) + wanted > context:
-            raise RequestError(f"this model's context holds {context} tokens; the prompt has {len(prompt)} and the "
-                               f"reply may take {wanted}; fix: shorten the {param} or lower max_tokens", param,
-                               "context_length_exceeded")
+            raise RequestError(
+                f"this model's context holds {context} tokens; the prompt has {len(prompt)} and the "
+                f"reply may take {wanted}; fix: shorten the {param} or lower max_tokens",
+                param,
+                "context_length_exceeded",
+            )
         return Sampling(max_new_tokens=wanted, temperature=self.temperature, top_p=self.top_p)
 
 
@@ -191,9 +248,13 @@ def check_prompt_bytes(engine: Engine, prompt: str | list[int] | list[dict[str, 
     texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
     size, context = sum(len(text.encode("utf-8")) for text in texts), context_length(engine)
     if size > context * MAX_BYTES_PER_TOKEN:
-        raise RequestError(f"this model's context holds {context} tokens; the {param} has {size} bytes of text, more "
-                           f"than {context} tokens can spell ({MAX_BYTES_PER_TOKEN} bytes a token at most); fix: "
-                           f"shorten the {param}", param, "context_length_exceeded")
+        raise RequestError(
+            f"this model's context holds {context} tokens; the {param} has {size} bytes of text, more "
+            f"than {context} tokens can spell ({MAX_BYTES_PER_TOKEN} bytes a token at most); fix: "
+            f"shorten the {param}",
+            param,
+            "context_length_exceeded",
+        )
 
 
 def _number(request: dict, key: str, default: Any, low: float, high: float, kind: type = float) -> Any:
@@ -201,8 +262,9 @@ def _number(request: dict, key: str, default: Any, low: float, high: float, kind
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, kind)) or not low <= value <= high:
-        raise RequestError(f"'{key}' must be {'an integer' if kind is int else 'a number'} from {low} to {high}; "
-                           f"got {value!r}", key)
+        raise RequestError(
+            f"'{key}' must be {'an integer' if kind is int else 'a number'} from {low} to {high}; got {value!r}", key
+        )
     return value
 
 
@@ -216,8 +278,11 @@ def _flag(request: dict, key: str) -> bool:
 def _include_usage(request: dict) -> bool:
     options = request.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
-        raise RequestError(f"'stream_options' takes include_usage (and include_obfuscation, which a local service "
-                           f"does not need); got {options!r}", "stream_options")
+        raise RequestError(
+            f"'stream_options' takes include_usage (and include_obfuscation, which a local service "
+            f"does not need); got {options!r}",
+            "stream_options",
+        )
     return bool(options.get("include_usage"))
 
 
@@ -239,12 +304,18 @@ def _message(index: int, message: Any) -> dict[str, str]:
         raise RequestError(f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}{fix}", f"{where}.role")
     for key in message:
         if key not in MESSAGE_KEYS:
-            fix = NO_TOOLS if key in ("tool_calls", "function_call", "tool_call_id") else f"remove {key} from the message"
-            raise RequestError(f"{where}.{key} is not supported by this service; fix: {fix}", f"{where}.{key}",
-                               "unsupported_parameter")
+            fix = (
+                NO_TOOLS if key in ("tool_calls", "function_call", "tool_call_id") else f"remove {key} from the message"
+            )
+            raise RequestError(
+                f"{where}.{key} is not supported by this service; fix: {fix}", f"{where}.{key}", "unsupported_parameter"
+            )
     if message.get("name") is not None and not isinstance(message["name"], str):
         raise RequestError(f"{where}.name must be a string", f"{where}.name")
-    return {"role": TEMPLATE_ROLE.get(message["role"], message["role"]), "content": _content(where, message.get("content"))}
+    return {
+        "role": TEMPLATE_ROLE.get(message["role"], message["role"]),
+        "content": _content(where, message.get("content")),
+    }
 
 
 def _content(where: str, content: Any) -> str:
@@ -257,9 +328,12 @@ def _content(where: str, content: Any) -> str:
     for number, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text" or not isinstance(part.get("text"), str):
-            raise RequestError(f"{where}.content[{number}] is a part of type {kind!r}: this service reads text parts "
-                               f"only ({{\"type\": \"text\", \"text\": ...}}); fix: send the text alone",
-                               f"{where}.content[{number}]", "unsupported_content_part")
+            raise RequestError(
+                f"{where}.content[{number}] is a part of type {kind!r}: this service reads text parts "
+                f'only ({{"type": "text", "text": ...}}); fix: send the text alone',
+                f"{where}.content[{number}]",
+                "unsupported_content_part",
+            )
         texts.append(part["text"])
     return "\n".join(texts)
 
@@ -273,13 +347,18 @@ def parse_prompt(request: dict) -> str | list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, list) and prompt and all(isinstance(item, (str, list)) for item in prompt):
-        raise RequestError(f"'prompt' holds {len(prompt)} prompts; this service answers one prompt per request; fix: "
-                           f"send one request per prompt", "prompt", "unsupported_parameter")
+        raise RequestError(
+            f"'prompt' holds {len(prompt)} prompts; this service answers one prompt per request; fix: "
+            f"send one request per prompt",
+            "prompt",
+            "unsupported_parameter",
+        )
     if isinstance(prompt, list) and prompt and all(type(token) is int for token in prompt):
         return prompt
     if not isinstance(prompt, str) or not prompt:
-        raise RequestError("'prompt' must be a non-empty string or a non-empty list of token ids (or a list of one "
-                           "of them)", "prompt")
+        raise RequestError(
+            "'prompt' must be a non-empty string or a non-empty list of token ids (or a list of one of them)", "prompt"
+        )
     return prompt
 
 
@@ -291,6 +370,10 @@ def prompt_ids(engine: Engine, prompt: str | list[int]) -> list[int]:
     vocabulary = max(len(engine.tokenizer), getattr(engine.model.config, "vocab_size", 0) or 0)
     wrong = [token for token in prompt if not 0 <= token < vocabulary]
     if wrong:
-        raise RequestError(f"'prompt' holds token ids outside this model's vocabulary of {vocabulary}: {wrong[:5]}; "
-                           f"fix: tokenize with this model's tokenizer", "prompt", "invalid_token_id")
+        raise RequestError(
+            f"'prompt' holds token ids outside this model's vocabulary of {vocabulary}: {wrong[:5]}; "
+            f"fix: tokenize with this model's tokenizer",
+            "prompt",
+            "invalid_token_id",
+        )
     return list(prompt)

@@ -4,11 +4,14 @@ uses for its loglikelihood tasks (the prompt's tokens, each with its log-probabi
 `score_prompt` is the one place that runs the model for it, under the request's adapter, through the pool;
 `completion_logprobs` shapes scores (the prompt's or the generated tokens') as the legacy endpoint's `logprobs`.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-Scores = list[tuple[float | None, dict[int, float]]]  # per token: (its logprob, or None for the first; top-k alternatives)
+Scores = list[
+    tuple[float | None, dict[int, float]]
+]  # per token: (its logprob, or None for the first; top-k alternatives)
 
 
 def score_prompt(pool: Any, base: str, adapter_key: str | None, loader: Any, ids: list[int], top_k: int) -> Scores:
@@ -18,8 +21,13 @@ def score_prompt(pool: Any, base: str, adapter_key: str | None, loader: Any, ids
         return engine.prompt_logprobs(ids, top_k)
 
 
-def completion_logprobs(tokenizer: Any, ids: list[int], token_logprobs: list[float | None],
-                        top: list[dict[int, float]] | None, text_offset_start: int = 0) -> dict[str, Any]:
+def completion_logprobs(
+    tokenizer: Any,
+    ids: list[int],
+    token_logprobs: list[float | None],
+    top: list[dict[int, float]] | None,
+    text_offset_start: int = 0,
+) -> dict[str, Any]:
     """OpenAI's legacy `logprobs` object for tokens `ids`: each token's text, its logprob (None: unscored, as the
     first token of an echoed prompt), the top alternatives as {token text: logprob} (None where unscored, or
     when `top` is None) and each token's character offset in the text, counted from `text_offset_start`."""
@@ -40,5 +48,9 @@ def completion_logprobs(tokenizer: Any, ids: list[int], token_logprobs: list[flo
                 text = tokenizer.decode([token])
                 shown[text] = max(value, shown.get(text, float("-inf")))
             top_logprobs.append(shown)
-    return {"tokens": tokens, "token_logprobs": list(token_logprobs), "top_logprobs": top_logprobs,
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": list(token_logprobs),
+        "top_logprobs": top_logprobs,
+        "text_offset": offsets,
+    }

@@ -2,6 +2,7 @@
 directory (inherited by the run's process), the files a sealed run holds, a blob source that checks the lease
 before it commits, and stopping the run's process group (which dies with its worker).
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -8,6 +8,7 @@ with room (`/dev/shm`), else under `HOME/work/`, or where `--scratch` says; at e
 sealed into the encrypted blobs (what a worker elsewhere, or after a restart, resumes from), and the
 scratch is erased when the job ends.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +20,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
-
 
 from tunesmith.errors import UserError
 from tunesmith.paths import home, make_private
@@ -84,8 +84,10 @@ def private_directory(path: Path) -> Path:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = path.lstat()
     if path.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise UserError(f"{path}: the job scratch directory must be a folder of this user with mode 0700; fix: "
-                        f"remove it, or give another with --scratch")
+        raise UserError(
+            f"{path}: the job scratch directory must be a folder of this user with mode 0700; fix: "
+            f"remove it, or give another with --scratch"
+        )
     return path
 
 
@@ -115,8 +117,10 @@ class Service:
         kind = filesystem_type(self.scratch if self.scratch.exists() else self.scratch.parent)
         if kind in MEMORY_FILESYSTEMS:
             return f"job scratch in memory ({kind}): {self.scratch}"
-        return (f"WARNING: job scratch on disk ({kind or 'unknown filesystem'}): {self.scratch} holds a running job's "
-                f"decrypted data and checkpoints until it ends; --scratch DIR on a memory or encrypted filesystem avoids it")
+        return (
+            f"WARNING: job scratch on disk ({kind or 'unknown filesystem'}): {self.scratch} holds a running job's "
+            f"decrypted data and checkpoints until it ends; --scratch DIR on a memory or encrypted filesystem avoids it"
+        )
 
     def audit(self, project: str, key_id: str, action: str, objects: list[str], **details: Any) -> None:
         """Append an audit record, durable when this returns. A log that cannot be written is an ApiError 503:
@@ -124,9 +128,14 @@ class Service:
         try:
             self.audit_log.append(AuditEvent(project, key_id, action, tuple(objects), details))
         except (OSError, AuditError) as error:
-            raise ApiError(503, f"The audit log could not be written ({type(error).__name__}: {error}); nothing was "
-                                f"changed. Retry once the operator has fixed {self.audit_log.path}", None,
-                           "audit_unavailable", type="server_error") from None
+            raise ApiError(
+                503,
+                f"The audit log could not be written ({type(error).__name__}: {error}); nothing was "
+                f"changed. Retry once the operator has fixed {self.audit_log.path}",
+                None,
+                "audit_unavailable",
+                type="server_error",
+            ) from None
 
     @contextmanager
     def audited(self, project: str, key_id: str, action: str, objects: list[str], **details: Any) -> Iterator[None]:
@@ -154,14 +163,20 @@ class Service:
         if stored is None:
             result = self.audit_log.verify()
             if result and result.count:
-                return VerifyResult(False, 0, 1, f"the store records no audit head, yet the log has {result.count} "
-                                    "records: the head was removed, the store replaced, or the log predates head "
-                                    "tracking (then the next audited action records one)")
+                return VerifyResult(
+                    False,
+                    0,
+                    1,
+                    f"the store records no audit head, yet the log has {result.count} "
+                    "records: the head was removed, the store replaced, or the log predates head "
+                    "tracking (then the next audited action records one)",
+                )
             return result
         head = AuditHead(stored["sequence"], stored["hash"])
         if not self.audit_log.path.exists():
-            return VerifyResult(False, 0, 1, f"the log is missing (deleted), but the store's head is record "
-                                f"{head.sequence}")
+            return VerifyResult(
+                False, 0, 1, f"the log is missing (deleted), but the store's head is record {head.sequence}"
+            )
         return self.audit_log.verify(head)
 
     def work_dir(self, job_id: str) -> Path:
@@ -187,11 +202,22 @@ class Service:
             raise ApiError(413, f"File too large: the limit is {error.limit} bytes", "file", "file_too_large") from None
         try:
             loaded = self.check_file(file_id, name, method=None)
-            with self.audited(project, actor, "file.upload", [file_id], filename=name, bytes=written.bytes,
-                              sha256=written.sha256):
-                return self.store.add_file(project, id=file_id, filename=name, purpose=purpose, bytes=written.bytes,
-                                           sha256=written.sha256, format=loaded.format, examples=len(loaded.examples))
-        except BaseException:  # refused, unaudited, or failed on our side (validator, database): no blob without its row
+            with self.audited(
+                project, actor, "file.upload", [file_id], filename=name, bytes=written.bytes, sha256=written.sha256
+            ):
+                return self.store.add_file(
+                    project,
+                    id=file_id,
+                    filename=name,
+                    purpose=purpose,
+                    bytes=written.bytes,
+                    sha256=written.sha256,
+                    format=loaded.format,
+                    examples=len(loaded.examples),
+                )
+        except (
+            BaseException
+        ):  # refused, unaudited, or failed on our side (validator, database): no blob without its row
             self.blobs.erase(f"files/{file_id}")
             raise
 
@@ -203,10 +229,18 @@ class Service:
         accepts = methods.info(method)["accepts"] if method else None
         loaded = load_file(Path(filename), "auto", accepts, method or "", lines=self.blobs.lines(f"files/{file_id}"))
         if loaded.problems:
-            code = {"file": "invalid_file", "training_file": "invalid_training_file",
-                    "validation_file": "invalid_validation_file"}[param]
-            raise ApiError(400, f"{report(loaded.problems, limit=20)}\n{filename}: {len(loaded.problems)} problem(s) "
-                                f"in {loaded.rows} rows", param, code)
+            code = {
+                "file": "invalid_file",
+                "training_file": "invalid_training_file",
+                "validation_file": "invalid_validation_file",
+            }[param]
+            raise ApiError(
+                400,
+                f"{report(loaded.problems, limit=20)}\n{filename}: {len(loaded.problems)} problem(s) "
+                f"in {loaded.rows} rows",
+                param,
+                code,
+            )
         return loaded
 
     def file(self, project: str, file_id: str, param: str | None = None) -> dict[str, Any]:
@@ -222,11 +256,14 @@ class Service:
         self.file(project, file_id)
         using = self.store.jobs_using_file(project, file_id)
         trained = [model["id"] for model in self.store.models_of_jobs([job["id"] for job in using])]
-        with self.audited(project, actor, "file.delete", [file_id], jobs=[job["id"] for job in using],
-                          models_trained_on_it=trained):
+        with self.audited(
+            project, actor, "file.delete", [file_id], jobs=[job["id"] for job in using], models_trained_on_it=trained
+        ):
             return self._erase_file(project, file_id, using, trained)
 
-    def _erase_file(self, project: str, file_id: str, using: list[dict[str, Any]], trained: list[str]) -> dict[str, Any]:
+    def _erase_file(
+        self, project: str, file_id: str, using: list[dict[str, Any]], trained: list[str]
+    ) -> dict[str, Any]:
         for job in using:
             if job["status"] not in ("succeeded", "failed", "cancelled"):
                 self.store.request_cancel(project, job["id"])
@@ -237,15 +274,30 @@ class Service:
             self.blobs.erase(f"files/{result}")
             self.store.delete_file(project, result)
         self.store.delete_file(project, file_id)
-        return {"id": file_id, "object": "file", "deleted": True, "jobs": [job["id"] for job in using],
-                "erased_runs": erased, "erased_result_files": results, "models_trained_on_it": trained}
+        return {
+            "id": file_id,
+            "object": "file",
+            "deleted": True,
+            "jobs": [job["id"] for job in using],
+            "erased_runs": erased,
+            "erased_result_files": results,
+            "models_trained_on_it": trained,
+        }
 
     def add_result_file(self, project: str, filename: str, data: bytes) -> str:
         """A file the service made for a job (its evaluation report), encrypted like an upload; its id."""
         file_id = new_id("file")
         written = self.blobs.put_bytes(f"files/{file_id}", data)
-        self.store.add_file(project, id=file_id, filename=filename, purpose=RESULTS_PURPOSE, bytes=written.bytes,
-                            sha256=written.sha256, format="json", examples=None)
+        self.store.add_file(
+            project,
+            id=file_id,
+            filename=filename,
+            purpose=RESULTS_PURPOSE,
+            bytes=written.bytes,
+            sha256=written.sha256,
+            format="json",
+            examples=None,
+        )
         return file_id
 
     def erase_run(self, job_id: str, checkpoints: bool = True) -> bool:
@@ -263,11 +315,18 @@ class Service:
         values = job_spec.parse_request(body, self.base_models)
         for param in ("training_file", "validation_file"):
             if values[param] is not None and self.file(project, values[param], param)["purpose"] not in PURPOSES:
-                raise ApiError(400, f"File {values[param]} is a job's result, not training data; fix: upload the "
-                                    f"data with purpose 'fine-tune'", param, f"invalid_{param}")
+                raise ApiError(
+                    400,
+                    f"File {values[param]} is a job's result, not training data; fix: upload the "
+                    f"data with purpose 'fine-tune'",
+                    param,
+                    f"invalid_{param}",
+                )
         job_id = new_id("ftjob")
         files = [values["training_file"]] + ([values["validation_file"]] if values["validation_file"] else [])
-        with self.audited(project, actor, "job.create", [job_id, *files], model=values["model"], method=values["method"]):
+        with self.audited(
+            project, actor, "job.create", [job_id, *files], model=values["model"], method=values["method"]
+        ):
             job = self.store.add_job(project, id=job_id, **values, processes=self.settings.processes)
         self.store.add_event(job["id"], f"Created fine-tuning job: {job['id']}", key="created")  # OpenAI's first event
         return job
@@ -286,14 +345,22 @@ class Service:
                     raise ApiError(400, f"file {job[param]} was deleted", param, f"invalid_{param}")
                 counts[param] = len(self.check_file(row["id"], row["filename"], METHODS[job["method"]], param).examples)
         except ApiError as error:
-            self.store.update_job(job["id"], ("validating_files",), status="failed", finished_at=_now(),
-                                  error={"code": error.code, "message": error.message, "param": error.param})
+            self.store.update_job(
+                job["id"],
+                ("validating_files",),
+                status="failed",
+                finished_at=_now(),
+                error={"code": error.code, "message": error.message, "param": error.param},
+            )
             self.store.add_event(job["id"], f"Validation failed: {error.message}", level="error")
             return
         resolved = job_spec.resolve(job["hyperparameters"], counts["training_file"])
         if self.store.update_job(job["id"], ("validating_files",), status="queued", resolved=resolved):
-            self.store.add_event(job["id"], f"Validated {counts['training_file']} training examples; job queued",
-                                 data={"resolved": resolved})
+            self.store.add_event(
+                job["id"],
+                f"Validated {counts['training_file']} training examples; job queued",
+                data={"resolved": resolved},
+            )
 
     def job(self, project: str, job_id: str) -> dict[str, Any]:
         row = self.store.job(project, job_id)
@@ -313,8 +380,13 @@ class Service:
         names = ("adapter_config.json", "adapter_model.safetensors")
         if not all(self.blobs.exists(self.adapter_blob(job_id, name, step)) for name in names):
             model = "the fine-tuned model" if step is None else f"checkpoint step {step}"
-            raise ApiError(404, f"The adapter of {model} of job {job_id} is not stored (it goes when the model or its "
-                                f"training file is deleted).", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"The adapter of {model} of job {job_id} is not stored (it goes when the model or its "
+                f"training file is deleted).",
+                "model",
+                "model_not_found",
+            )
         return {name: self.blobs.read_bytes(self.adapter_blob(job_id, name, step)) for name in names}
 
     @staticmethod
@@ -329,25 +401,41 @@ class Service:
         if not (path / CONFIG_FILE).is_file():
             return None
         if not is_run_dir(path):
-            raise UserError(f"{path} is a run directory without adapter/ or model/: the run has not finished; "
-                            f"fix: resume it with `tunesmith train {path / CONFIG_FILE}`")
+            raise UserError(
+                f"{path} is a run directory without adapter/ or model/: the run has not finished; "
+                f"fix: resume it with `tunesmith train {path / CONFIG_FILE}`"
+            )
         config = read_run_config(path)
         if config.method == "reward":
-            raise UserError(f"{path} is a reward model: it rates replies and does not write them; fix: serve a "
-                            f"run that trained a generating model")
+            raise UserError(
+                f"{path} is a reward model: it rates replies and does not write them; fix: serve a "
+                f"run that trained a generating model"
+            )
         system_prompt = config.data.system_prompt
         if not (path / "adapter").is_dir():
-            return {"base": str((path / "model").resolve()), "adapter": None, "files": None,
-                    "system_prompt": system_prompt}
+            return {
+                "base": str((path / "model").resolve()),
+                "adapter": None,
+                "files": None,
+                "system_prompt": system_prompt,
+            }
         adapter = path.resolve() / "adapter"
         names = ("adapter_config.json", "adapter_model.safetensors")
-        settings = json.loads((adapter / names[0]).read_text(encoding="utf-8")) if (adapter / names[0]).is_file() else {}
+        settings = (
+            json.loads((adapter / names[0]).read_text(encoding="utf-8")) if (adapter / names[0]).is_file() else {}
+        )
         if settings.get("peft_type") != "LORA" or not (adapter / names[1]).is_file():
-            raise UserError(f"{adapter} holds a {settings.get('peft_type') or 'unreadable'} adapter; the service serves "
-                            f"LoRA adapters (adapter_config.json + adapter_model.safetensors); fix: serve a LoRA run, "
-                            f"or export this one merged (`tunesmith export`) and serve that model directory")
-        return {"base": config.model, "adapter": f"run:{adapter}", "system_prompt": system_prompt,
-                "files": lambda: {name: (adapter / name).read_bytes() for name in names}}
+            raise UserError(
+                f"{adapter} holds a {settings.get('peft_type') or 'unreadable'} adapter; the service serves "
+                f"LoRA adapters (adapter_config.json + adapter_model.safetensors); fix: serve a LoRA run, "
+                f"or export this one merged (`tunesmith export`) and serve that model directory"
+            )
+        return {
+            "base": config.model,
+            "adapter": f"run:{adapter}",
+            "system_prompt": system_prompt,
+            "files": lambda: {name: (adapter / name).read_bytes() for name in names},
+        }
 
     def delete_model(self, project: str, model_id: str, actor: str = "cli") -> dict[str, Any]:
         row = self.store.model(project, model_id)

@@ -2,6 +2,7 @@
 
 Errors too: `ApiError` becomes `{"error": {"message", "type", "param", "code"}}` with its HTTP status.
 """
+
 from __future__ import annotations
 
 import re
@@ -9,8 +10,14 @@ from typing import Any
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
@@ -20,27 +27,47 @@ class ApiError(Exception):
 
 def not_found(kind: str, object_id: str, param: str | None = None) -> ApiError:
     """Also what another project's object looks like: its existence is not revealed."""
-    return ApiError(404, f"No such {kind}: '{object_id}'", param, f"{re.sub(r'[^a-z0-9]+', '_', kind.lower())}_not_found")
+    return ApiError(
+        404, f"No such {kind}: '{object_id}'", param, f"{re.sub(r'[^a-z0-9]+', '_', kind.lower())}_not_found"
+    )
 
 
 def unknown_cursor(after: str, kind: str) -> ApiError:
     """An `after` that names no object of the list: a 400, the same for every list (files, jobs, events,
     checkpoints). An empty page would read as "no more", and restarting at page 1 would loop a client forever."""
-    return ApiError(400, f"after='{after}' is not the id of a {kind} in this list; fix: pass the `last_id` of "
-                         f"the previous page, or leave `after` out for the first page", "after", "invalid_cursor")
+    return ApiError(
+        400,
+        f"after='{after}' is not the id of a {kind} in this list; fix: pass the `last_id` of "
+        f"the previous page, or leave `after` out for the first page",
+        "after",
+        "invalid_cursor",
+    )
 
 
 def page(rows: list[dict[str, Any]], limit: int, render) -> dict[str, Any]:
     """A list response; `rows` holds up to limit + 1 rows, the extra one only says there is more."""
     shown = rows[:limit]
-    return {"object": "list", "data": [render(row) for row in shown], "has_more": len(rows) > limit,
-            "first_id": shown[0]["id"] if shown else None, "last_id": shown[-1]["id"] if shown else None}
+    return {
+        "object": "list",
+        "data": [render(row) for row in shown],
+        "has_more": len(rows) > limit,
+        "first_id": shown[0]["id"] if shown else None,
+        "last_id": shown[-1]["id"] if shown else None,
+    }
 
 
 def file_object(row: dict[str, Any]) -> dict[str, Any]:
-    return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
-            "filename": row["filename"], "purpose": row["purpose"], "status": "processed", "status_details": None,
-            "expires_at": None}
+    return {
+        "id": row["id"],
+        "object": "file",
+        "bytes": row["bytes"],
+        "created_at": row["created_at"],
+        "filename": row["filename"],
+        "purpose": row["purpose"],
+        "status": "processed",
+        "status_details": None,
+        "expires_at": None,
+    }
 
 
 def job_status(row: dict[str, Any]) -> str:
@@ -57,25 +84,51 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
     if row["method"] == "dpo":
         method_hyper["beta"] = shown.get("beta", "auto")
     return {
-        "id": row["id"], "object": "fine_tuning.job", "created_at": row["created_at"], "model": row["model"],
-        "organization_id": row["project_id"], "training_file": row["training_file"],
-        "validation_file": row["validation_file"], "status": job_status(row), "error": row["error"],
-        "fine_tuned_model": row["fine_tuned_model"], "finished_at": row["finished_at"],
-        "hyperparameters": hyperparameters, "method": {"type": row["method"], row["method"]: {"hyperparameters": method_hyper}},
-        "result_files": row["result_files"] or [], "seed": row["seed"], "trained_tokens": row["trained_tokens"], "estimated_finish": None,
-        "integrations": [], "metadata": row["metadata"], "suffix": row["suffix"],
+        "id": row["id"],
+        "object": "fine_tuning.job",
+        "created_at": row["created_at"],
+        "model": row["model"],
+        "organization_id": row["project_id"],
+        "training_file": row["training_file"],
+        "validation_file": row["validation_file"],
+        "status": job_status(row),
+        "error": row["error"],
+        "fine_tuned_model": row["fine_tuned_model"],
+        "finished_at": row["finished_at"],
+        "hyperparameters": hyperparameters,
+        "method": {"type": row["method"], row["method"]: {"hyperparameters": method_hyper}},
+        "result_files": row["result_files"] or [],
+        "seed": row["seed"],
+        "trained_tokens": row["trained_tokens"],
+        "estimated_finish": None,
+        "integrations": [],
+        "metadata": row["metadata"],
+        "suffix": row["suffix"],
     }
 
 
 def event_object(row: dict[str, Any]) -> dict[str, Any]:
-    return {"id": row["id"], "object": "fine_tuning.job.event", "created_at": row["created_at"], "level": row["level"],
-            "message": row["message"], "data": row["data"], "type": row["type"]}
+    return {
+        "id": row["id"],
+        "object": "fine_tuning.job.event",
+        "created_at": row["created_at"],
+        "level": row["level"],
+        "message": row["message"],
+        "data": row["data"],
+        "type": row["type"],
+    }
 
 
 def checkpoint_object(row: dict[str, Any], fine_tuned_model: str) -> dict[str, Any]:
-    return {"id": row["id"], "object": "fine_tuning.job.checkpoint", "created_at": row["created_at"],
-            "fine_tuned_model_checkpoint": f"{fine_tuned_model}:ckpt-step-{row['step']}",
-            "fine_tuning_job_id": row["job_id"], "metrics": row["metrics"], "step_number": row["step"]}
+    return {
+        "id": row["id"],
+        "object": "fine_tuning.job.checkpoint",
+        "created_at": row["created_at"],
+        "fine_tuned_model_checkpoint": f"{fine_tuned_model}:ckpt-step-{row['step']}",
+        "fine_tuning_job_id": row["job_id"],
+        "metrics": row["metrics"],
+        "step_number": row["step"],
+    }
 
 
 def model_object(model_id: str, created: int, owned_by: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ epoch (the job's `attempts` when it was taken), and what a worker writes for its
 checkpoints, the conclusion) is fenced: one conditional statement that takes effect only while the job row
 still carries that owner and that epoch. A worker that stalled past its lease finds its writes refused.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,12 +31,14 @@ class TEXT_JSON(sa.Text):  # noqa: N801 (a column type, spelled as the others ar
 
 
 projects = sa.Table(
-    "projects", metadata,
+    "projects",
+    metadata,
     sa.Column("id", sa.String(64), primary_key=True),
     sa.Column("created_at", sa.BigInteger, nullable=False),
 )
 api_keys = sa.Table(
-    "api_keys", metadata,
+    "api_keys",
+    metadata,
     sa.Column("id", sa.String(64), primary_key=True),  # the key's public id (its prefix), shown by `keys list`
     sa.Column("project_id", sa.String(64), sa.ForeignKey("projects.id"), nullable=False),
     sa.Column("scope", sa.String(16), nullable=False),
@@ -45,7 +48,8 @@ api_keys = sa.Table(
     sa.Column("revoked_at", sa.BigInteger),
 )
 files = sa.Table(
-    "files", metadata,
+    "files",
+    metadata,
     sa.Column("id", sa.String(64), primary_key=True),
     sa.Column("project_id", sa.String(64), sa.ForeignKey("projects.id"), nullable=False, index=True),
     sa.Column("filename", sa.String(255), nullable=False),
@@ -57,7 +61,8 @@ files = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
 )
 jobs = sa.Table(
-    "jobs", metadata,
+    "jobs",
+    metadata,
     sa.Column("id", sa.String(64), primary_key=True),
     sa.Column("project_id", sa.String(64), sa.ForeignKey("projects.id"), nullable=False, index=True),
     sa.Column("model", sa.String(255), nullable=False),
@@ -83,7 +88,8 @@ jobs = sa.Table(
     sa.Column("result_files", TEXT_JSON),  # file ids the job made: its evaluation report
 )
 job_events = sa.Table(
-    "job_events", metadata,
+    "job_events",
+    metadata,
     sa.Column("id", sa.String(64), primary_key=True),
     sa.Column("job_id", sa.String(64), sa.ForeignKey("jobs.id"), nullable=False),
     sa.Column("seq", sa.Integer, nullable=False),
@@ -97,7 +103,8 @@ job_events = sa.Table(
     sa.UniqueConstraint("job_id", "key"),
 )
 checkpoints = sa.Table(
-    "checkpoints", metadata,
+    "checkpoints",
+    metadata,
     sa.Column("id", sa.String(64), primary_key=True),
     sa.Column("job_id", sa.String(64), sa.ForeignKey("jobs.id"), nullable=False),
     sa.Column("step", sa.Integer, nullable=False),
@@ -106,7 +113,8 @@ checkpoints = sa.Table(
     sa.UniqueConstraint("job_id", "step"),
 )
 models = sa.Table(
-    "models", metadata,
+    "models",
+    metadata,
     sa.Column("id", sa.String(255), primary_key=True),  # ft:BASE:SUFFIX:JOBID
     sa.Column("project_id", sa.String(64), sa.ForeignKey("projects.id"), nullable=False, index=True),
     sa.Column("job_id", sa.String(64), nullable=False),
@@ -114,7 +122,8 @@ models = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
 )
 audit_head = sa.Table(  # one row (id 1): the audit log's newest record, so `audit verify` sees a cut or re-sealed log
-    "audit_head", metadata,
+    "audit_head",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("sequence", sa.BigInteger, nullable=False),
     sa.Column("hash", sa.String(64), nullable=False),
@@ -122,8 +131,9 @@ audit_head = sa.Table(  # one row (id 1): the audit log's newest record, so `aud
 )
 
 FINISHED = ("succeeded", "failed", "cancelled")
-JSON_COLUMNS = {column.name for table in metadata.tables.values() for column in table.columns
-                if isinstance(column.type, TEXT_JSON)}
+JSON_COLUMNS = {
+    column.name for table in metadata.tables.values() for column in table.columns if isinstance(column.type, TEXT_JSON)
+}
 
 
 def new_id(prefix: str) -> str:
@@ -148,7 +158,9 @@ def _row(row: Any) -> dict[str, Any] | None:
 
 
 def _encode(values: dict[str, Any]) -> dict[str, Any]:
-    return {key: json.dumps(value) if key in JSON_COLUMNS and value is not None else value for key, value in values.items()}
+    return {
+        key: json.dumps(value) if key in JSON_COLUMNS and value is not None else value for key, value in values.items()
+    }
 
 
 class UnknownCursor(LookupError):
@@ -179,14 +191,21 @@ class LeaseLost(Exception):
 
 def held(lease: Lease) -> Any:
     """The condition of every fenced write: the job is running under this owner and epoch."""
-    return sa.and_(jobs.c.id == lease.job["id"], jobs.c.lease_owner == lease.owner, jobs.c.attempts == lease.epoch,
-                   jobs.c.status == "running")
+    return sa.and_(
+        jobs.c.id == lease.job["id"],
+        jobs.c.lease_owner == lease.owner,
+        jobs.c.attempts == lease.epoch,
+        jobs.c.status == "running",
+    )
 
 
 def older_than(table: sa.Table, last: dict[str, Any]) -> Any:
     """The rows after `last` in newest-first order: created before it, or in the same second with a lower id."""
-    return sa.or_(table.c.created_at < last["created_at"],
-                  sa.and_(table.c.created_at == last["created_at"], table.c.id < last["id"]))
+    return sa.or_(
+        table.c.created_at < last["created_at"],
+        sa.and_(table.c.created_at == last["created_at"], table.c.id < last["id"]),
+    )
+
 
 class Store:
     def __init__(self, url: str | None = None):
@@ -233,8 +252,11 @@ class Store:
 
     def add_key(self, key_id: str, project: str, scope: str, key_hash: str, name: str = "") -> None:
         self.ensure_project(project)
-        self._write(api_keys.insert().values(id=key_id, project_id=project, scope=scope, hash=key_hash, name=name,
-                                             created_at=now()))
+        self._write(
+            api_keys.insert().values(
+                id=key_id, project_id=project, scope=scope, hash=key_hash, name=name, created_at=now()
+            )
+        )
 
     def key(self, key_id: str) -> dict[str, Any] | None:
         return self._one(sa.select(api_keys).where(api_keys.c.id == key_id))
@@ -244,8 +266,14 @@ class Store:
         return self._all(query if project is None else query.where(api_keys.c.project_id == project))
 
     def revoke_key(self, key_id: str) -> bool:
-        return self._write(api_keys.update().where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
-                           .values(revoked_at=now())) == 1
+        return (
+            self._write(
+                api_keys.update()
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=now())
+            )
+            == 1
+        )
 
     # files
     def add_file(self, project: str, **values: Any) -> dict[str, Any]:
@@ -256,11 +284,16 @@ class Store:
     def file(self, project: str, file_id: str) -> dict[str, Any] | None:
         return self._one(sa.select(files).where(files.c.id == file_id, files.c.project_id == project))
 
-    def files(self, project: str, purpose: str | None = None, after: str | None = None,
-              limit: int | None = None) -> list[dict[str, Any]]:
+    def files(
+        self, project: str, purpose: str | None = None, after: str | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
         """Newest first; `after` is the id of the last file of the previous page (UnknownCursor if none is)."""
-        query = sa.select(files).where(files.c.project_id == project).order_by(files.c.created_at.desc(),
-                                                                                files.c.id.desc()).limit(limit)
+        query = (
+            sa.select(files)
+            .where(files.c.project_id == project)
+            .order_by(files.c.created_at.desc(), files.c.id.desc())
+            .limit(limit)
+        )
         if purpose is not None:
             query = query.where(files.c.purpose == purpose)
         if after is not None:
@@ -271,13 +304,19 @@ class Store:
         return self._write(files.delete().where(files.c.id == file_id, files.c.project_id == project)) == 1
 
     def jobs_using_file(self, project: str, file_id: str) -> list[dict[str, Any]]:
-        return self._all(sa.select(jobs).where(jobs.c.project_id == project, sa.or_(
-            jobs.c.training_file == file_id, jobs.c.validation_file == file_id)).order_by(jobs.c.created_at))
+        return self._all(
+            sa.select(jobs)
+            .where(
+                jobs.c.project_id == project, sa.or_(jobs.c.training_file == file_id, jobs.c.validation_file == file_id)
+            )
+            .order_by(jobs.c.created_at)
+        )
 
     # jobs
     def add_job(self, project: str, **values: Any) -> dict[str, Any]:
-        values = _encode({"id": new_id("ftjob"), "project_id": project, "created_at": now(),
-                          "status": "validating_files", **values})
+        values = _encode(
+            {"id": new_id("ftjob"), "project_id": project, "created_at": now(), "status": "validating_files", **values}
+        )
         self._write(jobs.insert().values(**values))
         return self.job(project, values["id"])
 
@@ -302,24 +341,41 @@ class Store:
 
     def request_cancel(self, project: str, job_id: str) -> dict[str, Any] | None:
         """Queued jobs are cancelled at once; running ones are flagged and their worker stops them."""
-        self._write(jobs.update().where(jobs.c.id == job_id, jobs.c.project_id == project,
-                                        jobs.c.status.in_(("validating_files", "queued")))
-                    .values(status="cancelled", cancel_requested=True, finished_at=now()))
-        self._write(jobs.update().where(jobs.c.id == job_id, jobs.c.project_id == project, jobs.c.status == "running")
-                    .values(cancel_requested=True))
+        self._write(
+            jobs.update()
+            .where(jobs.c.id == job_id, jobs.c.project_id == project, jobs.c.status.in_(("validating_files", "queued")))
+            .values(status="cancelled", cancel_requested=True, finished_at=now())
+        )
+        self._write(
+            jobs.update()
+            .where(jobs.c.id == job_id, jobs.c.project_id == project, jobs.c.status == "running")
+            .values(cancel_requested=True)
+        )
         return self.job(project, job_id)
 
     def lease(self, owner: str, seconds: float) -> Lease | None:
         """Take the oldest queued job, or a running one whose worker stopped renewing its lease."""
         moment = time.time()
-        candidates = self._all(sa.select(jobs.c.id, jobs.c.status, jobs.c.lease_expires).where(sa.or_(
-            jobs.c.status == "queued", sa.and_(jobs.c.status == "running", jobs.c.lease_expires < moment)))
-            .order_by(jobs.c.created_at, jobs.c.id).limit(8))
+        candidates = self._all(
+            sa.select(jobs.c.id, jobs.c.status, jobs.c.lease_expires)
+            .where(
+                sa.or_(jobs.c.status == "queued", sa.and_(jobs.c.status == "running", jobs.c.lease_expires < moment))
+            )
+            .order_by(jobs.c.created_at, jobs.c.id)
+            .limit(8)
+        )
         for candidate in candidates:
-            taken = self._write(jobs.update().where(
-                jobs.c.id == candidate["id"], jobs.c.status == candidate["status"],
-                jobs.c.lease_expires == candidate["lease_expires"]).values(
-                status="running", lease_owner=owner, lease_expires=moment + seconds, attempts=jobs.c.attempts + 1))
+            taken = self._write(
+                jobs.update()
+                .where(
+                    jobs.c.id == candidate["id"],
+                    jobs.c.status == candidate["status"],
+                    jobs.c.lease_expires == candidate["lease_expires"],
+                )
+                .values(
+                    status="running", lease_owner=owner, lease_expires=moment + seconds, attempts=jobs.c.attempts + 1
+                )
+            )
             if taken:
                 return Lease(self.job(None, candidate["id"]), owner)
         return None
@@ -342,30 +398,62 @@ class Store:
         if model is not None:
             statement = statement.where(sa.not_(jobs.c.cancel_requested))
         with self.engine.begin() as connection:
-            if connection.execute(statement.values(status=status, finished_at=now(), lease_expires=0.0,
-                                                   **_encode(values))).rowcount != 1:
+            if (
+                connection.execute(
+                    statement.values(status=status, finished_at=now(), lease_expires=0.0, **_encode(values))
+                ).rowcount
+                != 1
+            ):
                 return False
             if model is not None:
-                connection.execute(models.insert().values(project_id=lease.job["project_id"], job_id=lease.job["id"],
-                                                          created_at=now(), **model))
+                connection.execute(
+                    models.insert().values(
+                        project_id=lease.job["project_id"], job_id=lease.job["id"], created_at=now(), **model
+                    )
+                )
         return True
 
     # events and checkpoints
-    def add_event(self, job_id: str, message: str, level: str = "info", type: str = "message",
-                  data: dict[str, Any] | None = None, key: str | None = None, lease: Lease | None = None) -> bool:
+    def add_event(
+        self,
+        job_id: str,
+        message: str,
+        level: str = "info",
+        type: str = "message",
+        data: dict[str, Any] | None = None,
+        key: str | None = None,
+        lease: Lease | None = None,
+    ) -> bool:
         """Append an event; one with a `key` already stored for this job is not stored twice (a resumed
         job's worker re-reads its run's metrics). False when nothing was stored. With `lease` (a worker's
         event) it is stored only while the lease holds, else LeaseLost."""
         for _ in range(5):  # two writers may pick the same next seq: the unique constraint sends one round again
             try:
                 with self.engine.begin() as connection:
-                    if key is not None and connection.execute(sa.select(job_events.c.id).where(
-                            job_events.c.job_id == job_id, job_events.c.key == key)).first() is not None:
+                    if (
+                        key is not None
+                        and connection.execute(
+                            sa.select(job_events.c.id).where(job_events.c.job_id == job_id, job_events.c.key == key)
+                        ).first()
+                        is not None
+                    ):
                         return False
-                    last = connection.execute(sa.select(sa.func.max(job_events.c.seq))
-                                              .where(job_events.c.job_id == job_id)).scalar()
-                    row = _encode(dict(id=new_id("ftevent"), job_id=job_id, seq=(last or 0) + 1, created_at=now(),
-                                       level=level, type=type, message=message, data=data, key=key))
+                    last = connection.execute(
+                        sa.select(sa.func.max(job_events.c.seq)).where(job_events.c.job_id == job_id)
+                    ).scalar()
+                    row = _encode(
+                        dict(
+                            id=new_id("ftevent"),
+                            job_id=job_id,
+                            seq=(last or 0) + 1,
+                            created_at=now(),
+                            level=level,
+                            type=type,
+                            message=message,
+                            data=data,
+                            key=key,
+                        )
+                    )
                     if connection.execute(_insert(job_events, row, lease)).rowcount != 1:
                         raise LeaseLost(lease)
                 return True
@@ -373,12 +461,17 @@ class Store:
                 continue
         return False
 
-    def events(self, job_id: str, after: str | None = None, limit: int = 20, newest_first: bool = True) -> list[dict[str, Any]]:
+    def events(
+        self, job_id: str, after: str | None = None, limit: int = 20, newest_first: bool = True
+    ) -> list[dict[str, Any]]:
         order = job_events.c.seq.desc() if newest_first else job_events.c.seq
         query = sa.select(job_events).where(job_events.c.job_id == job_id).order_by(order).limit(limit)
         if after is not None:
-            last = self._cursor(after, "event", self._one(sa.select(job_events).where(
-                job_events.c.id == after, job_events.c.job_id == job_id)))
+            last = self._cursor(
+                after,
+                "event",
+                self._one(sa.select(job_events).where(job_events.c.id == after, job_events.c.job_id == job_id)),
+            )
             query = query.where(job_events.c.seq < last["seq"] if newest_first else job_events.c.seq > last["seq"])
         return self._all(query)
 
@@ -394,10 +487,18 @@ class Store:
             pass
 
     def checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> list[dict[str, Any]]:
-        query = sa.select(checkpoints).where(checkpoints.c.job_id == job_id).order_by(checkpoints.c.step.desc()).limit(limit)
+        query = (
+            sa.select(checkpoints)
+            .where(checkpoints.c.job_id == job_id)
+            .order_by(checkpoints.c.step.desc())
+            .limit(limit)
+        )
         if after is not None:
-            last = self._cursor(after, "checkpoint", self._one(sa.select(checkpoints).where(
-                checkpoints.c.id == after, checkpoints.c.job_id == job_id)))
+            last = self._cursor(
+                after,
+                "checkpoint",
+                self._one(sa.select(checkpoints).where(checkpoints.c.id == after, checkpoints.c.job_id == job_id)),
+            )
             query = query.where(checkpoints.c.step < last["step"])
         return self._all(query)
 
@@ -409,7 +510,9 @@ class Store:
         return self._one(sa.select(models).where(models.c.id == model_id, models.c.project_id == project))
 
     def models(self, project: str) -> list[dict[str, Any]]:
-        return self._all(sa.select(models).where(models.c.project_id == project).order_by(models.c.created_at, models.c.id))
+        return self._all(
+            sa.select(models).where(models.c.project_id == project).order_by(models.c.created_at, models.c.id)
+        )
 
     def delete_model(self, project: str, model_id: str) -> bool:
         return self._write(models.delete().where(models.c.id == model_id, models.c.project_id == project)) == 1
@@ -426,8 +529,12 @@ class Store:
         """Move the head forward to `sequence`; a head already at or past it stays (never moves back)."""
         values = dict(sequence=sequence, hash=record_hash, updated_at=now())
         for _ in range(2):  # the first head: two writers may both insert; the loser updates instead
-            if self._write(audit_head.update().where(audit_head.c.id == 1, audit_head.c.sequence < sequence)
-                           .values(**values)) or self.audit_head() is not None:
+            if (
+                self._write(
+                    audit_head.update().where(audit_head.c.id == 1, audit_head.c.sequence < sequence).values(**values)
+                )
+                or self.audit_head() is not None
+            ):
                 return
             try:
                 self._write(audit_head.insert().values(id=1, **values))
@@ -446,8 +553,11 @@ def _insert(table: sa.Table, row: dict[str, Any], lease: Lease | None) -> Any:
         return table.insert().values(**row).execution_options(preserve_rowcount=True)
     columns = list(row)
     values = [sa.literal(row[name], table.c[name].type) for name in columns]
-    return (table.insert().from_select(columns, sa.select(*values).select_from(jobs).where(held(lease)))
-            .execution_options(preserve_rowcount=True))  # an INSERT's rowcount is kept only when asked for
+    return (
+        table.insert()
+        .from_select(columns, sa.select(*values).select_from(jobs).where(held(lease)))
+        .execution_options(preserve_rowcount=True)
+    )  # an INSERT's rowcount is kept only when asked for
 
 
 def _sqlite_pragmas(connection, _record) -> None:

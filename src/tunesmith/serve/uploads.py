@@ -6,6 +6,7 @@ caller encrypts it before anything touches the disk. The form holds one `file` p
 a second file part is refused, other fields are skipped unread, and the whole body (not each part) is bounded
 by the upload limit plus FORM_OVERHEAD.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,15 +34,20 @@ class Part:
         return b"".join(self.chunks)
 
 
-async def read_form(content_type: str, body: AsyncIterator[bytes], limit: int,
-                    content_length: str = "") -> dict[str, Part]:
+async def read_form(
+    content_type: str, body: AsyncIterator[bytes], limit: int, content_length: str = ""
+) -> dict[str, Part]:
     """The form's `file` and `purpose` parts. `limit` bounds the file; the whole body may add FORM_OVERHEAD."""
     kind, options = parse_options_header(content_type or "")
     if kind != b"multipart/form-data" or b"boundary" not in options:
         raise ApiError(400, "uploads are multipart/form-data with fields 'file' and 'purpose'", "file")
     total_limit = limit + FORM_OVERHEAD
-    too_large = ApiError(413, f"File too large: the limit is {limit} bytes, and {total_limit} for the whole form",
-                         "file", "file_too_large")
+    too_large = ApiError(
+        413,
+        f"File too large: the limit is {limit} bytes, and {total_limit} for the whole form",
+        "file",
+        "file_too_large",
+    )
     if content_length.isdigit() and int(content_length) > total_limit:
         raise too_large  # refused before a byte of it is read
     parts: dict[str, Part] = {}
@@ -63,11 +69,14 @@ async def read_form(content_type: str, body: AsyncIterator[bytes], limit: int,
         if b"filename" in disposition:
             part.filename = disposition[b"filename"].decode("utf-8", "replace")
         if part.filename is not None and part.name != "file":
-            raise ApiError(400, f"Unexpected file part '{part.name}': an upload carries one file, in the part "
-                                f"named 'file', and its 'purpose'", "file")
+            raise ApiError(
+                400,
+                f"Unexpected file part '{part.name}': an upload carries one file, in the part "
+                f"named 'file', and its 'purpose'",
+                "file",
+            )
         if part.name in parts:
-            raise ApiError(400, f"The form has more than one '{part.name}' part; fix: send one per upload",
-                           part.name)
+            raise ApiError(400, f"The form has more than one '{part.name}' part; fix: send one per upload", part.name)
         state["part"], state["headers"] = part, {}
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
@@ -76,8 +85,12 @@ async def read_form(content_type: str, body: AsyncIterator[bytes], limit: int,
             return  # skipped unread; the whole body's bound still counts it
         part.size += end - start
         if part.filename is None and part.size > FIELD_LIMIT:
-            raise ApiError(400, f"Invalid '{part.name}': the field is over {FIELD_LIMIT} bytes; fix: send a "
-                                f"purpose such as 'fine-tune'", part.name)
+            raise ApiError(
+                400,
+                f"Invalid '{part.name}': the field is over {FIELD_LIMIT} bytes; fix: send a "
+                f"purpose such as 'fine-tune'",
+                part.name,
+            )
         if part.size > limit:
             raise ApiError(413, f"File too large: the limit is {limit} bytes", "file", "file_too_large")
         part.chunks.append(bytes(data[start:end]))
@@ -86,9 +99,17 @@ async def read_form(content_type: str, body: AsyncIterator[bytes], limit: int,
         if state["part"].name in KEPT_FIELDS:
             parts[state["part"].name] = state["part"]
 
-    parser = MultipartParser(options[b"boundary"], {
-        "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
-        "on_headers_finished": on_headers_finished, "on_part_data": on_part_data, "on_part_end": on_part_end})
+    parser = MultipartParser(
+        options[b"boundary"],
+        {
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
     size = 0
     try:
         async for chunk in body:

@@ -17,6 +17,7 @@ anything: once it learns it lost the job, it stops its run and leaves. On one ma
 locked too: the worker takes an exclusive flock on its lock file, which the run's process inherits, and the
 next attempt waits until neither is left before it prepares the directory or starts `train` there.
 """
+
 from __future__ import annotations
 
 import io
@@ -57,8 +58,14 @@ class CancelRequested(Exception):
 
 
 class Worker:
-    def __init__(self, service: Service, concurrency: int = 1, lease_seconds: float = LEASE_SECONDS,
-                 poll_seconds: float = POLL_SECONDS, name: str | None = None):
+    def __init__(
+        self,
+        service: Service,
+        concurrency: int = 1,
+        lease_seconds: float = LEASE_SECONDS,
+        poll_seconds: float = POLL_SECONDS,
+        name: str | None = None,
+    ):
         self.service, self.store = service, service.store
         self.concurrency, self.lease_seconds, self.poll_seconds = concurrency, lease_seconds, poll_seconds
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
@@ -73,7 +80,9 @@ class Worker:
                 lease = self.store.lease(self.name, self.lease_seconds)
                 if lease is None:
                     break
-                thread = threading.Thread(target=self.run_job, args=(lease,), name=f"job {lease.job['id']}", daemon=True)
+                thread = threading.Thread(
+                    target=self.run_job, args=(lease,), name=f"job {lease.job['id']}", daemon=True
+                )
                 # by epoch: a stalled thread of this worker may still be leaving an attempt of the same job
                 self.running[f"{lease.job['id']}#{lease.epoch}"] = thread
                 thread.start()
@@ -92,8 +101,12 @@ class Worker:
         try:
             return run.execute()
         except Exception as error:  # a bug of ours: the job fails with the reason, the worker goes on
-            return run.end("failed", {"error": {"code": "server_error", "message": str(error), "param": None}},
-                           f"Worker error: {type(error).__name__}: {error}", level="error")
+            return run.end(
+                "failed",
+                {"error": {"code": "server_error", "message": str(error), "param": None}},
+                f"Worker error: {type(error).__name__}: {error}",
+                level="error",
+            )
         finally:
             run.release_scratch()
 
@@ -117,10 +130,13 @@ class JobRun:
             if self.lock_scratch()["cancel_requested"]:  # cancelled before this attempt could start
                 return self.end("cancelled", {}, "Fine-tuning job cancelled")
             resumed = self.prepare()
-            self.service.audit(job["project_id"], "worker", "job.start", [job["id"]], worker=self.worker.name,
-                               attempt=job["attempts"])
+            self.service.audit(
+                job["project_id"], "worker", "job.start", [job["id"]], worker=self.worker.name, attempt=job["attempts"]
+            )
             where = f" (resumed, attempt {job['attempts']})" if resumed else ""
-            self.add_event(f"Fine-tuning job started on worker {self.worker.name}{where}", key=f"start-{job['attempts']}")
+            self.add_event(
+                f"Fine-tuning job started on worker {self.worker.name}{where}", key=f"start-{job['attempts']}"
+            )
             command = ["train", "config.yaml"] + (["--nproc", str(job["processes"])] if job["processes"] > 1 else [])
             process = self.launch(command, "train.log")
             try:
@@ -164,8 +180,10 @@ class JobRun:
             if self.lock is not None:
                 return current
             if not waited:
-                self.add_event("Waiting for the previous attempt's process to leave the scratch directory",
-                               key=f"scratch-wait-{self.lease.epoch}")
+                self.add_event(
+                    "Waiting for the previous attempt's process to leave the scratch directory",
+                    key=f"scratch-wait-{self.lease.epoch}",
+                )
                 waited = True
             time.sleep(self.worker.poll_seconds)
             current = self.store.renew(self.lease, self.worker.lease_seconds)
@@ -188,8 +206,10 @@ class JobRun:
             shutil.rmtree(directory / "run", ignore_errors=True)
             self.service.blobs.extract_tree(sealed, directory / "run")
             self.sealed_step = max(checkpoint_steps(directory / "run"), default=0)
-            self.add_event(f"Restored the run from its sealed checkpoint at step {self.sealed_step}",
-                           key=f"restore-{self.job['attempts']}")
+            self.add_event(
+                f"Restored the run from its sealed checkpoint at step {self.sealed_step}",
+                key=f"restore-{self.job['attempts']}",
+            )
         resumed = bool(checkpoint_steps(directory / "run"))
         paths = {}
         for param in ("training_file", "validation_file"):
@@ -204,8 +224,9 @@ class JobRun:
         config_path = directory / "config.yaml"
         if not config_path.exists():  # a resume keeps the config it started with (train refuses a changed one)
             base_spec = self.service.base_models[self.job["model"]]
-            config = job_spec.build_config(self.job, base_spec, paths["training_file"], paths.get("validation_file"),
-                                           self.job["resolved"])
+            config = job_spec.build_config(
+                self.job, base_spec, paths["training_file"], paths.get("validation_file"), self.job["resolved"]
+            )
             config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         return resumed
 
@@ -213,9 +234,16 @@ class JobRun:
         """`tunesmith ARGUMENTS` in the scratch directory, in its own process group, output to `log_name`. It
         inherits the scratch lock: the directory stays locked while it lives, even past this worker."""
         with open(self.directory / log_name, "ab") as log:
-            return subprocess.Popen([*TUNESMITH, *arguments], cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, preexec_fn=die_with_parent, pass_fds=(self.lock,),
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            return subprocess.Popen(
+                [*TUNESMITH, *arguments],
+                cwd=self.directory,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+                pass_fds=(self.lock,),
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
 
     def evaluate(self) -> str:
         """The fine-tuned model against its base on the validation file (`tunesmith eval`, with 95% intervals).
@@ -223,17 +251,38 @@ class JobRun:
         alone. Returns the outcome, as `supervise`."""
         job = self.job
         task = "preference" if job["method"] == "dpo" else "perplexity"
-        self.add_event(f"Evaluating the fine-tuned model against its base on the validation file ({task}, up to "
-                       f"{EVAL_MAX_EXAMPLES} examples)", key="eval-start")
-        process = self.launch(["eval", "run", "--data", "data/validation_file.jsonl", "--task", task, "--baseline",
-                               "base", "--output", "eval", "--max-examples", str(EVAL_MAX_EXAMPLES)], "eval.log")
+        self.add_event(
+            f"Evaluating the fine-tuned model against its base on the validation file ({task}, up to "
+            f"{EVAL_MAX_EXAMPLES} examples)",
+            key="eval-start",
+        )
+        process = self.launch(
+            [
+                "eval",
+                "run",
+                "--data",
+                "data/validation_file.jsonl",
+                "--task",
+                task,
+                "--baseline",
+                "base",
+                "--output",
+                "eval",
+                "--max-examples",
+                str(EVAL_MAX_EXAMPLES),
+            ],
+            "eval.log",
+        )
         outcome = self.supervise(process)
         report = self.directory / "eval" / "eval.json"
         if outcome != "exited":
             return outcome
         if process.returncode != 0 or not report.is_file():
-            self.add_event(f"Evaluation failed (exit {process.returncode}): {self.log_tail('eval.log')}",
-                           level="warning", key="eval-failed")
+            self.add_event(
+                f"Evaluation failed (exit {process.returncode}): {self.log_tail('eval.log')}",
+                level="warning",
+                key="eval-failed",
+            )
             return outcome
         result = json.loads(report.read_text(encoding="utf-8"))
         model_id = job_spec.fine_tuned_name(job)
@@ -241,10 +290,14 @@ class JobRun:
         result.update(target=model_id, data=job["validation_file"])
         result.pop("run", None)
         self.check_lease()
-        self.result_file = self.service.add_result_file(job["project_id"], f"{job['id']}-eval.json",
-                                                        json.dumps(result, indent=1, ensure_ascii=False).encode())
-        self.add_event(f"Evaluation on {result['n']} validation examples: {headline(result)}",
-                       data={"file": self.result_file, "task": task, "n": result["n"]}, key="eval-done")
+        self.result_file = self.service.add_result_file(
+            job["project_id"], f"{job['id']}-eval.json", json.dumps(result, indent=1, ensure_ascii=False).encode()
+        )
+        self.add_event(
+            f"Evaluation on {result['n']} validation examples: {headline(result)}",
+            data={"file": self.result_file, "task": task, "n": result["n"]},
+            key="eval-done",
+        )
         return outcome
 
     def supervise(self, process: subprocess.Popen) -> str:
@@ -265,7 +318,9 @@ class JobRun:
                     stop(process, CANCEL_GRACE_SECONDS)
                     return "cancelled"
         except BaseException as error:
-            stop(process, CANCEL_GRACE_SECONDS)  # the job is another worker's now (or a bug of ours): the run must not go on unwatched
+            stop(
+                process, CANCEL_GRACE_SECONDS
+            )  # the job is another worker's now (or a bug of ours): the run must not go on unwatched
             if isinstance(error, LeaseLost):
                 return "lost"
             raise
@@ -279,7 +334,10 @@ class JobRun:
             with metrics.open("rb") as handle:
                 # A resumed run rewrites its log (the lines past its checkpoint go): if the last line read is no
                 # longer where it was, read from the start again; events already stored are not stored twice.
-                if self.metrics_read and bytes_at(handle, self.metrics_read - len(self.last_line), len(self.last_line)) != self.last_line:
+                if (
+                    self.metrics_read
+                    and bytes_at(handle, self.metrics_read - len(self.last_line), len(self.last_line)) != self.last_line
+                ):
                     self.metrics_read = 0
                 handle.seek(self.metrics_read)
                 data = handle.read()
@@ -323,8 +381,12 @@ class JobRun:
                 if not (folder / "state.json").is_file() or max(checkpoint_steps(run), default=step) > step:
                     continue
                 files = {}
-                self.add_event(f"Checkpoint step {step} cannot be served: its adapter was not stored "
-                               f"({type(error).__name__}: {error})", level="warning", key=f"checkpoint-adapter-{step}")
+                self.add_event(
+                    f"Checkpoint step {step} cannot be served: its adapter was not stored "
+                    f"({type(error).__name__}: {error})",
+                    level="warning",
+                    key=f"checkpoint-adapter-{step}",
+                )
             for name, data in files.items():
                 self.put_blob(self.service.adapter_blob(self.job["id"], name, step), io.BytesIO(data))
             self.store.add_checkpoint(self.job["id"], step, self.checkpoint_metrics(step), lease=self.lease)
@@ -355,20 +417,31 @@ class JobRun:
             return
         if row.get("event") == "data":  # the run's opening line: what it trains on, how long, on how many processes
             data = {key: row.get(key) for key in ("total_steps", "processes", "examples", "rows")}
-            self.add_event(f"Training {data['total_steps']} steps on {data['processes']} process(es)", data=data,
-                           key="data")
+            self.add_event(
+                f"Training {data['total_steps']} steps on {data['processes']} process(es)", data=data, key="data"
+            )
             return
         self.last_metrics = {**getattr(self, "last_metrics", {}), "step": step}
         if "loss" in row:
             self.last_metrics["train_loss"] = row["loss"]
-            data = {"step": step, "train_loss": row["loss"], "total_steps": row.get("total_steps"),
-                    "tokens_per_s": row.get("tokens_per_s"), "lr": row.get("lr")}
-            self.add_event(f"Step {step}: training loss={row['loss']:.4f}", type="metrics", data=data,
-                           key=f"train-{step}")
+            data = {
+                "step": step,
+                "train_loss": row["loss"],
+                "total_steps": row.get("total_steps"),
+                "tokens_per_s": row.get("tokens_per_s"),
+                "lr": row.get("lr"),
+            }
+            self.add_event(
+                f"Step {step}: training loss={row['loss']:.4f}", type="metrics", data=data, key=f"train-{step}"
+            )
         if "val_loss" in row:
             self.last_metrics["valid_loss"] = row["val_loss"]
-            self.add_event(f"Step {step}: validation loss={row['val_loss']:.4f}", type="metrics",
-                           data={"step": step, "valid_loss": row["val_loss"]}, key=f"val-{step}")
+            self.add_event(
+                f"Step {step}: validation loss={row['val_loss']:.4f}",
+                type="metrics",
+                data={"step": step, "valid_loss": row["val_loss"]},
+                key=f"val-{step}",
+            )
 
     def checkpoint_metrics(self, step: int) -> dict[str, Any]:
         known = getattr(self, "last_metrics", {})
@@ -386,8 +459,12 @@ class JobRun:
             if returncode != 0:
                 message = self.log_tail()
                 code = "invalid_training_file" if returncode == USER_ERROR_EXIT else "training_failed"
-                return self.end("failed", {"error": {"code": code, "message": message, "param": None}},
-                                f"Training failed (exit {returncode}): {message}", level="error")
+                return self.end(
+                    "failed",
+                    {"error": {"code": code, "message": message, "param": None}},
+                    f"Training failed (exit {returncode}): {message}",
+                    level="error",
+                )
             model_id = job_spec.fine_tuned_name(job)
             for name in ADAPTER_FILES:
                 with open(self.directory / "run" / "adapter" / name, "rb") as source:
@@ -397,11 +474,23 @@ class JobRun:
         values = {"fine_tuned_model": model_id, "trained_tokens": self.trained_tokens()}
         if self.result_file is not None:
             values["result_files"] = [self.result_file]
-        return self.end("succeeded", values, f"The job has successfully completed: {model_id}", key="succeeded",
-                        model={"id": model_id, "base": job["model"]})
+        return self.end(
+            "succeeded",
+            values,
+            f"The job has successfully completed: {model_id}",
+            key="succeeded",
+            model={"id": model_id, "base": job["model"]},
+        )
 
-    def end(self, status: str, values: dict[str, Any], message: str, level: str = "info", key: str | None = None,
-            model: dict[str, Any] | None = None) -> str:
+    def end(
+        self,
+        status: str,
+        values: dict[str, Any],
+        message: str,
+        level: str = "info",
+        key: str | None = None,
+        model: dict[str, Any] | None = None,
+    ) -> str:
         """Conclude the job: its audit record first, then the fenced finish (for a success, with the model's row
         in the same transaction), then the closing event and the run's erasure. Returns the status; "lost" when
         another worker holds the job now (the trail then says `job.STATUS.failed`); "unfinished" when the audit
@@ -430,8 +519,11 @@ class JobRun:
     def unaudited(self, error: ApiError) -> str:
         """The audit log cannot be written: leave the job unfinished, to be taken up again when the lease runs out."""
         try:
-            self.add_event(f"{error.message} (the job waits, and is taken up again once this attempt's lease runs "
-                           f"out)", level="error", key=f"unaudited-{self.lease.epoch}")
+            self.add_event(
+                f"{error.message} (the job waits, and is taken up again once this attempt's lease runs out)",
+                level="error",
+                key=f"unaudited-{self.lease.epoch}",
+            )
         except LeaseLost:
             return "lost"
         return "unfinished"

@@ -9,6 +9,7 @@ process writes its own shard file, and a load reshards them for however many pro
 more than wrote them). Its own metadata format is pickled, so it is not used: the safetensors headers hold
 the shard offsets, and everything that is not a tensor is JSON.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ import torch
 
 from tunesmith.rundir import BEST_DIR, OPTIMIZER, STEP_DIR, WEIGHTS, numbered, read_shards
 from tunesmith.train.distributed import ONE_PROCESS, World
+
 
 @dataclass
 class TrainState:
@@ -69,7 +71,9 @@ def _options() -> Any:
     return StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True, strict=False)
 
 
-def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def _state_dicts(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The trainable weights and the optimizer state, flat, keyed by parameter name: in this process's layout
     (whole tensors; DTensor shards under FSDP), which torch.distributed.checkpoint reshards on load."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
@@ -84,8 +88,10 @@ def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 
 
 def _tensors(weights: dict[str, Any], optimizer: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {**{WEIGHTS + key: value for key, value in weights.items()},
-            **{OPTIMIZER + key: value for key, value in optimizer.items() if isinstance(value, torch.Tensor)}}
+    return {
+        **{WEIGHTS + key: value for key, value in weights.items()},
+        **{OPTIMIZER + key: value for key, value in optimizer.items() if isinstance(value, torch.Tensor)},
+    }
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], directory: Path) -> None:
@@ -95,8 +101,11 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path) -> None:
 
     with warnings.catch_warnings():  # one process: torch warns it is "assuming" what we asked for
         warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
-        dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(directory), save_distributed=True),
-                 no_dist=not torch.distributed.is_initialized())
+        dcp.save(
+            tensors,
+            storage_writer=dcp.HuggingFaceStorageWriter(str(directory), save_distributed=True),
+            no_dist=not torch.distributed.is_initialized(),
+        )
 
 
 def rng_state() -> dict[str, Any]:
@@ -135,23 +144,35 @@ def _finish_writing(temporary: Path, final: Path, world: World) -> Path:
     return final
 
 
-def save_checkpoint(directory: Path, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: TrainState, world: World = ONE_PROCESS) -> Path:
+def save_checkpoint(
+    directory: Path,
+    name: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+    world: World = ONE_PROCESS,
+) -> Path:
     """Write checkpoints/<name>/ atomically (every rank its shards, in parallel) and return its path."""
     final, temporary = _start_writing(directory, name, world)
     weights, optimizer_state = _state_dicts(model, optimizer)
     _write_shards(_tensors(weights, optimizer_state), temporary)
-    _write_json(temporary / f"rng-{world.rank}.json", rng_state())  # each rank's: dropout and sampling go on as they were
+    _write_json(
+        temporary / f"rng-{world.rank}.json", rng_state()
+    )  # each rank's: dropout and sampling go on as they were
     if world.main:
-        _write_json(temporary / "optimizer.json", {key: value for key, value in optimizer_state.items()
-                                                   if not isinstance(value, torch.Tensor)})
+        _write_json(
+            temporary / "optimizer.json",
+            {key: value for key, value in optimizer_state.items() if not isinstance(value, torch.Tensor)},
+        )
         _write_json(temporary / "scheduler.json", scheduler.state_dict())
         _write_json(temporary / "state.json", {**asdict(state), "processes": world.size})
     return _finish_writing(temporary, final, world)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    world: World = ONE_PROCESS) -> TrainState:
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, world: World = ONE_PROCESS
+) -> TrainState:
     """Restore a checkpoint written by any number of processes. The random state is restored for the ranks
     that wrote one; on more processes than before, the new ranks keep their seeded state."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
@@ -160,11 +181,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     tensors = _tensors(weights, optimizer_state)
     read_shards(tensors, path)
     scalars = json.loads((path / "optimizer.json").read_text())
-    set_state_dict(model, optimizer,
-                   model_state_dict={key: tensors[WEIGHTS + key] for key in weights},
-                   optim_state_dict={**scalars, **{key: tensors[OPTIMIZER + key] for key in optimizer_state
-                                                   if OPTIMIZER + key in tensors}},
-                   options=_options())
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict={key: tensors[WEIGHTS + key] for key in weights},
+        optim_state_dict={
+            **scalars,
+            **{key: tensors[OPTIMIZER + key] for key in optimizer_state if OPTIMIZER + key in tensors},
+        },
+        options=_options(),
+    )
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     if (path / f"rng-{world.rank}.json").exists():
         load_rng_state(json.loads((path / f"rng-{world.rank}.json").read_text()))

@@ -15,6 +15,7 @@ Scaling by T^2 keeps the KD gradients the size of the cross-entropy's as T grows
 Logits exist for HEAD_CHUNK target positions at a time, and in training each chunk is recomputed in
 backward (activation checkpointing), so no (tokens, vocab) matrix is ever held, not even for backward.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,8 @@ from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.packing import IGNORE, Batch, collate, consecutive_runs
 from tunesmith.data.tokenize import TokenizedExample
-from tunesmith.registry import distill_losses
 from tunesmith.engine.forward import HEAD_CHUNK, decoder_and_head, hidden_states, target_logits
+from tunesmith.registry import distill_losses
 from tunesmith.train.step import Objective
 
 Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student, teacher) log-probs (N, S) -> sum
@@ -63,8 +64,9 @@ class LiveTeacher:
         """(N, H_teacher) teacher hidden states at the batch's target positions; the head is applied per chunk."""
         return (hidden_states(self.model, batch)[batch.targets != IGNORE],)
 
-    def log_probs(self, student_logits: torch.Tensor, rows: tuple[torch.Tensor, ...],
-                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_probs(
+        self, student_logits: torch.Tensor, rows: tuple[torch.Tensor, ...], temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         (teacher_hidden,) = rows
         with torch.no_grad():
             teacher_logits = self.head(teacher_hidden)  # (n, V)
@@ -79,7 +81,10 @@ class CachedTeacher:
     """
 
     def __init__(self, logprobs: torch.Tensor, indices: torch.Tensor, keys: list[str], counts: list[int]):
-        self.logprobs, self.indices = logprobs, indices  # (P, k) float32, (P, k) int32: every example's targets, in order
+        self.logprobs, self.indices = (
+            logprobs,
+            indices,
+        )  # (P, k) float32, (P, k) int32: every example's targets, in order
         offsets = [0]
         for count in counts:
             offsets.append(offsets[-1] + count)
@@ -91,15 +96,18 @@ class CachedTeacher:
         spans = []
         for key in segment_keys(batch):
             if key not in self.spans:
-                raise RuntimeError("a training example is missing from the teacher cache; the cache was built from "
-                                   "other data (delete RUN/teacher-cache/ to rebuild it)")
+                raise RuntimeError(
+                    "a training example is missing from the teacher cache; the cache was built from "
+                    "other data (delete RUN/teacher-cache/ to rebuild it)"
+                )
             spans.append(torch.arange(*self.spans[key]))
         picks = torch.cat(spans)
         device = batch.targets.device
         return self.logprobs[picks].to(device), self.indices[picks].to(device, torch.long)
 
-    def log_probs(self, student_logits: torch.Tensor, rows: tuple[torch.Tensor, ...],
-                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_probs(
+        self, student_logits: torch.Tensor, rows: tuple[torch.Tensor, ...], temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # Both renormalised over the teacher's k tokens: log_softmax(log p / T) over k is the top-k of
         # softmax(z / T) renormalised, since log p = z - logsumexp(z) and the constant cancels.
         logprobs, indices = rows
@@ -130,12 +138,13 @@ class Distiller(Objective):
                 total = total + self.chunk_loss(*args)
         return total
 
-    def chunk_loss(self, head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                   *teacher_rows: torch.Tensor) -> torch.Tensor:
+    def chunk_loss(
+        self, head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *teacher_rows: torch.Tensor
+    ) -> torch.Tensor:
         logits = head(hidden).float()  # (n, V)
         cross_entropy = F.cross_entropy(logits, targets, reduction="sum")
         student, teacher = self.teacher.log_probs(logits, teacher_rows, self.temperature)
-        distill = self.divergence(student, teacher) * self.temperature ** 2
+        distill = self.divergence(student, teacher) * self.temperature**2
         return (1.0 - self.alpha) * cross_entropy + self.alpha * distill
 
 
@@ -155,8 +164,9 @@ def segment_keys(batch: Batch) -> list[str]:
 
 
 @torch.no_grad()
-def teacher_top_k(teacher: torch.nn.Module, examples: list[TokenizedExample], top_k: int, device: torch.device,
-                  max_tokens: int) -> dict[str, torch.Tensor]:
+def teacher_top_k(
+    teacher: torch.nn.Module, examples: list[TokenizedExample], top_k: int, device: torch.device, max_tokens: int
+) -> dict[str, torch.Tensor]:
     """The teacher's top-k log-probabilities (T = 1) and token ids at every target position of `examples`, in
     order: {"logprobs": (P, k) float32, "indices": (P, k) int32}, P the examples' target count."""
     teacher.eval()

@@ -10,6 +10,7 @@ number of processes: each process takes every N-th row of the step. Ranks must m
 passes (FSDP gathers parameters in every forward), so a rank with fewer micro-batches pads with copies that
 count for nothing (`Batch.filler`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -82,7 +83,7 @@ class World:
         """This rank's items (every size-th, from its rank), padded to the same count on every rank.
 
         Each comes with `real`: False marks a filler copy, there only so every rank makes as many passes."""
-        mine = list(items[self.rank::self.size])
+        mine = list(items[self.rank :: self.size])
         count = -(-len(items) // self.size)
         filler = mine[0] if mine else (items[0] if items else None)
         return [(item, True) for item in mine] + [(filler, False)] * (count - len(mine) if filler is not None else 0)
@@ -101,7 +102,9 @@ ONE_PROCESS = World()
 
 def current_world() -> World:
     """The world torchrun describes in the environment (one process when it is not set)."""
-    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    return World(
+        int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    )
 
 
 def start(device: torch.device) -> World:
@@ -118,23 +121,50 @@ def check_settings(config: Any, world: World, device: torch.device) -> None:
     """Settings that several processes (or this device) cannot honour, every one reported before any compute."""
     train, problems = config.train, []
     if train.cpu_offload and train.parallel != "fsdp":
-        problems.append(Problem("train.cpu_offload", f"true offloads FSDP's shards, and train.parallel={train.parallel}; "
-                                                     f"fix: set train.parallel=fsdp, or remove train.cpu_offload"))
+        problems.append(
+            Problem(
+                "train.cpu_offload",
+                f"true offloads FSDP's shards, and train.parallel={train.parallel}; "
+                f"fix: set train.parallel=fsdp, or remove train.cpu_offload",
+            )
+        )
     elif train.cpu_offload and device.type != "cuda":
-        problems.append(Problem("train.cpu_offload", "true keeps FSDP's shards in CPU memory between GPU passes, and "
-                                                     "this run trains on the CPU already; fix: remove train.cpu_offload"))
+        problems.append(
+            Problem(
+                "train.cpu_offload",
+                "true keeps FSDP's shards in CPU memory between GPU passes, and "
+                "this run trains on the CPU already; fix: remove train.cpu_offload",
+            )
+        )
     if world.distributed and train.unfreeze is not None:
-        problems.append(Problem("train.unfreeze", "gradual unfreezing changes which weights train mid-run, and DDP and "
-                                                  "FSDP fix that set when they start; fix: remove train.unfreeze, or "
-                                                  "train on one process"))
+        problems.append(
+            Problem(
+                "train.unfreeze",
+                "gradual unfreezing changes which weights train mid-run, and DDP and "
+                "FSDP fix that set when they start; fix: remove train.unfreeze, or "
+                "train on one process",
+            )
+        )
     if world.distributed and train.parallel == "fsdp":
-        fsdp = [("adapter.type", config.adapter.type == "qlora", "qlora: FSDP cannot shard 4-bit weights; fix: use "
-                 "adapter.type=lora, or train.parallel=ddp"),
-                ("train.regularization", bool(train.regularization.l2_sp or train.regularization.l1_sp),
-                 "L2-SP/L1-SP anchors each weight whole, and FSDP shards them; fix: set train.parallel=ddp"),
-                ("eval.every", bool(config.eval.every), f"{config.eval.every}: the in-training eval generates on one "
-                 f"process, and FSDP's weights are spread over all of them; fix: set train.parallel=ddp, or unset "
-                 f"eval.every and run `tunesmith eval` on the finished run")]
+        fsdp = [
+            (
+                "adapter.type",
+                config.adapter.type == "qlora",
+                "qlora: FSDP cannot shard 4-bit weights; fix: use adapter.type=lora, or train.parallel=ddp",
+            ),
+            (
+                "train.regularization",
+                bool(train.regularization.l2_sp or train.regularization.l1_sp),
+                "L2-SP/L1-SP anchors each weight whole, and FSDP shards them; fix: set train.parallel=ddp",
+            ),
+            (
+                "eval.every",
+                bool(config.eval.every),
+                f"{config.eval.every}: the in-training eval generates on one "
+                f"process, and FSDP's weights are spread over all of them; fix: set train.parallel=ddp, or unset "
+                f"eval.every and run `tunesmith eval` on the finished run",
+            ),
+        ]
         problems += [Problem(key, message) for key, applies, message in fsdp if applies]
     if problems:
         raise UserError(f"the config cannot run on {world.size} process{'es' if world.distributed else ''}", problems)
@@ -156,8 +186,14 @@ class Runner(torch.nn.Module):
         return fn(self.model, *args)
 
 
-def wrap(model: torch.nn.Module, world: World, parallel: str, amp_dtype: torch.dtype | None,
-         cpu_offload: bool, layers: Sequence[torch.nn.Module]) -> torch.nn.Module:
+def wrap(
+    model: torch.nn.Module,
+    world: World,
+    parallel: str,
+    amp_dtype: torch.dtype | None,
+    cpu_offload: bool,
+    layers: Sequence[torch.nn.Module],
+) -> torch.nn.Module:
     """The runner to train through: plain for one process, DDP, or FSDP2 with each of `layers` sharded apart."""
     runner = Runner(model)
     if not world.distributed:

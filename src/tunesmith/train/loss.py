@@ -6,6 +6,7 @@ all at once. For training, `HeadCrossEntropy` goes further: it computes each chu
 forward pass and keeps only that (tokens x hidden), so no logits or log-softmax outputs are saved for
 backward (two (tokens, vocab) fp32 matrices per chunk otherwise).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -81,8 +82,11 @@ class HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, upstream: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * upstream.to(grad_hidden.dtype) if grad_hidden is not None else None,
-                grad_weight * upstream.to(grad_weight.dtype) if grad_weight is not None else None, None)
+        return (
+            grad_hidden * upstream.to(grad_hidden.dtype) if grad_hidden is not None else None,
+            grad_weight * upstream.to(grad_weight.dtype) if grad_weight is not None else None,
+            None,
+        )
 
 
 def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:

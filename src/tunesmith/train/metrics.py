@@ -1,4 +1,5 @@
 """metrics.jsonl (one JSON object per logged step or evaluation) and the progress bar."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,11 @@ class MetricsLog:
         if resume_step is None:
             path.write_text("", encoding="utf-8")
         elif path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:

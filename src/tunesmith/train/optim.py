@@ -1,4 +1,5 @@
 """Optimizer and learning-rate schedule. Schedule shapes are registered functions of progress in [0, 1]."""
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,9 @@ def warmup_steps(config: TrainConfig, total_steps: int) -> int:
     return int(config.warmup) if config.warmup >= 1 else round(config.warmup * total_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to the peak lr, then the chosen shape down over the remaining steps."""
     warmup = warmup_steps(config, total_steps)
     shape = schedules.get(config.schedule, key="train.schedule")

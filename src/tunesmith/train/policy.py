@@ -1,6 +1,7 @@
 """The policy as RL scores it: each reply token's log-probability (differentiable, at the sampling temperature)
 and entropy, the reference it is kept near (the adapter switched off, or a frozen copy), and PPO's value head.
 """
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,10 @@ from tunesmith.engine.forward import HEAD_CHUNK, decoder_and_head, hidden_states
 from tunesmith.models import load_model
 from tunesmith.train.preference import head_logprobs
 
-def policy_outputs(model: torch.nn.Module, batch: Batch, temperature: float,
-                   value_head: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+
+def policy_outputs(
+    model: torch.nn.Module, batch: Batch, temperature: float, value_head: torch.nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(N,) log-probabilities of the batch's target tokens at `temperature`, differentiable, and the value head's
     (N,) values at the same positions (the state before each reply token), or None."""
     keep = batch.targets[0] != IGNORE
@@ -22,8 +25,9 @@ def policy_outputs(model: torch.nn.Module, batch: Batch, temperature: float,
 
 
 @torch.no_grad()
-def token_statistics(model: torch.nn.Module, batch: Batch, temperature: float, value_head: torch.nn.Module | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def token_statistics(
+    model: torch.nn.Module, batch: Batch, temperature: float, value_head: torch.nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(log-probabilities, entropies, values or None), each (N,) over the batch's target tokens; no gradient,
     dropout off. The entropy is the tempered policy's at each position, in nats."""
     was_training = model.training
@@ -34,8 +38,8 @@ def token_statistics(model: torch.nn.Module, batch: Batch, temperature: float, v
         hidden, targets = hidden_states(model, batch)[0][keep], batch.targets[0][keep]
         logprobs, entropies = [], []
         for start in range(0, targets.shape[0], HEAD_CHUNK):
-            all_logprobs = torch.log_softmax(head(hidden[start: start + HEAD_CHUNK]).float() / temperature, dim=-1)
-            logprobs.append(all_logprobs.gather(1, targets[start: start + HEAD_CHUNK, None]).squeeze(1))
+            all_logprobs = torch.log_softmax(head(hidden[start : start + HEAD_CHUNK]).float() / temperature, dim=-1)
+            logprobs.append(all_logprobs.gather(1, targets[start : start + HEAD_CHUNK, None]).squeeze(1))
             entropies.append(-(all_logprobs.exp() * all_logprobs).sum(dim=-1))
         values = value_head(hidden).float() if value_head is not None else None
         return torch.cat(logprobs), torch.cat(entropies), values
@@ -73,8 +77,9 @@ class ValueHead(torch.nn.Module):
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.layers = torch.nn.Sequential(torch.nn.Linear(hidden_size, hidden_size), torch.nn.GELU(),
-                                          torch.nn.Linear(hidden_size, 1))
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(hidden_size, hidden_size), torch.nn.GELU(), torch.nn.Linear(hidden_size, 1)
+        )
         torch.nn.init.zeros_(self.layers[2].weight)
         torch.nn.init.zeros_(self.layers[2].bias)
 

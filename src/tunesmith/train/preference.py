@@ -13,6 +13,7 @@ the implicit reward's log-ratio. Every loss is a small registered function of th
 IPO's log-ratios are averaged over each reply's tokens (registered with `per_token=True`), as its authors'
 reported results use (and TRL does); with sums its squared loss grows with reply length.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -64,8 +65,9 @@ class HeadTokenLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logprobs = torch.empty(targets.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32),
-                               device=hidden.device)
+        logprobs = torch.empty(
+            targets.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device
+        )
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         head = weight.to(hidden.dtype)
         for chunk in head_softmax_chunks(hidden, head, targets):
@@ -81,13 +83,15 @@ class HeadTokenLogProbs(torch.autograd.Function):
         return (grad * upstream[:, None].to(grad.dtype) if grad is not None else None), None, None
 
 
-def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                    temperature: float = 1.0) -> torch.Tensor:
+def _chunk_logprobs(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     return -F.cross_entropy(head(hidden).float() / temperature, targets, reduction="none")
 
 
-def head_logprobs(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                  temperature: float = 1.0) -> torch.Tensor:
+def head_logprobs(
+    model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """(N,) log softmax(head(hidden) / temperature)[targets] for (N, H) hidden states, differentiable.
 
     RL samples at a temperature, so its log-probabilities are those of the tempered distribution."""
@@ -99,8 +103,11 @@ def head_logprobs(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.T
     for start in range(0, targets.shape[0], HEAD_CHUNK):
         chunk = slice(start, start + HEAD_CHUNK)
         args = (head, hidden[chunk], targets[chunk], temperature)
-        pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
-                      else _chunk_logprobs(*args))
+        pieces.append(
+            checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+            if torch.is_grad_enabled()
+            else _chunk_logprobs(*args)
+        )
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -140,8 +147,9 @@ class PreferenceObjective(Objective):
     accuracy), and the policy's log-probabilities of each side.
     """
 
-    def __init__(self, loss: PreferenceLoss, beta: float, label_smoothing: float, reference: Reference,
-                 per_token: bool = False):
+    def __init__(
+        self, loss: PreferenceLoss, beta: float, label_smoothing: float, reference: Reference, per_token: bool = False
+    ):
         self.loss, self.beta, self.label_smoothing, self.reference = loss, beta, label_smoothing, reference
         self.per_token = per_token  # the loss takes log-ratios averaged over each reply's tokens
 
@@ -160,7 +168,14 @@ class PreferenceObjective(Objective):
         else:
             losses = self.loss(chosen, rejected, self.beta, self.label_smoothing)
         chosen_reward, rejected_reward = chosen.detach() * self.beta, rejected.detach() * self.beta
-        self.record({"reward_accuracy": (chosen_reward > rejected_reward).float(),
-                     "reward_margin": chosen_reward - rejected_reward, "reward_chosen": chosen_reward,
-                     "reward_rejected": rejected_reward, "logp_chosen": policy[0::2], "logp_rejected": policy[1::2]})
+        self.record(
+            {
+                "reward_accuracy": (chosen_reward > rejected_reward).float(),
+                "reward_margin": chosen_reward - rejected_reward,
+                "reward_chosen": chosen_reward,
+                "reward_rejected": rejected_reward,
+                "logp_chosen": policy[0::2],
+                "logp_rejected": policy[1::2],
+            }
+        )
         return losses.sum()

@@ -1,4 +1,5 @@
 """The run directory: creating it, refusing to clobber another run, and finding where to resume."""
+
 from __future__ import annotations
 
 import json
@@ -8,18 +9,29 @@ from typing import Any
 
 import yaml
 
-from tunesmith.config.schema import Config
 from tunesmith.config.loading import write_config
+from tunesmith.config.schema import Config
 from tunesmith.errors import UserError
-from tunesmith.rundir import read_metrics
-from tunesmith.rundir import CONFIG_FILE, latest_checkpoint
+from tunesmith.rundir import CONFIG_FILE, latest_checkpoint, read_metrics
 
 # Keys a resumed run may change: they steer how long and how loudly it runs, not what it computes.
 # train.parallel and train.cpu_offload too: checkpoints reshard, so a run may resume under DDP or FSDP; and
 # output_dir, so a run directory moved elsewhere resumes there.
-RESUMABLE_CHANGES = {"output_dir", "train.resume", "train.progress", "train.max_steps", "train.epochs", "train.eval_every",
-                     "train.save_every", "train.keep_last", "train.log_every", "train.threads", "train.parallel",
-                     "train.cpu_offload", "eval"}
+RESUMABLE_CHANGES = {
+    "output_dir",
+    "train.resume",
+    "train.progress",
+    "train.max_steps",
+    "train.epochs",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.log_every",
+    "train.threads",
+    "train.parallel",
+    "train.cpu_offload",
+    "eval",
+}
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -54,13 +66,17 @@ def prepare_run_dir(config: Config, write: bool = True) -> Path | None:
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is not None:
         if config.train.resume == "never":
-            raise UserError(f"output_dir={run_dir} already holds checkpoints of a run; fix: choose another output_dir, "
-                            f"delete that one, or set train.resume=auto to continue it")
+            raise UserError(
+                f"output_dir={run_dir} already holds checkpoints of a run; fix: choose another output_dir, "
+                f"delete that one, or set train.resume=auto to continue it"
+            )
         saved = with_defaults(yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8")))
         changes = config_changes(saved, config.model_dump(mode="json"))
         if changes:
-            raise UserError(f"output_dir={run_dir} holds a run with a different config ({', '.join(changes)}), so it "
-                            f"cannot be resumed; fix: choose another output_dir or set train.resume=never with a new one")
+            raise UserError(
+                f"output_dir={run_dir} holds a run with a different config ({', '.join(changes)}), so it "
+                f"cannot be resumed; fix: choose another output_dir or set train.resume=never with a new one"
+            )
     if write:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(config, run_dir / CONFIG_FILE)

@@ -6,6 +6,7 @@ in the config without editing tunesmith, as `my_rewards.py:polite` (a file) or `
 (an importable module); tunesmith imports the module you name and nothing else. A function with a `field`
 argument reads that field of every row, so rows without it are refused before any compute.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -58,8 +59,9 @@ def number_match(prompt: Messages, response: str, fields: dict[str, Any], *, fie
 
 
 @reward_functions.register("contains")
-def contains(prompt: Messages, response: str, fields: dict[str, Any], *, text: str,
-             case_sensitive: bool = False) -> float:
+def contains(
+    prompt: Messages, response: str, fields: dict[str, Any], *, text: str, case_sensitive: bool = False
+) -> float:
     """1.0 when the reply contains `text`, else 0.0."""
     return float(text in response if case_sensitive else text.lower() in response.lower())
 
@@ -98,8 +100,9 @@ class Reward:
     def __init__(self, sources: list[RewardSource]):
         self.sources = sources
 
-    def __call__(self, prompts: list[Messages], responses: list[str],
-                 fields: list[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self, prompts: list[Messages], responses: list[str], fields: list[dict[str, Any]]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(N,) total rewards and {label: (N,) that source's scores}."""
         parts = {}
         for source in self.sources:
@@ -139,8 +142,9 @@ def model_scorer(spec: str) -> Scorer:
     scorer = RewardScorer.load(spec)
 
     def score(prompts: list[Messages], responses: list[str], fields: list[dict[str, Any]]) -> list[float]:
-        return scorer.score([prompt + [{"role": "assistant", "content": reply}]
-                             for prompt, reply in zip(prompts, responses)])
+        return scorer.score(
+            [prompt + [{"role": "assistant", "content": reply}] for prompt, reply in zip(prompts, responses)]
+        )
 
     return score
 
@@ -161,20 +165,26 @@ def resolve_function(name: str, key: str) -> Callable[..., float]:
         if module_name.endswith(".py"):
             path = Path(module_name).expanduser()
             if not path.is_file():
-                raise UserError(f"{key}: '{name}': the file {path} does not exist; fix: give the path of a .py file "
-                                f"(relative to {Path.cwd()}) and a function in it, as path/to/rewards.py:my_reward")
+                raise UserError(
+                    f"{key}: '{name}': the file {path} does not exist; fix: give the path of a .py file "
+                    f"(relative to {Path.cwd()}) and a function in it, as path/to/rewards.py:my_reward"
+                )
             spec = importlib.util.spec_from_file_location(f"tunesmith_rewards_{path.stem}", path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
     except ImportError as error:
-        raise UserError(f"{key}: '{name}': cannot import {module_name} ({error}); fix: install or name an importable "
-                        f"module, or give a file as path/to/rewards.py:{attribute}") from None
+        raise UserError(
+            f"{key}: '{name}': cannot import {module_name} ({error}); fix: install or name an importable "
+            f"module, or give a file as path/to/rewards.py:{attribute}"
+        ) from None
     function = getattr(module, attribute, None)
     if not callable(function):
-        raise UserError(f"{key}: '{name}': {module_name} has no function '{attribute}'; fix: name a function defined "
-                        f"there as f(prompt_messages, response_text, fields) -> float")
+        raise UserError(
+            f"{key}: '{name}': {module_name} has no function '{attribute}'; fix: name a function defined "
+            f"there as f(prompt_messages, response_text, fields) -> float"
+        )
     return function
 
 
@@ -184,8 +194,10 @@ def bound_field(function: Callable[..., float], args: dict[str, Any], key: str, 
     try:
         bound = signature.bind([], "", {}, **args)
     except TypeError as error:
-        raise UserError(f"{key}: {name}{signature} cannot be called with args {args} ({error}); fix: pass the "
-                        f"arguments it takes in {key}.args") from None
+        raise UserError(
+            f"{key}: {name}{signature} cannot be called with args {args} ({error}); fix: pass the "
+            f"arguments it takes in {key}.args"
+        ) from None
     if "field" not in signature.parameters:
         return None
     bound.apply_defaults()

@@ -13,6 +13,7 @@ starts at zero, so the first prediction of every reply is the mean score, and th
 size whatever the data's units. The scale ships beside the weights; the model's raw output times std
 plus mean is the score in the data's units.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from tunesmith.data.packing import Batch
 from tunesmith.engine.reward_model import ScoreScale, sequence_rewards
 from tunesmith.train.step import Objective
+
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
     """(pairs,) Bradley-Terry: minus the log-probability that the chosen reply wins, by at least `margin`."""
@@ -56,13 +58,19 @@ class RewardObjective(Objective):
             if len(batch.segment_lengths) != 2 * batch.num_units:
                 raise ValueError("a pair batch holds two segments per unit, chosen then rejected")
             chosen, rejected = rewards[0::2], rewards[1::2]
-            self.record({"reward_accuracy": (chosen > rejected).float(), "reward_margin": chosen - rejected,
-                         "reward_chosen": chosen, "reward_rejected": rejected})
+            self.record(
+                {
+                    "reward_accuracy": (chosen > rejected).float(),
+                    "reward_margin": chosen - rejected,
+                    "reward_chosen": chosen,
+                    "reward_rejected": rejected,
+                }
+            )
             return pairwise_loss(chosen, rejected, self.margin).sum()
         assert self.scale is not None, "scored replies are trained with the training set's scale"
         scores = batch.scores.to(rewards.device)
         error = self.scale.to_data_units(rewards.detach()) - scores
-        self.record({"mse": error ** 2, "mae": error.abs()})
+        self.record({"mse": error**2, "mae": error.abs()})
         return pointwise_loss(rewards, self.scale.standardise(scores)).sum()
 
     def save(self, directory: Path) -> None:

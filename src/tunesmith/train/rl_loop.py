@@ -5,6 +5,7 @@ The run directory is the supervised loop's: metrics.jsonl, checkpoints/step-N (t
 PPO's value head with them), adapter/ or model/, summary.json. The pieces it works with are in data/prompts.py,
 train/rollout.py, train/policy.py and train/rl_math.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,20 +19,19 @@ from tunesmith.allocator import FREED_PAGES
 from tunesmith.config.schema import Config
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.packing import Batch
+from tunesmith.data.prompts import Prompt, PromptPlan, load_prompts
 from tunesmith.data.tokenize import ChatTokenizer
+from tunesmith.engine.forward import decoder_and_head
+from tunesmith.engine.generation import Sampling, stop_token_ids
 from tunesmith.errors import TrainingStopped, UserError
 from tunesmith.eval.in_training import InTrainingEval
-from tunesmith.engine.generation import Sampling, stop_token_ids
 from tunesmith.train import distributed, session
-from tunesmith.train.session import RunResult, Session, open_session
-from tunesmith.engine.forward import decoder_and_head
-from tunesmith.train.reward_functions import Reward, build_reward
-from tunesmith.data.prompts import Prompt, PromptPlan, load_prompts
 from tunesmith.train.policy import PolicyAndValue, Reference, ValueHead, build_reference, token_statistics
+from tunesmith.train.reward_functions import Reward, build_reward
 from tunesmith.train.rollout import Rollout, rollout_batch, sample_replies, split, step_seed
 from tunesmith.train.runtime import autocast
+from tunesmith.train.session import RunResult, Session, open_session
 from tunesmith.train.step import StepResult
-
 
 
 @dataclass
@@ -49,7 +49,7 @@ class RLRun(Session):
 
     def next_prompts(self) -> list[Prompt]:
         """This rank's prompts of the step: every world-size-th (the step's prompts are the same on any count)."""
-        indices = self.plan.step(self.state.epoch, self.state.step_in_epoch)[self.world.rank::self.world.size]
+        indices = self.plan.step(self.state.epoch, self.state.step_in_epoch)[self.world.rank :: self.world.size]
         return [self.data.train[index] for index in indices]
 
     def policy_pass(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -70,8 +70,10 @@ def setup(config: Config, with_value_head: bool = False) -> RLRun:
 
     def check(world: distributed.World) -> None:
         if train_config.batch_size % world.size:
-            raise UserError(f"train.batch_size={train_config.batch_size} prompts per step cannot be shared evenly by "
-                            f"{world.size} processes; fix: make it a multiple of {world.size}")
+            raise UserError(
+                f"train.batch_size={train_config.batch_size} prompts per step cannot be shared evenly by "
+                f"{world.size} processes; fix: make it a multiple of {world.size}"
+            )
 
     def extend(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         """PPO's value head beside the policy; both train."""
@@ -90,8 +92,16 @@ def setup(config: Config, with_value_head: bool = False) -> RLRun:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = Sampling(config.rl.max_new_tokens, config.rl.temperature, config.rl.top_p)
     task_eval = InTrainingEval(config, tokenizer) if config.eval.every and config.eval.data and run.world.main else None
-    return RLRun(**vars(run), value_head=parts["value_head"], reference=parts["reference"], reward=parts["reward"],
-                 sampling=sampling, pad_id=pad_id, stop_ids=stop_token_ids(run.model, tokenizer), task_eval=task_eval)
+    return RLRun(
+        **vars(run),
+        value_head=parts["value_head"],
+        reference=parts["reference"],
+        reward=parts["reward"],
+        sampling=sampling,
+        pad_id=pad_id,
+        stop_ids=stop_token_ids(run.model, tokenizer),
+        task_eval=task_eval,
+    )
 
 
 def collect_rollout(run: RLRun, prompts: list[Prompt], group_size: int) -> Rollout:
@@ -109,13 +119,27 @@ def collect_rollout(run: RLRun, prompts: list[Prompt], group_size: int) -> Rollo
         batch = rollout_batch([prompt_ids[s] for s in chunk], [replies[s] for s in chunk]).to(run.device)
         with autocast(run.device, run.amp_dtype), torch.no_grad():
             logprobs, entropy, values = run.policy_pass(token_statistics, batch, temperature, run.value_head)
-            reference = run.policy_pass(lambda _, *args: run.reference(*args), batch, temperature) \
-                if run.reference is not None else None
+            reference = (
+                run.policy_pass(lambda _, *args: run.reference(*args), batch, temperature)
+                if run.reference is not None
+                else None
+            )
         pieces.append((logprobs, entropy, values, reference))
-    logprobs, entropy, values, reference = (torch.cat(column).float() if column[0] is not None else None
-                                            for column in zip(*pieces))
-    return Rollout(prompt_ids, replies, texts, rewards.to(run.device), parts, logprobs, entropy, reference, values,
-                   stopped=[bool(reply) and reply[-1] in run.stop_ids for reply in replies])
+    logprobs, entropy, values, reference = (
+        torch.cat(column).float() if column[0] is not None else None for column in zip(*pieces)
+    )
+    return Rollout(
+        prompt_ids,
+        replies,
+        texts,
+        rewards.to(run.device),
+        parts,
+        logprobs,
+        entropy,
+        reference,
+        values,
+        stopped=[bool(reply) and reply[-1] in run.stop_ids for reply in replies],
+    )
 
 
 @torch.no_grad()
@@ -172,8 +196,9 @@ def update_policy(run: RLRun, rollout: Rollout, token_loss: TokenLoss) -> tuple[
     run.scheduler.step()  # once per step, like the supervised loop: the schedule counts steps, not updates
     totals = world.sum_figures({**totals, "tokens": tokens, "counted": sum(lengths) * config.rl.update_epochs})
     tokens, counted = int(totals.pop("tokens")), totals.pop("counted")
-    result = StepResult(sum(losses) / len(losses), tokens, counted, sum(norms) / len(norms),
-                        time.perf_counter() - started, skipped)
+    result = StepResult(
+        sum(losses) / len(losses), tokens, counted, sum(norms) / len(norms), time.perf_counter() - started, skipped
+    )
     return result, {"lr": lr, **{name: total / counted for name, total in totals.items()}}
 
 
@@ -187,8 +212,12 @@ def validation_reward(run: RLRun) -> dict[str, float]:
     mine = [(prompt, reply) for (prompt, real), reply in zip(shared, replies) if real]
     texts = [run.tokenizer.decode(reply, skip_special_tokens=True).strip() for _, reply in mine]
     rewards, parts = run.reward([p.messages for p, _ in mine], texts, [p.fields for p, _ in mine])
-    sums = {"val_reward": float(rewards.sum()), **{f"val_reward_{k}": float(v.sum()) for k, v in parts.items()},
-            "val_response_length": float(sum(len(reply) for _, reply in mine)), "count": float(len(mine))}
+    sums = {
+        "val_reward": float(rewards.sum()),
+        **{f"val_reward_{k}": float(v.sum()) for k, v in parts.items()},
+        "val_response_length": float(sum(len(reply) for _, reply in mine)),
+        "count": float(len(mine)),
+    }
     sums = run.world.sum_figures(sums)
     count = sums.pop("count")
     return {name: total / count for name, total in sums.items()}
@@ -205,23 +234,43 @@ def finish_step(run: RLRun, result: StepResult, figures: dict[str, float], stop:
     session.advance(state, run.plan, result)
     session.check_finite(state, result, config.train.max_bad_steps, run.log)
     done = state.step == run.total_steps
-    record = {"step": state.step, "epoch": state.epoch, "loss": result.loss, "lr": figures.pop("lr"),
-              "grad_norm": result.grad_norm, **figures, "tokens": state.tokens_seen,
-              "tokens_per_s": result.tokens / result.seconds}
+    record = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "loss": result.loss,
+        "lr": figures.pop("lr"),
+        "grad_norm": result.grad_norm,
+        **figures,
+        "tokens": state.tokens_seen,
+        "tokens_per_s": result.tokens / result.seconds,
+    }
     if state.step % config.train.log_every == 0 or done:
         run.log.write(record)
     if run.data.validation and (state.step % config.train.eval_every == 0 or done):
         run.log.write({"step": state.step, **validation_reward(run)})
-    session.evaluate_due(config, distributed.Runner(run.model), [], run.task_eval, state, done, run.log, run.device,
-                      run.amp_dtype, world=world)
+    session.evaluate_due(
+        config,
+        distributed.Runner(run.model),
+        [],
+        run.task_eval,
+        state,
+        done,
+        run.log,
+        run.device,
+        run.amp_dtype,
+        world=world,
+    )
     run.progress.update(state.step, result.loss, record["lr"], record["tokens_per_s"], None)
     signal_number = world.max(stop.signal_number or 0, run.device)  # a signal to any rank stops them all here
     if state.step % config.train.save_every == 0 or done or signal_number:
         session.checkpoint(config, run.trained, run.optimizer, run.scheduler, state, world)
     if signal_number:
         run.progress.close()
-        raise TrainingStopped(f"stopped by signal {signal_number} at step {state.step}; a checkpoint was saved; "
-                              f"run the same command again to resume", 128 + signal_number)
+        raise TrainingStopped(
+            f"stopped by signal {signal_number} at step {state.step}; a checkpoint was saved; "
+            f"run the same command again to resume",
+            128 + signal_number,
+        )
 
 
 def save(run: RLRun, result: StepResult | None) -> RunResult:

@@ -1,11 +1,13 @@
 """The RL maths, one small function each (tests/test_rl.py checks them against hand-computed values): the KL
 estimate, GRPO's group advantages, PPO's GAE, the clipped policy and value losses, whitening, explained variance.
 """
+
 from __future__ import annotations
 
 import torch
 
 from tunesmith.train.distributed import ONE_PROCESS, World
+
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per token, an estimate of KL(policy || reference) from tokens the policy sampled (Schulman's k3):
@@ -38,8 +40,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -
     return advantages, advantages + values
 
 
-def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, PPO's clipped surrogate max(-A r, -A clip(r, 1 - c, 1 + c)), r = pi / pi_old; and where the
     clipped term is the larger (the token gives no gradient: its ratio has moved far enough)."""
     ratio = torch.exp(logprobs - old_logprobs)
@@ -48,8 +51,9 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, 0.5 max((V - R)^2, (V_clipped - R)^2), V_clipped kept within `clip` of the sampling-time value;
     and where the clipped term is the larger."""
     clipped_values = old_values + (values - old_values).clamp(-clip, clip)
@@ -61,8 +65,9 @@ def whiten(values: torch.Tensor, eps: float = 1e-8, world: World = ONE_PROCESS) 
     """Mean 0, standard deviation (unbiased) 1; over every rank's values when there are several."""
     if not world.distributed:
         return (values - values.mean()) / (values.std() + eps) if values.numel() > 1 else values - values.mean()
-    count, total, squares = world.sum([values.numel(), float(values.double().sum()), float(values.double().square().sum())],
-                                      values.device)
+    count, total, squares = world.sum(
+        [values.numel(), float(values.double().sum()), float(values.double().square().sum())], values.device
+    )
     mean = total / count
     variance = (squares - count * mean * mean) / max(count - 1, 1)
     return (values - mean) / (max(variance, 0.0) ** 0.5 + eps)

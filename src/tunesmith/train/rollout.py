@@ -4,6 +4,7 @@ statistics. Per-token values live in flat tensors over all replies' tokens in sa
 flat padding-free `Batch` of (prompt + reply) sequences yields its targets in; a reply's tokens are found by
 `Rollout.token_index`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,6 +17,7 @@ from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.engine.generation import Sampling
 from tunesmith.train.rl_math import kl_k3
 
+
 def step_seed(seed: int, step: int, purpose: str) -> int:
     """A seed for one purpose at one step: sampling and minibatch order never depend on what ran before."""
     return int.from_bytes(hashlib.blake2b(f"{seed}:{step}:{purpose}".encode(), digest_size=7).digest(), "little")
@@ -23,8 +25,15 @@ def step_seed(seed: int, step: int, purpose: str) -> int:
 
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # layers compiled for training (train.compile) decode eagerly
-def sample_replies(model: torch.nn.Module, prompts: list[list[int]], sampling: Sampling, pad_id: int,
-                   stop_ids: list[int], seed: int, synced: bool = False) -> list[list[int]]:
+def sample_replies(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    pad_id: int,
+    stop_ids: list[int],
+    seed: int,
+    synced: bool = False,
+) -> list[list[int]]:
     """One reply per prompt, as token ids up to and including its stop token (all max_new_tokens when it never
     stopped): a left-padded batch through `generate` with its KV cache, drawing from a generator of its own.
     `synced`: keep running forward passes until every rank is done (FSDP gathers weights in each one)."""
@@ -40,8 +49,15 @@ def sample_replies(model: torch.nn.Module, prompts: list[list[int]], sampling: S
             options = sampling.generate_kwargs()
             if options["do_sample"]:
                 options["top_k"] = 0  # no top-k cut from a model's generation config: sample what the policy says
-            output = model.generate(input_ids=input_ids, attention_mask=attention, pad_token_id=pad_id,
-                                    eos_token_id=stop_ids, use_cache=True, synced_gpus=synced, **options)
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                pad_token_id=pad_id,
+                eos_token_id=stop_ids,
+                use_cache=True,
+                synced_gpus=synced,
+                **options,
+            )
     finally:
         model.train(was_training)
     replies = []
@@ -97,12 +113,17 @@ class Rollout:
         figures.update({f"reward_{label}": float(scores.mean()) for label, scores in self.reward_parts.items()})
         if self.ref_logprobs is not None:
             figures["kl"] = float(kl_k3(self.logprobs, self.ref_logprobs).mean())
-        figures.update({"entropy": float(self.entropy.mean()), "response_length": sum(self.lengths) / len(self.lengths),
-                        "truncated_fraction": 1 - sum(self.stopped) / len(self.stopped)})
+        figures.update(
+            {
+                "entropy": float(self.entropy.mean()),
+                "response_length": sum(self.lengths) / len(self.lengths),
+                "truncated_fraction": 1 - sum(self.stopped) / len(self.stopped),
+            }
+        )
         return figures
 
 
 def split(items: list[int], parts: int) -> list[list[int]]:
     """`items` in `parts` consecutive pieces whose sizes differ by at most one (empty ones dropped)."""
-    pieces = [items[len(items) * k // parts: len(items) * (k + 1) // parts] for k in range(parts)]
+    pieces = [items[len(items) * k // parts : len(items) * (k + 1) // parts] for k in range(parts)]
     return [piece for piece in pieces if piece]

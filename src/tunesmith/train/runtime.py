@@ -1,4 +1,5 @@
 """The process-level setup a run needs: device and dtype, seeds, threads, and graceful stop on signals."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +22,9 @@ def pick_device(config: TrainConfig) -> torch.device:
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The dtype matmuls run in under autocast; None means plain float32 (the CPU default: exact resume)."""
-    if config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+    if config.dtype == "bfloat16" or (
+        config.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    ):
         return torch.bfloat16
     return None
 

@@ -4,6 +4,7 @@ best-checkpoint selection, and shipping the result.
 
 recipes/sft.py's `train_loop` reads top to bottom with these; the RL loop (train/rl_loop.py) uses them too.
 """
+
 from __future__ import annotations
 
 import re
@@ -13,19 +14,19 @@ from typing import Any, Callable
 
 import torch
 
+from tunesmith import rundir
 from tunesmith.allocator import FREED_PAGES
 from tunesmith.config.schema import Config, TrainConfig
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.packing import BatchPlan
+from tunesmith.engine.forward import decoder_and_head
 from tunesmith.errors import TrainingStopped
 from tunesmith.eval.in_training import InTrainingEval, higher_is_better
 from tunesmith.models import load_model, load_tokenizer
 from tunesmith.models.adapters import apply_adapter, load_options, output_name, parameter_counts, save_final
-from tunesmith import rundir
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed
 from tunesmith.train.distributed import ONE_PROCESS, World
-from tunesmith.engine.forward import decoder_and_head
 from tunesmith.train.metrics import MetricsLog, Progress
 from tunesmith.train.optim import build_optimizer, build_scheduler
 from tunesmith.train.resume import final_logged_loss, peak_rss_mb, prepare_run_dir, write_summary
@@ -69,11 +70,16 @@ class Session:
     resume_from: Path | None
 
 
-def open_session(config: Config, load_data: Callable[[Any], PreparedData],
-                 plan: Callable[[Any, PreparedData, torch.nn.Module, torch.nn.Module, torch.device, World], Any], *,
-                 num_labels: int | None = None, check: Callable[[World], None] | None = None,
-                 extend: Callable[[torch.nn.Module, torch.device], torch.nn.Module] | None = None,
-                 name: str = "") -> Session:
+def open_session(
+    config: Config,
+    load_data: Callable[[Any], PreparedData],
+    plan: Callable[[Any, PreparedData, torch.nn.Module, torch.nn.Module, torch.device, World], Any],
+    *,
+    num_labels: int | None = None,
+    check: Callable[[World], None] | None = None,
+    extend: Callable[[torch.nn.Module, torch.device], torch.nn.Module] | None = None,
+    name: str = "",
+) -> Session:
     """The setup of every training loop, in one order (the random draws of a run, and so a resumed run's
     bit-identity, depend on it): the tokenizer and the data (`load_data(tokenizer)`: bad data is refused before
     any compute), the device and the processes (`check(world)`: the loop's own settings), the run directory and
@@ -104,19 +110,49 @@ def open_session(config: Config, load_data: Callable[[Any], PreparedData],
     total_steps = count_steps(steps, train.epochs, train.max_steps)
     optimizer = build_optimizer(trained, train)
     scheduler = build_scheduler(optimizer, train, total_steps)
-    state = ckpt.load_checkpoint(resume_from, trained, optimizer, scheduler, world) if resume_from else ckpt.TrainState()
-    log = MetricsLog(config.output_dir / rundir.METRICS_FILE if world.main else None,
-                     resume_step=state.step if resume_from else None)
+    state = (
+        ckpt.load_checkpoint(resume_from, trained, optimizer, scheduler, world) if resume_from else ckpt.TrainState()
+    )
+    log = MetricsLog(
+        config.output_dir / rundir.METRICS_FILE if world.main else None, resume_step=state.step if resume_from else None
+    )
     if not resume_from:
-        log.write({"step": 0, "event": "data", **data.summary(), "total_steps": total_steps, **counts,
-                   "processes": world.size})
+        log.write(
+            {
+                "step": 0,
+                "event": "data",
+                **data.summary(),
+                "total_steps": total_steps,
+                **counts,
+                "processes": world.size,
+            }
+        )
     progress = Progress(total_steps, state.step, train.progress and world.main, quiet=not world.main)
-    progress.write(f"{name}{config.adapter.type}: training {counts['trainable_parameters']:,} of "
-                   f"{counts['total_parameters']:,} parameters ({counts['trainable_share']:.2%})"
-                   + (f" on {world.size} processes ({train.parallel})" if world.distributed else ""))
+    progress.write(
+        f"{name}{config.adapter.type}: training {counts['trainable_parameters']:,} of "
+        f"{counts['total_parameters']:,} parameters ({counts['trainable_share']:.2%})"
+        + (f" on {world.size} processes ({train.parallel})" if world.distributed else "")
+    )
     announce_resume(progress, resume_from, state, total_steps)
-    return Session(config, tokenizer, data, device, world, amp_dtype, model, trained, runner, steps, total_steps,
-                   optimizer, scheduler, state, log, progress, resume_from)
+    return Session(
+        config,
+        tokenizer,
+        data,
+        device,
+        world,
+        amp_dtype,
+        model,
+        trained,
+        runner,
+        steps,
+        total_steps,
+        optimizer,
+        scheduler,
+        state,
+        log,
+        progress,
+        resume_from,
+    )
 
 
 def build_model(config: Config, device: torch.device, num_labels: int | None = None) -> torch.nn.Module:
@@ -137,8 +173,13 @@ def build_plans(config: Config, data: PreparedData, device: torch.device) -> tup
     A row holds data.max_length tokens per sequence of a unit: one example, or both sides of a pair."""
     per_unit = len(data.train[0].segments()) if data.train else 1
     options = dict(capacity=config.data.max_length * per_unit, packing=config.data.packing, seed=config.train.seed)
-    plan = BatchPlan(data.train, batch_size=config.train.batch_size, grad_accum=config.train.grad_accum,
-                     max_tokens=micro_batch_tokens(config.train, device), **options)
+    plan = BatchPlan(
+        data.train,
+        batch_size=config.train.batch_size,
+        grad_accum=config.train.grad_accum,
+        max_tokens=micro_batch_tokens(config.train, device),
+        **options,
+    )
     validation = BatchPlan(data.validation, batch_size=config.train.batch_size, grad_accum=1, **options).eval_batches()
     return plan, validation
 
@@ -152,8 +193,16 @@ def micro_batch_tokens(train: TrainConfig, device: torch.device) -> int | None:
     return value
 
 
-def save_outputs(config: Config, model, tokenizer, state: ckpt.TrainState, result: StepResult | None,
-                 data: PreparedData, objective: Objective = TOKEN_LOSS, world: World = ONE_PROCESS) -> RunResult:
+def save_outputs(
+    config: Config,
+    model,
+    tokenizer,
+    state: ckpt.TrainState,
+    result: StepResult | None,
+    data: PreparedData,
+    objective: Objective = TOKEN_LOSS,
+    world: World = ONE_PROCESS,
+) -> RunResult:
     """Ship the best weights (with validation) or the last ones as adapter/ or model/ (with what the objective
     adds beside them), and summary.json. Sharded weights are gathered first; rank 0 writes."""
     FREED_PAGES.release()  # training is over: its activation pages are not needed again
@@ -168,21 +217,43 @@ def save_outputs(config: Config, model, tokenizer, state: ckpt.TrainState, resul
         objective.save(output)
     # No step in this call (a finished run run again): its final loss is the last one metrics.jsonl logged.
     final_loss = result.loss if result else final_logged_loss(run_dir)
-    summary = RunResult(run_dir, output, state.step, final_loss, state.best_val_loss,
-                        state.tokens_seen / state.elapsed_s if state.elapsed_s else 0.0,
-                        max(peak_rss_mb(), state.extra.get("peak_rss_mb", 0.0)),  # the whole run's, not this process's
-                        already_complete=result is None, stopped_early=bool(state.extra.get("stopped_early")))
+    summary = RunResult(
+        run_dir,
+        output,
+        state.step,
+        final_loss,
+        state.best_val_loss,
+        state.tokens_seen / state.elapsed_s if state.elapsed_s else 0.0,
+        max(peak_rss_mb(), state.extra.get("peak_rss_mb", 0.0)),  # the whole run's, not this process's
+        already_complete=result is None,
+        stopped_early=bool(state.extra.get("stopped_early")),
+    )
     if world.main:
-        fields = {k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items() if k != "already_complete"}
-        write_summary(run_dir, {**fields,
-                                "best_step": state.best_step, "data": data.summary(), "skipped_steps": state.skipped_steps,
-                                "processes": world.size})
+        fields = {
+            k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items() if k != "already_complete"
+        }
+        write_summary(
+            run_dir,
+            {
+                **fields,
+                "best_step": state.best_step,
+                "data": data.summary(),
+                "skipped_steps": state.skipped_steps,
+                "processes": world.size,
+            },
+        )
     world.barrier()  # nobody leaves before the outputs are on disk
     return summary
 
 
-def checkpoint(config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-               state: ckpt.TrainState, world: World = ONE_PROCESS) -> None:
+def checkpoint(
+    config: Config,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: ckpt.TrainState,
+    world: World = ONE_PROCESS,
+) -> None:
     """Save checkpoints/step-N (its state records the peak RSS so far, across resumes), then prune old ones."""
     state.extra["peak_rss_mb"] = max(state.extra.get("peak_rss_mb", 0.0), peak_rss_mb())
     FREED_PAGES.release()  # writing a checkpoint wants large buffers, not activation-shaped pages
@@ -202,8 +273,9 @@ def whole_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     adapter = hasattr(model, "peft_config")
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                 ignore_frozen_params=adapter))
+    state = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=adapter)
+    )
     # a tied weight's second name (the output head of tied embeddings) is left out, as save_pretrained does itself
     tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - dict(model.named_parameters()).keys()
     return {name: value for name, value in state.items() if name not in tied}
@@ -249,14 +321,26 @@ def check_finite(state: ckpt.TrainState, result: StepResult, max_bad_steps: int,
     state.skipped_steps += 1
     log.write({"step": state.step, "event": "skipped", "reason": "non-finite loss or gradient", "loss": result.loss})
     if state.bad_steps_in_a_row >= max_bad_steps:
-        raise TrainingStopped(f"the loss was not finite for {state.bad_steps_in_a_row} steps in a row (up to step "
-                              f"{state.step}); the run has diverged; fix: lower train.lr, keep train.max_grad_norm on, "
-                              f"or check the data for extreme examples")
+        raise TrainingStopped(
+            f"the loss was not finite for {state.bad_steps_in_a_row} steps in a row (up to step "
+            f"{state.step}); the run has diverged; fix: lower train.lr, keep train.max_grad_norm on, "
+            f"or check the data for extreme examples"
+        )
 
 
-def evaluate_due(config: Config, runner, validation: list, task_eval: InTrainingEval | None, state: ckpt.TrainState,
-                 done: bool, log: MetricsLog, device, amp_dtype, objective: Objective = TOKEN_LOSS,
-                 world: World = ONE_PROCESS) -> dict[str, float]:
+def evaluate_due(
+    config: Config,
+    runner,
+    validation: list,
+    task_eval: InTrainingEval | None,
+    state: ckpt.TrainState,
+    done: bool,
+    log: MetricsLog,
+    device,
+    amp_dtype,
+    objective: Objective = TOKEN_LOSS,
+    world: World = ONE_PROCESS,
+) -> dict[str, float]:
     """Validation loss (with the objective's own figures) and the eval task's metrics, when their step has come;
     each one logged. The ranks share the validation batches; the eval task runs on rank 0 and every rank
     gets its metrics (they steer best-checkpoint selection and early stopping on all of them)."""

@@ -21,6 +21,7 @@ How one SFT step runs, file by file:
                           metrics.jsonl (train/metrics.py), evaluated when due, and checkpointed
                           (train/checkpoint.py, in the run directory's layout: rundir.py)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -93,10 +94,18 @@ class StepResult:
     penalty: float | None = None  # the regularisation term added this step (train.regularization)
 
 
-def train_step(runner: torch.nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer, scheduler,
-               max_grad_norm: float | None, device: torch.device, amp_dtype: torch.dtype | None,
-               objective: Objective = TOKEN_LOSS, penalty: Callable[[], torch.Tensor] | None = None,
-               world: World = ONE_PROCESS) -> StepResult:
+def train_step(
+    runner: torch.nn.Module,
+    micro_batches: list[Batch],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    max_grad_norm: float | None,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    objective: Objective = TOKEN_LOSS,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    world: World = ONE_PROCESS,
+) -> StepResult:
     """Accumulate over micro-batches (this rank's share of the step) so the update equals the one large batch
     would give.
 
@@ -133,8 +142,9 @@ def train_step(runner: torch.nn.Module, micro_batches: list[Batch], optimizer: t
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()  # the schedule follows steps taken, skipped or not, so resume positions agree
     FREED_PAGES.step_finished()
-    return StepResult(loss, int(tokens), int(total_targets), grad_norm, time.perf_counter() - started, skipped,
-                      penalty_value)
+    return StepResult(
+        loss, int(tokens), int(total_targets), grad_norm, time.perf_counter() - started, skipped, penalty_value
+    )
 
 
 def add_penalty(penalty: Callable[[], torch.Tensor], parameters: list[torch.Tensor]) -> float:
@@ -150,8 +160,14 @@ def add_penalty(penalty: Callable[[], torch.Tensor], parameters: list[torch.Tens
 
 
 @torch.no_grad()
-def evaluate_loss(runner: torch.nn.Module, batches: list[Batch], device: torch.device, amp_dtype: torch.dtype | None,
-                  objective: Objective = TOKEN_LOSS, world: World = ONE_PROCESS) -> float:
+def evaluate_loss(
+    runner: torch.nn.Module,
+    batches: list[Batch],
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    objective: Objective = TOKEN_LOSS,
+    world: World = ONE_PROCESS,
+) -> float:
     """The objective's mean loss over all validation batches (per target token, for token losses); the ranks
     share the batches."""
     runner.eval()

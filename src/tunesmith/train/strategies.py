@@ -5,6 +5,7 @@ All three see the model as groups ordered from the output down: the output head 
 the top decoder layer, then each decoder layer below it, then the embeddings (a parameter's layer is
 the number after `layers.` in its name).
 """
+
 from __future__ import annotations
 
 import re
@@ -38,7 +39,8 @@ def trainable_groups(model: torch.nn.Module) -> list[list[tuple[str, torch.nn.Pa
 def _layer_count(model: torch.nn.Module) -> int:
     config = getattr(model, "config", None)
     return int(getattr(config, "num_hidden_layers", 0)) or 1 + max(
-        (int(m.group(1)) for name, _ in model.named_parameters() if (m := LAYER.search(name))), default=0)
+        (int(m.group(1)) for name, _ in model.named_parameters() if (m := LAYER.search(name))), default=0
+    )
 
 
 class GradualUnfreezing:
@@ -64,7 +66,11 @@ class GradualUnfreezing:
             for _, parameter in group:
                 parameter.requires_grad_(index < count)
         clock, at_boundary = (step, True) if self.config.unit == "steps" else (epoch, step_in_epoch == 0)
-        opens = at_boundary and clock % self.config.every == 0 and self.config.start + clock // self.config.every <= len(self.groups)
+        opens = (
+            at_boundary
+            and clock % self.config.every == 0
+            and self.config.start + clock // self.config.every <= len(self.groups)
+        )
         return count if step == 0 or opens else None
 
     def release(self) -> None:
@@ -94,8 +100,11 @@ class Regularization:
                         a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
                         self.lora.append((a, b, scaling))
                         lora_parameters.update((id(a), id(b)))
-        self.anchored = [(parameter, parameter.detach().clone()) for parameter in model.parameters()
-                         if parameter.requires_grad and id(parameter) not in lora_parameters]
+        self.anchored = [
+            (parameter, parameter.detach().clone())
+            for parameter in model.parameters()
+            if parameter.requires_grad and id(parameter) not in lora_parameters
+        ]
 
     def penalty(self) -> torch.Tensor:
         l2, l1 = self.config.l2_sp, self.config.l1_sp
@@ -105,7 +114,7 @@ class Regularization:
             if not a.requires_grad:  # frozen for now by gradual unfreezing
                 continue
             if l2:
-                total = total + l2 * scaling ** 2 * ((b.T @ b) * (a @ a.T)).sum()
+                total = total + l2 * scaling**2 * ((b.T @ b) * (a @ a.T)).sum()
             if l1:
                 total = total + l1 * scaling * (b @ a).abs().sum()
         for parameter, start in self.anchored:
@@ -128,6 +137,11 @@ def layer_lr_groups(model: torch.nn.Module, weight_decay: float, decay: float | 
         if parameter.requires_grad:
             level = depth(name, layers) if decay is not None else 0
             groups.setdefault((level, parameter.ndim >= 2), []).append(parameter)
-    return [{"params": params, "weight_decay": weight_decay if matrix else 0.0,
-             "lr_scale": (decay ** level) if decay is not None else 1.0}
-            for (level, matrix), params in sorted(groups.items(), key=lambda item: (item[0][0], not item[0][1]))]
+    return [
+        {
+            "params": params,
+            "weight_decay": weight_decay if matrix else 0.0,
+            "lr_scale": (decay**level) if decay is not None else 1.0,
+        }
+        for (level, matrix), params in sorted(groups.items(), key=lambda item: (item[0][0], not item[0][1]))
+    ]

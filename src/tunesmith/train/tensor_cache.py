@@ -4,6 +4,7 @@ A cache is a directory holding one safetensors file and manifest.json, the descr
 is reused only when the manifest equals the one the run would write, and it is written beside its place
 and swapped in, so a crash mid-write never leaves a half cache that looks whole.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,12 +27,22 @@ def model_identity(spec: str) -> dict[str, Any]:
     path = Path(spec).expanduser()
     if not path.exists():
         return {"spec": spec}  # a built-in name: its files are checked against a pinned hash when pulled
-    files = [path] if path.is_file() else sorted(
-        file for file in path.rglob("*")
-        if file.suffix in WEIGHT_SUFFIXES and not SKIPPED_PARTS & set(file.relative_to(path).parts))
-    return {"spec": str(path.resolve()),
-            "files": [[file.name if file == path else str(file.relative_to(path)), file.stat().st_size,
-                       file.stat().st_mtime_ns] for file in files]}
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            file
+            for file in path.rglob("*")
+            if file.suffix in WEIGHT_SUFFIXES and not SKIPPED_PARTS & set(file.relative_to(path).parts)
+        )
+    )
+    return {
+        "spec": str(path.resolve()),
+        "files": [
+            [file.name if file == path else str(file.relative_to(path)), file.stat().st_size, file.stat().st_mtime_ns]
+            for file in files
+        ],
+    }
 
 
 def read_cache(directory: Path, manifest: dict[str, Any], name: str) -> dict[str, torch.Tensor] | None:
