@@ -14,12 +14,12 @@ from test_training import make_config, run
 
 from tunesmith.cli import main
 from tunesmith.data.validate import load_file
+from tunesmith.datagen.label import LabelOptions, label
 from tunesmith.engine.generation import Engine
 from tunesmith.errors import UserError
 from tunesmith.eval import redteam
 from tunesmith.eval.evaluate import EvalOptions, evaluate
 from tunesmith.eval.judge import Judge, default_rubric, load_rubric
-from tunesmith.eval.label import LabelOptions, label
 from tunesmith.eval.stats import wilson_interval
 from tunesmith.registry import methods
 

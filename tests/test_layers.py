@@ -25,7 +25,7 @@ LAYERS = [
     {"data", "models"},
     {"engine"},
     {"eval"},
-    {"train", "serve"},
+    {"train", "serve", "datagen"},
     {"recipes"},
     {"cli_eval", "cli_service"},  # the command's eval and service commands
     {"cli"},  # the command: parses, calls one function (may import lazily)

@@ -49,7 +49,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from tunesmith.eval.scoring import score_file
+    from tunesmith.datagen.scoring import score_file
 
     result = score_file(args.target, args.data, args.output, args.batch_size)
     print(f"rated {result.replies} replies in {result.rows} rows; mean reward {result.mean_reward:.4g}")
@@ -60,7 +60,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from tunesmith.eval.label import LabelOptions, label
+    from tunesmith.datagen.label import LabelOptions, label
 
     options = LabelOptions(
         policy=args.policy,

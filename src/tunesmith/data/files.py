@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -299,3 +300,11 @@ def parse_columns(text: str | None, option: str = "--columns") -> dict[str, str]
             raise UserError(f"{option} {text!r}: the field '{field}' is mapped twice; fix: map it to one column")
         mapping[field] = column
     return mapping
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` beside `path` and rename it into place: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)

@@ -1,5 +1,7 @@
-"""Prompts for RL (method ppo | grpo): the rows of a prompt, chat or preference file up to the reply the policy is
-to write, each with its fields for the reward functions, and the plan of which prompts each step takes.
+"""Prompts: what a row asks a model to reply to. For RL (method ppo | grpo), the rows of a prompt, chat or
+preference file up to the reply the policy is to write, each with its fields for the reward functions, and the
+plan of which prompts each step takes; for generating data (`tunesmith label`, `tunesmith redteam`), `prompt_of`
+any row.
 """
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ from typing import Any
 
 from tunesmith.config.schema import Config
 from tunesmith.data.dataset import PreparedData, split_validation
-from tunesmith.data.formats import Example, RowError
+from tunesmith.data.formats import Example, RowError, check_messages, detect_format, text_field
 from tunesmith.data.packing import epoch_rows
 from tunesmith.data.tokenize import ChatTokenizer
 from tunesmith.data.validate import load_file, report
 from tunesmith.errors import Problem, UserError
+from tunesmith.registry import formats
 
 ACCEPTS = ("prompt", "chat", "preference")  # prompts; chat and preference rows give theirs up to the (chosen) reply
 Messages = list[dict[str, str]]
@@ -105,3 +108,38 @@ class PromptPlan:
     def step(self, epoch: int, step_in_epoch: int) -> list[int]:
         order = [row[0] for row in epoch_rows([1] * self.count, 1, False, self.seed, epoch)]
         return order[step_in_epoch * self.batch_size: (step_in_epoch + 1) * self.batch_size]
+
+
+PLACEHOLDER_REPLY = {"role": "assistant", "content": "-"}  # lets check_messages validate a prompt with no reply yet
+
+
+def prompt_of(row: dict[str, Any]) -> Messages:
+    """The conversation a reply is wanted for.
+
+    A `prompt` field (text, or messages ending with the user's turn) as in prompt-only, prompt_completion,
+    preference and score rows; a `messages` list that ends with the user's turn, as it is; any other
+    conversation format, up to its last assistant turn (the reply it holds is replaced by the policy's).
+    """
+    if "prompt" in row:
+        if not isinstance(row["prompt"], list):
+            return [{"role": "user", "content": text_field(row, "prompt")}]
+        return ending_with_user(check_messages(row["prompt"] + [PLACEHOLDER_REPLY], "prompt")[:-1], "prompt")
+    turns = row.get("messages")
+    if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and turns[-1].get("role") == "user":
+        return check_messages(turns + [PLACEHOLDER_REPLY], "messages")[:-1]
+    name = detect_format(row)
+    if name is None or formats.get(name).kind == "text":
+        keys = ", ".join(sorted(row)) or "no keys"
+        raise RowError(
+            f"no prompt in this row (keys: {keys}); fix: give it a 'prompt' (text or a message list), or "
+            f"'messages' ending with the user's turn"
+        )
+    messages = formats.get(name).convert(row).messages
+    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    return ending_with_user(messages[:last], name)
+
+
+def ending_with_user(messages: Messages, key: str) -> Messages:
+    if not messages or messages[-1]["role"] != "user":
+        raise RowError(f"the {key} conversation must end with the user's turn, which the policy then answers")
+    return messages

@@ -14,7 +14,7 @@ from tunesmith.data.formats import Example, RowError, chosen_side, closest_forma
 from tunesmith.errors import Problem
 from tunesmith.registry import formats, methods
 
-__all__ = ["CheckReport", "LoadedFile", "check_file", "load_file", "read_jsonl", "read_objects", "report"]  # read_jsonl: eval.scoring reads it here
+__all__ = ["CheckReport", "LoadedFile", "check_file", "load_file", "read_jsonl", "read_objects", "report"]  # read_jsonl: datagen.scoring reads it here
 
 
 @dataclass

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data.files import write_atomically
 from tunesmith.data.formats import RowError
+from tunesmith.data.prompts import prompt_of
 from tunesmith.data.validate import read_objects, report
 from tunesmith.engine.generation import Engine, Messages, Sampling
 from tunesmith.errors import Problem, UserError, did_you_mean
 from tunesmith.eval.judge import Judge, Rubric, clip, transcript
-from tunesmith.eval.label import prompt_of, write_atomically
 from tunesmith.eval.stats import wilson_interval
 from tunesmith.rundir import is_run_dir
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,14 +22,13 @@ from typing import Any
 import torch
 
 from tunesmith.config.schema import DEFAULT_MODEL
-from tunesmith.data.formats import RowError, check_messages, detect_format, text_field
+from tunesmith.data.files import write_atomically
+from tunesmith.data.formats import RowError
+from tunesmith.data.prompts import prompt_of
 from tunesmith.data.validate import read_objects, report
 from tunesmith.engine.generation import Engine, Messages, Sampling
 from tunesmith.errors import Problem, UserError
 from tunesmith.eval.judge import Comparison, Judge, load_rubric
-from tunesmith.registry import formats
-
-PLACEHOLDER_REPLY = {"role": "assistant", "content": "-"}  # lets check_messages validate a prompt with no reply yet
 
 
 @dataclass
@@ -157,38 +155,6 @@ def read_prompts(path: Path) -> list[Prompt]:
     return prompts
 
 
-def prompt_of(row: dict[str, Any]) -> Messages:
-    """The conversation a reply is wanted for.
-
-    A `prompt` field (text, or messages ending with the user's turn) as in prompt-only, prompt_completion,
-    preference and score rows; a `messages` list that ends with the user's turn, as it is; any other
-    conversation format, up to its last assistant turn (the reply it holds is replaced by the policy's).
-    """
-    if "prompt" in row:
-        if not isinstance(row["prompt"], list):
-            return [{"role": "user", "content": text_field(row, "prompt")}]
-        return ending_with_user(check_messages(row["prompt"] + [PLACEHOLDER_REPLY], "prompt")[:-1], "prompt")
-    turns = row.get("messages")
-    if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and turns[-1].get("role") == "user":
-        return check_messages(turns + [PLACEHOLDER_REPLY], "messages")[:-1]
-    name = detect_format(row)
-    if name is None or formats.get(name).kind == "text":
-        keys = ", ".join(sorted(row)) or "no keys"
-        raise RowError(
-            f"no prompt in this row (keys: {keys}); fix: give it a 'prompt' (text or a message list), or "
-            f"'messages' ending with the user's turn"
-        )
-    messages = formats.get(name).convert(row).messages
-    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
-    return ending_with_user(messages[:last], name)
-
-
-def ending_with_user(messages: Messages, key: str) -> Messages:
-    if not messages or messages[-1]["role"] != "user":
-        raise RowError(f"the {key} conversation must end with the user's turn, which the policy then answers")
-    return messages
-
-
 def shown_prompt(messages: Messages) -> str | Messages:
     """A single user message is written as plain text, a longer conversation as its message list."""
     return messages[0]["content"] if len(messages) == 1 and messages[0]["role"] == "user" else messages
@@ -283,10 +249,3 @@ def score_rows(
         }
         rows.append(row if prompt.row_id is None else {"id": prompt.row_id, **row})
     return rows, {"empty_replies": sum(len(options) for options in replies) - len(flat)}
-
-
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
