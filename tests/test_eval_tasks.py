@@ -11,7 +11,8 @@ from conftest import write_config_file, write_jsonl
 from tunesmith.cli import main
 from tunesmith.data.formats import convert_classification, convert_messages
 from tunesmith.errors import UserError
-from tunesmith.eval.evaluate import EvalOptions, evaluate, few_shot_prefix, format_summary, parse_baseline
+from tunesmith.eval.baselines import few_shot_prefix, parse_baseline
+from tunesmith.eval.evaluate import EvalOptions, evaluate, format_summary
 from tunesmith.eval.tasks import parse_number, with_prefix
 
 LABELS = ["card_arrival", "lost_or_stolen_phone", "cancel_transfer", "fee"]

@@ -27,7 +27,7 @@ LAYERS = [
     {"eval"},
     {"train", "serve", "datagen"},
     {"recipes"},
-    {"cli_eval", "cli_service"},  # the command's eval and service commands
+    {"cli_eval", "cli_models", "cli_service"},  # the command's eval, model and service commands
     {"cli"},  # the command: parses, calls one function (may import lazily)
     {"__main__"},
 ]

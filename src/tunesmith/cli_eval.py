@@ -15,7 +15,8 @@ from tunesmith.errors import UserError
 def cmd_eval(args: argparse.Namespace) -> int:
     from tunesmith.config.schema import EvalConfig
     from tunesmith.data.files import parse_columns
-    from tunesmith.eval.evaluate import EvalOptions, evaluate, format_summary, run_columns, run_config
+    from tunesmith.eval.baselines import run_columns, run_config
+    from tunesmith.eval.evaluate import EvalOptions, evaluate, format_summary
     from tunesmith.rundir import is_run_dir
 
     config = run_config(args.target)

@@ -23,7 +23,7 @@ RESAMPLES = 200  # enough for a logged interval; the final report uses the full 
 
 class InTrainingEval:
     def __init__(self, config: Config, tokenizer: Any):
-        from tunesmith.eval.evaluate import label_set  # the same label set as `tunesmith eval` on this run
+        from tunesmith.eval.baselines import label_set  # the same label set as `tunesmith eval` on this run
 
         self.task = tasks.get(config.eval.task)
         self.items = self.task.items(
