@@ -220,7 +220,7 @@ def test_label_rate_writes_scores(tmp_path, tiny_model):
     assert loaded.format == "score" and not loaded.problems and len(loaded.examples) == result.counts["rows"]
     assert all(1.0 <= example.score <= 7.0 for example in loaded.examples)
     if "reward" in methods and "score" in methods.info("reward").get("accepts", ()):
-        from tunesmith.data.validate import check_file
+        from tunesmith.data.dataset import check_file
 
         assert not check_file(result.output, method="reward").problems
 

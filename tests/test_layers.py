@@ -91,6 +91,48 @@ def wrong_arrows(source: Path, layer: dict[str, int], exceptions: dict[tuple[str
     return wrong
 
 
+def import_circles(source: Path) -> list[list[str]]:
+    """The groups of modules that import each other round in a circle (strongly connected, Tarjan), any import
+    counted: at the top of a file, inside a function, or only for type checking."""
+    modules = {module_name(path, source): path for path in (source / "tunesmith").rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for _, target in imported_modules(path, source):
+            while target not in modules and "." in target:
+                target = target.rpartition(".")[0]
+            if target not in (name, "tunesmith") and target in modules:
+                graph[name].add(target)
+    order: dict[str, int] = {}
+    lowest: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(node: str) -> None:
+        order[node] = lowest[node] = len(order)
+        stack.append(node)
+        for target in graph[node]:
+            if target not in order:
+                visit(target)
+                lowest[node] = min(lowest[node], lowest[target])
+            elif target in stack:
+                lowest[node] = min(lowest[node], order[target])
+        if lowest[node] == order[node]:
+            group = []
+            while not group or group[-1] != node:
+                group.append(stack.pop())
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in order:
+            visit(node)
+    return circles
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    assert import_circles(SOURCE) == []
+
+
 def test_every_import_points_down():
     assert wrong_arrows(SOURCE, LAYER, EXCEPTIONS) == []
 
@@ -117,6 +159,7 @@ def test_the_check_finds_an_arrow_up_a_sideways_one_and_one_in_a_function(tmp_pa
         "tunesmith/data/rows.py:1: data -> tunesmith.models.loading (siblings)",
         "tunesmith/models/loading.py:2: models -> tunesmith.train.loop (points up)",
     ]
+    assert import_circles(tmp_path) == [["tunesmith.data.rows", "tunesmith.models.loading", "tunesmith.train.loop"]]
 
 
 @pytest.mark.parametrize(

@@ -10,14 +10,13 @@ import yaml
 from conftest import CHATML, LLAMA3, build_tokenizer, write_jsonl
 
 from tunesmith.data.tokenize import ChatTokenizer
-from tunesmith.models.export import Run
 from tunesmith.models.model_card import (
     apply_system_prompt,
     name_upstream_base,
     upstream_model_id,
     write_model_card,
 )
-from tunesmith.rundir import read_run_config
+from tunesmith.rundir import Run, read_run_config
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CONVERSATIONS = [

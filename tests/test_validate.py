@@ -16,10 +16,10 @@ from conftest import write_jsonl
 
 from tunesmith.cli import main
 from tunesmith.config.schema import DataConfig
-from tunesmith.data.dataset import prepare_data
+from tunesmith.data.dataset import check_file, prepare_data
 from tunesmith.data.formats import detect_format
 from tunesmith.data.tokenize import ChatTokenizer
-from tunesmith.data.validate import check_file, load_file
+from tunesmith.data.validate import load_file
 from tunesmith.errors import UserError
 from tunesmith.models import load_tokenizer
 

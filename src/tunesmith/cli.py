@@ -114,8 +114,8 @@ def launch_processes(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from tunesmith.data.dataset import check_file
     from tunesmith.data.files import parse_columns
-    from tunesmith.data.validate import check_file
     from tunesmith.models import load_tokenizer
 
     tokenizer = load_tokenizer(args.model) if args.model else None

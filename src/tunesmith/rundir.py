@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,20 @@ EVAL_FILE = "eval.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 BEST_DIR = re.compile(r"^best-step-(\d+)$")
 WEIGHTS, OPTIMIZER = "weights.", "optimizer."  # the prefixes of a checkpoint's two state dicts in its shard files
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run directory: its resolved config and where its final weights are."""
+
+    directory: Path
+    config: Config
+    adapter_dir: Path | None  # adapter/: a PEFT adapter over config.model
+    model_dir: Path | None  # model/: a full fine-tuned model
+
+    @property
+    def base_model(self) -> str:
+        return self.config.model
 
 
 def is_run_dir(path: Path) -> bool:

@@ -12,12 +12,21 @@ import io
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from tunesmith.errors import Problem, UserError, did_you_mean
 
-if TYPE_CHECKING:
-    from tunesmith.data.tickets import TicketOptions
+
+
+@dataclass(frozen=True)
+class TicketOptions:
+    mapping: Path | None = None
+    flavour: str = "auto"
+    system_prompt: str | None = None
+    redact: bool = True
+    include_subject: bool = False
+    trailing: str = "trim"  # a customer message after the last agent reply: trim it, or skip the ticket
+    force: bool = False
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.data.helpdesk_exports import (
+    TicketOptions,
     FLAVOURS,
     Mapping,
     Record,
@@ -32,17 +33,6 @@ from tunesmith.errors import Problem, UserError
 
 MAX_PROBLEMS_SHOWN = 50
 TRAILING_CHOICES = ("trim", "skip")
-
-
-@dataclass(frozen=True)
-class TicketOptions:
-    mapping: Path | None = None
-    flavour: str = "auto"
-    system_prompt: str | None = None
-    redact: bool = True
-    include_subject: bool = False
-    trailing: str = "trim"  # a customer message after the last agent reply: trim it, or skip the ticket
-    force: bool = False
 
 
 @dataclass

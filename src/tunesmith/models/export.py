@@ -20,16 +20,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config.schema import Config
 from tunesmith.errors import Problem, UserError, did_you_mean
 from tunesmith.models.cache_files import commit_directory, staging_directory
 from tunesmith.models.gguf_export import LLAMA_QUANTIZE_ONLY_DTYPES, gguf_dtype_problem
 from tunesmith.registry import Registry
-from tunesmith.rundir import ADAPTER_DIR, CONFIG_FILE, MODEL_DIR, read_run_config
+from tunesmith.rundir import ADAPTER_DIR, CONFIG_FILE, MODEL_DIR, Run, read_run_config
 
 # The weights' dtype in a merged directory (float32 keeps the merge exact) and in a GGUF file.
 MERGED_DTYPES = ("float32", "bfloat16", "float16")
@@ -39,20 +37,6 @@ GGUF_DTYPES = {"float32": "f32", "float16": "f16", "f32": "f32", "f16": "f16", "
 _PROMPT_LEARNING_TYPES = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT"}
 
 exporters: Registry[Callable[..., Path]] = Registry("export format")
-
-
-@dataclass(frozen=True)
-class Run:
-    """A finished run directory: its resolved config and where its final weights are."""
-
-    directory: Path
-    config: Config
-    adapter_dir: Path | None  # adapter/: a PEFT adapter over config.model
-    model_dir: Path | None  # model/: a full fine-tuned model
-
-    @property
-    def base_model(self) -> str:
-        return self.config.model
 
 
 def export_run(

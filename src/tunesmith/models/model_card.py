@@ -15,12 +15,9 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tunesmith.rundir import EVAL_FILE, read_metrics
-
-if TYPE_CHECKING:
-    from tunesmith.models.export import Run
+from tunesmith.rundir import EVAL_FILE, Run, read_metrics
 
 # A Hugging Face model id as `org/name`; a bare name (`gpt2`) is too easily a local folder's name to be read as one.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")

@@ -12,7 +12,6 @@ import json
 import re
 import threading
 from contextlib import closing
-from dataclasses import dataclass
 from typing import Any, Generator, Iterator
 
 import uvicorn
@@ -24,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunesmith.security import apikeys
 from tunesmith.security.apikeys import Scope
 from tunesmith.serve import inference, shapes
+from tunesmith.serve.access import Caller, authenticate
 from tunesmith.serve.request import RequestError
 from tunesmith.serve.service import Service
 from tunesmith.serve.shapes import ApiError, not_found
@@ -36,36 +36,6 @@ MAX_JSON_BYTES = 8 << 20  # a JSON request body; a chat request filling a 128k-t
 DISCONNECT_POLL_SECONDS = 0.25  # how often a non-streamed reply checks that its client is still there
 DRAIN_SECONDS = 3  # SIGTERM: every reply being generated ends within this (as at max_tokens)
 SHUTDOWN_SECONDS = 7  # SIGTERM: connections still open after this are closed; the process exits within 10 s
-
-
-@dataclass(frozen=True)
-class Caller:
-    project: str
-    key_id: str
-    scope: Scope
-
-
-def authenticate(service: Service, header: str | None) -> Caller:
-    if not header or not header.startswith("Bearer "):
-        raise ApiError(
-            401,
-            "You didn't provide an API key. Send it as 'Authorization: Bearer tsk_...'; "
-            "`tunesmith keys create --project P --scope S` makes one",
-            None,
-            "missing_api_key",
-        )
-    try:
-        parsed = apikeys.parse_key(header.removeprefix("Bearer ").strip())
-    except apikeys.InvalidKeyError:
-        raise ApiError(401, "Incorrect API key provided.", None, "invalid_api_key") from None
-    row = service.store.key(parsed.key_id)
-    if (
-        row is None
-        or row["revoked_at"] is not None
-        or not apikeys.verify(f"{apikeys.KEY_PREFIX}{parsed.key_id}_{parsed.secret}", row["hash"])
-    ):
-        raise ApiError(401, "Incorrect API key provided.", None, "invalid_api_key")
-    return Caller(row["project_id"], row["id"], Scope(row["scope"]))
 
 
 def needs(scope: Scope):

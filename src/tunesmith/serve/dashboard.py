@@ -35,7 +35,7 @@ def dashboard() -> HTMLResponse:
 @router.get("/dashboard/key", include_in_schema=False)
 def key_scope(request: Request) -> dict[str, str]:
     """What the page's key may do, so it offers only the actions the key can take (Cancel needs `write`)."""
-    from tunesmith.serve.api import authenticate
+    from tunesmith.serve.access import authenticate
 
     caller = authenticate(request.app.state.service, request.headers.get("authorization"))
     return {"object": "key", "id": caller.key_id, "scope": str(caller.scope)}
