@@ -6,6 +6,7 @@
 banking77 (CC BY 4.0, PolyAI): a stratified slice — the first TRAIN_PER_LABEL training rows of each of the 77
 intents, in the source order, and the first TEST_PER_LABEL test rows of each intent.
 """
+
 import csv
 import json
 import sys
@@ -46,7 +47,9 @@ def sgd_dialogues(shared: Path) -> None:
     out = Path(__file__).parent / "sgd_dialogues"
     out.mkdir(exist_ok=True)
     for split, count in SGD_ROWS.items():
-        rows = [json.loads(line) for line in (shared / "sgd_dialogues" / f"{split}.jsonl").open(encoding="utf-8")][:count]
+        rows = [json.loads(line) for line in (shared / "sgd_dialogues" / f"{split}.jsonl").open(encoding="utf-8")][
+            :count
+        ]
         kept = [{"messages": r["messages"]} for r in rows]
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         print(f"sgd_dialogues {split}: {len(kept)} rows")
@@ -55,9 +58,12 @@ def sgd_dialogues(shared: Path) -> None:
 def hh_pairs(shared: Path, split: str, count: int | None, path: Path) -> None:
     """hh-rlhf harmless-base (MIT, Anthropic): the first `count` pairs of a split (all with None), the prompt as a
     message list."""
-    rows = [json.loads(line) for line in (shared / "hh_rlhf_harmless" / f"{split}.jsonl").open(encoding="utf-8")][:count]
-    kept = [{"id": r["id"], "prompt": r["prompt_messages"], "chosen": r["chosen"], "rejected": r["rejected"]}
-            for r in rows]
+    rows = [json.loads(line) for line in (shared / "hh_rlhf_harmless" / f"{split}.jsonl").open(encoding="utf-8")][
+        :count
+    ]
+    kept = [
+        {"id": r["id"], "prompt": r["prompt_messages"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     print(f"hh_rlhf_harmless {split}: {len(kept)} rows in {path}")
@@ -70,7 +76,8 @@ def hh_rlhf_harmless(shared: Path) -> None:
 
 def redteam(shared: Path) -> None:
     """Attack prompt sets for `tunesmith redteam`: hh-rlhf harmless-base red-team openings (MIT, Anthropic), the
-    first user turn of each test pair, each distinct text once; XSTest v2's 200 unsafe and 250 safe prompts (CC BY 4.0)."""
+    first user turn of each test pair, each distinct text once; XSTest v2's 200 unsafe and 250 safe prompts
+    (CC BY 4.0)."""
     out = Path(__file__).parent / "redteam"
     out.mkdir(exist_ok=True)
     pairs = [json.loads(line) for line in (shared / "hh_rlhf_harmless" / "test.jsonl").open(encoding="utf-8")]
@@ -80,8 +87,11 @@ def redteam(shared: Path) -> None:
     sets = {"hh_rlhf_harmless": [{"id": i, "prompt": text, "label": "unsafe"} for text, i in openings.items()]}
     prompts = [json.loads(line) for line in (shared / "xstest" / "prompts.jsonl").open(encoding="utf-8")]
     for label in ("unsafe", "safe"):
-        sets[f"xstest_{label}"] = [{"id": r["id"], "prompt": r["prompt"], "label": label, "type": r["type"]}
-                                   for r in prompts if r["label"] == label]
+        sets[f"xstest_{label}"] = [
+            {"id": r["id"], "prompt": r["prompt"], "label": label, "type": r["type"]}
+            for r in prompts
+            if r["label"] == label
+        ]
     for name, kept in sets.items():
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         print(f"redteam {name}: {len(kept)} rows")
@@ -93,7 +103,9 @@ def webquestions(shared: Path) -> None:
     out = Path(__file__).parent / "webquestions"
     out.mkdir(exist_ok=True)
     for split, count in WEBQUESTIONS_ROWS.items():
-        rows = [json.loads(line) for line in (shared / "webquestions" / f"{split}.jsonl").open(encoding="utf-8")][:count]
+        rows = [json.loads(line) for line in (shared / "webquestions" / f"{split}.jsonl").open(encoding="utf-8")][
+            :count
+        ]
         with (out / f"{split}.csv").open("w", encoding="utf-8", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["question", "answer"])
@@ -116,7 +128,9 @@ def main(shared: Path) -> None:
 
 
 if __name__ == "__main__":
-    if "--hh-full" in sys.argv:  # every shared hh-rlhf harmless training pair (1,603), not bundled: README's DPO evidence
+    if (
+        "--hh-full" in sys.argv
+    ):  # every shared hh-rlhf harmless training pair (1,603), not bundled: README's DPO evidence
         flag = sys.argv.index("--hh-full")
         hh_pairs(Path(sys.argv[1]), "train", None, Path(sys.argv[flag + 1]))
     else:

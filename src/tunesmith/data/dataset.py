@@ -1,5 +1,6 @@
 """From the data config to tokenised train and validation sets, with every problem reported at once; and
 `check_file`, which is `tunesmith validate`: every problem in a file, and with a tokenizer each example's length."""
+
 from __future__ import annotations
 
 import random
@@ -26,12 +27,20 @@ class PreparedData:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        return {"format": self.format, "train_examples": len(self.train), "validation_examples": len(self.validation),
-                "train_tokens": sum(len(e) for e in self.train), "skipped_rows": self.skipped_rows,
-                "dropped_long": self.dropped_long, "truncated": self.truncated}
+        return {
+            "format": self.format,
+            "train_examples": len(self.train),
+            "validation_examples": len(self.validation),
+            "train_tokens": sum(len(e) for e in self.train),
+            "skipped_rows": self.skipped_rows,
+            "dropped_long": self.dropped_long,
+            "truncated": self.truncated,
+        }
 
 
-def fit_length(example: TokenizedExample, max_length: int, policy: str, where: str) -> tuple[list[TokenizedExample], Problem | None]:
+def fit_length(
+    example: TokenizedExample, max_length: int, policy: str, where: str
+) -> tuple[list[TokenizedExample], Problem | None]:
     """Apply the truncation policy to one example: (examples to keep, problem to report)."""
     if len(example) <= max_length:
         return [example], None
@@ -40,14 +49,20 @@ def fit_length(example: TokenizedExample, max_length: int, policy: str, where: s
     if policy == "truncate":
         return [TokenizedExample(example.input_ids[:max_length], example.loss_mask[:max_length], example.line)], None
     if policy == "split":
-        return [TokenizedExample(example.input_ids[i: i + max_length], example.loss_mask[i: i + max_length], example.line)
-                for i in range(0, len(example), max_length)], None
-    return [], Problem(where, f"example is {len(example)} tokens, longer than data.max_length={max_length}; fix: raise "
-                              f"data.max_length, shorten the example, or set data.truncation to drop or truncate")
+        return [
+            TokenizedExample(example.input_ids[i : i + max_length], example.loss_mask[i : i + max_length], example.line)
+            for i in range(0, len(example), max_length)
+        ], None
+    return [], Problem(
+        where,
+        f"example is {len(example)} tokens, longer than data.max_length={max_length}; fix: raise "
+        f"data.max_length, shorten the example, or set data.truncation to drop or truncate",
+    )
 
 
-def tokenize_file(path: Path, config: DataConfig, chat: ChatTokenizer, accepts: tuple[str, ...], method: str,
-                  prepared: PreparedData) -> tuple[list[Unit], list[Problem]]:
+def tokenize_file(
+    path: Path, config: DataConfig, chat: ChatTokenizer, accepts: tuple[str, ...], method: str, prepared: PreparedData
+) -> tuple[list[Unit], list[Problem]]:
     loaded = load_file(path, config.format, accepts, method, columns=config.columns)
     prepared.format = loaded.format
     problems = list(loaded.problems)
@@ -55,14 +70,17 @@ def tokenize_file(path: Path, config: DataConfig, chat: ChatTokenizer, accepts: 
         prepared.skipped_rows += len(loaded.problems)
         problems = []
     if config.truncation == "split" and loaded.examples and loaded.examples[0].kind != "text":
-        raise UserError(f"data.truncation=split only applies to raw text (format text), not {loaded.format}; "
-                        f"fix: use drop or truncate")
+        raise UserError(
+            f"data.truncation=split only applies to raw text (format text), not {loaded.format}; "
+            f"fix: use drop or truncate"
+        )
     tokenized, length_problems = tokenize_examples(loaded.examples, path, config, chat, prepared)
     return tokenized, problems + length_problems
 
 
-def tokenize_examples(examples: list[Example], path: Path, config: DataConfig, chat: ChatTokenizer,
-                      prepared: PreparedData) -> tuple[list[Unit], list[Problem]]:
+def tokenize_examples(
+    examples: list[Example], path: Path, config: DataConfig, chat: ChatTokenizer, prepared: PreparedData
+) -> tuple[list[Unit], list[Problem]]:
     """Tokenise, apply the truncation policy, and refuse examples with nothing to train (training and validate)."""
     tokenized: list[Unit] = []
     problems: list[Problem] = []
@@ -88,8 +106,9 @@ def tokenize_examples(examples: list[Example], path: Path, config: DataConfig, c
     return tokenized, problems
 
 
-def fit_pair(pair: TokenizedPair, max_length: int, policy: str, where: str,
-             prepared: PreparedData) -> tuple[TokenizedPair | None, Problem | None]:
+def fit_pair(
+    pair: TokenizedPair, max_length: int, policy: str, where: str, prepared: PreparedData
+) -> tuple[TokenizedPair | None, Problem | None]:
     """The truncation policy on both sides of a preference pair (max_length holds for each); both or neither kept."""
     sides = []
     for name, side in (("chosen", pair.chosen), ("rejected", pair.rejected)):
@@ -108,8 +127,10 @@ def fit_pair(pair: TokenizedPair, max_length: int, policy: str, where: str,
 
 def no_target_message(encoded: TokenizedExample, piece: TokenizedExample, max_length: int) -> str:
     if len(piece) < len(encoded):
-        return (f"after truncation to data.max_length={max_length} no trained token remains (the prompt alone is longer); "
-                f"fix: raise data.max_length, shorten the prompt, or set data.truncation=drop")
+        return (
+            f"after truncation to data.max_length={max_length} no trained token remains (the prompt alone is longer); "
+            f"fix: raise data.max_length, shorten the prompt, or set data.truncation=drop"
+        )
     return "no token of this example is trained (the assistant text is empty after templating)"
 
 
@@ -123,8 +144,10 @@ def prepare_data(config: DataConfig, tokenizer: Any, accepts: tuple[str, ...], m
         validation, val_problems = tokenize_file(config.validation, config, chat, accepts, method, prepared)
         problems += val_problems
     if problems:
-        raise UserError(f"the data has {len(problems)} problem(s); nothing was trained "
-                        f"(fix them, or set data.skip_bad_rows=true to skip invalid rows)\n{report(problems)}")
+        raise UserError(
+            f"the data has {len(problems)} problem(s); nothing was trained "
+            f"(fix them, or set data.skip_bad_rows=true to skip invalid rows)\n{report(problems)}"
+        )
     if config.val_fraction is not None:
         train, validation = split_validation(train, config.val_fraction, seed)
     if not train:
@@ -137,7 +160,9 @@ def split_validation(examples: list[TokenizedExample], fraction: float, seed: in
     """A seeded random `fraction` of the examples (at least one) becomes validation; order is kept."""
     count = max(1, round(len(examples) * fraction))
     if count >= len(examples):
-        raise UserError(f"data.val_fraction={fraction} leaves no training examples out of {len(examples)}; fix: lower it")
+        raise UserError(
+            f"data.val_fraction={fraction} leaves no training examples out of {len(examples)}; fix: lower it"
+        )
     chosen = set(random.Random(f"tunesmith-val:{seed}").sample(range(len(examples)), count))
     return ([e for i, e in enumerate(examples) if i not in chosen], [e for i, e in enumerate(examples) if i in chosen])
 
@@ -157,8 +182,14 @@ class CheckReport:
     text: str
 
 
-def check_file(path: Path, format_name: str = "auto", method: str = "sft", tokenizer: Any = None,
-               max_length: int = 1024, columns: dict[str, str] | None = None) -> CheckReport:
+def check_file(
+    path: Path,
+    format_name: str = "auto",
+    method: str = "sft",
+    tokenizer: Any = None,
+    max_length: int = 1024,
+    columns: dict[str, str] | None = None,
+) -> CheckReport:
     """Parse and convert every row for `method` (`columns` mapping fields to the file's columns first); with a
     model's tokenizer, also check each example's token length."""
     accepts = methods.info(method)["accepts"] if method in methods else None
@@ -175,11 +206,16 @@ def check_file(path: Path, format_name: str = "auto", method: str = "sft", token
         problems += tokenize_examples(loaded.examples, path, config, chat, PreparedData([], [], loaded.format))[1]
     problems.sort(key=lambda p: _line_of(p.where))
     if problems:
-        summary = (f" in {loaded.rows} rows (format {loaded.format})" if loaded.read_whole
-                   else "; the file was read no further")
+        summary = (
+            f" in {loaded.rows} rows (format {loaded.format})"
+            if loaded.read_whole
+            else "; the file was read no further"
+        )
         return CheckReport(problems, f"{report(problems, limit=200)}\n{path}: {len(problems)} problem(s){summary}")
     checked = "" if tokenizer is None else f", all within {max_length} tokens"
-    return CheckReport([], f"{path}: {len(loaded.examples)} examples OK (format {loaded.format}, method {method}{checked})")
+    return CheckReport(
+        [], f"{path}: {len(loaded.examples)} examples OK (format {loaded.format}, method {method}{checked})"
+    )
 
 
 def _line_of(where: str) -> int:

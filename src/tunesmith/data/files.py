@@ -7,6 +7,7 @@ why that row cannot be read, or (JSON Lines) any other JSON value, which validat
 validation take it from there, the same for every file type. A column mapping (data.columns, --columns)
 renames the file's columns to a format's field names before anything else looks at them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,14 @@ from tunesmith.data.formats import RowError
 from tunesmith.errors import UserError, did_you_mean
 
 Rows = Iterator[tuple[int, Any]]
-FILE_TYPES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
-              ".parquet": "parquet"}
+FILE_TYPES = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+}
 DELIMITERS = {"csv": ",", "tsv": "\t"}
 BYTE_ORDER_MARK = b"\xef\xbb\xbf"
 
@@ -62,6 +69,7 @@ def read_rows(path: Path, lines: Iterable[bytes] | None = None, columns: dict[st
 
 # ---- JSON Lines ------------------------------------------------------------------------------------------------
 
+
 def read_jsonl(path: Path, lines: Iterable[bytes] | None = None) -> Rows:
     """(line number, parsed value) or (line number, RowError) for each non-blank line; a .json file holding one
     JSON array gives its elements, each at the line it starts on.
@@ -75,7 +83,7 @@ def read_jsonl(path: Path, lines: Iterable[bytes] | None = None) -> Rows:
             yield from read_json_array(path, text)
             return
         lines = text.splitlines(keepends=True)
-    with (path.open("rb") if lines is None else contextlib.nullcontext(lines)) as handle:
+    with path.open("rb") if lines is None else contextlib.nullcontext(lines) as handle:
         first = True
         for number, raw in enumerate(handle, start=1):
             if number == 1:
@@ -83,8 +91,10 @@ def read_jsonl(path: Path, lines: Iterable[bytes] | None = None) -> Rows:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                yield number, RowError(f"not valid UTF-8 (byte {error.start + 1} of the line); fix: save the file "
-                                       f"as UTF-8")
+                yield (
+                    number,
+                    RowError(f"not valid UTF-8 (byte {error.start + 1} of the line); fix: save the file as UTF-8"),
+                )
                 continue
             if not text.strip():
                 continue
@@ -110,11 +120,15 @@ def delimited_hint(path: Path, text: str) -> str:
     kind = "tsv" if text.count("\t") > text.count(",") else "csv"
     shown = text.strip()[:60]
     if file_type(path) != "jsonl":  # lines handed over in memory (the service's uploads), which are JSON Lines
-        return (f"the first line is not JSON but looks like a {kind.upper()} header ({shown!r}), and these lines are "
-                f"read as JSON Lines; fix: convert the file to JSON Lines, one JSON object per line")
-    return (f"the first line is not JSON but looks like a {kind.upper()} header ({shown!r}), and a file named "
-            f"'{path.name}' is read as JSON Lines; fix: rename it to {path.stem}.{kind} so it is read as "
-            f"{'tab' if kind == 'tsv' else 'comma'}-separated values with a header row")
+        return (
+            f"the first line is not JSON but looks like a {kind.upper()} header ({shown!r}), and these lines are "
+            f"read as JSON Lines; fix: convert the file to JSON Lines, one JSON object per line"
+        )
+    return (
+        f"the first line is not JSON but looks like a {kind.upper()} header ({shown!r}), and a file named "
+        f"'{path.name}' is read as JSON Lines; fix: rename it to {path.stem}.{kind} so it is read as "
+        f"{'tab' if kind == 'tsv' else 'comma'}-separated values with a header row"
+    )
 
 
 def read_json_array(path: Path, data: bytes) -> Rows:
@@ -128,14 +142,20 @@ def read_json_array(path: Path, data: bytes) -> Rows:
         yield data.count(b"\n", 0, error.start) + 1, FileProblem("not valid UTF-8; fix: save the file as UTF-8")
         return
     except json.JSONDecodeError as error:
-        yield error.lineno, FileProblem(f"invalid JSON at column {error.colno}: {error.msg}; fix: repair the array, "
-                                        f"or write one JSON object per line in a .jsonl file")
+        yield (
+            error.lineno,
+            FileProblem(
+                f"invalid JSON at column {error.colno}: {error.msg}; fix: repair the array, "
+                f"or write one JSON object per line in a .jsonl file"
+            ),
+        )
         return
     start = len(text) - len(text.lstrip())
     yield from zip(element_lines(text, start), values)
 
 
 # ---- CSV and TSV -----------------------------------------------------------------------------------------------
+
 
 def read_delimited(path: Path, delimiter: str) -> Rows:
     """(line where the record starts, {column: cell}) for every record after the header row.
@@ -156,9 +176,14 @@ def read_delimited(path: Path, delimiter: str) -> Rows:
             except StopIteration:
                 return
             except csv.Error as error:
-                yield start, RowError(f"cannot read the record that starts on this line: {error}; fix: a cell with "
-                                      f"a quote, a {name_of(delimiter)} or a line break must be quoted as a whole, "
-                                      f"its own quotes doubled (\"\")")
+                yield (
+                    start,
+                    RowError(
+                        f"cannot read the record that starts on this line: {error}; fix: a cell with "
+                        f"a quote, a {name_of(delimiter)} or a line break must be quoted as a whole, "
+                        f'its own quotes doubled ("")'
+                    ),
+                )
                 continue
             if not any(cell.strip() for cell in cells):
                 continue
@@ -184,8 +209,10 @@ def decoded_lines(path: Path, handle: Iterable[bytes]) -> Iterator[str]:
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise UserError(f"{path}:{number}: not valid UTF-8 (byte {error.start + 1} of the line); fix: save the "
-                            f"file as UTF-8 (in Excel: 'CSV UTF-8')") from None
+            raise UserError(
+                f"{path}:{number}: not valid UTF-8 (byte {error.start + 1} of the line); fix: save the "
+                f"file as UTF-8 (in Excel: 'CSV UTF-8')"
+            ) from None
 
 
 def name_of(delimiter: str) -> str:
@@ -196,28 +223,39 @@ def header_problem(header: list[str], delimiter: str) -> str | None:
     """Why the first record cannot be a header row, or None."""
     if len(header) == 1 and delimiter == "," and (";" in header[0] or "\t" in header[0]):
         other = "semicolons" if ";" in header[0] else "tabs"
-        return (f"the header {header[0]!r} is one column: the file seems separated by {other}, not commas; fix: save "
-                f"it comma-separated{' (or name it .tsv)' if other == 'tabs' else ''}")
+        return (
+            f"the header {header[0]!r} is one column: the file seems separated by {other}, not commas; fix: save "
+            f"it comma-separated{' (or name it .tsv)' if other == 'tabs' else ''}"
+        )
     for index, name in enumerate(header, start=1):
         if not name:
-            return (f"column {index} of the header row has no name; fix: the first line must name every column "
-                    f"(e.g. question,answer)")
+            return (
+                f"column {index} of the header row has no name; fix: the first line must name every column "
+                f"(e.g. question,answer)"
+            )
         if name in header[: index - 1]:
-            return (f"the header row names column '{name}' twice (columns {header.index(name) + 1} and {index}); "
-                    f"fix: rename one")
+            return (
+                f"the header row names column '{name}' twice (columns {header.index(name) + 1} and {index}); "
+                f"fix: rename one"
+            )
     return None
 
 
 def cell_count_message(count: int, header: list[str], delimiter: str) -> str:
     names = ", ".join(header)
     if count > len(header):
-        return (f"the record has {count} cells but the header has {len(header)} columns ({names}); fix: quote a "
-                f"cell that contains a {name_of(delimiter)}")
-    return (f"the record has {count} cell{'s' if count != 1 else ''} but the header has {len(header)} columns "
-            f"({names}); fix: give every column a cell (an empty one is fine)")
+        return (
+            f"the record has {count} cells but the header has {len(header)} columns ({names}); fix: quote a "
+            f"cell that contains a {name_of(delimiter)}"
+        )
+    return (
+        f"the record has {count} cell{'s' if count != 1 else ''} but the header has {len(header)} columns "
+        f"({names}); fix: give every column a cell (an empty one is fine)"
+    )
 
 
 # ---- Parquet ---------------------------------------------------------------------------------------------------
+
 
 def read_parquet(path: Path, batch_rows: int = 1024) -> Rows:
     """(1-based data row, {column: value}) for every row; nested columns (a messages list) come as lists and
@@ -228,8 +266,13 @@ def read_parquet(path: Path, batch_rows: int = 1024) -> Rows:
     try:
         table = parquet.ParquetFile(path)
     except (pyarrow.ArrowException, OSError) as error:
-        yield 0, FileProblem(f"not a readable Parquet file ({error}); fix: write it with pyarrow or pandas "
-                             f"(DataFrame.to_parquet), or give the data as .jsonl or .csv")
+        yield (
+            0,
+            FileProblem(
+                f"not a readable Parquet file ({error}); fix: write it with pyarrow or pandas "
+                f"(DataFrame.to_parquet), or give the data as .jsonl or .csv"
+            ),
+        )
         return
     number = 0
     for batch in table.iter_batches(batch_size=batch_rows):
@@ -239,6 +282,7 @@ def read_parquet(path: Path, batch_rows: int = 1024) -> Rows:
 
 
 # ---- column mapping --------------------------------------------------------------------------------------------
+
 
 def map_columns(rows: Rows, columns: dict[str, str], header_line: int | None = None) -> Rows:
     """Rename each row's columns to field names (`columns`: field -> column); the other columns stay, so
@@ -258,8 +302,13 @@ def map_columns(rows: Rows, columns: dict[str, str], header_line: int | None = N
                 return
         missing = [column for column in columns.values() if column not in row]
         if missing:
-            yield number, RowError(f"the row has no '{missing[0]}', which the column mapping reads; fix: add it "
-                                   f"(every row needs the mapped columns)")
+            yield (
+                number,
+                RowError(
+                    f"the row has no '{missing[0]}', which the column mapping reads; fix: add it "
+                    f"(every row needs the mapped columns)"
+                ),
+            )
             continue
         mapped = {key: value for key, value in row.items() if key not in columns.values()}
         mapped.update({field: row[column] for field, column in columns.items()})
@@ -271,12 +320,16 @@ def mapping_problem(row: dict[str, Any], columns: dict[str, str]) -> str | None:
     present = list(row)
     for field, column in columns.items():
         if column not in row:
-            return (f"the column mapping (data.columns / --columns) maps {field}={column}, but the file has no column "
-                    f"'{column}'{closest_column(column, present)}; its columns: {', '.join(present) or 'none'}; fix: "
-                    f"name one of them")
+            return (
+                f"the column mapping (data.columns / --columns) maps {field}={column}, but the file has no column "
+                f"'{column}'{closest_column(column, present)}; its columns: {', '.join(present) or 'none'}; fix: "
+                f"name one of them"
+            )
         if field in row and field not in columns.values() and field != column:
-            return (f"the column mapping maps {field}={column}, but the file already has a column '{field}', which "
-                    f"would be lost; fix: map or rename that column too")
+            return (
+                f"the column mapping maps {field}={column}, but the file already has a column '{field}', which "
+                f"would be lost; fix: map or rename that column too"
+            )
     return None
 
 
@@ -294,8 +347,10 @@ def parse_columns(text: str | None, option: str = "--columns") -> dict[str, str]
             continue
         field, sep, column = (part.strip() for part in pair.partition("="))
         if not sep or not field or not column:
-            raise UserError(f"{option} {text!r}: '{pair}' is not FIELD=COLUMN; fix: write e.g. "
-                            f"{option} question=q,answer=a (the format's field = your file's column)")
+            raise UserError(
+                f"{option} {text!r}: '{pair}' is not FIELD=COLUMN; fix: write e.g. "
+                f"{option} question=q,answer=a (the format's field = your file's column)"
+            )
         if field in mapping:
             raise UserError(f"{option} {text!r}: the field '{field}' is mapped twice; fix: map it to one column")
         mapping[field] = column

@@ -5,6 +5,7 @@ files.py reads them all) into an Example or raises `RowError` with a message a u
 registration also holds its one-line description and example row, from which `--help-config` and the README's
 table of formats are written. `detect_format` picks a format from a row's keys.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,8 +84,13 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def check_messages(turns: Any, key: str = "messages", role_key: str = "role", content_key: str = "content",
-                   roles: dict[str, str] | None = None) -> list[dict[str, str]]:
+def check_messages(
+    turns: Any,
+    key: str = "messages",
+    role_key: str = "role",
+    content_key: str = "content",
+    roles: dict[str, str] | None = None,
+) -> list[dict[str, str]]:
     """Validate a list of turns and return it as {role, content} messages; every problem names the turn.
 
     The key names and the role spellings are parameters, so sharegpt's {from, value} with human/gpt is
@@ -92,7 +98,9 @@ def check_messages(turns: Any, key: str = "messages", role_key: str = "role", co
     """
     roles = roles or {role: role for role in ROLES}
     if not isinstance(turns, list):
-        raise RowError(f"field '{key}' must be a list of {{{role_key}, {content_key}}} objects, got {type(turns).__name__}")
+        raise RowError(
+            f"field '{key}' must be a list of {{{role_key}, {content_key}}} objects, got {type(turns).__name__}"
+        )
     if not turns:
         raise RowError(f"field '{key}' is an empty list")
     clean = []
@@ -114,44 +122,76 @@ def check_messages(turns: Any, key: str = "messages", role_key: str = "role", co
     return clean
 
 
-@register_format("messages", keys=("messages",), kind="chat", summary="a chat (OpenAI's format); every assistant turn "
-                 "is trained", example={"messages": [{"role": "system", "content": "Be brief."},
-                                                     {"role": "user", "content": "Hi!"},
-                                                     {"role": "assistant", "content": "Hello!"}]})
+@register_format(
+    "messages",
+    keys=("messages",),
+    kind="chat",
+    summary="a chat (OpenAI's format); every assistant turn is trained",
+    example={
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello!"},
+        ]
+    },
+)
 def convert_messages(row: dict[str, Any]) -> Example:
     if "messages" not in row:
         raise RowError("missing field 'messages'")
     return Example(check_messages(row["messages"]), "chat")
 
 
-@register_format("sharegpt", keys=("conversations",), kind="chat", summary="a chat in ShareGPT's spelling "
-                 "(from: system/human/gpt)", example={"conversations": [{"from": "human", "value": "Hi!"},
-                                                                        {"from": "gpt", "value": "Hello!"}]})
+@register_format(
+    "sharegpt",
+    keys=("conversations",),
+    kind="chat",
+    summary="a chat in ShareGPT's spelling (from: system/human/gpt)",
+    example={"conversations": [{"from": "human", "value": "Hi!"}, {"from": "gpt", "value": "Hello!"}]},
+)
 def convert_sharegpt(row: dict[str, Any]) -> Example:
     return Example(check_messages(row.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES), "chat")
 
 
-@register_format("alpaca", keys=("instruction", "output"), kind="chat", summary="an instruction, an optional input, "
-                 "the output", example={"instruction": "Translate to French.", "input": "cheese", "output": "fromage"})
+@register_format(
+    "alpaca",
+    keys=("instruction", "output"),
+    kind="chat",
+    summary="an instruction, an optional input, the output",
+    example={"instruction": "Translate to French.", "input": "cheese", "output": "fromage"},
+)
 def convert_alpaca(row: dict[str, Any]) -> Example:
     instruction = text_field(row, "instruction")
     extra = text_field(row, "input", allow_empty=True) if "input" in row else ""
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return Example([{"role": "user", "content": prompt}, {"role": "assistant", "content": text_field(row, "output")}], "chat")
+    return Example(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": text_field(row, "output")}], "chat"
+    )
 
 
-@register_format("prompt_completion", keys=("prompt", "completion"), kind="chat", summary="a prompt and the "
-                 "completion to learn", example={"prompt": "2 + 2 =", "completion": "4"})
+@register_format(
+    "prompt_completion",
+    keys=("prompt", "completion"),
+    kind="chat",
+    summary="a prompt and the completion to learn",
+    example={"prompt": "2 + 2 =", "completion": "4"},
+)
 def convert_prompt_completion(row: dict[str, Any]) -> Example:
     return Example(
-        [{"role": "user", "content": text_field(row, "prompt")}, {"role": "assistant", "content": text_field(row, "completion")}],
+        [
+            {"role": "user", "content": text_field(row, "prompt")},
+            {"role": "assistant", "content": text_field(row, "completion")},
+        ],
         "chat",
     )
 
 
-@register_format("classification", keys=("text", "label"), kind="chat", summary="a text and its label (trained as "
-                 "the reply; evaluated with accuracy, precision, recall, F1)",
-                 example={"text": "My card has not arrived.", "label": "card_arrival"})
+@register_format(
+    "classification",
+    keys=("text", "label"),
+    kind="chat",
+    summary="a text and its label (trained as the reply; evaluated with accuracy, precision, recall, F1)",
+    example={"text": "My card has not arrived.", "label": "card_arrival"},
+)
 def convert_classification(row: dict[str, Any]) -> Example:
     label = row.get("label")
     if isinstance(label, bool) or not isinstance(label, (str, int)):
@@ -165,9 +205,13 @@ def convert_classification(row: dict[str, Any]) -> Example:
     )
 
 
-@register_format("qa", keys=("question", "answer"), kind="chat", summary="a question and its short answer; optional "
-                 "answers: every accepted answer, for exact-match scoring",
-                 example={"question": "What is the capital of France?", "answer": "Paris"})
+@register_format(
+    "qa",
+    keys=("question", "answer"),
+    kind="chat",
+    summary="a question and its short answer; optional answers: every accepted answer, for exact-match scoring",
+    example={"question": "What is the capital of France?", "answer": "Paris"},
+)
 def convert_qa(row: dict[str, Any]) -> Example:
     """Short-answer QA; `answers` (optional) lists every accepted answer, for exact-match scoring.
 
@@ -175,15 +219,22 @@ def convert_qa(row: dict[str, Any]) -> Example:
     question, answer = text_field(row, "question"), text_field(row, "answer")
     answers = row.get("answers", [answer])
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-        raise RowError(f"field 'answers' (optional) must be a list of strings, got {_short(answers)}; fix: "
-                       f"list every accepted answer, or leave the field out")
+        raise RowError(
+            f"field 'answers' (optional) must be a list of strings, got {_short(answers)}; fix: "
+            f"list every accepted answer, or leave the field out"
+        )
     example = Example([{"role": "user", "content": question}, {"role": "assistant", "content": answer}], "chat")
     example.meta["answers"] = answers
     return example
 
 
-@register_format("text", keys=("text",), kind="text", summary="raw text, every token trained (continued "
-                 "pre-training)", example={"text": "A document of the domain, as it is."})
+@register_format(
+    "text",
+    keys=("text",),
+    kind="text",
+    summary="raw text, every token trained (continued pre-training)",
+    example={"text": "A document of the domain, as it is."},
+)
 def convert_text(row: dict[str, Any]) -> Example:
     return Example([{"role": "text", "content": text_field(row, "text")}], "text")
 
@@ -214,13 +265,20 @@ def _reply(row: dict[str, Any], key: str) -> str:
 def _pair(prompt: list[dict[str, str]], chosen: str, rejected: str) -> Example:
     if chosen == rejected:
         raise RowError("the chosen and rejected replies are identical, so the pair teaches nothing")
-    return Example(prompt + [{"role": "assistant", "content": chosen}], "preference",
-                   rejected=prompt + [{"role": "assistant", "content": rejected}])
+    return Example(
+        prompt + [{"role": "assistant", "content": chosen}],
+        "preference",
+        rejected=prompt + [{"role": "assistant", "content": rejected}],
+    )
 
 
-@register_format("preference", keys=("prompt", "chosen", "rejected"), kind="preference", summary="a prompt and two "
-                 "replies, the better one chosen (dpo, reward; sft learns the chosen one)",
-                 example={"prompt": "Say hi.", "chosen": "Hello!", "rejected": "Go away."})
+@register_format(
+    "preference",
+    keys=("prompt", "chosen", "rejected"),
+    kind="preference",
+    summary="a prompt and two replies, the better one chosen (dpo, reward; sft learns the chosen one)",
+    example={"prompt": "Say hi.", "chosen": "Hello!", "rejected": "Go away."},
+)
 def convert_preference(row: dict[str, Any]) -> Example:
     return _pair(_prompt_messages(row), _reply(row, "chosen"), _reply(row, "rejected"))
 
@@ -231,11 +289,17 @@ def chosen_side(pair: Example) -> Example:
     return Example(pair.messages, "chosen", pair.line, meta=pair.meta, fields=pair.fields)
 
 
-@register_format("openai_preference", keys=("input", "preferred_output", "non_preferred_output"), kind="preference",
-                 summary="a preference pair in OpenAI's DPO fine-tuning format",
-                 example={"input": {"messages": [{"role": "user", "content": "Say hi."}]},
-                          "preferred_output": [{"role": "assistant", "content": "Hello!"}],
-                          "non_preferred_output": [{"role": "assistant", "content": "Go away."}]})
+@register_format(
+    "openai_preference",
+    keys=("input", "preferred_output", "non_preferred_output"),
+    kind="preference",
+    summary="a preference pair in OpenAI's DPO fine-tuning format",
+    example={
+        "input": {"messages": [{"role": "user", "content": "Say hi."}]},
+        "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+        "non_preferred_output": [{"role": "assistant", "content": "Go away."}],
+    },
+)
 def convert_openai_preference(row: dict[str, Any]) -> Example:
     """OpenAI's DPO fine-tuning rows: {"input": {"messages": [...]}, "preferred_output": [assistant message],
     "non_preferred_output": [assistant message]}."""
@@ -244,19 +308,29 @@ def convert_openai_preference(row: dict[str, Any]) -> Example:
         raise RowError(f"field 'input' must be an object with a 'messages' list, got {_short(source)}")
     prompt = check_messages(source["messages"] + [{"role": "assistant", "content": "-"}], "input.messages")[:-1]
     if prompt[-1]["role"] == "assistant":
-        raise RowError("input.messages ends with an assistant turn; the preferred and non-preferred outputs are the "
-                       "reply to it, so it should end with the user's message")
+        raise RowError(
+            "input.messages ends with an assistant turn; the preferred and non-preferred outputs are the "
+            "reply to it, so it should end with the user's message"
+        )
     return _pair(prompt, _reply(row, "preferred_output"), _reply(row, "non_preferred_output"))
 
 
-@register_format("score", keys=("prompt", "response", "score"), kind="score", summary="a reply rated with a number "
-                 "(reward models; a numeric text such as \"0.8\" counts)",
-                 example={"prompt": "Say hi.", "response": "Hello!", "score": 0.8})
+@register_format(
+    "score",
+    keys=("prompt", "response", "score"),
+    kind="score",
+    summary='a reply rated with a number (reward models; a numeric text such as "0.8" counts)',
+    example={"prompt": "Say hi.", "response": "Hello!", "score": 0.8},
+)
 def convert_score(row: dict[str, Any]) -> Example:
     score = number_or_text(row.get("score"))
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
         raise RowError(f"field 'score' must be a finite number, got {type(score).__name__} {_short(score)}")
-    return Example(_prompt_messages(row) + [{"role": "assistant", "content": text_field(row, "response")}], "score", score=float(score))
+    return Example(
+        _prompt_messages(row) + [{"role": "assistant", "content": text_field(row, "response")}],
+        "score",
+        score=float(score),
+    )
 
 
 def number_or_text(value: Any) -> Any:
@@ -271,23 +345,34 @@ def number_or_text(value: Any) -> Any:
 
 def _prompt_turns(turns: list[dict[str, str]], key: str) -> list[dict[str, str]]:
     if turns[-1]["role"] != "user":
-        raise RowError(f"the last turn of field '{key}' is the {turns[-1]['role']}'s; a prompt ends with the user's "
-                       f"message, which the model replies to")
+        raise RowError(
+            f"the last turn of field '{key}' is the {turns[-1]['role']}'s; a prompt ends with the user's "
+            f"message, which the model replies to"
+        )
     return turns
 
 
-@register_format("prompt", keys=("prompt",), kind="prompt", summary="a prompt for RL methods (grpo, ppo) to answer; "
-                 "other fields (a reference answer) go to the reward functions",
-                 example={"prompt": "What is 12 * 7?", "answer": "84"})
+@register_format(
+    "prompt",
+    keys=("prompt",),
+    kind="prompt",
+    summary="a prompt for RL methods (grpo, ppo) to answer; "
+    "other fields (a reference answer) go to the reward functions",
+    example={"prompt": "What is 12 * 7?", "answer": "84"},
+)
 def convert_prompt(row: dict[str, Any]) -> Example:
     """A prompt for RL methods: a string, or a message list ending with the user's turn. Other fields of the
     row (a reference answer, a category) stay in `Example.fields` for reward functions."""
     return Example(_prompt_turns(_prompt_messages(row), "prompt"), "prompt")
 
 
-@register_format("prompt_messages", keys=("messages",), kind="prompt", summary="a chat for RL methods to continue "
-                 "from its last user turn (a final assistant reply becomes the reference)",
-                 example={"messages": [{"role": "user", "content": "What is 12 * 7?"}]})
+@register_format(
+    "prompt_messages",
+    keys=("messages",),
+    kind="prompt",
+    summary="a chat for RL methods to continue from its last user turn (a final assistant reply becomes the reference)",
+    example={"messages": [{"role": "user", "content": "What is 12 * 7?"}]},
+)
 def convert_prompt_messages(row: dict[str, Any]) -> Example:
     """A conversation for RL methods to continue: its turns up to the user's last message. A final assistant
     reply, if there is one, is not part of the prompt; it is kept as meta["reference"]."""
@@ -305,8 +390,20 @@ def convert_prompt_messages(row: dict[str, Any]) -> Example:
 
 
 # Most specific first: a row with prompt+chosen+rejected must not be taken for prompt_completion.
-DETECTION_ORDER = ("messages", "prompt_messages", "sharegpt", "preference", "openai_preference", "score", "alpaca",
-                   "prompt_completion", "qa", "classification", "prompt", "text")
+DETECTION_ORDER = (
+    "messages",
+    "prompt_messages",
+    "sharegpt",
+    "preference",
+    "openai_preference",
+    "score",
+    "alpaca",
+    "prompt_completion",
+    "qa",
+    "classification",
+    "prompt",
+    "text",
+)
 
 
 def detect_format(row: dict[str, Any], kinds: tuple[str, ...] | None = None) -> str | None:
@@ -348,7 +445,8 @@ def closest_formats(row: dict[str, Any], kinds: tuple[str, ...] | None = None) -
 def format_reference() -> list[Format]:
     """Every registered format, in detection order (the most specific first): the documentation's table."""
     return [formats.get(name) for name in DETECTION_ORDER] + [
-        formats.get(name) for name in formats.names() if name not in DETECTION_ORDER]
+        formats.get(name) for name in formats.names() if name not in DETECTION_ORDER
+    ]
 
 
 def csv_header(entry: Format) -> str | None:
@@ -360,8 +458,10 @@ def csv_header(entry: Format) -> str | None:
 
 def describe_formats() -> str:
     """Every format with what it holds, an example row and its CSV header: the end of `--help-config`."""
-    lines = ["data formats (data.format; auto tells them apart by their fields, the most specific first; data "
-             "files: .jsonl/.json, .csv/.tsv with a header row, .parquet):"]
+    lines = [
+        "data formats (data.format; auto tells them apart by their fields, the most specific first; data "
+        "files: .jsonl/.json, .csv/.tsv with a header row, .parquet):"
+    ]
     width = max(len(entry.name) for entry in format_reference())
     for entry in format_reference():
         header = csv_header(entry)
@@ -373,7 +473,9 @@ def describe_formats() -> str:
 def format_table() -> str:
     """The formats as a Markdown table (name, what it holds, an example row): the README's, generated here."""
     lines = ["| format | holds | example row | CSV/TSV header |", "| --- | --- | --- | --- |"]
-    lines += [f"| `{entry.name}` | {entry.summary} | `{entry.example_line}` | "
-              f"{'`' + csv_header(entry) + '`' if csv_header(entry) else '(nested: JSON Lines or Parquet)'} |"
-              for entry in format_reference()]
+    lines += [
+        f"| `{entry.name}` | {entry.summary} | `{entry.example_line}` | "
+        f"{'`' + csv_header(entry) + '`' if csv_header(entry) else '(nested: JSON Lines or Parquet)'} |"
+        for entry in format_reference()
+    ]
     return "\n".join(lines)

@@ -5,6 +5,7 @@ Here a file becomes `Record`s, each with the line it starts on (problems collect
 and a `Mapping` says which columns hold what: a built-in flavour recognised from the columns present, or the
 user's mapping file, checked against the columns the export actually has.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.errors import Problem, UserError, did_you_mean
-
 
 
 @dataclass(frozen=True)
@@ -115,10 +115,18 @@ def zendesk_mapping(ticket_columns: set[str], message_columns: set[str]) -> Mapp
         timestamp=first_present(message_columns, "created_at"),
         subject=first_present(ticket_columns, "subject"),
         description=first_present(ticket_columns, "description"),
-        names=present(ticket_columns | message_columns, "requester.name", "requester_name", "assignee.name",
-                      "assignee_name", "author.name", "author_name"),
+        names=present(
+            ticket_columns | message_columns,
+            "requester.name",
+            "requester_name",
+            "assignee.name",
+            "assignee_name",
+            "author.name",
+            "author_name",
+        ),
         skip={"public": ("false",)} if "public" in message_columns else {},
-        source="zendesk")
+        source="zendesk",
+    )
 
 
 @register_flavour("freshdesk", {"conversations"}, {"body_text"}, {"description_text"})
@@ -131,14 +139,23 @@ def freshdesk_mapping(ticket_columns: set[str], message_columns: set[str]) -> Ma
         ticket_id="id" if nested else first_present(ticket_columns, "ticket_id", "id") or "ticket_id",
         messages="conversations" if nested else None,
         body="body_text",
-        role="incoming", customer=("true",), agent=("false",),
+        role="incoming",
+        customer=("true",),
+        agent=("false",),
         timestamp=first_present(message_columns, "created_at"),
         subject=first_present(ticket_columns, "subject"),
         description=first_present(ticket_columns, "description_text"),
-        names=present(ticket_columns | message_columns, "requester.name", "requester_name", "responder.name",
-                      "responder_name", "agent_name"),
+        names=present(
+            ticket_columns | message_columns,
+            "requester.name",
+            "requester_name",
+            "responder.name",
+            "responder_name",
+            "agent_name",
+        ),
         skip={"private": ("true",)} if "private" in message_columns else {},
-        source="freshdesk")
+        source="freshdesk",
+    )
 
 
 # ---- reading the export ---------------------------------------------------------------------------------------
@@ -149,8 +166,10 @@ def read_export(path: Path, problems: list[Problem]) -> list[Record]:
         raise UserError(f"{path}: ticket export not found; fix: check the path (relative to {Path.cwd()})")
     reader = READERS.get(path.suffix.lower())
     if reader is None:
-        raise UserError(f"{path}: cannot tell the file type from '{path.suffix}'; fix: export as .csv, .json or .jsonl "
-                        f"(or rename the file to the extension its content has)")
+        raise UserError(
+            f"{path}: cannot tell the file type from '{path.suffix}'; fix: export as .csv, .json or .jsonl "
+            f"(or rename the file to the extension its content has)"
+        )
     return reader(path, read_text(path), problems)
 
 
@@ -160,8 +179,10 @@ def read_text(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
-        raise UserError(f"{path}: the file cannot be read", [Problem(
-            f"{path}:{line}", "not valid UTF-8; fix: export or save the file as UTF-8")]) from None
+        raise UserError(
+            f"{path}: the file cannot be read",
+            [Problem(f"{path}:{line}", "not valid UTF-8; fix: export or save the file as UTF-8")],
+        ) from None
 
 
 def read_csv(path: Path, text: str, problems: list[Problem]) -> list[Record]:
@@ -174,22 +195,36 @@ def read_csv(path: Path, text: str, problems: list[Problem]) -> list[Record]:
             return []
         repeated = sorted({name for name in header if header.count(name) > 1})
         if repeated:
-            problems.append(Problem(f"{path}:1", f"the header repeats column(s) {', '.join(repeated)}; fix: give "
-                                                 f"each column its own name"))
+            problems.append(
+                Problem(
+                    f"{path}:1",
+                    f"the header repeats column(s) {', '.join(repeated)}; fix: give each column its own name",
+                )
+            )
         start = reader.line_num + 1
         for row in reader:
             line, start = start, reader.line_num + 1
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) != len(header):
-                problems.append(Problem(f"{path}:{line}", f"the row has {len(row)} fields but the header has "
-                                                          f"{len(header)}; fix: quote fields that hold commas or line "
-                                                          f"breaks, and give every row one field per column"))
+                problems.append(
+                    Problem(
+                        f"{path}:{line}",
+                        f"the row has {len(row)} fields but the header has "
+                        f"{len(header)}; fix: quote fields that hold commas or line "
+                        f"breaks, and give every row one field per column",
+                    )
+                )
                 continue
             records.append(Record(line, dict(zip(header, row))))
     except csv.Error as error:
-        problems.append(Problem(f"{path}:{reader.line_num}", f"unreadable CSV: {error}; fix: check the quoting on "
-                                                             f"this line (a field's quotes must be doubled inside it)"))
+        problems.append(
+            Problem(
+                f"{path}:{reader.line_num}",
+                f"unreadable CSV: {error}; fix: check the quoting on "
+                f"this line (a field's quotes must be doubled inside it)",
+            )
+        )
     return records
 
 
@@ -201,14 +236,23 @@ def read_jsonl(path: Path, text: str, problems: list[Problem]) -> list[Record]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as error:
-            problems.append(Problem(f"{path}:{number}", f"invalid JSON at column {error.colno}: {error.msg}; fix: "
-                                                        f"one complete JSON object per line"))
+            problems.append(
+                Problem(
+                    f"{path}:{number}",
+                    f"invalid JSON at column {error.colno}: {error.msg}; fix: one complete JSON object per line",
+                )
+            )
             continue
         if isinstance(value, dict):
             records.append(Record(number, value))
         else:
-            problems.append(Problem(f"{path}:{number}", f"each line must be a JSON object (a ticket), got "
-                                                        f"{type(value).__name__}; fix: one ticket object per line"))
+            problems.append(
+                Problem(
+                    f"{path}:{number}",
+                    f"each line must be a JSON object (a ticket), got "
+                    f"{type(value).__name__}; fix: one ticket object per line",
+                )
+            )
     return records
 
 
@@ -220,32 +264,49 @@ def read_json(path: Path, text: str, problems: list[Problem]) -> list[Record]:
     except json.JSONDecodeError as error:
         if error.msg == "Extra data" and text.lstrip().startswith("{"):
             return read_jsonl(path, text, problems)
-        raise UserError(f"{path}: the file is not valid JSON", [Problem(
-            f"{path}:{error.lineno}", f"invalid JSON at column {error.colno}: {error.msg}; fix: repair the file or "
-                                      f"export it again")]) from None
+        raise UserError(
+            f"{path}: the file is not valid JSON",
+            [
+                Problem(
+                    f"{path}:{error.lineno}",
+                    f"invalid JSON at column {error.colno}: {error.msg}; fix: repair the file or export it again",
+                )
+            ],
+        ) from None
     if isinstance(data, dict):
         key = "tickets" if isinstance(data.get("tickets"), list) else None
         if key is None:
-            raise UserError(f"{path}: expected a JSON array of tickets or {{\"tickets\": [...]}}, got an object with "
-                            f"keys {', '.join(list(data)[:20])}; fix: export the tickets as a list")
+            raise UserError(
+                f'{path}: expected a JSON array of tickets or {{"tickets": [...]}}, got an object with '
+                f"keys {', '.join(list(data)[:20])}; fix: export the tickets as a list"
+            )
         tickets, start = data[key], member_value_start(text, key)
     elif isinstance(data, list):
         tickets, start = data, len(text) - len(text.lstrip())
     else:
-        raise UserError(f"{path}: expected a JSON array of tickets, got {type(data).__name__}; fix: export the "
-                        f"tickets as a list")
+        raise UserError(
+            f"{path}: expected a JSON array of tickets, got {type(data).__name__}; fix: export the tickets as a list"
+        )
     records = []
     for index, (ticket, line) in enumerate(zip(tickets, element_lines(text, start))):
         if isinstance(ticket, dict):
             records.append(Record(line, ticket))
         else:
-            problems.append(Problem(f"{path}:{line}", f"ticket [{index}] must be a JSON object, got "
-                                                      f"{type(ticket).__name__}; fix: one object per ticket"))
+            problems.append(
+                Problem(
+                    f"{path}:{line}",
+                    f"ticket [{index}] must be a JSON object, got {type(ticket).__name__}; fix: one object per ticket",
+                )
+            )
     return records
 
 
 READERS: dict[str, Callable[[Path, str, list[Problem]], list[Record]]] = {
-    ".csv": read_csv, ".json": read_json, ".jsonl": read_jsonl, ".ndjson": read_jsonl}
+    ".csv": read_csv,
+    ".json": read_json,
+    ".jsonl": read_jsonl,
+    ".ndjson": read_jsonl,
+}
 JSON_SPACE = " \t\r\n"
 
 
@@ -338,16 +399,20 @@ def choose_mapping(path: Path, options: TicketOptions, ticket_columns: set[str],
         return load_mapping_file(options.mapping)
     if options.flavour != "auto":
         if options.flavour not in FLAVOURS:
-            raise UserError(f"--flavour {options.flavour}: not a known export flavour"
-                            f"{did_you_mean(options.flavour, list(FLAVOURS))}; choose auto, {', '.join(FLAVOURS)}")
+            raise UserError(
+                f"--flavour {options.flavour}: not a known export flavour"
+                f"{did_you_mean(options.flavour, list(FLAVOURS))}; choose auto, {', '.join(FLAVOURS)}"
+            )
         return FLAVOURS[options.flavour].build(ticket_columns, message_columns)
     columns = ticket_columns | message_columns
     for flavour in FLAVOURS.values():
         if any(marker <= columns for marker in flavour.markers):
             return flavour.build(ticket_columns, message_columns)
-    raise UserError(f"{path}: cannot tell which helpdesk exported this from its columns ({preview(columns)}); fix: "
-                    f"pass --mapping MAP.yaml naming the ticket id, body and role columns (see docs/tickets.md), or "
-                    f"--flavour {' or '.join(FLAVOURS)}")
+    raise UserError(
+        f"{path}: cannot tell which helpdesk exported this from its columns ({preview(columns)}); fix: "
+        f"pass --mapping MAP.yaml naming the ticket id, body and role columns (see docs/tickets.md), or "
+        f"--flavour {' or '.join(FLAVOURS)}"
+    )
 
 
 def preview(columns: set[str], limit: int = 30) -> str:
@@ -357,31 +422,51 @@ def preview(columns: set[str], limit: int = 30) -> str:
 
 def check_columns(mapping: Mapping, ticket_columns: set[str], message_columns: set[str], where: str) -> list[Problem]:
     """A problem for each mapped column the export lacks, naming the columns it has and the closest one."""
-    wanted = [(key, getattr(mapping, key), ticket_columns) for key in ("ticket_id", "messages", "subject",
-                                                                       "description", "requester")]
-    wanted += [(key, getattr(mapping, key), message_columns) for key in ("body", "role", "author", "timestamp",
-                                                                         "position")]
+    wanted = [
+        (key, getattr(mapping, key), ticket_columns)
+        for key in ("ticket_id", "messages", "subject", "description", "requester")
+    ]
+    wanted += [
+        (key, getattr(mapping, key), message_columns) for key in ("body", "role", "author", "timestamp", "position")
+    ]
     wanted += [("skip", column, message_columns) for column in mapping.skip]
     wanted += [("names", column, ticket_columns | message_columns) for column in mapping.names]
     problems = []
     for key, column, columns in wanted:
         if column is not None and column not in columns:
             hint = did_you_mean(column, sorted(columns))
-            problems.append(Problem(where, f"column '{column}' ({key}) is not in the export{hint}; its columns are: "
-                                           f"{preview(columns)}; fix: {mapping_fix(mapping, key)}"))
+            problems.append(
+                Problem(
+                    where,
+                    f"column '{column}' ({key}) is not in the export{hint}; its columns are: "
+                    f"{preview(columns)}; fix: {mapping_fix(mapping, key)}",
+                )
+            )
     return problems
 
 
 def mapping_fix(mapping: Mapping, key: str) -> str:
     """Where the user changes `key`: their mapping file, or (for a built-in flavour) a mapping file of their own."""
     if mapping.source in FLAVOURS:
-        return (f"the export is not shaped like the built-in {mapping.source} flavour; pass --mapping MAP.yaml "
-                f"with '{key}:' naming your column (see docs/tickets.md)")
+        return (
+            f"the export is not shaped like the built-in {mapping.source} flavour; pass --mapping MAP.yaml "
+            f"with '{key}:' naming your column (see docs/tickets.md)"
+        )
     return f"set '{key}:' in {mapping.source} to a column of the export"
 
 
-MAPPING_TEXT_KEYS = ("ticket_id", "body", "role", "author", "requester", "messages", "timestamp", "position",
-                     "subject", "description")
+MAPPING_TEXT_KEYS = (
+    "ticket_id",
+    "body",
+    "role",
+    "author",
+    "requester",
+    "messages",
+    "timestamp",
+    "position",
+    "subject",
+    "description",
+)
 MAPPING_LIST_KEYS = ("customer", "agent", "names")
 
 
@@ -396,27 +481,37 @@ def load_mapping_file(path: Path) -> Mapping:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         line = getattr(error, "lineno", None) or getattr(getattr(error, "problem_mark", None), "line", -1) + 1
-        raise UserError(f"{path}: the mapping file cannot be parsed", [Problem(
-            f"{path}:{line}" if line > 0 else str(path), f"{error}; fix: repair the syntax")]) from None
+        raise UserError(
+            f"{path}: the mapping file cannot be parsed",
+            [Problem(f"{path}:{line}" if line > 0 else str(path), f"{error}; fix: repair the syntax")],
+        ) from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a mapping file is a set of key: value lines (ticket_id, body, role, ...); fix: see "
-                        f"the example in docs/tickets.md")
+        raise UserError(
+            f"{path}: a mapping file is a set of key: value lines (ticket_id, body, role, ...); fix: see "
+            f"the example in docs/tickets.md"
+        )
     lines = key_lines(text)
     known = [field.name for field in fields(Mapping) if field.name != "source"]
     problems, values = [], {}
     for key, value in data.items():
         where = f"{path}:{lines[key]}" if key in lines else str(path)
         if key not in known:
-            problems.append(Problem(where, f"unknown key '{key}'{did_you_mean(key, known)}; fix: use one of "
-                                           f"{', '.join(known)}"))
+            problems.append(
+                Problem(where, f"unknown key '{key}'{did_you_mean(key, known)}; fix: use one of {', '.join(known)}")
+            )
         elif key in MAPPING_TEXT_KEYS and not (isinstance(value, str) and value.strip()):
             problems.append(Problem(where, f"'{key}' must name a column, got {value!r}; fix: e.g. {key}: my_column"))
         elif key in MAPPING_LIST_KEYS:
             values[key] = as_texts(value)
         elif key == "skip":
             if not isinstance(value, dict):
-                problems.append(Problem(where, f"'skip' must map columns to the values that mark internal notes, got "
-                                               f"{value!r}; fix: e.g. skip: {{public: [false]}}"))
+                problems.append(
+                    Problem(
+                        where,
+                        f"'skip' must map columns to the values that mark internal notes, got "
+                        f"{value!r}; fix: e.g. skip: {{public: [false]}}",
+                    )
+                )
             else:
                 values[key] = {column: as_texts(marks) for column, marks in value.items()}
         else:
@@ -433,17 +528,31 @@ def as_texts(value: Any) -> tuple[str, ...]:
 
 
 def missing_mapping_keys(path: Path, values: dict[str, Any]) -> list[Problem]:
-    problems = [Problem(str(path), f"missing key '{key}'; fix: add {key}: COLUMN") for key in ("ticket_id", "body")
-                if key not in values]
+    problems = [
+        Problem(str(path), f"missing key '{key}'; fix: add {key}: COLUMN")
+        for key in ("ticket_id", "body")
+        if key not in values
+    ]
     if "role" in values:
-        problems += [Problem(str(path), f"'role' needs '{side}': the values of {values['role']} that mean the "
-                                        f"{side}; fix: add e.g. {side}: [{example}]")
-                     for side, example in (("customer", "end-user"), ("agent", "agent")) if not values.get(side)]
+        problems += [
+            Problem(
+                str(path),
+                f"'role' needs '{side}': the values of {values['role']} that mean the "
+                f"{side}; fix: add e.g. {side}: [{example}]",
+            )
+            for side, example in (("customer", "end-user"), ("agent", "agent"))
+            if not values.get(side)
+        ]
     elif not ("author" in values and "requester" in values):
-        problems.append(Problem(str(path), "nothing tells the customer's messages from the agents'; fix: add role: "
-                                           "COLUMN with customer: [...] and agent: [...] values, or author: COLUMN and "
-                                           "requester: COLUMN (the customer wrote the messages whose author is the "
-                                           "ticket's requester)"))
+        problems.append(
+            Problem(
+                str(path),
+                "nothing tells the customer's messages from the agents'; fix: add role: "
+                "COLUMN with customer: [...] and agent: [...] values, or author: COLUMN and "
+                "requester: COLUMN (the customer wrote the messages whose author is the "
+                "ticket's requester)",
+            )
+        )
     return problems
 
 

@@ -6,6 +6,7 @@ tokens a micro-batch holds (its memory); the flat layout means no token is ever 
 budget (train.micro_batch_tokens), a step's units are instead cut into the fewest even pieces of at most
 that many tokens: activation memory follows the budget, and the step's gradient is the same.
 """
+
 from __future__ import annotations
 
 import random
@@ -42,9 +43,16 @@ class Batch:
         return self.input_ids.shape[1]
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.input_ids.to(device), self.targets.to(device), self.position_ids.to(device),
-                     self.segment_lengths, self.num_loss_tokens, self.num_units,
-                     self.scores.to(device) if self.scores is not None else None, self.filler)
+        return Batch(
+            self.input_ids.to(device),
+            self.targets.to(device),
+            self.position_ids.to(device),
+            self.segment_lengths,
+            self.num_loss_tokens,
+            self.num_units,
+            self.scores.to(device) if self.scores is not None else None,
+            self.filler,
+        )
 
     def example_index(self) -> torch.Tensor:
         """(T,) which example each position belongs to."""
@@ -60,7 +68,7 @@ def pack_rows(lengths: list[int], capacity: int, order: list[int]) -> list[list[
     """
     rows: list[list[int]] = []
     for window_start in range(0, len(order), PACKING_WINDOW):
-        window = sorted(order[window_start: window_start + PACKING_WINDOW], key=lambda i: -lengths[i])
+        window = sorted(order[window_start : window_start + PACKING_WINDOW], key=lambda i: -lengths[i])
         window_rows: list[list[int]] = []
         room: list[int] = []
         for index in window:
@@ -106,22 +114,33 @@ def collate(units: list[Unit]) -> Batch:
     scores = None
     if any(example.score is not None for example in examples):
         scores = torch.tensor([example.score for example in examples], dtype=torch.float32)
-    return Batch(input_ids[None], targets[None], position_ids[None], tuple(len(example) for example in examples),
-                 int((targets != IGNORE).sum()), len(units), scores)
+    return Batch(
+        input_ids[None],
+        targets[None],
+        position_ids[None],
+        tuple(len(example) for example in examples),
+        int((targets != IGNORE).sum()),
+        len(units),
+        scores,
+    )
 
 
-def micro_batch_units(examples: list[Unit], rows: list[list[int]], batch_size: int, max_tokens: int | None = None
-                      ) -> list[list[Unit]]:
+def micro_batch_units(
+    examples: list[Unit], rows: list[list[int]], batch_size: int, max_tokens: int | None = None
+) -> list[list[Unit]]:
     """The units of each micro-batch: `batch_size` rows each (rows hold indices into `examples`), in order; with
     `max_tokens`, the rows' units in even pieces of at most that many tokens (`even_pieces`) instead."""
     if max_tokens is None:
-        return [[examples[index] for row in rows[start: start + batch_size] for index in row]
-                for start in range(0, len(rows), batch_size)]
+        return [
+            [examples[index] for row in rows[start : start + batch_size] for index in row]
+            for start in range(0, len(rows), batch_size)
+        ]
     return even_pieces([examples[index] for row in rows for index in row], max_tokens)
 
 
-def collate_rows(examples: list[Unit], rows: list[list[int]], batch_size: int, max_tokens: int | None = None
-                 ) -> list[Batch]:
+def collate_rows(
+    examples: list[Unit], rows: list[list[int]], batch_size: int, max_tokens: int | None = None
+) -> list[Batch]:
     """The micro-batches `micro_batch_units` describes, collated."""
     return [collate(units) for units in micro_batch_units(examples, rows, batch_size, max_tokens)]
 
@@ -188,9 +207,11 @@ class BatchPlan:
         most rows), the missing ones as filler copies."""
         rows = self.rows(epoch)
         first = step_in_epoch * self.rows_per_step
-        step_rows = rows[first: first + self.rows_per_step]
-        shares = [micro_batch_units(self.examples, step_rows[other::world_size], self.batch_size, self.max_tokens)
-                  for other in range(world_size)]
+        step_rows = rows[first : first + self.rows_per_step]
+        shares = [
+            micro_batch_units(self.examples, step_rows[other::world_size], self.batch_size, self.max_tokens)
+            for other in range(world_size)
+        ]
         batches = [collate(units) for units in shares[rank]]
         count = max(len(share) for share in shares)
         if len(batches) < count:
@@ -200,6 +221,9 @@ class BatchPlan:
 
     def eval_batches(self) -> list[Batch]:
         """Validation micro-batches: every example once, in file order."""
-        rows = pack_rows(self.lengths, self.capacity, list(range(len(self.examples)))) if self.packing \
+        rows = (
+            pack_rows(self.lengths, self.capacity, list(range(len(self.examples))))
+            if self.packing
             else [[index] for index in range(len(self.examples))]
+        )
         return collate_rows(self.examples, rows, self.batch_size)

@@ -3,6 +3,7 @@ preference file up to the reply the policy is to write, each with its fields for
 plan of which prompts each step takes; for generating data (`tunesmith label`, `tunesmith redteam`), `prompt_of`
 any row.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +41,10 @@ def as_prompt(example: Example, chat: ChatTokenizer) -> Prompt:
     if example.kind in ("chat", "preference") and messages[-1]["role"] == "assistant":
         reply, messages = messages[-1]["content"], messages[:-1]
     if not messages or messages[-1]["role"] != "user":
-        raise RowError("the conversation before its final reply does not end with a user turn, so there is nothing "
-                       "to reply to; fix: end each prompt with the user's message")
+        raise RowError(
+            "the conversation before its final reply does not end with a user turn, so there is nothing "
+            "to reply to; fix: end each prompt with the user's message"
+        )
     if reply is not None:
         fields.setdefault("reference", reply)
     messages = chat.with_system(messages)
@@ -66,9 +69,12 @@ def load_prompts(config: Config, chat: ChatTokenizer, required_fields: dict[str,
             where = f"{path}:{example.line}"
             try:
                 prompt = as_prompt(example, chat)
-                invalid = [f"reward '{label}' reads the field '{name}', which this row does not have; fix: add it to "
-                           f"every row, or name another field in that reward's args"
-                           for label, name in required_fields.items() if name not in prompt.fields]
+                invalid = [
+                    f"reward '{label}' reads the field '{name}', which this row does not have; fix: add it to "
+                    f"every row, or name another field in that reward's args"
+                    for label, name in required_fields.items()
+                    if name not in prompt.fields
+                ]
             except RowError as error:
                 invalid = [str(error)]
             if invalid:  # bad rows: skipped and counted with data.skip_bad_rows, like unreadable ones
@@ -77,16 +83,23 @@ def load_prompts(config: Config, chat: ChatTokenizer, required_fields: dict[str,
             elif len(prompt) > budget and data.truncation == "drop":
                 prepared.dropped_long += 1
             elif len(prompt) > budget:
-                problems.append(Problem(where, f"the prompt is {len(prompt)} tokens, and with rl.max_new_tokens="
-                                        f"{config.rl.max_new_tokens} for the reply it passes data.max_length="
-                                        f"{data.max_length}; fix: raise data.max_length, lower rl.max_new_tokens, "
-                                        f"or set data.truncation=drop"))
+                problems.append(
+                    Problem(
+                        where,
+                        f"the prompt is {len(prompt)} tokens, and with rl.max_new_tokens="
+                        f"{config.rl.max_new_tokens} for the reply it passes data.max_length="
+                        f"{data.max_length}; fix: raise data.max_length, lower rl.max_new_tokens, "
+                        f"or set data.truncation=drop",
+                    )
+                )
             else:
                 prompts.append(prompt)
         sets.append(prompts)
     if problems:
-        raise UserError(f"the data has {len(problems)} problem(s); nothing was trained (fix them, or set "
-                        f"data.skip_bad_rows=true to skip invalid rows)\n{report(problems)}")
+        raise UserError(
+            f"the data has {len(problems)} problem(s); nothing was trained (fix them, or set "
+            f"data.skip_bad_rows=true to skip invalid rows)\n{report(problems)}"
+        )
     prepared.train, prepared.validation = sets[0], sets[1] if len(sets) > 1 else []
     if data.val_fraction is not None:
         prepared.train, prepared.validation = split_validation(prepared.train, data.val_fraction, config.train.seed)
@@ -107,7 +120,7 @@ class PromptPlan:
 
     def step(self, epoch: int, step_in_epoch: int) -> list[int]:
         order = [row[0] for row in epoch_rows([1] * self.count, 1, False, self.seed, epoch)]
-        return order[step_in_epoch * self.batch_size: (step_in_epoch + 1) * self.batch_size]
+        return order[step_in_epoch * self.batch_size : (step_in_epoch + 1) * self.batch_size]
 
 
 PLACEHOLDER_REPLY = {"role": "assistant", "content": "-"}  # lets check_messages validate a prompt with no reply yet

@@ -6,6 +6,7 @@ a card number must pass the Luhn check, and a phone number must look like one (a
 code in parentheses, or separated digit groups), so order numbers, ISO dates and amounts survive. Names are not
 guessed: only the names a ticket itself records (its requester and agent columns) are replaced.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,8 +23,10 @@ PHONE = re.compile(r"(?<![\w+#/.,:-])(?:\+ ?)?\(?\d[\d ().-]{5,22}\d(?![\w/:-]|[
 DATE = re.compile(r"\d{4}([./-])\d{1,2}\1\d{1,2}|\d{1,2}([./-])\d{1,2}\2\d{2,4}")
 IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 # The words before an order, invoice or ticket number: a number after them is a reference, not a phone.
-REFERENCE_BEFORE = re.compile(r"(?i)(?:\b(?:order|invoice|ticket|case|ref|reference|tracking|account|sku|serial|"
-                              r"model|receipt)\b(?:\s*(?:no\.?|number|nr\.?|id))?|#)\s*[:#]?\s*#?\s*$")
+REFERENCE_BEFORE = re.compile(
+    r"(?i)(?:\b(?:order|invoice|ticket|case|ref|reference|tracking|account|sku|serial|"
+    r"model|receipt)\b(?:\s*(?:no\.?|number|nr\.?|id))?|#)\s*[:#]?\s*#?\s*$"
+)
 
 
 def redact(text: str, names: Iterable[str] = ()) -> tuple[str, Counter[str]]:
@@ -75,7 +78,7 @@ def is_phone_number(match: re.Match, text: str) -> bool:
     digits = re.sub(r"\D", "", candidate)
     if DATE.fullmatch(candidate) or IPV4.fullmatch(candidate):
         return False
-    if REFERENCE_BEFORE.search(text[max(0, match.start() - 30):match.start()]):
+    if REFERENCE_BEFORE.search(text[max(0, match.start() - 30) : match.start()]):
         return False
     if candidate.startswith("+"):
         return 8 <= len(digits) <= 15
@@ -114,8 +117,11 @@ def name_variants(names: Iterable[str]) -> list[tuple[str, bool]]:
     'Maria Lopez' is replaced whole before 'Maria' alone."""
     variants: dict[str, bool] = {}
     for name in names:
-        words = [word for word in str(name).split()
-                 if len(word) >= 2 and not any(character.isdigit() or character == "@" for character in word)]
+        words = [
+            word
+            for word in str(name).split()
+            if len(word) >= 2 and not any(character.isdigit() or character == "@" for character in word)
+        ]
         if len(words) >= 2:
             variants[" ".join(words).lower()] = True
         for word in {words[0], words[-1]} if words else ():

@@ -6,6 +6,7 @@ is a `Mapping`, built in for Zendesk- and Freshdesk-like exports (recognised fro
 the user's mapping file. Every problem in the export is reported at once as `FILE:LINE: ... fix: ...`, and nothing
 is written unless there are none, so a half-converted file never sits next to a good one.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.data.helpdesk_exports import (
-    TicketOptions,
     FLAVOURS,
     Mapping,
     Record,
+    TicketOptions,
     cell_text,
     check_columns,
     choose_mapping,
@@ -81,8 +82,11 @@ def import_tickets(path: Path, output: Path, options: TicketOptions) -> ImportRe
         raise_problems(path, problems + column_problems)
     tickets = group_tickets(records, mapping, path, problems)
     report = ImportReport(output, mapping.source, tickets_read=len(tickets), redacted=options.redact)
-    conversations = [conversation for ticket in tickets
-                     if (conversation := convert_ticket(ticket, mapping, options, report, problems)) is not None]
+    conversations = [
+        conversation
+        for ticket in tickets
+        if (conversation := convert_ticket(ticket, mapping, options, report, problems)) is not None
+    ]
     if problems:
         raise_problems(path, problems)
     write_jsonl(output, conversations)
@@ -94,8 +98,9 @@ def check_arguments(path: Path, output: Path, options: TicketOptions) -> None:
     """Before reading anything: a known --trailing, and no overwriting (an existing output is someone's data until
     --force says otherwise; the export itself never)."""
     if options.trailing not in TRAILING_CHOICES:
-        raise UserError(f"--trailing {options.trailing}: not one of {', '.join(TRAILING_CHOICES)}; "
-                        f"fix: --trailing trim")
+        raise UserError(
+            f"--trailing {options.trailing}: not one of {', '.join(TRAILING_CHOICES)}; fix: --trailing trim"
+        )
     if output.resolve() == path.resolve():
         raise UserError(f"{output}: the output is the export itself; fix: choose another --output")
     if output.exists() and not options.force:
@@ -135,8 +140,10 @@ def format_report(report: ImportReport) -> str:
     else:
         rows.append(("redaction", "off (--no-redact)"))
     width = max(len(label) for label, _ in rows)
-    lines = [f"{label:<{width}}  {value:>6}" if isinstance(value, int) else f"{label:<{width}}  {value}"
-             for label, value in rows]
+    lines = [
+        f"{label:<{width}}  {value:>6}" if isinstance(value, int) else f"{label:<{width}}  {value}"
+        for label, value in rows
+    ]
     return "\n".join(lines + [f"wrote {report.output} (export read as {report.source})"])
 
 
@@ -151,8 +158,9 @@ def group_tickets(records: list[Record], mapping: Mapping, path: Path, problems:
         where = f"{path}:{record.line}"
         ticket_id = cell_text(lookup(record.fields, mapping.ticket_id))
         if not ticket_id:
-            problems.append(Problem(where, f"no ticket id in column '{mapping.ticket_id}'; fix: fill it in, or remove "
-                                           f"the row"))
+            problems.append(
+                Problem(where, f"no ticket id in column '{mapping.ticket_id}'; fix: fill it in, or remove the row")
+            )
             continue
         if mapping.messages is None:
             ticket = tickets.setdefault(ticket_id, Ticket(ticket_id, where, record.fields, []))
@@ -160,8 +168,13 @@ def group_tickets(records: list[Record], mapping: Mapping, path: Path, problems:
             continue
         thread = lookup(record.fields, mapping.messages) or []
         if not isinstance(thread, list):
-            problems.append(Problem(where, f"ticket {ticket_id}: '{mapping.messages}' must be a list of messages, got "
-                                           f"{type(thread).__name__}; fix: export the thread as a list"))
+            problems.append(
+                Problem(
+                    where,
+                    f"ticket {ticket_id}: '{mapping.messages}' must be a list of messages, got "
+                    f"{type(thread).__name__}; fix: export the thread as a list",
+                )
+            )
             continue
         ticket = Ticket(ticket_id, where, record.fields, [])
         tickets[f"{ticket_id}\0{record.line}"] = ticket  # nested: each record is its own ticket
@@ -170,13 +183,15 @@ def group_tickets(records: list[Record], mapping: Mapping, path: Path, problems:
             if isinstance(item, dict):
                 ticket.messages.append(Message(where, label, item))
             else:
-                problems.append(Problem(where, f"{label} must be an object, got {type(item).__name__}; fix: one "
-                                               f"object per message"))
+                problems.append(
+                    Problem(where, f"{label} must be an object, got {type(item).__name__}; fix: one object per message")
+                )
     return list(tickets.values())
 
 
-def convert_ticket(ticket: Ticket, mapping: Mapping, options: TicketOptions, report: ImportReport,
-                   problems: list[Problem]) -> dict[str, Any] | None:
+def convert_ticket(
+    ticket: Ticket, mapping: Mapping, options: TicketOptions, report: ImportReport, problems: list[Problem]
+) -> dict[str, Any] | None:
     """One ticket → {"messages": [...]}, or None when it is skipped (counted by reason) or has problems."""
     turns = thread_turns(ticket, mapping, report, problems)
     if turns is None:
@@ -201,13 +216,19 @@ def convert_ticket(ticket: Ticket, mapping: Mapping, options: TicketOptions, rep
     return {"messages": system + [{"role": side, "content": text} for side, text in turns]}
 
 
-def thread_turns(ticket: Ticket, mapping: Mapping, report: ImportReport,
-                 problems: list[Problem]) -> list[tuple[str, str]] | None:
+def thread_turns(
+    ticket: Ticket, mapping: Mapping, report: ImportReport, problems: list[Problem]
+) -> list[tuple[str, str]] | None:
     """The ticket's public messages as (side, text) in time order; internal notes dropped and counted. None when
     a message has a problem (recorded)."""
     if mapping.role is None and not cell_text(lookup(ticket.fields, mapping.requester)):
-        problems.append(Problem(ticket.where, f"ticket {ticket.ticket_id} has no requester in '{mapping.requester}', "
-                                              f"so its customer is unknown; fix: fill it in, or map a role column"))
+        problems.append(
+            Problem(
+                ticket.where,
+                f"ticket {ticket.ticket_id} has no requester in '{mapping.requester}', "
+                f"so its customer is unknown; fix: fill it in, or map a role column",
+            )
+        )
         return None
     keyed, failed = [], False
     for index, message in enumerate(ticket.messages):
@@ -226,8 +247,10 @@ def thread_turns(ticket: Ticket, mapping: Mapping, report: ImportReport,
 
 
 def is_internal(message: Message, mapping: Mapping) -> bool:
-    return any(cell_text(lookup(message.fields, column)).lower() in {value.lower() for value in values}
-               for column, values in mapping.skip.items())
+    return any(
+        cell_text(lookup(message.fields, column)).lower() in {value.lower() for value in values}
+        for column, values in mapping.skip.items()
+    )
 
 
 def message_side(message: Message, ticket: Ticket, mapping: Mapping, problems: list[Problem]) -> str | None:
@@ -241,28 +264,41 @@ def message_side(message: Message, ticket: Ticket, mapping: Mapping, problems: l
     if value in {item.lower() for item in mapping.agent}:
         return "assistant"
     if mapping.source in FLAVOURS:
-        fix = (f"pass --mapping MAP.yaml with role: {mapping.role} and this value among its customer: or agent: values "
-               f"(see docs/tickets.md)")
+        fix = (
+            f"pass --mapping MAP.yaml with role: {mapping.role} and this value among its customer: or agent: values "
+            f"(see docs/tickets.md)"
+        )
     else:
         fix = f"add it to 'customer:' or 'agent:' in {mapping.source} (or to 'skip:' to leave such messages out)"
-    problems.append(Problem(message.where, f"{message.label}: {mapping.role} {value!r} is neither a customer value "
-                                           f"({', '.join(mapping.customer)}) nor an agent value "
-                                           f"({', '.join(mapping.agent)}); fix: {fix}"))
+    problems.append(
+        Problem(
+            message.where,
+            f"{message.label}: {mapping.role} {value!r} is neither a customer value "
+            f"({', '.join(mapping.customer)}) nor an agent value "
+            f"({', '.join(mapping.agent)}); fix: {fix}",
+        )
+    )
     return None
 
 
 def message_order(message: Message, mapping: Mapping, problems: list[Problem]) -> tuple[float, ...] | None:
     """The sort key: position, then timestamp, where mapped (file order breaks ties); None when unreadable."""
     key = []
-    for column, parse, expected in ((mapping.position, parse_position, "a whole number"),
-                                    (mapping.timestamp, parse_time, "an ISO 8601 time like 2024-03-01T09:30:00Z")):
+    for column, parse, expected in (
+        (mapping.position, parse_position, "a whole number"),
+        (mapping.timestamp, parse_time, "an ISO 8601 time like 2024-03-01T09:30:00Z"),
+    ):
         if column is None:
             continue
         raw = lookup(message.fields, column)
         value = parse(raw)
         if value is None:
-            problems.append(Problem(message.where, f"{message.label}: {column} {cell_text(raw)!r} is not {expected}; "
-                                                   f"fix: correct the value"))
+            problems.append(
+                Problem(
+                    message.where,
+                    f"{message.label}: {column} {cell_text(raw)!r} is not {expected}; fix: correct the value",
+                )
+            )
             return None
         key.append(value)
     return tuple(key)
@@ -294,14 +330,20 @@ def parse_time(value: Any) -> float | None:
 def message_text(message: Message, mapping: Mapping, problems: list[Problem]) -> str | None:
     value = lookup(message.fields, mapping.body)
     if isinstance(value, (dict, list)):
-        problems.append(Problem(message.where, f"{message.label}: {mapping.body} must be text, got "
-                                               f"{type(value).__name__}; fix: map the column holding the plain text"))
+        problems.append(
+            Problem(
+                message.where,
+                f"{message.label}: {mapping.body} must be text, got "
+                f"{type(value).__name__}; fix: map the column holding the plain text",
+            )
+        )
         return None
     return cell_text(value).replace("\r\n", "\n")
 
 
-def with_opening(turns: list[tuple[str, str]], ticket: Ticket, mapping: Mapping,
-                 include_subject: bool) -> list[tuple[str, str]]:
+def with_opening(
+    turns: list[tuple[str, str]], ticket: Ticket, mapping: Mapping, include_subject: bool
+) -> list[tuple[str, str]]:
     """The description as the customer's opening message when the thread does not start with it (Freshdesk keeps
     it apart; Zendesk repeats it as the first comment), and the subject on the first customer message if asked."""
     description = cell_text(lookup(ticket.fields, mapping.description)).replace("\r\n", "\n")
@@ -319,8 +361,9 @@ def squash(text: str) -> str:
     return " ".join(text.split())
 
 
-def shape_conversation(turns: list[tuple[str, str]], trailing: str
-                       ) -> tuple[list[tuple[str, str]], str | None, Counter]:
+def shape_conversation(
+    turns: list[tuple[str, str]], trailing: str
+) -> tuple[list[tuple[str, str]], str | None, Counter]:
     """The turns to train on, or the reason to skip the ticket; and the messages dropped on the way.
 
     A conversation opens with the customer (chat templates expect a user turn first; an agent's unprompted
@@ -339,7 +382,7 @@ def shape_conversation(turns: list[tuple[str, str]], trailing: str
         if trailing == "skip":
             return [], "ends with a customer message", dropped
         dropped["customer after the last reply"] = len(turns) - 1 - last_agent
-        turns = turns[:last_agent + 1]
+        turns = turns[: last_agent + 1]
     return merge_turns(turns), None, +dropped
 
 

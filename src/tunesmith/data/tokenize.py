@@ -6,6 +6,7 @@ assistant turn i is the text between render(messages[:i], generation prompt) and
 render(messages[:i+1]), both prefixes of the whole rendering; tokens are assigned to turns by their
 character offsets in one tokenisation of the whole conversation, so no boundary is re-tokenised.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,8 +63,10 @@ class ChatTokenizer:
 
     def render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
         if self.tokenizer.chat_template is None:
-            raise UserError("the model's tokenizer has no chat template, so chat data cannot be rendered; "
-                            "fix: use a chat/instruct model, or train raw text with method: pretrain")
+            raise UserError(
+                "the model's tokenizer has no chat template, so chat data cannot be rendered; "
+                "fix: use a chat/instruct model, or train raw text with method: pretrain"
+            )
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
     def with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -80,8 +83,11 @@ class ChatTokenizer:
         if example.kind == "text":
             return self.tokenize_text(example.text, example.line)
         if example.kind == "preference":  # only the final replies differ, so only they are scored
-            return TokenizedPair(self.tokenize_chat(example.messages, example.line, last_turn_only=True),
-                                 self.tokenize_chat(example.rejected, example.line, last_turn_only=True), example.line)
+            return TokenizedPair(
+                self.tokenize_chat(example.messages, example.line, last_turn_only=True),
+                self.tokenize_chat(example.rejected, example.line, last_turn_only=True),
+                example.line,
+            )
         if example.kind in ("score", "chosen"):  # a rated reply, or a pair's chosen one: only it is trained
             scored = self.tokenize_chat(example.messages, example.line, last_turn_only=True)
             scored.score = example.score
@@ -95,7 +101,9 @@ class ChatTokenizer:
             ids = ids + [self.tokenizer.eos_token_id]
         return TokenizedExample(ids, [True] * len(ids), line)
 
-    def tokenize_chat(self, messages: list[dict[str, str]], line: int = 0, last_turn_only: bool = False) -> TokenizedExample:
+    def tokenize_chat(
+        self, messages: list[dict[str, str]], line: int = 0, last_turn_only: bool = False
+    ) -> TokenizedExample:
         """Loss on every assistant turn (or, `last_turn_only`, on the final reply: what preference data rates)."""
         messages = self.with_system(messages)
         full = self.render(messages)
@@ -137,8 +145,10 @@ class ChatTokenizer:
         """Fallback for templates that rewrite earlier turns: find the content, then its end-of-turn token."""
         start = full.find(content.strip(), search_from)
         if start < 0:
-            raise UserError("the chat template changes assistant text, so the loss mask cannot be computed; "
-                            "fix: use a model with a standard chat template, or set data.loss_on=all")
+            raise UserError(
+                "the chat template changes assistant text, so the loss mask cannot be computed; "
+                "fix: use a model with a standard chat template, or set data.loss_on=all"
+            )
         end = start + len(content.strip())
         rest = full[end:]
         for token in self._end_of_turn_strings():

@@ -2,6 +2,7 @@
 
 The file may be JSON Lines, CSV, TSV or Parquet (files.py reads them all into rows); the checks are the same.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,7 +14,13 @@ from tunesmith.data.formats import Example, RowError, chosen_side, closest_forma
 from tunesmith.errors import Problem
 from tunesmith.registry import formats
 
-__all__ = ["LoadedFile", "load_file", "read_jsonl", "read_objects", "report"]  # read_jsonl: datagen.scoring reads it here
+__all__ = [
+    "LoadedFile",
+    "load_file",
+    "read_jsonl",
+    "read_objects",
+    "report",
+]  # read_jsonl: datagen.scoring reads it here
 
 
 @dataclass
@@ -34,22 +41,30 @@ def located(path: Path, number: int) -> str:
     return f"{path}:{number}" if number else str(path)
 
 
-def read_objects(path: Path, problems: list[Problem],
-                 columns: dict[str, str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_objects(
+    path: Path, problems: list[Problem], columns: dict[str, str] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """(location, row) for each row of `path` (any data file type) that is an object; every other row becomes a
     `FILE:LINE` problem appended to `problems`."""
     for number, row in read_rows(path, columns=columns):
         if isinstance(row, RowError):
             problems.append(Problem(located(path, number), str(row)))
         elif not isinstance(row, dict):
-            problems.append(Problem(located(path, number),
-                                    f"each line must be a JSON object, got {type(row).__name__}"))
+            problems.append(
+                Problem(located(path, number), f"each line must be a JSON object, got {type(row).__name__}")
+            )
         else:
             yield number, row
 
 
-def load_file(path: Path, format_name: str = "auto", accepts: tuple[str, ...] | None = None, method: str = "",
-              lines: Iterable[bytes] | None = None, columns: dict[str, str] | None = None) -> LoadedFile:
+def load_file(
+    path: Path,
+    format_name: str = "auto",
+    accepts: tuple[str, ...] | None = None,
+    method: str = "",
+    lines: Iterable[bytes] | None = None,
+    columns: dict[str, str] | None = None,
+) -> LoadedFile:
     """Parse and convert every row of `path`; problems are collected, never raised one at a time.
 
     `accepts` lists the example kinds the method can train on (e.g. ("chat", "chosen") for sft); a file in a
@@ -101,8 +116,9 @@ def load_file(path: Path, format_name: str = "auto", accepts: tuple[str, ...] | 
     return loaded
 
 
-def convert_row(row: dict[str, Any], chosen: Any, format_name: str, accepts: tuple[str, ...] | None, where: str,
-                loaded: LoadedFile) -> Example | None:
+def convert_row(
+    row: dict[str, Any], chosen: Any, format_name: str, accepts: tuple[str, ...] | None, where: str, loaded: LoadedFile
+) -> Example | None:
     """One row as an Example of the chosen format, or None with its problem added to `loaded`."""
     try:
         example = chosen.convert(row)
@@ -123,15 +139,20 @@ def undetected_message(row: dict[str, Any], accepts: tuple[str, ...] | None, nou
     names = ", ".join(row if noun == "columns" else sorted(row)) or f"no {noun}"  # a header's own order
     closest = closest_formats(row, accepts)
     if closest:
-        meant = " or ".join(f"format {name} (missing {', '.join(repr(key) for key in missing)})"
-                            for name, missing in closest)
+        meant = " or ".join(
+            f"format {name} (missing {', '.join(repr(key) for key in missing)})" for name, missing in closest
+        )
         name, missing = closest[0]
-        return (f"cannot tell the data format from the {noun} ({names}): they look like {meant}; fix: add "
-                f"{', '.join(missing)}, or map a {'column' if noun == 'columns' else 'field'} to it (data.columns / "
-                f"--columns {missing[0]}=YOUR_NAME), or set the format explicitly")
-    return (f"cannot tell the data format from the {noun} ({names}); fix: name them after a format's fields, or map "
-            f"them (data.columns / --columns, e.g. question=q,answer=a); `tunesmith train --help-config` lists the "
-            f"formats and their fields")
+        return (
+            f"cannot tell the data format from the {noun} ({names}): they look like {meant}; fix: add "
+            f"{', '.join(missing)}, or map a {'column' if noun == 'columns' else 'field'} to it (data.columns / "
+            f"--columns {missing[0]}=YOUR_NAME), or set the format explicitly"
+        )
+    return (
+        f"cannot tell the data format from the {noun} ({names}); fix: name them after a format's fields, or map "
+        f"them (data.columns / --columns, e.g. question=q,answer=a); `tunesmith train --help-config` lists the "
+        f"formats and their fields"
+    )
 
 
 def other_format_hint(row: dict[str, Any], used: str, auto: bool) -> str:
@@ -151,8 +172,10 @@ def takes(accepts: tuple[str, ...], kind: str) -> bool:
 
 def wrong_kind_message(chosen: Any, accepts: tuple[str, ...], method: str) -> str:
     usable = [name for name in formats.names() if takes(accepts, formats.get(name).kind)]
-    return (f"format '{chosen.name}' holds {chosen.kind} examples, which method '{method}' cannot train on; "
-            f"fix: use one of these formats: {', '.join(usable)}, or a method that takes {chosen.kind} data")
+    return (
+        f"format '{chosen.name}' holds {chosen.kind} examples, which method '{method}' cannot train on; "
+        f"fix: use one of these formats: {', '.join(usable)}, or a method that takes {chosen.kind} data"
+    )
 
 
 def report(problems: list[Problem], limit: int = 50) -> str:
