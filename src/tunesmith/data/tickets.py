@@ -17,18 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tunesmith.data.helpdesk_exports import (
-    FLAVOURS,
-    Mapping,
-    Record,
-    TicketOptions,
-    cell_text,
-    check_columns,
-    choose_mapping,
-    columns_of,
-    lookup,
-    read_export,
-)
+from tunesmith.data.helpdesk_exports import Record, cell_text, columns_of, lookup, read_export
+from tunesmith.data.helpdesk_mappings import FLAVOURS, Mapping, TicketOptions, check_columns, choose_mapping
 from tunesmith.data.redact import redact
 from tunesmith.errors import Problem, UserError
 
