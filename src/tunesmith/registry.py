@@ -74,7 +74,9 @@ class Registry(Generic[T]):
         return name in self._entries
 
 
-RECIPES = tuple(f"tunesmith.recipes.{name}" for name in ("sft", "pretrain", "distill", "dpo", "reward", "ppo", "grpo"))
+RECIPES = tuple(
+    f"tunesmith.recipes.{name}" for name in ("sft", "pretrain", "distill", "dpo", "reward", "classify", "ppo", "grpo")
+)
 METRICS = ("tunesmith.eval.metrics", "tunesmith.eval.text_metrics", "tunesmith.eval.preference_metrics")
 
 formats: Registry[Any] = Registry("data format", ("tunesmith.data.formats",))

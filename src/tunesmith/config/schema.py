@@ -68,8 +68,9 @@ class Config(Section):
     )
     method: str = Field(
         "sft",
-        description="The training recipe: sft | pretrain | distill | dpo | reward | ppo | grpo "
-        "(ppo and grpo: RL from rewards on prompts; see rl, ppo, grpo).",
+        description="The training recipe: sft | pretrain | distill | dpo | reward | classify | ppo | grpo "
+        "(classify: a sequence classifier over the data's labels; ppo and grpo: RL from rewards on prompts; see "
+        "rl, ppo, grpo).",
     )
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig

@@ -61,7 +61,13 @@ def fit_length(
 
 
 def tokenize_file(
-    path: Path, config: DataConfig, chat: ChatTokenizer, accepts: tuple[str, ...], method: str, prepared: PreparedData
+    path: Path,
+    config: DataConfig,
+    chat: ChatTokenizer,
+    accepts: tuple[str, ...],
+    method: str,
+    prepared: PreparedData,
+    labels: dict[str, int] | None = None,
 ) -> tuple[list[Unit], list[Problem]]:
     loaded = load_file(path, config.format, accepts, method, columns=config.columns)
     prepared.format = loaded.format
@@ -74,18 +80,45 @@ def tokenize_file(
             f"data.truncation=split only applies to raw text (format text), not {loaded.format}; "
             f"fix: use drop or truncate"
         )
-    tokenized, length_problems = tokenize_examples(loaded.examples, path, config, chat, prepared)
+    tokenized, length_problems = tokenize_examples(loaded.examples, path, config, chat, prepared, labels)
     return tokenized, problems + length_problems
 
 
 def tokenize_examples(
-    examples: list[Example], path: Path, config: DataConfig, chat: ChatTokenizer, prepared: PreparedData
+    examples: list[Example],
+    path: Path,
+    config: DataConfig,
+    chat: ChatTokenizer,
+    prepared: PreparedData,
+    labels: dict[str, int] | None = None,
 ) -> tuple[list[Unit], list[Problem]]:
-    """Tokenise, apply the truncation policy, and refuse examples with nothing to train (training and validate)."""
+    """Tokenise, apply the truncation policy, and refuse examples with nothing to train (training and validate).
+    With `labels` (label -> class index: method classify), each example is its input and the class of its final
+    reply; a label outside them is a problem of its line."""
     tokenized: list[Unit] = []
     problems: list[Problem] = []
     for example in examples:
         where = f"{path}:{example.line}"
+        if labels is not None:
+            label = example.messages[-1]["content"]
+            if label not in labels:
+                problems.append(
+                    Problem(
+                        where,
+                        f"label {label!r} is not among the {len(labels)} labels of the "
+                        f"training data; fix: train on rows of this label too, or drop it",
+                    )
+                )
+                continue
+            encoded = chat.tokenize_input(example.messages, example.line)
+            encoded.label = labels[label]
+            kept, problem = fit_length(encoded, config.max_length, config.truncation, where)
+            problems += [problem] if problem else []
+            prepared.dropped_long += config.truncation == "drop" and not kept
+            for piece in kept[:1]:
+                piece.label = encoded.label
+                tokenized.append(piece)
+            continue
         encoded = chat(example)
         if isinstance(encoded, TokenizedPair):
             pair, problem = fit_pair(encoded, config.max_length, config.truncation, where, prepared)
@@ -134,14 +167,23 @@ def no_target_message(encoded: TokenizedExample, piece: TokenizedExample, max_le
     return "no token of this example is trained (the assistant text is empty after templating)"
 
 
-def prepare_data(config: DataConfig, tokenizer: Any, accepts: tuple[str, ...], method: str, seed: int) -> PreparedData:
-    """Load, check, tokenise and split the data; refuse it with a full report unless skip_bad_rows is on."""
+def prepare_data(
+    config: DataConfig,
+    tokenizer: Any,
+    accepts: tuple[str, ...],
+    method: str,
+    seed: int,
+    labels: list[str] | None = None,
+) -> PreparedData:
+    """Load, check, tokenise and split the data; refuse it with a full report unless skip_bad_rows is on. With
+    `labels` (method classify), each example is an input and the index of its label among them."""
     chat = ChatTokenizer(tokenizer, loss_on=config.loss_on, system_prompt=config.system_prompt)
     prepared = PreparedData([], [], config.format)
-    train, problems = tokenize_file(config.train, config, chat, accepts, method, prepared)
+    index = {label: number for number, label in enumerate(labels)} if labels is not None else None
+    train, problems = tokenize_file(config.train, config, chat, accepts, method, prepared, index)
     validation: list[TokenizedExample] = []
     if config.validation is not None:
-        validation, val_problems = tokenize_file(config.validation, config, chat, accepts, method, prepared)
+        validation, val_problems = tokenize_file(config.validation, config, chat, accepts, method, prepared, index)
         problems += val_problems
     if problems:
         raise UserError(

@@ -36,6 +36,7 @@ class Batch:
     num_loss_tokens: int
     num_units: int = 0  # examples, or preference pairs (each two segments, chosen then rejected)
     scores: torch.Tensor | None = None  # (segments,) float: pointwise reward data's scores
+    labels: torch.Tensor | None = None  # (segments,) long: classification data's class indices
     filler: bool = False  # a copy that only keeps the ranks in step (train/distributed.py): it counts for nothing
 
     @property
@@ -51,6 +52,7 @@ class Batch:
             self.num_loss_tokens,
             self.num_units,
             self.scores.to(device) if self.scores is not None else None,
+            self.labels.to(device) if self.labels is not None else None,
             self.filler,
         )
 
@@ -114,6 +116,9 @@ def collate(units: list[Unit]) -> Batch:
     scores = None
     if any(example.score is not None for example in examples):
         scores = torch.tensor([example.score for example in examples], dtype=torch.float32)
+    labels = None
+    if any(example.label is not None for example in examples):
+        labels = torch.tensor([example.label for example in examples], dtype=torch.long)
     return Batch(
         input_ids[None],
         targets[None],
@@ -122,6 +127,7 @@ def collate(units: list[Unit]) -> Batch:
         int((targets != IGNORE).sum()),
         len(units),
         scores,
+        labels,
     )
 
 

@@ -24,6 +24,7 @@ class TokenizedExample:
     loss_mask: list[bool]  # True where the token is a training target
     line: int = 0
     score: float | None = None  # pointwise reward data: the reply's score
+    label: int | None = None  # classification (method classify): the class index; the sequence is its input
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -93,6 +94,12 @@ class ChatTokenizer:
             scored.score = example.score
             return scored
         return self.tokenize_chat(example.messages, example.line)
+
+    def tokenize_input(self, messages: list[dict[str, str]], line: int = 0) -> TokenizedExample:
+        """A classifier's input: the conversation before its final (assistant) turn, with the generation prompt, so
+        the last token, where the classifier reads, is where a generating model would begin its reply."""
+        ids = self.prompt_ids(messages[:-1])
+        return TokenizedExample(ids, [False] * len(ids), line)
 
     def tokenize_text(self, text: str, line: int = 0) -> TokenizedExample:
         """A raw document, followed by the end-of-sequence token as a separator; every token trains."""

@@ -96,11 +96,17 @@ def reward_positions(batch: Batch, pad_id: int | None) -> torch.Tensor:
     return torch.where(last >= 0, last, ends - lengths)  # all padding: the first token, as transformers does
 
 
-def sequence_rewards(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """(segments,) each sequence's reward (the model's raw output), differentiable, in float32."""
+def sequence_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """(segments, outputs) the sequence classifier's outputs for each sequence, read at its last token that is not
+    padding (as transformers' classifiers read it), differentiable, in float32."""
     hidden = hidden_states(model, batch)[0]  # (T, H)
     last = hidden[reward_positions(batch, pad_token_id(model))]  # (segments, H)
-    return classifier_head(model)(last)[:, 0].float()
+    return classifier_head(model)(last).float()
+
+
+def sequence_rewards(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """(segments,) each sequence's reward (the model's raw output), differentiable, in float32."""
+    return sequence_logits(model, batch)[:, 0]
 
 
 class RewardScorer:

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from tunesmith.data.dataset import load_examples
 from tunesmith.data.formats import Example
+from tunesmith.engine.classifier import Classifier, is_classifier_run
 from tunesmith.engine.generation import Engine, Sampling
 from tunesmith.engine.reward_model import RewardScorer, is_reward_model
 from tunesmith.errors import UserError
@@ -189,6 +190,12 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
     config = run_config(target)
     examples = load_examples(data, columns=options.columns)[: options.max_examples]
     reward_target = is_reward_model(target)  # it rates replies: the data says how it is scored
+    classifier = Classifier.load(Path(target)) if is_classifier_run(target) else None
+    if classifier is not None and options.task != "classification":
+        raise UserError(
+            f"{target} is a classifier (method classify): it names a label; fix: evaluate it with --task "
+            f"classification (not {options.task})"
+        )
     if reward_target:
         options = dataclasses.replace(options, task=reward_task(examples, data, options))
     task = tasks.get(options.task, key="--task")
@@ -200,7 +207,7 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
         assign_slices(items, options.slice_by, data)
     check_applicable(task, items, options, data)
     rubric = judge_rubric(task, items, options)  # a rubric file is read and checked before any model loads
-    engine = None if reward_target else Engine.load(target)
+    engine = None if reward_target or classifier is not None else Engine.load(target)
     labels = label_set(items, config) if options.task == "classification" else []
     context = Context(
         Sampling(max_new_tokens=options.max_new_tokens),
@@ -238,8 +245,12 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
             )
         started = time.perf_counter()
         reward = None if reward_target and name != "target" else context.reward  # the base has no reward head
-        with system_context(engine, name, config, loaded) as system, rows_of(data):
-            predictions[name] = task.predict(system, items, dataclasses.replace(context, prefix=prefix, reward=reward))
+        if name == "target" and classifier is not None:  # its head names a label; the baselines generate one
+            predictions[name] = classifier.predict([item.prompt for item in items], options.batch_size)
+        else:
+            with system_context(engine, name, config, loaded) as system, rows_of(data):
+                context_now = dataclasses.replace(context, prefix=prefix, reward=reward)
+                predictions[name] = task.predict(system, items, context_now)
         timing[f"{name}_s"] = round(time.perf_counter() - started, 2)
     ratings, judged_by = judge_systems(target, engine, rubric, items, predictions, options, timing)
 

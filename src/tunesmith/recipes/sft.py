@@ -12,6 +12,7 @@ import torch
 
 from tunesmith.config.schema import Config
 from tunesmith.data.dataset import PreparedData, prepare_data
+from tunesmith.engine.classifier import name_labels
 from tunesmith.errors import TrainingStopped
 from tunesmith.eval.in_training import InTrainingEval
 from tunesmith.registry import methods
@@ -42,17 +43,22 @@ def train_loop(
     build_objective: ObjectiveBuilder | None = None,
     validate_objective: bool = False,
     num_labels: int | None = None,
+    labels: list[str] | None = None,
 ) -> RunResult:
     """The training loop of every recipe. `build_objective` replaces the next-token loss; validation uses it too
     when `validate_objective` (DPO's loss on held-out pairs), else stays token cross-entropy (distillation).
-    `num_labels` trains a sequence classifier with that many outputs instead of a language model (reward.py)."""
+    `num_labels` trains a sequence classifier with that many outputs instead of a language model (reward.py);
+    `labels` one with an output per label, named in its config (classify.py)."""
     # ---- setup -------------------------------------------------------------------------------
     train_config = config.train
     strategies: dict[str, Any] = {}
     built: dict[str, Any] = {}
 
     def extend(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        """Gradual unfreezing and the penalty toward the starting weights, anchored before any step or resume."""
+        """The label names, gradual unfreezing and the penalty toward the starting weights (anchored before any step
+        or resume)."""
+        if labels is not None:
+            name_labels(model, labels)
         if train_config.unfreeze:
             strategies["unfreeze"] = GradualUnfreezing(model, train_config.unfreeze)
         regularization = train_config.regularization
@@ -71,9 +77,9 @@ def train_loop(
 
     run = session.open_session(
         config,
-        lambda tokenizer: prepare_data(config.data, tokenizer, accepts, config.method, train_config.seed),
+        lambda tokenizer: prepare_data(config.data, tokenizer, accepts, config.method, train_config.seed, labels),
         make_plan,
-        num_labels=num_labels,
+        num_labels=len(labels) if labels is not None else num_labels,
         extend=extend,
     )
     model, runner, world, device, amp_dtype, plan = (
