@@ -157,3 +157,11 @@ def test_a_task_other_than_classification_is_refused_for_a_classifier(tmp_path, 
     test = write_jsonl(tmp_path / "test.jsonl", ROWS[:2])
     with pytest.raises(UserError, match="--task classification"):
         evaluate(str(config.output_dir), test, EvalOptions(task="exact_match"), tmp_path / "eval")
+
+
+def test_an_adapter_that_leaves_the_head_untrained_and_eval_every_are_refused_together(tmp_path, tiny_model):
+    config = classify_config(tmp_path, tiny_model, ROWS, "adapter.type=prompt_tuning", "eval.every=5")
+    with pytest.raises(UserError) as refused:
+        run(config)
+    assert [problem.where for problem in refused.value.problems] == ["adapter.type", "eval.every"]
+    assert "cannot train a classifier's new head" in str(refused.value) and "val_accuracy" in str(refused.value)

@@ -23,18 +23,15 @@ from tunesmith.errors import Problem, UserError
 from tunesmith.recipes.sft import train_loop
 from tunesmith.registry import methods
 from tunesmith.train.classify_loss import ClassifyObjective
-from tunesmith.train.session import RunResult
+from tunesmith.train.session import RunResult, check_classifier_settings
 
 ACCEPTS = ("chat",)
-# Adapters that train the new head with the rest (as for reward models): PEFT's LoRA family saves it in SEQ_CLS
-# format; full and freeze train it as a weight of the model. Prompt-learning and IA3 adapters would leave it as set.
-ADAPTERS = ("lora", "qlora", "dora", "full", "freeze")
 MAX_LABELS = 10_000
 
 
 @methods.register("classify", accepts=ACCEPTS)
 def run_classify(config: Config) -> RunResult:
-    check_settings(config)
+    check_classifier_settings(config, "classifier", "val_accuracy")
     labels = training_labels(config)
     result = train_loop(
         config,
@@ -46,28 +43,6 @@ def run_classify(config: Config) -> RunResult:
     if result.output.is_dir():  # the label names travel with the weights (each rank writes the same file)
         save_labels(result.output, labels)
     return result
-
-
-def check_settings(config: Config) -> None:
-    """Settings a classifier cannot use, every one reported before any compute."""
-    problems = []
-    if config.adapter.type not in ADAPTERS:
-        problems.append(
-            Problem(
-                "adapter.type",
-                f"'{config.adapter.type}' cannot train a classifier's new head; fix: use one of {', '.join(ADAPTERS)}",
-            )
-        )
-    if config.eval.every:
-        problems.append(
-            Problem(
-                "eval.every",
-                f"{config.eval.every}: the in-training eval task generates replies, and a classifier names a "
-                f"class; fix: unset eval.every; data.validation (or data.val_fraction) logs val_accuracy as it trains",
-            )
-        )
-    if problems:
-        raise UserError("method classify: the config has problems", problems)
 
 
 def training_labels(config: Config) -> list[str]:

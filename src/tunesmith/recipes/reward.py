@@ -24,22 +24,19 @@ from tunesmith.config.schema import Config
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.tokenize import TokenizedPair, Unit
 from tunesmith.engine.reward_model import ScoreScale
-from tunesmith.errors import Problem, UserError
+from tunesmith.errors import UserError
 from tunesmith.recipes.sft import train_loop
 from tunesmith.registry import methods
 from tunesmith.train.distributed import World
 from tunesmith.train.reward_loss import RewardObjective
-from tunesmith.train.session import RunResult
+from tunesmith.train.session import RunResult, check_classifier_settings
 
 ACCEPTS = ("preference", "score")
-# Adapters that train the new head with the rest: PEFT's LoRA family saves it in SEQ_CLS format; full and freeze
-# train it as a weight of the model. Prompt-learning and IA3 adapters would leave it untrained.
-ADAPTERS = ("lora", "qlora", "dora", "full", "freeze")
 
 
 @methods.register("reward", accepts=ACCEPTS)
 def run_reward(config: Config) -> RunResult:
-    check_settings(config)
+    check_classifier_settings(config, "reward model", "val_reward_accuracy or val_mse")
     return train_loop(
         config,
         accepts=ACCEPTS,
@@ -47,30 +44,6 @@ def run_reward(config: Config) -> RunResult:
         validate_objective=True,
         num_labels=1,
     )
-
-
-def check_settings(config: Config) -> None:
-    """Settings a reward model cannot use, every one reported before any compute."""
-    problems = []
-    if config.adapter.type not in ADAPTERS:
-        problems.append(
-            Problem(
-                "adapter.type",
-                f"'{config.adapter.type}' cannot train a reward model's score head; "
-                f"fix: use one of {', '.join(ADAPTERS)}",
-            )
-        )
-    if config.eval.every:
-        problems.append(
-            Problem(
-                "eval.every",
-                f"{config.eval.every}: the in-training eval task generates replies, and a "
-                f"reward model only scores them; fix: unset eval.every; data.validation "
-                f"(or data.val_fraction) logs val_reward_accuracy or val_mse as it trains",
-            )
-        )
-    if problems:
-        raise UserError("method reward: the config has problems", problems)
 
 
 def build_reward_objective(

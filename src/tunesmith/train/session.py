@@ -20,7 +20,7 @@ from tunesmith.config.schema import Config, TrainConfig
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.packing import BatchPlan
 from tunesmith.engine.forward import decoder_and_head
-from tunesmith.errors import TrainingStopped
+from tunesmith.errors import Problem, TrainingStopped, UserError
 from tunesmith.eval.in_training import InTrainingEval, higher_is_better
 from tunesmith.models import load_model, load_tokenizer
 from tunesmith.models.adapters import apply_adapter, load_options, output_name, parameter_counts, save_final
@@ -153,6 +153,36 @@ def open_session(
         progress,
         resume_from,
     )
+
+
+# Adapters that train a sequence classifier's new head with the rest: PEFT's LoRA family saves it in SEQ_CLS
+# format; full and freeze train it as a weight of the model. Prompt-learning and IA3 adapters would leave it as set.
+HEAD_ADAPTERS = ("lora", "qlora", "dora", "full", "freeze")
+
+
+def check_classifier_settings(config: Config, model_kind: str, logged: str) -> None:
+    """The settings a sequence classifier (a reward model, a classifier) cannot use, every one reported before any
+    compute: an adapter that would not train its head, and the in-training eval task, which generates replies.
+    `logged`: what validation logs instead."""
+    problems = []
+    if config.adapter.type not in HEAD_ADAPTERS:
+        problems.append(
+            Problem(
+                "adapter.type",
+                f"'{config.adapter.type}' cannot train a {model_kind}'s new head; "
+                f"fix: use one of {', '.join(HEAD_ADAPTERS)}",
+            )
+        )
+    if config.eval.every:
+        problems.append(
+            Problem(
+                "eval.every",
+                f"{config.eval.every}: the in-training eval task generates replies, which a {model_kind} does not "
+                f"write; fix: unset eval.every; data.validation (or data.val_fraction) logs {logged} as it trains",
+            )
+        )
+    if problems:
+        raise UserError(f"method {config.method}: the config has problems", problems)
 
 
 def build_model(config: Config, device: torch.device, num_labels: int | None = None) -> torch.nn.Module:
