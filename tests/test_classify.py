@@ -165,3 +165,42 @@ def test_an_adapter_that_leaves_the_head_untrained_and_eval_every_are_refused_to
         run(config)
     assert [problem.where for problem in refused.value.problems] == ["adapter.type", "eval.every"]
     assert "cannot train a classifier's new head" in str(refused.value) and "val_accuracy" in str(refused.value)
+
+
+def test_balanced_weights_and_the_weighted_smoothed_loss_match_hand_computed_values():
+    import math
+
+    from tunesmith.train.classify_loss import balanced_weights, class_loss
+
+    weights = balanced_weights([0, 0, 0, 1], 3)  # n / (classes x count): 4/9, 4/3, and 0 for a class with none
+    torch.testing.assert_close(weights, torch.tensor([4 / 9, 4 / 3, 0.0]))
+    every = [0, 0, 0, 1, 2]  # every class present, as in training data: the examples' weights average 1
+    assert float(balanced_weights(every, 3)[every].mean()) == pytest.approx(1.0)
+    logits, labels = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), torch.tensor([0, 1])
+    nll = [math.log(math.exp(2) + 2) - 2, math.log(math.exp(1) + 2) - 1]
+    assert float(class_loss(logits, labels)) == pytest.approx(sum(nll))
+    assert float(class_loss(logits, labels, weights)) == pytest.approx(4 / 9 * nll[0] + 4 / 3 * nll[1])
+    smoothing = 0.3  # target: 0.1 on every label, 0.7 + 0.1 on the true one
+    expected = 0.0
+    for row, label in zip(logits.tolist(), labels.tolist()):
+        logsumexp = math.log(sum(math.exp(value) for value in row))
+        expected += sum((0.1 + (0.7 if k == label else 0.0)) * (logsumexp - row[k]) for k in range(3))
+    assert float(class_loss(logits, labels, label_smoothing=smoothing)) == pytest.approx(expected)
+
+
+def test_balanced_weights_and_label_smoothing_train_end_to_end(tmp_path, tiny_model):
+    rows = ROWS + [{"text": f"extra refund {i}", "label": "refund"} for i in range(6)]  # refund is now common
+    config = classify_config(
+        tmp_path,
+        tiny_model,
+        rows,
+        "classify.class_weights=balanced",
+        "classify.label_smoothing=0.1",
+        "train.epochs=6",
+        "train.lr=1e-2",
+        "train.batch_size=4",
+    )
+    run(config)
+    steps = [json.loads(line) for line in (config.output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [step for step in steps if "loss" in step]
+    assert steps[-1]["loss"] < steps[0]["loss"] and steps[-1]["accuracy"] == 1.0

@@ -97,6 +97,22 @@ class RewardConfig(Section):
     )
 
 
+class ClassifyConfig(Section):
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="method: classify: the target puts this much probability evenly on every label and the rest "
+        "on the true one (0: plain cross-entropy); it keeps a classifier from growing overconfident.",
+    )
+    class_weights: Literal["none", "balanced"] = Field(
+        "none",
+        description="method: classify: balanced weighs each example by n / (labels x its label's count) in the "
+        "training data, so rare labels count as much as common ones (the weights average 1 over the data); none: "
+        "every example counts once.",
+    )
+
+
 class RewardFunctionConfig(Section):
     name: str = Field(
         description="A built-in reward function (exact_match | number_match | contains | length_penalty | "

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from tunesmith import registry
 from tunesmith.config.methods import (
     RL_METHODS,
+    ClassifyConfig,
     DistillConfig,
     DPOConfig,
     GRPOConfig,
@@ -51,6 +52,7 @@ __all__ = [  # the sections, importable from here as from the schema they make u
     "RLConfig",
     "RL_METHODS",
     "RegularizationConfig",
+    "ClassifyConfig",
     "RewardConfig",
     "RewardFunctionConfig",
     "Section",
@@ -79,6 +81,7 @@ class Config(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)

@@ -17,12 +17,13 @@ import sys
 from collections import Counter
 
 from tunesmith.config.schema import Config
+from tunesmith.data.dataset import PreparedData
 from tunesmith.data.validate import load_file, report
 from tunesmith.engine.classifier import save_labels
 from tunesmith.errors import Problem, UserError
 from tunesmith.recipes.sft import train_loop
 from tunesmith.registry import methods
-from tunesmith.train.classify_loss import ClassifyObjective
+from tunesmith.train.classify_loss import ClassifyObjective, balanced_weights
 from tunesmith.train.session import RunResult, check_classifier_settings
 
 ACCEPTS = ("chat",)
@@ -36,13 +37,21 @@ def run_classify(config: Config) -> RunResult:
     result = train_loop(
         config,
         accepts=ACCEPTS,
-        build_objective=lambda *_: ClassifyObjective(),
+        build_objective=lambda data, *_: build_classify_objective(config, data, len(labels)),
         validate_objective=True,
         labels=labels,
     )
     if result.output.is_dir():  # the label names travel with the weights (each rank writes the same file)
         save_labels(result.output, labels)
     return result
+
+
+def build_classify_objective(config: Config, data: PreparedData, classes: int) -> ClassifyObjective:
+    """The loss with the config's label smoothing, and balanced class weights from the training examples' labels."""
+    weights = None
+    if config.classify.class_weights == "balanced":
+        weights = balanced_weights([unit.label for unit in data.train], classes)
+    return ClassifyObjective(config.classify.label_smoothing, weights)
 
 
 def training_labels(config: Config) -> list[str]:
