@@ -34,7 +34,7 @@ def trained_logits(config, rows: list[dict]) -> tuple[torch.Tensor, list[list[in
     model = apply_adapter(model, config.adapter)
     load_trainable_state(model, rundir.read_weights(rundir.latest_checkpoint(config.output_dir / "checkpoints")))
     chat = ChatTokenizer(tokenizer)
-    units = [chat.tokenize_input(convert_classification(row).messages) for row in rows]
+    units = [chat.tokenize_input(convert_classification(row).messages[:-1]) for row in rows]
     with torch.no_grad():
         return sequence_logits(model.eval(), collate(units)), [unit.input_ids for unit in units]
 

@@ -110,14 +110,14 @@ def tokenize_examples(
                     )
                 )
                 continue
-            encoded = chat.tokenize_input(example.messages, example.line)
-            encoded.label = labels[label]
-            kept, problem = fit_length(encoded, config.max_length, config.truncation, where)
+            kept, problem = fit_length(
+                chat.tokenize_input(example.messages[:-1], example.line), config.max_length, config.truncation, where
+            )
             problems += [problem] if problem else []
             prepared.dropped_long += config.truncation == "drop" and not kept
-            for piece in kept[:1]:
-                piece.label = encoded.label
-                tokenized.append(piece)
+            if kept:  # an input is one sequence: a split's later pieces would not end at the generation prompt
+                kept[0].label = labels[label]
+                tokenized.append(kept[0])
             continue
         encoded = chat(example)
         if isinstance(encoded, TokenizedPair):

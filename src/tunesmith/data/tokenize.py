@@ -95,10 +95,10 @@ class ChatTokenizer:
             return scored
         return self.tokenize_chat(example.messages, example.line)
 
-    def tokenize_input(self, messages: list[dict[str, str]], line: int = 0) -> TokenizedExample:
-        """A classifier's input: the conversation before its final (assistant) turn, with the generation prompt, so
-        the last token, where the classifier reads, is where a generating model would begin its reply."""
-        ids = self.prompt_ids(messages[:-1])
+    def tokenize_input(self, prompt: list[dict[str, str]], line: int = 0) -> TokenizedExample:
+        """A classifier's input: the conversation before the label, with the generation prompt, so the last token,
+        where the classifier reads, is where a generating model would begin its reply."""
+        ids = self.prompt_ids(prompt)
         return TokenizedExample(ids, [False] * len(ids), line)
 
     def tokenize_text(self, text: str, line: int = 0) -> TokenizedExample:

@@ -17,7 +17,7 @@ import torch
 
 from tunesmith.data.files import write_atomically
 from tunesmith.data.packing import collate
-from tunesmith.data.tokenize import ChatTokenizer, TokenizedExample
+from tunesmith.data.tokenize import ChatTokenizer
 from tunesmith.engine.reward_model import sequence_logits
 from tunesmith.errors import UserError
 from tunesmith.models.adapters import load_adapter, load_options
@@ -87,13 +87,10 @@ class Classifier:
     @torch.no_grad()
     def probabilities(self, conversations: list[Messages], batch_size: int = 16) -> torch.Tensor:
         """(n, labels) each label's probability for each conversation (the turns before the label)."""
-        rows = []
+        device, rows = next(self.model.parameters()).device, []
         for start in range(0, len(conversations), batch_size):
-            units = []
-            for messages in conversations[start : start + batch_size]:
-                ids = self.chat.prompt_ids(messages)
-                units.append(TokenizedExample(ids, [False] * len(ids)))
-            logits = sequence_logits(self.model, collate(units).to(next(self.model.parameters()).device))
+            units = [self.chat.tokenize_input(messages) for messages in conversations[start : start + batch_size]]
+            logits = sequence_logits(self.model, collate(units).to(device))
             rows.append(torch.softmax(logits, dim=-1).cpu())
         return torch.cat(rows) if rows else torch.empty(0, len(self.labels))
 

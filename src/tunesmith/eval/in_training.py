@@ -22,6 +22,11 @@ RESAMPLES = 200  # enough for a logged interval; the final report uses the full 
 
 
 class InTrainingEval:
+    @classmethod
+    def if_asked(cls, config: Config, tokenizer: Any, main: bool) -> "InTrainingEval | None":
+        """The eval task during training, when eval.every and eval.data ask for it, on the main process only."""
+        return cls(config, tokenizer) if config.eval.every and config.eval.data and main else None
+
     def __init__(self, config: Config, tokenizer: Any):
         from tunesmith.eval.baselines import label_set  # the same label set as `tunesmith eval` on this run
 

@@ -70,9 +70,7 @@ def train_loop(
         """The batch plans, then the loss (a recipe's objective may read the data and run the model)."""
         steps, built["validation"] = session.build_plans(config, data, device)
         built["objective"] = build_objective(data, runner, tokenizer, device, world) if build_objective else TOKEN_LOSS
-        built["task_eval"] = (
-            InTrainingEval(config, tokenizer) if config.eval.every and config.eval.data and world.main else None
-        )
+        built["task_eval"] = InTrainingEval.if_asked(config, tokenizer, world.main)
         return steps
 
     run = session.open_session(

@@ -20,6 +20,7 @@ next attempt waits until neither is left before it prepares the directory or sta
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -35,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from tunesmith.config.schema import Config
 from tunesmith.models.adapters import checkpoint_adapter
 from tunesmith.rundir import checkpoint_steps, read_metrics, read_run_config
 from tunesmith.serve import jobs as job_spec
@@ -369,6 +371,11 @@ class JobRun:
         except LeaseLost:
             return  # the supervising loop learns it at its next renewal, and stops the run
 
+    @functools.cached_property
+    def config(self) -> Config:
+        """The job's config as prepare() wrote it (read once: every checkpoint's adapter needs its LoRA settings)."""
+        return read_run_config(self.directory)
+
     def record_checkpoints(self, steps: list[int]) -> None:
         """Store each checkpoint's adapter (what serves it as a model), then its record. One that training pruned
         meanwhile is skipped: the checkpoints kept are the run's newest."""
@@ -376,7 +383,7 @@ class JobRun:
         for step in steps:
             folder = run / "checkpoints" / f"step-{step}"
             try:
-                files = checkpoint_adapter(folder, read_run_config(self.directory))
+                files = checkpoint_adapter(folder, self.config)
             except Exception as error:  # pruned while read (a newer one exists), or an adapter we cannot rebuild
                 if not (folder / "state.json").is_file() or max(checkpoint_steps(run), default=step) > step:
                     continue

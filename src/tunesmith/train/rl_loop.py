@@ -91,7 +91,7 @@ def setup(config: Config, with_value_head: bool = False) -> RLRun:
     tokenizer = run.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = Sampling(config.rl.max_new_tokens, config.rl.temperature, config.rl.top_p)
-    task_eval = InTrainingEval(config, tokenizer) if config.eval.every and config.eval.data and run.world.main else None
+    task_eval = InTrainingEval.if_asked(config, tokenizer, run.world.main)
     return RLRun(
         **vars(run),
         value_head=parts["value_head"],
