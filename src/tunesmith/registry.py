@@ -77,7 +77,12 @@ class Registry(Generic[T]):
 RECIPES = tuple(
     f"tunesmith.recipes.{name}" for name in ("sft", "pretrain", "distill", "dpo", "reward", "classify", "ppo", "grpo")
 )
-METRICS = ("tunesmith.eval.metrics", "tunesmith.eval.text_metrics", "tunesmith.eval.preference_metrics")
+METRICS = (
+    "tunesmith.eval.metrics",
+    "tunesmith.eval.text_metrics",
+    "tunesmith.eval.preference_metrics",
+    "tunesmith.eval.calibration",
+)
 
 formats: Registry[Any] = Registry("data format", ("tunesmith.data.formats",))
 methods: Registry[Callable[..., Any]] = Registry("method", RECIPES)

@@ -111,6 +111,36 @@ class ClassifyConfig(Section):
         "training data, so rare labels count as much as common ones (the weights average 1 over the data); none: "
         "every example counts once.",
     )
+    calibrate: bool = Field(
+        True,
+        description="method: classify: fit a temperature on the validation set after training (it lowers the "
+        "validation NLL; argmax labels never change) and save it with the model (calibration.json), so its "
+        "probabilities mean what they say.",
+    )
+    abstain_precision: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="method: classify: abstain (label null) below the lowest confidence at which the validation set's "
+        "answered examples are at least this accurate, e.g. 0.95; chosen after calibration and saved with it.",
+    )
+    out_of_scope: str | None = Field(
+        None,
+        description="method: classify: the training label that names out-of-scope messages (clinc150: oos). A "
+        "confidence threshold chosen on the validation set (the one of best accuracy there) sends unsure "
+        "predictions to it too.",
+    )
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "ClassifyConfig":
+        if self.abstain_precision is not None and self.out_of_scope is not None:
+            raise ValueError(
+                "classify.abstain_precision and classify.out_of_scope each choose the confidence threshold; "
+                "fix: set one of them"
+            )
+        if (self.abstain_precision is not None or self.out_of_scope is not None) and not self.calibrate:
+            raise ValueError("a threshold is chosen on calibrated probabilities; fix: keep classify.calibrate: true")
+        return self
 
 
 class RewardFunctionConfig(Section):

@@ -23,9 +23,10 @@ from tunesmith.data.formats import Example
 from tunesmith.engine.classifier import Classifier, is_classifier_run
 from tunesmith.engine.generation import Engine, Sampling
 from tunesmith.engine.reward_model import RewardScorer, is_reward_model
-from tunesmith.errors import UserError
+from tunesmith.errors import Problem, UserError
 from tunesmith.eval import metrics as metric_functions
 from tunesmith.eval.baselines import few_shot_prefix, label_set, parse_baseline, run_columns, run_config, system_context
+from tunesmith.eval.calibration import calibration_section
 from tunesmith.eval.judge import Judge, Rubric, load_rubric
 from tunesmith.eval.preference_metrics import implicit_reward_accuracy
 from tunesmith.eval.stats import cell, difference
@@ -206,6 +207,8 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
     if options.slice_by:
         assign_slices(items, options.slice_by, data)
     check_applicable(task, items, options, data)
+    if classifier is not None:
+        check_known_labels(items, classifier.labels, data)
     rubric = judge_rubric(task, items, options)  # a rubric file is read and checked before any model loads
     engine = None if reward_target or classifier is not None else Engine.load(target)
     labels = label_set(items, config) if options.task == "classification" else []
@@ -246,7 +249,8 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
         started = time.perf_counter()
         reward = None if reward_target and name != "target" else context.reward  # the base has no reward head
         if name == "target" and classifier is not None:  # its head names a label; the baselines generate one
-            predictions[name] = classifier.predict([item.prompt for item in items], options.batch_size)
+            probabilities = classifier.probabilities([item.prompt for item in items], options.batch_size)
+            predictions[name] = [answer.label for answer in classifier.answers(probabilities)]
         else:
             with system_context(engine, name, config, loaded) as system, rows_of(data):
                 context_now = dataclasses.replace(context, prefix=prefix, reward=reward)
@@ -255,6 +259,15 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
     ratings, judged_by = judge_systems(target, engine, rubric, items, predictions, options, timing)
 
     result = assemble(target, data, options, task, items, predictions, labels, timing, ratings)
+    if classifier is not None:
+        result["calibration"] = calibration_section(
+            probabilities.numpy(),
+            [item.expected for item in items],
+            classifier.labels,
+            classifier.calibration,
+            options.resamples,
+            options.seed,
+        )
     if judged_by:
         result["judge"] = judged_by
     if options.task == "preference" and "base" in options.baselines and context.reward is None:
@@ -269,6 +282,22 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
     metrics_jsonl = Path(target) / "metrics.jsonl"
     write_report(result, output / "report.html", metrics_jsonl if metrics_jsonl.is_file() else None)
     return result
+
+
+def check_known_labels(items: list[Item], labels: list[str], data: Path) -> None:
+    """A classifier names only the labels it was trained on: an expected label outside them is refused by line."""
+    known = set(labels)
+    problems = [
+        Problem(
+            f"{data}:{item.line}",
+            f"label {item.expected!r} is not among the classifier's {len(labels)} labels (training never saw it); "
+            f"fix: drop the row, or train with examples of it",
+        )
+        for item in items
+        if item.expected not in known
+    ]
+    if problems:
+        raise UserError(f"{data}: {len(problems)} row(s) have labels the classifier cannot name", problems)
 
 
 def assemble(
@@ -319,7 +348,7 @@ def assemble(
         result["comparisons"] = {name: comparison(name) for name in options.baselines}
     if options.task == "classification":
         for name, block in (("target", result), *((n, result["baselines"][n]) for n in options.baselines)):
-            block["per_label"] = metric_functions.per_label(predictions[name], expected)
+            block["per_label"] = metric_functions.per_label(predictions[name], expected, **stats)
             block["confusion"] = metric_functions.confusion(predictions[name], expected)
     result["errors"] = error_analysis(task, items, predictions, options, metric_task, ratings or {})
     result["examples"] = [example_row(task, item, predictions, options.baselines, ratings or {}) for item in items]

@@ -290,18 +290,27 @@ def weighted_f1(totals: Totals) -> np.ndarray:
     return (class_scores(totals)[2] * totals["true"]).sum(axis=1) / totals["true"].sum(axis=1)
 
 
-def per_label(predictions: Sequence[Any], references: Sequence[Any]) -> dict[str, dict[str, float | int]]:
-    """{label: {"precision", "recall", "f1", "support"}} for each reference label, sorted by label."""
+def per_label(
+    predictions: Sequence[Any], references: Sequence[Any], *, resamples: int = 1000, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """{label: {"precision", "recall", "f1", "support", "ci95": {"precision", "recall", "f1"}}} for each reference
+    label, sorted by label, with percentile-bootstrap intervals from the same resamples as `score`'s."""
     n = _check_lengths(predictions, references)
     codes = encode_labels(predictions, references)
-    totals = class_totals(codes, point_indices(n))
-    precision, recall, f1 = class_scores(totals)
+    point = class_scores(class_totals(codes, point_indices(n)))
+    resampled = class_scores(
+        _resampled_totals(metric_tasks.get("classification"), codes, bootstrap_indices(n, resamples, seed))
+    )
+    support = class_totals(codes, point_indices(n))["true"][0]
+    names = ("precision", "recall", "f1")
     return {
         label: {
-            "precision": float(precision[0, k]),
-            "recall": float(recall[0, k]),
-            "f1": float(f1[0, k]),
-            "support": int(totals["true"][0, k]),
+            **{name: float(value[0, k]) for name, value in zip(names, point)},
+            "support": int(support[k]),
+            "ci95": {
+                name: [_json_float(bound) for bound in percentile_interval(value[:, k])]
+                for name, value in zip(names, resampled)
+            },
         }
         for k, label in enumerate(codes.labels)
     }

@@ -215,6 +215,38 @@ def confusions_table(confusions: list[dict[str, Any]]) -> str:
     return table(["expected", "predicted", "count"], rows) + shown_of(confusions)
 
 
+def calibration_section(result: dict[str, Any], _: Any) -> str | None:
+    """A classifier's calibration: its temperature and threshold, ECE and NLL (and with a threshold, coverage and
+    selective accuracy; with an out-of-scope label, in-scope accuracy and out-of-scope recall), and the
+    reliability diagram."""
+    section = result.get("calibration")
+    if not section:
+        return None
+    from tunesmith.eval.report_plots import plot_reliability
+
+    names = ["ece", "nll", "coverage", "selective_accuracy", "in_scope_accuracy", "out_of_scope_recall"]
+    rows = [
+        f'<tr><td>{esc(name)}</td><td class="num">'
+        f"{interval(section[name]['value'], section[name]['ci95'], is_percent(name, [section[name]['value']]))}"
+        f'</td><td class="num">{esc(section[name].get("n"))}</td></tr>'
+        for name in names
+        if section.get(name)
+    ]
+    threshold = section.get("threshold")
+    note = (
+        f'<p class="note">Probabilities are softmax(logits / {section["temperature"]:.3f}), the temperature fitted '
+        "on the validation set. "
+        + (
+            f"Below confidence {threshold:.3f} the classifier abstains (coverage: the share it answers). "
+            if threshold is not None
+            else "It never abstains. "
+        )
+        + f"ECE over {section['bins']} equal-width confidence bins; 95% bootstrap intervals.</p>"
+    )
+    chart = image(plot_reliability(section["reliability"], section["bins"]), "reliability diagram", 420)
+    return table(["metric", "value", "n"], rows) + note + chart
+
+
 def per_label_section(result: dict[str, Any], _: Any) -> str | None:
     per_label = result.get("per_label")
     if not per_label:
@@ -222,16 +254,20 @@ def per_label_section(result: dict[str, Any], _: Any) -> str | None:
     ordered = sorted(per_label.items(), key=lambda item: (item[1].get("f1") or 0, -(item[1].get("support") or 0)))
     rows = []
     for label, scores in ordered:
-        cells = "".join(f'<td class="num">{number(scores.get(key), True)}</td>' for key in ("precision", "recall"))
+        bounds = scores.get("ci95") or {}
+        cells = "".join(
+            f'<td class="num">{interval(scores.get(key), bounds.get(key), True)}</td>'
+            for key in ("precision", "recall")
+        )
         f1 = scores.get("f1")
         bar = f' style="--w:{f1 * 100:.0f}%"' if isinstance(f1, (int, float)) else ""
         rows.append(
-            f'<tr><td>{esc(label)}</td>{cells}<td class="num bar"{bar}>{number(f1, True)}</td>'
+            f'<tr><td>{esc(label)}</td>{cells}<td class="num bar"{bar}>{interval(f1, bounds.get("f1"), True)}</td>'
             f'<td class="num">{esc(scores.get("support"))}</td></tr>'
         )
     note = (
-        '<p class="note">In percent, weakest F1 first; support is the number of examples expected to have '
-        "the label.</p>"
+        '<p class="note">In percent with 95% bootstrap intervals, weakest F1 first; support is the number of '
+        "examples expected to have the label.</p>"
     )
     return note + table(["label", "precision", "recall", "F1", "support"], rows, scroll=len(rows) > 25)
 
@@ -308,6 +344,7 @@ SECTIONS = [
     ("Training curves", "curves", curves_section),
     ("Metrics", "metrics", metrics_section),
     ("Comparison with baselines", "comparison", comparison_section),
+    ("Calibration", "calibration", calibration_section),
     ("Confusion matrix", "confusion", confusion_section),
     ("Per-label scores", "per-label", per_label_section),
     ("Error analysis", "errors", errors_section),

@@ -171,3 +171,40 @@ def svg_uri(figure: Any) -> str:
     figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
     plt.close(figure)
     return f"data:image/svg+xml;base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
+def plot_reliability(bins: list[dict[str, Any]], edges: int) -> str:
+    """The reliability diagram: each confidence bin's accuracy (bars over the bin) against the diagonal a calibrated
+    model would follow, with the share of examples in each bin beneath; one SVG data URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    total = sum(b["count"] for b in bins) or 1
+    with matplotlib.rc_context(PLOT_STYLE):
+        figure, (top, bottom) = plt.subplots(
+            2, 1, sharex=True, figsize=(4.2, 4.6), gridspec_kw={"height_ratios": [3, 1]}
+        )
+        width = 1 / edges
+        lows = [b["low"] for b in bins]
+        top.bar(lows, [b["accuracy"] for b in bins], width=width, align="edge", color="#4c78a8", label="accuracy")
+        top.bar(
+            lows,
+            [b["confidence"] - b["accuracy"] for b in bins],
+            bottom=[b["accuracy"] for b in bins],
+            width=width,
+            align="edge",
+            color="#e45756",
+            alpha=0.35,
+            label="gap to mean confidence",
+        )
+        top.plot([0, 1], [0, 1], color="#444444", linewidth=0.8, linestyle="--", label="calibrated")
+        top.set_ylim(0, 1)
+        top.set_ylabel("accuracy")
+        top.legend(loc="upper left", frameon=False, fontsize=8)
+        bottom.bar(lows, [b["count"] / total for b in bins], width=width, align="edge", color="#888888")
+        bottom.set_ylabel("share")
+        bottom.set_xlabel("confidence (top label's probability)")
+        bottom.set_xlim(0, 1)
+        return svg_uri(figure)
