@@ -28,6 +28,7 @@ ENDPOINTS = [
     ("DELETE", "/v1/models/{model}", "write", True),
     ("POST", "/v1/chat/completions", "read", True),  # names the project's fine-tuned model
     ("POST", "/v1/completions", "read", True),
+    ("POST", "/v1/classifications", "read", False),  # a served classifier run: any project's, as a base model
     ("GET", "/v1/keys", "admin", False),
     ("POST", "/v1/keys", "admin", False),
     ("DELETE", "/v1/keys/{key}", "admin", True),
@@ -50,8 +51,27 @@ def adapter_files(tiny_model, tmp_path_factory) -> dict[str, bytes]:
     return {name: (directory / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
 
 
+@pytest.fixture(scope="module")
+def classifier_run(tiny_model, tmp_path_factory):
+    """A finished classifier run (method classify, full fine-tuning) as training leaves one, untrained."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tunesmith.engine.classifier import label_arguments, save_labels
+
+    directory = tmp_path_factory.mktemp("classifier")
+    labels = ["no", "yes"]
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, **label_arguments(labels))
+    model.save_pretrained(directory / "model")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(directory / "model")
+    save_labels(directory / "model", labels)
+    (directory / "config.yaml").write_text(
+        json.dumps({"model": str(tiny_model), "method": "classify", "data": {"train": "t.jsonl"}})
+    )
+    return directory
+
+
 @pytest.fixture
-def world(tmp_path, tiny_model, adapter_files):
+def world(tmp_path, tiny_model, adapter_files, classifier_run):
     """Project acme with a file, a running job, a fine-tuned model and a spare key; keys of every kind."""
     from starlette.testclient import TestClient
 
@@ -59,7 +79,8 @@ def world(tmp_path, tiny_model, adapter_files):
     from tunesmith.serve.api import create_app
     from tunesmith.serve.service import Service, Settings
 
-    service = Service(Settings(home=tmp_path / "home", base_models={"tiny": str(tiny_model)}))
+    models = {"tiny": str(tiny_model), "intent": str(classifier_run)}
+    service = Service(Settings(home=tmp_path / "home", base_models=models))
     keys = {scope: make_key(service, "acme", scope) for scope in RANK}
     keys["other project"] = make_key(service, "globex", "admin")
     revoked = make_key(service, "acme", "admin")
@@ -96,6 +117,7 @@ def request(client, method: str, path: str, key: str | None, ids: dict, data: by
             "max_tokens": 2,
         },
         "/v1/completions": {"model": ids["model"], "prompt": "hi", "max_tokens": 2},
+        "/v1/classifications": {"model": "intent", "input": "hi"},
         "/v1/keys": {"scope": "read"},
     }.get(url)
     return (
@@ -132,7 +154,7 @@ def test_authorisation_matrix(world, method, path, needed, names_object):
 
         audit = client.get("/v1/audit", headers={"Authorization": f"Bearer {keys['admin']}"}).json()
         assert audit["verified"] is True
-        if path not in ("/v1/chat/completions", "/v1/completions"):
+        if path not in ("/v1/chat/completions", "/v1/completions", "/v1/classifications"):  # inference changes nothing
             assert audit["data"][-1]["key_id"] == apikeys.parse_key(keys[needed]).key_id
 
 

@@ -1,6 +1,6 @@
 """The commands that measure a model: `eval` (tuned against baselines, with intervals), `score` (a reward model's
-ratings), `label` (RLAIF: a judge labels sampled replies) and `redteam` (refusal rates). Like cli.py, they parse,
-call one function and print its result.
+ratings), `classify` (a classifier's labels and probabilities), `label` (RLAIF: a judge labels sampled replies) and
+`redteam` (refusal rates). Like cli.py, they parse, call one function and print its result.
 """
 
 from __future__ import annotations
@@ -57,6 +57,18 @@ def cmd_score(args: argparse.Namespace) -> int:
     if result.chosen_wins is not None:
         print(f"chosen rated above rejected in {result.chosen_wins:.1%} of pairs")
     print(f"wrote {result.output}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from tunesmith.datagen.classifying import classify_file
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    result = classify_file(args.target, args.data, args.output, args.batch_size)
+    written = f"; wrote {result.output}" if result.output else ""
+    summary = f"classified {result.rows} rows ({result.abstained} abstained){written}"
+    print(summary, file=sys.stdout if result.output else sys.stderr)  # on standard output, only the rows
     return 0
 
 
@@ -181,6 +193,25 @@ def add_parsers(commands) -> None:
     score.add_argument("--output", type=Path, help="the rated rows (default: DATA.scored.jsonl beside the input)")
     score.add_argument("--batch-size", type=int, default=16, help="replies scored together")
     score.set_defaults(handler=cmd_score)
+    classify = commands.add_parser(
+        "classify", help="label a data file with a classifier run: JSONL rows with label, probability and abstained"
+    )
+    classify.add_argument("target", help="a run directory trained with method: classify")
+    classify.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help='rows to label: {"text"}, {"text", "label"} or {"messages"} (a final assistant turn is the label, '
+        "and is not read)",
+    )
+    classify.add_argument(
+        "--output",
+        type=Path,
+        help="the JSONL file to write: each row with label, probability, abstained and probabilities added "
+        "(default: standard output)",
+    )
+    classify.add_argument("--batch-size", type=int, default=16, help="rows classified together")
+    classify.set_defaults(handler=cmd_classify)
     labeller = commands.add_parser(
         "label", help="RLAIF: sample replies from a policy, a judge model labels them; writes preference or score JSONL"
     )

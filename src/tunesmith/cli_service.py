@@ -198,7 +198,8 @@ def add_parsers(commands) -> None:
             action="append",
             metavar="NAME=SPEC",
             help="offer another base model under NAME "
-            "(a registry name or a local model directory); repeatable. The built-in models are offered",
+            "(a registry name, a local model directory or a run directory; a classifier run answers "
+            "/v1/classifications); repeatable. The built-in models are offered",
         )
         parser.add_argument("--nproc", type=int, default=1, help="torch.distributed processes per training job")
         parser.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload")

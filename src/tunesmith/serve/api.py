@@ -1,4 +1,5 @@
-"""The HTTP API: OpenAI's fine-tuning, files, models and completions endpoints, so the official SDK works.
+"""The HTTP API: OpenAI's fine-tuning, files, models and completions endpoints, so the official SDK works, and
+classifications from a served classifier run (serve/classification.py).
 
 Every request carries `Authorization: Bearer tsk_...`; the key names a project and a scope (read < write <
 admin). Objects of other projects answer 404, as if they did not exist. Every state-changing call is written
@@ -12,7 +13,7 @@ import json
 import re
 import threading
 from contextlib import closing
-from typing import Any, Generator, Iterator
+from typing import Any, Callable, Generator, Iterator
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
@@ -22,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.security import apikeys
 from tunesmith.security.apikeys import Scope
-from tunesmith.serve import inference, shapes
+from tunesmith.serve import classification, inference, shapes
 from tunesmith.serve.access import Caller, authenticate
 from tunesmith.serve.request import RequestError
 from tunesmith.serve.service import Service
@@ -61,11 +62,16 @@ def page_args(limit: int, after: str | None) -> int:
     return limit
 
 
-def create_app(service: Service, pool: inference.AdapterPool | None = None) -> FastAPI:
+def create_app(
+    service: Service,
+    pool: inference.AdapterPool | None = None,
+    classifiers: classification.ClassifierPool | None = None,
+) -> FastAPI:
     # No unauthenticated schema or docs page: /openapi.json is served below, to any valid key
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.state.pool = pool = pool or inference.AdapterPool()
+    app.state.classifiers = classifiers = classifiers or classification.ClassifierPool()
     store = service.store
 
     @app.exception_handler(ApiError)
@@ -244,6 +250,14 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
             run = service.run_model(service.base_models[model])  # `serve --model NAME=RUN_DIR`
             if run is None:
                 return service.base_models[model], None, None
+            if run["classifier"] is not None:
+                raise ApiError(
+                    400,
+                    f"The model '{model}' is a classifier (a run trained with method: classify): it names a "
+                    f"label and writes no text; fix: use /v1/classifications",
+                    "model",
+                    "model_is_classifier",
+                )
             messages = body.get("messages")
             if (
                 run["system_prompt"] is not None
@@ -276,7 +290,6 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
     async def answer(request: Request, body: dict[str, Any], whole, chunks, caller: Caller) -> Any:
         """The reply, made in a thread. A stream stops when its client leaves (the response closes it); a whole
         reply's client is polled while it is made, and its generation stops when that client has gone."""
-        import asyncio
 
         def stream() -> Any:
             base, adapter, loader = target(caller, body)
@@ -286,22 +299,12 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
 
         if body.get("stream"):
             return await _in_thread(stream)
-        gone = threading.Event()
 
-        def reply() -> Any:
+        def reply(gone: threading.Event) -> Any:
             base, adapter, loader = target(caller, body)
             return whole(pool, base, adapter, loader, body, cancel=gone)
 
-        async def watch() -> None:
-            while not await request.is_disconnected():
-                await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-            gone.set()
-
-        watcher = asyncio.ensure_future(watch())
-        try:
-            return await _in_thread(reply)
-        finally:
-            watcher.cancel()
+        return await while_connected(request, reply)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, caller: Caller = needs(Scope.READ)) -> Any:
@@ -312,6 +315,32 @@ def create_app(service: Service, pool: inference.AdapterPool | None = None) -> F
     async def completions(request: Request, caller: Caller = needs(Scope.READ)) -> Any:
         body = await json_body(request)
         return await answer(request, body, inference.completion, inference.completion_chunks, caller)
+
+    def classifier_run(caller: Caller, body: dict[str, Any]) -> str:
+        """The run directory of the classifier `body` names. A model the caller cannot see answers as for chat (a
+        404); one that exists but generates text is a 400."""
+        model = body.get("model")
+        if isinstance(model, str) and model in service.base_models:
+            run = service.run_model(service.base_models[model])
+            if run is not None and run["classifier"] is not None:
+                return run["classifier"]
+        target(caller, {"model": model})
+        raise ApiError(
+            400,
+            f"The model '{model}' is not a classifier: it writes text, and answers /v1/chat/completions; fix: name a "
+            f"run trained with method: classify, served as `tunesmith serve --model NAME=RUN`",
+            "model",
+            "model_not_classifier",
+        )
+
+    @app.post("/v1/classifications")
+    async def classifications(request: Request, caller: Caller = needs(Scope.READ)) -> dict:
+        body = await json_body(request)
+
+        def reply(gone: threading.Event) -> dict:
+            return classification.classifications(classifiers, classifier_run(caller, body), body, cancel=gone)
+
+        return await while_connected(request, reply)
 
     # administration (admin scope): the project's keys and the audit trail
     @app.get("/v1/keys")
@@ -471,6 +500,25 @@ async def _in_thread(function, *args):
     from starlette.concurrency import run_in_threadpool
 
     return await run_in_threadpool(function, *args)
+
+
+async def while_connected(request: Request, work: Callable[[threading.Event], Any]) -> Any:
+    """`work(gone)`, run in a thread while the request's client is polled: `gone` is set once it has left, so the
+    work can stop early (generation at its next token, classification at its next batch)."""
+    import asyncio
+
+    gone = threading.Event()
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        gone.set()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await _in_thread(work, gone)
+    finally:
+        watcher.cancel()
 
 
 class DrainingServer(uvicorn.Server):
