@@ -3,8 +3,9 @@
     python data/make_slices.py ../shared/data
     python data/make_slices.py ../shared/data --hh-full runs/hh-full/train.jsonl   # all 1,603 hh-rlhf pairs, unbundled
 
-banking77 (CC BY 4.0, PolyAI): a stratified slice — the first TRAIN_PER_LABEL training rows of each of the 77
-intents, in the source order, and the first TEST_PER_LABEL test rows of each intent.
+banking77 (CC BY 4.0, PolyAI): both whole splits (train_full.jsonl, test_full.jsonl), and a stratified slice — the
+first TRAIN_PER_LABEL training rows of each of the 77 intents, in the source order, and the first TEST_PER_LABEL
+test rows of each intent.
 """
 
 import csv
@@ -125,6 +126,9 @@ def main(shared: Path) -> None:
         kept = stratified(rows, per_label)
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         print(f"{split}: {len(kept)} rows")
+        every = [{"text": row["text"], "label": row["label"]} for row in rows]  # the whole split, in source order
+        (out / f"{split}_full.jsonl").write_text("".join(json.dumps(r) + "\n" for r in every), encoding="utf-8")
+        print(f"{split}_full: {len(every)} rows")
 
 
 if __name__ == "__main__":

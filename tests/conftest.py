@@ -110,11 +110,12 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def write_config_file(tmp_path: Path, model_dir: Path, rows: list, train_section: str) -> Path:
-    """A YAML config for `tunesmith train`: the tiny model, `rows` as training data, run dir tmp_path/run."""
+    """A YAML config for `tunesmith train`: the tiny model, `rows` as training data (method sft: a generating
+    model, whatever the rows), run dir tmp_path/run."""
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     config = tmp_path / "config.yaml"
     config.write_text(
-        f"model: {model_dir}\ndata: {{train: {train}, max_length: 64}}\n"
+        f"model: {model_dir}\nmethod: sft\ndata: {{train: {train}, max_length: 64}}\n"
         f"train: {{{train_section}}}\noutput_dir: {tmp_path / 'run'}\n"
     )
     return config

@@ -204,3 +204,26 @@ def test_balanced_weights_and_label_smoothing_train_end_to_end(tmp_path, tiny_mo
     steps = [json.loads(line) for line in (config.output_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [step for step in steps if "loss" in step]
     assert steps[-1]["loss"] < steps[0]["loss"] and steps[-1]["accuracy"] == 1.0
+
+
+def test_truncate_keeps_the_end_of_a_long_input_in_training_and_in_use(tmp_path, tiny_model):
+    from tunesmith.data.dataset import prepare_data
+    from tunesmith.engine.classifier import Classifier
+    from tunesmith.models.loading import load_tokenizer
+
+    long_row = {"text": "word " * 80 + "refund please", "label": "refund"}
+    config = classify_config(
+        tmp_path, tiny_model, ROWS + [long_row], "data.truncation=truncate", "data.max_length=96", "train.max_steps=1"
+    )
+    tokenizer = load_tokenizer(str(tiny_model))
+    chat = ChatTokenizer(tokenizer)
+    whole = chat.tokenize_input(convert_classification(long_row).messages[:-1])
+    prepared = prepare_data(config.data, tokenizer, ("chat",), "classify", 0, sorted(WORDS))
+    kept = prepared.train[-1]
+    assert len(whole) > 96 and kept.input_ids == whole.input_ids[-96:] and prepared.truncated == 1
+    run(config)
+    classifier = Classifier.load(config.output_dir)
+    logits = classifier.logits([[{"role": "user", "content": long_row["text"]}]])
+    with torch.no_grad():
+        direct = sequence_logits(classifier.model, collate([kept]))
+    torch.testing.assert_close(logits, direct.float())

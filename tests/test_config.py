@@ -390,7 +390,7 @@ def test_describe_fields_documents_every_field():
     undocumented = [key for key, _, description in rows if not description.strip()]
     assert undocumented == []
     defaults = {key: default for key, default, _ in rows}
-    assert defaults["data.train"] == "(required)" and defaults["train.lr"] == "0.0002"
+    assert defaults["data.train"] == "(required)" and defaults["train.lr"] == "auto"
     assert (defaults["output_dir"], defaults["train.max_steps"], defaults["train.progress"]) == (
         "runs/run",
         "null",

@@ -53,7 +53,7 @@ def test_upload_train_and_chat_with_the_fine_tuned_model(service, tmp_path):
             seed=7,
             method={
                 "type": "supervised",
-                "supervised": {"hyperparameters": {"n_epochs": 30, "batch_size": 1, "learning_rate_multiplier": 50}},
+                "supervised": {"hyperparameters": {"n_epochs": 30, "batch_size": 1, "learning_rate_multiplier": 10}},
             },
         )
         assert job.status == "validating_files" and job.seed == 7
@@ -104,7 +104,7 @@ def test_a_job_with_a_validation_file_is_evaluated_against_its_base_and_the_repo
                 model="tiny",
                 training_file=train_file.id,
                 validation_file=valid_file.id,
-                hyperparameters={"n_epochs": 20, "batch_size": 2, "learning_rate_multiplier": 50},
+                hyperparameters={"n_epochs": 20, "batch_size": 2, "learning_rate_multiplier": 10},
             ).id,
             timeout=240,
         )

@@ -24,9 +24,11 @@ def make_config(tmp_path: Path, model_dir: Path, rows: list, *overrides: str, na
     train_file = write_jsonl(tmp_path / "train.jsonl", rows)
     base = [
         f"model={model_dir}",
+        "method=sft",
         f"data.train={train_file}",
         f"output_dir={tmp_path / name}",
         "data.max_length=64",
+        "train.epochs=1",
         "train.batch_size=2",
         "train.lr=5e-3",
         "train.eval_every=3",

@@ -75,7 +75,8 @@ class Registry(Generic[T]):
 
 
 RECIPES = tuple(
-    f"tunesmith.recipes.{name}" for name in ("sft", "pretrain", "distill", "dpo", "reward", "classify", "ppo", "grpo")
+    f"tunesmith.recipes.{name}"
+    for name in ("sft", "pretrain", "distill", "dpo", "reward", "classify", "ppo", "grpo", "auto")
 )
 METRICS = (
     "tunesmith.eval.metrics",

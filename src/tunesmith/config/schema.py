@@ -69,10 +69,10 @@ class Config(Section):
         DEFAULT_MODEL, description="A built-in model name, a local Hugging Face directory, or a .gguf file."
     )
     method: str = Field(
-        "sft",
-        description="The training recipe: sft | pretrain | distill | dpo | reward | classify | ppo | grpo "
-        "(classify: a sequence classifier over the data's labels; ppo and grpo: RL from rewards on prompts; see "
-        "rl, ppo, grpo).",
+        "auto",
+        description="The training recipe: auto | sft | pretrain | distill | dpo | reward | classify | ppo | grpo "
+        "(auto: classify for {text, label} classification rows, else sft; classify: a sequence classifier over "
+        "the data's labels; ppo and grpo: RL from rewards on prompts; see rl, ppo, grpo).",
     )
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig

@@ -5,7 +5,7 @@ base every section shares. config/methods.py holds the methods' own sections; co
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -133,7 +133,8 @@ class DataConfig(Section):
     truncation: Literal["error", "drop", "truncate", "split"] = Field(
         "error",
         description="An example longer than max_length: error (report it), drop (skip and count), "
-        "truncate (keep the first max_length tokens), split (text only: cut into max_length pieces).",
+        "truncate (keep the first max_length tokens; a classifier's input keeps its last, where it is read, in "
+        "training and in use), split (text only: cut into max_length pieces).",
     )
     skip_bad_rows: bool = Field(False, description="Skip (and count) invalid rows instead of refusing the file.")
     loss_on: Literal["assistant", "all"] = Field(
@@ -195,14 +196,22 @@ class RegularizationConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(1, ge=1, description="Passes over the training data.")
+    epochs: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Passes over the training data. auto: enough for about 200 optimizer steps (1 to 10), printed "
+        "with its reason when training starts (train/auto.py).",
+    )
     max_steps: int | None = Field(
         None,
         ge=1,
         description="Train exactly this many optimizer steps, going through the data as many (partial) epochs as "
         "that takes (overrides epochs, as in Hugging Face's Trainer).",
     )
-    batch_size: int = Field(8, ge=1, description="Rows per micro-batch (packed rows when data.packing is on).")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Rows per micro-batch (packed rows when data.packing is on). auto: rows holding about 16 "
+        "examples (fewer on small data: one per 50 examples); RL: 8 prompts.",
+    )
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     micro_batch_tokens: int | Literal["auto"] | None = Field(
         "auto",
@@ -212,7 +221,11 @@ class TrainConfig(Section):
         "as whole steps in a fraction of the memory (BENCHMARKS.md), and no limit on a GPU; null: micro-batches of "
         "batch_size rows. RL recipes split their updates by grad_accum instead.",
     )
-    lr: float = Field(2.0e-4, gt=0.0, description="Peak learning rate.")
+    lr: Annotated[float, Field(gt=0.0)] | Literal["auto"] = Field(
+        "auto",
+        description="Peak learning rate. auto: by adapter type (LoRA, QLoRA, DoRA 1e-3; IA3 3e-3; soft prompts "
+        "3e-2; full and freeze 5e-5), a tenth of that for dpo, ppo and grpo.",
+    )
     weight_decay: float = Field(
         0.0, ge=0.0, description="AdamW decoupled weight decay (toward zero; see regularization)."
     )
@@ -277,6 +290,26 @@ class TrainConfig(Section):
     @classmethod
     def _known_schedule(cls, value: str) -> str:
         return registered("schedules", value)
+
+    @field_validator("epochs", "batch_size", "lr", mode="before")
+    @classmethod
+    def _auto_or_number(cls, value: Any, info: Any) -> Any:
+        """auto, or a number: one message naming both choices, not one per member of the union."""
+        if value == "auto":
+            return value
+        whole = info.field_name != "lr"
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or (whole and not number.is_integer()):
+            shape = "a whole number (e.g. 3)" if whole else "a number (e.g. 1e-3)"
+            raise ValueError(f"must be {shape} or auto; not {value!r}")
+        if whole and number < 1:
+            raise ValueError(f"must be greater than or equal to 1 (or auto), not {value}")
+        if not whole and number <= 0:
+            raise ValueError(f"must be greater than 0 (or auto), not {value}")
+        return int(number) if whole else number
 
     @field_validator("micro_batch_tokens", mode="before")
     @classmethod

@@ -60,6 +60,23 @@ def fit_length(
     )
 
 
+def fit_input(
+    example: TokenizedExample, max_length: int, policy: str, where: str
+) -> tuple[list[TokenizedExample], Problem | None]:
+    """The truncation policy on a classifier's input, which is read at its last token: `truncate` keeps its last
+    max_length tokens (the end of the message and the generation prompt), not its first."""
+    if policy == "truncate":
+        return [keep_end(example, max_length)], None
+    return fit_length(example, max_length, "error" if policy == "split" else policy, where)
+
+
+def keep_end(example: TokenizedExample, max_length: int) -> TokenizedExample:
+    """The last max_length tokens of an example (all of it when it is no longer)."""
+    if len(example) <= max_length:
+        return example
+    return TokenizedExample(example.input_ids[-max_length:], example.loss_mask[-max_length:], example.line)
+
+
 def tokenize_file(
     path: Path,
     config: DataConfig,
@@ -110,11 +127,11 @@ def tokenize_examples(
                     )
                 )
                 continue
-            kept, problem = fit_length(
-                chat.tokenize_input(example.messages[:-1], example.line), config.max_length, config.truncation, where
-            )
+            encoded = chat.tokenize_input(example.messages[:-1], example.line)
+            kept, problem = fit_input(encoded, config.max_length, config.truncation, where)
             problems += [problem] if problem else []
             prepared.dropped_long += config.truncation == "drop" and not kept
+            prepared.truncated += bool(kept) and len(kept[0]) < len(encoded)
             if kept:  # an input is one sequence: a split's later pieces would not end at the generation prompt
                 kept[0].label = labels[label]
                 tokenized.append(kept[0])

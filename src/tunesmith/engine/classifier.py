@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from tunesmith.data.dataset import keep_end
 from tunesmith.data.files import write_atomically
 from tunesmith.data.packing import collate
 from tunesmith.data.tokenize import ChatTokenizer
@@ -104,11 +105,13 @@ class Classifier:
         labels: list[str],
         system_prompt: str | None = None,
         calibration: Calibration = Calibration(),
+        keep_last: int | None = None,
     ):
         self.model = model.eval()
         self.labels = labels
         self.chat = ChatTokenizer(tokenizer, system_prompt=system_prompt)
         self.calibration = calibration
+        self.keep_last = keep_last  # data.truncation: truncate: an input keeps its last max_length tokens, as trained
 
     @classmethod
     def load(cls, run_dir: Path, calibrated: bool = True) -> "Classifier":
@@ -127,7 +130,8 @@ class Classifier:
             labels = read_labels(weights)
             model, tokenizer = load_model(weights, num_labels=len(labels))
         calibration = Calibration.read(weights) if calibrated else Calibration()
-        return cls(model, tokenizer, labels, config.data.system_prompt, calibration)
+        keep_last = config.data.max_length if config.data.truncation == "truncate" else None
+        return cls(model, tokenizer, labels, config.data.system_prompt, calibration, keep_last)
 
     @torch.no_grad()
     def unit_logits(self, units: list, batch_size: int = 16) -> torch.Tensor:
@@ -141,7 +145,10 @@ class Classifier:
 
     def logits(self, conversations: list[Messages], batch_size: int = 16) -> torch.Tensor:
         """(n, labels) raw logits of each conversation (the turns before the label)."""
-        return self.unit_logits([self.chat.tokenize_input(messages) for messages in conversations], batch_size)
+        units = [self.chat.tokenize_input(messages) for messages in conversations]
+        if self.keep_last is not None:
+            units = [keep_end(unit, self.keep_last) for unit in units]
+        return self.unit_logits(units, batch_size)
 
     def probabilities(self, conversations: list[Messages], batch_size: int = 16) -> torch.Tensor:
         """(n, labels) each label's calibrated probability for each conversation."""

@@ -8,14 +8,13 @@ The adapter is LoRA r=16 on all linear layers: the model the job makes is an ada
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
+from tunesmith.config.auto import learning_rate, resolve_settings
 from tunesmith.serve.shapes import ApiError
 
 METHODS = {"supervised": "sft", "dpo": "dpo"}
-BASE_LR = {"sft": 2.0e-4, "dpo": 1.0e-4}  # learning_rate_multiplier scales these
 HYPERPARAMETERS = {
     "n_epochs": (int, 1, 50),
     "batch_size": (int, 1, 256),
@@ -130,15 +129,15 @@ def check_hyperparameters(given: Any, where: str, kind: str) -> dict[str, Any]:
     return checked
 
 
-def resolve(hyperparameters: dict[str, Any], examples: int) -> dict[str, Any]:
-    """The numbers "auto" stands for, from the number of training examples.
-
-    Small sets get more passes (about 300 example-visits in all, 1 to 10 epochs); the batch grows with
-    the data (1 per 100 examples, 1 to 16); the learning-rate multiplier is 1 (the method's base rate).
-    """
+def resolve(hyperparameters: dict[str, Any], examples: int, method: str = "supervised") -> dict[str, Any]:
+    """The numbers "auto" stands for, from the number of training examples, by the rules `tunesmith train` uses for
+    a config's "auto" settings (train/auto.py; a job's examples are not packed): n_epochs enough for about 200
+    steps (1 to 10), batch_size about 16 examples (one per 50 on small files), learning_rate_multiplier 1 (the
+    method's rate for the job's LoRA adapter)."""
+    settings = resolve_settings(METHODS[method], ADAPTER["type"], examples, 1.0)
     auto = {
-        "n_epochs": min(10, max(1, math.ceil(300 / max(examples, 1)))),
-        "batch_size": min(16, max(1, examples // 100)),
+        "n_epochs": settings["epochs"].value,
+        "batch_size": settings["batch_size"].value,
         "learning_rate_multiplier": 1.0,
         "beta": 0.1,
     }
@@ -170,7 +169,7 @@ def build_config(
         "train": {
             "epochs": resolved["n_epochs"],
             "batch_size": resolved["batch_size"],
-            "lr": BASE_LR[method] * resolved["learning_rate_multiplier"],
+            "lr": learning_rate(method, ADAPTER["type"]).value * resolved["learning_rate_multiplier"],
             "seed": job["seed"],
             "save_every": 10,
             "eval_every": 10,

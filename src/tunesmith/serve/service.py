@@ -354,7 +354,7 @@ class Service:
             )
             self.store.add_event(job["id"], f"Validation failed: {error.message}", level="error")
             return
-        resolved = job_spec.resolve(job["hyperparameters"], counts["training_file"])
+        resolved = job_spec.resolve(job["hyperparameters"], counts["training_file"], job["method"])
         if self.store.update_job(job["id"], ("validating_files",), status="queued", resolved=resolved):
             self.store.add_event(
                 job["id"],
@@ -393,9 +393,12 @@ class Service:
     def run_model(spec: str) -> dict[str, Any] | None:
         """What serving the run directory `spec` takes (None: `spec` is no run directory): `base`, the model spec
         the pool loads (the run's base model, or its full model/); `adapter`, its adapter/ as the pool's key and
-        `files` (a loader of its bytes), or None; `system_prompt`, which chat applies as `tunesmith chat` does.
-        A run that cannot be served (unfinished, a reward model, a non-LoRA adapter) is a UserError."""
-        from tunesmith.rundir import CONFIG_FILE, is_run_dir, read_run_config
+        `files` (a loader of its bytes), or None; `system_prompt`, which chat applies as `tunesmith chat` does;
+        `classifier`, the run's directory when it trained a classifier (method classify), which answers
+        /v1/classifications and not chat (then `base` is None). A run that cannot be served (unfinished, a reward
+        model, a classifier whose outputs have no names, a non-LoRA adapter) is a UserError."""
+        from tunesmith.engine.classifier import read_labels
+        from tunesmith.rundir import ADAPTER_DIR, CONFIG_FILE, MODEL_DIR, is_run_dir, read_run_config
 
         path = Path(spec).expanduser()
         if not (path / CONFIG_FILE).is_file():
@@ -412,12 +415,22 @@ class Service:
                 f"run that trained a generating model"
             )
         system_prompt = config.data.system_prompt
+        if config.method == "classify":
+            read_labels(path / (ADAPTER_DIR if (path / ADAPTER_DIR).is_dir() else MODEL_DIR))  # refused now if unnamed
+            return {
+                "base": None,
+                "adapter": None,
+                "files": None,
+                "system_prompt": system_prompt,
+                "classifier": str(path.resolve()),
+            }
         if not (path / "adapter").is_dir():
             return {
                 "base": str((path / "model").resolve()),
                 "adapter": None,
                 "files": None,
                 "system_prompt": system_prompt,
+                "classifier": None,
             }
         adapter = path.resolve() / "adapter"
         names = ("adapter_config.json", "adapter_model.safetensors")
@@ -435,6 +448,7 @@ class Service:
             "adapter": f"run:{adapter}",
             "system_prompt": system_prompt,
             "files": lambda: {name: (adapter / name).read_bytes() for name in names},
+            "classifier": None,
         }
 
     def delete_model(self, project: str, model_id: str, actor: str = "cli") -> dict[str, Any]:

@@ -16,9 +16,10 @@ import torch
 
 from tunesmith import rundir
 from tunesmith.allocator import FREED_PAGES
+from tunesmith.config.auto import RL_METHODS, resolve_training
 from tunesmith.config.schema import Config, TrainConfig
 from tunesmith.data.dataset import PreparedData
-from tunesmith.data.packing import BatchPlan
+from tunesmith.data.packing import BatchPlan, epoch_rows
 from tunesmith.engine.forward import decoder_and_head
 from tunesmith.errors import Problem, TrainingStopped, UserError
 from tunesmith.eval.in_training import InTrainingEval, higher_is_better
@@ -92,6 +93,7 @@ def open_session(
     data = load_data(tokenizer)
     device = pick_device(train)
     world = distributed.start(device)  # one process, or this rank of the processes torchrun started
+    resolve_training(config, len(data.train), examples_per_row(config, data), announce=world.main)
     distributed.check_settings(config, world, device)
     if check is not None:
         check(world)
@@ -153,6 +155,14 @@ def open_session(
         progress,
         resume_from,
     )
+
+
+def examples_per_row(config: Config, data: PreparedData) -> float:
+    """How many training examples a row of the first epoch holds (1 without packing), for "auto" settings."""
+    lengths = [len(unit) for unit in data.train]
+    if not (config.data.packing and lengths) or config.method in RL_METHODS:
+        return 1.0
+    return len(lengths) / max(1, len(epoch_rows(lengths, config.data.max_length, True, config.train.seed, 0)))
 
 
 # Adapters that train a sequence classifier's new head with the rest: PEFT's LoRA family saves it in SEQ_CLS
