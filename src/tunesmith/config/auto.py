@@ -63,28 +63,27 @@ def resolve_settings(
     batch = max(1, round(wanted / per_row))
     per_step = batch * per_row
     steps = max(1, math.ceil(examples / per_step))
-    rows = f"{batch} row{'s' if batch > 1 else ''} of about {per_row:.1f} packed examples" if per_row > 1 else None
-    settings = {
-        "batch_size": Setting(
-            batch,
-            f"{rows or f'{batch} examples'} per step: about {wanted} examples"
-            + (f" ({examples:,} examples / {EXAMPLES_PER_BATCH_UNIT})" if wanted < EXAMPLES_PER_STEP else ""),
-        ),
-    }
+    aim = f"aiming at {wanted}" + (
+        f" = {examples:,} examples / {EXAMPLES_PER_BATCH_UNIT}" if wanted < EXAMPLES_PER_STEP else ""
+    )
+    shape = (
+        f"{batch} packed row{'s' if batch > 1 else ''} per step, about {per_step:.0f} examples"
+        if per_row > 1
+        else f"{batch} example{'s' if batch > 1 else ''} per step"
+    )
+    settings = {"batch_size": Setting(batch, f"{shape}, {aim}")}
     if max_steps is not None:
         settings["epochs"] = Setting(1, f"train.max_steps={max_steps} sets the length")
     else:
         epochs = max(1, min(MAX_EPOCHS, math.ceil(MIN_STEPS / steps)))
-        settings["epochs"] = Setting(
-            epochs,
-            f"{steps:,} steps per epoch; {epochs} epoch{'s' if epochs > 1 else ''} make "
-            f"{steps * epochs:,} steps"
-            + (
-                f" (at least {MIN_STEPS} to learn{f', at most {MAX_EPOCHS} epochs' if epochs == MAX_EPOCHS else ''})"
-                if epochs > 1
-                else f" (one pass is at least {MIN_STEPS})"
-            ),
-        )
+        if epochs == 1:
+            why = f"one pass is at least {MIN_STEPS}"
+        elif epochs == MAX_EPOCHS and steps * epochs < MIN_STEPS:
+            why = f"at most {MAX_EPOCHS} passes"
+        else:
+            why = f"at least {MIN_STEPS} to learn"
+        made = f"{epochs} epoch{'s make' if epochs > 1 else ' makes'} {steps * epochs:,} steps"
+        settings["epochs"] = Setting(epochs, f"{steps:,} steps per epoch; {made}, {why}")
     settings["lr"] = learning_rate(method, adapter)
     return settings
 
