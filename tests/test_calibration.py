@@ -79,7 +79,19 @@ def test_the_abstain_threshold_meets_the_asked_precision_and_answers_the_most(pr
     assert precision_threshold(np.array([0.9, 0.8]), np.array([False, False]), 0.5) is None
 
 
-def test_the_out_of_scope_threshold_is_the_one_of_best_accuracy():
+def test_the_out_of_scope_threshold_weighs_rare_out_of_scope_messages_as_much_as_the_rest():
+    # ten in-scope messages, all right; two out-of-scope ones, both given an in-scope label with middling confidence
+    confidence = np.array([0.9] * 8 + [0.45, 0.45] + [0.4, 0.5])
+    expected = np.array([1] * 10 + [0, 0])
+    predicted = np.array([1] * 10 + [1, 2])
+    threshold = out_of_scope_threshold(confidence, predicted, expected, 0)
+    assert threshold == pytest.approx(0.9)  # in-scope accuracy 80%, out-of-scope recall 100%: balanced 90%
+    # the threshold of best plain accuracy (11/12) would catch one out-of-scope message of two
+    answers = np.where(confidence >= threshold, predicted, 0)
+    assert (answers[expected == 0] == 0).all() and (answers[expected == 1] == 1).mean() == pytest.approx(0.8)
+
+
+def test_the_out_of_scope_threshold_sends_the_unsure_messages_out_of_scope():
     # label 0 is out of scope; confident answers are right, unsure ones are out-of-scope messages
     confidence = np.array([0.9, 0.8, 0.7, 0.4, 0.3, 0.35, 0.6])
     predicted = np.array([1, 2, 1, 2, 1, 0, 2])
@@ -152,3 +164,16 @@ def test_out_of_scope_must_be_a_training_label_and_needs_a_validation_set(tmp_pa
         run(classify_config(tmp_path, tiny_model, ROWS, "classify.out_of_scope=oos", "data.val_fraction=0.2"))
     with pytest.raises(UserError, match="no.*validation|there is none"):
         run(classify_config(tmp_path, tiny_model, ROWS, "classify.abstain_precision=0.9", name="other"))
+
+
+def test_eval_counts_abstentions_as_out_of_scope_for_in_scope_accuracy_and_out_of_scope_recall():
+    from tunesmith.engine.classifier import Calibration
+    from tunesmith.eval.calibration import calibration_section
+
+    labels = ["a", "b", "oos"]
+    probabilities = np.array([[0.9, 0.05, 0.05], [0.3, 0.5, 0.2], [0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
+    expected = ["a", "oos", "oos", "a"]
+    section = calibration_section(probabilities, expected, labels, Calibration(1.0, 0.6, "oos"), resamples=50)
+    assert section["in_scope_accuracy"]["value"] == pytest.approx(0.5)  # a right; a answered b
+    assert section["out_of_scope_recall"]["value"] == pytest.approx(0.5)  # one abstained; one answered a
+    assert section["coverage"]["value"] == pytest.approx(0.75) and section["selective_accuracy"]["value"] == 1 / 3

@@ -127,7 +127,8 @@ class ClassifyConfig(Section):
     out_of_scope: str | None = Field(
         None,
         description="method: classify: the training label that names out-of-scope messages (clinc150: oos). A "
-        "confidence threshold chosen on the validation set (the one of best accuracy there) sends unsure "
+        "confidence threshold chosen on the validation set (the one of best balanced accuracy there: the mean of "
+        "in-scope accuracy and out-of-scope recall) sends unsure "
         "predictions to it too.",
     )
 

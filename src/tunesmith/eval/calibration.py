@@ -68,16 +68,30 @@ def precision_threshold(confidence: np.ndarray, correct: np.ndarray, precision: 
 def out_of_scope_threshold(
     confidence: np.ndarray, predicted: np.ndarray, expected: np.ndarray, out_of_scope: int
 ) -> float | None:
-    """The confidence threshold of best accuracy when each example below it is answered `out_of_scope`: None when
-    sending none there is best (ties go to the lower threshold: fewer messages turned away)."""
+    """The confidence threshold below which answering `out_of_scope` gives the best balanced accuracy: the mean of
+    in-scope accuracy and out-of-scope recall, which does not depend on how common out-of-scope messages are (a
+    validation set may hold few, and the messages a deployed model sees many). Plain accuracy when the examples
+    are all of one kind. None when sending none there is best (ties go to the lower threshold: fewer messages
+    turned away)."""
     order = np.argsort(confidence, kind="stable")
     ranked = confidence[order]
-    as_out = (expected[order] == out_of_scope).astype(float)  # right if sent to out-of-scope
+    outside = expected[order] == out_of_scope
     as_top = (predicted[order] == expected[order]).astype(float)  # right if answered with the top label
-    # sending the j least confident examples out of scope: j = 0 .. n
-    correct = np.r_[0.0, np.cumsum(as_out)] + (as_top.sum() - np.r_[0.0, np.cumsum(as_top)])
+
+    def right(mask: np.ndarray, below: np.ndarray) -> np.ndarray:
+        """For j = 0..n: how many of `mask`'s examples are right when the j least confident go out of scope, each
+        of them right exactly when `below` holds."""
+        sent = np.r_[0.0, np.cumsum(below * mask)]
+        kept = (as_top * mask).sum() - np.r_[0.0, np.cumsum(as_top * mask)]
+        return sent + kept
+
+    inside_right, outside_right = right(~outside, np.zeros(len(ranked))), right(outside, np.ones(len(ranked)))
+    if outside.all() or not outside.any():
+        score = (inside_right + outside_right) / len(ranked)
+    else:
+        score = (inside_right / (~outside).sum() + outside_right / outside.sum()) / 2
     possible = np.r_[True, ranked[:-1] < ranked[1:], True]  # a threshold cannot split equal confidences
-    best = int(np.flatnonzero(possible)[np.argmax(correct[possible])])
+    best = int(np.flatnonzero(possible)[np.argmax(score[possible])])
     if best == 0:
         return None
     return float(ranked[best]) if best < len(ranked) else float(np.nextafter(ranked[-1], np.inf))
@@ -191,8 +205,8 @@ def calibrate(
     out_of_scope: str | None = None,
 ) -> dict[str, Any]:
     """What a classifier saves as calibration.json, from its validation logits (n, K) and expected indices (n,):
-    the fitted temperature, the threshold (for `abstain_precision`, or the best-accuracy one for the `out_of_scope`
-    label), and the validation figures before and after."""
+    the fitted temperature, the threshold (for `abstain_precision`, or the one of best balanced accuracy for the
+    `out_of_scope` label), and the validation figures before and after."""
     temperature = fit_temperature(logits, expected)
     raw = torch.softmax(logits.double(), dim=-1).numpy()
     scaled = torch.softmax(logits.double() / temperature, dim=-1).numpy()
@@ -219,6 +233,11 @@ def calibrate(
         oos = labels.index(out_of_scope)
         answers = np.where(confidence >= (threshold if threshold is not None else -1.0), top, oos)
         validation["accuracy"] = float((answers == truth).mean())
+        inside = truth != oos
+        if inside.any():
+            validation["in_scope_accuracy"] = float((answers == truth)[inside].mean())
+        if not inside.all():
+            validation["out_of_scope_recall"] = float((answers == oos)[~inside].mean())
     return {
         "temperature": temperature,
         "threshold": threshold,

@@ -87,7 +87,12 @@ def calibration_line(fitted: dict) -> str:
         )
     if fitted["out_of_scope"] is not None:
         sent = "never" if threshold is None else f"below confidence {threshold:.3f}"
-        return line + f"; answers {fitted['out_of_scope']} {sent} (validation accuracy {shown['accuracy']:.1%})"
+        scores = ", ".join(
+            f"{name.replace('_', ' ')} {shown[name]:.1%}"
+            for name in ("accuracy", "in_scope_accuracy", "out_of_scope_recall")
+            if name in shown
+        )
+        return line + f"; answers {fitted['out_of_scope']} {sent} (validation: {scores})"
     return line
 
 
