@@ -173,7 +173,8 @@ def test_eval_counts_abstentions_as_out_of_scope_for_in_scope_accuracy_and_out_o
     labels = ["a", "b", "oos"]
     probabilities = np.array([[0.9, 0.05, 0.05], [0.3, 0.5, 0.2], [0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
     expected = ["a", "oos", "oos", "a"]
-    section = calibration_section(probabilities, expected, labels, Calibration(1.0, 0.6, "oos"), resamples=50)
+    answers = ["a", "oos", "a", "b"]  # Classifier.answers: below confidence 0.6 it answers oos
+    section = calibration_section(probabilities, expected, labels, Calibration(1.0, 0.6, "oos"), answers, resamples=50)
     assert section["in_scope_accuracy"]["value"] == pytest.approx(0.5)  # a right; a answered b
     assert section["out_of_scope_recall"]["value"] == pytest.approx(0.5)  # one abstained; one answered a
     assert section["coverage"]["value"] == pytest.approx(0.75) and section["selective_accuracy"]["value"] == 1 / 3

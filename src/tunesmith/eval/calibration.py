@@ -255,13 +255,14 @@ def calibration_section(
     expected: list[str],
     labels: list[str],
     saved: Any,
+    answers: list[str | None],
     resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
     """eval.json's "calibration" block for a classifier: its saved temperature and threshold, ECE, NLL, coverage and
     selective accuracy with intervals, the reliability diagram's bins, and with an out-of-scope label, in-scope
-    accuracy and out-of-scope recall (abstentions answer out-of-scope). `saved` is the classifier's Calibration;
-    `probabilities` (n, K) are calibrated; every expected label is one of `labels`."""
+    accuracy and out-of-scope recall of its `answers` (where abstentions answer out-of-scope). `saved` is the
+    classifier's Calibration; `probabilities` (n, K) are calibrated; every expected label is one of `labels`."""
     index = {label: k for k, label in enumerate(labels)}
     truth = np.array([index[label] for label in expected])
     predictions = calibration_predictions(probabilities, truth, saved.threshold)
@@ -275,18 +276,15 @@ def calibration_section(
     if saved.threshold is None:
         section.pop("coverage"), section.pop("selective_accuracy")
     if saved.out_of_scope is not None:
-        top = probabilities.argmax(axis=1)
-        answered = np.array([p[3] for p in predictions])
-        answers = [labels[k] if ok else saved.out_of_scope for k, ok in zip(top, answered)]
-        inside = [i for i, label in enumerate(expected) if label != saved.out_of_scope]
-        outside = [i for i, label in enumerate(expected) if label == saved.out_of_scope]
         stats = dict(resamples=resamples, seed=seed)
-        if inside:
-            section["in_scope_accuracy"] = metric_functions.score(
-                "classification", [answers[i] for i in inside], [expected[i] for i in inside], **stats
-            )["accuracy"]
-        if outside:  # recall of out-of-scope: the share of its messages answered out-of-scope
-            section["out_of_scope_recall"] = metric_functions.score(
-                "classification", [answers[i] for i in outside], [expected[i] for i in outside], **stats
-            )["accuracy"]
+        groups = {
+            "in_scope_accuracy": [i for i, label in enumerate(expected) if label != saved.out_of_scope],
+            # recall of out-of-scope: the share of its messages answered out-of-scope
+            "out_of_scope_recall": [i for i, label in enumerate(expected) if label == saved.out_of_scope],
+        }
+        for name, rows in groups.items():
+            if rows:
+                section[name] = metric_functions.score(
+                    "classification", [answers[i] for i in rows], [expected[i] for i in rows], **stats
+                )["accuracy"]
     return section

@@ -265,6 +265,7 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
             [item.expected for item in items],
             classifier.labels,
             classifier.calibration,
+            predictions["target"],
             options.resamples,
             options.seed,
         )

@@ -7,7 +7,8 @@ from __future__ import annotations
 import sys
 
 from tunesmith.config.schema import Config
-from tunesmith.data.validate import load_file
+from tunesmith.data.files import read_rows
+from tunesmith.data.formats import detect_format
 from tunesmith.recipes.classify import run_classify
 from tunesmith.recipes.sft import SFT_ACCEPTS, run_sft
 from tunesmith.registry import methods
@@ -24,7 +25,12 @@ def run_auto(config: Config) -> RunResult:
 
 
 def data_format(config: Config) -> str:
-    """The training file's format: as the config names it, or as its rows show."""
+    """The training file's format: as the config names it, or as its first recognisable row shows (as loading
+    decides it: one format per file), without reading the rest; "auto" when no row is recognisable (sft's loading
+    then reports the file's problems)."""
     if config.data.format != "auto":
         return config.data.format
-    return load_file(config.data.train, "auto", columns=config.data.columns).format
+    for _, row in read_rows(config.data.train, columns=config.data.columns):
+        if isinstance(row, dict) and (found := detect_format(row)) is not None:
+            return found
+    return "auto"
