@@ -226,6 +226,13 @@ class TrainConfig(Section):
         description="Peak learning rate. auto: by adapter type (LoRA, QLoRA, DoRA 1e-3; IA3 3e-3; soft prompts "
         "3e-2; full and freeze 5e-5), a tenth of that for dpo, ppo and grpo.",
     )
+    head_lr: Annotated[float, Field(gt=0.0)] | Literal["auto"] = Field(
+        "auto",
+        description="Peak learning rate of a sequence classifier's head (method classify's labels, reward's score), "
+        "which starts from zero and learns from scratch while the body only adjusts. auto: train.lr, but at least "
+        "1e-3, the rate a zero-initialised head learns at (full fine-tuning's 5e-5 leaves it nearly untrained; "
+        "docs/classification.md).",
+    )
     weight_decay: float = Field(
         0.0, ge=0.0, description="AdamW decoupled weight decay (toward zero; see regularization)."
     )

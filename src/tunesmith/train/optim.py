@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from tunesmith.config.auto import head_learning_rate
 from tunesmith.config.schema import TrainConfig
 from tunesmith.registry import schedules
 from tunesmith.train.strategies import layer_lr_groups
@@ -28,10 +29,12 @@ def constant(progress: float) -> float:
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors); with
-    train.layer_lr_decay, each layer's rate is the one above it times the decay (train/strategies.py)."""
+    train.layer_lr_decay, each layer's rate is the one above it times the decay (train/strategies.py); a sequence
+    classifier's head at train.head_lr (config/auto.py)."""
     groups = layer_lr_groups(model, config.weight_decay, config.layer_lr_decay)
+    head_lr = head_learning_rate(config)
     for group in groups:
-        group["lr"] = config.lr * group.pop("lr_scale")
+        group["lr"] = (head_lr if group.pop("head") else config.lr) * group.pop("lr_scale")
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
 
 

@@ -13,6 +13,7 @@ import re
 import torch
 
 from tunesmith.config.schema import RegularizationConfig, UnfreezeConfig
+from tunesmith.models.loading import CLASSIFIER_HEADS
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 EMBEDDING = re.compile(r"embed_tokens|wte|word_embeddings|prompt_encoder")
@@ -130,18 +131,28 @@ class Regularization:
 
 def layer_lr_groups(model: torch.nn.Module, weight_decay: float, decay: float | None) -> list[dict]:
     """AdamW parameter groups: lr scaled by decay^depth (top layer 1, each layer below times `decay`);
-    no weight decay on biases and norms (1-D tensors). Groups keep their depth order, top first."""
+    no weight decay on biases and norms (1-D tensors); a sequence classifier's head in groups of its own
+    (`head`: True), which train at train.head_lr. Groups keep their depth order, top first."""
     layers = _layer_count(model)
-    groups: dict[tuple[int, bool], list] = {}
+    groups: dict[tuple[int, bool, bool], list] = {}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             level = depth(name, layers) if decay is not None else 0
-            groups.setdefault((level, parameter.ndim >= 2), []).append(parameter)
+            groups.setdefault((level, parameter.ndim >= 2, is_head(name)), []).append(parameter)
     return [
         {
             "params": params,
             "weight_decay": weight_decay if matrix else 0.0,
             "lr_scale": (decay**level) if decay is not None else 1.0,
+            "head": head,
         }
-        for (level, matrix), params in sorted(groups.items(), key=lambda item: (item[0][0], not item[0][1]))
+        for (level, matrix, head), params in sorted(
+            groups.items(), key=lambda item: (item[0][0], not item[0][1], item[0][2])
+        )
     ]
+
+
+def is_head(name: str) -> bool:
+    """Whether parameter `name` belongs to a sequence classifier's output head (also inside a PEFT wrapper, where
+    the trained copy is `...score.modules_to_save.default.weight`)."""
+    return any(part in CLASSIFIER_HEADS for part in name.split("."))
