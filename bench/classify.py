@@ -73,7 +73,9 @@ def write_report(results: list[dict], command: str, cpu: str, output: Path) -> N
         "Task: banking77 (77 intents), trained on the bundled whole training split (examples/banking77-classify.yaml, "
         "the main job) for the same number of optimizer steps of the same batches; scored on the 308 held-out test "
         "messages with a 95% bootstrap interval. `classify` reads a label from the classifier's head; `sft` "
-        "generates it, constrained to the 77 labels. Training time is the training loop's.",
+        "generates it, constrained to the 77 labels. Training time is the training loop's. With full fine-tuning, "
+        "`classify`'s new head trains at train.head_lr (auto: 1e-3) while the body takes 5e-5: at 5e-5 throughout, "
+        "the zero-initialised head barely moved (60.7% [55.8, 66.2] at 2500604, before train.head_lr).",
         "",
         "| method | adapter | steps | accuracy % | macro-F1 % | training time | tokens/s | peak RSS MB |",
         "| --- | --- | ---: | --- | --- | ---: | ---: | ---: |",
