@@ -19,7 +19,7 @@ SOURCE = Path(__file__).resolve().parent.parent / "src"
 LAYERS = [
     {"errors", "tunesmith"},  # tunesmith: the package's __init__ (its __version__)
     {"paths", "allocator", "security"},
-    {"registry"},
+    {"registry", "hardware"},
     {"config"},
     {"rundir"},
     {"data", "models"},

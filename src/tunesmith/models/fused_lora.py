@@ -182,12 +182,19 @@ def _fusable(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
     return name
 
 
+def kernel_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a fused kernel computes `tensor`'s products in: autocast's where it is on for its device (bf16
+    training), else the tensor's own."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
 def _in_compute_dtype(function, tensors: tuple, *options):
     """`function(*tensors, *options)` with the tensors in one dtype: autocast's where it is on (the GEMMs then
     run in it), else their own; None when they differ outside autocast (the caller takes the unfused path)."""
     device = tensors[0].device.type
     if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
+        dtype = kernel_dtype(tensors[0])
         with torch.autocast(device, enabled=False):
             return function(*(t if t is None else t.to(dtype) for t in tensors), *options)
     if len({t.dtype for t in tensors if t is not None}) != 1:

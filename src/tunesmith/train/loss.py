@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.packing import IGNORE, Batch
 from tunesmith.engine.forward import HEAD_CHUNK, decoder_and_head, hidden_states, target_logits
+from tunesmith.models.fused_lora import kernel_dtype
 
 
 @dataclass
@@ -64,18 +65,20 @@ class HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight) if want_weight else None
-        head = weight.to(hidden.dtype)  # one cast for all chunks (a no-op when the dtypes agree)
-        for chunk in head_softmax_chunks(hidden, head, targets):
-            total -= chunk.logprobs.sum()
-            if want_hidden or want_weight:
-                d_logits = chunk.softmax_minus_onehot().to(chunk.hidden.dtype)
-                if want_hidden:
-                    grad_hidden[chunk.rows] = d_logits @ head
-                if want_weight:
-                    grad_weight.addmm_(d_logits.T.to(weight.dtype), chunk.hidden.to(weight.dtype))
+        ctx.hidden_dtype = hidden.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, head = head_operands(hidden, weight)
+            total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+            grad_hidden = torch.empty_like(h) if want_hidden else None
+            grad_weight = torch.zeros_like(weight) if want_weight else None
+            for chunk in head_softmax_chunks(h, head, targets):
+                total -= chunk.logprobs.sum()
+                if want_hidden or want_weight:
+                    d_logits = chunk.softmax_minus_onehot().to(h.dtype)
+                    if want_hidden:
+                        grad_hidden[chunk.rows] = d_logits @ head
+                    if want_weight:  # a trained head's gradient accumulates in its own (master) dtype
+                        grad_weight.addmm_(d_logits.T.to(weight.dtype), chunk.hidden.to(weight.dtype))
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
@@ -83,10 +86,18 @@ class HeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, upstream: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (
-            grad_hidden * upstream.to(grad_hidden.dtype) if grad_hidden is not None else None,
+            (grad_hidden * upstream.to(grad_hidden.dtype)).to(ctx.hidden_dtype) if grad_hidden is not None else None,
             grad_weight * upstream.to(grad_weight.dtype) if grad_weight is not None else None,
             None,
         )
+
+
+def head_operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden and the head's weight in the fused head kernels' compute dtype: autocast's where it is on (so under
+    bf16 training the (tokens x vocab) products run in bf16, and a head stored in bf16 is not copied), else
+    hidden's. Callers run the kernel with autocast off: its dtypes are chosen here, once."""
+    dtype = kernel_dtype(hidden)
+    return hidden.to(dtype), weight.to(dtype)
 
 
 def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:

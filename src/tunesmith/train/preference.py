@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from tunesmith.data.packing import IGNORE, Batch
 from tunesmith.engine.forward import HEAD_CHUNK, decoder_and_head, hidden_states
 from tunesmith.registry import preference_losses
-from tunesmith.train.loss import head_softmax_chunks
+from tunesmith.train.loss import head_operands, head_softmax_chunks
 from tunesmith.train.step import Objective
 
 # (chosen log-ratio, rejected log-ratio, beta, label smoothing) -> loss per pair
@@ -65,22 +65,24 @@ class HeadTokenLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logprobs = torch.empty(
-            targets.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device
-        )
-        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        head = weight.to(hidden.dtype)
-        for chunk in head_softmax_chunks(hidden, head, targets):
-            logprobs[chunk.rows] = chunk.logprobs
-            if grad is not None:
-                grad[chunk.rows] = chunk.softmax_minus_onehot().neg_().to(chunk.hidden.dtype) @ head  # onehot - softmax
+        ctx.hidden_dtype = hidden.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, head = head_operands(hidden, weight)
+            logprobs = torch.empty(targets.shape[0], dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+            grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+            for chunk in head_softmax_chunks(h, head, targets):
+                logprobs[chunk.rows] = chunk.logprobs
+                if grad is not None:
+                    grad[chunk.rows] = chunk.softmax_minus_onehot().neg_().to(h.dtype) @ head  # onehot - softmax
         ctx.save_for_backward(grad)
         return logprobs
 
     @staticmethod
     def backward(ctx, upstream: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return (grad * upstream[:, None].to(grad.dtype) if grad is not None else None), None, None
+        if grad is None:
+            return None, None, None
+        return (grad * upstream[:, None].to(grad.dtype)).to(ctx.hidden_dtype), None, None
 
 
 def _chunk_logprobs(

@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 
 from tunesmith.config.schema import TrainConfig
+from tunesmith.hardware import cpu_bf16
 
 
 def pick_device(config: TrainConfig) -> torch.device:
@@ -20,13 +21,35 @@ def pick_device(config: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The dtype matmuls run in under autocast; None means plain float32 (the CPU default: exact resume)."""
-    if config.dtype == "bfloat16" or (
-        config.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    ):
-        return torch.bfloat16
-    return None
+def compute_dtype(config: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The dtype matmuls run in under autocast (None: plain float32, the exact path) for train.dtype on `device`,
+    and why: auto is bfloat16 on a GPU that supports it and on a CPU that
+    multiplies it natively (hardware.py: its flags, confirmed by a cached timing), else float32 (None)."""
+    if config.dtype != "auto":
+        return (torch.bfloat16 if config.dtype == "bfloat16" else None), f"train.dtype={config.dtype}"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: this GPU supports bfloat16"
+        return None, "auto: this GPU has no bfloat16"
+    support = cpu_bf16()
+    return (torch.bfloat16 if support.native else None), f"auto: {support.reason}"
+
+
+def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Keep `model`'s frozen weight matrices in `dtype` (half float32's RAM for bfloat16), where autocast would
+    cast them at every product anyway. Trainable weights stay float32 (the optimizer's master copies), and so do
+    vectors (norms, biases) and the residual stream: the input embedding's output is cast back to float32, so
+    the sums between layers accumulate in float32. Returns how many tensors changed."""
+    changed = 0
+    for parameter in model.parameters():
+        if not parameter.requires_grad and parameter.ndim >= 2 and parameter.is_floating_point():
+            if parameter.dtype != dtype:
+                parameter.data = parameter.data.to(dtype)
+                changed += 1
+    embedding = model.get_input_embeddings()
+    if embedding.weight.dtype != torch.float32:
+        embedding.register_forward_hook(lambda module, inputs, output: output.float())
+    return changed
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -8,6 +8,7 @@ recipes/sft.py's `train_loop` reads top to bottom with these; the RL loop (train
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +32,7 @@ from tunesmith.train.distributed import ONE_PROCESS, World
 from tunesmith.train.metrics import MetricsLog, Progress
 from tunesmith.train.optim import build_optimizer, build_scheduler
 from tunesmith.train.resume import final_logged_loss, peak_rss_mb, prepare_run_dir, write_summary
-from tunesmith.train.runtime import autocast_dtype, pick_device, seed_everything
+from tunesmith.train.runtime import compute_dtype, pick_device, seed_everything, store_frozen_in
 from tunesmith.train.step import TOKEN_LOSS, Objective, StepResult, evaluate_loss
 
 
@@ -99,9 +100,16 @@ def open_session(
         check(world)
     resume_from = prepare_run_dir(config, write=world.main)
     seed_everything(train.seed, train.threads)
-    amp_dtype = autocast_dtype(train, device)
+    amp_dtype, why = compute_dtype(train, device)
+    if world.main:
+        print(
+            f"dtype: {'float32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.')} ({why})",
+            file=sys.stderr,
+        )
     model = build_model(config, device, num_labels)
     counts = parameter_counts(model)
+    if amp_dtype is not None and not world.distributed:  # FSDP keeps its own copies in the compute dtype
+        store_frozen_in(model, amp_dtype)
     trained = extend(model, device) if extend is not None else model
     if train.gradient_checkpointing:
         enable_gradient_checkpointing(model, train.gradient_checkpointing)

@@ -1,0 +1,132 @@
+"""What this machine's processor multiplies fast: whether bfloat16 matrix products are native on its CPU.
+
+Recent CPUs multiply bf16 in hardware: Intel AMX (`amx_bf16`) and AVX512-BF16 (`avx512_bf16`, also AMD Zen 4/5),
+and Arm's BF16 extension (`bf16` in /proc/cpuinfo's Features). Elsewhere PyTorch emulates bf16, which is slower
+than float32 and must never be chosen. So a CPU counts as native only when its flags name one of these and a
+timed matmul confirms it: bf16 at least MIN_SPEEDUP times float32's speed. The timing (about a tenth of a second)
+is cached per machine in `$TUNESMITH_HOME/hardware.json`, keyed by the processor's name, its bf16 flags and the
+torch version, so a changed machine or library is measured again. It runs on one thread: the per-core ratio is
+the processor's, where a multi-threaded timing would also measure whatever else the machine is running.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunesmith import paths
+from tunesmith.errors import UserError
+
+BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # Intel AMX, AVX512-BF16 (Intel, AMD), Arm FEAT_BF16
+MIN_SPEEDUP = 1.3  # bf16 must beat float32 by this much to be worth its rounding
+MATMUL_SIZE = 512  # big enough for the kernels' steady state (measured: 1.6 ms a product in fp32 on one core)
+CACHE_FILE = "hardware.json"
+
+
+@dataclass(frozen=True)
+class Bf16Support:
+    native: bool
+    reason: str  # what was found, for the line a run prints
+
+
+def cpu_bf16() -> Bf16Support:
+    """Whether this CPU multiplies bf16 natively, with the evidence: its flags, then a cached timing."""
+    found = [flag for flag in BF16_FLAGS if flag in cpu_flags()]
+    if not found:
+        return Bf16Support(False, "no bf16 instructions in the CPU flags (amx_bf16, avx512_bf16 or Arm bf16)")
+    key = machine_key(found)
+    cache = paths.home() / CACHE_FILE
+    known = read_cache(cache)
+    speedup = known.get(key, {}).get("bf16_speedup")
+    origin = "cached"
+    if not isinstance(speedup, (int, float)):
+        speedup, origin = matmul_speedup(), "measured"
+        known[key] = {"bf16_speedup": speedup, "cpu": processor_name(), "flags": found}
+        write_cache(cache, known)
+    flags = ", ".join(found)
+    timing = f"a {MATMUL_SIZE}x{MATMUL_SIZE} bf16 matmul runs at {speedup:.1f}x float32's speed ({origin})"
+    if speedup < MIN_SPEEDUP:
+        return Bf16Support(False, f"{flags} in the CPU flags, but {timing}, under {MIN_SPEEDUP}x")
+    return Bf16Support(True, f"{flags} in the CPU flags; {timing}")
+
+
+@functools.cache
+def cpuinfo() -> str:
+    """/proc/cpuinfo's text; empty where there is none (macOS, Windows: bf16 is then never assumed)."""
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def cpu_flags(text: str | None = None) -> set[str]:
+    """The CPU's feature flags (x86 `flags`, Arm `Features`) from cpuinfo `text`, this machine's by default."""
+    for line in (cpuinfo() if text is None else text).splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def processor_name() -> str:
+    for line in cpuinfo().splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("model name", "CPU part"):
+            return value.strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_key(flags: list[str]) -> str:
+    import torch
+
+    text = json.dumps([processor_name(), sorted(flags), torch.__version__])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def matmul_speedup(repeats: int = 5) -> float:
+    """float32's best time over bf16's for one MATMUL_SIZE-square product on one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            generator = torch.Generator().manual_seed(0)
+            a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE, generator=generator).to(dtype) for _ in range(2))
+            a @ b  # the first call picks and warms the kernel
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                a @ b
+                times.append(time.perf_counter() - start)
+            best[dtype] = min(times)
+        return best[torch.float32] / best[torch.bfloat16]
+    finally:
+        torch.set_num_threads(before)
+
+
+def read_cache(path: Path) -> dict:
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # missing or damaged: measure again
+    return known if isinstance(known, dict) else {}
+
+
+def write_cache(path: Path, known: dict) -> None:
+    """Write through a temporary file, so a reader never sees half of it; an unwritable home only costs a
+    timing next time."""
+    try:
+        paths.make_private(path.parent, directory=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(json.dumps(known, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(temporary, path)
+    except (OSError, UserError):
+        pass

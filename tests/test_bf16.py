@@ -1,0 +1,166 @@
+"""bfloat16 on a CPU: chosen only where the processor multiplies it natively (flags, confirmed by a cached timing),
+frozen weight matrices stored in it, trainable weights and the residual stream kept in float32, the fused head
+kernels computing in it as the unfused bf16 reference does, and a bf16 run that learns and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_training import make_config, metric_lines, run, straight_and_resumed
+
+from tunesmith import hardware
+from tunesmith.config.schema import AdapterConfig, TrainConfig
+from tunesmith.models import load_model
+from tunesmith.models.adapters import apply_adapter
+from tunesmith.train.loss import HeadCrossEntropy
+from tunesmith.train.preference import HeadTokenLogProbs
+from tunesmith.train.runtime import compute_dtype, store_frozen_in
+
+X86 = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\nCPU part\t: 0xd4f\n"
+
+
+def test_flags_are_read_from_x86_and_arm_cpuinfo():
+    assert {"avx512_bf16", "amx_tile"} <= hardware.cpu_flags(X86)
+    assert "bf16" in hardware.cpu_flags(ARM)
+    assert hardware.cpu_flags("processor\t: 0\n") == set()
+
+
+@pytest.fixture
+def machine(monkeypatch, tmp_path):
+    """A machine whose flags and matmul timing the test sets, in a home with no cached timing; `timings` counts
+    the timings run."""
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "bf16-home"))
+    state = {"flags": {"avx512_bf16"}, "speedup": 2.2, "timings": 0}
+
+    def timed() -> float:
+        state["timings"] += 1
+        return state["speedup"]
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda text=None: state["flags"])
+    monkeypatch.setattr(hardware, "matmul_speedup", timed)
+    return state
+
+
+def test_a_cpu_without_bf16_flags_is_never_timed_or_chosen(machine):
+    machine["flags"] = {"avx2", "fma"}
+    support = hardware.cpu_bf16()
+    assert not support.native and "no bf16 instructions" in support.reason and machine["timings"] == 0
+    assert compute_dtype(TrainConfig(), torch.device("cpu")) == (None, f"auto: {support.reason}")
+
+
+def test_emulated_bf16_slower_than_float32_is_refused_despite_its_flag(machine):
+    machine["speedup"] = 0.6
+    support = hardware.cpu_bf16()
+    assert not support.native and "0.6x float32's speed" in support.reason
+    assert compute_dtype(TrainConfig(), torch.device("cpu"))[0] is None
+
+
+def test_native_bf16_is_chosen_and_its_timing_is_cached_per_machine(machine, monkeypatch):
+    dtype, why = compute_dtype(TrainConfig(), torch.device("cpu"))
+    assert dtype == torch.bfloat16 and "avx512_bf16" in why and "2.2x" in why and "(measured)" in why
+    assert "(cached)" in hardware.cpu_bf16().reason and machine["timings"] == 1
+    monkeypatch.setattr(hardware, "processor_name", lambda: "another processor")  # a changed machine: timed again
+    assert hardware.cpu_bf16().native and machine["timings"] == 2
+    assert compute_dtype(TrainConfig(dtype="float32"), torch.device("cpu")) == (None, "train.dtype=float32")
+    assert machine["timings"] == 2, "an explicit dtype times nothing"
+
+
+def test_a_damaged_cache_is_measured_again(machine, tmp_path):
+    cache = tmp_path / "bf16-home" / hardware.CACHE_FILE
+    cache.parent.mkdir()
+    cache.write_text("{not json")
+    assert hardware.cpu_bf16().native and machine["timings"] == 1
+    assert len(json.loads(cache.read_text())) == 1
+
+
+def test_the_real_timing_compares_both_dtypes():
+    assert hardware.matmul_speedup(repeats=2) > 0
+
+
+def test_frozen_matrices_go_bf16_while_trainable_weights_norms_and_the_residual_stay_float32(tiny_model):
+    model = apply_adapter(load_model(str(tiny_model))[0], AdapterConfig(type="lora", r=4, alpha=8))
+    assert store_frozen_in(model, torch.bfloat16) > 0
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.dtype == torch.float32, name
+        elif parameter.ndim >= 2:
+            assert parameter.dtype == torch.bfloat16, name
+        else:
+            assert parameter.dtype == torch.float32, name  # norms
+    embedded = model.get_input_embeddings()(torch.tensor([[1, 2, 3]]))
+    assert embedded.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def head_case(weight_dtype: torch.dtype, trained: bool):
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 32, generator=generator, requires_grad=True)
+    weight = (torch.randn(50, 32, generator=generator) * 0.3).to(weight_dtype).requires_grad_(trained)
+    targets = torch.randint(0, 50, (300,), generator=generator)
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("weight_dtype, trained", [(torch.bfloat16, False), (torch.float32, True)])
+def test_head_cross_entropy_in_bf16_matches_the_unfused_bf16_reference(weight_dtype, trained):
+    """Tolerance: bf16 products (8 bits of mantissa) summed in fp32: 1e-3 relative on the loss, and gradients
+    within 2% of their scale."""
+    hidden, weight, targets = head_case(weight_dtype, trained)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = HeadCrossEntropy.apply(hidden, weight, targets)
+    fused.backward()
+    grads = hidden.grad.clone(), weight.grad.clone() if trained else None
+    hidden.grad = None
+    weight.grad = None
+    reference_logits = (hidden.to(torch.bfloat16) @ weight.to(torch.bfloat16).T).float()
+    reference = F.cross_entropy(reference_logits, targets, reduction="sum")
+    reference.backward()
+    assert fused.dtype == torch.float32 and hidden.grad.dtype == grads[0].dtype == torch.float32
+    torch.testing.assert_close(fused, reference, rtol=1e-3, atol=0)
+    scale = hidden.grad.abs().max()
+    torch.testing.assert_close(grads[0], hidden.grad, rtol=0, atol=0.02 * float(scale))
+    if trained:
+        torch.testing.assert_close(grads[1], weight.grad, rtol=0, atol=0.02 * float(weight.grad.abs().max()))
+
+
+def test_head_token_logprobs_in_bf16_match_the_unfused_bf16_reference():
+    """Tolerance: each log-probability within bf16 rounding of its logits; their sum and the gradient as above."""
+    hidden, weight, targets = head_case(torch.bfloat16, False)
+    upstream = torch.randn(targets.shape[0], generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = HeadTokenLogProbs.apply(hidden, weight, targets)
+    (fused * upstream).sum().backward()
+    fused_grad, hidden.grad = hidden.grad.clone(), None
+    reference = -F.cross_entropy((hidden.to(torch.bfloat16) @ weight.T).float(), targets, reduction="none")
+    (reference * upstream).sum().backward()
+    assert fused.dtype == torch.float32
+    # per token, a logit's bf16 rounding (2^-8 of logits up to ~5) moves a log-probability by up to ~0.02
+    torch.testing.assert_close(fused, reference, rtol=0, atol=0.04)
+    torch.testing.assert_close(fused.sum(), reference.sum(), rtol=1e-3, atol=0)
+    torch.testing.assert_close(fused_grad, hidden.grad, rtol=0, atol=0.02 * float(hidden.grad.abs().max()))
+
+
+def test_a_bf16_lora_run_learns_prints_its_dtype_and_resumes_bit_identically(
+    tmp_path, tiny_model, chat_rows, monkeypatch, capsys
+):
+    overrides = ("train.dtype=bfloat16", "train.max_steps=6", "train.batch_size=2")
+    straight, resumed = straight_and_resumed(tmp_path, tiny_model, chat_rows, overrides, 3, monkeypatch)
+    assert "dtype: bfloat16 (train.dtype=bfloat16)" in capsys.readouterr().err
+    losses = metric_lines(straight.output_dir)
+    assert losses == metric_lines(resumed.output_dir)
+    assert losses[-1][1] < losses[0][1]
+
+
+def test_float32_stays_the_exact_path(tmp_path, tiny_model, chat_rows, capsys):
+    """The same run in float32 and bf16 differ (so bf16 really ran), and auto on this test home is float32."""
+    fp32 = make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=3", name="fp32")
+    bf16 = make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=3", "train.dtype=bfloat16", name="bf16")
+    run(fp32)
+    assert "dtype: float32 (auto: " in capsys.readouterr().err
+    run(bf16)
+    assert metric_lines(fp32.output_dir) != metric_lines(bf16.output_dir)
