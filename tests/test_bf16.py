@@ -12,12 +12,11 @@ import torch.nn.functional as F
 from test_training import make_config, metric_lines, run, straight_and_resumed
 
 from tunesmith import hardware
-from tunesmith.config.schema import AdapterConfig, TrainConfig
-from tunesmith.models import load_model
-from tunesmith.models.adapters import apply_adapter
+from tunesmith.config.schema import TrainConfig
 from tunesmith.train.loss import HeadCrossEntropy
 from tunesmith.train.preference import HeadTokenLogProbs
-from tunesmith.train.runtime import compute_dtype, store_frozen_in
+from tunesmith.train.runtime import compute_dtype
+from tunesmith.train.session import build_model
 
 X86 = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n"
 ARM = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\nCPU part\t: 0xd4f\n"
@@ -81,21 +80,25 @@ def test_the_real_timing_compares_both_dtypes():
     assert hardware.matmul_speedup(repeats=2) > 0
 
 
-def test_frozen_matrices_go_bf16_while_trainable_weights_norms_and_the_residual_stay_float32(tiny_model):
-    model = apply_adapter(load_model(str(tiny_model))[0], AdapterConfig(type="lora", r=4, alpha=8))
-    assert store_frozen_in(model, torch.bfloat16) > 0
+@pytest.mark.parametrize("adapter, method", [("lora", "sft"), ("lora", "classify"), ("full", "sft")])
+def test_frozen_matrices_go_bf16_while_trainable_weights_norms_and_the_residual_stay_float32(
+    tmp_path, tiny_model, chat_rows, adapter, method
+):
+    config = make_config(tmp_path, tiny_model, chat_rows, f"adapter.type={adapter}", f"method={method}")
+    model = build_model(config, torch.device("cpu"), 3 if method == "classify" else None, torch.bfloat16)
+    dtypes = {name: parameter.dtype for name, parameter in model.named_parameters()}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            assert parameter.dtype == torch.float32, name
+            assert parameter.dtype == torch.float32, name  # master copies: LoRA, the new head, full weights
         elif parameter.ndim >= 2:
             assert parameter.dtype == torch.bfloat16, name
         else:
             assert parameter.dtype == torch.float32, name  # norms
-    embedded = model.get_input_embeddings()(torch.tensor([[1, 2, 3]]))
-    assert embedded.dtype == torch.float32
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
-    assert torch.isfinite(logits).all()
+    if adapter == "lora":
+        assert torch.bfloat16 in dtypes.values() and any("score" in name for name in dtypes) == (method == "classify")
+    assert model.get_input_embeddings()(torch.tensor([[1, 2, 3]])).dtype == torch.float32
+    output = model(input_ids=torch.tensor([[1, 2, 3, 4]]))  # no autocast here: the model enters it itself
+    assert torch.isfinite(output.logits).all()
 
 
 def head_case(weight_dtype: torch.dtype, trained: bool):
@@ -164,3 +167,30 @@ def test_float32_stays_the_exact_path(tmp_path, tiny_model, chat_rows, capsys):
     assert "dtype: float32 (auto: " in capsys.readouterr().err
     run(bf16)
     assert metric_lines(fp32.output_dir) != metric_lines(bf16.output_dir)
+
+
+def test_fused_lora_and_gated_mlp_in_bf16_match_peft_unfused_in_bf16(tiny_model):
+    """The fused LoRA linear and GatedDown over a base stored in bf16, against PEFT's unfused layers over the same
+    weights, both under bf16 autocast. Tolerance: both round every product to bf16 (8 mantissa bits) in different
+    orders; the loss within 1%, each LoRA gradient within 5% of its largest entry."""
+    from test_fused_lora import lora_pair
+
+    from tunesmith.train.runtime import store_frozen_in
+
+    fused, plain = lora_pair(tiny_model)
+    for model in (fused, plain):
+        store_frozen_in(model, torch.bfloat16)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    results = []
+    for model in (fused, plain):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_f, grads_f), (loss_p, grads_p) = results
+    torch.testing.assert_close(loss_f, loss_p, rtol=0.01, atol=0)
+    assert grads_f.keys() == grads_p.keys() and any("down_proj" in name for name in grads_f)
+    for name, grad in grads_p.items():
+        assert grads_f[name].dtype == torch.float32, name
+        torch.testing.assert_close(grads_f[name], grad, rtol=0, atol=0.05 * float(grad.abs().max()), msg=name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -37,19 +38,44 @@ def compute_dtype(config: TrainConfig, device: torch.device) -> tuple[torch.dtyp
 
 def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """Keep `model`'s frozen weight matrices in `dtype` (half float32's RAM for bfloat16), where autocast would
-    cast them at every product anyway. Trainable weights stay float32 (the optimizer's master copies), and so do
-    vectors (norms, biases) and the residual stream: the input embedding's output is cast back to float32, so
-    the sums between layers accumulate in float32. Returns how many tensors changed."""
+    cast them at every product anyway, and everything else in float32: trainable weights (the optimizer's master
+    copies: a base loaded in `dtype` gives PEFT's new weights and a classifier's head its dtype) and vectors
+    (norms, biases: a few kilobytes). The residual stream stays float32 too: the input embedding's output is cast back to it, so
+    the sums between layers accumulate in float32. Returns how many tensors changed dtype."""
     changed = 0
     for parameter in model.parameters():
-        if not parameter.requires_grad and parameter.ndim >= 2 and parameter.is_floating_point():
-            if parameter.dtype != dtype:
-                parameter.data = parameter.data.to(dtype)
-                changed += 1
+        if not parameter.is_floating_point():
+            continue  # 4-bit weights (QLoRA)
+        wanted = dtype if parameter.ndim >= 2 and not parameter.requires_grad else torch.float32
+        if parameter.dtype != wanted:
+            parameter.data = parameter.data.to(wanted)
+            changed += 1
     embedding = model.get_input_embeddings()
     if embedding.weight.dtype != torch.float32:
         embedding.register_forward_hook(lambda module, inputs, output: output.float())
+    compute_in(model, dtype)
     return changed
+
+
+def compute_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Run every entry into `model` (the whole model, its decoder, its output head: what generation, scoring,
+    in-training evaluation and the losses call) under autocast to `dtype`, so weights stored in it meet inputs
+    in it wherever the model is called from, not only inside the training step."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    entries = [base, base.get_decoder() if hasattr(base, "get_decoder") else None, base.get_output_embeddings()]
+    for module in entries:
+        if module is not None and "forward" not in module.__dict__:
+            module.forward = _under_autocast(module.forward, dtype)
+
+
+def _under_autocast(forward, dtype: torch.dtype):
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        device = next(forward.__self__.parameters()).device.type
+        with torch.autocast(device, dtype=dtype):
+            return forward(*args, **kwargs)
+
+    return run
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

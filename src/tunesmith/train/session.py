@@ -106,10 +106,8 @@ def open_session(
             f"dtype: {'float32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.')} ({why})",
             file=sys.stderr,
         )
-    model = build_model(config, device, num_labels)
+    model = build_model(config, device, num_labels, amp_dtype if not world.distributed else None)
     counts = parameter_counts(model)
-    if amp_dtype is not None and not world.distributed:  # FSDP keeps its own copies in the compute dtype
-        store_frozen_in(model, amp_dtype)
     trained = extend(model, device) if extend is not None else model
     if train.gradient_checkpointing:
         enable_gradient_checkpointing(model, train.gradient_checkpointing)
@@ -203,12 +201,21 @@ def check_classifier_settings(config: Config, model_kind: str, logged: str) -> N
         raise UserError(f"method {config.method}: the config has problems", problems)
 
 
-def build_model(config: Config, device: torch.device, num_labels: int | None = None) -> torch.nn.Module:
+def build_model(
+    config: Config, device: torch.device, num_labels: int | None = None, dtype: torch.dtype | None = None
+) -> torch.nn.Module:
     """The model to train, on `device`: the base (QLoRA: 4-bit, placed as it loads) with the adapter applied;
-    with `num_labels`, the base as a sequence classifier with that many outputs."""
+    with `num_labels`, the base as a sequence classifier with that many outputs. With a compute `dtype` (bf16
+    training on one process; FSDP keeps its own copies), the frozen weight matrices are stored in it and the
+    trainable ones in float32 (store_frozen_in); a base the adapter leaves frozen loads in `dtype` directly, so
+    no float32 copy of it ever exists."""
     quantized = load_options(config.adapter.type)
-    model, _ = load_model(config.model, device=device, num_labels=num_labels, **quantized)
+    trains_base = output_name(config.adapter.type) == "model"  # full, freeze: the base's own weights train
+    stored = dtype if dtype is not None and not trains_base else torch.float32
+    model, _ = load_model(config.model, device=device, num_labels=num_labels, dtype=stored, **quantized)
     model = apply_adapter(model, config.adapter)
+    if dtype is not None:
+        store_frozen_in(model, dtype)
     return model if quantized else model.to(device)
 
 
