@@ -13,6 +13,7 @@ from test_training import make_config, metric_lines, run, straight_and_resumed
 
 from tunesmith import hardware
 from tunesmith.config.schema import TrainConfig
+from tunesmith.train import runtime
 from tunesmith.train.loss import HeadCrossEntropy
 from tunesmith.train.preference import HeadTokenLogProbs
 from tunesmith.train.runtime import compute_dtype
@@ -60,8 +61,11 @@ def test_emulated_bf16_slower_than_float32_is_refused_despite_its_flag(machine):
 
 def test_native_bf16_is_chosen_and_its_timing_is_cached_per_machine(machine, monkeypatch):
     dtype, why = compute_dtype(TrainConfig(), torch.device("cpu"))
-    assert dtype == torch.bfloat16 and "avx512_bf16" in why and "2.2x" in why and "(measured)" in why
-    assert "(cached)" in hardware.cpu_bf16().reason and machine["timings"] == 1
+    assert dtype is None and "train.dtype=bfloat16 uses it" in why and "(measured)" in why  # until CPU_AUTO_BF16
+    monkeypatch.setattr(runtime, "CPU_AUTO_BF16", True)
+    dtype, why = compute_dtype(TrainConfig(), torch.device("cpu"))
+    assert dtype == torch.bfloat16 and "avx512_bf16" in why and "2.2x" in why and "(cached)" in why
+    assert machine["timings"] == 1
     monkeypatch.setattr(hardware, "processor_name", lambda: "another processor")  # a changed machine: timed again
     assert hardware.cpu_bf16().native and machine["timings"] == 2
     assert compute_dtype(TrainConfig(dtype="float32"), torch.device("cpu")) == (None, "train.dtype=float32")
