@@ -11,8 +11,6 @@ from typing import Iterator
 import pytest
 import torch
 
-from tunesmith import hardware
-
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
@@ -153,15 +151,8 @@ def chat_rows() -> list[dict]:
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
-    """Every test gets its own $TUNESMITH_HOME and no hub access. Its hardware cache records this CPU's bf16 as
-    not worth using, so train.dtype auto is float32 (the exact path the tests compare against) on every machine,
-    in subprocesses too; the bf16 tests ask for bfloat16, and tests/test_bf16.py measures in a home of its own."""
-    home = tmp_path / "home"
-    monkeypatch.setenv("TUNESMITH_HOME", str(home))
-    flags = [flag for flag in hardware.BF16_FLAGS if flag in hardware.cpu_flags()]
-    if flags:
-        home.mkdir(mode=0o700)
-        (home / hardware.CACHE_FILE).write_text(json.dumps({hardware.machine_key(flags): {"bf16_speedup": 0.0}}))
+    """Every test gets its own $TUNESMITH_HOME and no hub access."""
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     # A service's default job scratch is on /dev/shm: tests keep theirs (and what a test leaves) under tmp_path.

@@ -42,6 +42,7 @@ def machine(monkeypatch, tmp_path):
 
     monkeypatch.setattr(hardware, "cpu_flags", lambda text=None: state["flags"])
     monkeypatch.setattr(hardware, "matmul_speedup", timed)
+    monkeypatch.setattr(runtime, "CPU_AUTO_BF16", True)
     return state
 
 
@@ -60,12 +61,13 @@ def test_emulated_bf16_slower_than_float32_is_refused_despite_its_flag(machine):
 
 
 def test_native_bf16_is_chosen_and_its_timing_is_cached_per_machine(machine, monkeypatch):
+    monkeypatch.setattr(runtime, "CPU_AUTO_BF16", False)
     dtype, why = compute_dtype(TrainConfig(), torch.device("cpu"))
-    assert dtype is None and "train.dtype=bfloat16 uses it" in why and "(measured)" in why  # until CPU_AUTO_BF16
+    assert dtype is None and "flags name avx512_bf16" in why and machine["timings"] == 0  # until CPU_AUTO_BF16
     monkeypatch.setattr(runtime, "CPU_AUTO_BF16", True)
     dtype, why = compute_dtype(TrainConfig(), torch.device("cpu"))
-    assert dtype == torch.bfloat16 and "avx512_bf16" in why and "2.2x" in why and "(cached)" in why
-    assert machine["timings"] == 1
+    assert dtype == torch.bfloat16 and "avx512_bf16" in why and "2.2x" in why and "(measured)" in why
+    assert "(cached)" in hardware.cpu_bf16().reason and machine["timings"] == 1
     monkeypatch.setattr(hardware, "processor_name", lambda: "another processor")  # a changed machine: timed again
     assert hardware.cpu_bf16().native and machine["timings"] == 2
     assert compute_dtype(TrainConfig(dtype="float32"), torch.device("cpu")) == (None, "train.dtype=float32")

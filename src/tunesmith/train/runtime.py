@@ -11,8 +11,8 @@ from typing import Iterator
 
 import torch
 
+from tunesmith import hardware
 from tunesmith.config.schema import TrainConfig
-from tunesmith.hardware import cpu_bf16
 
 
 def pick_device(config: TrainConfig) -> torch.device:
@@ -37,9 +37,11 @@ def compute_dtype(config: TrainConfig, device: torch.device) -> tuple[torch.dtyp
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "auto: this GPU supports bfloat16"
         return None, "auto: this GPU has no bfloat16"
-    support = cpu_bf16()
-    if support.native and not CPU_AUTO_BF16:
-        return None, f"auto: float32 on a CPU for now; {support.reason}: train.dtype=bfloat16 uses it"
+    if not CPU_AUTO_BF16:
+        flags = [flag for flag in hardware.BF16_FLAGS if flag in hardware.cpu_flags()]
+        hint = f"; this CPU's flags name {', '.join(flags)}: train.dtype=bfloat16 may be faster" if flags else ""
+        return None, f"auto: float32 on a CPU{hint}"
+    support = hardware.cpu_bf16()
     return (torch.bfloat16 if support.native else None), f"auto: {support.reason}"
 
 
