@@ -26,7 +26,7 @@ import torch
 from tunesmith.config.schema import AdapterConfig, Config
 from tunesmith.errors import UserError
 from tunesmith.models.fused_lora import fuse_gated_mlps, fuse_lora_layers
-from tunesmith.models.loading import CLASSIFIER_HEADS
+from tunesmith.models.loading import is_head
 from tunesmith.registry import adapters
 from tunesmith.rundir import read_weights
 
@@ -170,7 +170,7 @@ def apply_freeze(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Modu
     and a sequence classifier's new head."""
     chosen = trainable_by_choice(model, config)
     if is_sequence_classifier(model):
-        chosen |= {name for name, _ in model.named_parameters() if name.split(".")[0] in CLASSIFIER_HEADS}
+        chosen |= {name for name, _ in model.named_parameters() if is_head(name)}
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in chosen)
     return model

@@ -33,6 +33,12 @@ CLASSIFIER_HEADS = ("score", "classifier")
 _GGUF_HASH_PREFIX_LENGTH = 16
 
 
+def is_head(name: str) -> bool:
+    """Whether parameter `name` belongs to a sequence classifier's output head (also inside a PEFT wrapper, where
+    the trained copy is `...score.modules_to_save.default.weight`)."""
+    return any(part in CLASSIFIER_HEADS for part in name.split("."))
+
+
 def resolve_model(spec: str | Path) -> Path:
     """The local transformers directory that `spec` (the config's `model:` value) stands for."""
     text = str(spec).strip()
@@ -207,7 +213,7 @@ def load_model(
     if num_labels is not None:
         model, info = model
         for name, parameter in model.named_parameters():
-            if name in info["missing_keys"] and name.split(".")[0] in CLASSIFIER_HEADS:
+            if name in info["missing_keys"] and is_head(name):
                 parameter.detach().zero_()
     if quantization is None:
         model.to(device)

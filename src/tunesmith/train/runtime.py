@@ -45,25 +45,22 @@ def compute_dtype(config: TrainConfig, device: torch.device) -> tuple[torch.dtyp
     return (torch.bfloat16 if support.native else None), f"auto: {support.reason}"
 
 
-def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
+def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Keep `model`'s frozen weight matrices in `dtype` (half float32's RAM for bfloat16), where autocast would
     cast them at every product anyway, and everything else in float32: trainable weights (the optimizer's master
     copies: a base loaded in `dtype` gives PEFT's new weights and a classifier's head its dtype) and vectors
     (norms, biases: a few kilobytes). The residual stream stays float32 too: the input embedding's output is cast
-    back to it, so the sums between layers accumulate in float32. Returns how many tensors changed dtype."""
-    changed = 0
+    back to it, so the sums between layers accumulate in float32."""
     for parameter in model.parameters():
         if not parameter.is_floating_point():
             continue  # 4-bit weights (QLoRA)
         wanted = dtype if parameter.ndim >= 2 and not parameter.requires_grad else torch.float32
         if parameter.dtype != wanted:
             parameter.data = parameter.data.to(wanted)
-            changed += 1
     embedding = model.get_input_embeddings()
     if embedding.weight.dtype != torch.float32:
         embedding.register_forward_hook(lambda module, inputs, output: output.float())
     compute_in(model, dtype)
-    return changed
 
 
 def compute_in(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -13,7 +13,7 @@ import re
 import torch
 
 from tunesmith.config.schema import RegularizationConfig, UnfreezeConfig
-from tunesmith.models.loading import CLASSIFIER_HEADS
+from tunesmith.models.loading import is_head
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 EMBEDDING = re.compile(r"embed_tokens|wte|word_embeddings|prompt_encoder")
@@ -150,9 +150,3 @@ def layer_lr_groups(model: torch.nn.Module, weight_decay: float, decay: float | 
             groups.items(), key=lambda item: (item[0][0], not item[0][1], item[0][2])
         )
     ]
-
-
-def is_head(name: str) -> bool:
-    """Whether parameter `name` belongs to a sequence classifier's output head (also inside a PEFT wrapper, where
-    the trained copy is `...score.modules_to_save.default.weight`)."""
-    return any(part in CLASSIFIER_HEADS for part in name.split("."))
