@@ -1,8 +1,10 @@
-"""`tunesmith bench`: tunesmith and its peer (TRL SFTTrainer + PEFT) side by side, in one invocation.
+"""`tunesmith bench`: tunesmith and its peers (TRL SFTTrainer + PEFT, Unsloth's CPU backend) side by side, in one
+invocation.
 
 Every engine runs in its own process (so peak RSS is its own) on the same model, LoRA config, token
-batches, sequence length, batch size, dtype (fp32) and step count. The fp32 matmul peak is measured in
-the same run, because this machine is shared and noisy: only ratios within one run mean anything.
+batches, sequence length, batch size and step count, each in the dtype it picks on this CPU. The fp32 and bf16
+matmul peaks are measured in the same run, because this machine is shared and noisy: only ratios within one run
+mean anything.
 
     python bench/run.py [--scenario mixed] [--steps 8] [--output bench/results.json]
 
@@ -30,11 +32,12 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 GEMM rate of this process's threads: the ceiling MFU is measured against."""
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """Best GEMM rate of this process's threads in `dtype`: the ceiling an engine computing in it is measured
+    against."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = (torch.randn(size, size).to(getattr(torch, dtype)) for _ in range(2))
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -148,12 +151,37 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+# Unsloth pins transformers <= 5.17 and tunesmith needs >= 5.25, so it cannot share tunesmith's environment: its
+# engines run in a virtual environment of their own (bench/unsloth-requirements.txt; BENCHMARKS.md says how).
+UNSLOTH_PYTHON = Path(
+    os.environ.get("BENCH_UNSLOTH_PYTHON", Path.home() / ".cache" / "tunesmith-bench" / "unsloth" / "bin" / "python")
+)
+UNSLOTH_ENV = {"UNSLOTH_FORCE_CPU": "1", "UNSLOTH_SKIP_TORCHVISION_CHECK": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def worker_command(engine: str) -> tuple[list[str], dict[str, str]] | str:
+    """The interpreter and environment an engine's worker runs with, or why it cannot run here."""
+    if not engine.startswith("unsloth"):
+        return [sys.executable], {}
+    if not UNSLOTH_PYTHON.exists():
+        return (
+            f"no Unsloth environment at {UNSLOTH_PYTHON}: python -m venv ~/.cache/tunesmith-bench/unsloth && "
+            "~/.cache/tunesmith-bench/unsloth/bin/pip install -r bench/unsloth-requirements.txt "
+            "(or set BENCH_UNSLOTH_PYTHON)"
+        )
+    return [str(UNSLOTH_PYTHON)], UNSLOTH_ENV
+
+
 def run_worker(engine: str, spec_path: Path, rss_limit_mb: float | None = None) -> dict:
     """One engine in its own process; with `rss_limit_mb`, it is killed the moment its RSS passes the limit."""
-    command = [sys.executable, str(HERE / "workers.py"), engine, str(spec_path)]
+    interpreter = worker_command(engine)
+    if isinstance(interpreter, str):
+        return {"engine": engine, "skipped": interpreter}
+    python, extra_env = interpreter
+    command = [*python, str(HERE / "workers.py"), engine, str(spec_path)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen(
-            command, stdout=out, stderr=err, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+            command, stdout=out, stderr=err, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", **extra_env}
         )
         over = False
         while process.poll() is None:
@@ -226,23 +254,24 @@ def run_scenario(
         peer_best=peer_best or {},
         kind=kind,
     )
-    peak = matmul_peak_gflops()
+    dtypes = ("float32", "bfloat16")
+    peaks = {dtype: matmul_peak_gflops(dtype=dtype) for dtype in dtypes}
     sequences = [side for row in rows for side in row["sides"]] if kind == "dpo" else rows
     flops = useful_flops_per_token(model_dir, sequences, adapter, reference_forward=kind == "dpo")
     results = [run_worker(engine, spec_path) for engine in engines]
     # Measured again after the engines, keeping the best: a neighbour's burst during one measurement would
     # otherwise understate the ceiling and flatter every MFU of the scenario.
-    peak = max(peak, matmul_peak_gflops())
+    peaks = {dtype: max(peaks[dtype], matmul_peak_gflops(dtype=dtype)) for dtype in dtypes}
     for result in results:
-        if "tokens_per_s" in result:
-            result["mfu"] = result["tokens_per_s"] * flops / (peak * 1e9)
+        if "tokens_per_s" in result:  # against the peak of the dtype the engine's products run in
+            result["mfu"] = result["tokens_per_s"] * flops / (peaks[result.get("dtype", "float32")] * 1e9)
     lengths = [len(row["input_ids"]) for row in rows]
     compared = [
         ratios(results, ours, peer)
         for ours in engines
         if ours.startswith("tunesmith")
         for peer in engines
-        if peer.startswith("trl")
+        if not peer.startswith("tunesmith")
     ]
     return {
         "scenario": name,
@@ -256,7 +285,8 @@ def run_scenario(
         "mean_length": sum(lengths) / len(lengths),
         "min_length": min(lengths),
         "max_length": max(lengths),
-        "matmul_peak_gflops": peak,
+        "matmul_peak_gflops": peaks["float32"],
+        "matmul_peak_gflops_bf16": peaks["bfloat16"],
         "useful_gflops_per_token": flops / 1e9,
         "results": results,
         "ratios": [r for r in compared if r],
@@ -264,10 +294,15 @@ def run_scenario(
 
 
 def write_spec(workdir: Path, name: str, rows: list[dict], **spec) -> Path:
+    """The spec a worker reads, with the model's directory resolved (a peer in its own environment has no tunesmith
+    to resolve a built-in name)."""
+    from tunesmith.models import resolve_model
+
     batches = workdir / f"{name}.jsonl"
     batches.write_text("".join(json.dumps(row) + "\n" for row in rows))
     spec_path = workdir / f"{name}.json"
-    spec_path.write_text(json.dumps({**spec, "batches": str(batches)}))
+    model_dir = str(resolve_model(spec["model"]))
+    spec_path.write_text(json.dumps({**spec, "model_dir": model_dir, "batches": str(batches)}))
     return spec_path
 
 
@@ -330,7 +365,18 @@ SCENARIOS = {
         batch=4,
         grad_accum=2,
         peer_best={"padding_free": True},
-        engines=["tunesmith", "tunesmith-unsplit", "tunesmith-selective", "tunesmith-compile", "trl", "trl-best"],
+        engines=[
+            "tunesmith",
+            "tunesmith-qlora",
+            "tunesmith-float32",
+            "tunesmith-unsplit",
+            "tunesmith-selective",
+            "tunesmith-compile",
+            "trl",
+            "trl-best",
+            "unsloth",
+            "unsloth-4bit",
+        ],
     ),
     "fixed512": dict(
         kind="fixed",
@@ -339,6 +385,8 @@ SCENARIOS = {
         batch=4,
         engines=[
             "tunesmith",
+            "tunesmith-qlora",
+            "tunesmith-float32",
             "tunesmith-unsplit",
             "tunesmith-system-malloc",
             "tunesmith-compile",
@@ -346,6 +394,8 @@ SCENARIOS = {
             "tunesmith-recompute",
             "trl",
             "trl-best",
+            "unsloth",
+            "unsloth-4bit",
         ],
     ),
     "fixed512-full": dict(
@@ -353,7 +403,7 @@ SCENARIOS = {
         adapter="full",
         seq=512,
         batch=4,
-        engines=["tunesmith", "tunesmith-unsplit", "tunesmith-compile", "trl", "trl-best"],
+        engines=["tunesmith", "tunesmith-unsplit", "tunesmith-compile", "trl", "trl-best", "unsloth"],
     ),
     "dpo": dict(kind="dpo", adapter="lora", seq=512, batch=4, engines=["tunesmith", "trl", "trl-best"]),
     "longest": dict(
@@ -361,7 +411,7 @@ SCENARIOS = {
         adapter="lora",
         budget_mb=4096,
         lengths=[1024, 2048, 4096, 8192, 16384],
-        engines=["tunesmith-recompute", "tunesmith-selective", "tunesmith", "trl", "trl-best"],
+        engines=["tunesmith-recompute", "tunesmith-selective", "tunesmith", "trl", "trl-best", "unsloth"],
     ),
 }
 DEFAULT_SCENARIOS = list(SCENARIOS)
@@ -401,6 +451,9 @@ def format_table(report: dict) -> str:
             )
             lines.append(f"{'engine':<20} {'longest':>8}  peak RSS MB per length")
             for r in scenario["results"]:
+                if "skipped" in r:
+                    lines.append(f"{r['engine']:<20} skipped: {r['skipped']}")
+                    continue
                 trials = ", ".join(
                     f"{t['length']}: {t['peak_rss_mb']:.0f}"
                     if t["fits"]
@@ -414,17 +467,20 @@ def format_table(report: dict) -> str:
             f"\n{name}: {scenario['adapter']}, {scenario['examples']} {unit} of {scenario['min_length']}-"
             f"{scenario['max_length']} tokens (mean {scenario['mean_length']:.0f}), max length {scenario['seq']}, "
             f"{scenario['batch'] * scenario['grad_accum']} {unit} per step, {scenario['steps']} steps; "
-            f"fp32 matmul peak {scenario['matmul_peak_gflops']:.0f} GFLOP/s"
+            f"matmul peak fp32 {scenario['matmul_peak_gflops']:.0f} GFLOP/s"
+            + (f", bf16 {scenario['matmul_peak_gflops_bf16']:.0f}" if "matmul_peak_gflops_bf16" in scenario else "")
         )
         lines.append(
-            f"{'engine':<20} {'tokens/s':>9} {'peak RSS MB':>12} {'first step s':>13} {'MFU':>6} {'step-1 loss':>12}"
+            f"{'engine':<20} {'dtype':>8} {'tokens/s':>9} {'peak RSS MB':>12} {'first step s':>13} {'MFU':>6} "
+            f"{'step-1 loss':>12}"
         )
         for r in scenario["results"]:
-            if "error" in r:
-                lines.append(f"{r['engine']:<20} error: {' | '.join(r['error'])}")
+            if "error" in r or "skipped" in r:
+                why = f"error: {' | '.join(r['error'])}" if "error" in r else f"skipped: {r['skipped']}"
+                lines.append(f"{r['engine']:<20} {why}")
                 continue
             lines.append(
-                f"{r['engine']:<20} {r['tokens_per_s']:>9.1f} {r['peak_rss_mb']:>12.0f} "
+                f"{r['engine']:<20} {r.get('dtype', 'float32'):>8} {r['tokens_per_s']:>9.1f} {r['peak_rss_mb']:>12.0f} "
                 f"{r['time_to_first_step_s']:>13.1f} {r['mfu']:>6.1%} {r['first_loss']:>12.5f}"
             )
         for ratio in scenario["ratios"]:
@@ -433,6 +489,44 @@ def format_table(report: dict) -> str:
                 f"peak RSS, |step-1 loss difference| {ratio['first_loss_diff']:.2e}"
             )
     return "\n".join(lines)
+
+
+# The CPU targets of issue 24 (a machine with native bf16): (scenario, ours, peer, least speed ratio, most RSS ratio);
+# a peer of None is the matmul peak of the dtype ours computes in (MFU).
+TARGETS = [
+    ("fixed512", "tunesmith", "unsloth", 1.5, 1.0),
+    ("mixed", "tunesmith", "unsloth", 1.5, 1.0),
+    ("fixed512", "tunesmith", "trl", 3.0, None),
+    ("mixed", "tunesmith", "trl", 3.0, None),
+    ("fixed512", "tunesmith", None, 0.5, None),
+    ("mixed", "tunesmith", None, 0.5, None),
+    ("fixed512-full", "tunesmith", "unsloth", 1.5, None),
+    ("fixed512", "tunesmith-qlora", "unsloth-4bit", 1.3, 1.0),
+    ("mixed", "tunesmith-qlora", "unsloth-4bit", 1.3, 1.0),
+]
+
+
+def target_lines(report: dict) -> list[str]:
+    """Each target against the figures of one run: the ratio measured, and whether it is met."""
+    scenarios = {scenario["scenario"]: scenario for scenario in report["scenarios"]}
+    lines = []
+    for name, ours, peer, speed, rss in TARGETS:
+        results = {r["engine"]: r for r in scenarios.get(name, {}).get("results", []) if "tokens_per_s" in r}
+        if peer is None:
+            wanted = f"{ours} in {name}: MFU >= {speed:.0%} of its dtype's matmul peak"
+        else:
+            wanted = f"{ours} / {peer} in {name}: speed >= {speed}x" + (f", RSS <= {rss:.0%}" if rss else "")
+        if ours not in results or (peer is not None and peer not in results):
+            lines.append(f"- {wanted}: not measured")
+            continue
+        if peer is None:
+            measured, met = f"MFU {results[ours]['mfu']:.0%}", results[ours]["mfu"] >= speed
+        else:
+            ratio = next(r for r in scenarios[name]["ratios"] if r["ours"] == ours and r["peer"] == peer)
+            measured = f"{ratio['speed']:.2f}x, RSS {ratio['rss']:.0%}"
+            met = ratio["speed"] >= speed and (rss is None or ratio["rss"] <= rss)
+        lines.append(f"- {wanted}: {measured}, {'met' if met else 'NOT met'}")
+    return lines
 
 
 def write_markdown(report: dict, path: Path) -> None:
@@ -450,6 +544,10 @@ def write_markdown(report: dict, path: Path) -> None:
         "```",
         format_table(report),
         "```",
+        "",
+        "## Targets on a CPU with native bf16",
+        "",
+        *target_lines(report),
         "",
         "## How to read it",
         "",
@@ -479,13 +577,25 @@ def write_markdown(report: dict, path: Path) -> None:
         "its defaults (padded batches, and gradient checkpointing, which SFTConfig turns on by default); "
         "`trl-best`: its fastest settings, `gradient_checkpointing=False`, plus `padding_free=True` where "
         "lengths vary (on fixed-length rows padding-free only adds a (T, T) mask over the flattened batch). Compare "
-        "speed with `trl-best`, and memory like for like: `tunesmith-recompute` with `trl`. Every engine gets the "
-        "same model, LoRA config (r 16, alpha 32, all linear "
-        "layers), examples per step, order, fp32 and step count.",
+        "speed with `trl-best`, and memory like for like: `tunesmith-recompute` with `trl`. "
+        "`tunesmith-qlora`: `adapter.type: qlora` (4-bit NF4 base). `tunesmith-float32`: `train.dtype: float32`. "
+        "`unsloth`: Unsloth's CPU backend "
+        "(`unsloth_zoo/cpu`, `UNSLOTH_FORCE_CPU=1`) as its notebooks run it: `FastLanguageModel.from_pretrained` "
+        "with its defaults (bf16 where the CPU has it natively, its gradient checkpointing) and "
+        "`load_in_4bit=False` (16-bit LoRA), or `full_finetuning=True`, then TRL's SFTTrainer with the defaults "
+        "its CPU backend installs (bf16 autocast, fused AdamW, chunked cross-entropy, padded batches); "
+        "`unsloth-4bit`: the same with its default `load_in_4bit=True` (QLoRA). Unsloth pins transformers <= 5.17, "
+        "below tunesmith's, so it runs from an environment of its own: `python -m venv "
+        "~/.cache/tunesmith-bench/unsloth && ~/.cache/tunesmith-bench/unsloth/bin/pip install -r "
+        "bench/unsloth-requirements.txt` (or `BENCH_UNSLOTH_PYTHON`); without it its rows say skipped. "
+        "tunesmith engines compute in the dtype `tunesmith train` picks (`train.dtype: auto`), TRL in fp32 (its "
+        "CPU default). Every engine gets the same model, LoRA config (r 16, alpha 32, all linear "
+        "layers), examples per step, order and step count.",
         "- **Figures.** tokens/s counts non-padding tokens over the measured steps (2 warm-up steps excluded, "
         "so compilation shows in the first-step time, not in tokens/s); MFU is useful matmul FLOPs "
-        "(bench/run.py: useful_flops_per_token) over the fp32 matmul peak measured in the same run; step-1 "
-        "loss is the parity check (LoRA starts as the base model, so every engine must agree).",
+        "(bench/run.py: useful_flops_per_token) over the matmul peak of the dtype the engine computes in, both "
+        "measured in the same run; step-1 loss is the parity check (LoRA starts as the base model, so every engine "
+        "must agree to within its dtype's rounding).",
         "",
     ]
     path.write_text("\n".join(text), encoding="utf-8")

@@ -149,6 +149,12 @@ def chat_rows() -> list[dict]:
     ]
 
 
+# train.dtype: auto is float32 in tests on every machine, in this process and in the commands tests start (a CPU
+# with native bf16 would otherwise choose it): the tests that want bfloat16 ask for it, and tests/test_bf16.py
+# lifts this to test the choice itself.
+os.environ["TUNESMITH_CPU_BF16"] = "0"
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     """Every test gets its own $TUNESMITH_HOME and no hub access."""

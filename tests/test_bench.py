@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "run.py"
 
 
@@ -133,3 +135,50 @@ def test_scaling_table_compares_with_one_process_and_replaces_only_its_section(t
     written = doc.read_text()
     assert "old table" not in written and text in written
     assert written.startswith("# title\nbefore\n") and written.endswith(f"{scaling.END}\nafter\n")
+
+
+def test_without_its_environment_an_unsloth_engine_is_skipped_with_how_to_install_it(tmp_path, tiny_model, monkeypatch):
+    sys.path.insert(0, str(BENCH.parent))
+    import run as bench
+
+    monkeypatch.setattr(bench, "UNSLOTH_PYTHON", tmp_path / "absent" / "python")
+    report = bench.run_scenario(
+        "fixed512", "fixed", ["unsloth"], steps=3, adapter="lora", workdir=tmp_path, model=str(tiny_model), seq=32
+    )
+    [result] = report["results"]
+    assert "skipped" in result and "unsloth-requirements.txt" in result["skipped"] and not report["ratios"]
+    assert "unsloth              skipped: no Unsloth environment" in bench.format_table(
+        {"date": "2026-12-07", "machine": "test", "scenarios": [report]}
+    )
+
+
+@pytest.mark.skipif(
+    not Path(
+        os.environ.get("BENCH_UNSLOTH_PYTHON", Path.home() / ".cache/tunesmith-bench/unsloth/bin/python")
+    ).exists(),
+    reason="Unsloth's environment is not installed (bench/unsloth-requirements.txt; BENCHMARKS.md says how)",
+)
+@pytest.mark.parametrize("engine", ["unsloth", "unsloth-4bit"])
+def test_unsloth_engines_train_the_same_batches_and_start_from_the_same_loss(tmp_path, tiny_model, engine):
+    """Unsloth's CPU backend, run from its own environment, trains the spec's batches; LoRA starts as the base
+    model, so its first loss is tunesmith's to within bf16 rounding."""
+    sys.path.insert(0, str(BENCH.parent))
+    import run as bench
+
+    report = bench.run_scenario(
+        "fixed512",
+        "fixed",
+        ["tunesmith", engine],
+        steps=3,
+        adapter="lora",
+        workdir=tmp_path,
+        model=str(tiny_model),
+        seq=32,
+        batch=2,
+    )
+    ours, peer = report["results"]
+    assert "error" not in peer, peer
+    assert peer["engine"] == engine and peer["version"] and len(peer["losses"]) == 3 and peer["tokens_per_s"] > 0
+    assert abs(peer["first_loss"] - ours["first_loss"]) < 0.05 * ours["first_loss"]
+    [ratio] = report["ratios"]
+    assert ratio["ours"] == "tunesmith" and ratio["peer"] == engine and ratio["speed"] > 0

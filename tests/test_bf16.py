@@ -13,10 +13,10 @@ from test_training import make_config, metric_lines, run, straight_and_resumed
 
 from tunesmith import hardware
 from tunesmith.config.schema import TrainConfig
-from tunesmith.train import runtime
+from tunesmith.engine.generation import Sampling
+from tunesmith.models.precision import compute_dtype
 from tunesmith.train.loss import HeadCrossEntropy
 from tunesmith.train.preference import HeadTokenLogProbs
-from tunesmith.train.runtime import compute_dtype
 from tunesmith.train.session import build_model
 
 X86 = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n"
@@ -34,6 +34,7 @@ def machine(monkeypatch, tmp_path):
     """A machine whose flags and matmul timing the test sets, in a home with no cached timing; `timings` counts
     the timings run."""
     monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "bf16-home"))
+    monkeypatch.delenv(hardware.OFF_SWITCH)
     state = {"flags": {"avx512_bf16"}, "speedup": 2.2, "timings": 0}
 
     def timed() -> float:
@@ -42,7 +43,6 @@ def machine(monkeypatch, tmp_path):
 
     monkeypatch.setattr(hardware, "cpu_flags", lambda text=None: state["flags"])
     monkeypatch.setattr(hardware, "matmul_speedup", timed)
-    monkeypatch.setattr(runtime, "CPU_AUTO_BF16", True)
     return state
 
 
@@ -61,10 +61,6 @@ def test_emulated_bf16_slower_than_float32_is_refused_despite_its_flag(machine):
 
 
 def test_native_bf16_is_chosen_and_its_timing_is_cached_per_machine(machine, monkeypatch):
-    monkeypatch.setattr(runtime, "CPU_AUTO_BF16", False)
-    dtype, why = compute_dtype(TrainConfig(), torch.device("cpu"))
-    assert dtype is None and "flags name avx512_bf16" in why and machine["timings"] == 0  # until CPU_AUTO_BF16
-    monkeypatch.setattr(runtime, "CPU_AUTO_BF16", True)
     dtype, why = compute_dtype(TrainConfig(), torch.device("cpu"))
     assert dtype == torch.bfloat16 and "avx512_bf16" in why and "2.2x" in why and "(measured)" in why
     assert "(cached)" in hardware.cpu_bf16().reason and machine["timings"] == 1
@@ -72,6 +68,13 @@ def test_native_bf16_is_chosen_and_its_timing_is_cached_per_machine(machine, mon
     assert hardware.cpu_bf16().native and machine["timings"] == 2
     assert compute_dtype(TrainConfig(dtype="float32"), torch.device("cpu")) == (None, "train.dtype=float32")
     assert machine["timings"] == 2, "an explicit dtype times nothing"
+
+
+def test_tunesmith_cpu_bf16_0_keeps_auto_at_float32_without_timing_anything(machine, monkeypatch):
+    monkeypatch.setenv(hardware.OFF_SWITCH, "0")
+    assert compute_dtype(TrainConfig(), torch.device("cpu")) == (None, "auto: TUNESMITH_CPU_BF16=0")
+    assert machine["timings"] == 0
+    assert compute_dtype(TrainConfig(dtype="bfloat16"), torch.device("cpu"))[0] == torch.bfloat16  # asked for
 
 
 def test_a_damaged_cache_is_measured_again(machine, tmp_path):
@@ -91,7 +94,9 @@ def test_frozen_matrices_go_bf16_while_trainable_weights_norms_and_the_residual_
     tmp_path, tiny_model, chat_rows, adapter, method
 ):
     config = make_config(tmp_path, tiny_model, chat_rows, f"adapter.type={adapter}", f"method={method}")
-    model = build_model(config, torch.device("cpu"), 3 if method == "classify" else None, torch.bfloat16)
+    model = build_model(
+        config.model, config.adapter, torch.device("cpu"), 3 if method == "classify" else None, torch.bfloat16
+    )
     dtypes = {name: parameter.dtype for name, parameter in model.named_parameters()}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -165,14 +170,21 @@ def test_a_bf16_lora_run_learns_prints_its_dtype_and_resumes_bit_identically(
     assert losses[-1][1] < losses[0][1]
 
 
-def test_float32_stays_the_exact_path(tmp_path, tiny_model, chat_rows, capsys):
-    """The same run in float32 and bf16 differ (so bf16 really ran), and auto on this test home is float32."""
-    fp32 = make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=3", name="fp32")
-    bf16 = make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=3", "train.dtype=bfloat16", name="bf16")
+def test_a_bf16_run_agrees_with_float32_within_rounding_and_float32_stays_the_exact_path(
+    tmp_path, tiny_model, chat_rows, capsys
+):
+    """The same 4 LoRA steps in float32 and in bf16: every step's loss within 2% of float32's (bf16 keeps 8
+    significant bits; the updates move both runs alike), yet not equal (bf16 really ran); auto on a CPU without
+    native bf16 (as conftest.py has every test's machine) is float32."""
+    fp32 = make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=4", name="fp32")
+    bf16 = make_config(tmp_path, tiny_model, chat_rows, "train.max_steps=4", "train.dtype=bfloat16", name="bf16")
     run(fp32)
-    assert "dtype: float32 (auto: " in capsys.readouterr().err
+    assert "dtype: float32 (auto: TUNESMITH_CPU_BF16=0)" in capsys.readouterr().err
     run(bf16)
-    assert metric_lines(fp32.output_dir) != metric_lines(bf16.output_dir)
+    exact, rounded = metric_lines(fp32.output_dir), metric_lines(bf16.output_dir)
+    assert exact != rounded and len(exact) == len(rounded) == 4
+    for (step, loss, *_), (_, bf16_loss, *_) in zip(exact, rounded):
+        assert abs(bf16_loss - loss) < 0.02 * loss, step
 
 
 def test_fused_lora_and_gated_mlp_in_bf16_match_peft_unfused_in_bf16(tiny_model):
@@ -181,7 +193,7 @@ def test_fused_lora_and_gated_mlp_in_bf16_match_peft_unfused_in_bf16(tiny_model)
     orders; the loss within 1%, each LoRA gradient within 5% of its largest entry."""
     from test_fused_lora import lora_pair
 
-    from tunesmith.train.runtime import store_frozen_in
+    from tunesmith.models.precision import store_frozen_in
 
     fused, plain = lora_pair(tiny_model)
     for model in (fused, plain):
@@ -200,3 +212,67 @@ def test_fused_lora_and_gated_mlp_in_bf16_match_peft_unfused_in_bf16(tiny_model)
     for name, grad in grads_p.items():
         assert grads_f[name].dtype == torch.float32, name
         torch.testing.assert_close(grads_f[name], grad, rtol=0, atol=0.05 * float(grad.abs().max()), msg=name)
+
+
+def test_inference_in_bf16_runs_the_layers_in_bf16_and_keeps_the_head_in_float32(tiny_model, machine):
+    """Engine.load on a CPU with native bf16: the layers' matrices in bf16 under autocast, the tied output head (and
+    so the embedding) in float32, computing outside autocast. Against float32, its log-probabilities are at least
+    as close as plain bf16 autocast's (the unfused reference; within 25%: both round every product), and within 0.15
+    nats on this tiny model's large logits."""
+    from tunesmith.engine.generation import Engine
+    from tunesmith.models import load_model
+
+    engine = Engine.load(str(tiny_model))
+    dtypes = {name: parameter.dtype for name, parameter in engine.model.named_parameters()}
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
+    assert dtypes["model.embed_tokens.weight"] == torch.float32  # tied to lm_head
+    assert dtypes["model.norm.weight"] == torch.float32
+    reference, _ = load_model(tiny_model)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = F.log_softmax(reference(input_ids=ids).logits, -1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = F.log_softmax(reference(input_ids=ids).logits.float(), -1)
+        logits = engine.model(input_ids=ids).logits
+    assert logits.dtype == torch.float32
+    ours = F.log_softmax(logits, -1)
+    error, plain_error = (float((x - exact).abs().max()) for x in (ours, plain))
+    assert error <= plain_error * 1.25 and error < 0.15
+    assert engine.generate([[{"role": "user", "content": "hello"}]], Sampling(max_new_tokens=4))
+
+
+def test_a_bf16_classifier_infers_with_a_float32_head_and_a_run_trained_in_float32_infers_in_it(tiny_model, machine):
+    from tunesmith.models import load_model
+    from tunesmith.models.precision import for_inference
+
+    reference, _ = load_model(tiny_model, num_labels=3)
+    model, _ = load_model(tiny_model, num_labels=3)
+    torch.nn.init.normal_(reference.score.weight, std=0.5)
+    model.score.weight.data.copy_(reference.score.weight)
+    for_inference(model)
+    assert model.score.weight.dtype == torch.float32 and model.model.embed_tokens.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0.03 * float(want.abs().max()))
+    kept, _ = load_model(tiny_model, num_labels=3)
+    for_inference(kept, TrainConfig(dtype="float32"))
+    assert all(parameter.dtype == torch.float32 for parameter in kept.parameters())
+
+
+def test_layers_reading_one_input_share_its_one_bf16_cast():
+    """q, k and v (gate and up) read one input: it is cast once, so backward saves one bf16 copy, not three."""
+    from tunesmith.models.fused_lora import cast_once
+
+    x = torch.randn(4, 8, requires_grad=True)
+    first, second = cast_once(x, torch.bfloat16), cast_once(x, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and first.data_ptr() == second.data_ptr()  # one copy in memory
+    assert cast_once(x.detach().clone(), torch.bfloat16).data_ptr() != first.data_ptr()  # another tensor
+    (first.float().sum() + second.float().sum()).backward()
+    assert x.grad.dtype == torch.float32 and torch.equal(x.grad, torch.full_like(x, 2.0))  # both readers' gradients
+    y = torch.randn(4, 8)
+    cast = cast_once(y, torch.bfloat16)
+    assert cast_once(y, torch.bfloat16) is cast  # no gradient to route: the cast itself
+    y.add_(1.0)  # changed in place: cast again
+    assert cast_once(y, torch.bfloat16) is not cast and cast_once(y, torch.float32) is y

@@ -134,3 +134,32 @@ def test_gated_mlp_gives_autograds_gradients_and_keeps_half_the_activations(tiny
     plain_mlp = [m for m in plain.modules() if type(m).__name__ == "LlamaMLP"][0]
     kept, kept_before = saved_bytes(mlps[0], x), saved_bytes(plain_mlp, x)
     assert kept_before - kept == 2 * intermediate
+
+
+def qlora_pair(model_dir, dtype: torch.dtype = torch.float32):
+    """The same QLoRA model (a 4-bit NF4 base) twice: tunesmith's, whose LoRA layers and MLPs take the fused path and
+    dequantise the base for each product, and PEFT's own over bitsandbytes' layers; B set non-zero."""
+    from peft import LoraConfig, get_peft_model
+
+    def base():
+        return load_model(str(model_dir), dtype=dtype, quantization="nf4")[0]
+
+    fused = apply_adapter(base(), AdapterConfig(type="qlora", r=4, alpha=8))
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    plain = get_peft_model(base(), config)
+    torch.manual_seed(1)
+    for name, parameter in fused.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.3)
+    plain.load_state_dict(fused.state_dict(), strict=False)
+    return fused, plain
+
+
+def test_fused_qlora_dequantises_the_4bit_base_per_product_and_matches_peft_over_bitsandbytes(tiny_model):
+    pytest.importorskip("bitsandbytes")
+    fused, plain = qlora_pair(tiny_model)
+    lora_layers = [m for m in fused.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A")]
+    assert lora_layers and all("forward" in m.__dict__ for m in lora_layers)
+    assert all(m.get_base_layer().weight.dtype == torch.uint8 for m in lora_layers)  # the base stays packed
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert_same_loss_and_gradients(fused, plain, ids, "lora_A")

@@ -35,8 +35,14 @@ class Bf16Support:
     reason: str  # what was found, for the line a run prints
 
 
+OFF_SWITCH = "TUNESMITH_CPU_BF16"  # "0": treat this CPU as without native bf16 (auto then stays float32)
+
+
 def cpu_bf16() -> Bf16Support:
-    """Whether this CPU multiplies bf16 natively, with the evidence: its flags, then a cached timing."""
+    """Whether this CPU multiplies bf16 natively, with the evidence: its flags, then a cached timing. Setting
+    TUNESMITH_CPU_BF16=0 says no without looking (float32 runs that must match another machine's, the test suite)."""
+    if os.environ.get(OFF_SWITCH) == "0":
+        return Bf16Support(False, f"{OFF_SWITCH}=0")
     found = [flag for flag in BF16_FLAGS if flag in cpu_flags()]
     if not found:
         return Bf16Support(False, "no bf16 instructions in the CPU flags (amx_bf16, avx512_bf16 or Arm bf16)")

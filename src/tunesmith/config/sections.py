@@ -266,11 +266,12 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="Compute dtype: auto is bfloat16 on a GPU that supports it, else float32; on a CPU that "
-        "multiplies bfloat16 natively (AMX, AVX512-BF16, Arm BF16: its flags, confirmed by a cached timing) the run "
-        "says so. In bfloat16 the matrix products run in it and the frozen weight matrices are stored in it (a "
-        "frozen base loads in it); trainable weights, the optimizer state, norms, losses and the residual stream "
-        "stay float32. float32: the exact path.",
+        description="Compute dtype: auto is bfloat16 on a GPU that supports it and on a CPU that multiplies it "
+        "natively (AMX, AVX512-BF16, Arm BF16: its flags, confirmed by a timing cached per machine), else float32; "
+        "the run prints which and why. In bfloat16 the matrix products run in it and the frozen weight matrices are "
+        "stored in it (a frozen base loads in it); trainable weights, the optimizer state, norms, softmax, losses "
+        "and the residual stream stay float32. The run's eval and serving infer in the same dtype. float32: the "
+        "exact path.",
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (None: torch's default).")
     gradient_checkpointing: bool | Literal["selective"] = Field(

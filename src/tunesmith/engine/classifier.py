@@ -25,6 +25,7 @@ from tunesmith.engine.reward_model import sequence_logits
 from tunesmith.errors import UserError
 from tunesmith.models.adapters import load_adapter, load_options
 from tunesmith.models.loading import load_model
+from tunesmith.models.precision import for_inference
 from tunesmith.rundir import ADAPTER_DIR, MODEL_DIR, is_run_dir, read_run_config
 
 LABELS_FILE = "labels.json"
@@ -131,6 +132,7 @@ class Classifier:
             model, tokenizer = load_model(weights, num_labels=len(labels))
         calibration = Calibration.read(weights) if calibrated else Calibration()
         keep_last = config.data.max_length if config.data.truncation == "truncate" else None
+        model = for_inference(model, config.train)
         return cls(model, tokenizer, labels, config.data.system_prompt, calibration, keep_last)
 
     @torch.no_grad()

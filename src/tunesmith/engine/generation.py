@@ -17,6 +17,7 @@ from tunesmith.data.tokenize import ChatTokenizer
 from tunesmith.errors import UserError
 from tunesmith.models import load_model
 from tunesmith.models.adapters import has_soft_prompt, load_adapter, load_options
+from tunesmith.models.precision import for_inference
 from tunesmith.rundir import ADAPTER_DIR, CONFIG_FILE, MODEL_DIR, is_run_dir, read_run_config
 
 Messages = list[dict[str, str]]
@@ -67,9 +68,10 @@ class Engine:
             system_prompt = run_config.data.system_prompt
             if (path / ADAPTER_DIR).is_dir():  # the base as it trained (QLoRA: 4-bit), then the adapter
                 model, tokenizer = load_model(run_config.model, **load_options(run_config.adapter.type))
-                return cls(load_adapter(model, path / ADAPTER_DIR), tokenizer, system_prompt, has_adapter=True)
+                model = for_inference(load_adapter(model, path / ADAPTER_DIR), run_config.train)
+                return cls(model, tokenizer, system_prompt, has_adapter=True)
             model, tokenizer = load_model(str(path / MODEL_DIR))
-            return cls(model, tokenizer, system_prompt)
+            return cls(for_inference(model, run_config.train), tokenizer, system_prompt)
         from tunesmith.models import library
 
         if not path.exists() and target in library.names():  # an adapter from the local library
@@ -80,7 +82,7 @@ class Engine:
                 f"fix: resume it with `tunesmith train {path / CONFIG_FILE}`"
             )
         model, tokenizer = load_model(target)
-        return cls(model, tokenizer)
+        return cls(for_inference(model), tokenizer)
 
     @classmethod
     def load_library(cls, names: list[str]) -> "Engine":
@@ -98,7 +100,7 @@ class Engine:
         model = load_adapter(model, library.adapter_dir(names[0]), name=names[0])
         for name in names[1:]:
             model.load_adapter(str(library.adapter_dir(name)), adapter_name=name)
-        engine = cls(model, tokenizer, has_adapter=True)
+        engine = cls(for_inference(model), tokenizer, has_adapter=True)
         engine.use(names[0])
         return engine
 

@@ -21,7 +21,9 @@ from tunesmith.data.tokenize import ChatTokenizer
 from tunesmith.engine.forward import hidden_states
 from tunesmith.errors import UserError
 from tunesmith.models.adapters import load_adapter, load_options
-from tunesmith.models.loading import CLASSIFIER_HEADS, load_model, resolve_model
+from tunesmith.models.heads import classifier_head
+from tunesmith.models.loading import load_model, resolve_model
+from tunesmith.models.precision import for_inference
 from tunesmith.rundir import ADAPTER_DIR, MODEL_DIR, is_run_dir, read_run_config
 
 SCALE_FILE = "reward_scale.json"
@@ -66,15 +68,6 @@ class ScoreScale:
             return None
         saved = json.loads(path.read_text(encoding="utf-8"))
         return cls(float(saved["mean"]), float(saved["std"]))
-
-
-def classifier_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The sequence classifier's output head, through a PEFT wrapper (which trains and saves a copy of it)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for name in CLASSIFIER_HEADS:
-        if isinstance(getattr(base, name, None), torch.nn.Module):
-            return getattr(base, name)
-    raise ValueError(f"{type(base).__name__} has no classifier head ({', '.join(CLASSIFIER_HEADS)})")
 
 
 def pad_token_id(model: torch.nn.Module) -> int | None:
@@ -126,7 +119,7 @@ class RewardScorer:
         directory = resolve_model(spec)
         check_reward_model(directory, spec)
         model, tokenizer = load_model(directory, num_labels=1)
-        return cls(model, tokenizer, scale=ScoreScale.load(directory))
+        return cls(for_inference(model), tokenizer, scale=ScoreScale.load(directory))
 
     @classmethod
     def load_run(cls, run_dir: Path) -> "RewardScorer":
@@ -140,13 +133,13 @@ class RewardScorer:
         if (run_dir / ADAPTER_DIR).is_dir():  # the base as it trained (QLoRA: 4-bit) as a classifier, then the adapter
             model, tokenizer = load_model(config.model, num_labels=1, **load_options(config.adapter.type))
             return cls(
-                load_adapter(model, run_dir / ADAPTER_DIR),
+                for_inference(load_adapter(model, run_dir / ADAPTER_DIR), config.train),
                 tokenizer,
                 system_prompt,
                 ScoreScale.load(run_dir / ADAPTER_DIR),
             )
         model, tokenizer = load_model(run_dir / MODEL_DIR, num_labels=1)
-        return cls(model, tokenizer, system_prompt, ScoreScale.load(run_dir / MODEL_DIR))
+        return cls(for_inference(model, config.train), tokenizer, system_prompt, ScoreScale.load(run_dir / MODEL_DIR))
 
     @torch.no_grad()
     def score(self, conversations: list[list[dict[str, str]]], batch_size: int = 16) -> list[float]:

@@ -26,7 +26,7 @@ import torch
 from tunesmith.config.schema import AdapterConfig, Config
 from tunesmith.errors import UserError
 from tunesmith.models.fused_lora import fuse_gated_mlps, fuse_lora_layers
-from tunesmith.models.loading import is_head
+from tunesmith.models.heads import is_head
 from tunesmith.registry import adapters
 from tunesmith.rundir import read_weights
 

@@ -5,9 +5,10 @@ examples' lengths as `segment_lengths`. This attention runs causal attention on 
 the row, so no token ever sees another example, no (T, T) mask exists and no attention probabilities are
 saved for backward. The work is the sum of the examples' squared lengths, not the row's squared length.
 
-Examples of one length run together, as one batch. On CPU, in fp32, a batch of them goes through
-`causal_attention` below when that is faster than SDPA's fused kernel (`CHUNKED`); everything else goes
-through SDPA, one example at a time.
+Examples of one length run together, as one batch. On CPU, in fp32 or bf16, a batch of them goes through
+`causal_attention` below when that is faster than SDPA's fused kernel (`CHUNKED`, `CHUNKED_BF16`); everything else
+goes through SDPA, one example at a time. In bf16, softmax and the key and value gradients' sums over chunks run in
+float32.
 
 Without `segment_lengths` (generation, scoring with a cache, batched padded inputs) it is exactly
 transformers' SDPA attention, so one loaded model serves training and inference.
@@ -23,12 +24,18 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from tunesmith.models.precision import kernel_dtype
+
 NAME = "tunesmith"
 # When `causal_attention` beats SDPA's CPU kernel, measured on 2 AVX-512 cores (fp32, head_dim 64, 3 query heads
 # per key head, forward and backward): a batch of at least 6 key heads (2 examples of a 3-key-head model) of
 # 128 to 1024 tokens. At 4 x 512 tokens it takes 42 ms against SDPA's 64; one example alone, or 2,048 tokens,
 # gains nothing (SDPA splits the work across threads better there).
 CHUNKED = {"min_key_heads": 6, "min_length": 128, "max_length": 1024}
+# In bf16 (python bench/attention.py, same cores): 35 ms against SDPA's 63 at 4 x 512 tokens, 18 against 35 at
+# 8 x 256, with the largest gradient error within 1.25x of SDPA's own bf16 kernel; at 2 x 1024 no faster (67 against
+# 71) and 4x SDPA's error (each chunk's key and value gradients round to bf16 before they are summed), so SDPA there.
+CHUNKED_BF16 = {"min_key_heads": 6, "min_length": 128, "max_length": 512}
 CHUNK_ROWS = 96  # query rows (positions x query heads per key head) per product: small enough to stay in cache
 
 
@@ -69,7 +76,10 @@ def segment_attention(
     pieces: dict[int, torch.Tensor] = {}
     for length, members in by_length.items():  # the examples of one length run as one batch where that pays
         if takes_chunked(query, key.shape[0] * key.shape[1] * len(members), length, kwargs):
-            q, k, v = (torch.cat([slices[i][part] for i in members]) for part in range(3))
+            # One dtype for the kernel: under autocast its dtype (rotary embeddings leave q and k in float32 while v
+            # comes out of its projection in bf16), else the query's.
+            dtype = kernel_dtype(query)
+            q, k, v = (torch.cat([slices[i][part] for i in members]).to(dtype) for part in range(3))
             scale = kwargs.get("scaling") or 1 / math.sqrt(q.shape[-1])
             chunk = max(8, CHUNK_ROWS * k.shape[1] // q.shape[1])
             for index, piece in zip(members, causal_attention(q, k, v, scale, chunk).split(query.shape[0])):
@@ -83,15 +93,16 @@ def segment_attention(
 def takes_chunked(query: torch.Tensor, key_heads: int, length: int, kwargs: dict) -> bool:
     """Whether `key_heads` (examples x key heads) of causal attention over `length` positions run faster through
     `causal_attention` than through SDPA (see CHUNKED)."""
+    limits = {torch.float32: CHUNKED, torch.bfloat16: CHUNKED_BF16}.get(kernel_dtype(query))
     if (
         query.device.type != "cpu"
-        or query.dtype != torch.float32
+        or limits is None
         or kwargs.get("dropout")
         or kwargs.get("softcap") is not None
         or kwargs.get("position_bias") is not None
     ):
         return False
-    return key_heads >= CHUNKED["min_key_heads"] and CHUNKED["min_length"] <= length <= CHUNKED["max_length"]
+    return key_heads >= limits["min_key_heads"] and limits["min_length"] <= length <= limits["max_length"]
 
 
 def prefixed_attention(
@@ -134,7 +145,7 @@ def causal_attention(
     length, groups = q.shape[1:3]
     out = query.new_empty(key.shape[0], length, key.shape[1], groups, value.shape[-1])  # (B, T, kv_heads, groups, dim)
     for start, end, mask in _chunks(length, chunk, groups, query.device):
-        probabilities = _probabilities(q, k, start, end, mask)
+        probabilities = _probabilities(q, k, start, end, mask).to(v.dtype)
         out[:, start:end] = (
             torch.bmm(probabilities, v[:, :end])
             .view(key.shape[0], key.shape[1], end - start, groups, -1)
@@ -175,10 +186,11 @@ def _chunks(length: int, chunk: int, groups: int, device: torch.device) -> tuple
 
 
 def _probabilities(q: torch.Tensor, k: torch.Tensor, start: int, end: int, mask: torch.Tensor) -> torch.Tensor:
-    """(B x kv_heads, chunk x groups, end) attention probabilities of one chunk's query rows."""
+    """(B x kv_heads, chunk x groups, end) attention probabilities of one chunk's query rows, in float32 (softmax
+    normalises in float32 whatever the inputs' dtype)."""
     scores = torch.bmm(q[:, start:end].reshape(q.shape[0], -1, q.shape[-1]), k[:, :end].transpose(1, 2))
     scores[:, :, start:end].masked_fill_(mask, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32)
 
 
 def _causal_attention_backward(ctx, grad: torch.Tensor):
@@ -189,14 +201,14 @@ def _causal_attention_backward(ctx, grad: torch.Tensor):
         grad.reshape(key.shape[0], length, key.shape[1], groups, -1).transpose(1, 2).reshape(batch, length * groups, -1)
     )
     grad_q = torch.empty_like(q)
-    grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+    # Summed over chunks in float32 (each chunk's share is one product; a bf16 running sum would round each time)
+    grad_k, grad_v = torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
     for start, end, mask in _chunks(length, ctx.chunk, groups, query.device):
         rows = slice(start * groups, end * groups)
         probabilities = _probabilities(q, k, start, end, mask)
-        grad_v[:, :end] += torch.bmm(probabilities.transpose(1, 2), grad[:, rows])
-        grad_scores = torch._softmax_backward_data(
-            torch.bmm(grad[:, rows], v[:, :end].transpose(1, 2)), probabilities, -1, probabilities.dtype
-        )
+        grad_v[:, :end] += torch.bmm(probabilities.to(v.dtype).transpose(1, 2), grad[:, rows])
+        grad_probabilities = torch.bmm(grad[:, rows], v[:, :end].transpose(1, 2)).float()
+        grad_scores = torch._softmax_backward_data(grad_probabilities, probabilities, -1, torch.float32).to(q.dtype)
         grad_q[:, start:end] = torch.bmm(grad_scores, k[:, :end]).view(batch, end - start, groups, dim)
         grad_k[:, :end] += torch.bmm(grad_scores.transpose(1, 2), q[:, start:end].reshape(batch, -1, dim))
     grad_query = torch.empty_like(query)
@@ -205,7 +217,7 @@ def _causal_attention_backward(ctx, grad: torch.Tensor):
         ctx.scale,
         out=grad_query.view(key.shape[0], key.shape[1], groups, length, dim),
     )
-    return grad_query, grad_k.view_as(key), grad_v.view_as(value), None, None
+    return grad_query, grad_k.to(key.dtype).view_as(key), grad_v.to(value.dtype).view_as(value), None, None
 
 
 def _save_inputs(ctx, inputs, output):

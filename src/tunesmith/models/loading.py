@@ -20,6 +20,7 @@ from tunesmith.errors import UserError, did_you_mean
 from tunesmith.models import catalog
 from tunesmith.models.cache_files import exclusive_lock, sha256_of_file
 from tunesmith.models.gguf import convert_gguf
+from tunesmith.models.heads import is_head
 from tunesmith.paths import model_cache
 
 if TYPE_CHECKING:  # torch is imported only when a model is really loaded
@@ -28,15 +29,8 @@ if TYPE_CHECKING:  # torch is imported only when a model is really loaded
 # `org/name` or a bare legacy name like `gpt2`: what the hub accepts as a model repository id.
 _HUB_ID_PATTERN = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 # What transformers' sequence classifiers call their output head (decoders: score; encoders: classifier).
-CLASSIFIER_HEADS = ("score", "classifier")
 # Hex digits of the GGUF's sha256 that name its cache directory: 64 bits, collisions are not a concern.
 _GGUF_HASH_PREFIX_LENGTH = 16
-
-
-def is_head(name: str) -> bool:
-    """Whether parameter `name` belongs to a sequence classifier's output head (also inside a PEFT wrapper, where
-    the trained copy is `...score.modules_to_save.default.weight`)."""
-    return any(part in CLASSIFIER_HEADS for part in name.split("."))
 
 
 def resolve_model(spec: str | Path) -> Path:

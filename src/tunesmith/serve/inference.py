@@ -29,6 +29,7 @@ from typing import Any
 from tunesmith.engine.generation import Engine, Sampling
 from tunesmith.models import load_model
 from tunesmith.models.fused_lora import fuse_lora_layers
+from tunesmith.models.precision import for_inference
 from tunesmith.serve.batching import DEFAULT_MAX_BATCH, Row, Scheduler, Token
 from tunesmith.serve.request import (
     DEFAULT_CHAT_MAX_TOKENS,
@@ -116,7 +117,8 @@ class AdapterPool:
     def _entry(self, base: str) -> _Base:
         with self._lock:
             if base not in self._bases:
-                entry = _Base(Engine(*load_model(base)))
+                model, tokenizer = load_model(base)
+                entry = _Base(Engine(for_inference(model), tokenizer))
 
                 def pin(key: str, load: AdapterFiles | None) -> str:
                     name = self._resident(entry, key, load)

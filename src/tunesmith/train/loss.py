@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.packing import IGNORE, Batch
 from tunesmith.engine.forward import HEAD_CHUNK, decoder_and_head, hidden_states, target_logits
-from tunesmith.models.fused_lora import kernel_dtype
+from tunesmith.models.precision import kernel_dtype
 
 
 @dataclass

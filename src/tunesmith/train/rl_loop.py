@@ -25,11 +25,11 @@ from tunesmith.engine.forward import decoder_and_head
 from tunesmith.engine.generation import Sampling, stop_token_ids
 from tunesmith.errors import TrainingStopped, UserError
 from tunesmith.eval.in_training import InTrainingEval
+from tunesmith.models.precision import autocast
 from tunesmith.train import distributed, session
 from tunesmith.train.policy import PolicyAndValue, Reference, ValueHead, build_reference, token_statistics
 from tunesmith.train.reward_functions import Reward, build_reward
 from tunesmith.train.rollout import Rollout, rollout_batch, sample_replies, split, step_seed
-from tunesmith.train.runtime import autocast
 from tunesmith.train.session import RunResult, Session, open_session
 from tunesmith.train.step import StepResult
 

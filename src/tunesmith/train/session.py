@@ -18,7 +18,7 @@ import torch
 from tunesmith import rundir
 from tunesmith.allocator import FREED_PAGES
 from tunesmith.config.auto import RL_METHODS, resolve_training
-from tunesmith.config.schema import Config, TrainConfig
+from tunesmith.config.schema import AdapterConfig, Config, TrainConfig
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.packing import BatchPlan, epoch_rows
 from tunesmith.engine.forward import decoder_and_head
@@ -26,13 +26,14 @@ from tunesmith.errors import Problem, TrainingStopped, UserError
 from tunesmith.eval.in_training import InTrainingEval, higher_is_better
 from tunesmith.models import load_model, load_tokenizer
 from tunesmith.models.adapters import apply_adapter, load_options, output_name, parameter_counts, save_final
+from tunesmith.models.precision import compute_dtype, store_frozen_in
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed
 from tunesmith.train.distributed import ONE_PROCESS, World
 from tunesmith.train.metrics import MetricsLog, Progress
 from tunesmith.train.optim import build_optimizer, build_scheduler
 from tunesmith.train.resume import final_logged_loss, peak_rss_mb, prepare_run_dir, write_summary
-from tunesmith.train.runtime import compute_dtype, pick_device, seed_everything, store_frozen_in
+from tunesmith.train.runtime import pick_device, seed_everything
 from tunesmith.train.step import TOKEN_LOSS, Objective, StepResult, evaluate_loss
 
 
@@ -106,7 +107,7 @@ def open_session(
             f"dtype: {'float32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.')} ({why})",
             file=sys.stderr,
         )
-    model = build_model(config, device, num_labels, amp_dtype if not world.distributed else None)
+    model = build_model(config.model, config.adapter, device, num_labels, amp_dtype if not world.distributed else None)
     counts = parameter_counts(model)
     trained = extend(model, device) if extend is not None else model
     if train.gradient_checkpointing:
@@ -202,18 +203,22 @@ def check_classifier_settings(config: Config, model_kind: str, logged: str) -> N
 
 
 def build_model(
-    config: Config, device: torch.device, num_labels: int | None = None, dtype: torch.dtype | None = None
+    model_spec: str,
+    adapter: AdapterConfig,
+    device: torch.device,
+    num_labels: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
-    """The model to train, on `device`: the base (QLoRA: 4-bit, placed as it loads) with the adapter applied;
+    """The model to train, on `device`: the base `model_spec` (QLoRA: 4-bit, placed as it loads) with `adapter`;
     with `num_labels`, the base as a sequence classifier with that many outputs. With a compute `dtype` (bf16
     training on one process; FSDP keeps its own copies), the frozen weight matrices are stored in it and the
     trainable ones in float32 (store_frozen_in); a base the adapter leaves frozen loads in `dtype` directly, so
     no float32 copy of it ever exists."""
-    quantized = load_options(config.adapter.type)
-    trains_base = output_name(config.adapter.type) == "model"  # full, freeze: the base's own weights train
+    quantized = load_options(adapter.type)
+    trains_base = output_name(adapter.type) == "model"  # full, freeze: the base's own weights train
     stored = dtype if dtype is not None and not trains_base else torch.float32
-    model, _ = load_model(config.model, device=device, num_labels=num_labels, dtype=stored, **quantized)
-    model = apply_adapter(model, config.adapter)
+    model, _ = load_model(model_spec, device=device, num_labels=num_labels, dtype=stored, **quantized)
+    model = apply_adapter(model, adapter)
     if dtype is not None:
         store_frozen_in(model, dtype)
     return model if quantized else model.to(device)

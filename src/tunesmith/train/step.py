@@ -35,9 +35,9 @@ import torch
 
 from tunesmith.allocator import FREED_PAGES
 from tunesmith.data.packing import Batch
+from tunesmith.models.precision import autocast
 from tunesmith.train.distributed import ONE_PROCESS, World, gradient_sync
 from tunesmith.train.loss import token_loss_sum
-from tunesmith.train.runtime import autocast
 
 
 class Objective:

@@ -13,7 +13,7 @@ import re
 import torch
 
 from tunesmith.config.schema import RegularizationConfig, UnfreezeConfig
-from tunesmith.models.loading import is_head
+from tunesmith.models.heads import is_head
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 EMBEDDING = re.compile(r"embed_tokens|wte|word_embeddings|prompt_encoder")
