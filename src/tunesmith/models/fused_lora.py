@@ -284,8 +284,9 @@ def _fused_forward(layer, peft_forward):
 def _down_operands(down: torch.nn.Module, x: torch.Tensor) -> tuple | None:
     """(weight, bias, lora_a, lora_b, scaling, in_place, state) for GatedDown: a plain Linear or 4-bit layer, or a
     LoRA layer the fused path takes; None for anything else (DoRA, dropout while training...)."""
-    if type(down) is torch.nn.Linear or quant_state(down) is not None:
-        return down.weight, down.bias, None, None, 1.0, True, quant_state(down)
+    state = quant_state(down)
+    if type(down) is torch.nn.Linear or state is not None:
+        return down.weight, down.bias, None, None, 1.0, True, state
     name = _fusable(down, x, (), {}) if hasattr(down, "lora_A") else None
     if name is None:
         return None

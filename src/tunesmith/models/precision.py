@@ -44,9 +44,7 @@ def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
         wanted = dtype if parameter.ndim >= 2 and not parameter.requires_grad else torch.float32
         if parameter.dtype != wanted:
             parameter.data = parameter.data.to(wanted)
-    embedding = model.get_input_embeddings()
-    if embedding.weight.dtype != torch.float32:
-        embedding.register_forward_hook(lambda module, inputs, output: output.float())
+    keep_residual_in_float32(model)
     compute_in(model, dtype)
 
 
@@ -69,13 +67,19 @@ def store_for_inference(model: torch.nn.Module, dtype: torch.dtype | None) -> to
     for parameter in model.parameters():
         if parameter.is_floating_point() and parameter.ndim >= 2 and id(parameter) not in kept:
             parameter.data = parameter.data.to(dtype)
-    embedding = model.get_input_embeddings()
-    if embedding.weight.dtype != torch.float32:
-        embedding.register_forward_hook(lambda module, inputs, output: output.float())
+    keep_residual_in_float32(model)
     compute_in(model, dtype, head=False)
     if head is not None and "forward" not in head.__dict__:
         head.forward = _in_float32(head.forward)
     return model
+
+
+def keep_residual_in_float32(model: torch.nn.Module) -> None:
+    """Cast the input embedding's output back to float32 where the embedding is stored in a lower dtype, so the
+    residual stream (the sums between layers) accumulates in float32."""
+    embedding = model.get_input_embeddings()
+    if embedding.weight.dtype != torch.float32:
+        embedding.register_forward_hook(lambda module, inputs, output: output.float())
 
 
 def compute_in(model: torch.nn.Module, dtype: torch.dtype, head: bool = True) -> None:
