@@ -120,8 +120,24 @@ def head_case(weight_dtype: torch.dtype, trained: bool):
     return hidden, weight, targets
 
 
+@pytest.fixture
+def head_kernel_dtypes(monkeypatch):
+    """The (hidden, head) dtypes each fused head kernel's chunked products were given."""
+    from tunesmith.train import loss, preference
+
+    seen, kernel = [], loss.head_softmax_chunks
+
+    def spy(hidden, head, targets):
+        seen.append((hidden.dtype, head.dtype))
+        return kernel(hidden, head, targets)
+
+    for module in (loss, preference):
+        monkeypatch.setattr(module, "head_softmax_chunks", spy)
+    return seen
+
+
 @pytest.mark.parametrize("weight_dtype, trained", [(torch.bfloat16, False), (torch.float32, True)])
-def test_head_cross_entropy_in_bf16_matches_the_unfused_bf16_reference(weight_dtype, trained):
+def test_head_cross_entropy_in_bf16_matches_the_unfused_bf16_reference(weight_dtype, trained, head_kernel_dtypes):
     """Tolerance: bf16 products (8 bits of mantissa) summed in fp32: 1e-3 relative on the loss, and gradients
     within 2% of their scale."""
     hidden, weight, targets = head_case(weight_dtype, trained)
@@ -134,6 +150,7 @@ def test_head_cross_entropy_in_bf16_matches_the_unfused_bf16_reference(weight_dt
     reference_logits = (hidden.to(torch.bfloat16) @ weight.to(torch.bfloat16).T).float()
     reference = F.cross_entropy(reference_logits, targets, reduction="sum")
     reference.backward()
+    assert head_kernel_dtypes == [(torch.bfloat16, torch.bfloat16)]  # the products ran at bf16's speed
     assert fused.dtype == torch.float32 and hidden.grad.dtype == grads[0].dtype == torch.float32
     torch.testing.assert_close(fused, reference, rtol=1e-3, atol=0)
     scale = hidden.grad.abs().max()
@@ -142,7 +159,7 @@ def test_head_cross_entropy_in_bf16_matches_the_unfused_bf16_reference(weight_dt
         torch.testing.assert_close(grads[1], weight.grad, rtol=0, atol=0.02 * float(weight.grad.abs().max()))
 
 
-def test_head_token_logprobs_in_bf16_match_the_unfused_bf16_reference():
+def test_head_token_logprobs_in_bf16_match_the_unfused_bf16_reference(head_kernel_dtypes):
     """Tolerance: each log-probability within bf16 rounding of its logits; their sum and the gradient as above."""
     hidden, weight, targets = head_case(torch.bfloat16, False)
     upstream = torch.randn(targets.shape[0], generator=torch.Generator().manual_seed(1))
@@ -152,6 +169,7 @@ def test_head_token_logprobs_in_bf16_match_the_unfused_bf16_reference():
     fused_grad, hidden.grad = hidden.grad.clone(), None
     reference = -F.cross_entropy((hidden.to(torch.bfloat16) @ weight.T).float(), targets, reduction="none")
     (reference * upstream).sum().backward()
+    assert head_kernel_dtypes == [(torch.bfloat16, torch.bfloat16)]
     assert fused.dtype == torch.float32
     # per token, a logit's bf16 rounding (2^-8 of logits up to ~5) moves a log-probability by up to ~0.02
     torch.testing.assert_close(fused, reference, rtol=0, atol=0.04)

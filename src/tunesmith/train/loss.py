@@ -66,8 +66,8 @@ class HeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.hidden_dtype = hidden.dtype
+        h, head = head_operands(hidden, weight)  # before autocast goes off: its dtype is the kernel's
         with torch.autocast(hidden.device.type, enabled=False):
-            h, head = head_operands(hidden, weight)
             total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
             grad_hidden = torch.empty_like(h) if want_hidden else None
             grad_weight = torch.zeros_like(weight) if want_weight else None
@@ -78,7 +78,10 @@ class HeadCrossEntropy(torch.autograd.Function):
                     if want_hidden:
                         grad_hidden[chunk.rows] = d_logits @ head
                     if want_weight:  # a trained head's gradient accumulates in its own (master) dtype
-                        grad_weight.addmm_(d_logits.T.to(weight.dtype), chunk.hidden.to(weight.dtype))
+                        if h.dtype == weight.dtype:
+                            grad_weight.addmm_(d_logits.T, chunk.hidden)
+                        else:  # the product at the kernel's speed, the running sum at the master's precision
+                            grad_weight.add_(d_logits.T @ chunk.hidden)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
@@ -95,7 +98,9 @@ class HeadCrossEntropy(torch.autograd.Function):
 def head_operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden and the head's weight in the fused head kernels' compute dtype: autocast's where it is on (so under
     bf16 training the (tokens x vocab) products run in bf16, and a head stored in bf16 is not copied), else
-    hidden's. Callers run the kernel with autocast off: its dtypes are chosen here, once."""
+    hidden's. Call it before switching autocast off for the kernel (inside, autocast reads as off and the products
+    would fall back to float32, with a bf16-stored head cast to float32 at every call): its dtypes are chosen here,
+    once."""
     dtype = kernel_dtype(hidden)
     return hidden.to(dtype), weight.to(dtype)
 

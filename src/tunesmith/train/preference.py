@@ -66,8 +66,8 @@ class HeadTokenLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ctx.hidden_dtype = hidden.dtype
+        h, head = head_operands(hidden, weight)  # before autocast goes off: its dtype is the kernel's
         with torch.autocast(hidden.device.type, enabled=False):
-            h, head = head_operands(hidden, weight)
             logprobs = torch.empty(targets.shape[0], dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
             grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
             for chunk in head_softmax_chunks(h, head, targets):
