@@ -28,6 +28,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tunesmith.hardware import describe
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -613,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{os.cpu_count()} CPU cores, torch threads {__import__('torch').get_num_threads()}",
+        "machine": f"{describe()}, torch threads {__import__('torch').get_num_threads()}",
         "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "scenarios": [],
     }

@@ -29,6 +29,14 @@ def test_flags_are_read_from_x86_and_arm_cpuinfo():
     assert hardware.cpu_flags("processor\t: 0\n") == set()
 
 
+def test_a_benchmark_names_the_processor_and_its_bf16_instructions():
+    x86 = X86.replace("model name", "cpu family\t: 6\nmodel\t\t: 143\nmodel name")
+    assert hardware.describe(x86).startswith("Some CPU (cpu family 6, model 143), ")
+    assert hardware.describe(x86).endswith(" cores, bf16: avx512_bf16")
+    assert hardware.describe(ARM).startswith("Arm CPU part 0xd4f, ") and hardware.describe(ARM).endswith("bf16: bf16")
+    assert hardware.describe("processor\t: 0\nflags\t: fpu sse\n").endswith("bf16: none")
+
+
 @pytest.fixture
 def machine(monkeypatch, tmp_path):
     """A machine whose flags and matmul timing the test sets, in a home with no cached timing; `timings` counts

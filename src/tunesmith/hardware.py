@@ -80,12 +80,26 @@ def cpu_flags(text: str | None = None) -> set[str]:
     return set()
 
 
-def processor_name() -> str:
-    for line in cpuinfo().splitlines():
+def processor_name(text: str | None = None) -> str:
+    """cpuinfo's model name, with x86's family and model numbers (a virtual machine's name is often only "Intel(R)
+    Xeon(R) Processor"; the numbers still tell its generation), or Arm's part number."""
+    fields = {}
+    for line in (cpuinfo() if text is None else text).splitlines():
         name, _, value = line.partition(":")
-        if name.strip() in ("model name", "CPU part"):
-            return value.strip()
+        fields.setdefault(name.strip(), value.strip())
+    if "model name" in fields:
+        numbers = [f"{key} {fields[key]}" for key in ("cpu family", "model") if key in fields]
+        return fields["model name"] + (f" ({', '.join(numbers)})" if numbers else "")
+    if "CPU part" in fields:
+        return f"Arm CPU part {fields['CPU part']}"
     return platform.processor() or platform.machine()
+
+
+def describe(text: str | None = None) -> str:
+    """The processor in one line for reports: its name, its cores and its bf16 instructions, which decide what
+    a figure measured on it means (a bf16 figure from an AMX processor says little about an AVX2 one)."""
+    found = [flag for flag in BF16_FLAGS if flag in cpu_flags(text)]
+    return f"{processor_name(text)}, {os.cpu_count()} cores, bf16: {', '.join(found) or 'none'}"
 
 
 def machine_key(flags: list[str]) -> str:
