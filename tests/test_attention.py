@@ -111,9 +111,13 @@ def test_examples_of_one_length_run_as_one_chunked_batch_and_the_row_equals_per_
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_in_bf16_the_chunked_kernel_is_taken_up_to_512_tokens():
+@pytest.mark.parametrize("flags, longest", [({"avx512_bf16"}, 512), ({"avx512_bf16", "amx_bf16"}, 192)])
+def test_in_bf16_the_chunked_kernel_is_taken_up_to_where_sdpa_wins_on_this_cpu(monkeypatch, flags, longest):
+    monkeypatch.setattr(attention.hardware, "cpu_flags", lambda: flags)
     query = torch.zeros(1, 9, 4, 2, dtype=torch.bfloat16)
-    assert attention.takes_chunked(query, 12, 512, {}) and not attention.takes_chunked(query, 12, 1024, {})
+    assert attention.takes_chunked(query, 12, 128, {}) and attention.takes_chunked(query, 12, longest, {})
+    assert not attention.takes_chunked(query, 12, longest + 1, {}) and not attention.takes_chunked(query, 12, 1024, {})
+    assert attention.takes_chunked(query.float(), 12, 1024, {})  # float32's limits are the same on both
 
 
 @pytest.mark.parametrize("change", [dict(dtype=torch.float64), dict(dropout=0.1), dict(length=2048)])

@@ -6,7 +6,7 @@ the row, so no token ever sees another example, no (T, T) mask exists and no att
 saved for backward. The work is the sum of the examples' squared lengths, not the row's squared length.
 
 Examples of one length run together, as one batch. On CPU, in fp32 or bf16, a batch of them goes through
-`causal_attention` below when that is faster than SDPA's fused kernel (`CHUNKED`, `CHUNKED_BF16`); everything else
+`causal_attention` below when that is faster than SDPA's fused kernel (`CHUNKED`, `CHUNKED_BF16[_AMX]`); everything else
 goes through SDPA, one example at a time. In bf16, softmax and the key and value gradients' sums over chunks run in
 float32.
 
@@ -24,6 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from tunesmith import hardware
 from tunesmith.models.precision import kernel_dtype
 
 NAME = "tunesmith"
@@ -36,6 +37,10 @@ CHUNKED = {"min_key_heads": 6, "min_length": 128, "max_length": 1024}
 # 8 x 256, with the largest gradient error within 1.25x of SDPA's own bf16 kernel; at 2 x 1024 no faster (67 against
 # 71) and 4x SDPA's error (each chunk's key and value gradients round to bf16 before they are summed), so SDPA there.
 CHUNKED_BF16 = {"min_key_heads": 6, "min_length": 128, "max_length": 512}
+# With AMX (a Xeon, family 6 model 167, 2 cores), SDPA's bf16 kernel multiplies in AMX tiles and wins from 256
+# tokens (ms, chunked against SDPA: 16 x 128: 15.3 / 32.6; 10 x 192: 19.6 / 21.8; 8 x 256: 23.2 / 21.5; 4 x 512:
+# 41.3 / 30.4; 2 x 1024: 86.2 / 37.8), so the chunked kernel keeps only the short lengths there.
+CHUNKED_BF16_AMX = {"min_key_heads": 6, "min_length": 128, "max_length": 192}
 CHUNK_ROWS = 96  # query rows (positions x query heads per key head) per product: small enough to stay in cache
 
 
@@ -90,10 +95,15 @@ def segment_attention(
     return torch.cat([pieces[index] for index in range(len(lengths))], dim=1), None
 
 
+def bf16_limits() -> dict:
+    """Where the chunked kernel beats SDPA in bf16 on this CPU: CHUNKED_BF16_AMX with AMX tiles, else CHUNKED_BF16."""
+    return CHUNKED_BF16_AMX if "amx_bf16" in hardware.cpu_flags() else CHUNKED_BF16
+
+
 def takes_chunked(query: torch.Tensor, key_heads: int, length: int, kwargs: dict) -> bool:
     """Whether `key_heads` (examples x key heads) of causal attention over `length` positions run faster through
     `causal_attention` than through SDPA (see CHUNKED)."""
-    limits = {torch.float32: CHUNKED, torch.bfloat16: CHUNKED_BF16}.get(kernel_dtype(query))
+    limits = {torch.float32: CHUNKED, torch.bfloat16: bf16_limits()}.get(kernel_dtype(query))
     if (
         query.device.type != "cpu"
         or limits is None
