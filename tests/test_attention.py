@@ -86,16 +86,24 @@ class Layer(torch.nn.Module):
     num_key_value_groups, is_causal, layer_idx = 2, True, 0
 
 
-def test_examples_of_one_length_run_as_one_chunked_batch_and_the_row_equals_per_example_attention(monkeypatch):
-    lengths = (20, 33, 20, 7, 20)
+@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("lengths", [(20, 33, 20, 7, 20), (33, 20, 20, 20, 7)])  # apart in the row, and adjacent
+def test_examples_of_one_length_run_as_one_batch_and_the_row_equals_per_example_attention(
+    monkeypatch, chunked, lengths
+):
     tensors = [layout(1, sum(lengths), 4, 8, 0), layout(1, sum(lengths), 2, 8, 1), layout(1, sum(lengths), 2, 8, 2)]
     grad = torch.randn(1, sum(lengths), 4, 8, generator=torch.Generator().manual_seed(3))
     # Only a batch of at least 3 examples x 2 key heads takes the chunked kernel here: the three of length 20.
-    monkeypatch.setitem(attention.CHUNKED, "min_key_heads", 6)
+    monkeypatch.setitem(attention.CHUNKED, "min_key_heads", 6 if chunked else 1000)
     monkeypatch.setitem(attention.CHUNKED, "min_length", 1)
-    batches = []
-    kernel = attention.causal_attention
+    batches, sdpa_batches = [], []
+    kernel, fused = attention.causal_attention, attention.sdpa_attention_forward
     monkeypatch.setattr(attention, "causal_attention", lambda q, *rest: batches.append(q.shape) or kernel(q, *rest))
+    monkeypatch.setattr(
+        attention,
+        "sdpa_attention_forward",
+        lambda m, q, *rest, **kw: sdpa_batches.append(q.shape) or fused(m, q, *rest, **kw),
+    )
 
     def packed(q, k, v):
         return attention.segment_attention(Layer(), q, k, v, None, segment_lengths=lengths, scaling=1 / math.sqrt(8))[0]
@@ -104,7 +112,8 @@ def test_examples_of_one_length_run_as_one_chunked_batch_and_the_row_equals_per_
         return torch.cat([sdpa(*parts) for parts in zip(*(t.split(lengths, dim=2) for t in (q, k, v)))], dim=1)
 
     ours, our_grads = outputs_and_grads(packed, tensors, grad)
-    assert batches == [(3, 4, 20, 8)]
+    assert batches == ([(3, 4, 20, 8)] if chunked else [])
+    assert sorted(sdpa_batches) == sorted(([] if chunked else [(3, 4, 20, 8)]) + [(1, 4, 33, 8), (1, 4, 7, 8)])
     expected, expected_grads = outputs_and_grads(one_by_one, tensors, grad)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     for got, want in zip(our_grads, expected_grads):

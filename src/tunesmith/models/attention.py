@@ -6,8 +6,8 @@ the row, so no token ever sees another example, no (T, T) mask exists and no att
 saved for backward. The work is the sum of the examples' squared lengths, not the row's squared length.
 
 Examples of one length run together, as one batch. On CPU, in fp32 or bf16, a batch of them goes through
-`causal_attention` below when that is faster than SDPA's fused kernel (`CHUNKED`, `CHUNKED_BF16[_AMX]`); everything else
-goes through SDPA, one example at a time. In bf16, softmax and the key and value gradients' sums over chunks run in
+`causal_attention` below when that is faster than SDPA's fused kernel (`CHUNKED`, `CHUNKED_BF16[_AMX]`), else through
+one SDPA call. In bf16, softmax and the key and value gradients' sums over chunks run in
 float32.
 
 Without `segment_lengths` (generation, scoring with a cache, batched padded inputs) it is exactly
@@ -17,6 +17,7 @@ transformers' SDPA attention, so one loaded model serves training and inference.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -71,28 +72,40 @@ def segment_attention(
         raise ValueError("segment_lengths is for training on flat packed rows: no mask and no cache")
     lengths = tuple(segment_lengths or (query.shape[2],))
     kwargs.pop("is_causal", None)
-    slices = list(zip(*(t.split(lengths, dim=2) for t in (query, key, value))))
     if segment_prefix is not None:
+        slices = list(zip(*(t.split(lengths, dim=2) for t in (query, key, value))))
         prefix = segment_prefix[module.layer_idx]
         return torch.cat([prefixed_attention(module, *example, *prefix, **kwargs) for example in slices], dim=1), None
+    starts = [0, *itertools.accumulate(lengths)][:-1]
     by_length: dict[int, list[int]] = {}
     for index, length in enumerate(lengths):
         by_length.setdefault(length, []).append(index)
     pieces: dict[int, torch.Tensor] = {}
-    for length, members in by_length.items():  # the examples of one length run as one batch where that pays
-        if takes_chunked(query, key.shape[0] * key.shape[1] * len(members), length, kwargs):
+    for length, members in by_length.items():  # the examples of one length run as one batch
+        q, k, v = (grouped(row, starts, length, members) for row in (query, key, value))
+        if takes_chunked(query, k.shape[0] * k.shape[1], length, kwargs):
             # One dtype for the kernel: under autocast its dtype (rotary embeddings leave q and k in float32 while v
             # comes out of its projection in bf16), else the query's.
             dtype = kernel_dtype(query)
-            q, k, v = (torch.cat([slices[i][part] for i in members]).to(dtype) for part in range(3))
             scale = kwargs.get("scaling") or 1 / math.sqrt(q.shape[-1])
             chunk = max(8, CHUNK_ROWS * k.shape[1] // q.shape[1])
-            for index, piece in zip(members, causal_attention(q, k, v, scale, chunk).split(query.shape[0])):
-                pieces[index] = piece
-        else:
-            for index in members:
-                pieces[index] = sdpa_attention_forward(module, *slices[index], None, is_causal=True, **kwargs)[0]
+            out = causal_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale, chunk)
+        else:  # one SDPA call for the group: 4 x 512 tokens in 27 ms against 38 for four calls (bf16, fwd + bwd)
+            out = sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+        for index, piece in zip(members, out.split(query.shape[0])):
+            pieces[index] = piece
     return torch.cat([pieces[index] for index in range(len(lengths))], dim=1), None
+
+
+def grouped(row: torch.Tensor, starts: list[int], length: int, members: list[int]) -> torch.Tensor:
+    """The `members` examples (each `length` long, at `starts` in the packed (B, heads, T, dim) `row`) as one
+    (examples x B, heads, length, dim) batch: a view of the row where they are adjacent in it (equal-length examples
+    usually are), so nothing is copied and saved twice for backward; else a concatenation."""
+    first = starts[members[0]]
+    if row.shape[0] == 1 and members == list(range(members[0], members[-1] + 1)):
+        run = row[:, :, first : first + length * len(members)]
+        return run.unflatten(2, (len(members), length)).squeeze(0).transpose(0, 1)
+    return torch.cat([row[:, :, starts[i] : starts[i] + length] for i in members])
 
 
 def bf16_limits() -> dict:
