@@ -104,6 +104,22 @@ def test_layer_lr_decay_scales_each_layer_below_the_top(tiny_model):
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # the logged rate is the top layer's
 
 
+def test_adamw_runs_its_fused_kernel_on_float32_cpu_weights_and_its_loop_elsewhere(tiny_model):
+    model = model_with(tiny_model, "full")
+    fused = build_optimizer(model, TrainConfig(lr=1e-3))
+    assert all(group["fused"] for group in fused.param_groups)
+    reference = torch.optim.AdamW(
+        [p.detach().clone().requires_grad_() for p in fused.param_groups[0]["params"]], lr=1e-3
+    )
+    for parameter, twin in zip(fused.param_groups[0]["params"], reference.param_groups[0]["params"]):
+        parameter.grad = twin.grad = torch.randn_like(parameter)
+    fused.step(), reference.step()  # the same update, to float32 rounding
+    for parameter, twin in zip(fused.param_groups[0]["params"], reference.param_groups[0]["params"]):
+        torch.testing.assert_close(parameter, twin)
+    model.model.norm.weight.data = model.model.norm.weight.data.half()
+    assert not any(group["fused"] for group in build_optimizer(model, TrainConfig(lr=1e-3)).param_groups)
+
+
 def test_l2_sp_keeps_full_fine_tuning_closer_to_the_pretrained_weights(tmp_path, tiny_model, chat_rows):
     from safetensors.torch import load_file
 
