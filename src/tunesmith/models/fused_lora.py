@@ -242,6 +242,8 @@ def cast_once(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     the input's own dtype (_SharedCast)."""
     if tensor.dtype == dtype:
         return tensor
+    if torch.compiler.is_compiling():  # a compiled layer (train.compile) dedupes its casts itself; the cache below
+        return tensor.to(dtype)  # is Python state its guards cannot follow
     last = _LAST_CAST
     fresh = not (last.source is not None and last.source() is tensor and last.version == tensor._version)
     if fresh or last.cast.dtype != dtype:
