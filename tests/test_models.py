@@ -350,3 +350,61 @@ def test_real_builtin_model_pulls_and_answers():
         output = model.generate(**inputs, max_new_tokens=20, do_sample=False)
     reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in reply
+
+
+@pytest.mark.parametrize(
+    "family, transform",
+    [("granite", {"logits_scaling": 8.0}), ("gemma3", {"final_logit_softcapping": 3.0, "head_dim": 8})],
+)
+def test_a_models_logit_transform_reaches_the_packed_training_loss_and_its_gradients(tmp_path, family, transform):
+    """Granite divides its logits by logits_scaling and Gemma soft-caps them: the loss tunesmith trains on (the
+    head applied at the target positions only) must be the model's own, gradients included."""
+    import torch.nn.functional as F
+    import transformers
+    from conftest import CHATML, build_tokenizer
+
+    from tunesmith.config.schema import AdapterConfig
+    from tunesmith.data.packing import collate_rows
+    from tunesmith.data.tokenize import TokenizedExample
+    from tunesmith.train.loss import token_loss_sum
+    from tunesmith.train.session import build_model
+
+    config_class, model_class = {
+        "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+    }[family]
+    tokenizer = build_tokenizer(CHATML, "<|im_end|>")
+    torch.manual_seed(0)
+    config = config_class(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, **transform,
+    )  # fmt: skip
+    model_class(config).save_pretrained(tmp_path / family)
+    tokenizer.save_pretrained(tmp_path / family)
+    model = build_model(
+        str(tmp_path / family), AdapterConfig(type="lora", r=4, target="all-linear"), torch.device("cpu")
+    )
+    generator = torch.Generator().manual_seed(0)
+    for parameter in model.parameters():  # LoRA's B starts at zero: give the adapter something to differentiate
+        if parameter.requires_grad:
+            parameter.data.normal_(0, 0.05, generator=generator)
+    ids = [torch.randint(5, len(tokenizer) - 5, (n,), generator=generator).tolist() for n in (7, 6, 7)]
+    examples = [TokenizedExample(row, [False] * 4 + [True] * (len(row) - 4)) for row in ids]
+    packed = token_loss_sum(model, collate_rows(examples, [[0, 1, 2]], 1)[0])
+    packed.backward()
+    ours = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    own = sum(
+        F.cross_entropy(
+            model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1][torch.tensor(e.loss_mask[1:])],
+            torch.tensor(e.input_ids[1:])[torch.tensor(e.loss_mask[1:])],
+            reduction="sum",
+        )
+        for e in examples
+    )
+    own.backward()
+    torch.testing.assert_close(packed, own, rtol=1e-5, atol=0)
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(ours[name], parameter.grad, rtol=1e-4, atol=1e-6)

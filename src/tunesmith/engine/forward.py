@@ -20,9 +20,40 @@ HEAD_CHUNK = 256
 
 
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The transformer body and the output head of a causal LM, through a PEFT wrapper if there is one."""
+    """The transformer body and the output head of a causal LM, through a PEFT wrapper if there is one. Where the
+    model transforms its logits after the head, the head comes with that transform (TransformedHead)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
+    head = base.get_output_embeddings()
+    config = getattr(base, "config", None)
+    scale = 1.0 / (getattr(config, "logits_scaling", None) or 1.0) * (getattr(config, "logit_scale", None) or 1.0)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if head is not None and (scale != 1.0 or softcap):
+        return base.get_decoder(), TransformedHead(head, scale, softcap)
+    return base.get_decoder(), head
+
+
+class TransformedHead(torch.nn.Module):
+    """An output head followed by the transform its model applies to the logits: Granite divides them by
+    `logits_scaling`, Cohere multiplies them by `logit_scale`, Gemma 2 and 3 soft-cap them (cap x tanh(logits /
+    cap)). Every path that applies the head itself (the chunked losses, scoring, RL, distillation) then computes
+    the model's own logits. It is not a plain Linear, so the fused head kernels, which know no transform, are not
+    taken for such a model."""
+
+    def __init__(self, head: torch.nn.Module, scale: float, softcap: float | None):
+        super().__init__()
+        self.head, self.scale, self.softcap = head, scale, softcap
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 def hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
