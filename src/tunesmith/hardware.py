@@ -43,7 +43,7 @@ def cpu_bf16() -> Bf16Support:
     TUNESMITH_CPU_BF16=0 says no without looking (float32 runs that must match another machine's, the test suite)."""
     if os.environ.get(OFF_SWITCH) == "0":
         return Bf16Support(False, f"{OFF_SWITCH}=0")
-    found = [flag for flag in BF16_FLAGS if flag in cpu_flags()]
+    found = bf16_flags()
     if not found:
         return Bf16Support(False, "no bf16 instructions in the CPU flags (amx_bf16, avx512_bf16 or Arm bf16)")
     key = machine_key(found)
@@ -71,13 +71,24 @@ def cpuinfo() -> str:
         return ""
 
 
-def cpu_flags(text: str | None = None) -> set[str]:
-    """The CPU's feature flags (x86 `flags`, Arm `Features`) from cpuinfo `text`, this machine's by default."""
-    for line in (cpuinfo() if text is None else text).splitlines():
+def cpu_flags(text: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags (x86 `flags`, Arm `Features`) from cpuinfo `text`, this machine's by default. Parsed
+    once per text: attention asks on every call (attention.bf16_limits)."""
+    return _parsed_flags(cpuinfo() if text is None else text)
+
+
+@functools.cache
+def _parsed_flags(text: str) -> frozenset[str]:
+    for line in text.splitlines():
         name, _, value = line.partition(":")
         if name.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
+            return frozenset(value.split())
+    return frozenset()
+
+
+def bf16_flags(text: str | None = None) -> list[str]:
+    """Which of BF16_FLAGS the CPU has, in BF16_FLAGS' order."""
+    return [flag for flag in BF16_FLAGS if flag in cpu_flags(text)]
 
 
 def processor_name(text: str | None = None) -> str:
@@ -98,8 +109,7 @@ def processor_name(text: str | None = None) -> str:
 def describe(text: str | None = None) -> str:
     """The processor in one line for reports: its name, its cores and its bf16 instructions, which decide what
     a figure measured on it means (a bf16 figure from an AMX processor says little about an AVX2 one)."""
-    found = [flag for flag in BF16_FLAGS if flag in cpu_flags(text)]
-    return f"{processor_name(text)}, {os.cpu_count()} cores, bf16: {', '.join(found) or 'none'}"
+    return f"{processor_name(text)}, {os.cpu_count()} cores, bf16: {', '.join(bf16_flags(text)) or 'none'}"
 
 
 def machine_key(flags: list[str]) -> str:

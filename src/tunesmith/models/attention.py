@@ -7,8 +7,7 @@ saved for backward. The work is the sum of the examples' squared lengths, not th
 
 Examples of one length run together, as one batch. On CPU, in fp32 or bf16, a batch of them goes through
 `causal_attention` below when that is faster than SDPA's fused kernel (`CHUNKED`, `CHUNKED_BF16[_AMX]`), else through
-one SDPA call. In bf16, softmax and the key and value gradients' sums over chunks run in
-float32.
+one SDPA call. In bf16, softmax and the key and value gradients' sums over chunks run in float32.
 
 Without `segment_lengths` (generation, scoring with a cache, batched padded inputs) it is exactly
 transformers' SDPA attention, so one loaded model serves training and inference.
