@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.packing import IGNORE, Batch
 from tunesmith.models.adapters import soft_prompt
+from tunesmith.models.fused_lora import gated_down_refusal, is_lora_linear
 
 # Positions per output-head chunk: 256 x 49152 fp32 logits = 48 MiB. The chunk is alive at the step's peak (the end
 # of the forward, with every activation saved), so it adds to peak RSS: 1024 rows cost 75 MB more on QLoRA fixed512
@@ -32,6 +33,52 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     return base.get_decoder(), head
 
 
+def training_paths(model: torch.nn.Module) -> dict[str, str]:
+    """Which of tunesmith's fused training paths this model takes, and why a path is off where it is (a family's
+    MLP, attention or head that a kernel does not compute exactly): printed when training starts."""
+    modules = dict(model.named_modules())
+    paths = {}
+    lora = [module for module in modules.values() if is_lora_linear(module)]
+    if lora:
+        fused = sum("forward" in module.__dict__ for module in lora)
+        paths["LoRA"] = f"fused on {fused} of {len(lora)} LoRA linears"
+    mlps = [module for name, module in modules.items() if name.endswith(".mlp")]
+    if mlps:
+        refusals = sorted({gated_down_refusal(mlp) for mlp in mlps} - {None})
+        gated = sum("forward" in mlp.__dict__ for mlp in mlps)
+        paths["MLP"] = f"GatedDown on {gated} of {len(mlps)} MLPs" + "".join(f"; off: {why}" for why in refusals)
+    paths["attention"] = attention_path(model, [m for name, m in modules.items() if name.endswith(".self_attn")])
+    _, head = decoder_and_head(model)
+    if isinstance(head, TransformedHead):
+        paths["head"] = f"{head.describe()}, per chunk; the fused head losses are off (they know no transform)"
+    elif type(head) is torch.nn.Linear and head.bias is None:
+        paths["head"] = "fused cross-entropy (no logits kept for backward)"
+    else:
+        paths["head"] = f"{type(head).__name__}, per chunk of positions"
+    return paths
+
+
+def attention_path(model: torch.nn.Module, layers: list[torch.nn.Module]) -> str:
+    """How packed attention runs on the model's attention `layers`: sliding windows, soft-capped logits."""
+    config = getattr(model, "config", None)
+    windows = [getattr(layer, "sliding_window", getattr(config, "sliding_window", None)) for layer in layers]
+    capped = [
+        getattr(layer, "attn_logit_softcapping", getattr(config, "attn_logit_softcapping", None)) for layer in layers
+    ]
+    cap = max(filter(None, capped), default=None)
+    kernel = "SDPA, or the chunked kernel where it is faster"
+    if cap:
+        kernel = f"the model's eager attention (it soft-caps attention logits at {cap:g}, which SDPA cannot)"
+    notes = [f"packed, per example: {kernel}"]
+    sliding = [window for window in windows if window]
+    if sliding:
+        notes.append(
+            f"a sliding window of {min(sliding)} on {len(sliding)} of {len(layers)} layers (a band mask for longer "
+            "examples, which the chunked kernel does not take)"
+        )
+    return "; ".join(notes)
+
+
 class TransformedHead(torch.nn.Module):
     """An output head followed by the transform its model applies to the logits: Granite divides them by
     `logits_scaling`, Cohere multiplies them by `logit_scale`, Gemma 2 and 3 soft-cap them (cap x tanh(logits /
@@ -46,6 +93,11 @@ class TransformedHead(torch.nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.head.weight
+
+    def describe(self) -> str:
+        scale = f"logits x {self.scale:g}" if self.scale != 1.0 else ""
+        softcap = f"logits soft-capped at {self.softcap:g}" if self.softcap else ""
+        return "the model's " + " and ".join(filter(None, [scale, softcap]))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden)

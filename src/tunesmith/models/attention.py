@@ -11,6 +11,11 @@ one SDPA call. In bf16, softmax and the key and value gradients' sums over chunk
 
 Without `segment_lengths` (generation, scoring with a cache, batched padded inputs) it is exactly
 transformers' SDPA attention, so one loaded model serves training and inference.
+
+A model's own variations hold on every path: a sliding-window layer (Mistral, Gemma 2/3, Phi-3; the model passes
+`sliding_window`) sees only its last `sliding_window` positions, through a band mask when an example is longer than
+the window; soft-capped attention logits (Gemma 2's `softcap`), which SDPA cannot compute, go through the model's
+own eager attention.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import sys
 
 import torch
 from transformers import AttentionInterface
@@ -66,7 +72,9 @@ def segment_attention(
         and (attention_mask is not None or query.shape[2] != key.shape[2])
     )
     if segment_prefix is None and whole:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        if attention_mask is None and query.shape[2] == key.shape[2]:  # segment_mask left the causal pass to us
+            attention_mask = sliding_window_mask(query.shape[2], kwargs.get("sliding_window"), query.device)
+        return attend(module, query, key, value, attention_mask, **kwargs), None
     if attention_mask is not None or query.shape[2] != key.shape[2]:
         raise ValueError("segment_lengths is for training on flat packed rows: no mask and no cache")
     lengths = tuple(segment_lengths or (query.shape[2],))
@@ -90,7 +98,8 @@ def segment_attention(
             chunk = max(8, CHUNK_ROWS * k.shape[1] // q.shape[1])
             out = causal_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale, chunk)
         else:  # one SDPA call for the group: 4 x 512 tokens in 27 ms against 38 for four calls (bf16, fwd + bwd)
-            out = sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+            window = sliding_window_mask(length, kwargs.get("sliding_window"), query.device)
+            out = attend(module, q, k, v, window, is_causal=window is None, **kwargs)
         for index, piece in zip(members, out.split(query.shape[0])):
             pieces[index] = piece
     return torch.cat([pieces[index] for index in range(len(lengths))], dim=1), None
@@ -122,6 +131,7 @@ def takes_chunked(query: torch.Tensor, key_heads: int, length: int, kwargs: dict
         or kwargs.get("dropout")
         or kwargs.get("softcap") is not None
         or kwargs.get("position_bias") is not None
+        or (kwargs.get("sliding_window") or length) < length  # the kernel is causal only, with no window
     ):
         return False
     return key_heads >= limits["min_key_heads"] and limits["min_length"] <= length <= limits["max_length"]
@@ -139,7 +149,7 @@ def prefixed_attention(
     """One example's causal attention after `prefix_key`/`prefix_value`, which it sees in full (prefix tuning)."""
     virtual, length = prefix_key.shape[2], q.shape[2]
     visible = torch.ones(length, virtual + length, dtype=torch.bool, device=q.device).tril(virtual)
-    return sdpa_attention_forward(
+    return attend(
         module,
         q,
         torch.cat([prefix_key.to(k.dtype), k], dim=2),
@@ -147,7 +157,47 @@ def prefixed_attention(
         visible[None, None],
         is_causal=False,
         **kwargs,
-    )[0]
+    )
+
+
+def attend(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    visible: torch.Tensor | None,
+    **kwargs,
+) -> torch.Tensor:
+    """(B, T, heads, head_dim) attention of (B, heads, T, head_dim) inputs where the boolean mask `visible` allows
+    (None: causal, aligned to the last key), through SDPA; with soft-capped logits (`softcap`: Gemma 2), through the
+    eager attention of the model's own module, which SDPA cannot replace."""
+    if kwargs.get("softcap") is None:
+        return sdpa_attention_forward(module, query, key, value, visible, **kwargs)[0]
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(
+            f"{type(module).__name__} soft-caps its attention logits, and its module has no eager attention"
+        )
+    if visible is None:
+        offset = key.shape[2] - query.shape[2]
+        visible = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril(offset)
+    kwargs.pop("is_causal", None)
+    additive = visible
+    if visible.dtype == torch.bool:  # eager attention adds its mask to the scores
+        additive = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
+        additive.masked_fill_(~visible, torch.finfo(query.dtype).min)
+    return eager(module, query, key, value, additive, **kwargs)[0]
+
+
+@functools.lru_cache(maxsize=16)
+def sliding_window_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Where each of `length` positions may look in a sliding-window layer: itself and the `window` - 1 positions
+    before it (transformers' sliding_window_overlay); None where the window covers every position (plain causal)."""
+    if window is None or length <= window:
+        return None
+    positions = torch.arange(length, device=device)
+    offset = positions[:, None] - positions[None, :]
+    return (offset >= 0) & (offset < window)
 
 
 @torch.library.custom_op("tunesmith::causal_attention", mutates_args=())

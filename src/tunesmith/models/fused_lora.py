@@ -320,15 +320,27 @@ def _gated_forward(mlp, original_forward):
 def fuse_gated_mlps(model: torch.nn.Module) -> int:
     """Give every SwiGLU MLP in `model` (gate_proj, up_proj, down_proj and a SiLU: Llama, Qwen, Mistral...)
     the GatedDown path; returns how many took it. Others (GELU, a fused gate_up_proj) are left as they are."""
-    from transformers.activations import SiLUActivation
-
     count = 0
     for module in model.modules():
-        gated = all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
-        if gated and isinstance(module.act_fn, (torch.nn.SiLU, SiLUActivation)) and "forward" not in module.__dict__:
+        if gated_down_refusal(module) is None and "forward" not in module.__dict__:
             module.forward = _gated_forward(module, module.forward)
             count += 1
     return count
+
+
+def gated_down_refusal(mlp: torch.nn.Module) -> str | None:
+    """Why `mlp` cannot take the GatedDown path, or None where it can (a SwiGLU MLP)."""
+    from transformers.activations import SiLUActivation
+
+    if hasattr(mlp, "experts") or hasattr(mlp, "router") or hasattr(mlp, "gate") and not hasattr(mlp, "gate_proj"):
+        return "a mixture of experts"
+    if hasattr(mlp, "gate_up_proj"):
+        return "its gate and up projections are one fused linear"
+    if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return "no gated MLP"
+    if not isinstance(mlp.act_fn, (torch.nn.SiLU, SiLUActivation)):
+        return f"its activation is {type(mlp.act_fn).__name__}, the kernel's is SiLU"
+    return None
 
 
 def is_lora_linear(module: torch.nn.Module) -> bool:

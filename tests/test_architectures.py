@@ -1,0 +1,201 @@
+"""The architecture matrix: every model family a user brings, as a tiny random model built from transformers' own
+config class, trained through tunesmith's paths and checked against the family's plain transformers model.
+
+Each family's config turns on what sets it apart (sliding windows of 4 positions, soft-capped logits, q/k norms,
+scaled logits and embeddings, experts), so an example of 9 tokens crosses every window. The reference is the
+family's model with transformers' eager attention and PEFT's own LoRA layers: none of tunesmith's fused paths
+(fused LoRA linears, GatedDown, the chunked attention kernel, the fused head losses, packing) runs there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from conftest import CHATML, build_tokenizer
+
+from tunesmith.config.schema import AdapterConfig
+from tunesmith.data.packing import collate_rows
+from tunesmith.data.tokenize import TokenizedExample
+from tunesmith.engine.forward import training_paths
+from tunesmith.models import attention
+from tunesmith.train.loss import token_loss_sum
+from tunesmith.train.session import build_model
+
+WINDOW = 4  # sliding-window layers see their last 4 positions
+SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+QWEN_WINDOW = dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)  # layer 1 slides
+EXPERTS = dict(num_experts=4, num_experts_per_tok=2)
+GEMMA2 = dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0, query_pre_attn_scalar=8)
+GRANITE = dict(logits_scaling=8.0, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2)
+GEMMA3_LAYERS = ["sliding_attention", "full_attention"]
+# family: (config class, causal LM class, what the family's config turns on)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", QWEN_WINDOW),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(QWEN_WINDOW, head_dim=8)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(GEMMA2, sliding_window=WINDOW, head_dim=8)),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(sliding_window=WINDOW, head_dim=8, layer_types=GEMMA3_LAYERS, final_logit_softcapping=3.0),
+    ),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=WINDOW)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", GRANITE),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(no_rope_layer_interval=2)),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(EXPERTS, head_dim=8, decoder_sparse_step=1, moe_intermediate_size=32),
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+    ),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", EXPERTS),
+}
+
+
+# What each family takes (training_paths): GatedDown (a SwiGLU MLP), "window" (sliding-window layers), "eager"
+# (soft-capped attention logits: the model's eager attention), "fused head" (no logit transform).
+PATHS = {
+    "llama": {"GatedDown", "fused head"},
+    "qwen2": {"GatedDown", "window", "fused head"},
+    "qwen3": {"GatedDown", "window", "fused head"},
+    "gemma2": {"window", "eager"},
+    "gemma3": {"window"},
+    "mistral": {"GatedDown", "window", "fused head"},
+    "phi3": {"window", "fused head"},
+    "olmo2": {"GatedDown", "fused head"},
+    "granite": {"GatedDown"},
+    "smollm3": {"GatedDown", "fused head"},
+    "qwen3_moe": {"fused head"},
+    "mixtral": {"window", "fused head"},
+    "olmoe": {"fused head"},
+}
+EVERY_LAYER_SLIDES = {"mistral", "phi3", "mixtral"}  # no layer the chunked kernel takes 9-token examples on
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(CHATML, "<|im_end|>")
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_dir(request, tmp_path_factory, tokenizer):
+    """The family's tiny model (2 layers, hidden 32, 4 query heads over 2 key heads), saved as a local directory."""
+    config_name, model_name, extra = FAMILIES[request.param]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, **SHAPE, **extra,
+    )  # fmt: skip
+    directory = tmp_path_factory.mktemp(request.param, numbered=False)
+    getattr(transformers, model_name)(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def lora_model(directory) -> torch.nn.Module:
+    """tunesmith's LoRA model of the family, every adapter weight random (B starts at zero, which differentiates
+    nothing)."""
+    model = build_model(str(directory), AdapterConfig(type="lora", r=4, target="all-linear"), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(1)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data.normal_(0, 0.05, generator=generator)
+    return model
+
+
+def reference_model(directory, trained: torch.nn.Module) -> torch.nn.Module:
+    """The family's plain transformers model (eager attention) under PEFT's LoRA, with `trained`'s adapter weights."""
+    from peft import get_peft_model
+
+    from tunesmith.models.adapters import lora_settings
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    base = getattr(transformers, FAMILIES_BY_TYPE[config.model_type]).from_pretrained(
+        directory, attn_implementation="eager", dtype=torch.float32
+    )
+    reference = get_peft_model(base, lora_settings(AdapterConfig(type="lora", r=4, target="all-linear"), "CAUSAL_LM"))
+    adapter = {name: p.detach() for name, p in trained.named_parameters() if p.requires_grad}
+    missing = set(adapter) - {name for name, _ in reference.named_parameters()}
+    assert not missing, f"tunesmith's adapter has weights PEFT's does not: {sorted(missing)[:4]}"
+    reference.load_state_dict(adapter, strict=False)
+    return reference
+
+
+FAMILIES_BY_TYPE = {
+    getattr(transformers, config_name).model_type: model_name for config_name, model_name, _ in FAMILIES.values()
+}
+
+
+def examples(vocab: int) -> list[TokenizedExample]:
+    """Three examples of 9, 6 and 9 tokens, loss on all but the first 3 (9 crosses the window of 4)."""
+    generator = torch.Generator().manual_seed(2)
+    rows = [torch.randint(5, vocab - 5, (n,), generator=generator).tolist() for n in (9, 6, 9)]
+    return [TokenizedExample(row, [False] * 3 + [True] * (len(row) - 3)) for row in rows]
+
+
+def per_example_loss(model: torch.nn.Module, batch: list[TokenizedExample]) -> torch.Tensor:
+    """The summed cross-entropy of each example run alone through `model`'s own forward and logits."""
+    total = torch.zeros(())
+    for example in batch:
+        logits = model(input_ids=torch.tensor([example.input_ids])).logits[0, :-1]
+        mask = torch.tensor(example.loss_mask[1:])
+        total = total + F.cross_entropy(logits[mask], torch.tensor(example.input_ids[1:])[mask], reduction="sum")
+    return total
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "chunked"])
+def test_packed_training_gives_the_plain_models_loss_and_gradients(family_dir, tokenizer, kernel, monkeypatch):
+    """Packed into one row, through every fused path (with `chunked`, tunesmith's attention kernel on every layer it
+    can take), the loss and LoRA gradients are the family's own model's, example by example."""
+    calls = []
+    if kernel == "chunked":
+        monkeypatch.setattr(attention, "CHUNKED", {"min_key_heads": 1, "min_length": 1, "max_length": 10**6})
+        kernel_function = attention.causal_attention
+        monkeypatch.setattr(attention, "causal_attention", lambda *args: calls.append(1) or kernel_function(*args))
+    model = lora_model(family_dir)
+    batch = examples(len(tokenizer))
+    packed = token_loss_sum(model, collate_rows(batch, [[0, 1, 2]], 1)[0])
+    packed.backward()
+    family = family_dir.name
+    assert bool(calls) == (kernel == "chunked" and family not in EVERY_LAYER_SLIDES and "eager" not in PATHS[family])
+    reference = reference_model(family_dir, model)
+    own = per_example_loss(reference, batch)
+    own.backward()
+    torch.testing.assert_close(packed, own, rtol=1e-5, atol=0)
+    grads = dict(reference.named_parameters())
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            expected = grads[name].grad  # float32 sums in another order: 1e-4 of the tensor's largest entry
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(
+                parameter.grad, expected, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{name}: {m}"
+            )
+
+
+def test_unpacked_forward_gives_the_plain_models_logits(family_dir, tokenizer):
+    """One example alone (no packing, as scoring and generation run it): the plain model's logits."""
+    model = lora_model(family_dir)
+    ids = torch.tensor([examples(len(tokenizer))[0].input_ids])
+    reference = reference_model(family_dir, model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_training_paths_name_each_fused_path_the_family_takes_and_why_one_is_off(family_dir):
+    paths = training_paths(lora_model(family_dir))
+    expected = PATHS[family_dir.name]
+    assert paths["LoRA"].startswith("fused on") and paths["LoRA"].split()[2] == paths["LoRA"].split()[4]
+    gated, mlps = paths["MLP"].split()[2], paths["MLP"].split()[4]
+    assert (gated == mlps == "2") == ("GatedDown" in expected)
+    assert ("off: " in paths["MLP"]) == ("GatedDown" not in expected)
+    assert ("sliding window of 4" in paths["attention"]) == ("window" in expected)
+    assert ("eager attention" in paths["attention"]) == ("eager" in expected)
+    assert paths["head"].startswith("fused cross-entropy") == ("fused head" in expected)
