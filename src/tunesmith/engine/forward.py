@@ -125,8 +125,8 @@ def hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
             segment_lengths=batch.segment_lengths,
         ).last_hidden_state
     kind, value = soft
-    if kind == "prefix":
-        virtual = value[0][0].shape[2]
+    if kind == "prefix":  # positions count every virtual token, also where a sliding-window layer keeps fewer
+        virtual = model.active_peft_config.num_virtual_tokens
         return decoder(
             input_ids=batch.input_ids,
             position_ids=batch.position_ids + virtual,

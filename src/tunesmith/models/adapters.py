@@ -104,26 +104,62 @@ def apply_qlora(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Modul
 
 @adapters.register("dora", output="adapter")
 def apply_dora(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module:
-    return _lora(model, config, use_dora=True)
+    try:
+        return _lora(model, config, use_dora=True)
+    except ValueError as error:
+        if "ParamWrapper" not in str(error):
+            raise
+        raise UserError(
+            f"adapter.type=dora: {model.config.model_type}'s experts are fused weight tensors, which PEFT's DoRA "
+            "cannot adapt (it works on linear layers only); fix: set adapter.type: lora (LoRA trains the experts), "
+            "or keep dora on the attention layers with adapter.target: [q_proj, k_proj, v_proj, o_proj]"
+        ) from None
 
 
 @adapters.register("ia3", output="adapter")
 def apply_ia3(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module:
-    """IA3 scales keys, values and the FFN's inner activations; `all-linear` means PEFT's choice per architecture."""
+    """IA3 scales keys, values and the FFN's inner activations; `all-linear` means ia3_targets below."""
     from peft import IA3Config, get_peft_model
 
-    options: dict[str, Any] = {}
     if config.target != "all-linear":
         names = [config.target] if isinstance(config.target, str) else config.target
-        options = {"target_modules": names, "feedforward_modules": [n for n in names if "down" in n or "fc2" in n]}
-    return get_peft_model(model, IA3Config(task_type="CAUSAL_LM", **options))
+    else:
+        names = ia3_targets(model)
+    feedforward = [name for name in names if name.rpartition(".")[2] in FEEDFORWARD_LINEARS]
+    return get_peft_model(
+        model, IA3Config(task_type="CAUSAL_LM", target_modules=names, feedforward_modules=feedforward)
+    )
+
+
+KEY_VALUE_LINEARS = ("k_proj", "v_proj", "qkv_proj")  # IA3 scales the keys and values: a fused qkv (Phi-3) whole
+FEEDFORWARD_LINEARS = ("down_proj", "fc2", "w2")  # ... and the input of the FFN's output projection
+
+
+def ia3_targets(model: torch.nn.Module) -> list[str]:
+    """IA3's targets for `all-linear`: PEFT's own choice for the architecture where every module it names exists,
+    else the model's key/value projections and its FFN's output projection by name (none in a mixture of experts,
+    whose experts are fused tensors: IA3 scales keys and values there)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as PEFT_CHOICE
+
+    linears = {name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    chosen = PEFT_CHOICE.get(model.config.model_type)
+    if chosen and set(chosen) <= linears:
+        return list(chosen)
+    return [name for name in KEY_VALUE_LINEARS + FEEDFORWARD_LINEARS if name in linears]
 
 
 @adapters.register("llama_adapter", output="adapter")
 def apply_llama_adapter(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module:
     """LLaMA-Adapter: `num_virtual_tokens` adaption prompts with zero-initialised gates in the top `layers` layers."""
     from peft import AdaptionPromptConfig, get_peft_model
+    from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG
 
+    if model.config.model_type not in TRANSFORMERS_MODEL_CONFIG:
+        raise UserError(
+            f"adapter.type=llama_adapter: PEFT's adaption prompts work on {', '.join(TRANSFORMERS_MODEL_CONFIG)} "
+            f"models, and this one is {model.config.model_type}; fix: set adapter.type: prefix_tuning (learned keys "
+            "and values in every layer) or lora"
+        )
     layers = model.config.num_hidden_layers
     count = min(config.layers or layers, layers)
     return get_peft_model(

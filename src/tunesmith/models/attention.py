@@ -149,6 +149,12 @@ def prefixed_attention(
     """One example's causal attention after `prefix_key`/`prefix_value`, which it sees in full (prefix tuning)."""
     virtual, length = prefix_key.shape[2], q.shape[2]
     visible = torch.ones(length, virtual + length, dtype=torch.bool, device=q.device).tril(virtual)
+    if kwargs.get("sliding_window"):  # the prefix's positions come just before the example's, as in PEFT's cache
+        # (a sliding-window layer's cache keeps only the prefix's last window - 1 positions: `virtual` counts those)
+        reach = (
+            virtual + torch.arange(length, device=q.device)[:, None] - torch.arange(virtual + length, device=q.device)
+        )
+        visible &= reach < kwargs["sliding_window"]
     return attend(
         module,
         q,
