@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import CHATML, build_tokenizer
+from conftest import CHATML, CORPUS, build_tokenizer
 from test_adapter_types import ALL_TYPES, adapted, peft_forward_loss
 from test_adapter_types import examples as adapter_examples
 
@@ -271,3 +271,26 @@ def test_the_fix_for_dora_on_experts_works(tmp_path, tokenizer):
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("self_attn" in name for name in trainable)
     assert any("lora_magnitude_vector" in name for name in trainable)
+
+
+def test_generation_through_the_engine_matches_transformers_generate(family_dir, tokenizer):
+    """Greedy replies to a batch of two conversations (a shared system prompt the engine encodes once, prompts of
+    different lengths padded between it and their own text) are the tokens the family's plain model generates for
+    each conversation alone."""
+    from tunesmith.engine.generation import Engine, Sampling
+
+    model = lora_model(family_dir)
+    reference = reference_model(family_dir, model).eval()
+    engine = Engine(model, tokenizer, system_prompt=" ".join(CORPUS[:4]), has_adapter=True)
+    conversations = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": "hello"}],
+    ]
+    replies = engine.generate(conversations, Sampling(max_new_tokens=10))
+    for conversation, reply in zip(conversations, replies):
+        prompt = engine.chat.prompt_ids(conversation)
+        with torch.no_grad():
+            output = reference.generate(
+                input_ids=torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=engine.stop_ids()
+            )
+        assert reply == tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True).strip()

@@ -47,7 +47,7 @@ def training_paths(model: torch.nn.Module) -> dict[str, str]:
         refusals = sorted({gated_down_refusal(mlp) for mlp in mlps} - {None})
         gated = sum("forward" in mlp.__dict__ for mlp in mlps)
         paths["MLP"] = f"GatedDown on {gated} of {len(mlps)} MLPs" + "".join(f"; off: {why}" for why in refusals)
-    paths["attention"] = attention_path(model, [m for name, m in modules.items() if name.endswith(".self_attn")])
+    paths["attention"] = attention_path(model, attention_layers(model))
     _, head = decoder_and_head(model)
     if isinstance(head, TransformedHead):
         paths["head"] = f"{head.describe()}, per chunk; the fused head losses are off (they know no transform)"
@@ -58,10 +58,23 @@ def training_paths(model: torch.nn.Module) -> dict[str, str]:
     return paths
 
 
+def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [module for name, module in model.named_modules() if name.endswith(".self_attn")]
+
+
+def sliding_windows(model: torch.nn.Module) -> list[int]:
+    """The sliding windows of the model's sliding-window attention layers (Mistral's on every layer, Gemma's and
+    Qwen's on some), one per such layer; empty for a model without."""
+    config = getattr(model, "config", None)
+    windows = [
+        getattr(layer, "sliding_window", getattr(config, "sliding_window", None)) for layer in attention_layers(model)
+    ]
+    return [window for window in windows if window]
+
+
 def attention_path(model: torch.nn.Module, layers: list[torch.nn.Module]) -> str:
     """How packed attention runs on the model's attention `layers`: sliding windows, soft-capped logits."""
     config = getattr(model, "config", None)
-    windows = [getattr(layer, "sliding_window", getattr(config, "sliding_window", None)) for layer in layers]
     capped = [
         getattr(layer, "attn_logit_softcapping", getattr(config, "attn_logit_softcapping", None)) for layer in layers
     ]
@@ -70,7 +83,7 @@ def attention_path(model: torch.nn.Module, layers: list[torch.nn.Module]) -> str
     if cap:
         kernel = f"the model's eager attention (it soft-caps attention logits at {cap:g}, which SDPA cannot)"
     notes = [f"packed, per example: {kernel}"]
-    sliding = [window for window in windows if window]
+    sliding = sliding_windows(model)
     if sliding:
         notes.append(
             f"a sliding window of {min(sliding)} on {len(sliding)} of {len(layers)} layers (a band mask for longer "

@@ -14,6 +14,7 @@ import torch
 
 from tunesmith.data.formats import Example
 from tunesmith.data.tokenize import ChatTokenizer
+from tunesmith.engine.forward import sliding_windows
 from tunesmith.errors import UserError
 from tunesmith.models import load_model
 from tunesmith.models.adapters import has_soft_prompt, load_adapter, load_options
@@ -133,6 +134,10 @@ class Engine:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         shared = common_prefix_length(prompts) if self.prefix_caching and len(prompts) > 1 else 0
         shared = shared if shared >= PREFIX_CACHE_MIN_TOKENS else 0
+        new_tokens = sampling.max_new_tokens if allowed is None else max(map(len, allowed))
+        windows = sliding_windows(self.model)
+        if shared and windows and max(map(len, prompts)) + new_tokens > min(windows):
+            shared = 0  # padding between the prefix and a row's own text would take room in a sliding window
         # Rows are [shared prefix][padding][own suffix]: positions come from the attention mask's cumsum,
         # so the padding in the middle shifts nothing, and the prefix is encoded once for the whole batch.
         suffix_width = max(len(prompt) - shared for prompt in prompts)
@@ -146,7 +151,7 @@ class Engine:
             kwargs["cache"] = self.prefix_cache(input_ids[:1, :shared], len(prompts))
         if allowed is not None:
             kwargs["prefix_allowed_tokens_fn"] = trie_constraint(allowed, width, self.stop_ids()[0])
-            kwargs["max_new_tokens"] = max(len(sequence) for sequence in allowed)
+            kwargs["max_new_tokens"] = new_tokens
         output = self.model.generate(
             input_ids=input_ids, attention_mask=attention, pad_token_id=pad, eos_token_id=self.stop_ids(), **kwargs
         )
