@@ -16,11 +16,12 @@ import transformers
 from conftest import CHATML, CORPUS, build_tokenizer
 from test_adapter_types import ALL_TYPES, adapted, peft_forward_loss
 from test_adapter_types import examples as adapter_examples
+from test_training import make_config, run
 
 from tunesmith.config.schema import AdapterConfig, TrainConfig
 from tunesmith.data.packing import collate, collate_rows
 from tunesmith.data.tokenize import TokenizedExample
-from tunesmith.engine.forward import training_paths
+from tunesmith.engine.forward import set_router_balance, training_paths
 from tunesmith.errors import UserError
 from tunesmith.models import attention, load_model
 from tunesmith.models.adapters import load_options, save_final
@@ -176,6 +177,8 @@ def test_packed_training_gives_the_plain_models_loss_and_gradients(family_dir, t
         kernel_function = attention.causal_attention
         monkeypatch.setattr(attention, "causal_attention", lambda *args: calls.append(1) or kernel_function(*args))
     model = lora_model(family_dir)
+    if family_dir.name in MOE_FAMILIES:  # the router balance loss is not per example (test_moe_experts_train...)
+        set_router_balance(model, 0.0)
     batch = examples(len(tokenizer))
     packed = token_loss_sum(model, collate_rows(batch, [[0, 1, 2]], 1)[0])
     packed.backward()
@@ -230,6 +233,8 @@ def test_every_adapter_type_trains_packs_exactly_and_reloads_in_plain_transforme
             adapted(family_dir, adapter_type)
         return
     model, tokenizer = adapted(family_dir, adapter_type)
+    if family_dir.name in MOE_FAMILIES:  # the router balance loss is not per example (test_moe_experts_train...)
+        set_router_balance(model, 0.0)
     with torch.no_grad():  # make the adapter act (several start as an identity)
         for parameter in model.parameters():
             if parameter.requires_grad:
@@ -294,3 +299,51 @@ def test_generation_through_the_engine_matches_transformers_generate(family_dir,
                 input_ids=torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=engine.stop_ids()
             )
         assert reply == tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
+def test_moe_experts_train_and_the_router_balance_loss_is_the_models_own(tmp_path, tokenizer, family):
+    """LoRA with target all-linear reaches the fused expert weights (PEFT's target_parameters), training moves them,
+    the start-up line counts expert, attention and router parameters, and the training loss carries the routers'
+    load-balancing loss with the model's own weight, as its own forward computes it (here 0.5, to be seen)."""
+
+    directory = save_family(family, tmp_path / family, tokenizer)
+    model = lora_model(directory)
+    set_router_balance(model, 0.5)
+    paths = training_paths(model)
+    assert paths["experts"].startswith("LoRA on 4 of 4 expert weight tensors")
+    counts = dict(
+        part.split(" ", 1)[::-1]
+        for part in paths["experts"].split("trainable parameters: ")[1].split("; ")[0].split(", ")
+    )
+    assert all(int(counts[kind].split()[0].replace(",", "")) > 0 for kind in ("attention", "expert", "router"))
+    assert paths["experts"].endswith("router balance loss x 0.5")
+    example = examples(len(tokenizer))[0]
+    ids = torch.tensor([example.input_ids])
+    labels = torch.tensor([[t if m else -100 for t, m in zip(example.input_ids, example.loss_mask)]])
+    own = model(input_ids=ids, labels=labels, output_router_logits=True)
+    targets = sum(example.loss_mask[1:])
+    ours = token_loss_sum(model, collate([example]))
+    torch.testing.assert_close(ours, own.loss * targets, rtol=1e-5, atol=0)
+    assert own.aux_loss > 0
+    set_router_balance(model, 0.0)
+    assert token_loss_sum(model, collate([example])) < ours
+    base = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    config = TrainConfig(lr=1e-2, warmup=0, schedule="constant")
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, 4)
+    for _ in range(2):
+        train_step(Runner(model), [collate([example])], optimizer, scheduler, 1.0, torch.device("cpu"), None)
+    merged = dict(model.merge_and_unload().named_parameters())
+    fused = {name: weight for name, weight in base.named_parameters() if weight.ndim == 3}
+    assert len(fused) == 4 and all(not torch.equal(merged[name], weight) for name, weight in fused.items())
+
+
+def test_a_moe_training_run_prints_its_experts_and_takes_the_router_weight_from_the_config(
+    tmp_path, tokenizer, chat_rows, capsys
+):
+    directory = save_family("olmoe", tmp_path / "olmoe", tokenizer)
+    run(make_config(tmp_path, directory, chat_rows, "train.router_aux_loss_coef=0.25", "train.max_steps=2"))
+    printed = capsys.readouterr().err
+    assert "experts: LoRA on 4 of 4 expert weight tensors" in printed
+    assert "router balance loss x 0.25" in printed

@@ -286,6 +286,14 @@ class TrainConfig(Section):
         description="torch.compile each decoder layer (fused pointwise ops, fewer saved "
         "activations); about a minute once per process; needs a C compiler on CPU. See BENCHMARKS.md.",
     )
+    router_aux_loss_coef: float | None = Field(
+        None,
+        ge=0,
+        description="Mixture-of-experts models: the weight of the routers' load-balancing loss (Switch "
+        "Transformer's, as the model's own forward computes it) added to the token loss, so that training does not "
+        "collapse the routing onto a few experts. None: the model's own (its config's router_aux_loss_coef: 0.001 "
+        "for Qwen3-MoE, 0.02 for Mixtral); 0: off. Other models: ignored.",
+    )
     progress: bool = Field(True, description="Show a progress bar.")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp",

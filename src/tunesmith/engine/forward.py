@@ -5,7 +5,8 @@ and packed examples included) and the output head applied only where a target is
 
 from __future__ import annotations
 
-from typing import Iterator
+import sys
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,9 @@ def training_paths(model: torch.nn.Module) -> dict[str, str]:
         refusals = sorted({gated_down_refusal(mlp) for mlp in mlps} - {None})
         gated = sum("forward" in mlp.__dict__ for mlp in mlps)
         paths["MLP"] = f"GatedDown on {gated} of {len(mlps)} MLPs" + "".join(f"; off: {why}" for why in refusals)
+    experts = [(name, p) for name, p in model.named_parameters() if p.ndim == 3 and ".experts." in name]
+    if experts:
+        paths["experts"] = experts_path(model, len(experts))
     paths["attention"] = attention_path(model, attention_layers(model))
     _, head = decoder_and_head(model)
     if isinstance(head, TransformedHead):
@@ -56,6 +60,34 @@ def training_paths(model: torch.nn.Module) -> dict[str, str]:
     else:
         paths["head"] = f"{type(head).__name__}, per chunk of positions"
     return paths
+
+
+def experts_path(model: torch.nn.Module, tensors: int) -> str:
+    """A mixture of experts: how many of its `tensors` fused expert weights LoRA reaches, how many attention,
+    expert and router parameters train, and the routers' balance loss."""
+    wrapped = sum(
+        type(m).__name__ == "ParamWrapper" and getattr(m.get_base_layer(), m.parameter_name).ndim == 3
+        for m in model.modules()
+    )
+    kinds = {"attention": 0, "expert": 0, "router": 0, "other": 0}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            kind = (
+                "expert"
+                if ".experts." in name
+                else "attention"
+                if ".self_attn." in name
+                else "router"
+                if ".mlp.gate." in name or ".router." in name
+                else "other"
+            )
+            kinds[kind] += parameter.numel()
+    balance = router_balance(model)
+    return (
+        f"LoRA on {wrapped} of {tensors} expert weight tensors; trainable parameters: "
+        + ", ".join(f"{count:,} {kind}" for kind, count in kinds.items() if count or kind != "other")
+        + (f"; router balance loss x {balance[1]:g}" if balance else "; no router balance loss")
+    )
 
 
 def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -121,22 +153,28 @@ class TransformedHead(torch.nn.Module):
         return logits
 
 
-def hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+def hidden_states(model: torch.nn.Module, batch: Batch, routed: list | None = None) -> torch.Tensor:
     """(1, T, H) final hidden states, attention causal within each example (models/attention.py).
 
     Soft prompts act per example, as PEFT applies them to a batch of one: prompt tuning puts its virtual
     tokens before each example (positions count them), prefix tuning gives every example's attention
     its learned keys and values (positions start after them).
+
+    `routed`: a mixture-of-experts model appends its routers' logits (one tensor per layer) to it.
     """
     decoder, _ = decoder_and_head(model)
     soft = soft_prompt(model)
     if soft is None:
-        return decoder(
+        output = decoder(
             input_ids=batch.input_ids,
             position_ids=batch.position_ids,
             use_cache=False,
             segment_lengths=batch.segment_lengths,
-        ).last_hidden_state
+            **({"output_router_logits": True} if routed is not None else {}),
+        )
+        if routed is not None:
+            routed.extend(output.router_logits)
+        return output.last_hidden_state
     kind, value = soft
     if kind == "prefix":  # positions count every virtual token, also where a sliding-window layer keeps fewer
         virtual = model.active_peft_config.num_virtual_tokens
@@ -164,6 +202,31 @@ def hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return hidden[:, torch.cat(keep).to(hidden.device)]
 
 
+def router_balance(model: torch.nn.Module) -> tuple[Any, float] | None:
+    """(the model's own load-balancing loss function, its weight) for a mixture-of-experts model whose routers'
+    balance trains (train.router_aux_loss_coef, else the model's config), else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    loss = getattr(sys.modules[type(base).__module__], "load_balancing_loss_func", None)
+    weight = getattr(base, "router_aux_loss_coef", None)  # the weight the model's own forward uses
+    return (loss, weight) if loss is not None and weight else None
+
+
+def set_router_balance(model: torch.nn.Module, weight: float) -> None:
+    """Weigh a mixture of experts' router balance loss by `weight` (train.router_aux_loss_coef), in its own forward
+    too; other models are left as they are."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "router_aux_loss_coef"):
+        base.router_aux_loss_coef = base.config.router_aux_loss_coef = weight
+
+
+def balance_loss(model: torch.nn.Module, routed: list[torch.Tensor]) -> torch.Tensor:
+    """The routers' load-balancing loss over every token of a packed batch (no padding), as the model computes it."""
+    loss, _ = router_balance(model)
+    config = model.config
+    experts = getattr(config, "num_experts", None) or config.num_local_experts
+    return loss(tuple(routed), experts, config.num_experts_per_tok, None)
+
+
 def target_logits(model: torch.nn.Module, batch: Batch) -> Iterator[tuple[torch.Tensor, torch.Tensor, slice]]:
     """(logits, targets, positions) per chunk of the batch's target positions, in order.
 
@@ -172,10 +235,16 @@ def target_logits(model: torch.nn.Module, batch: Batch) -> Iterator[tuple[torch.
     _, head = decoder_and_head(model)
     hidden = hidden_states(model, batch)
     keep = batch.targets != IGNORE
-    selected, targets = hidden[keep], batch.targets[keep]  # (N, H), (N,)
+    yield from head_chunks(head, hidden[keep], batch.targets[keep])
+
+
+def head_chunks(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, slice]]:
+    """(float32 logits, targets, positions) per chunk of HEAD_CHUNK rows of (N, H) `hidden` and (N,) `targets`."""
     for start in range(0, targets.shape[0], HEAD_CHUNK):
         chunk = slice(start, start + HEAD_CHUNK)
-        yield head(selected[chunk]).float(), targets[chunk], chunk
+        yield head(hidden[chunk]).float(), targets[chunk], chunk
 
 
 def per_example_logprob(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

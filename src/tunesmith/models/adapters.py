@@ -41,26 +41,68 @@ def peft_task_type(model: torch.nn.Module) -> str:
     return "SEQ_CLS" if is_sequence_classifier(model) else "CAUSAL_LM"
 
 
-def lora_settings(config: AdapterConfig, task_type: str, **extra: Any) -> Any:
-    """PEFT's LoraConfig for the adapter section (`extra`: use_dora, base_model_name_or_path, ...)."""
+def lora_settings(config: AdapterConfig, task_type: str, model: torch.nn.Module | None = None, **extra: Any) -> Any:
+    """PEFT's LoraConfig for the adapter section (`extra`: use_dora, base_model_name_or_path, ...); with the
+    `model`, its fused expert weights join the targets (lora_targets)."""
     from peft import LoraConfig
 
+    targets = lora_targets(model, config.target) if model is not None else {"target_modules": config.target}
     return LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=config.target,
         use_rslora=config.rslora,
         bias="none",
         task_type=task_type,
+        **targets,
         **extra,
     )
+
+
+def expert_weights(model: torch.nn.Module) -> list[str]:
+    """The model's fused expert weights as PEFT's target_parameters name them ("experts.gate_up_proj",
+    "experts.down_proj"): the 3-D (expert, out, in) tensors of a mixture of experts (Qwen3-MoE, Mixtral, OLMoE in
+    transformers 5), which are parameters, not linear layers."""
+    found = set()
+    for name, parameter in model.named_parameters():
+        module, _, weight = name.rpartition(".")
+        if parameter.ndim == 3 and module.rpartition(".")[2] == "experts":
+            found.add(f"experts.{weight}")
+    return sorted(found)
+
+
+def lora_targets(model: torch.nn.Module, target: str | list[str]) -> dict[str, Any]:
+    """PEFT's target_modules and target_parameters for `adapter.target`. The fused expert weights are targeted as
+    parameters whenever the target is all-linear or names them ("experts", or a weight: "gate_up_proj", "down_proj"),
+    so LoRA never skips the experts it was asked to train."""
+    experts = expert_weights(model)
+    if not experts:
+        return {"target_modules": target}
+    if target == "all-linear":
+        return {"target_modules": target, "target_parameters": experts}
+    names = [target] if isinstance(target, str) else list(target)
+    named = {FUSED_EXPERT_NAMES.get(name, name) for name in names}
+    chosen = experts if "experts" in names else [weight for weight in experts if weight.partition(".")[2] in named]
+    linears = {name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    expert_names = {"experts", *FUSED_EXPERT_NAMES, *(weight.partition(".")[2] for weight in experts)}
+    modules = [name for name in names if name not in expert_names or name in linears]
+    return {"target_modules": modules or None, "target_parameters": chosen}
+
+
+# An expert projection's name before transformers 5 fused them (Llama-style and Mixtral's w1/w2/w3): the fused weight
+FUSED_EXPERT_NAMES = {
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+    "w1": "gate_up_proj",
+    "w3": "gate_up_proj",
+}
+FUSED_EXPERT_NAMES |= {"w2": "down_proj"}
 
 
 def _lora(model: torch.nn.Module, config: AdapterConfig, **extra: Any) -> torch.nn.Module:
     from peft import get_peft_model
 
-    model = get_peft_model(model, lora_settings(config, peft_task_type(model), **extra))
+    model = get_peft_model(model, lora_settings(config, peft_task_type(model), model, **extra))
     fuse_lora_layers(model)
     return model
 

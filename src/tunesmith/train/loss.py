@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.data.packing import IGNORE, Batch
-from tunesmith.engine.forward import HEAD_CHUNK, decoder_and_head, hidden_states, target_logits
+from tunesmith.engine.forward import (
+    HEAD_CHUNK,
+    balance_loss,
+    decoder_and_head,
+    head_chunks,
+    hidden_states,
+    router_balance,
+)
 from tunesmith.models.precision import kernel_dtype
 
 
@@ -106,12 +113,20 @@ def head_operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Ten
 
 
 def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over the batch's targets; the caller normalises."""
+    """Sum (not mean) of next-token cross-entropy over the batch's targets; the caller normalises. A mixture of
+    experts adds its routers' load-balancing loss, weighted and counted once per target (so the caller's mean is
+    the model's own loss: mean cross-entropy + weight x balance loss)."""
     _, head = decoder_and_head(model)
+    balance = router_balance(model)
+    routed: list[torch.Tensor] | None = [] if balance is not None else None
+    keep = batch.targets != IGNORE
+    hidden, targets = hidden_states(model, batch, routed)[keep], batch.targets[keep]
     if type(head) is torch.nn.Linear and head.bias is None:  # a plain head (not adapted): the fused path
-        keep = batch.targets != IGNORE
-        return HeadCrossEntropy.apply(hidden_states(model, batch)[keep], head.weight, batch.targets[keep])
-    total = torch.zeros((), dtype=torch.float32, device=batch.targets.device)
-    for logits, targets, _ in target_logits(model, batch):
-        total = total + F.cross_entropy(logits, targets, reduction="sum")
+        total = HeadCrossEntropy.apply(hidden, head.weight, targets)
+    else:
+        total = torch.zeros((), dtype=torch.float32, device=targets.device)
+        for logits, chunk_targets, _ in head_chunks(head, hidden, targets):
+            total = total + F.cross_entropy(logits, chunk_targets, reduction="sum")
+    if balance is not None:
+        total = total + balance[1] * balance_loss(model, routed) * targets.shape[0]
     return total

@@ -21,7 +21,7 @@ from tunesmith.config.auto import RL_METHODS, resolve_training
 from tunesmith.config.schema import AdapterConfig, Config, TrainConfig
 from tunesmith.data.dataset import PreparedData
 from tunesmith.data.packing import BatchPlan, epoch_rows
-from tunesmith.engine.forward import decoder_and_head, training_paths
+from tunesmith.engine.forward import decoder_and_head, set_router_balance, training_paths
 from tunesmith.errors import Problem, TrainingStopped, UserError
 from tunesmith.eval.in_training import InTrainingEval, higher_is_better
 from tunesmith.models import load_model, load_tokenizer
@@ -108,6 +108,8 @@ def open_session(
             file=sys.stderr,
         )
     model = build_model(config.model, config.adapter, device, num_labels, amp_dtype if not world.distributed else None)
+    if train.router_aux_loss_coef is not None:
+        set_router_balance(model, train.router_aux_loss_coef)
     if world.main:
         for part, path in training_paths(model).items():
             print(f"{part}: {path}", file=sys.stderr)
