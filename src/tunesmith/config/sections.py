@@ -141,6 +141,13 @@ class DataConfig(Section):
         "assistant", description="Which tokens are trained: assistant turns only, or every token."
     )
     system_prompt: str | None = Field(None, description="System message added to examples that have none.")
+    reasoning: Literal["keep", "drop", "mask"] = Field(
+        "keep",
+        description="Assistant turns' thoughts (a `reasoning` or `reasoning_content` field), rendered in the chat "
+        "template's thinking block: keep (trained, like the reply), mask (in context, not trained) or drop "
+        "(removed). A turn without thoughts is trained on its reply alone: an empty thinking block the template "
+        "adds (Qwen3's <think></think>) stays context, so the model's thinking mode survives tuning.",
+    )
 
     @field_validator("format")
     @classmethod

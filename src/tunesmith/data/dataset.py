@@ -194,7 +194,9 @@ def prepare_data(
 ) -> PreparedData:
     """Load, check, tokenise and split the data; refuse it with a full report unless skip_bad_rows is on. With
     `labels` (method classify), each example is an input and the index of its label among them."""
-    chat = ChatTokenizer(tokenizer, loss_on=config.loss_on, system_prompt=config.system_prompt)
+    chat = ChatTokenizer(
+        tokenizer, loss_on=config.loss_on, system_prompt=config.system_prompt, reasoning=config.reasoning
+    )
     prepared = PreparedData([], [], config.format)
     index = {label: number for number, label in enumerate(labels)} if labels is not None else None
     train, problems = tokenize_file(config.train, config, chat, accepts, method, prepared, index)

@@ -84,6 +84,25 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+REASONING_KEYS = ("reasoning", "reasoning_content")  # Together's field, and the one reasoning templates read
+
+
+def reasoning_of(turn: dict[str, Any], where: str, role: str) -> dict[str, str]:
+    """{"reasoning": text} for an assistant turn that carries its thoughts (`reasoning` or `reasoning_content`),
+    else {}."""
+    given = [key for key in REASONING_KEYS if turn.get(key) is not None]
+    if not given:
+        return {}
+    if role != "assistant":
+        raise RowError(f"{where}.{given[0]} is on a {role} turn; only assistant turns have reasoning")
+    if len(given) > 1:
+        raise RowError(f"{where} has both {' and '.join(given)}; fix: keep one of them")
+    reasoning = turn[given[0]]
+    if not isinstance(reasoning, str):
+        raise RowError(f"{where}.{given[0]} must be a string, got {type(reasoning).__name__}")
+    return {"reasoning": reasoning} if reasoning.strip() else {}
+
+
 def check_messages(
     turns: Any,
     key: str = "messages",
@@ -116,7 +135,7 @@ def check_messages(
             raise RowError(f"{where}.{content_key} must be a string, got {type(content).__name__}")
         if roles[role] == "assistant" and not content.strip():
             raise RowError(f"{where} is an assistant turn with empty content")
-        clean.append({"role": roles[role], "content": content})
+        clean.append({"role": roles[role], "content": content, **reasoning_of(turn, where, roles[role])})
     if not any(message["role"] == "assistant" for message in clean):
         raise RowError(f"field '{key}' has no assistant turn, so there is nothing to learn from")
     return clean

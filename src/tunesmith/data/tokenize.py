@@ -53,13 +53,20 @@ class TokenizedPair:
 Unit = TokenizedExample | TokenizedPair  # what packing places in rows and a training step counts
 
 
+# Where chat templates read an assistant turn's thoughts: Qwen3 and DeepSeek-R1's, then other conventions
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
 class ChatTokenizer:
     """Renders and tokenises examples for one tokenizer; the unit of data preparation."""
 
-    def __init__(self, tokenizer: Any, loss_on: str = "assistant", system_prompt: str | None = None):
+    def __init__(
+        self, tokenizer: Any, loss_on: str = "assistant", system_prompt: str | None = None, reasoning: str = "keep"
+    ):
         self.tokenizer = tokenizer
         self.loss_on = loss_on
         self.system_prompt = system_prompt
+        self.reasoning = reasoning  # data.reasoning: keep | mask | drop
         self.special_ids = set(tokenizer.all_special_ids)
 
     def render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
@@ -68,7 +75,26 @@ class ChatTokenizer:
                 "the model's tokenizer has no chat template, so chat data cannot be rendered; "
                 "fix: use a chat/instruct model, or train raw text with method: pretrain"
             )
+        messages = [self.template_message(message) for message in messages]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def template_message(self, message: dict[str, str]) -> dict[str, str]:
+        """The message as the chat template reads it: its thoughts under the field the template renders in its
+        thinking block (reasoning_content: Qwen3, DeepSeek-R1; thinking; reasoning), or left out (data.reasoning:
+        drop)."""
+        if "reasoning" not in message:
+            return message
+        rest = {key: value for key, value in message.items() if key != "reasoning"}
+        if self.reasoning == "drop":
+            return rest
+        field = next((name for name in REASONING_FIELDS if name in self.tokenizer.chat_template), None)
+        if field is None:
+            raise UserError(
+                "the data has assistant turns with reasoning, and the model's chat template has no thinking "
+                f"block ({', '.join(REASONING_FIELDS)}) to render it in; fix: set data.reasoning: drop (train on "
+                "the replies alone), or use a reasoning model whose template renders thoughts (Qwen3, DeepSeek-R1)"
+            )
+        return {**rest, field: message["reasoning"]}
 
     def with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         if self.system_prompt is not None and messages[0]["role"] != "system":
@@ -127,6 +153,9 @@ class ChatTokenizer:
         return TokenizedExample(ids, mask, line)
 
     def assistant_spans(self, messages: list[dict[str, str]], full: str) -> list[Span]:
+        """The trained characters of each assistant turn: the turn as the template renders it (its end-of-turn
+        token included), from its thoughts where they train (data.reasoning: keep), else from its reply: whatever
+        the template puts before the reply (masked thoughts, Qwen3's empty <think></think>) stays context."""
         spans: list[Span] = []
         for index, message in enumerate(messages):
             if message["role"] != "assistant":
@@ -134,8 +163,19 @@ class ChatTokenizer:
             span = self._span_by_prefix(messages, index, full)
             if span is None:
                 span = self._span_by_search(message["content"], full, spans[-1][1] if spans else 0)
+            if "reasoning" not in message or self.reasoning != "keep":
+                span = (self._reply_start(message, full, span), span[1])
             spans.append(span)
         return spans
+
+    def _reply_start(self, message: dict[str, str], full: str, span: Span) -> int:
+        """Where the turn's reply begins in `full`: after its thoughts, if the template rendered them."""
+        start = span[0]
+        if "reasoning" in message and self.reasoning != "drop":
+            thoughts = full.find(message["reasoning"].strip(), start, span[1])
+            start = thoughts + len(message["reasoning"].strip()) if thoughts >= 0 else start
+        reply = full.find(message["content"].strip(), start, span[1])
+        return reply if reply >= 0 else span[0]
 
     def _span_by_prefix(self, messages: list[dict[str, str]], index: int, full: str) -> Span | None:
         """The turn as the difference of two renderings, when both are prefixes of the whole."""

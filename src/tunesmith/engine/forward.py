@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.packing import IGNORE, Batch
 from tunesmith.models.adapters import soft_prompt
+from tunesmith.models.families import is_checked
 from tunesmith.models.fused_lora import gated_down_refusal, is_lora_linear
 
 # Positions per output-head chunk: 256 x 49152 fp32 logits = 48 MiB. The chunk is alive at the step's peak (the end
@@ -34,11 +35,24 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     return base.get_decoder(), head
 
 
+def fused_head(model: torch.nn.Module, head: torch.nn.Module | None) -> bool:
+    """Whether the fused head losses (HeadCrossEntropy, HeadTokenLogProbs) compute `model`'s loss from `head`'s
+    weight: a plain Linear head (no logit transform, no adapter, no bias) of a family they are checked on."""
+    return type(head) is torch.nn.Linear and head.bias is None and is_checked(model.config)
+
+
 def training_paths(model: torch.nn.Module) -> dict[str, str]:
     """Which of tunesmith's fused training paths this model takes, and why a path is off where it is (a family's
     MLP, attention or head that a kernel does not compute exactly): printed when training starts."""
     modules = dict(model.named_modules())
     paths = {}
+    if not is_checked(model.config):
+        paths["warning"] = (
+            f"{model.config.model_type} is not in the architecture matrix (docs/models.md), so tunesmith's fused "
+            "paths are off for it: the fused LoRA linears, GatedDown, tunesmith's packed attention and the fused "
+            "head losses; it trains on PEFT's own layers, transformers' SDPA (packed rows masked by their position "
+            "ids) and the output head's logits"
+        )
     lora = [module for module in modules.values() if is_lora_linear(module)]
     if lora:
         fused = sum("forward" in module.__dict__ for module in lora)
@@ -53,9 +67,11 @@ def training_paths(model: torch.nn.Module) -> dict[str, str]:
         paths["experts"] = experts_path(model, len(experts))
     paths["attention"] = attention_path(model, attention_layers(model))
     _, head = decoder_and_head(model)
-    if isinstance(head, TransformedHead):
+    if head is None:  # a sequence classifier (engine/classifier.py): its own head, on each example's last position
+        paths["head"] = "the classifier's score head, on each example's last position"
+    elif isinstance(head, TransformedHead):
         paths["head"] = f"{head.describe()}, per chunk; the fused head losses are off (they know no transform)"
-    elif type(head) is torch.nn.Linear and head.bias is None:
+    elif fused_head(model, head):
         paths["head"] = "fused cross-entropy (no logits kept for backward)"
     else:
         paths["head"] = f"{type(head).__name__}, per chunk of positions"

@@ -25,6 +25,7 @@ import torch
 
 from tunesmith.config.schema import AdapterConfig, Config
 from tunesmith.errors import UserError
+from tunesmith.models.families import is_checked
 from tunesmith.models.fused_lora import fuse_gated_mlps, fuse_lora_layers
 from tunesmith.models.heads import is_head
 from tunesmith.registry import adapters
@@ -103,7 +104,8 @@ def _lora(model: torch.nn.Module, config: AdapterConfig, **extra: Any) -> torch.
     from peft import get_peft_model
 
     model = get_peft_model(model, lora_settings(config, peft_task_type(model), model, **extra))
-    fuse_lora_layers(model)
+    if is_checked(model.config):
+        fuse_lora_layers(model)
     return model
 
 
@@ -230,6 +232,12 @@ def apply_prompt_tuning(model: torch.nn.Module, config: AdapterConfig) -> torch.
 def apply_prefix_tuning(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Module:
     from peft import PrefixTuningConfig, get_peft_model
 
+    if not is_checked(model.config):  # its keys and values reach each packed example through tunesmith's attention
+        raise UserError(
+            f"adapter.type=prefix_tuning: {model.config.model_type} is not in the architecture matrix "
+            "(docs/models.md), so it trains without tunesmith's packed attention, which prefix tuning needs; "
+            "fix: set adapter.type: prompt_tuning or lora"
+        )
     return get_peft_model(
         model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens)
     )
@@ -275,7 +283,8 @@ def apply_adapter(model: torch.nn.Module, config: AdapterConfig) -> torch.nn.Mod
     """The model ready to train: the adapter applied, and its SwiGLU MLPs on the path that saves half their
     activations (fused_lora.GatedDown)."""
     model = adapters.get(config.type, key="adapter.type")(model, config)
-    fuse_gated_mlps(model)
+    if is_checked(model.config):
+        fuse_gated_mlps(model)
     return model
 
 
@@ -371,5 +380,6 @@ def load_adapter(model: torch.nn.Module, directory: Path, name: str = "default")
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(model, str(directory), adapter_name=name, is_trainable=False)
-    fuse_lora_layers(model)
+    if is_checked(model.config):
+        fuse_lora_layers(model)
     return model

@@ -8,6 +8,7 @@ loads in about a second and that every other part of tunesmith (training, PEFT, 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,19 @@ from tunesmith.models.cache_files import commit_directory, staging_directory
 SOURCE_RECORD_NAME = "tunesmith-source.json"
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, source: dict[str, Any] | None = None) -> Path:
+def convert_gguf(
+    gguf_path: Path,
+    out_dir: Path,
+    source: dict[str, Any] | None = None,
+    chat: tuple[str, str] | None = None,
+    extra_files: dict[str, Path] | None = None,
+) -> Path:
     """Convert `gguf_path` into a float32 safetensors directory at `out_dir` and return `out_dir`.
 
     The directory appears only when complete (built beside it, then renamed); an existing `out_dir`
-    is replaced. `source` is extra provenance written into `tunesmith-source.json`.
+    is replaced. `source` is extra provenance written into `tunesmith-source.json`. `chat` (a chat template and
+    its end-of-turn token) gives a base model with none the template it is fine-tuned in; generation then stops
+    at that token too. `extra_files` are copied in under their names (a license's terms).
     """
     import torch
     import transformers
@@ -34,6 +43,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source: dict[str, Any] | None =
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **load_options)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **load_options)
     _mark_dequantized(model, name_or_path=str(out_dir))
+    if chat is not None:
+        template, end_of_turn = chat
+        tokenizer.chat_template = template
+        stops = [model.generation_config.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn)]
+        model.generation_config.eos_token_id = [token for token in stops if token is not None]
 
     record = {
         **(source or {}),
@@ -44,6 +58,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source: dict[str, Any] | None =
     with staging_directory(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        for name, path in (extra_files or {}).items():
+            shutil.copyfile(path, staging / name)
         (staging / SOURCE_RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
         return commit_directory(staging, out_dir)
 

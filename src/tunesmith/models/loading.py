@@ -72,13 +72,50 @@ def looks_like_path(text: str) -> bool:
     return "/" in text or text.startswith((".", "~"))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
 def check_model_directory(directory: Path) -> Path:
-    """`directory` if it holds a transformers model, else a UserError saying what is missing."""
-    if not (directory / "config.json").is_file():
+    """`directory` if it holds a transformers model tunesmith may load (a config of an architecture transformers
+    ships, safetensors weights, tokenizer files), else a UserError saying what is wrong and the fix."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    config_file = directory / "config.json"
+    if not config_file.is_file():
         raise UserError(
             f"model directory '{directory}' has no config.json, so it is not a transformers model directory; "
             f"fix: point model: at the directory that holds config.json, the weights (*.safetensors) "
             f"and the tokenizer files, or at a .gguf file"
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{config_file}:1: not valid JSON ({error}); fix: restore the model's config.json") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in CONFIG_MAPPING:
+        code = f" and its config.json's auto_map names code shipped with the model ({', '.join(config['auto_map'])})"
+        raise UserError(
+            f"{config_file}:1: model_type {model_type!r} is not an architecture transformers ships"
+            f"{code if isinstance(config, dict) and config.get('auto_map') else ''}; tunesmith never runs code that "
+            "comes with a model; fix: use a model of a transformers architecture (tunesmith models list names two), "
+            "or a transformers version that includes this one"
+        )
+    weights = list(directory.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(path.name for pattern in PICKLE_WEIGHTS for path in directory.glob(pattern))
+        found = f" (only {', '.join(pickles)}: pickle files, which tunesmith never loads)" if pickles else ""
+        raise UserError(
+            f"model directory '{directory}' has no *.safetensors weights{found}; fix: put the model's safetensors "
+            "files beside config.json (a pickle checkpoint converts with transformers' save_pretrained("
+            "safe_serialization=True) in a trusted environment)"
+        )
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(
+            f"model directory '{directory}' has no tokenizer ({', '.join(TOKENIZER_FILES)}); fix: copy the "
+            "tokenizer files of the model into it (tokenizer.save_pretrained(directory))"
         )
     return directory
 
@@ -87,12 +124,34 @@ def resolve_gguf(gguf_path: Path) -> Path:
     """Convert a GGUF file once into the model cache, keyed by its content hash, and reuse that."""
     if not gguf_path.is_file():
         raise UserError(f"model file '{gguf_path}' does not exist; fix: check the path in model:")
+    check_gguf_architecture(gguf_path)
     digest = sha256_of_file(gguf_path)
     target = model_cache() / f"gguf-{digest[:_GGUF_HASH_PREFIX_LENGTH]}"
     with exclusive_lock(model_cache() / f".{target.name}.lock"):
         if not (target / "config.json").is_file():
             convert_gguf(gguf_path, target, source={"gguf": str(gguf_path.resolve()), "sha256": digest})
     return target
+
+
+def check_gguf_architecture(gguf_path: Path) -> None:
+    """Refuse, with the fix, a GGUF that is not one or whose architecture transformers' GGUF reader cannot convert."""
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        field = GGUFReader(gguf_path).fields.get("general.architecture")
+        architecture = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    except (ValueError, OSError) as error:
+        raise UserError(
+            f"model file '{gguf_path}' is not a readable GGUF file ({error}); fix: check the path"
+        ) from None
+    supported = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})
+    if architecture not in supported:
+        raise UserError(
+            f"model file '{gguf_path}' holds a {architecture} model, an architecture transformers' GGUF reader "
+            f"cannot convert (it reads {', '.join(supported)}); fix: use the model's transformers directory "
+            "(config.json + safetensors) instead of its GGUF"
+        )
 
 
 def find_in_hub_cache(repo_id: str) -> Path | None:
@@ -180,9 +239,10 @@ def load_model(
     classifier with that many outputs instead (a reward model has one); a head the checkpoint does not
     hold starts at zero, so every first output is 0 rather than the noise of a random head.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from tunesmith.models import attention
+    from tunesmith.models.families import is_checked
 
     directory = resolve_model(spec)
     tokenizer = load_tokenizer(directory)
@@ -196,10 +256,12 @@ def load_model(
         options.update(num_labels=num_labels, output_loading_info=True)
     model_class = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
     with quiet_transformers():
+        config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
         model = model_class.from_pretrained(
             directory,
             dtype=_as_torch_dtype(dtype),
-            attn_implementation=attention.NAME,  # SDPA, plus padding-free packed training
+            # SDPA, plus padding-free packed training; transformers' own SDPA for a family nobody checked it on
+            attn_implementation=attention.NAME if is_checked(config) else "sdpa",
             local_files_only=True,
             trust_remote_code=False,
             **options,

@@ -20,6 +20,7 @@ from tunesmith.engine.forward import (
     HEAD_CHUNK,
     balance_loss,
     decoder_and_head,
+    fused_head,
     head_chunks,
     hidden_states,
     router_balance,
@@ -121,7 +122,7 @@ def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     routed: list[torch.Tensor] | None = [] if balance is not None else None
     keep = batch.targets != IGNORE
     hidden, targets = hidden_states(model, batch, routed)[keep], batch.targets[keep]
-    if type(head) is torch.nn.Linear and head.bias is None:  # a plain head (not adapted): the fused path
+    if fused_head(model, head):  # a plain head (not adapted): the fused path
         total = HeadCrossEntropy.apply(hidden, head.weight, targets)
     else:
         total = torch.zeros((), dtype=torch.float32, device=targets.device)

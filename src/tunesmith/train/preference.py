@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.packing import IGNORE, Batch
-from tunesmith.engine.forward import HEAD_CHUNK, decoder_and_head, hidden_states
+from tunesmith.engine.forward import HEAD_CHUNK, decoder_and_head, fused_head, hidden_states
 from tunesmith.registry import preference_losses
 from tunesmith.train.loss import head_operands, head_softmax_chunks
 from tunesmith.train.step import Objective
@@ -98,7 +98,7 @@ def head_logprobs(
 
     RL samples at a temperature, so its log-probabilities are those of the tempered distribution."""
     _, head = decoder_and_head(model)
-    if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
+    if fused_head(model, head) and not head.weight.requires_grad:
         # adapters: the head is frozen; (h / T) W^T is exactly the tempered logits of a bias-free head
         return HeadTokenLogProbs.apply(hidden / temperature if temperature != 1.0 else hidden, head.weight, targets)
     pieces = []  # a trained head (full fine-tuning): autograd per chunk, logits recomputed in backward
