@@ -38,6 +38,7 @@ METHODS = [
         ],
     ),
     ("full", ["adapter.type=full", "train.lr=5e-5", "train.weight_decay=0.01"]),
+    ("lora, gemma3-270m", ["model=gemma3-270m", "adapter.type=lora", "train.lr=1e-3"]),  # another family
 ]
 FORGETTING = [
     ("lora + L2-SP", ["adapter.type=lora", "train.lr=1e-3", "train.regularization.l2_sp=0.01"]),
@@ -50,6 +51,9 @@ FORGETTING = [
         ["adapter.type=full", "train.lr=5e-5", "train.weight_decay=0.01", "train.unfreeze.every=2"],
     ),
 ]
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the example config's model: every row's but those that name another
 
 
 def tunesmith(*args: str) -> None:
@@ -131,10 +135,13 @@ def write_report(results: list[dict], command: str, output: Path) -> None:
             f"{r['peak_rss_mb']:.0f} | {interval(r['accuracy'], 100)} | {r['general_loss']['value']:.3f} | "
             f"{interval(r['general_diff'], 1, 3)} |"
         )
-    base = results[0]["base_general_loss"]["value"] if results else float("nan")
+    bases: dict[str, float] = {}
+    for r in results:
+        model = next((o.partition("=")[2] for o in r["overrides"] if o.startswith("model=")), DEFAULT_MODEL)
+        bases.setdefault(model, r["base_general_loss"]["value"])
     lines += [
         "",
-        f"Base model's general loss: {base:.3f}.",
+        "Base models' general loss: " + "; ".join(f"{model}: {loss:.3f}" for model, loss in bases.items()) + ".",
         "",
         "Overrides per row (on top of the example config):",
         "",
