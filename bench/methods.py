@@ -38,7 +38,7 @@ METHODS = [
         ],
     ),
     ("full", ["adapter.type=full", "train.lr=5e-5", "train.weight_decay=0.01"]),
-    ("lora, gemma3-270m", ["model=gemma3-270m", "adapter.type=lora", "train.lr=1e-3"]),  # another family
+    ("lora on gemma3-270m", ["model=gemma3-270m", "adapter.type=lora", "train.lr=1e-3"]),  # another family
 ]
 FORGETTING = [
     ("lora + L2-SP", ["adapter.type=lora", "train.lr=1e-3", "train.regularization.l2_sp=0.01"]),

@@ -103,9 +103,11 @@ def family_dir(request, tmp_path_factory, tokenizer):
     return save_family(request.param, tmp_path_factory.mktemp(request.param, numbered=False), tokenizer)
 
 
-def save_family(family: str, directory, tokenizer):
-    """The family's tiny model (2 layers, hidden 32, 4 query heads over 2 key heads), saved in `directory`."""
+def save_family(family: str, directory, tokenizer, **overrides):
+    """The family's tiny model (2 layers, hidden 32, 4 query heads over 2 key heads), saved in `directory`;
+    `overrides` change its config."""
     config_name, model_name, extra = FAMILIES[family]
+    extra = {**extra, **overrides}
     torch.manual_seed(0)
     config = getattr(transformers, config_name)(
         vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False,

@@ -418,3 +418,36 @@ def test_a_chat_template_ollama_cannot_reproduce_is_refused(tmp_path, tiny_model
     err = capsys.readouterr().err
     assert "cannot write an Ollama TEMPLATE" in err and "--to gguf" in err and "Traceback" not in err
     assert not (tmp_path / "ollama").exists()
+
+
+# Each family GGUF export writes, with its sliding window off: llama.cpp's Llama (what Mistral is written as) never
+# applies one, and transformers' GGUF reader reads none back.
+WITHOUT_WINDOW = {"llama": {}, "mistral": {"sliding_window": None}, "qwen2": {"use_sliding_window": False}}
+# transformers' reader takes no head_dim from a qwen3 GGUF (llama.cpp's key_length, which tunesmith writes): it uses
+# Qwen3's default, 128, which every released Qwen3 has.
+WITHOUT_WINDOW["qwen3"] = {"use_sliding_window": False, "head_dim": 128}
+
+
+@pytest.mark.parametrize("family", list(WITHOUT_WINDOW))
+def test_each_family_round_trips_through_transformers_gguf_reader(tmp_path, family):
+    """The family's tensors under llama.cpp's names and layout (Llama's rotary reorder, Qwen's biases and q/k norms)
+    load back in transformers' GGUF reader to the same logits (f32), or close (q8_0), with the same tokens."""
+    from test_architectures import save_family
+
+    from tunesmith.models import load_model
+
+    tokenizer = build_tokenizer(CHATML, "<|im_end|>")
+    # (not named "mistral": transformers' reader takes a llama file whose general.name is exactly that for a
+    # Mistral, which the gguf package's name map then does not know)
+    directory = save_family(family, tmp_path / f"tiny-{family}", tokenizer, **WITHOUT_WINDOW[family])
+    original, _ = load_model(str(directory))
+    text = "What is the capital of France? Paris is the capital."
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    expected = original(input_ids=ids).logits
+    scale = expected.abs().max().item()
+    for dtype, tolerance in [("f32", 1e-4), ("q8_0", 0.05 * scale)]:  # q8_0: 8-bit blocks of 32, one scale each
+        written = write_gguf(directory, tmp_path / f"{family}-{dtype}.gguf", dtype=dtype)
+        roundtrip, roundtrip_tokenizer = load_model(str(written))
+        assert roundtrip.config.model_type == ("llama" if family == "mistral" else family)
+        assert roundtrip_tokenizer(text)["input_ids"] == ids[0].tolist()
+        torch.testing.assert_close(roundtrip(input_ids=ids).logits, expected, rtol=0, atol=tolerance)

@@ -1,10 +1,12 @@
-"""Write a Llama-architecture transformers directory as a GGUF file (llama.cpp, Ollama, LM Studio).
+"""Write a transformers directory (Llama, Mistral, Qwen2, Qwen3: GGUF_FAMILIES) as a GGUF file (llama.cpp, Ollama,
+LM Studio).
 
 The reverse of `models/gguf.py`. A GGUF holds the config as llama.cpp's metadata keys, the tokenizer as
 a token list plus merges (models/gguf_vocab.py), and every tensor under llama.cpp's names (`blk.N.attn_q`,
-...), with each attention head's query and key rows reordered the way llama.cpp's rotary embedding expects
-them. transformers' GGUF reader undoes exactly that, which is what `tunesmith.models.load_model(path)`
-uses, so a written file loads back to the same logits. Names and key spellings come from the `gguf` package.
+...), each attention head's query and key rows reordered where the architecture's rotary embedding in
+llama.cpp expects it (Llama's). transformers' GGUF reader undoes exactly that, which is what
+`tunesmith.models.load_model(path)` uses, so a written file loads back to the same logits. Names and key
+spellings come from the `gguf` package.
 
 Tensors are streamed: the header is written from the shapes alone, then one tensor at a time is read
 from the safetensors files, converted (cast or quantized) and appended, so memory holds one tensor, not the model.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +27,28 @@ GGUF_DTYPES = ("f32", "f16", "q8_0")
 # Mixed K-quant types that only llama.cpp's C code writes: the gguf package (0.19) has no Python quantizer for
 # Q4_K or Q6_K (gguf.quants raises NotImplementedError), so these are refused with the way to get them.
 LLAMA_QUANTIZE_ONLY_DTYPES = {"q4_k_m": "Q4_K_M", "q4_k_s": "Q4_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
-# What transformers calls the architecture, and what llama.cpp calls it.
-_LLAMA_MODEL_TYPE = "llama"
-_GGUF_ARCHITECTURE = "llama"
+
+
+@dataclass(frozen=True)
+class GGUFFamily:
+    """How one transformers architecture is written as llama.cpp's: its architecture name there, and whether each
+    attention head's query and key rows are reordered for llama.cpp's rotary embedding (Llama's "normal" RoPE
+    pairs dimensions 2i, 2i+1; the "NeoX" RoPE of Qwen pairs i with i + d/2 as transformers does, so no reorder)."""
+
+    architecture: str
+    permute_qk: bool
+    biases: tuple[str, ...] = ()  # bias tensors the family has (Qwen2's q/k/v projections)
+
+
+# What tunesmith writes, by transformers' model_type: what llama.cpp's converter writes for each, and transformers'
+# GGUF reader loads back (a test round-trips each). Mistral is written as llama.cpp writes it, as a Llama (without
+# the sliding window, which llama.cpp's Llama never applies: identical for sequences up to the window).
+GGUF_FAMILIES = {
+    "llama": GGUFFamily("llama", permute_qk=True),
+    "mistral": GGUFFamily("llama", permute_qk=True),
+    "qwen2": GGUFFamily("qwen2", permute_qk=False, biases=("q_proj.bias", "k_proj.bias", "v_proj.bias")),
+    "qwen3": GGUFFamily("qwen3", permute_qk=False),
+}
 
 
 def gguf_dtype_problem(dtype: str) -> str | None:
@@ -50,7 +72,8 @@ def write_gguf(
     base_model: str | None = None,
     tokenizer: Any = None,
 ) -> Path:
-    """Write the Llama model in `model_dir` (config.json, *.safetensors, tokenizer) to `output_file`.
+    """Write the model in `model_dir` (config.json, *.safetensors, tokenizer; a GGUF_FAMILIES architecture) to
+    `output_file`.
 
     `dtype` is f32 (exact), f16 or q8_0; 1-D tensors (norms) stay f32 either way, as llama.cpp keeps them.
     `name` goes into the file's general.name (default: the directory's name); `base_model` (a registry name,
@@ -65,13 +88,14 @@ def write_gguf(
         raise UserError(f"cannot write GGUF: {problem}")
     from tunesmith.models.gguf_vocab import add_tokenizer
 
-    config = _load_llama_config(model_dir)
+    config = _load_config(model_dir)
+    family = GGUF_FAMILIES[config.model_type]
     tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_dir)
     shapes = _tensor_shapes(model_dir)
-    names = _gguf_tensor_names(model_dir, config, shapes)
+    names = _gguf_tensor_names(model_dir, config, shapes, family)
     types = {hf_name: tensor_type(gguf_name, shapes[hf_name], dtype) for hf_name, gguf_name in names.items()}
 
-    writer = gguf.GGUFWriter(None, arch=_GGUF_ARCHITECTURE)
+    writer = gguf.GGUFWriter(None, arch=family.architecture)
     name = name or model_dir.name
     parameters = sum(math.prod(shapes[hf_name]) for hf_name in names)
     describe_model(name, base_model, parameters).set_gguf_meta_model(writer)
@@ -88,20 +112,21 @@ def write_gguf(
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for hf_name, tensor in _read_tensors(model_dir, list(names)):
-        tensor = _to_llama_cpp_layout(hf_name, tensor, config)
+        tensor = _to_llama_cpp_layout(hf_name, tensor, config) if family.permute_qk else tensor
         writer.write_tensor_data(gguf.quants.quantize(tensor.float().numpy(), types[hf_name]))
     writer.close()
     return output_file
 
 
-def _load_llama_config(model_dir: Path) -> Any:
+def _load_config(model_dir: Path) -> Any:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-    if config.model_type != _LLAMA_MODEL_TYPE:
+    if config.model_type not in GGUF_FAMILIES:
         raise UserError(
-            f"model '{model_dir}' is a '{config.model_type}' model; tunesmith's GGUF export writes Llama-architecture "
-            f"models only; fix: export --to merged and convert that directory with llama.cpp's convert_hf_to_gguf.py"
+            f"model '{model_dir}' is a '{config.model_type}' model; tunesmith's GGUF export writes "
+            f"{', '.join(GGUF_FAMILIES)} models; fix: export --to merged and convert that directory with llama.cpp's "
+            f"convert_hf_to_gguf.py"
         )
     rope = getattr(config, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default")
@@ -112,7 +137,7 @@ def _load_llama_config(model_dir: Path) -> Any:
     ]
     if unsupported:
         raise UserError(
-            f"model '{model_dir}' is Llama-shaped but has {', '.join(unsupported)}, which tunesmith's GGUF export "
+            f"model '{model_dir}' has {', '.join(unsupported)}, which tunesmith's GGUF export "
             f"does not write; fix: export --to merged and convert that directory with llama.cpp's convert_hf_to_gguf.py"
         )
     return config
@@ -216,11 +241,15 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _gguf_tensor_names(model_dir: Path, config: Any, shapes: dict[str, list[int]]) -> dict[str, str]:
-    """HF tensor name -> llama.cpp tensor name, for every tensor the file will hold."""
+def _gguf_tensor_names(
+    model_dir: Path, config: Any, shapes: dict[str, list[int]], family: GGUFFamily
+) -> dict[str, str]:
+    """HF tensor name -> llama.cpp tensor name, for every tensor the file will hold (the gguf package's map for
+    the family's architecture)."""
     import gguf
 
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    architecture = next(arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == family.architecture)
+    name_map = gguf.get_tensor_name_map(architecture, config.num_hidden_layers)
     names, unplaced = {}, []
     for hf_name in shapes:
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
@@ -232,7 +261,8 @@ def _gguf_tensor_names(model_dir: Path, config: Any, shapes: dict[str, list[int]
             names[hf_name] = gguf_name
     if unplaced:
         raise UserError(
-            f"model '{model_dir}' has tensors a Llama GGUF has no place for: {', '.join(unplaced[:5])}; "
+            f"model '{model_dir}' has tensors a {family.architecture} GGUF has no place for: "
+            f"{', '.join(unplaced[:5])}; "
             f"fix: export --to merged and convert it with llama.cpp's convert_hf_to_gguf.py"
         )
     return names
