@@ -182,3 +182,24 @@ def test_unsloth_engines_train_the_same_batches_and_start_from_the_same_loss(tmp
     assert abs(peer["first_loss"] - ours["first_loss"]) < 0.05 * ours["first_loss"]
     [ratio] = report["ratios"]
     assert ratio["ours"] == "tunesmith" and ratio["peer"] == engine and ratio["speed"] > 0
+
+
+def test_the_gpu_check_dry_runs_on_cpu(tmp_path):
+    """bench/gpu_check.py stays runnable for the first lent GPU: its CPU dry run (tiny configs) checks every fused op
+    in bf16, trains LoRA, QLoRA and full fine-tuning on both families beside the peer, and DDP on one process."""
+    output = tmp_path / "gpu_check.md"
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--steps", "3", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = output.read_text()
+    op_rows = [line for line in report.splitlines() if line.startswith("| ") and line.endswith("| yes |")]
+    assert len(op_rows) == 4
+    for family in ("llama (tiny)", "qwen3 (tiny)"):
+        for method in ("lora", "qlora", "full"):
+            assert f"| {family} | {method} | tunesmith |" in report
+    assert "DDP, one process: ok" in report
