@@ -384,3 +384,31 @@ def test_the_matrix_is_the_checked_list():
     from tunesmith.models.families import CHECKED
 
     assert {getattr(transformers, config).model_type for config, _, _ in FAMILIES.values()} == CHECKED
+
+
+def test_a_moe_checkpoint_is_served_with_its_expert_adapters(tmp_path, tokenizer, chat_rows):
+    """A checkpoint's adapter (what the service serves a checkpoint as) targets the experts the user named as training
+    did: PEFT loads it onto the base to the same logits as the run's final adapter of the same step."""
+    from peft import PeftModel
+
+    from tunesmith.models.adapters import checkpoint_adapter
+    from tunesmith.rundir import read_run_config
+
+    directory = save_family("olmoe", tmp_path / "olmoe", tokenizer)
+    overrides = ["adapter.target=[q_proj, experts]", "train.max_steps=2", "train.save_every=2", "train.lr=0.05"]
+    run(make_config(tmp_path, directory, chat_rows, *overrides))
+    config = read_run_config(tmp_path / "run")
+    files = checkpoint_adapter(tmp_path / "run" / "checkpoints" / "step-2", config)
+    assert '"target_parameters"' in files["adapter_config.json"].decode()
+    (tmp_path / "served").mkdir()
+    for name, data in files.items():
+        (tmp_path / "served" / name).write_bytes(data)
+    ids = torch.tensor([examples(len(tokenizer))[0].input_ids])
+    logits = []
+    for adapter in ("served", "run/adapter"):
+        base, _ = load_model(str(directory))
+        with torch.no_grad():
+            logits.append(PeftModel.from_pretrained(base, tmp_path / adapter).eval()(input_ids=ids).logits)
+    base, _ = load_model(str(directory))
+    assert not torch.allclose(logits[1], base(input_ids=ids).logits, atol=1e-3)  # the adapter changed something
+    torch.testing.assert_close(logits[0], logits[1])

@@ -120,7 +120,11 @@ def checkpoint_adapter(checkpoint: Path, config: Config) -> dict[str, bytes]:
 
     if config.adapter.type != "lora":
         raise ValueError(f"a {config.adapter.type} adapter; checkpoint models are LoRA adapters")
-    settings = lora_settings(config.adapter, "CAUSAL_LM", base_model_name_or_path=str(config.model))
+    # The base's structure (on the meta device: no weights are read) decides the targets as training did, its fused
+    # expert weights included (lora_targets)
+    settings = lora_settings(
+        config.adapter, "CAUSAL_LM", structure_of(config.model), base_model_name_or_path=str(config.model)
+    )
     try:
         weights = read_weights(checkpoint)
     except CheckpointException as error:  # a BaseException: a file gone while read
@@ -130,6 +134,18 @@ def checkpoint_adapter(checkpoint: Path, config: Config) -> dict[str, bytes]:
         "adapter_config.json": json.dumps(settings.to_dict(), default=list, sort_keys=True).encode(),
         "adapter_model.safetensors": save_safetensors(weights),
     }
+
+
+def structure_of(model_spec: Any) -> torch.nn.Module:
+    """The causal LM `model_spec` names, built on the meta device from its config: its modules and parameter shapes,
+    no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunesmith.models.loading import resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model(model_spec), local_files_only=True, trust_remote_code=False)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 @adapters.register("lora", output="adapter")
