@@ -21,7 +21,7 @@ from test_training import make_config, run
 from tunesmith.config.schema import AdapterConfig, TrainConfig
 from tunesmith.data.packing import collate, collate_rows
 from tunesmith.data.tokenize import TokenizedExample
-from tunesmith.engine.forward import set_router_balance, training_paths
+from tunesmith.engine.forward import balance_loss, hidden_states, set_router_balance, training_paths
 from tunesmith.errors import UserError
 from tunesmith.models import attention, load_model
 from tunesmith.models.adapters import load_options, save_final
@@ -412,3 +412,22 @@ def test_a_moe_checkpoint_is_served_with_its_expert_adapters(tmp_path, tokenizer
     base, _ = load_model(str(directory))
     assert not torch.allclose(logits[1], base(input_ids=ids).logits, atol=1e-3)  # the adapter changed something
     torch.testing.assert_close(logits[0], logits[1])
+
+
+def test_dpo_on_a_moe_carries_the_router_balance_loss_once_per_pair(tmp_path, tokenizer):
+    """The DPO loss of a mixture of experts adds its routers' balance loss (weighted, once per pair) over the pairs'
+    tokens, as the token loss does; with the weight at 0 it is the plain DPO loss."""
+    from tunesmith.data.tokenize import TokenizedPair
+    from tunesmith.registry import preference_losses
+    from tunesmith.train.preference import PreferenceObjective, adapter_off_logprobs
+
+    model = lora_model(save_family("olmoe", tmp_path / "olmoe", tokenizer))
+    chosen, rejected, _ = examples(len(tokenizer))
+    batch = collate([TokenizedPair(chosen, rejected)])
+    objective = PreferenceObjective(preference_losses.get("sigmoid"), 0.1, 0.0, adapter_off_logprobs)
+    set_router_balance(model, 0.0)
+    plain = objective(model, batch)
+    set_router_balance(model, 0.5)
+    routed: list = []
+    hidden_states(model, batch, routed)
+    torch.testing.assert_close(objective(model, batch), plain + 0.5 * balance_loss(model, routed))

@@ -77,7 +77,7 @@ def test_ipo_averages_each_log_ratio_over_its_reply_tokens(monkeypatch):
     )
     import tunesmith.train.preference as preference
 
-    monkeypatch.setattr(preference, "sequence_logprobs", lambda model, batch: torch.tensor([-3.0, -10.0]))
+    monkeypatch.setattr(preference, "sequence_logprobs", lambda model, batch, routed: torch.tensor([-3.0, -10.0]))
     assert objective(None, batch).item() == pytest.approx((-3.0 / 3 - -10.0 / 5 - 1 / (2 * 0.25)) ** 2)  # 1, not 25
 
 

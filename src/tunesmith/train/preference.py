@@ -23,7 +23,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.packing import IGNORE, Batch
-from tunesmith.engine.forward import HEAD_CHUNK, decoder_and_head, fused_head, hidden_states
+from tunesmith.engine.forward import (
+    HEAD_CHUNK,
+    balance_loss,
+    decoder_and_head,
+    fused_head,
+    hidden_states,
+    router_balance,
+)
 from tunesmith.registry import preference_losses
 from tunesmith.train.loss import head_operands, head_softmax_chunks
 from tunesmith.train.step import Objective
@@ -113,10 +120,11 @@ def head_logprobs(
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def sequence_logprobs(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """(segments,) each segment's summed log-probability of its target tokens, differentiable."""
+def sequence_logprobs(model: torch.nn.Module, batch: Batch, routed: list | None = None) -> torch.Tensor:
+    """(segments,) each segment's summed log-probability of its target tokens, differentiable; a mixture of experts
+    appends its routers' logits to `routed` (engine/forward.hidden_states)."""
     keep = batch.targets[0] != IGNORE
-    hidden, targets = hidden_states(model, batch)[0][keep], batch.targets[0][keep]
+    hidden, targets = hidden_states(model, batch, routed)[0][keep], batch.targets[0][keep]
     owner = batch.example_index()[keep]
     per_token = head_logprobs(model, hidden, targets)
     sums = torch.zeros(len(batch.segment_lengths), dtype=per_token.dtype, device=per_token.device)
@@ -161,7 +169,9 @@ class PreferenceObjective(Objective):
     def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         if len(batch.segment_lengths) != 2 * batch.num_units:
             raise ValueError("a preference batch holds pairs: two segments per unit, chosen then rejected")
-        policy = sequence_logprobs(model, batch)
+        balance = router_balance(model)
+        routed: list[torch.Tensor] | None = [] if balance is not None else None
+        policy = sequence_logprobs(model, batch, routed)
         reference = self.reference(model, batch).to(policy.dtype)
         chosen, rejected = policy[0::2] - reference[0::2], policy[1::2] - reference[1::2]
         if self.per_token:
@@ -180,4 +190,8 @@ class PreferenceObjective(Objective):
                 "logp_rejected": policy[1::2],
             }
         )
+        if (
+            balance is not None
+        ):  # a mixture of experts: its routers' balance loss, once per pair, as the token loss does
+            return losses.sum() + balance[1] * balance_loss(model, routed) * batch.num_units
         return losses.sum()
