@@ -107,12 +107,12 @@ def save_family(family: str, directory, tokenizer, **overrides):
     """The family's tiny model (2 layers, hidden 32, 4 query heads over 2 key heads), saved in `directory`;
     `overrides` change its config."""
     config_name, model_name, extra = FAMILIES[family]
-    extra = {**extra, **overrides}
-    torch.manual_seed(0)
-    config = getattr(transformers, config_name)(
+    settings = dict(
         vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, **SHAPE, **extra,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, **SHAPE,
     )  # fmt: skip
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(**{**settings, **extra, **overrides})
     getattr(transformers, model_name)(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

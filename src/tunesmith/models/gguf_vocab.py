@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -114,30 +115,71 @@ def _pre_tokenizer_steps(pre_tokenizer: dict | None) -> tuple | None:
     return None
 
 
-def add_tokenizer(writer: Any, tokenizer: Any, model_dir: Path, vocab_size: int) -> None:
-    """Write `tokenizer` (from `model_dir`) as llama.cpp's "gpt2" (byte-level BPE) vocabulary."""
+def add_tokenizer(writer: Any, tokenizer: Any, model_dir: Path, vocab_size: int, architecture: str = "llama") -> None:
+    """Write `tokenizer` (from `model_dir`) as llama.cpp's "gpt2" (byte-level BPE) vocabulary, or, for a
+    SentencePiece-style one (Gemma's), as its "llama" vocabulary."""
     import gguf
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    if backend["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(backend.get("pre_tokenizer")):
+    if is_sentencepiece(backend):
+        tokens, types = _tokens_and_types(tokenizer, vocab_size)
+        _add_sentencepiece(writer, tokens, types, spaces_spelled_out=architecture.startswith("gemma"))
+        _add_special_tokens(writer, tokenizer)
+        writer.add_add_space_prefix(False)  # the normalizer only turns spaces into ▁; it prepends none
+    elif backend["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(backend.get("pre_tokenizer")):
         raise UserError(
             f"the tokenizer is {backend['model']['type']} without byte-level pre-tokenization; tunesmith's GGUF export "
-            f"writes byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM style); fix: export --to merged and convert "
-            f"it with llama.cpp's convert_hf_to_gguf.py"
+            f"writes byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM style) and SentencePiece-style BPE ones "
+            f"(Gemma's); fix: export --to merged and convert it with llama.cpp's convert_hf_to_gguf.py"
         )
-    tokens, types = _tokens_and_types(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(llama_cpp_pre_tokenizer(tokenizer))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    # gguf's own reader of tokenizer.json: merges in the form llama.cpp expects (spaces inside a merge escaped).
-    writer.add_token_merges(gguf.SpecialVocab(model_dir, load_merges=True, special_token_types=()).merges)
-    _add_special_tokens(writer, tokenizer)
+    else:
+        tokens, types = _tokens_and_types(tokenizer, vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(llama_cpp_pre_tokenizer(tokenizer))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        # gguf's own reader of tokenizer.json: merges in the form llama.cpp expects (spaces inside a merge escaped).
+        writer.add_token_merges(gguf.SpecialVocab(model_dir, load_merges=True, special_token_types=()).merges)
+        _add_special_tokens(writer, tokenizer)
     template = tokenizer.chat_template
     if isinstance(template, dict):  # several named templates: GGUF stores them as a list
         template = [{"name": name, "template": text} for name, text in template.items()]
     if template:
         writer.add_chat_template(template)
+
+
+def is_sentencepiece(backend: dict) -> bool:
+    """A SentencePiece vocabulary as tokenizers spells it: BPE over ▁-for-space text, unknown bytes as <0xXX>."""
+    model, normalizer = backend["model"], json.dumps(backend.get("normalizer"), ensure_ascii=False)
+    return model["type"] == "BPE" and bool(model.get("byte_fallback")) and "\u2581" in normalizer
+
+
+def _add_sentencepiece(writer: Any, tokens: list[str], types: list[int], spaces_spelled_out: bool) -> None:
+    """llama.cpp's "llama" vocabulary: the tokens with their types and scores. llama.cpp merges the adjacent pair
+    whose token scores highest, and a SentencePiece BPE vocabulary lists its tokens best-first, so each normal
+    token scores minus its rank; control and user-defined tokens score -1000 and byte tokens 0, as SentencePiece's
+    own files have them. Gemma's files spell its whitespace-only tokens with real spaces."""
+    import gguf
+
+    scores, rank = [], 0
+    for index, token in enumerate(tokens):
+        if types[index] == gguf.TokenType.NORMAL and BYTE_TOKEN.fullmatch(token):
+            types[index] = gguf.TokenType.BYTE
+        if types[index] == gguf.TokenType.NORMAL:
+            scores.append(-float(rank))
+            rank += 1
+        else:
+            scores.append(0.0 if types[index] == gguf.TokenType.BYTE else -1000.0)
+    if spaces_spelled_out:
+        tokens = [" " * len(token) if len(token) > 1 and set(token) == {"\u2581"} else token for token in tokens]
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+
+
+BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
 
 def _tokens_and_types(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
