@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def lora_run_around_base(run: Path) -> Path:
     config = {
         "model": MODEL,
         "adapter": {"type": "lora", "r": 8, "alpha": 16},
-        "data": {"system_prompt": SYSTEM_PROMPT},
+        "data": {"train": str(run / "train.jsonl"), "system_prompt": SYSTEM_PROMPT},  # a run names its data
         "output_dir": str(run),
     }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
@@ -138,34 +139,46 @@ def prompt_ids(kind: str, exports: dict[str, Path], tokenizer, llm, question: st
     return ids
 
 
-def greedy_llama_cpp(llm, ids: list[int], stop_ids: set[int]) -> list[int]:
-    reply = []
-    for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-        if token in stop_ids or len(reply) == NEW_TOKENS:
-            break
-        reply.append(token)
-    return reply
+@dataclass
+class Agreement:
+    """How llama.cpp runs a file against transformers' model."""
+
+    file_mb: float
+    same_tokens: int
+    cases: int
+    same_replies: int
+    prompts: int
+    same_top_tokens: int
+    positions: int
+    largest_difference: float
+
+    def row(self) -> dict:
+        return {
+            "file MB": round(self.file_mb, 1),
+            "tokenisation": f"{self.same_tokens}/{self.cases}",
+            "greedy": f"{self.same_replies}/{self.prompts}",
+            "top-1": f"{self.same_top_tokens}/{self.positions}",
+            "max |Δlogit|": round(self.largest_difference, 4),
+        }
+
+    def check(self, logit_tolerance: float, replies_needed: int, top_share_needed: float) -> None:
+        assert self.same_tokens == self.cases, self.row()
+        assert self.same_replies >= replies_needed, self.row()
+        assert self.same_top_tokens >= top_share_needed * self.positions, self.row()
+        assert self.largest_difference <= logit_tolerance, self.row()
 
 
-@pytest.mark.parametrize("kind", ["f32", "q8_0", "ollama"])
-def test_llama_cpp_runs_the_export_as_transformers_runs_the_merged_model(exports, reference, kind):
-    model, tokenizer = reference
-    path = gguf_file(exports, kind)
-    fields = read_fields(path)
-    assert fields["tokenizer.ggml.pre"] == "smollm"  # llama.cpp's converter names SmolLM2's tokenizer so
-    assert SYSTEM_PROMPT in fields["tokenizer.chat_template"]  # the template carries the run's system prompt
-
+def agreement(
+    path: Path, llm, model, tokenizer, cases: list[str], prompts: list[list[int]], stop_ids: set[int]
+) -> Agreement:
+    """Tokenisation of `cases`, greedy replies to each prompt (NEW_TOKENS tokens), top-1 agreement and the largest
+    |logit difference| over every prompt position, llama.cpp against transformers."""
     vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    cases = tokenisation_cases(tokenizer)
     same_tokens = sum(
         vocab.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text)["input_ids"] for text in cases
     )
-
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=512, n_threads=2, seed=0, verbose=False)
-    stop_ids = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])}
     same_replies, same_top_tokens, positions, largest_difference = 0, 0, 0, 0.0
-    for question in PROMPTS:
-        ids = prompt_ids(kind, exports, tokenizer, llm, question)
+    for ids in prompts:
         llm.reset()
         llm.eval(ids)
         with torch.no_grad():
@@ -185,18 +198,61 @@ def test_llama_cpp_runs_the_export_as_transformers_runs_the_merged_model(exports
         stop_at = next((at for at, token in enumerate(expected_reply) if token in stop_ids), None)
         expected_reply = expected_reply[:stop_at]
         same_replies += greedy_llama_cpp(llm, ids, stop_ids) == expected_reply
+    return Agreement(
+        path.stat().st_size / 1e6, same_tokens, len(cases), same_replies, len(prompts), same_top_tokens, positions,
+        largest_difference,
+    )  # fmt: skip
 
-    RESULTS[kind] = {
-        "file MB": round(path.stat().st_size / 1e6, 1),
-        "tokenisation": f"{same_tokens}/{len(cases)}",
-        "greedy": f"{same_replies}/{len(PROMPTS)}",
-        "top-1": f"{same_top_tokens}/{positions}",
-        "max |Δlogit|": round(largest_difference, 4),
-    }
-    logit_tolerance, replies_needed, top_share_needed = TOLERANCES[kind]
-    assert same_tokens == len(cases), RESULTS[kind]
-    assert same_replies >= replies_needed and same_top_tokens >= top_share_needed * positions, RESULTS[kind]
-    assert largest_difference <= logit_tolerance, RESULTS[kind]
+
+def greedy_llama_cpp(llm, ids: list[int], stop_ids: set[int]) -> list[int]:
+    reply = []
+    for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        if token in stop_ids or len(reply) == NEW_TOKENS:
+            break
+        reply.append(token)
+    return reply
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0", "ollama"])
+def test_llama_cpp_runs_the_export_as_transformers_runs_the_merged_model(exports, reference, kind):
+    model, tokenizer = reference
+    path = gguf_file(exports, kind)
+    fields = read_fields(path)
+    assert fields["tokenizer.ggml.pre"] == "smollm"  # llama.cpp's converter names SmolLM2's tokenizer so
+    assert SYSTEM_PROMPT in fields["tokenizer.chat_template"]  # the template carries the run's system prompt
+
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=512, n_threads=2, seed=0, verbose=False)
+    stop_ids = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])}
+    prompts = [prompt_ids(kind, exports, tokenizer, llm, question) for question in PROMPTS]
+    result = agreement(path, llm, model, tokenizer, tokenisation_cases(tokenizer), prompts, stop_ids)
+    RESULTS[kind] = result.row()
+    result.check(*TOLERANCES[kind])
+
+
+def test_llama_cpp_runs_the_gemma_export_as_transformers_runs_the_model(tmp_path):
+    """The second built-in model, Gemma 3 (SentencePiece vocabulary, norms stored plus one, sliding windows), as
+    tunesmith writes it, in llama.cpp against transformers: its tokens, greedy replies and logits."""
+    from tunesmith.models import load_model
+    from tunesmith.models.gguf_export import write_gguf
+
+    directory = REAL_HOME / "models" / "gemma3-270m"
+    if not (directory / "config.json").is_file():
+        pytest.skip(f"gemma3-270m is not cached under {REAL_HOME}: tunesmith models pull gemma3-270m")
+    path = write_gguf(directory, tmp_path / "gemma3-270m.gguf")
+    model, tokenizer = load_model(str(directory))
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=512, n_threads=2, seed=0, verbose=False)
+    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")}
+    prompts = [
+        tokenizer(
+            tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                          add_generation_prompt=True),
+            add_special_tokens=False,
+        )["input_ids"]
+        for question in PROMPTS
+    ]  # fmt: skip
+    result = agreement(path, llm, model.eval(), tokenizer, tokenisation_cases(tokenizer), prompts, stop_ids)
+    RESULTS["gemma3-270m f32"] = result.row()
+    result.check(*TOLERANCES["f32"])
 
 
 GO_RENDERER = """package main

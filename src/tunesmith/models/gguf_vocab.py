@@ -158,13 +158,15 @@ def _add_sentencepiece(writer: Any, tokens: list[str], types: list[int], spaces_
     """llama.cpp's "llama" vocabulary: the tokens with their types and scores. llama.cpp merges the adjacent pair
     whose token scores highest, and a SentencePiece BPE vocabulary lists its tokens best-first, so each normal
     token scores minus its rank; control and user-defined tokens score -1000 and byte tokens 0, as SentencePiece's
-    own files have them. Gemma's files spell its whitespace-only tokens with real spaces."""
+    own files have them. Gemma's files spell its whitespace-only tokens with real spaces, as user-defined tokens."""
     import gguf
 
     scores, rank = [], 0
     for index, token in enumerate(tokens):
         if types[index] == gguf.TokenType.NORMAL and BYTE_TOKEN.fullmatch(token):
             types[index] = gguf.TokenType.BYTE
+        elif spaces_spelled_out and len(token) > 1 and set(token) == {"\u2581"}:
+            types[index] = gguf.TokenType.USER_DEFINED  # llama.cpp matches these runs of spaces in the text itself
         if types[index] == gguf.TokenType.NORMAL:
             scores.append(-float(rank))
             rank += 1
