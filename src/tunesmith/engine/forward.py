@@ -15,6 +15,7 @@ from tunesmith.data.packing import IGNORE, Batch
 from tunesmith.models.adapters import soft_prompt
 from tunesmith.models.families import is_checked
 from tunesmith.models.fused_lora import gated_down_refusal, is_lora_linear
+from tunesmith.models.heads import base_model
 
 # Positions per output-head chunk: 256 x 49152 fp32 logits = 48 MiB. The chunk is alive at the step's peak (the end
 # of the forward, with every activation saved), so it adds to peak RSS: 1024 rows cost 75 MB more on QLoRA fixed512
@@ -25,7 +26,7 @@ HEAD_CHUNK = 256
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The transformer body and the output head of a causal LM, through a PEFT wrapper if there is one. Where the
     model transforms its logits after the head, the head comes with that transform (TransformedHead)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = base.get_output_embeddings()
     config = getattr(base, "config", None)
     scale = 1.0 / (getattr(config, "logits_scaling", None) or 1.0) * (getattr(config, "logit_scale", None) or 1.0)
@@ -221,7 +222,7 @@ def hidden_states(model: torch.nn.Module, batch: Batch, routed: list | None = No
 def router_balance(model: torch.nn.Module) -> tuple[Any, float] | None:
     """(the model's own load-balancing loss function, its weight) for a mixture-of-experts model whose routers'
     balance trains (train.router_aux_loss_coef, else the model's config), else None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     loss = getattr(sys.modules[type(base).__module__], "load_balancing_loss_func", None)
     weight = getattr(base, "router_aux_loss_coef", None)  # the weight the model's own forward uses
     return (loss, weight) if loss is not None and weight else None
@@ -230,7 +231,7 @@ def router_balance(model: torch.nn.Module) -> tuple[Any, float] | None:
 def set_router_balance(model: torch.nn.Module, weight: float) -> None:
     """Weigh a mixture of experts' router balance loss by `weight` (train.router_aux_loss_coef), in its own forward
     too; other models are left as they are."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if hasattr(base, "router_aux_loss_coef"):
         base.router_aux_loss_coef = base.config.router_aux_loss_coef = weight
 

@@ -135,8 +135,8 @@ class Engine:
         shared = common_prefix_length(prompts) if self.prefix_caching and len(prompts) > 1 else 0
         shared = shared if shared >= PREFIX_CACHE_MIN_TOKENS else 0
         new_tokens = sampling.max_new_tokens if allowed is None else max(map(len, allowed))
-        windows = sliding_windows(self.model)
-        if shared and windows and max(map(len, prompts)) + new_tokens > min(windows):
+        windows = sliding_windows(self.model) if shared else []
+        if windows and max(map(len, prompts)) + new_tokens > min(windows):
             shared = 0  # padding between the prefix and a row's own text would take room in a sliding window
         # Rows are [shared prefix][padding][own suffix]: positions come from the attention mask's cumsum,
         # so the padding in the middle shifts nothing, and the prefix is encoded once for the whole batch.

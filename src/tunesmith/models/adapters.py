@@ -84,7 +84,7 @@ def lora_targets(model: torch.nn.Module, target: str | list[str]) -> dict[str, A
     names = [target] if isinstance(target, str) else list(target)
     named = {FUSED_EXPERT_NAMES.get(name, name) for name in names}
     chosen = experts if "experts" in names else [weight for weight in experts if weight.partition(".")[2] in named]
-    linears = {name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears = linear_names(model)
     expert_names = {"experts", *FUSED_EXPERT_NAMES, *(weight.partition(".")[2] for weight in experts)}
     modules = [name for name in names if name not in expert_names or name in linears]
     return {"target_modules": modules or None, "target_parameters": chosen}
@@ -96,8 +96,13 @@ FUSED_EXPERT_NAMES = {
     "up_proj": "gate_up_proj",
     "w1": "gate_up_proj",
     "w3": "gate_up_proj",
+    "w2": "down_proj",
 }
-FUSED_EXPERT_NAMES |= {"w2": "down_proj"}
+
+
+def linear_names(model: torch.nn.Module) -> set[str]:
+    """The last names of the model's linear layers (q_proj, down_proj, ...): what PEFT's target_modules match."""
+    return {name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
 def _lora(model: torch.nn.Module, config: AdapterConfig, **extra: Any) -> torch.nn.Module:
@@ -201,7 +206,7 @@ def ia3_targets(model: torch.nn.Module) -> list[str]:
     whose experts are fused tensors: IA3 scales keys and values there)."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as PEFT_CHOICE
 
-    linears = {name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears = linear_names(model)
     chosen = PEFT_CHOICE.get(model.config.model_type)
     if chosen and set(chosen) <= linears:
         return list(chosen)

@@ -37,7 +37,6 @@ class GGUFFamily:
 
     architecture: str
     permute_qk: bool
-    biases: tuple[str, ...] = ()  # bias tensors the family has (Qwen2's q/k/v projections)
     # Gemma's RMSNorms multiply by (1 + weight); llama.cpp's by the weight, so each norm is stored plus one
     norm_offset: float = 0.0
 
@@ -48,7 +47,7 @@ class GGUFFamily:
 GGUF_FAMILIES = {
     "llama": GGUFFamily("llama", permute_qk=True),
     "mistral": GGUFFamily("llama", permute_qk=True),
-    "qwen2": GGUFFamily("qwen2", permute_qk=False, biases=("q_proj.bias", "k_proj.bias", "v_proj.bias")),
+    "qwen2": GGUFFamily("qwen2", permute_qk=False),  # its q/k/v biases map by name like the weights
     "qwen3": GGUFFamily("qwen3", permute_qk=False),
     "gemma3_text": GGUFFamily("gemma3", permute_qk=False, norm_offset=1.0),
 }

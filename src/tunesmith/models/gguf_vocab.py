@@ -121,26 +121,27 @@ def add_tokenizer(writer: Any, tokenizer: Any, model_dir: Path, vocab_size: int,
     import gguf
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    if is_sentencepiece(backend):
-        tokens, types = _tokens_and_types(tokenizer, vocab_size)
-        _add_sentencepiece(writer, tokens, types, spaces_spelled_out=architecture.startswith("gemma"))
-        _add_special_tokens(writer, tokenizer)
-        writer.add_add_space_prefix(False)  # the normalizer only turns spaces into ▁; it prepends none
-    elif backend["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(backend.get("pre_tokenizer")):
+    sentencepiece = is_sentencepiece(backend)
+    if not sentencepiece and (
+        backend["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(backend.get("pre_tokenizer"))
+    ):
         raise UserError(
             f"the tokenizer is {backend['model']['type']} without byte-level pre-tokenization; tunesmith's GGUF export "
             f"writes byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM style) and SentencePiece-style BPE ones "
             f"(Gemma's); fix: export --to merged and convert it with llama.cpp's convert_hf_to_gguf.py"
         )
+    tokens, types = _tokens_and_types(tokenizer, vocab_size)
+    if sentencepiece:
+        _add_sentencepiece(writer, tokens, types, spaces_spelled_out=architecture.startswith("gemma"))
+        writer.add_add_space_prefix(False)  # the normalizer only turns spaces into ▁; it prepends none
     else:
-        tokens, types = _tokens_and_types(tokenizer, vocab_size)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(llama_cpp_pre_tokenizer(tokenizer))
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         # gguf's own reader of tokenizer.json: merges in the form llama.cpp expects (spaces inside a merge escaped).
         writer.add_token_merges(gguf.SpecialVocab(model_dir, load_merges=True, special_token_types=()).merges)
-        _add_special_tokens(writer, tokenizer)
+    _add_special_tokens(writer, tokenizer)
     template = tokenizer.chat_template
     if isinstance(template, dict):  # several named templates: GGUF stores them as a list
         template = [{"name": name, "template": text} for name, text in template.items()]

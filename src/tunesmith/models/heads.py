@@ -16,19 +16,20 @@ def is_head(name: str) -> bool:
 
 def classifier_head(model: torch.nn.Module) -> torch.nn.Module:
     """The sequence classifier's output head, through a PEFT wrapper (which trains and saves a copy of it)."""
-    head = _classifier_head(_base(model))
+    head = _classifier_head(base_model(model))
     if head is None:
-        raise ValueError(f"{type(_base(model)).__name__} has no classifier head ({', '.join(CLASSIFIER_HEADS)})")
+        raise ValueError(f"{type(base_model(model)).__name__} has no classifier head ({', '.join(CLASSIFIER_HEADS)})")
     return head
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
     """The module that turns the last hidden states into outputs: the language-model head, or a classifier's."""
-    base = _base(model)
+    base = base_model(model)
     return base.get_output_embeddings() or _classifier_head(base)
 
 
-def _base(model: torch.nn.Module) -> torch.nn.Module:
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper, or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
