@@ -179,7 +179,9 @@ def test_write_gguf_refuses_a_model_that_is_not_llama(tmp_path):
     from tunesmith.models.gguf_export import write_gguf
 
     GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(UserError, match="'gpt2' model.*writes llama, mistral, qwen2, qwen3, gemma3_text models"):
+    with pytest.raises(
+        UserError, match="'gpt2' model.*writes llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3 models"
+    ):
         write_gguf(tmp_path / "gpt2", tmp_path / "gpt2.gguf")
     assert not (tmp_path / "gpt2.gguf").exists()
 

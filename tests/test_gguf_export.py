@@ -427,6 +427,8 @@ WITHOUT_WINDOW = {"llama": {}, "mistral": {"sliding_window": None}, "qwen2": {"u
 # transformers' reader takes no head_dim from a qwen3 GGUF (llama.cpp's key_length, which tunesmith writes): it uses
 # Qwen3's default, 128, which every released Qwen3 has.
 WITHOUT_WINDOW["qwen3"] = {"use_sliding_window": False, "head_dim": 128}
+# Phi-3's window is written for llama.cpp, which applies it; transformers' reader reads none back.
+WITHOUT_WINDOW["phi3"] = {"sliding_window": None}
 
 
 @pytest.mark.parametrize("family", list(WITHOUT_WINDOW))
@@ -446,7 +448,8 @@ def test_each_family_round_trips_through_transformers_gguf_reader(tmp_path, fami
     ids = torch.tensor([tokenizer(text)["input_ids"]])
     expected = original(input_ids=ids).logits
     scale = expected.abs().max().item()
-    for dtype, tolerance in [("f32", 1e-4), ("q8_0", 0.05 * scale)]:  # q8_0: 8-bit blocks of 32, one scale each
+    # q8_0: 8-bit blocks of 32, one scale each; within 8% of the largest logit (Phi-3's fused products round most)
+    for dtype, tolerance in [("f32", 1e-4), ("q8_0", 0.08 * scale)]:
         written = write_gguf(directory, tmp_path / f"{family}-{dtype}.gguf", dtype=dtype)
         roundtrip, roundtrip_tokenizer = load_model(str(written))
         assert roundtrip.config.model_type == ("llama" if family == "mistral" else family)
@@ -479,26 +482,53 @@ def sentencepiece_tokenizer():
     )  # fmt: skip
 
 
-def test_gemma3_round_trips_with_its_sentencepiece_vocabulary(tmp_path):
-    """Gemma 3: norms stored plus one, its sliding window, and a SentencePiece vocabulary (scores, byte tokens,
-    whitespace tokens spelled with spaces) that transformers' GGUF reader turns back into the same tokenizer."""
+# Released Gemma sizes: head size 256 = query_pre_attn_scalar; Gemma 3 soft-caps nothing and every sixth layer is
+# global, Gemma 2 caps attention logits at 50 and final logits at 30, and every other layer is global.
+GEMMA_AS_RELEASED = {
+    "gemma3": dict(head_dim=256, final_logit_softcapping=None, layer_types=None),
+    "gemma2": dict(head_dim=256, query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+}
+
+
+@pytest.mark.parametrize("family", list(GEMMA_AS_RELEASED))
+def test_gemma_round_trips_with_its_sentencepiece_vocabulary(tmp_path, family):
+    """Gemma 2 and 3: norms stored plus one, the sliding window (and Gemma 2's soft caps) in the keys, and a
+    SentencePiece vocabulary (scores, byte tokens, whitespace tokens spelled with spaces) that transformers' GGUF
+    reader turns back into the same tokenizer."""
     from test_architectures import save_family
 
     from tunesmith.models import load_model
 
     tokenizer = sentencepiece_tokenizer()
-    # (released Gemma 3 sizes: head size 256 = query_pre_attn_scalar, no soft-capping, every sixth layer global)
-    gemma = dict(head_dim=256, final_logit_softcapping=None, layer_types=None, tie_word_embeddings=True, pad_token_id=0)
-    directory = save_family("gemma3", tmp_path / "tiny-gemma3", tokenizer, **gemma)
+    gemma = dict(GEMMA_AS_RELEASED[family], tie_word_embeddings=True, pad_token_id=0)
+    directory = save_family(family, tmp_path / f"tiny-{family}", tokenizer, **gemma)
     original, _ = load_model(str(directory))
-    written = write_gguf(directory, tmp_path / "gemma3.gguf")
+    written = write_gguf(directory, tmp_path / f"{family}.gguf")
     fields = read_fields(written)
-    assert fields["tokenizer.ggml.model"] == "llama" and fields["general.architecture"] == "gemma3"
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["general.architecture"] == family
+    assert fields[f"{family}.attention.sliding_window"] == original.config.sliding_window
+    if family == "gemma2":
+        assert fields["gemma2.attn_logit_softcapping"] == 50.0 and fields["gemma2.final_logit_softcapping"] == 30.0
     roundtrip, roundtrip_tokenizer = load_model(str(written))
     for text in ["What is the capital of France? Paris is the capital.", "my  card\n\nhas not arrived ~"]:
         assert roundtrip_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
     ids = torch.tensor([tokenizer(CORPUS[2])["input_ids"]])
     torch.testing.assert_close(roundtrip(input_ids=ids).logits, original(input_ids=ids).logits, rtol=0, atol=1e-4)
+
+
+def test_a_gemma2_whose_settings_a_gguf_would_lose_is_refused(tmp_path):
+    """A Gemma 2 with other soft caps or query scaling than the released ones: transformers' reader would give the file
+    its defaults, so it is refused with the way to convert it, before a byte is written."""
+    from test_architectures import save_family
+
+    settings = dict(GEMMA_AS_RELEASED["gemma2"], attn_logit_softcapping=20.0, query_pre_attn_scalar=144)
+    directory = save_family("gemma2", tmp_path / "tiny-gemma2", sentencepiece_tokenizer(), **settings)
+    with pytest.raises(UserError) as refused:
+        write_gguf(directory, tmp_path / "gemma2.gguf")
+    message = str(refused.value)
+    assert "attn_logit_softcapping 20.0 (a GGUF reads back 50.0)" in message
+    assert "query_pre_attn_scalar 144 (not its head size 256)" in message and "convert_hf_to_gguf.py" in message
+    assert not (tmp_path / "gemma2.gguf").exists()
 
 
 @pytest.mark.slow

@@ -255,6 +255,35 @@ def test_llama_cpp_runs_the_gemma_export_as_transformers_runs_the_model(tmp_path
     result.check(*TOLERANCES["f32"])
 
 
+def test_llama_cpp_runs_a_gemma2_export_as_transformers_does(tmp_path):
+    """Gemma 2 (no built-in model: a tiny one built in code, with the released soft caps and query scaling, a window
+    of 4 on every other layer and a SentencePiece vocabulary) as tunesmith writes it, in llama.cpp: the same tokens,
+    and logits within 1e-3 of the largest over every position of a 40-token text."""
+    from conftest import CORPUS
+    from test_architectures import save_family
+    from test_gguf_export import GEMMA_AS_RELEASED, sentencepiece_tokenizer
+
+    from tunesmith.models import load_model
+    from tunesmith.models.gguf_export import write_gguf
+
+    tokenizer = sentencepiece_tokenizer()
+    settings = dict(GEMMA_AS_RELEASED["gemma2"], tie_word_embeddings=True, pad_token_id=0)
+    directory = save_family("gemma2", tmp_path / "tiny-gemma2", tokenizer, **settings)
+    model, _ = load_model(str(directory))
+    path = write_gguf(directory, tmp_path / "gemma2.gguf")
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=2, seed=0, verbose=False)
+    text = " ".join(CORPUS[:8])
+    ids = tokenizer(text)["input_ids"][:40]
+    assert llm.tokenize(text.encode(), add_bos=True, special=True)[:40] == ids
+    assert len(ids) > 4 * model.config.sliding_window  # the window matters on these positions
+    llm.eval(ids)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    got = np.array(llm.scores[: len(ids)])
+    assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max()
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
 GO_RENDERER = """package main
 
 import (

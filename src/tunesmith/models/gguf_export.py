@@ -1,5 +1,5 @@
-"""Write a transformers directory (Llama, Mistral, Qwen2, Qwen3, Gemma 3: GGUF_FAMILIES) as a GGUF file (llama.cpp,
-Ollama, LM Studio).
+"""Write a transformers directory (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3: GGUF_FAMILIES) as a GGUF file
+(llama.cpp, Ollama, LM Studio).
 
 The reverse of `models/gguf.py`. A GGUF holds the config as llama.cpp's metadata keys, the tokenizer as
 a token list plus merges (models/gguf_vocab.py), and every tensor under llama.cpp's names (`blk.N.attn_q`,
@@ -49,8 +49,11 @@ GGUF_FAMILIES = {
     "mistral": GGUFFamily("llama", permute_qk=True),
     "qwen2": GGUFFamily("qwen2", permute_qk=False),  # its q/k/v biases map by name like the weights
     "qwen3": GGUFFamily("qwen3", permute_qk=False),
+    "gemma2": GGUFFamily("gemma2", permute_qk=False, norm_offset=1.0),
     "gemma3_text": GGUFFamily("gemma3", permute_qk=False, norm_offset=1.0),
+    "phi3": GGUFFamily("phi3", permute_qk=False),  # fused qkv_proj and gate_up_proj: llama.cpp's attn_qkv, ffn_up
 }
+GEMMA = ("gemma2", "gemma3_text")
 
 
 def gguf_dtype_problem(dtype: str) -> str | None:
@@ -138,7 +141,7 @@ def _load_config(model_dir: Path) -> Any:
         *([f"rope scaling '{rope_type}'"] if rope_type not in (None, "default") else []),
         *(["attention biases"] if getattr(config, "attention_bias", False) else []),
         *(["MLP biases"] if getattr(config, "mlp_bias", False) else []),
-        *gemma_settings_a_file_loses(config),
+        *settings_a_file_loses(config),
     ]
     if unsupported:
         raise UserError(
@@ -148,18 +151,34 @@ def _load_config(model_dir: Path) -> Any:
     return config
 
 
-def gemma_settings_a_file_loses(config: Any) -> list[str]:
-    """Gemma 3 settings that a GGUF's keys do not carry back to its readers: written anyway, the file would load
-    as another model (released Gemma 3 models up to 12B have none of them)."""
-    if config.model_type != "gemma3_text":
-        return []
-    head_dim = config.head_dim
-    return [
-        *([f"query_pre_attn_scalar {config.query_pre_attn_scalar} (not its head size {head_dim})"]
-          if config.query_pre_attn_scalar != head_dim else []),
-        *([f"final logit soft-capping {config.final_logit_softcapping}"] if config.final_logit_softcapping else []),
-        *([f"attention logit soft-capping {config.attn_logit_softcapping}"] if config.attn_logit_softcapping else []),
-    ]  # fmt: skip
+def settings_a_file_loses(config: Any) -> list[str]:
+    """Settings that a GGUF's keys do not carry back to transformers' reader, which gives them its config's defaults:
+    written anyway, the file would load as another model. Released Gemma 3 models up to 12B, Gemma 2 2B and 9B, and
+    Phi-3 mini and medium (4k) have none of them."""
+    if config.model_type == "gemma3_text":
+        head_dim = config.head_dim
+        return [
+            *([f"query_pre_attn_scalar {config.query_pre_attn_scalar} (not its head size {head_dim})"]
+              if config.query_pre_attn_scalar != head_dim else []),
+            *([f"final logit soft-capping {config.final_logit_softcapping}"] if config.final_logit_softcapping else []),
+            *([f"attention logit soft-capping {config.attn_logit_softcapping}"]
+              if config.attn_logit_softcapping else []),
+        ]  # fmt: skip
+    if config.model_type == "gemma2":
+        from transformers import Gemma2Config
+
+        read_back = Gemma2Config()  # what the reader gives the settings no key carries
+        lost = [
+            f"{name} {getattr(config, name)} (a GGUF reads back {getattr(read_back, name)})"
+            for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
+            if getattr(config, name) != getattr(read_back, name)
+        ]
+        if config.query_pre_attn_scalar != config.head_dim:  # llama.cpp scales queries by the head size
+            lost.append(f"query_pre_attn_scalar {config.query_pre_attn_scalar} (not its head size {config.head_dim})")
+        return lost
+    if config.model_type == "phi3" and getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        return [f"partial_rotary_factor {config.partial_rotary_factor}"]
+    return []
 
 
 def _rope(config: Any) -> dict:
@@ -201,12 +220,16 @@ def _add_architecture(writer: Any, config: Any, dtype: str) -> None:
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    gemma = config.model_type == "gemma3_text"  # readers take Gemma 3's head size (256 by default) from the file
+    gemma = config.model_type in GEMMA  # readers take Gemma's head size (256 by default) from the file
     if gemma or head_dim * config.num_attention_heads != config.hidden_size:  # else llama.cpp assumes hidden/heads
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    if gemma:  # its local layers' window (llama.cpp: every sixth layer is global)
+    # The local layers' window (llama.cpp: Gemma 2's every other layer, Gemma 3's five of six; Phi-3's every layer)
+    if (gemma or config.model_type == "phi3") and getattr(config, "sliding_window", None):
         writer.add_sliding_window(config.sliding_window)
+    if config.model_type == "gemma2":  # llama.cpp reads them; transformers' reader takes its defaults (checked above)
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
 
 
 def describe_model(name: str, base_model: str | None, parameters: int) -> Any:
