@@ -140,8 +140,8 @@ def lora_step_parity(device: torch.device, size: str, workdir: Path) -> dict:
     from tunesmith.data.tokenize import TokenizedExample
     from tunesmith.models import adapters
     from tunesmith.models.precision import autocast
+    from tunesmith.train.build import build_model
     from tunesmith.train.loss import token_loss_sum
-    from tunesmith.train.session import build_model
 
     directory = build_family("llama", "tiny", workdir / "parity")
     adapter = AdapterConfig(type="lora", r=8, target="all-linear")
@@ -206,9 +206,9 @@ def tunesmith_steps(directory: Path, adapter_type: str, device: torch.device, ro
     from tunesmith.data.packing import collate_rows
     from tunesmith.data.tokenize import TokenizedExample
     from tunesmith.models.adapters import load_options
+    from tunesmith.train.build import build_model
     from tunesmith.train.distributed import Runner
     from tunesmith.train.optim import build_optimizer, build_scheduler
-    from tunesmith.train.session import build_model
     from tunesmith.train.step import train_step
 
     if "quantization" in load_options(adapter_type):
@@ -285,8 +285,8 @@ def two_lora_steps(directory: Path, device: torch.device, distributed: bool) -> 
     from tunesmith.data.packing import collate_rows
     from tunesmith.data.tokenize import TokenizedExample
     from tunesmith.train import distributed as processes
+    from tunesmith.train.build import build_model
     from tunesmith.train.optim import build_optimizer, build_scheduler
-    from tunesmith.train.session import build_model
     from tunesmith.train.step import train_step
 
     world = processes.start(device) if distributed else processes.ONE_PROCESS

@@ -59,7 +59,7 @@ def tunesmith_model(spec: dict):
 
     from tunesmith.config.schema import AdapterConfig, TrainConfig
     from tunesmith.models.precision import compute_dtype
-    from tunesmith.train.session import build_model
+    from tunesmith.train.build import build_model
 
     torch.manual_seed(0)
     cpu = torch.device("cpu")
@@ -78,9 +78,9 @@ def run_tunesmith(spec: dict, recompute: bool | str = False, compiled: bool = Fa
     from tunesmith.config.schema import TrainConfig
     from tunesmith.data.packing import collate_rows, pack_rows
     from tunesmith.data.tokenize import TokenizedExample
+    from tunesmith.train.build import compile_layers, enable_gradient_checkpointing, micro_batch_tokens
     from tunesmith.train.distributed import Runner
     from tunesmith.train.optim import build_optimizer, build_scheduler
-    from tunesmith.train.session import compile_layers, enable_gradient_checkpointing, micro_batch_tokens
     from tunesmith.train.step import train_step
 
     started = time.perf_counter()
@@ -123,10 +123,10 @@ def run_tunesmith_dpo(spec: dict) -> dict:
     from tunesmith.data.packing import collate, even_pieces
     from tunesmith.data.tokenize import TokenizedExample, TokenizedPair
     from tunesmith.registry import preference_losses
+    from tunesmith.train.build import micro_batch_tokens
     from tunesmith.train.distributed import Runner
     from tunesmith.train.optim import build_optimizer, build_scheduler
     from tunesmith.train.preference import PreferenceObjective, adapter_off_logprobs
-    from tunesmith.train.session import micro_batch_tokens
     from tunesmith.train.step import train_step
 
     started = time.perf_counter()

@@ -25,10 +25,10 @@ from tunesmith.engine.forward import balance_loss, hidden_states, set_router_bal
 from tunesmith.errors import UserError
 from tunesmith.models import attention, load_model
 from tunesmith.models.adapters import load_options, save_final
+from tunesmith.train.build import build_model
 from tunesmith.train.distributed import Runner
 from tunesmith.train.loss import token_loss_sum
 from tunesmith.train.optim import build_optimizer, build_scheduler
-from tunesmith.train.session import build_model
 from tunesmith.train.step import train_step
 
 WINDOW = 4  # sliding-window layers see their last 4 positions

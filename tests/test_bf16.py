@@ -15,9 +15,9 @@ from tunesmith import hardware
 from tunesmith.config.schema import TrainConfig
 from tunesmith.engine.generation import Sampling
 from tunesmith.models.precision import compute_dtype
+from tunesmith.train.build import build_model
 from tunesmith.train.loss import HeadCrossEntropy
 from tunesmith.train.preference import HeadTokenLogProbs
-from tunesmith.train.session import build_model
 
 X86 = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n"
 ARM = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\nCPU part\t: 0xd4f\n"

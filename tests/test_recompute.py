@@ -9,7 +9,7 @@ import torch
 from tunesmith.config.schema import AdapterConfig, TrainConfig
 from tunesmith.models import load_model
 from tunesmith.models.adapters import apply_adapter
-from tunesmith.train import session
+from tunesmith.train import build
 
 MODES = (False, True, "selective")
 
@@ -26,7 +26,7 @@ def model_in(mode, tiny_model, adapter: str):
             if "lora_B" in name:  # non-zero, so the LoRA term and its gradients are live
                 torch.nn.init.normal_(parameter, std=0.3)
     if mode:
-        session.enable_gradient_checkpointing(model, mode)
+        build.enable_gradient_checkpointing(model, mode)
     return model.train()
 
 
@@ -54,14 +54,14 @@ def test_every_recompute_mode_gives_the_same_loss_and_gradients(tiny_model, adap
 def decisions(monkeypatch) -> dict[str, set]:
     """What selective recompute's policy decides per op name, recorded from here on."""
     recorded: dict[str, set] = {}
-    policy = session.keep_products
+    policy = build.keep_products
 
     def recording(context, op, *args, **kwargs):
         decision = policy(context, op, *args, **kwargs)
         recorded.setdefault(op._overloadpacket.__name__, set()).add(decision)
         return decision
 
-    monkeypatch.setattr(session, "keep_products", recording)
+    monkeypatch.setattr(build, "keep_products", recording)
     return recorded
 
 

@@ -113,6 +113,17 @@ def launch_processes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tunesmith.config.loading import load_config, resolve_paths
+    from tunesmith.train.plan import describe, plan_run
+
+    config = resolve_paths(load_config(args.config, args.overrides))
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc={args.nproc}: the number of processes must be at least 1; fix: --nproc 2")
+    print(describe(plan_run(config, processes=args.nproc or 1, measure=args.measure)))
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from tunesmith.data.dataset import check_file
     from tunesmith.data.files import parse_columns
@@ -218,9 +229,10 @@ def split_train_arguments(args: argparse.Namespace) -> None:
         args.overrides.insert(0, args.config)
         args.config = None
     if args.config is None and not args.overrides:
+        command = args.command
         raise UserError(
-            "tunesmith train needs a config: a YAML file, key=value overrides, or both; fix: tunesmith "
-            "train CONFIG.yaml, or tunesmith train data.train=train.jsonl [model=NAME train.epochs=2 ...] "
+            f"tunesmith {command} needs a config: a YAML file, key=value overrides, or both; fix: tunesmith "
+            f"{command} CONFIG.yaml, or tunesmith {command} data.train=train.jsonl [model=NAME train.epochs=2 ...] "
             "(tunesmith train --help-config lists every key)"
         )
     args.config = Path(args.config) if args.config is not None else None
@@ -258,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
         "train.parallel picks DDP or FSDP); for several machines run torchrun yourself (docs/distributed.md)",
     )
     train.set_defaults(handler=cmd_train)
+
+    plan = commands.add_parser(
+        "plan", help="a run's memory (per part, and its peak on this machine) and time, before it trains"
+    )
+    plan.add_argument("config", nargs="?", help="the YAML config `tunesmith train` would take")
+    plan.add_argument("overrides", nargs="*", help="key.sub=value overrides, as train takes them")
+    plan.add_argument("--nproc", type=int, metavar="N", help="plan for N processes (train.parallel: ddp or fsdp)")
+    plan.add_argument("--measure", action="store_true", help="time 5 real steps (its own process, a scratch directory)")
+    plan.set_defaults(handler=cmd_plan)
 
     validate = commands.add_parser("validate", help="check a data file before any compute")
     validate.add_argument(
@@ -329,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and sys.argv[1:2] == ["train"]:  # a real command line (not a caller's argv): see allocator.py
+    if argv is None and sys.argv[1:2] in (["train"], ["plan"]):  # a real command line: see allocator.py (plan
+        # runs under training's allocator, so that what it measures of its own process is what training will hold)
         from tunesmith.allocator import reexec_with_jemalloc
 
         reexec_with_jemalloc([sys.executable, "-m", "tunesmith", *sys.argv[1:]])
@@ -338,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args, unknown = parser.parse_known_args(argv)
-        if args.command == "train":  # overrides may come after an option: `train c.yaml --nproc 2 train.lr=1e-4`
+        if args.command in ("train", "plan"):  # overrides may come after an option: `train c.yaml --nproc 2 x=1`
             args.overrides += [item for item in unknown if not item.startswith("-")]
             unknown = [item for item in unknown if item.startswith("-")]
             split_train_arguments(args)

@@ -301,6 +301,11 @@ class TrainConfig(Section):
         "collapse the routing onto a few experts. None: the model's own (its config's router_aux_loss_coef: 0.001 "
         "for Qwen3-MoE, 0.02 for Mixtral); 0: off. Other models: ignored.",
     )
+    memory_check: bool = Field(
+        True,
+        description="Refuse, before loading the model, a run whose predicted peak memory (tunesmith plan) exceeds "
+        "what this machine has free, naming the settings that would fit; false trains anyway.",
+    )
     progress: bool = Field(True, description="Show a progress bar.")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 import logging
 import re
 import sys
@@ -278,6 +279,42 @@ def load_model(
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def skeleton_model(
+    spec: str | Path, *, num_labels: int | None = None, layer_types: list[str] | None = None, device: str = "meta"
+) -> Any:
+    """`spec`'s model built from its config.json alone, reading no weights: on the meta device (shapes and dtypes,
+    no memory), or with `device="cpu"` in uninitialised memory set to zero. `layer_types` builds only that many
+    decoder layers, of those kinds (a model with `config.layer_types`, e.g. Gemma's sliding and full attention), as
+    `tunesmith plan` does to measure one layer's activations. The same class and attention as `load_model`'s."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tunesmith.models import attention
+    from tunesmith.models.families import is_checked
+
+    directory = resolve_model(spec)
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    if layer_types is not None:
+        config.num_hidden_layers = len(layer_types)
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = list(layer_types)
+    if num_labels is not None:
+        config.num_labels = num_labels
+    model_class = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
+    implementation = attention.NAME if is_checked(config) else "sdpa"
+    with quiet_transformers(), torch.device("meta"):
+        model = model_class.from_config(config, attn_implementation=implementation, dtype=torch.float32)
+    if device != "meta":
+        model.to_empty(device=device)
+        with torch.no_grad():
+            for tensor in itertools.chain(model.parameters(), model.buffers()):
+                tensor.zero_()
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = 0
+    return model
 
 
 def quantization_config(kind: str, compute_dtype: Any) -> Any:

@@ -37,7 +37,7 @@ ACCEPTS = ("chat",)
 MAX_LABELS = 10_000
 
 
-@methods.register("classify", accepts=ACCEPTS)
+@methods.register("classify", accepts=ACCEPTS, labels=lambda config: training_labels(config))
 def run_classify(config: Config) -> RunResult:
     check_classifier_settings(config, "classifier", "val_accuracy")
     labels = training_labels(config)

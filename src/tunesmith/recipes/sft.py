@@ -18,6 +18,7 @@ from tunesmith.eval.in_training import InTrainingEval
 from tunesmith.registry import methods
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import session
+from tunesmith.train.build import build_plans
 from tunesmith.train.distributed import World
 from tunesmith.train.runtime import stop_on_signals
 from tunesmith.train.session import RunResult
@@ -68,7 +69,7 @@ def train_loop(
 
     def make_plan(tokenizer, data: PreparedData, model, runner, device: torch.device, world: World):
         """The batch plans, then the loss (a recipe's objective may read the data and run the model)."""
-        steps, built["validation"] = session.build_plans(config, data, device)
+        steps, built["validation"] = build_plans(config, data, device)
         built["objective"] = build_objective(data, runner, tokenizer, device, world) if build_objective else TOKEN_LOSS
         built["task_eval"] = InTrainingEval.if_asked(config, tokenizer, world.main)
         return steps

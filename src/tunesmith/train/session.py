@@ -7,7 +7,6 @@ recipes/sft.py's `train_loop` reads top to bottom with these; the RL loop (train
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,17 +17,25 @@ import torch
 from tunesmith import rundir
 from tunesmith.allocator import FREED_PAGES
 from tunesmith.config.auto import RL_METHODS, resolve_training
-from tunesmith.config.schema import AdapterConfig, Config, TrainConfig
+from tunesmith.config.schema import Config
 from tunesmith.data.dataset import PreparedData
-from tunesmith.data.packing import BatchPlan, epoch_rows
-from tunesmith.engine.forward import decoder_and_head, set_router_balance, training_paths
+from tunesmith.data.packing import BatchPlan
+from tunesmith.engine.forward import set_router_balance, training_paths
 from tunesmith.errors import Problem, TrainingStopped, UserError
 from tunesmith.eval.in_training import InTrainingEval, higher_is_better
-from tunesmith.models import load_model, load_tokenizer
-from tunesmith.models.adapters import apply_adapter, load_options, output_name, parameter_counts, save_final
-from tunesmith.models.precision import compute_dtype, store_frozen_in
+from tunesmith.models import load_tokenizer
+from tunesmith.models.adapters import output_name, parameter_counts, save_final
+from tunesmith.models.precision import compute_dtype
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed
+from tunesmith.train.build import (
+    build_model,
+    compile_layers,
+    count_steps,
+    enable_gradient_checkpointing,
+    examples_per_row,
+    shard_units,
+)
 from tunesmith.train.distributed import ONE_PROCESS, World
 from tunesmith.train.metrics import MetricsLog, Progress
 from tunesmith.train.optim import build_optimizer, build_scheduler
@@ -99,6 +106,8 @@ def open_session(
     distributed.check_settings(config, world, device)
     if check is not None:
         check(world)
+    if train.memory_check and config.method not in RL_METHODS:
+        check_memory(config, data, device, world, num_labels)
     resume_from = prepare_run_dir(config, write=world.main)
     seed_everything(train.seed, train.threads)
     amp_dtype, why = compute_dtype(train, device)
@@ -169,12 +178,15 @@ def open_session(
     )
 
 
-def examples_per_row(config: Config, data: PreparedData) -> float:
-    """How many training examples a row of the first epoch holds (1 without packing), for "auto" settings."""
-    lengths = [len(unit) for unit in data.train]
-    if not (config.data.packing and lengths) or config.method in RL_METHODS:
-        return 1.0
-    return len(lengths) / max(1, len(epoch_rows(lengths, config.data.max_length, True, config.train.seed, 0)))
+def check_memory(
+    config: Config, data: PreparedData, device: torch.device, world: World, num_labels: int | None
+) -> None:
+    """Refuse a run that would not fit this machine's memory (train/plan.py), before the model is loaded."""
+    from tunesmith.models.precision import compute_dtype as dtype_for
+    from tunesmith.train.plan import check_fits, plan_memory
+
+    amp_dtype, _ = dtype_for(config.train, device)
+    check_fits(plan_memory(config, data, device, amp_dtype, world.size, num_labels))
 
 
 # Adapters that train a sequence classifier's new head with the rest: PEFT's LoRA family saves it in SEQ_CLS
@@ -205,57 +217,6 @@ def check_classifier_settings(config: Config, model_kind: str, logged: str) -> N
         )
     if problems:
         raise UserError(f"method {config.method}: the config has problems", problems)
-
-
-def build_model(
-    model_spec: str,
-    adapter: AdapterConfig,
-    device: torch.device,
-    num_labels: int | None = None,
-    dtype: torch.dtype | None = None,
-) -> torch.nn.Module:
-    """The model to train, on `device`: the base `model_spec` (QLoRA: 4-bit, placed as it loads) with `adapter`;
-    with `num_labels`, the base as a sequence classifier with that many outputs. With a compute `dtype` (bf16
-    training on one process; FSDP keeps its own copies), the frozen weight matrices are stored in it and the
-    trainable ones in float32 (store_frozen_in); a base the adapter leaves frozen loads in `dtype` directly, so
-    no float32 copy of it ever exists."""
-    quantized = load_options(adapter.type)
-    trains_base = output_name(adapter.type) == "model"  # full, freeze: the base's own weights train
-    stored = dtype if dtype is not None and not trains_base else torch.float32
-    model, _ = load_model(model_spec, device=device, num_labels=num_labels, dtype=stored, **quantized)
-    model = apply_adapter(model, adapter)
-    if dtype is not None:
-        store_frozen_in(model, dtype)
-    return model if quantized else model.to(device)
-
-
-AUTO_MICRO_BATCH_TOKENS = 1024  # train.micro_batch_tokens: auto on a CPU (BENCHMARKS.md, the budget sweep)
-
-
-def build_plans(config: Config, data: PreparedData, device: torch.device) -> tuple[BatchPlan, list]:
-    """The training batch plan and the validation batches (every validation example once).
-
-    A row holds data.max_length tokens per sequence of a unit: one example, or both sides of a pair."""
-    per_unit = len(data.train[0].segments()) if data.train else 1
-    options = dict(capacity=config.data.max_length * per_unit, packing=config.data.packing, seed=config.train.seed)
-    plan = BatchPlan(
-        data.train,
-        batch_size=config.train.batch_size,
-        grad_accum=config.train.grad_accum,
-        max_tokens=micro_batch_tokens(config.train, device),
-        **options,
-    )
-    validation = BatchPlan(data.validation, batch_size=config.train.batch_size, grad_accum=1, **options).eval_batches()
-    return plan, validation
-
-
-def micro_batch_tokens(train: TrainConfig, device: torch.device) -> int | None:
-    """train.micro_batch_tokens with auto resolved for `device`: a CPU's budget, or no limit on a GPU (whose
-    throughput wants the largest batch that fits)."""
-    value = train.micro_batch_tokens
-    if value == "auto":
-        return AUTO_MICRO_BATCH_TOKENS if device.type == "cpu" else None
-    return value
 
 
 def save_outputs(
@@ -346,20 +307,6 @@ def whole_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: value for name, value in state.items() if name not in tied}
 
 
-def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers, which FSDP shards one by one (each gathered only while it runs)."""
-    return [module for name, module in model.named_modules() if re.fullmatch(r"(.*\.)?layers\.\d+", name)]
-
-
-def count_steps(plan: BatchPlan, epochs: int, max_steps: int | None) -> int:
-    """The run's optimizer steps: train.max_steps when set, exactly (HF Trainer's rule: it overrides epochs, and
-    `advance` carries the data position into as many further epochs, each shuffled anew, as that takes);
-    else every step of `epochs` epochs. The learning-rate schedule spans this count."""
-    if max_steps is not None:
-        return max_steps
-    return sum(plan.steps_in_epoch(epoch) for epoch in range(epochs))
-
-
 def announce_resume(progress, resume_from: Path | None, state: ckpt.TrainState, total_steps: int) -> None:
     """Say which checkpoint a resumed run continues from. A finished run (nothing left to train) is left to the
     caller, whose RunResult says `already_complete`."""
@@ -432,57 +379,3 @@ def keep_best(state: ckpt.TrainState, value: float, selection) -> bool:
     if selection.patience is not None and state.evals_without_improvement >= selection.patience:
         state.extra["stopped_early"] = True
     return False
-
-
-def compile_layers(model: torch.nn.Module) -> None:
-    """torch.compile every decoder layer, shapes dynamic (one graph for every packed length).
-
-    The padding-free attention stays eager (it loops over examples); generation runs eagerly too
-    (engine/generation.py), so only training and scoring passes use the compiled layers.
-    """
-    decoder, _ = decoder_and_head(model)
-    for layer in decoder.layers:
-        layer.compile(dynamic=True)
-
-
-def enable_gradient_checkpointing(model: torch.nn.Module, mode: bool | str = True) -> None:
-    """Recompute each decoder layer's activations in backward: all of them (`True`), or with `"selective"` only
-    the element-wise ops, the layer keeping its matrix products' and attention's outputs (`keep_products`)."""
-    import functools
-
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-    from tunesmith.models import fused_lora
-
-    options: dict[str, Any] = {"use_reentrant": False}
-    if mode == "selective":
-        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, keep_products)
-        fused_lora.accumulate_out_of_place(model)  # an output kept for recompute must not change afterwards
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
-
-
-PRODUCTS = {"mm": 0, "addmm": 1, "bmm": 0}  # matrix products -> the argument holding their left operand
-ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention", "causal_attention")
-
-
-def keep_products(context: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
-    """Selective recompute's policy: which op outputs a checkpointed layer keeps.
-
-    Kept: attention, and matrix products worth more than their memory; everything else (norms, activations,
-    rotary embeddings, residual adds) is recomputed in backward from them, which costs a few element-wise
-    passes. A low-rank product (inner dimension at most 1/8 of its output width, a LoRA up-projection) is
-    recomputed too: redoing it is cheap, and its output is as large as the layer's.
-    """
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    name = op._overloadpacket.__name__
-    if any(part in name for part in ATTENTION):
-        return CheckpointPolicy.MUST_SAVE
-    if name in PRODUCTS:
-        left, right = args[PRODUCTS[name]], args[PRODUCTS[name] + 1]
-        low_rank = left.shape[-1] * 8 <= right.shape[-1]
-        return CheckpointPolicy.PREFER_RECOMPUTE if low_rank else CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
