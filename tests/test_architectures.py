@@ -431,3 +431,42 @@ def test_dpo_on_a_moe_carries_the_router_balance_loss_once_per_pair(tmp_path, to
     routed: list = []
     hidden_states(model, batch, routed)
     torch.testing.assert_close(objective(model, batch), plain + 0.5 * balance_loss(model, routed))
+
+
+def test_distillation_and_rl_on_a_moe_carry_the_router_balance_loss(tmp_path, tokenizer):
+    """Distillation adds the routers' balance loss once per target, as the token loss does; the RL policy pass hands
+    it to GRPO's and PPO's per-token losses, which add it to every reply token (their mean carries it once). With
+    the weight at 0 each is its plain loss; a dense model has none."""
+    from types import SimpleNamespace
+
+    from tunesmith.config.schema import RLConfig
+    from tunesmith.recipes.grpo import grpo_token_loss
+    from tunesmith.registry import distill_losses
+    from tunesmith.train import policy
+    from tunesmith.train.distill import Distiller, LiveTeacher
+
+    directory = save_family("olmoe", tmp_path / "olmoe", tokenizer)
+    model = lora_model(directory)
+    batch = collate(examples(len(tokenizer))[:2])
+    targets = int((batch.targets != -100).sum())
+    routed: list = []
+    hidden_states(model, batch, routed)
+    distiller = Distiller(LiveTeacher(load_model(str(directory))[0]), distill_losses.get("forward_kl"), 2.0, 0.5)
+    set_router_balance(model, 0.0)
+    plain = distiller(model, batch)
+    logprobs, _, none = policy.policy_outputs(model, batch, 1.0)
+    assert none is None
+    rollout = SimpleNamespace(logprobs=logprobs.detach(), advantages=torch.linspace(-1, 1, targets), ref_logprobs=None)
+    tokens = torch.arange(targets)
+    plain_rl, figures = grpo_token_loss(RLConfig(), rollout, model, batch, tokens)
+    assert "router_balance" not in figures
+    set_router_balance(model, 0.5)
+    weighted = 0.5 * balance_loss(model, routed)
+    torch.testing.assert_close(distiller(model, batch), plain + weighted * targets)
+    _, _, balance = policy.policy_outputs(model, batch, 1.0)
+    torch.testing.assert_close(balance, weighted)
+    with_balance, figures = grpo_token_loss(RLConfig(), rollout, model, batch, tokens)
+    torch.testing.assert_close(with_balance, plain_rl + weighted)
+    torch.testing.assert_close(figures["router_balance"], weighted.detach().expand(targets))
+    dense = lora_model(save_family("llama", tmp_path / "llama", tokenizer))
+    assert policy.policy_outputs(dense, batch, 1.0)[2] is None

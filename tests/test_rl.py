@@ -190,7 +190,7 @@ def test_flat_batch_log_probs_match_a_plain_forward(tiny_model, temperature):
     model = apply_adapter(model, AdapterConfig(type="lora"))
     prompts, replies = [[5, 17, 42], [99, 3], [7, 8, 9, 10]], [[11, 12], [13, 14, 15], [16]]
     batch = rollouts.rollout_batch(prompts, replies)
-    logprobs, _ = policy.policy_outputs(model, batch, temperature)
+    logprobs, _, _ = policy.policy_outputs(model, batch, temperature)
     scored, entropy, _ = policy.token_statistics(model, batch, temperature)
     expected, expected_entropy = [], []
     with torch.no_grad():

@@ -244,6 +244,16 @@ def balance_loss(model: torch.nn.Module, routed: list[torch.Tensor]) -> torch.Te
     return loss(tuple(routed), experts, config.num_experts_per_tok, None)
 
 
+def balanced_hidden_states(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """hidden_states, and a mixture of experts' routers' load-balancing loss over the batch's tokens, weighted as
+    training weighs it (router_balance): what every training objective adds once per unit it averages over. None
+    for a model without routers, or with the weight at 0."""
+    balance = router_balance(model)
+    routed: list[torch.Tensor] | None = [] if balance is not None else None
+    hidden = hidden_states(model, batch, routed)
+    return hidden, balance[1] * balance_loss(model, routed) if balance is not None else None
+
+
 def target_logits(model: torch.nn.Module, batch: Batch) -> Iterator[tuple[torch.Tensor, torch.Tensor, slice]]:
     """(logits, targets, positions) per chunk of the batch's target positions, in order.
 

@@ -56,12 +56,16 @@ def run_grpo(config: Config) -> RunResult:
 def grpo_token_loss(
     settings: RLConfig, rollout: Rollout, model: torch.nn.Module, batch: Batch, tokens: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per reply token of `batch`: the clipped surrogate plus kl_coef * KL(policy || reference)."""
-    logprobs, _ = policy.policy_outputs(model, batch, settings.temperature)
+    """Per reply token of `batch`: the clipped surrogate plus kl_coef * KL(policy || reference) (plus a mixture of
+    experts' router balance loss)."""
+    logprobs, _, balance = policy.policy_outputs(model, batch, settings.temperature)
     loss, clipped = rl_math.clipped_policy_loss(
         logprobs, rollout.logprobs[tokens], rollout.advantages[tokens], settings.clip_range
     )
     figures = {"clip_fraction": clipped.float()}
+    if balance is not None:
+        loss = loss + balance
+        figures["router_balance"] = balance.detach().expand_as(loss)
     if rollout.ref_logprobs is None:  # full fine-tuning with kl_coef 0: no reference was loaded
         return loss, figures
     kl = rl_math.kl_k3(logprobs, rollout.ref_logprobs[tokens])

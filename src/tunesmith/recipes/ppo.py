@@ -81,17 +81,23 @@ def ppo_token_loss(
     batch: Batch,
     tokens: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per reply token of `batch`: the clipped surrogate plus value_coef * the clipped value loss."""
-    logprobs, values = policy.policy_outputs(model, batch, config.rl.temperature, value_head)
+    """Per reply token of `batch`: the clipped surrogate plus value_coef * the clipped value loss (plus a mixture of
+    experts' router balance loss)."""
+    logprobs, values, balance = policy.policy_outputs(model, batch, config.rl.temperature, value_head)
     policy_loss, clipped = rl_math.clipped_policy_loss(
         logprobs, rollout.logprobs[tokens], rollout.advantages[tokens], config.rl.clip_range
     )
     value_loss, value_clipped = rl_math.clipped_value_loss(
         values, rollout.values[tokens], rollout.returns[tokens], config.ppo.value_clip
     )
-    return policy_loss + config.ppo.value_coef * value_loss, {
+    figures = {
         "policy_loss": policy_loss,
         "value_loss": value_loss,
         "clip_fraction": clipped.float(),
         "value_clip_fraction": value_clipped.float(),
     }
+    loss = policy_loss + config.ppo.value_coef * value_loss
+    if balance is not None:
+        figures["router_balance"] = balance.detach().expand_as(loss)
+        loss = loss + balance
+    return loss, figures

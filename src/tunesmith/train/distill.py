@@ -28,7 +28,13 @@ from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.packing import IGNORE, Batch, collate, consecutive_runs
 from tunesmith.data.tokenize import TokenizedExample
-from tunesmith.engine.forward import HEAD_CHUNK, decoder_and_head, hidden_states, target_logits
+from tunesmith.engine.forward import (
+    HEAD_CHUNK,
+    balanced_hidden_states,
+    decoder_and_head,
+    hidden_states,
+    target_logits,
+)
 from tunesmith.registry import distill_losses
 from tunesmith.train.step import Objective
 
@@ -126,7 +132,8 @@ class Distiller(Objective):
     def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         _, head = decoder_and_head(model)
         keep = batch.targets != IGNORE
-        hidden, targets = hidden_states(model, batch)[keep], batch.targets[keep]  # (N, H), (N,)
+        hidden, balance = balanced_hidden_states(model, batch)
+        hidden, targets = hidden[keep], batch.targets[keep]  # (N, H), (N,)
         teacher_rows = self.teacher.rows(batch)  # tensors of N rows each
         total = torch.zeros((), dtype=torch.float32, device=targets.device)
         for start in range(0, targets.shape[0], HEAD_CHUNK):
@@ -136,6 +143,8 @@ class Distiller(Objective):
                 total = total + checkpoint(self.chunk_loss, *args, use_reentrant=False)
             else:
                 total = total + self.chunk_loss(*args)
+        if balance is not None:  # a mixture of experts: its routers' balance loss, once per target, as the token loss
+            total = total + balance * targets.shape[0]
         return total
 
     def chunk_loss(

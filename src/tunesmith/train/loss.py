@@ -16,15 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.data.packing import IGNORE, Batch
-from tunesmith.engine.forward import (
-    HEAD_CHUNK,
-    balance_loss,
-    decoder_and_head,
-    fused_head,
-    head_chunks,
-    hidden_states,
-    router_balance,
-)
+from tunesmith.engine.forward import HEAD_CHUNK, balanced_hidden_states, decoder_and_head, fused_head, head_chunks
 from tunesmith.models.precision import kernel_dtype
 
 
@@ -118,10 +110,9 @@ def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     experts adds its routers' load-balancing loss, weighted and counted once per target (so the caller's mean is
     the model's own loss: mean cross-entropy + weight x balance loss)."""
     _, head = decoder_and_head(model)
-    balance = router_balance(model)
-    routed: list[torch.Tensor] | None = [] if balance is not None else None
     keep = batch.targets != IGNORE
-    hidden, targets = hidden_states(model, batch, routed)[keep], batch.targets[keep]
+    hidden, balance = balanced_hidden_states(model, batch)
+    hidden, targets = hidden[keep], batch.targets[keep]
     if fused_head(model, head):  # a plain head (not adapted): the fused path
         total = HeadCrossEntropy.apply(hidden, head.weight, targets)
     else:
@@ -129,5 +120,5 @@ def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         for logits, chunk_targets, _ in head_chunks(head, hidden, targets):
             total = total + F.cross_entropy(logits, chunk_targets, reduction="sum")
     if balance is not None:
-        total = total + balance[1] * balance_loss(model, routed) * targets.shape[0]
+        total = total + balance * targets.shape[0]
     return total

@@ -8,20 +8,23 @@ import torch
 
 from tunesmith.config.schema import Config
 from tunesmith.data.packing import IGNORE, Batch
-from tunesmith.engine.forward import HEAD_CHUNK, decoder_and_head, hidden_states
+from tunesmith.engine.forward import HEAD_CHUNK, balanced_hidden_states, decoder_and_head, hidden_states
 from tunesmith.models import load_model
 from tunesmith.train.preference import head_logprobs
 
 
 def policy_outputs(
     model: torch.nn.Module, batch: Batch, temperature: float, value_head: torch.nn.Module | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(N,) log-probabilities of the batch's target tokens at `temperature`, differentiable, and the value head's
-    (N,) values at the same positions (the state before each reply token), or None."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(N,) log-probabilities of the batch's target tokens at `temperature`, differentiable; the value head's (N,)
+    values at the same positions (the state before each reply token), or None; and a mixture of experts' weighted
+    router balance loss over the batch (a scalar each reply token's loss adds, so their mean carries it once), or
+    None."""
     keep = batch.targets[0] != IGNORE
-    hidden = hidden_states(model, batch)[0][keep]
+    hidden, balance = balanced_hidden_states(model, batch)
+    hidden = hidden[0][keep]
     logprobs = head_logprobs(model, hidden, batch.targets[0][keep], temperature)
-    return logprobs, value_head(hidden.detach()) if value_head is not None else None
+    return logprobs, value_head(hidden.detach()) if value_head is not None else None, balance
 
 
 @torch.no_grad()
