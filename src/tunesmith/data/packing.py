@@ -211,19 +211,25 @@ class BatchPlan:
         The step's rows are the same on any number of processes; rank r takes every world_size-th from row r,
         so the effective batch is the config's. Every rank gets as many micro-batches as rank 0 (which has the
         most rows), the missing ones as filler copies."""
-        rows = self.rows(epoch)
-        first = step_in_epoch * self.rows_per_step
-        step_rows = rows[first : first + self.rows_per_step]
-        shares = [
-            micro_batch_units(self.examples, step_rows[other::world_size], self.batch_size, self.max_tokens)
-            for other in range(world_size)
-        ]
+        shares = self.step_units(epoch, step_in_epoch, world_size)
         batches = [collate(units) for units in shares[rank]]
         count = max(len(share) for share in shares)
         if len(batches) < count:
-            spare = batches[0] if batches else collate_rows(self.examples, step_rows[:1], 1)[0]
+            first = step_in_epoch * self.rows_per_step  # a rank with no rows copies the step's first
+            spare = batches[0] if batches else collate_rows(self.examples, self.rows(epoch)[first : first + 1], 1)[0]
             batches += [replace(spare, filler=True)] * (count - len(batches))
         return batches
+
+    def step_units(self, epoch: int, step_in_epoch: int, world_size: int = 1) -> list[list[list[Unit]]]:
+        """Every rank's micro-batches of one optimizer step, as their units (not collated): what `step` collates for
+        one rank, and what `tunesmith plan` counts for all of them."""
+        rows = self.rows(epoch)
+        first = step_in_epoch * self.rows_per_step
+        step_rows = rows[first : first + self.rows_per_step]
+        return [
+            micro_batch_units(self.examples, step_rows[other::world_size], self.batch_size, self.max_tokens)
+            for other in range(world_size)
+        ]
 
     def eval_batches(self) -> list[Batch]:
         """Validation micro-batches: every example once, in file order."""

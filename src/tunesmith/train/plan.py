@@ -195,18 +195,18 @@ def plan_memory(
         packing=config.data.packing,
         seed=train.seed,
     )
-    per_step, largest, micro = [], None, 0
+    per_step, largest, micro = [], (), 0  # largest: the segment lengths of the largest micro-batch of any rank
     for index in range(plan.steps_in_epoch(0)):
-        batches = plan.step(0, index, 0, processes)
-        micro = max(micro, len(batches))
-        per_step.append(sum(batch.num_tokens for batch in batches) * processes)
-        for batch in batches:
-            if largest is None or batch.num_tokens > largest.num_tokens:
-                largest = batch
-    if largest is None:
+        shares = plan.step_units(0, index, processes)
+        micro = max(micro, *(len(share) for share in shares))
+        per_step.append(sum(len(unit) for share in shares for units in share for unit in units))
+        for units in (units for share in shares for units in share):
+            segments = tuple(len(segment) for unit in units for segment in unit.segments())
+            largest = max(largest, segments, key=sum)
+    if not largest:
         raise UserError(f"{config.data.train}: no training examples; fix: give data.train a file with examples")
     structure = Structure.of(config, amp_dtype, num_labels)
-    probe = probe_activations(config, amp_dtype, num_labels, largest.segment_lengths)
+    probe = probe_activations(config, amp_dtype, num_labels, largest)
     gc.collect()  # the probe's models (a PEFT model holds reference cycles) and their pages: a run that planned
     FREED_PAGES.release()  # must not start out holding them
     # Measured after the probe, which imported what training imports too (peft, the model's classes).
@@ -225,7 +225,7 @@ def plan_memory(
         memory=predict_memory(
             structure, probe, runtime + teacher_bytes(config, amp_dtype), processes, train.parallel, config.adapter.type
         ),
-        micro_batch_tokens=largest.num_tokens,
+        micro_batch_tokens=sum(largest),
         micro_batches=micro,
         tokens_per_step=sum(per_step) / len(per_step),
         steps=build.count_steps(plan, train.epochs, train.max_steps),
@@ -233,7 +233,7 @@ def plan_memory(
         available=available_memory(device),
     )
     if result.available is not None and result.machine_peak > result.available:
-        result.fits_hint = knobs(result, structure, config, amp_dtype, num_labels, largest.segment_lengths)
+        result.fits_hint = knobs(result, structure, config, amp_dtype, num_labels, largest)
     return result
 
 
@@ -402,7 +402,28 @@ def probe_activations(
     left as it was, so a run that plans before it trains draws what it would have drawn."""
     from tunesmith.models.loading import resolve_model
 
-    kinds = layer_kinds(resolve_model(config.model))
+    directory = resolve_model(config.model)
+    key = (
+        str(directory),
+        (directory / "config.json").stat().st_mtime_ns,
+        config.adapter.model_dump_json(),
+        str(amp_dtype),
+        str(config.train.gradient_checkpointing),
+        num_labels,
+        tuple(segments),
+    )
+    if key not in PROBED:  # a process that trains several runs (the service's worker, the tests) probes each once
+        PROBED[key] = measure_probe(config, amp_dtype, num_labels, segments, layer_kinds(directory))
+    return PROBED[key]
+
+
+PROBED: dict[tuple, Probe] = {}
+
+
+def measure_probe(
+    config: Config, amp_dtype: torch.dtype | None, num_labels: int | None, segments: tuple[int, ...], kinds: list[str]
+) -> Probe:
+    """probe_activations' measurement, on copies of the model with `kinds` layers."""
     share, outside = {}, 0.0
     with torch.random.fork_rng(devices=[]):
         for kind in dict.fromkeys(kinds):
@@ -461,6 +482,9 @@ def step_peak(
         batch.scores = torch.zeros(len(segments))
     objective = probe_objective(num_labels)
     gradients = 4.0 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with autocast(torch.device("cpu"), amp_dtype):  # a pass first: what only a process's first pass allocates
+        objective(model, batch).backward()  # (kernels' buffers, recompute's state) is no step's
+    model.zero_grad(set_to_none=True)
     with stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
         with autocast(torch.device("cpu"), amp_dtype):
             loss = objective(model, batch)
