@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from tunesmith import hardware  # noqa: E402
+from tunesmith.train.plan import step_times  # noqa: E402
 
 
 def config_for(adapter: str, tokens: int, output: Path, steps: int, dtype: str) -> dict:
@@ -91,9 +92,7 @@ def main() -> None:
                 run([sys.executable, "-m", "tunesmith", "train", str(path)])
                 summary = json.loads((output / "summary.json").read_text())
                 records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-                steps = [record for record in records if "tokens_per_s" in record]
-                counts = [after["tokens"] - before["tokens"] for before, after in zip(steps, steps[1:])]
-                seconds = [count / record["tokens_per_s"] for count, record in zip(counts, steps[1:])]
+                seconds = [seconds for _, seconds in step_times(records)]
                 step_time = float(re.search(r"time: ([\d.,]+) s per step", planned).group(1))
                 from_peak = float(re.search(r"time: ([\d.,]+) s per step", estimated).group(1))
                 rows.append(

@@ -8,9 +8,11 @@ import pytest
 import torch
 from conftest import build_model_dir, write_config_file
 
+from tunesmith import hardware
 from tunesmith.cli import main
 from tunesmith.config.loading import load_config, resolve_paths
 from tunesmith.models import load_tokenizer
+from tunesmith.train import footprint
 from tunesmith.train import plan as planning
 from tunesmith.train.build import build_model
 
@@ -48,7 +50,7 @@ def prepared(config):
 @pytest.mark.parametrize("adapter,dtype", [("lora", None), ("full", None), ("lora", torch.bfloat16)])
 def test_the_planned_weights_are_the_built_models(tmp_path, four_layers, chat_rows, adapter, dtype):
     _, config = make_config(tmp_path, four_layers, chat_rows, **{"adapter.type": adapter})
-    structure = planning.Structure.of(config, dtype, None)
+    structure = footprint.Structure.of(config, dtype, None)
     model = build_model(str(four_layers), config.adapter, torch.device("cpu"), None, dtype)
     parameters = list(model.parameters())
     assert structure.parameters == sum(p.numel() for p in parameters)
@@ -61,11 +63,11 @@ def test_the_probe_extrapolates_to_every_layer(tmp_path, four_layers, chat_rows,
     """One and two probe layers predict what a step of the four-layer model holds, measured the same way."""
     _, config = make_config(tmp_path, four_layers, chat_rows, **{"train.gradient_checkpointing": str(recompute)})
     segments = (40, 24, 60)
-    probe = planning.probe_activations(config, None, None, segments)
+    probe = footprint.probe_activations(config, None, None, segments)
     assert len(probe.per_layer) == 4 and (probe.per_layer[0] > 0 or recompute)  # recompute: an input per layer
-    whole = planning.step_peak(config, None, None, segments, ["full_attention"] * 4)
+    whole = footprint.step_peak(config, None, None, segments, ["full_attention"] * 4)
     assert probe.activations == pytest.approx(whole, rel=0.05)
-    longer = planning.probe_activations(config, None, None, (80, 48, 120))
+    longer = footprint.probe_activations(config, None, None, (80, 48, 120))
     assert longer.activations > probe.activations  # a larger micro-batch holds more
 
 
@@ -96,7 +98,7 @@ def test_processes_split_the_memory_as_their_parallelism_does(tmp_path, four_lay
 
 def test_train_refuses_a_run_that_would_not_fit(tmp_path, four_layers, chat_rows, capsys, monkeypatch):
     path, _ = make_config(tmp_path, four_layers, chat_rows)
-    monkeypatch.setattr(planning, "available_memory", lambda device: 2.0**20)
+    monkeypatch.setattr(hardware, "available_memory", lambda device: 2.0**20)
     assert main(["train", str(path)]) == 2
     error = capsys.readouterr().err
     assert "error: this run needs about" in error and "MiB" not in error and "1 of" not in error
@@ -131,6 +133,6 @@ def test_a_distillation_teacher_is_counted_in_memory(tmp_path, four_layers, chat
 
     _, config = make_config(tmp_path, four_layers, chat_rows, method="distill", **{"distill.teacher": str(four_layers)})
     teacher = sum(parameter.numel() for parameter in load_model(str(four_layers))[0].parameters())
-    assert planning.teacher_bytes(config, None) == 4 * teacher
-    assert planning.teacher_bytes(config, torch.bfloat16) == 2 * teacher
-    assert planning.teacher_bytes(config.model_copy(update={"method": "sft"}), None) == 0
+    assert footprint.teacher_bytes(config, None) == 4 * teacher
+    assert footprint.teacher_bytes(config, torch.bfloat16) == 2 * teacher
+    assert footprint.teacher_bytes(config.model_copy(update={"method": "sft"}), None) == 0

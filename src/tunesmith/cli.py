@@ -21,10 +21,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tunesmith.train import distributed
 
     config = resolve_paths(load_config(args.config, args.overrides))  # a config mistake stops here, before any launch
-    if args.nproc is not None and args.nproc < 1:
-        raise UserError(
-            f"--nproc={args.nproc}: the number of processes must be at least 1; fix: --nproc 2 (or leave it out)"
-        )
+    check_nproc(args.nproc)
     if args.nproc is not None and args.nproc > 1:
         check_gpu_count(args.nproc, config.train.device)
         return launch_processes(args)
@@ -118,10 +115,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tunesmith.train.plan import describe, plan_run
 
     config = resolve_paths(load_config(args.config, args.overrides))
-    if args.nproc is not None and args.nproc < 1:
-        raise UserError(f"--nproc={args.nproc}: the number of processes must be at least 1; fix: --nproc 2")
+    check_nproc(args.nproc)
     print(describe(plan_run(config, processes=args.nproc or 1, measure=args.measure)))
     return 0
+
+
+def check_nproc(nproc: int | None) -> None:
+    if nproc is not None and nproc < 1:
+        raise UserError(
+            f"--nproc={nproc}: the number of processes must be at least 1; fix: --nproc 2 (or leave it out)"
+        )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -11,17 +11,24 @@ the processor's, where a multi-threaded timing would also measure whatever else 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunesmith import paths
 from tunesmith.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where a function needs it
+    import torch
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # Intel AMX, AVX512-BF16 (Intel, AMD), Arm FEAT_BF16
 MIN_SPEEDUP = 1.3  # bf16 must beat float32 by this much to be worth its rounding
@@ -160,3 +167,67 @@ def write_cache(path: Path, known: dict) -> None:
         os.replace(temporary, path)
     except (OSError, UserError):
         pass
+
+
+PROBE_SIZE = 1024  # the matmul matmul_peak times
+
+
+def resident_bytes() -> float:
+    """This process's resident set now (Linux: /proc; elsewhere its peak so far)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
+def available_memory(device: torch.device) -> float | None:
+    """Bytes a run may take: a GPU's free memory; on a CPU, what the kernel reports available (MemAvailable, within
+    the cgroup's limit where one is set) plus what this process already holds (the run will be this process)."""
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free)
+    fields = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            fields[name] = float(value.split()[0]) * 1024
+    if "MemAvailable" not in fields:
+        return None
+    available = fields["MemAvailable"]
+    limit = cgroup_room()
+    if limit is not None:
+        available = min(available, limit)
+    return available + resident_bytes()
+
+
+def cgroup_room() -> float | None:
+    """What this process's cgroup (v2) still allows, where it sets a limit."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+    except OSError:
+        return None
+    return None if limit == "max" else float(limit) - float(used)
+
+
+def matmul_peak(device: torch.device, amp_dtype: torch.dtype | None) -> float:
+    """FLOP/s of a PROBE_SIZE-square matmul in the compute dtype on `device`, all threads, the best of four."""
+    import torch
+
+    dtype = amp_dtype or torch.float32
+    a = torch.randn(PROBE_SIZE, PROBE_SIZE, device=device).to(dtype)
+    best = math.inf
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * PROBE_SIZE**3 / best

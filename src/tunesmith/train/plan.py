@@ -7,22 +7,16 @@ Memory is predicted per process, in bytes, part by part:
   distillation teacher's weights.
 * **weights**: every parameter as training stores it (models/precision.store_frozen_in): trainable ones and vectors
   in float32, frozen weight matrices in the compute dtype, QLoRA's 4-bit matrices at NF4_BYTES a weight. Counted on
-  the model built on the meta device with the adapter applied: no weight is read.
+  the model built on the meta device with the adapter applied: no weight is read (train/footprint.py).
 * **gradients** (float32, one per trainable parameter) and the **optimizer** state (AdamW: two float32 moments).
-* **activations**: the most a step holds at once beyond those: the largest micro-batch's saved activations and
-  backward's transients (the head's chunk of logits, the gradients flowing through a layer, a recomputed layer).
-  Measured rather than modelled, so that every family, adapter, dtype, fused path and recompute setting counts as
-  it runs: copies of the model with one and with two decoder layers of each kind, zero weights, run a forward and
-  backward of the largest micro-batch's shape (its examples' lengths) through the run's own path, and torch's
-  profiler records every allocation and free. Two layers less one is a layer's share; the rest is the
-  embeddings', the head's and the transients'.
+* **activations**: the most a step holds at once beyond those, for the largest micro-batch of the run's own batch
+  plan: measured on one- and two-layer copies of the model through the run's own path (train/footprint.py).
 
 The resident set is more than the live tensors, and a step is not the only peak, so the plan takes the largest of
 three phases: a **training step** (all the above, plus the freed pages the allocator keeps, RETAINED of the
-activations), **loading the model** (QLoRA holds the whole checkpoint as it quantises: the default model's 0.5 GiB file
-made a 0.6 GiB transient) and
-**writing a checkpoint** (its trainable weights and optimizer state serialised, SAVE_COPIES times: full fine-tuning
-peaks there).
+activations), **loading the model** (QLoRA holds the whole checkpoint as it quantises: the default model's 0.5 GiB
+file made a 0.6 GiB transient) and **writing a checkpoint** (its trainable weights and optimizer state serialised,
+SAVE_COPIES times: full fine-tuning peaks there).
 
 Several processes: DDP adds a copy of the gradients (its buckets); FSDP shards weights, gradients and optimizer
 state over the processes and gathers one layer at a time. On a CPU the processes share the machine's memory; on
@@ -37,12 +31,9 @@ directory and scales their time instead.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
-import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,13 +44,14 @@ from typing import Any
 
 import torch
 
+from tunesmith import hardware
 from tunesmith.config.auto import RL_METHODS, resolve_training
 from tunesmith.config.schema import Config
 from tunesmith.errors import UserError
+from tunesmith.train.footprint import NF4_BYTES, Probe, Structure, probe_activations, teacher_bytes
 
 MIB = 2**20
 GIB = 2**30
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits, an 8-bit scale per 64 weights, a float32 per 256 scales
 ADAM_STATES = 2  # AdamW's first and second moments, float32 each
 CUDA_CONTEXT = 600 * MIB  # what a process's CUDA context and kernels take on a GPU before any tensor
 # The share of matmul_peak a training step reaches: on a CPU, LoRA and full fine-tuning of 512-token micro-batches
@@ -73,8 +65,6 @@ WARMUP_STEPS = 2  # full fine-tuning's steps 2-3 of 2,048 tokens took 5.60 s, st
 # (docs/plan.md). glibc's malloc fragments far more (allocator.py: 5.7 GB of RSS for 2 GB of live tensors).
 RETAINED = {"jemalloc": 0.35, "system": 1.8}
 SAVE_COPIES = 2  # a checkpoint's tensors are gathered flat, then serialised into one buffer (train/checkpoint.py)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-PROBE_SIZE = 1024  # the matmul timed for the device's peak
 
 
 @dataclass(frozen=True)
@@ -161,7 +151,7 @@ def plan_run(config: Config, processes: int = 1, measure: bool = False) -> Plan:
     if measure:
         measure_steps(result, config)
     else:
-        peak = matmul_peak(device, amp_dtype)
+        peak = hardware.matmul_peak(device, amp_dtype)
         share = EFFICIENCY[(device.type, result.dtype)]
         result.seconds_per_step = result.tokens_per_step * result.flops_per_token / (peak * share * processes)
         result.estimate = (
@@ -210,7 +200,7 @@ def plan_memory(
     gc.collect()  # the probe's models (a PEFT model holds reference cycles) and their pages: a run that planned
     FREED_PAGES.release()  # must not start out holding them
     # Measured after the probe, which imported what training imports too (peft, the model's classes).
-    runtime = CUDA_CONTEXT if device.type == "cuda" else resident_bytes()
+    runtime = CUDA_CONTEXT if device.type == "cuda" else hardware.resident_bytes()
     result = Plan(
         method=config.method,
         adapter=config.adapter.type,
@@ -230,29 +220,11 @@ def plan_memory(
         tokens_per_step=sum(per_step) / len(per_step),
         steps=build.count_steps(plan, train.epochs, train.max_steps),
         flops_per_token=structure.flops_per_token(config, mean_context(data.train)),
-        available=available_memory(device),
+        available=hardware.available_memory(device),
     )
     if result.available is not None and result.machine_peak > result.available:
         result.fits_hint = knobs(result, structure, config, amp_dtype, num_labels, largest)
     return result
-
-
-def teacher_bytes(config: Config, amp_dtype: torch.dtype | None) -> float:
-    """A distillation teacher's frozen weights (every process holds one), in the compute dtype: a model, or a run's
-    base; 0 for the other methods."""
-    from tunesmith import rundir
-    from tunesmith.models.loading import skeleton_model
-
-    if config.method != "distill":
-        return 0.0
-    spec = config.distill.teacher
-    try:
-        if rundir.is_run_dir(Path(spec)):
-            spec = rundir.read_run_config(Path(spec)).model
-        count = sum(parameter.numel() for parameter in skeleton_model(spec).parameters())
-    except UserError:
-        return 0.0  # a teacher that cannot be found: the recipe refuses it, naming distill.teacher, as it loads it
-    return count * (2.0 if amp_dtype is not None else 4.0)
 
 
 def check_fits(plan: Plan) -> None:
@@ -299,247 +271,6 @@ def mean_context(examples: list) -> float:
     """The mean position's attention span in the data (half an example's length, weighted by its tokens)."""
     lengths = [len(example) for example in examples]
     return sum(length * length / 2 for length in lengths) / max(1, sum(lengths))
-
-
-@dataclass(frozen=True)
-class Structure:
-    """The model's parameters as a run stores them, from the model built on the meta device."""
-
-    parameters: int
-    trainable: int
-    weight_bytes: float
-    matmul_weights: int  # weights of the matrix products one token passes through (the head included)
-    trained_matmul_weights: int  # those of them that train (their weight gradients double backward's work)
-    largest_layer_bytes: float  # one decoder layer's weights in the compute dtype (FSDP gathers one at a time)
-    file_bytes: float  # the checkpoint's weight files
-    layers: int
-    attention_width: int  # query heads x head size
-
-    @classmethod
-    def of(cls, config: Config, amp_dtype: torch.dtype | None, num_labels: int | None) -> "Structure":
-        from tunesmith.models.adapters import apply_adapter
-        from tunesmith.models.loading import resolve_model, skeleton_model
-
-        model = skeleton_model(config.model, num_labels=num_labels)
-        quantized = config.adapter.type == "qlora"
-        adapter = config.adapter.model_copy(update={"type": "lora"}) if quantized else config.adapter
-        with torch.device("meta"):
-            model = apply_adapter(model, adapter)
-        frozen_bytes = 2 if amp_dtype is not None else 4
-        layers = decoder_layers(model)
-        in_layers = {id(p) for layer in layers for p in layer.parameters()}
-        parameters = trainable = matmul = trained_matmul = 0
-        weight_bytes = 0.0
-        for name, parameter in model.named_parameters():
-            count = parameter.numel()
-            parameters += count
-            if parameter.requires_grad:
-                trainable += count
-                weight_bytes += 4 * count
-            elif parameter.ndim >= 2:
-                nf4 = quantized and id(parameter) in in_layers and "lora_" not in name
-                weight_bytes += (NF4_BYTES if nf4 else frozen_bytes) * count
-            else:
-                weight_bytes += 4 * count
-            if parameter.ndim == 2 and "embed" not in name:
-                matmul += count
-                trained_matmul += count if parameter.requires_grad else 0
-        embedding = model.get_input_embeddings().weight
-        if getattr(model.config, "tie_word_embeddings", False) and num_labels is None:
-            matmul += embedding.numel()  # the head multiplies by the embedding matrix
-            trained_matmul += embedding.numel() if embedding.requires_grad else 0
-        largest = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0)
-        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        heads = getattr(text, "num_attention_heads", 0)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // max(1, heads)
-        return cls(
-            parameters,
-            trainable,
-            weight_bytes,
-            matmul,
-            trained_matmul,
-            largest * frozen_bytes,
-            sum(path.stat().st_size for path in resolve_model(config.model).iterdir() if path.suffix == ".safetensors"),
-            len(layers),
-            heads * head_dim,
-        )
-
-    def flops_per_token(self, config: Config, context: float) -> float:
-        """Floating-point operations a trained token costs: forward 2 per matmul weight and 4 per attention
-        position per query dimension; backward twice that for what trains, once for the inputs' gradients of the
-        frozen rest; recompute adds a forward."""
-        forward = 2 * self.matmul_weights + 4 * self.layers * self.attention_width * context
-        backward = 2 * forward - 2 * (self.matmul_weights - self.trained_matmul_weights)
-        extra = forward if config.train.gradient_checkpointing else 0
-        return forward + backward + extra
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's decoder layers (the longest ModuleList of blocks)."""
-    lists = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
-
-
-@dataclass(frozen=True)
-class Probe:
-    """What one step over the largest micro-batch holds at its peak beyond weights, gradients and optimizer state:
-    the part outside the decoder layers (embeddings, head, the transients of backward and of a recomputed layer),
-    and each layer's share (per kind of layer, in the model's order)."""
-
-    outside: float
-    per_layer: list[float]
-
-    @property
-    def activations(self) -> float:
-        return self.outside + sum(self.per_layer)
-
-
-def probe_activations(
-    config: Config, amp_dtype: torch.dtype | None, num_labels: int | None, segments: tuple[int, ...]
-) -> Probe:
-    """Measure a step's activation peak for a micro-batch of `segments` (its examples' lengths) on copies of the
-    model with one and two decoder layers of each kind (zero weights: shapes are what count). The random state is
-    left as it was, so a run that plans before it trains draws what it would have drawn."""
-    from tunesmith.models.loading import resolve_model
-
-    directory = resolve_model(config.model)
-    key = (
-        str(directory),
-        (directory / "config.json").stat().st_mtime_ns,
-        config.adapter.model_dump_json(),
-        str(amp_dtype),
-        str(config.train.gradient_checkpointing),
-        num_labels,
-        tuple(segments),
-    )
-    if key not in PROBED:  # a process that trains several runs (the service's worker, the tests) probes each once
-        PROBED[key] = measure_probe(config, amp_dtype, num_labels, segments, layer_kinds(directory))
-    return PROBED[key]
-
-
-PROBED: dict[tuple, Probe] = {}
-
-
-def measure_probe(
-    config: Config, amp_dtype: torch.dtype | None, num_labels: int | None, segments: tuple[int, ...], kinds: list[str]
-) -> Probe:
-    """probe_activations' measurement, on copies of the model with `kinds` layers."""
-    share, outside = {}, 0.0
-    with torch.random.fork_rng(devices=[]):
-        for kind in dict.fromkeys(kinds):
-            one = step_peak(config, amp_dtype, num_labels, segments, [kind])
-            two = step_peak(config, amp_dtype, num_labels, segments, [kind, kind])
-            share[kind] = max(0.0, two - one)
-            outside = max(outside, one - share[kind])
-    return Probe(outside=outside, per_layer=[share[kind] for kind in kinds])
-
-
-def layer_kinds(directory: Path) -> list[str]:
-    """Each decoder layer's kind (config.layer_types: sliding or full attention, ...), or one kind for all."""
-    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    text = config.get("text_config", config)
-    types = text.get("layer_types")
-    count = text.get("num_hidden_layers", 1)
-    return list(types[:count]) if types else ["full_attention"] * count
-
-
-def step_peak(
-    config: Config, amp_dtype: torch.dtype | None, num_labels: int | None, segments: tuple[int, ...], kinds: list[str]
-) -> float:
-    """The most bytes alive at once, beyond the weights and their gradients, while the run's forward and backward
-    go through a micro-batch of `segments` on a copy of the model with `kinds` decoder layers: every allocation and
-    free on the way, as torch's profiler records them."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from tunesmith.data.packing import Batch
-    from tunesmith.models.adapters import load_options
-    from tunesmith.models.loading import skeleton_model
-    from tunesmith.models.precision import autocast
-    from tunesmith.train import build
-
-    adapter = config.adapter
-    if adapter.type == "freeze":  # every probe layer stands for a trained one: its modules may name no probe layer
-        adapter = adapter.model_copy(update={"layers": len(kinds), "modules": []})
-    elif adapter.layers is not None:  # every probe layer stands for an adapted one
-        adapter = adapter.model_copy(update={"layers": None})
-    cpu = torch.device("cpu")
-    if load_options(adapter.type):  # QLoRA: quantised as it loads, so loaded from a copy on disk
-        with tempfile.TemporaryDirectory(prefix="tunesmith-probe-") as scratch:
-            directory = probe_model_directory(config.model, kinds, Path(scratch))
-            model = build.build_model(str(directory), adapter, cpu, num_labels, amp_dtype)
-    else:
-        base = skeleton_model(config.model, num_labels=num_labels, layer_types=kinds, device="cpu")
-        model = build.build_model(str(config.model), adapter, cpu, num_labels, amp_dtype, base=base)
-    if config.train.gradient_checkpointing:
-        build.enable_gradient_checkpointing(model, config.train.gradient_checkpointing)
-    model.train()
-    tokens = sum(segments)
-    ids = torch.arange(tokens).remainder(model.get_input_embeddings().num_embeddings)[None]
-    positions = torch.cat([torch.arange(length) for length in segments])[None]
-    batch = Batch(ids, ids.clone(), positions, tuple(segments), tokens, len(segments))
-    if num_labels is not None:
-        batch.labels = torch.zeros(len(segments), dtype=torch.long)
-        batch.scores = torch.zeros(len(segments))
-    objective = probe_objective(num_labels)
-    gradients = 4.0 * sum(p.numel() for p in model.parameters() if p.requires_grad)
-    with autocast(torch.device("cpu"), amp_dtype):  # a pass first: what only a process's first pass allocates
-        objective(model, batch).backward()  # (kernels' buffers, recompute's state) is no step's
-    model.zero_grad(set_to_none=True)
-    with stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
-        with autocast(torch.device("cpu"), amp_dtype):
-            loss = objective(model, batch)
-        loss.backward()
-    changes = sorted(
-        (event.start_ns(), event.nbytes())
-        for event in recorded.profiler.kineto_results.events()
-        if event.name() == "[memory]"
-    )
-    alive = peak = 0
-    for _, change in changes:
-        alive += change
-        peak = max(peak, alive)
-    return max(0.0, peak - gradients)
-
-
-@contextlib.contextmanager
-def stderr_silenced():
-    """The profiler's own library prints a line as it starts and stops, to the process's stderr: not the user's."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def probe_model_directory(spec: str, kinds: list[str], directory: Path) -> Path:
-    """A copy of model `spec` with `kinds` decoder layers and zero weights, saved in `directory` with its tokenizer
-    files, so that the probe loads it as training loads the real one (QLoRA's quantisation included)."""
-    import shutil
-
-    from tunesmith.models.loading import quiet_transformers, resolve_model, skeleton_model
-
-    source = resolve_model(spec)
-    with quiet_transformers():
-        skeleton_model(spec, layer_types=kinds, device="cpu").save_pretrained(directory)
-    for path in source.iterdir():  # the tokenizer's files and the rest, not the weights or their config
-        if path.is_file() and not (directory / path.name).exists() and path.suffix not in WEIGHT_SUFFIXES:
-            shutil.copy(path, directory / path.name)
-    return directory
-
-
-def probe_objective(num_labels: int | None):
-    """The loss the probe runs: the token loss, or a sequence classifier's."""
-    from tunesmith.train.step import TOKEN_LOSS
-
-    if num_labels is None:
-        return TOKEN_LOSS
-    from tunesmith.train.classify_loss import ClassifyObjective
-
-    return ClassifyObjective()
 
 
 def predict_memory(
@@ -616,63 +347,6 @@ def scale(plan: Plan) -> int:
     return plan.processes if plan.device == "cpu" else 1
 
 
-def resident_bytes() -> float:
-    """This process's resident set now (Linux: /proc; elsewhere its peak so far)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
-
-
-def available_memory(device: torch.device) -> float | None:
-    """Bytes a run may take: a GPU's free memory; on a CPU, what the kernel reports available (MemAvailable, within
-    the cgroup's limit where one is set) plus what this process already holds (the run will be this process)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return float(free)
-    fields = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            fields[name] = float(value.split()[0]) * 1024
-    if "MemAvailable" not in fields:
-        return None
-    available = fields["MemAvailable"]
-    limit = cgroup_room()
-    if limit is not None:
-        available = min(available, limit)
-    return available + resident_bytes()
-
-
-def cgroup_room() -> float | None:
-    """What this process's cgroup (v2) still allows, where it sets a limit."""
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
-    except OSError:
-        return None
-    return None if limit == "max" else float(limit) - float(used)
-
-
-def matmul_peak(device: torch.device, amp_dtype: torch.dtype | None) -> float:
-    """FLOP/s of a PROBE_SIZE-square matmul in the compute dtype on `device`, all threads, best of three."""
-    dtype = amp_dtype or torch.float32
-    a = torch.randn(PROBE_SIZE, PROBE_SIZE, device=device).to(dtype)
-    best = math.inf
-    for _ in range(4):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        a @ a
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * PROBE_SIZE**3 / best
-
-
 def measure_steps(plan: Plan, config: Config) -> None:
     """Run the config for MEASURED_STEPS steps in a scratch directory (its own process, as `tunesmith train` runs
     it) and scale the time of the steps after the first to the plan's tokens per step."""
@@ -699,10 +373,8 @@ def measure_steps(plan: Plan, config: Config) -> None:
             raise UserError(f"--measure: the {MEASURED_STEPS}-step run failed:\n{finished.stderr.strip()[-2000:]}")
         records = [json.loads(line) for line in (short.output_dir / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((short.output_dir / "summary.json").read_text())
-    steps = [record for record in records if "tokens_per_s" in record]
-    counts = [after["tokens"] - before["tokens"] for before, after in zip(steps, steps[1:])]
-    timed = list(zip(counts, steps[1:]))[WARMUP_STEPS - 1 :]
-    seconds_per_token = sum(count / record["tokens_per_s"] for count, record in timed) / sum(c for c, _ in timed)
+    timed = step_times(records)[WARMUP_STEPS - 1 :]
+    seconds_per_token = sum(seconds for _, seconds in timed) / sum(tokens for tokens, _ in timed)
     plan.seconds_per_step = seconds_per_token * plan.tokens_per_step
     plan.measured = {
         "peak_rss_bytes": summary["peak_rss_mb"] * MIB,
@@ -713,6 +385,16 @@ def measure_steps(plan: Plan, config: Config) -> None:
         f"measured: steps {WARMUP_STEPS + 1}-{MEASURED_STEPS} of a {MEASURED_STEPS}-step run ran "
         f"{1 / seconds_per_token:,.0f} tokens/s"
     )
+
+
+def step_times(records: list[dict]) -> list[tuple[int, float]]:
+    """(tokens, seconds) of each step after the first in a run's metrics.jsonl records, which log the tokens so far
+    and each step's tokens/s."""
+    steps = [record for record in records if "tokens_per_s" in record]
+    return [
+        (after["tokens"] - before["tokens"], (after["tokens"] - before["tokens"]) / after["tokens_per_s"])
+        for before, after in zip(steps, steps[1:])
+    ]
 
 
 def gib(value: float) -> str:

@@ -39,6 +39,7 @@ from tunesmith.train.build import (
 from tunesmith.train.distributed import ONE_PROCESS, World
 from tunesmith.train.metrics import MetricsLog, Progress
 from tunesmith.train.optim import build_optimizer, build_scheduler
+from tunesmith.train.plan import check_fits, plan_memory
 from tunesmith.train.resume import final_logged_loss, peak_rss_mb, prepare_run_dir, write_summary
 from tunesmith.train.runtime import pick_device, seed_everything
 from tunesmith.train.step import TOKEN_LOSS, Objective, StepResult, evaluate_loss
@@ -106,11 +107,11 @@ def open_session(
     distributed.check_settings(config, world, device)
     if check is not None:
         check(world)
-    if train.memory_check and config.method not in RL_METHODS:
-        check_memory(config, data, device, world, num_labels)
+    amp_dtype, why = compute_dtype(train, device)
+    if train.memory_check and config.method not in RL_METHODS:  # before the model loads (train/plan.py)
+        check_fits(plan_memory(config, data, device, amp_dtype, world.size, num_labels))
     resume_from = prepare_run_dir(config, write=world.main)
     seed_everything(train.seed, train.threads)
-    amp_dtype, why = compute_dtype(train, device)
     if world.main:
         print(
             f"dtype: {'float32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.')} ({why})",
@@ -176,17 +177,6 @@ def open_session(
         progress,
         resume_from,
     )
-
-
-def check_memory(
-    config: Config, data: PreparedData, device: torch.device, world: World, num_labels: int | None
-) -> None:
-    """Refuse a run that would not fit this machine's memory (train/plan.py), before the model is loaded."""
-    from tunesmith.models.precision import compute_dtype as dtype_for
-    from tunesmith.train.plan import check_fits, plan_memory
-
-    amp_dtype, _ = dtype_for(config.train, device)
-    check_fits(plan_memory(config, data, device, amp_dtype, world.size, num_labels))
 
 
 # Adapters that train a sequence classifier's new head with the rest: PEFT's LoRA family saves it in SEQ_CLS
