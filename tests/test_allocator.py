@@ -123,3 +123,39 @@ def test_without_jemalloc_nothing_happens():
     pages.step_started()
     pages.step_finished()
     assert pages.returns == 0 and pages.measured is None
+
+
+SHAPES = """
+import os, sys, torch
+if sys.argv[1] == "bounded":
+    from tunesmith.allocator import bound_kernel_caches
+    bound_kernel_caches()
+torch.set_num_threads(1)
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+weight = torch.randn(256, 1024, dtype=torch.bfloat16)
+inputs, out = torch.randn(900, 256, dtype=torch.bfloat16), torch.empty(900, 1024, dtype=torch.bfloat16)
+torch.mm(inputs[:8], weight, out=out[:8])
+before = resident()
+for rows in range(600, 900):  # a packed micro-batch's length changes every step
+    torch.mm(inputs[:rows], weight, out=out[:rows])
+print(resident() - before)
+"""
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and __import__("torch").backends.mkldnn.is_available()),
+    reason="oneDNN's caches: torch's CPU build on Linux",
+)
+def test_kernel_caches_stay_bounded_as_shapes_change(monkeypatch):
+    for name in allocator.KERNEL_CACHES:
+        monkeypatch.delenv(name, raising=False)
+
+    def growth(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", SHAPES, mode], capture_output=True, text=True, check=True)
+        return int(run.stdout.split()[-1])
+
+    unbounded, bounded = growth("default"), growth("bounded")
+    if unbounded < 64 << 20:
+        pytest.skip(f"this CPU's bf16 products keep no per-shape kernels ({unbounded >> 20} MB for 300 shapes)")
+    assert bounded < unbounded / 2, (bounded >> 20, unbounded >> 20)  # measured: 83 MB against 257

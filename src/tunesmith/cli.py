@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from tunesmith.allocator import bound_kernel_caches, reexec_with_jemalloc
 from tunesmith.errors import TrainingStopped, UserError
 
 
@@ -353,10 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    bound_kernel_caches()  # training, serving and evaluating meet many shapes (allocator.py)
     if argv is None and sys.argv[1:2] in (["train"], ["plan"]):  # a real command line: see allocator.py (plan
         # runs under training's allocator, so that what it measures of its own process is what training will hold)
-        from tunesmith.allocator import reexec_with_jemalloc
-
         reexec_with_jemalloc([sys.executable, "-m", "tunesmith", *sys.argv[1:]])
     # transformers' deprecation notices about its own internals (e.g. is_gradient_checkpointing) are not for users.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
