@@ -66,7 +66,8 @@ def call_asgi(app, path: str, head: dict[str, str], body_size: int, piece: bytes
 
 @pytest.mark.parametrize("path", ["/chat/completions", "/fine_tuning/jobs"])
 def test_an_oversized_json_body_is_a_413_read_no_further_than_the_limit(service, path):
-    from tunesmith.serve.api import MAX_JSON_BYTES, create_app
+    from tunesmith.serve.api import create_app
+    from tunesmith.serve.bodies import MAX_JSON_BYTES
 
     app = create_app(service)
     size = 4 * MAX_JSON_BYTES
@@ -78,7 +79,8 @@ def test_an_oversized_json_body_is_a_413_read_no_further_than_the_limit(service,
 
 
 def test_a_declared_oversized_json_body_is_refused_before_it_is_read(service):
-    from tunesmith.serve.api import MAX_JSON_BYTES, create_app
+    from tunesmith.serve.api import create_app
+    from tunesmith.serve.bodies import MAX_JSON_BYTES
 
     app = create_app(service)
     head = {**headers(service), "content-type": "application/json", "content-length": str(MAX_JSON_BYTES + 1)}
@@ -90,7 +92,8 @@ def test_a_declared_oversized_json_body_is_refused_before_it_is_read(service):
 def test_a_json_body_just_under_the_limit_still_parses(service):
     from fastapi.testclient import TestClient
 
-    from tunesmith.serve.api import MAX_JSON_BYTES, create_app
+    from tunesmith.serve.api import create_app
+    from tunesmith.serve.bodies import MAX_JSON_BYTES
 
     name = "x" * (MAX_JSON_BYTES - 100)
     with TestClient(create_app(service)) as client:

@@ -1,6 +1,7 @@
 """The commands that measure a model: `eval` (tuned against baselines, with intervals), `score` (a reward model's
-ratings), `classify` (a classifier's labels and probabilities), `label` (RLAIF: a judge labels sampled replies) and
-`redteam` (refusal rates). Like cli.py, they parse, call one function and print its result.
+ratings), `classify` (a classifier's labels and probabilities), `label` (RLAIF: a judge labels sampled replies),
+`redteam` (refusal rates) and `grade` (an OpenAI grader over a file of samples). Like cli.py, they parse, call one
+function and print its result.
 """
 
 from __future__ import annotations
@@ -123,6 +124,17 @@ def cmd_redteam(args: argparse.Namespace) -> int:
     result = redteam.run_redteam(args.target, options, args.output)
     print(redteam.format_table(result))
     print(f"wrote {Path(result['output']) / 'redteam.json'} and {Path(result['output']) / 'responses.jsonl'}")
+    return 0
+
+
+def cmd_grade(args: argparse.Namespace) -> int:
+    from tunesmith.eval.graders.batch import grade_file, load_grader
+
+    if args.data is None:
+        load_grader(args.grader)
+        print(f"{args.grader}: the grader is valid")
+        return 0
+    print(grade_file(args.grader, args.data, args.sample_field, args.output).summary())
     return 0
 
 
@@ -292,3 +304,17 @@ def add_parsers(commands) -> None:
         "classifiers' agreement with human labels (rows with completion and XSTest's final_label)",
     )
     red.set_defaults(handler=cmd_redteam)
+
+    grade = commands.add_parser(
+        "grade", help="run an OpenAI grader (JSON or YAML) over samples, with a 95%% interval; or check it"
+    )
+    grade.add_argument("grader", type=Path, help="a file holding one grader object (string_check, python, multi, ...)")
+    grade.add_argument(
+        "data",
+        type=Path,
+        nargs="?",
+        help="rows to grade (.jsonl/.csv/.parquet): each row is the item; without it, only check the grader",
+    )
+    grade.add_argument("--sample-field", default="sample", help="the rows' field holding the reply to grade")
+    grade.add_argument("--output", type=Path, help="write each row's grade (reward, sub-rewards, errors) as JSONL")
+    grade.set_defaults(handler=cmd_grade)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fastapi import Depends, Request
+
 from tunesmith.security import apikeys
 from tunesmith.security.apikeys import Scope
 from tunesmith.serve.service import Service
@@ -40,3 +42,20 @@ def authenticate(service: Service, header: str | None) -> Caller:
     ):
         raise ApiError(401, "Incorrect API key provided.", None, "invalid_api_key")
     return Caller(row["project_id"], row["id"], Scope(row["scope"]))
+
+
+def needs(scope: Scope):
+    def check(request: Request) -> Caller:
+        caller = authenticate(request.app.state.service, request.headers.get("authorization"))
+        if not caller.scope.allows(scope):
+            raise ApiError(
+                403,
+                f"This key's scope is '{caller.scope}'; this call needs '{scope}'. Use a key "
+                f"made with `tunesmith keys create --scope {scope}`",
+                None,
+                "insufficient_scope",
+                type="permission_error",
+            )
+        return caller
+
+    return Depends(check)

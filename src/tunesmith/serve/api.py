@@ -16,7 +16,7 @@ from contextlib import closing
 from typing import Any, Callable, Generator, Iterator
 
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,7 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunesmith.security import apikeys
 from tunesmith.security.apikeys import Scope
 from tunesmith.serve import classification, inference, shapes
-from tunesmith.serve.access import Caller, authenticate
+from tunesmith.serve.access import Caller, needs
+from tunesmith.serve.bodies import json_body
 from tunesmith.serve.request import RequestError
 from tunesmith.serve.service import Service
 from tunesmith.serve.shapes import ApiError, not_found
@@ -32,28 +33,9 @@ from tunesmith.serve.store import UnknownCursor
 from tunesmith.serve.uploads import read_form
 
 MAX_PAGE = 100
-MAX_JSON_DEPTH = 64  # nesting of a request body; OpenAI's requests need under 10
-MAX_JSON_BYTES = 8 << 20  # a JSON request body; a chat request filling a 128k-token context is about 1 MB
 DISCONNECT_POLL_SECONDS = 0.25  # how often a non-streamed reply checks that its client is still there
 DRAIN_SECONDS = 3  # SIGTERM: every reply being generated ends within this (as at max_tokens)
 SHUTDOWN_SECONDS = 7  # SIGTERM: connections still open after this are closed; the process exits within 10 s
-
-
-def needs(scope: Scope):
-    def check(request: Request) -> Caller:
-        caller = authenticate(request.app.state.service, request.headers.get("authorization"))
-        if not caller.scope.allows(scope):
-            raise ApiError(
-                403,
-                f"This key's scope is '{caller.scope}'; this call needs '{scope}'. Use a key "
-                f"made with `tunesmith keys create --scope {scope}`",
-                None,
-                "insufficient_scope",
-                type="permission_error",
-            )
-        return caller
-
-    return Depends(check)
 
 
 def page_args(limit: int, after: str | None) -> int:
@@ -111,9 +93,6 @@ def create_app(
             ).body(),
             status_code=500,
         )
-
-    async def json_body(request: Request) -> dict[str, Any]:
-        return parse_json_object(await read_bounded(request, MAX_JSON_BYTES))
 
     # files
     @app.post("/v1/files")
@@ -389,8 +368,9 @@ def create_app(
     def openapi(_: Caller = needs(Scope.READ)) -> dict:
         return app.openapi()
 
-    from tunesmith.serve import dashboard
+    from tunesmith.serve import dashboard, graders
 
+    app.include_router(graders.router)
     app.include_router(dashboard.router)
     return app
 
@@ -404,59 +384,6 @@ def key_object(row: dict[str, Any]) -> dict[str, Any]:
         "created_at": row["created_at"],
         "revoked_at": row["revoked_at"],
     }
-
-
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_JSON_BRACKET = re.compile(rb"[\[\]{}]")
-
-
-def json_depth(data: bytes, limit: int) -> int:
-    """How deeply `data`'s arrays and objects nest, counted without recursion; stops counting past `limit`."""
-    depth = deepest = 0
-    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub(b"", data)):  # brackets in strings are text
-        depth += 1 if bracket in b"[{" else -1
-        deepest = max(deepest, depth)
-        if deepest > limit:
-            break
-    return deepest
-
-
-async def read_bounded(request: Request, limit: int) -> bytes:
-    """The request's body, read as it streams in and given up one chunk past `limit` bytes (a 413): an
-    oversized body is never held whole, whatever its Content-Length says or leaves out."""
-    too_large = ApiError(
-        413,
-        f"The request body is larger than this service's limit of {limit} bytes; fix: send "
-        f"less (files go to /v1/files)",
-        None,
-        "request_too_large",
-    )
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large  # refused before a byte of it is read
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_json_object(data: bytes) -> dict[str, Any]:
-    """A request's JSON object. Its nesting is checked first: json.loads recurses once per level, and a body
-    nested 100,000 deep would raise RecursionError (a 500) here or in whatever walks the parsed value later."""
-    if json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-        raise ApiError(
-            400, f"The JSON body of your request is nested more than {MAX_JSON_DEPTH} levels deep; fix: flatten it"
-        )
-    try:
-        body = json.loads(data or b"{}")
-    except (ValueError, RecursionError) as error:
-        raise ApiError(400, f"We could not parse the JSON body of your request: {error}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    return body
 
 
 class ClosingStreamingResponse(StreamingResponse):
