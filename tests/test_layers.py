@@ -18,7 +18,7 @@ SOURCE = Path(__file__).resolve().parent.parent / "src"
 # Lowest first. A module's unit is its first name under tunesmith (tunesmith.train.loss: train).
 LAYERS = [
     {"errors", "tunesmith"},  # tunesmith: the package's __init__ (its __version__)
-    {"paths", "allocator", "security"},
+    {"paths", "allocator", "offline", "security"},
     {"registry", "hardware"},
     {"config"},
     {"rundir"},

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tunesmith.allocator import bound_kernel_caches, reexec_with_jemalloc
 from tunesmith.errors import TrainingStopped, UserError
+from tunesmith.offline import stay_offline
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -355,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     bound_kernel_caches()  # training, serving and evaluating meet many shapes (allocator.py)
+    stay_offline()  # no library beneath reaches the Hub (offline.py)
     if argv is None and sys.argv[1:2] in (["train"], ["plan"]):  # a real command line: see allocator.py (plan
         # runs under training's allocator, so that what it measures of its own process is what training will hold)
         reexec_with_jemalloc([sys.executable, "-m", "tunesmith", *sys.argv[1:]])
