@@ -95,7 +95,7 @@ preference_losses: Registry[Callable[..., Any]] = Registry("preference loss", ("
 # (prompt messages, response text, row fields, **args) -> float: plain functions that score RL samples
 reward_functions: Registry[Callable[..., float]] = Registry("reward function", ("tunesmith.train.reward_functions",))
 # OpenAI's grader types (eval/graders/__init__.py: GraderType): string_check, text_similarity, python, multi, ...
-GRADERS = tuple(f"tunesmith.eval.graders.{name}" for name in ("text", "multi", "python"))
+GRADERS = tuple(f"tunesmith.eval.graders.{name}" for name in ("text", "multi", "python", "model"))
 graders: Registry[Any] = Registry("grader type", GRADERS)
 # how a task's raw outputs become resampled totals (eval/metrics.py's MetricTask), and the metrics read from them
 metric_tasks: Registry[Any] = Registry("metric task", METRICS)
