@@ -135,9 +135,7 @@ class LabelModel:
             )
         return problems
 
-    @staticmethod
-    def templates(spec: dict[str, Any], where: str) -> list[tuple[str, str]]:
-        return message_templates(spec, where)
+    templates = staticmethod(message_templates)
 
     @staticmethod
     def grade(spec: dict[str, Any], sample: Sample, item: dict[str, Any], context: Context) -> float:
@@ -207,9 +205,7 @@ class ScoreModel:
             )
         return problems
 
-    @staticmethod
-    def templates(spec: dict[str, Any], where: str) -> list[tuple[str, str]]:
-        return message_templates(spec, where)
+    templates = staticmethod(message_templates)
 
     @staticmethod
     def grade(spec: dict[str, Any], sample: Sample, item: dict[str, Any], context: Context) -> float:
