@@ -246,13 +246,13 @@ def test_chat_rows_become_prompts_with_their_reply_as_a_field(tmp_path, tiny_mod
         rows=rows,
     )
     chat = ChatTokenizer(load_tokenizer(str(tiny_model)), system_prompt="Be brief.")
-    data = prompts.load_prompts(config, chat, {"number_match": "output"})
+    data = prompts.load_prompts(config, chat, [("number_match", "output")])
     first = data.train[0]
     assert data.format == "alpaca" and [m["role"] for m in first.messages] == ["system", "user"]
     assert first.fields["output"] == first.fields["reference"] == "2 + 3 = 5\n#### 5"
     assert chat.tokenizer.decode(first.input_ids).endswith("<|im_start|>assistant\n")
     with pytest.raises(UserError, match=r"train.jsonl:1: reward 'number_match' reads the field 'answer'"):
-        prompts.load_prompts(config, chat, {"number_match": "answer"})
+        prompts.load_prompts(config, chat, [("number_match", "answer")])
     pairs = rl_config(
         tmp_path,
         tiny_model,
@@ -261,7 +261,7 @@ def test_chat_rows_become_prompts_with_their_reply_as_a_field(tmp_path, tiny_mod
         rows=[{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go."}] * 3,
         name="pairs",
     )
-    prompt = prompts.load_prompts(pairs, chat, {}).train[0]  # a reward model's pairs serve as RL prompts
+    prompt = prompts.load_prompts(pairs, chat, []).train[0]  # a reward model's pairs serve as RL prompts
     assert prompt.messages[-1] == {"role": "user", "content": "Hi?"} and prompt.fields["reference"] == "Hello."
 
 

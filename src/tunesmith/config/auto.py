@@ -42,8 +42,8 @@ ADAPTER_LR = {
 }
 HEAD_LR = 1e-3  # the least a zero-initialised classifier head trains at (full fine-tuning's 5e-5 barely moves it)
 HEAD_METHODS = ("classify", "reward")  # the methods that train a sequence classifier's new head
-STEEP_METHODS = ("dpo", "ppo", "grpo")  # their objectives take a tenth of the supervised rate
-RL_METHODS, RL_BATCH = ("ppo", "grpo"), 8
+STEEP_METHODS = ("dpo", "ppo", "grpo", "rft")  # their objectives take a tenth of the supervised rate
+RL_METHODS, RL_BATCH = ("ppo", "grpo", "rft"), 8
 AUTO_FIELDS = ("epochs", "batch_size", "lr")
 
 

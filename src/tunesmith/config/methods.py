@@ -253,4 +253,14 @@ class PPOConfig(Section):
     )
 
 
-RL_METHODS = ("grpo", "ppo")
+class RFTConfig(Section):
+    grader: dict[str, Any] | None = Field(
+        None,
+        description="method rft: the grader whose score of each sampled reply is its reward, an object exactly as "
+        "OpenAI's fine-tuning API takes it: string_check, text_similarity, python, score_model, label_model or "
+        "multi (docs/graders.md). The prompt row is its `item` ({{ item.answer }}); the reply its sample. Added to "
+        "rl.reward_functions and rl.reward_model where those are set too.",
+    )
+
+
+RL_METHODS = ("grpo", "ppo", "rft")

@@ -22,6 +22,7 @@ from tunesmith.config.methods import (
     PPOConfig,
     RewardConfig,
     RewardFunctionConfig,
+    RFTConfig,
     RLConfig,
 )
 from tunesmith.config.sections import (
@@ -49,6 +50,7 @@ __all__ = [  # the sections, importable from here as from the schema they make u
     "EvalConfig",
     "GRPOConfig",
     "PPOConfig",
+    "RFTConfig",
     "RLConfig",
     "RL_METHODS",
     "RegularizationConfig",
@@ -72,7 +74,8 @@ class Config(Section):
         "auto",
         description="The training recipe: auto | sft | pretrain | distill | dpo | reward | classify | ppo | grpo "
         "(auto: classify for {text, label} classification rows, else sft; classify: a sequence classifier over "
-        "the data's labels; ppo and grpo: RL from rewards on prompts; see rl, ppo, grpo).",
+        "the data's labels; ppo and grpo: RL from rewards on prompts, see rl, ppo, grpo; rft: grpo whose reward is an "
+        "OpenAI grader, see rft).",
     )
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig
@@ -85,6 +88,7 @@ class Config(Section):
     rl: RLConfig = Field(default_factory=RLConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    rft: RFTConfig = Field(default_factory=RFTConfig)
     output_dir: Path = Field(Path("runs/run"), description="The run directory.")
 
     @field_validator("method")
@@ -104,11 +108,14 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _rl_is_complete(self) -> "Config":
-        """ppo and grpo need a reward and room to reply; options of the supervised loop they lack are refused."""
+        """ppo, grpo and rft need a reward (rft: its grader) and room to reply; options of the supervised loop they
+        lack are refused."""
+        if self.rft.grader is not None and self.method != "rft":
+            raise ValueError("rft.grader: only method rft grades its replies; fix: set method=rft, or remove it")
         if self.method not in RL_METHODS:
             return self
-        problems = []
-        if not self.rl.reward_model and not self.rl.reward_functions:
+        problems = rft_grader_problems(self.rft.grader) if self.method == "rft" else []
+        if not self.rl.reward_model and not self.rl.reward_functions and self.method != "rft":
             problems.append(
                 f"rl.reward_functions: method {self.method} learns from rewards, and none is set; fix: set "
                 f"rl.reward_functions (e.g. rl.reward_functions=[number_match]) and/or rl.reward_model "
@@ -181,3 +188,22 @@ def as_yaml(value: Any) -> str:
 
     text = yaml.safe_dump(to_jsonable_python(value), default_flow_style=True, width=1 << 16, allow_unicode=True)
     return text.strip().removesuffix("\n...")  # a lone scalar is written as a document that ends in '...'
+
+
+def rft_grader_problems(grader: dict[str, Any] | None) -> list[str]:
+    """`key: message` lines for rft.grader's problems, found by its type's own check (through the registry, which
+    imports the grader types when first asked)."""
+    if grader is None:
+        return [
+            "rft.grader: method rft learns from a grader's scores, and none is set; fix: set rft.grader to a grader "
+            "object, e.g. {type: string_check, name: exact, input: '{{ sample.output_text }}', reference: "
+            "'{{ item.answer }}', operation: eq}"
+        ]
+    kind = grader.get("type")
+    if kind not in registry.graders:
+        known = registry.graders.names()
+        return [
+            f"rft.grader.type: {kind!r} is not a grader type{did_you_mean(str(kind), known)}; choose one of: "
+            f"{', '.join(known)}"
+        ]
+    return [f"{problem.where}: {problem.message}" for problem in registry.graders.get(kind).check(grader, "rft.grader")]

@@ -51,7 +51,7 @@ def as_prompt(example: Example, chat: ChatTokenizer) -> Prompt:
     return Prompt(messages, chat.prompt_ids(messages), fields, example.line)
 
 
-def load_prompts(config: Config, chat: ChatTokenizer, required_fields: dict[str, str]) -> PreparedData:
+def load_prompts(config: Config, chat: ChatTokenizer, required_fields: list[tuple[str, str]]) -> PreparedData:
     """The training and validation prompts; every problem (bad rows, prompts too long to leave room for a
     reply, rows without a field a reward reads) reported at once, before any compute."""
     data, budget = config.data, config.data.max_length - config.rl.max_new_tokens
@@ -72,7 +72,7 @@ def load_prompts(config: Config, chat: ChatTokenizer, required_fields: dict[str,
                 invalid = [
                     f"reward '{label}' reads the field '{name}', which this row does not have; fix: add it to "
                     f"every row, or name another field in that reward's args"
-                    for label, name in required_fields.items()
+                    for label, name in required_fields
                     if name not in prompt.fields
                 ]
             except RowError as error:

@@ -8,7 +8,11 @@ reference (the adapter switched off; for full fine-tuning a frozen copy of the s
 a minibatch's reply tokens. With rl.update_epochs=1 and rl.minibatches=1 the ratio is 1 and the clip never
 binds: it is the plain policy gradient with the group's mean as baseline.
 
-Logged per step: loss, reward (and each source's, reward_<name>), kl, entropy, response_length,
+Method rft is this recipe with an OpenAI grader (rft.grader, eval/graders) as the reward: the prompt's row is the
+grader's item and each reply its sample.
+
+Logged per step: loss, reward (and each source's, reward_<name>; a grader's also reward_grader_failed and a multi
+grader's reward_grader_<name>), kl, entropy, response_length,
 truncated_fraction, clip_fraction; val_reward on validation prompts (greedy) every train.eval_every steps.
 The shared pieces are in data/prompts.py (prompts), train/rollout.py (sampling), train/policy.py (scoring) and
 train/rl_math.py (the losses); the loop's machinery in train/rl_loop.py.
@@ -31,6 +35,7 @@ from tunesmith.train.runtime import stop_on_signals
 from tunesmith.train.session import RunResult
 
 
+@methods.register("rft", accepts=prompts.ACCEPTS)  # reinforcement fine-tuning: GRPO with rft.grader's reward
 @methods.register("grpo", accepts=prompts.ACCEPTS)
 def run_grpo(config: Config) -> RunResult:
     # ---- setup -------------------------------------------------------------------------------

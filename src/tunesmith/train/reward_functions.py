@@ -82,8 +82,8 @@ def matches_format(prompt: Messages, response: str, fields: dict[str, Any], *, p
 # ---------------------------------------------------------------------------------------------
 # The reward of a batch of replies.
 
-# (prompts, responses, fields) -> one score per reply
-Scorer = Callable[[list[Messages], list[str], list[dict[str, Any]]], list[float]]
+# (prompts, responses, fields) -> one score per reply, or (those scores, {name: scores} logged beside them)
+Scorer = Callable[[list[Messages], list[str], list[dict[str, Any]]], Any]
 
 
 @dataclass
@@ -91,7 +91,7 @@ class RewardSource:
     label: str  # logged as reward_<label>
     weight: float
     score: Scorer
-    field: str | None = None  # the row field it reads, checked on every row before training
+    fields: tuple[str, ...] = ()  # the row fields it reads, checked on every row before training
 
 
 class Reward:
@@ -104,24 +104,32 @@ class Reward:
         self, prompts: list[Messages], responses: list[str], fields: list[dict[str, Any]]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(N,) total rewards and {label: (N,) that source's scores}."""
-        parts = {}
+        parts, logged = {}, {}
         for source in self.sources:
             scores = source.score(prompts, responses, fields)
+            if isinstance(scores, tuple):  # a grader's: its sub-graders' scores and its failures, for the log
+                scores, extra = scores
+                logged.update(
+                    {f"{source.label}_{name}": torch.tensor(v, dtype=torch.float32) for name, v in extra.items()}
+                )
             for value in scores:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise UserError(f"rl reward '{source.label}' returned {value!r}; fix: return a finite float")
             parts[source.label] = torch.tensor(scores, dtype=torch.float32)
         total = sum(source.weight * parts[source.label] for source in self.sources)
-        return total, parts
+        return total, {**parts, **logged}
 
-    def required_fields(self) -> dict[str, str]:
-        """{label: row field} for each source that reads a field of the row."""
-        return {source.label: source.field for source in self.sources if source.field}
+    def required_fields(self) -> list[tuple[str, str]]:
+        """(label, row field) for each field of the row a source reads."""
+        return [(source.label, field) for source in self.sources for field in source.fields]
 
 
-def build_reward(settings: Any) -> Reward:
-    """The reward of `rl:` (an RLConfig): its reward model and its functions, with their weights."""
+def build_reward(settings: Any, grader: dict[str, Any] | None = None) -> Reward:
+    """The reward of `rl:` (an RLConfig): its reward model and its functions, with their weights; and method rft's
+    grader (rft.grader), weight 1, whose every top-level item field is read from each row."""
     sources: list[RewardSource] = []
+    if grader is not None:
+        sources.append(RewardSource("grader", 1.0, grader_scorer(grader), tuple(grader_fields(grader))))
     if settings.reward_model:
         sources.append(RewardSource("model", settings.reward_model_weight, model_scorer(settings.reward_model)))
     labels = {"model"} if settings.reward_model else set()
@@ -132,8 +140,36 @@ def build_reward(settings: Any) -> Reward:
         label = getattr(function, "__name__", spec.name)
         label = label if label not in labels else f"{label}_{index}"
         labels.add(label)
-        sources.append(RewardSource(label, spec.weight, function_scorer(function, spec.args), field))
+        fields = (field,) if field else ()
+        sources.append(RewardSource(label, spec.weight, function_scorer(function, spec.args), fields))
     return Reward(sources)
+
+
+def grader_fields(grader: dict[str, Any]) -> list[str]:
+    """The row fields the grader's templates name (`{{ item.answer }}`: answer), in order."""
+    from tunesmith.eval.graders import grader_type
+    from tunesmith.eval.graders.templates import template_variables
+
+    templates = getattr(grader_type(grader, "rft.grader"), "templates", None)
+    named = [v for _, text in (templates(grader, "rft.grader") if templates else []) for v in template_variables(text)]
+    return list(dict.fromkeys(str(v.path[0]) for v in named if v.namespace == "item" and v.path))
+
+
+def grader_scorer(grader: dict[str, Any]) -> Scorer:
+    """Each reply graded with the row as the grader's item; a sample the grader fails on scores 0 (OpenAI's rule),
+    and the failures are logged (grader_failed), as are a multi grader's sub-graders (grader_<name>)."""
+    from tunesmith.eval.graders import Context, run_grader
+
+    context = Context()  # one judge model loaded for the whole run
+
+    def score(prompts: list[Messages], responses: list[str], fields: list[dict[str, Any]]) -> tuple:
+        grades = [run_grader(grader, reply, row, context) for reply, row in zip(responses, fields)]
+        names = sorted({name for grade in grades for name in grade.sub_rewards})
+        extra = {name: [grade.sub_rewards.get(name, 0.0) for grade in grades] for name in names}
+        extra["failed"] = [float(any(value is True for value in grade.errors.values())) for grade in grades]
+        return [grade.reward for grade in grades], extra
+
+    return score
 
 
 def model_scorer(spec: str) -> Scorer:

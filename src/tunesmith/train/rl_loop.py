@@ -65,7 +65,7 @@ def setup(config: Config, with_value_head: bool = False) -> RLRun:
 
     def load_data(tokenizer) -> PreparedData:
         chat = ChatTokenizer(tokenizer, system_prompt=config.data.system_prompt)
-        parts["reward"] = build_reward(config.rl)
+        parts["reward"] = build_reward(config.rl, config.rft.grader if config.method == "rft" else None)
         return load_prompts(config, chat, parts["reward"].required_fields())
 
     def check(world: distributed.World) -> None:
