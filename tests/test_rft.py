@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_rl import PROMPTS, records, rl_config
+from test_rl import LEARNS_IN_8_STEPS, PROMPTS, records, rl_config
 from test_training import run
 
 from tunesmith.config.loading import load_config
@@ -44,13 +44,7 @@ def test_rft_learns_what_its_grader_rewards_and_logs_each_sub_grader(tmp_path, t
         tiny_model,
         "method=rft",
         grader(MULTI),
-        "train.lr=2e-2",
-        "train.max_steps=8",
-        "train.schedule=constant",
-        "grpo.num_generations=8",
-        "rl.temperature=0.7",
-        "train.epochs=2",
-        "train.eval_every=100",
+        *LEARNS_IN_8_STEPS,
     )
     run(config)
     steps = [line for line in records(config.output_dir) if "reward" in line]
