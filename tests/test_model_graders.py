@@ -31,6 +31,16 @@ def label_grader(model, passing):
     }
 
 
+def score_grader(model, bounds, content):
+    return {
+        "type": "score_model",
+        "name": "s",
+        "model": str(model),
+        "range": bounds,
+        "input": [{"role": "user", "content": content}],
+    }
+
+
 def test_label_model_answers_the_judges_most_likely_label(tiny_model):
     from tunesmith.engine.generation import Engine
 
@@ -56,13 +66,7 @@ def test_score_model_reads_the_judges_reply_or_fails_that_sample(tiny_model):
 
     context = Context()
     engine = context.judges[str(tiny_model)] = Engine.load(str(tiny_model))
-    spec = {
-        "type": "score_model",
-        "name": "s",
-        "model": str(tiny_model),
-        "range": [0, 10],
-        "input": [{"role": "user", "content": "Rate 0 to 10: {{ sample.output_text }}"}],
-    }
+    spec = score_grader(tiny_model, [0, 10], "Rate 0 to 10: {{ sample.output_text }}")
     validate_grader(spec)
     [reply] = engine.generate([rendered_messages(spec, Sample("hello"), {})])
     grade = run_grader(spec, "hello", {}, context)
@@ -97,14 +101,7 @@ def test_model_graders_are_checked_before_any_sample(tiny_model):
         validate_grader(spec)
     where = {problem.where for problem in refused.value.problems}
     assert {"grader.model", "grader.passing_labels", "grader.input[1].content[2].type"} <= where
-    scored = {
-        "type": "score_model",
-        "name": "s",
-        "model": str(tiny_model),
-        "range": [1, 0],
-        "input": [{"role": "user", "content": "x"}],
-        "sampling_params": {"reasoning_effort": "high"},
-    }
+    scored = {**score_grader(tiny_model, [1, 0], "x"), "sampling_params": {"reasoning_effort": "high"}}
     with pytest.raises(UserError) as refused:
         validate_grader(scored)
     assert {p.where for p in refused.value.problems} == {"grader.range", "grader.sampling_params.reasoning_effort"}

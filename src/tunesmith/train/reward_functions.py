@@ -82,8 +82,8 @@ def matches_format(prompt: Messages, response: str, fields: dict[str, Any], *, p
 # ---------------------------------------------------------------------------------------------
 # The reward of a batch of replies.
 
-# (prompts, responses, fields) -> one score per reply, or (those scores, {name: scores} logged beside them)
-Scorer = Callable[[list[Messages], list[str], list[dict[str, Any]]], Any]
+# (prompts, responses, fields) -> (one score per reply, {name: one figure per reply} logged beside them)
+Scorer = Callable[[list[Messages], list[str], list[dict[str, Any]]], tuple[list[float], dict[str, list[float]]]]
 
 
 @dataclass
@@ -103,15 +103,11 @@ class Reward:
     def __call__(
         self, prompts: list[Messages], responses: list[str], fields: list[dict[str, Any]]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(N,) total rewards and {label: (N,) that source's scores}."""
+        """(N,) total rewards and {label: (N,) that source's scores, and label_name: what it logs beside them}."""
         parts, logged = {}, {}
         for source in self.sources:
-            scores = source.score(prompts, responses, fields)
-            if isinstance(scores, tuple):  # a grader's: its sub-graders' scores and its failures, for the log
-                scores, extra = scores
-                logged.update(
-                    {f"{source.label}_{name}": torch.tensor(v, dtype=torch.float32) for name, v in extra.items()}
-                )
+            scores, extra = source.score(prompts, responses, fields)
+            logged.update({f"{source.label}_{name}": torch.tensor(v, dtype=torch.float32) for name, v in extra.items()})
             for value in scores:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise UserError(f"rl reward '{source.label}' returned {value!r}; fix: return a finite float")
@@ -129,7 +125,9 @@ def build_reward(settings: Any, grader: dict[str, Any] | None = None) -> Reward:
     grader (rft.grader), weight 1, whose every top-level item field is read from each row."""
     sources: list[RewardSource] = []
     if grader is not None:
-        sources.append(RewardSource("grader", 1.0, grader_scorer(grader), tuple(grader_fields(grader))))
+        from tunesmith.eval.graders.templates import item_fields
+
+        sources.append(RewardSource("grader", 1.0, grader_scorer(grader), tuple(item_fields(grader, "rft.grader"))))
     if settings.reward_model:
         sources.append(RewardSource("model", settings.reward_model_weight, model_scorer(settings.reward_model)))
     labels = {"model"} if settings.reward_model else set()
@@ -145,16 +143,6 @@ def build_reward(settings: Any, grader: dict[str, Any] | None = None) -> Reward:
     return Reward(sources)
 
 
-def grader_fields(grader: dict[str, Any]) -> list[str]:
-    """The row fields the grader's templates name (`{{ item.answer }}`: answer), in order."""
-    from tunesmith.eval.graders import grader_type
-    from tunesmith.eval.graders.templates import template_variables
-
-    templates = getattr(grader_type(grader, "rft.grader"), "templates", None)
-    named = [v for _, text in (templates(grader, "rft.grader") if templates else []) for v in template_variables(text)]
-    return list(dict.fromkeys(str(v.path[0]) for v in named if v.namespace == "item" and v.path))
-
-
 def grader_scorer(grader: dict[str, Any]) -> Scorer:
     """Each reply graded with the row as the grader's item; a sample the grader fails on scores 0 (OpenAI's rule),
     and the failures are logged (grader_failed), as are a multi grader's sub-graders (grader_<name>)."""
@@ -162,7 +150,7 @@ def grader_scorer(grader: dict[str, Any]) -> Scorer:
 
     context = Context()  # one judge model loaded for the whole run
 
-    def score(prompts: list[Messages], responses: list[str], fields: list[dict[str, Any]]) -> tuple:
+    def score(prompts: list[Messages], responses: list[str], fields: list[dict[str, Any]]) -> tuple[list, dict]:
         grades = [run_grader(grader, reply, row, context) for reply, row in zip(responses, fields)]
         names = sorted({name for grade in grades for name in grade.sub_rewards})
         extra = {name: [grade.sub_rewards.get(name, 0.0) for grade in grades] for name in names}
@@ -177,17 +165,18 @@ def model_scorer(spec: str) -> Scorer:
 
     scorer = RewardScorer.load(spec)
 
-    def score(prompts: list[Messages], responses: list[str], fields: list[dict[str, Any]]) -> list[float]:
-        return scorer.score(
-            [prompt + [{"role": "assistant", "content": reply}] for prompt, reply in zip(prompts, responses)]
-        )
+    def score(prompts: list[Messages], responses: list[str], fields: list[dict[str, Any]]) -> tuple[list, dict]:
+        conversations = [
+            prompt + [{"role": "assistant", "content": reply}] for prompt, reply in zip(prompts, responses)
+        ]
+        return scorer.score(conversations), {}
 
     return score
 
 
 def function_scorer(function: Callable[..., float], args: dict[str, Any]) -> Scorer:
-    def score(prompts: list[Messages], responses: list[str], fields: list[dict[str, Any]]) -> list[float]:
-        return [function(prompt, reply, row, **args) for prompt, reply, row in zip(prompts, responses, fields)]
+    def score(prompts: list[Messages], responses: list[str], fields: list[dict[str, Any]]) -> tuple[list, dict]:
+        return [function(prompt, reply, row, **args) for prompt, reply, row in zip(prompts, responses, fields)], {}
 
     return score
 

@@ -134,14 +134,23 @@ def validate_grader(spec: Any, where: str = "grader") -> None:
 
 def check_keys(spec: dict, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[Problem]:
     """The problems of `spec`'s keys, all at once: each missing required key, each unknown key (a misspelt optional
-    key would otherwise be ignored without a word). `type` is always known."""
+    key would otherwise be ignored without a word), and a `name` that is not text. `type` is always known."""
     known = ("type", *required, *optional)
     problems = [Problem(f"{where}.{key}", f"is missing; fix: give '{key}'") for key in required if key not in spec]
+    if "name" in spec and not isinstance(spec["name"], str):
+        problems.append(Problem(f"{where}.name", f"{spec['name']!r} is not a string; fix: name the grader"))
     for key in spec:
         if key not in known:
             message = f"is not a known key{did_you_mean(key, known)}; a {spec.get('type')} grader takes "
             problems.append(Problem(f"{where}.{key}", message + f"{', '.join(known)}; fix: rename or remove it"))
     return problems
+
+
+def grader_templates(spec: dict, where: str) -> list[tuple[str, str]]:
+    """(where, template) of each templated field of `spec`, listed by its type's optional `templates(spec, where)`; a
+    type without one (python: its source is code) has none."""
+    templates = getattr(grader_type(spec, where), "templates", None)
+    return templates(spec, where) if templates is not None else []
 
 
 def grade_sample(spec: dict, sample: Sample, item: dict, context: Context) -> float:

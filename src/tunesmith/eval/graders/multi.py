@@ -21,7 +21,15 @@ from functools import lru_cache
 from typing import Any, Callable
 
 from tunesmith.errors import Problem, UserError, did_you_mean
-from tunesmith.eval.graders import Context, GraderFailure, Sample, check_keys, grade_sample, grader_type
+from tunesmith.eval.graders import (
+    Context,
+    GraderFailure,
+    Sample,
+    check_keys,
+    grade_sample,
+    grader_templates,
+    grader_type,
+)
 from tunesmith.registry import graders
 
 # name -> (function, fewest arguments, most arguments or None)
@@ -173,8 +181,6 @@ class Multi:
     @staticmethod
     def check(spec: dict[str, Any], where: str) -> list[Problem]:
         problems = check_keys(spec, where, ("name", "graders", "calculate_output"))
-        if "name" in spec and not isinstance(spec["name"], str):
-            problems.append(Problem(f"{where}.name", f"{spec['name']!r} is not a string; fix: name the grader"))
         if "graders" in spec:
             problems += check_graders(spec, where)
         formula = spec.get("calculate_output")
@@ -187,12 +193,11 @@ class Multi:
 
     @staticmethod
     def templates(spec: dict[str, Any], where: str) -> list[tuple[str, str]]:
-        found = []
-        for name, sub in named_graders(spec).items():
-            at = grader_where(spec, name, where)
-            templates = getattr(grader_type(sub, at), "templates", None)
-            found += templates(sub, at) if templates else []
-        return found
+        return [
+            found
+            for name, sub in named_graders(spec).items()
+            for found in grader_templates(sub, grader_where(spec, name, where))
+        ]
 
     @staticmethod
     def grade(spec: dict[str, Any], sample: Sample, item: dict[str, Any], context: Context) -> float:

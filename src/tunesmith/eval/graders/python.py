@@ -42,8 +42,6 @@ class Python:
     @staticmethod
     def check(spec: dict[str, Any], where: str) -> list[Problem]:
         problems = check_keys(spec, where, ("name", "source"), ("image_tag", "pass_threshold"))
-        if "name" in spec and not isinstance(spec["name"], str):
-            problems.append(Problem(f"{where}.name", f"{spec['name']!r} is not a string; fix: name the grader"))
         if spec.get("image_tag") is not None:
             problems.append(Problem(f"{where}.image_tag", image_tag_refusal(spec["image_tag"])))
         threshold = spec.get("pass_threshold", 0.0)

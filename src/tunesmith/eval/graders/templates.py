@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunesmith.errors import Problem, did_you_mean
-from tunesmith.eval.graders import GraderFailure, Sample, grader_type
+from tunesmith.eval.graders import GraderFailure, Sample, grader_templates
 
 NAMESPACES = ("item", "sample")
 SAMPLE_FIELDS = ("output_text", "output_json")
@@ -146,12 +146,14 @@ def missing_fields(template: str, item: dict[str, Any], where: str) -> list[Prob
 
 def item_problems(spec: dict[str, Any], item: dict[str, Any], where: str = "grader") -> list[Problem]:
     """The problems of grading `item` with `spec` (a checked grader): each templated field of it, or of its
-    sub-graders, that names an item field this row lacks. A grader type lists its templated fields with an optional
-    `templates(spec, where) -> [(where, template)]`; a type without one (python: its source is code) has none."""
-    templates = getattr(grader_type(spec, where), "templates", None)
-    if templates is None:
-        return []
-    return [problem for at, template in templates(spec, where) for problem in missing_fields(template, item, at)]
+    sub-graders, that names an item field this row lacks."""
+    return [problem for at, text in grader_templates(spec, where) for problem in missing_fields(text, item, at)]
+
+
+def item_fields(spec: dict[str, Any], where: str = "grader") -> list[str]:
+    """The top-level item fields `spec`'s templates read (`{{ item.answer.value }}`: answer), in order, once each."""
+    variables = [variable for _, text in grader_templates(spec, where) for variable in parse_template(text)[0]]
+    return list(dict.fromkeys(variable.field for variable in variables if variable.namespace == "item"))
 
 
 def render_value(value: Any) -> str:

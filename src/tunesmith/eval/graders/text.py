@@ -72,10 +72,8 @@ def cosine_refusal() -> str:
 
 
 def check_text_fields(spec: dict[str, Any], where: str) -> list[Problem]:
-    """The problems of the fields both text graders share: `name` a string, `input` and `reference` templates."""
+    """The problems of the templates both text graders share: `input` and `reference`."""
     problems = []
-    if "name" in spec and not isinstance(spec["name"], str):
-        problems.append(Problem(f"{where}.name", f"{spec['name']!r} is not a string; fix: name the grader"))
     for key in TEMPLATED:
         if key in spec:
             problems += check_template(spec[key], f"{where}.{key}")
