@@ -92,6 +92,8 @@ schedules: Registry[Callable[..., Any]] = Registry("learning-rate schedule", ("t
 tasks: Registry[Any] = Registry("evaluation task", ("tunesmith.eval.tasks",))
 distill_losses: Registry[Callable[..., Any]] = Registry("distillation loss", ("tunesmith.train.distill",))
 preference_losses: Registry[Callable[..., Any]] = Registry("preference loss", ("tunesmith.train.preference",))
+# GRPO's loss variants (train/grpo_losses.py: GRPOLoss): grpo, dapo, dr_grpo, gspo
+grpo_losses: Registry[Any] = Registry("GRPO loss", ("tunesmith.train.grpo_losses",))
 # (prompt messages, response text, row fields, **args) -> float: plain functions that score RL samples
 reward_functions: Registry[Callable[..., float]] = Registry("reward function", ("tunesmith.train.reward_functions",))
 # OpenAI's grader types (eval/graders/__init__.py: GraderType): string_check, text_similarity, python, multi, ...

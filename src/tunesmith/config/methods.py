@@ -209,6 +209,21 @@ class RLConfig(Section):
         description="The probability ratio to the sampling-time policy is "
         "clipped to [1 - clip_range, 1 + clip_range] (PPO's clipped objective).",
     )
+    tis_cap: float | None = Field(
+        None,
+        gt=0.0,
+        description="Truncated importance sampling: each token's policy loss is multiplied by min(pi_old / "
+        "pi_sampler, tis_cap), the trainer's sampling-time probability of the token over the one the sampler drew it "
+        "with, to correct for a sampler whose numbers differ from the trainer's (another dtype, kernel or cache; see "
+        "sample_logprob_diff in the log); e.g. 2. null: off.",
+    )
+    mismatch_warn: float | None = Field(
+        0.05,
+        ge=0.0,
+        description="Warn (once per run, printed and logged as `warning`) when a step's sample_logprob_diff, the "
+        "mean |log pi_sampler - log pi_trainer| over the sampled tokens, passes this (on the tests' tiny model "
+        "float32 measures ~3e-7 and bfloat16 ~3e-3). null: never.",
+    )
     update_epochs: int = Field(1, ge=1, description="Passes over each step's samples.")
     minibatches: int = Field(
         1,
@@ -224,11 +239,36 @@ class GRPOConfig(Section):
         ge=2,
         description="Replies sampled per prompt (a group); a reply's advantage is its reward relative to its group's.",
     )
-    scale_rewards: bool = Field(
-        True,
-        description="Divide each group's centred rewards by the group's standard "
-        "deviation (false: centre only, as Dr. GRPO).",
+    loss: str = Field(
+        "grpo",
+        description="The loss variant (docs/training.md): grpo: clipped per-token surrogate, mean over a minibatch's "
+        "reply tokens; dapo: the same with clip-higher and the groups of equal rewards dropped (Yu et al. 2025); "
+        "dr_grpo: advantages not divided by the group's deviation, each reply's token sum over rl.max_new_tokens "
+        "(Liu et al. 2025); gspo: the reply's own ratio, clipped per reply, mean over replies (Zheng et al. 2025).",
     )
+    scale_rewards: bool | None = Field(
+        None,
+        description="Divide each group's centred rewards by the group's standard deviation (false: centre only). "
+        "null: the loss's own (false for dr_grpo, true for the others).",
+    )
+    clip_range_low: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="The ratio to the sampling-time policy is kept at least 1 - clip_range_low. null: the loss's "
+        "own: 3e-4 for gspo (a reply's ratio moves far less than a token's), rl.clip_range for the others.",
+    )
+    clip_range_high: float | None = Field(
+        None,
+        gt=0.0,
+        description="The ratio is kept at most 1 + clip_range_high. null: the loss's own: 0.28 for dapo "
+        "(clip-higher: unlikely tokens may gain more), 4e-4 for gspo, the low clip for the others (symmetric).",
+    )
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        return registered("grpo_losses", value)
 
 
 class PPOConfig(Section):

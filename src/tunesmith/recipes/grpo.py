@@ -8,14 +8,20 @@ reference (the adapter switched off; for full fine-tuning a frozen copy of the s
 a minibatch's reply tokens. With rl.update_epochs=1 and rl.minibatches=1 the ratio is 1 and the clip never
 binds: it is the plain policy gradient with the group's mean as baseline.
 
+`grpo.loss` picks a variant (train/grpo_losses.py: dapo, dr_grpo, gspo), which changes the surrogate, how a
+minibatch's token losses are summed, the advantage's scaling and the clip ranges; the KL term is the same in all
+(rl.kl_coef=0 for DAPO as published). With rl.tis_cap, each token's surrogate is weighted by the truncated ratio of
+the trainer's sampling-time probability to the sampler's.
+
 Method rft is this recipe with an OpenAI grader (rft.grader, eval/graders) as the reward: the prompt's row is the
 grader's item and each reply its sample.
 
 Logged per step: loss, reward (and each source's, reward_<name>; a grader's also reward_grader_failed and a multi
-grader's reward_grader_<name>), kl, entropy, response_length,
-truncated_fraction, clip_fraction; val_reward on validation prompts (greedy) every train.eval_every steps.
-The shared pieces are in data/prompts.py (prompts), train/rollout.py (sampling), train/policy.py (scoring) and
-train/rl_math.py (the losses); the loop's machinery in train/rl_loop.py.
+grader's reward_grader_<name>), kl, entropy, response_length, truncated_fraction, clip_fraction,
+sample_logprob_diff and sample_kl (the sampler's log-probabilities against the trainer's), groups_filtered (dapo);
+val_reward on validation prompts (greedy) every train.eval_every steps.
+The shared pieces are in data/prompts.py (prompts), train/rollout.py (sampling), train/policy.py (scoring),
+train/rl_math.py and train/grpo_losses.py (the losses); the loop's machinery in train/rl_loop.py.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ import torch
 from tunesmith.config.schema import Config, RLConfig
 from tunesmith.data import prompts
 from tunesmith.data.packing import Batch
-from tunesmith.registry import methods
+from tunesmith.registry import grpo_losses, methods
 from tunesmith.train import policy, rl_loop, rl_math
+from tunesmith.train.grpo_losses import GRPOLoss, uniform_groups
 from tunesmith.train.rollout import Rollout
 from tunesmith.train.runtime import stop_on_signals
 from tunesmith.train.session import RunResult
@@ -40,7 +47,9 @@ from tunesmith.train.session import RunResult
 def run_grpo(config: Config) -> RunResult:
     # ---- setup -------------------------------------------------------------------------------
     run = rl_loop.setup(config)
-    group = config.grpo.num_generations
+    group, variant = config.grpo.num_generations, grpo_losses.get(config.grpo.loss, key="grpo.loss")
+    scale = config.grpo.scale_rewards if config.grpo.scale_rewards is not None else variant.scale_rewards
+    token_loss = partial(grpo_token_loss, config.rl, variant, clip_ranges(config, variant))
 
     # ---- loop --------------------------------------------------------------------------------
     result = None
@@ -49,24 +58,47 @@ def run_grpo(config: Config) -> RunResult:
             started = time.perf_counter()
             rollout = rl_loop.collect_rollout(run, run.next_prompts(), group)
             # every token of a reply gets the reply's advantage: its reward relative to its group's
-            advantages = rl_math.group_advantages(rollout.rewards, group, config.grpo.scale_rewards)
-            rollout.advantages = rollout.per_token(advantages)
-            result, figures = rl_loop.update_policy(run, rollout, partial(grpo_token_loss, config.rl, rollout))
-            rl_loop.finish_step(run, result, {**rollout.figures(), **figures}, stop, started)
+            rollout.advantages = rollout.per_token(rl_math.group_advantages(rollout.rewards, group, scale))
+            aggregation, figures = variant.aggregate(rollout.lengths, config.rl.max_new_tokens), {}
+            if variant.drop_uniform_groups:
+                dropped = uniform_groups(rollout.rewards, group)
+                aggregation = aggregation.without(dropped)
+                figures["groups_filtered"] = run.world.sum([float(dropped.sum()) / group], run.device)[0]
+            result, updated = rl_loop.update_policy(run, rollout, partial(token_loss, rollout), aggregation)
+            rl_loop.finish_step(run, result, {**rollout.figures(), **figures, **updated}, stop, started)
 
     # ---- save --------------------------------------------------------------------------------
     return rl_loop.save(run, result)
 
 
+def clip_ranges(config: Config, variant: GRPOLoss) -> tuple[float, float]:
+    """(low, high): the ratio is clipped to [1 - low, 1 + high]; each the config's, else the variant's, else
+    rl.clip_range (high: the low)."""
+    low = next(c for c in (config.grpo.clip_range_low, variant.clip_low, config.rl.clip_range) if c is not None)
+    high = next(c for c in (config.grpo.clip_range_high, variant.clip_high, low) if c is not None)
+    return low, high
+
+
 def grpo_token_loss(
-    settings: RLConfig, rollout: Rollout, model: torch.nn.Module, batch: Batch, tokens: torch.Tensor
+    settings: RLConfig,
+    variant: GRPOLoss,
+    clip: tuple[float, float],
+    rollout: Rollout,
+    model: torch.nn.Module,
+    batch: Batch,
+    tokens: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per reply token of `batch`: the clipped surrogate plus kl_coef * KL(policy || reference) (plus a mixture of
-    experts' router balance loss)."""
+    """Per reply token of `batch`: the variant's clipped surrogate (weighted by the truncated importance ratio with
+    rl.tis_cap) plus kl_coef * KL(policy || reference) (plus a mixture of experts' router balance loss)."""
     logprobs, _, balance = policy.policy_outputs(model, batch, settings.temperature)
-    loss, clipped = rl_math.clipped_policy_loss(
-        logprobs, rollout.logprobs[tokens], rollout.advantages[tokens], settings.clip_range
+    old_logprobs = rollout.logprobs[tokens]
+    loss, clipped = variant.surrogate(
+        logprobs, old_logprobs, rollout.advantages[tokens], rollout.sample_of_tokens()[tokens], *clip
     )
+    if settings.tis_cap is not None:
+        loss = loss * rl_math.truncated_importance_weights(
+            old_logprobs, rollout.sampler_logprobs[tokens], settings.tis_cap
+        )
     figures = {"clip_fraction": clipped.float()}
     if balance is not None:
         loss = loss + balance

@@ -12,8 +12,9 @@ states, detached), not a second model: it costs one extra matmul per token, and 
 the policy's weights. It is trained and checkpointed with the policy; the run ships only the policy.
 
 Logged per step: loss, policy_loss, value_loss, explained_variance, clip_fraction, value_clip_fraction,
-reward (and each source's), kl, entropy, response_length, truncated_fraction; val_reward every
-train.eval_every steps on validation prompts (greedy).
+reward (and each source's), kl, entropy, response_length, truncated_fraction, sample_logprob_diff and sample_kl
+(the sampler's log-probabilities against the trainer's); val_reward every train.eval_every steps on validation prompts
+(greedy).
 """
 
 from __future__ import annotations
@@ -81,12 +82,16 @@ def ppo_token_loss(
     batch: Batch,
     tokens: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per reply token of `batch`: the clipped surrogate plus value_coef * the clipped value loss (plus a mixture of
-    experts' router balance loss)."""
+    """Per reply token of `batch`: the clipped surrogate (weighted by the truncated importance ratio with
+    rl.tis_cap) plus value_coef * the clipped value loss (plus a mixture of experts' router balance loss)."""
     logprobs, values, balance = policy.policy_outputs(model, batch, config.rl.temperature, value_head)
     policy_loss, clipped = rl_math.clipped_policy_loss(
         logprobs, rollout.logprobs[tokens], rollout.advantages[tokens], config.rl.clip_range
     )
+    if config.rl.tis_cap is not None:  # the sampler's numbers differ from the trainer's: weigh by their ratio
+        policy_loss = policy_loss * rl_math.truncated_importance_weights(
+            rollout.logprobs[tokens], rollout.sampler_logprobs[tokens], config.rl.tis_cap
+        )
     value_loss, value_clipped = rl_math.clipped_value_loss(
         values, rollout.values[tokens], rollout.returns[tokens], config.ppo.value_clip
     )

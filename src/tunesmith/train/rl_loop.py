@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,6 +28,7 @@ from tunesmith.errors import TrainingStopped, UserError
 from tunesmith.eval.in_training import InTrainingEval
 from tunesmith.models.precision import autocast
 from tunesmith.train import distributed, session
+from tunesmith.train.grpo_losses import Aggregation, token_mean
 from tunesmith.train.policy import PolicyAndValue, Reference, ValueHead, build_reference, token_statistics
 from tunesmith.train.reward_functions import Reward, build_reward
 from tunesmith.train.rollout import Rollout, rollout_batch, sample_replies, split, step_seed
@@ -46,6 +48,7 @@ class RLRun(Session):
     pad_id: int
     stop_ids: list[int]
     task_eval: InTrainingEval | None
+    warned_mismatch: bool = False  # rl.mismatch_warn's warning is given once per run
 
     def next_prompts(self) -> list[Prompt]:
         """This rank's prompts of the step: every world-size-th (the step's prompts are the same on any count)."""
@@ -111,7 +114,7 @@ def collect_rollout(run: RLRun, prompts: list[Prompt], group_size: int) -> Rollo
     samples = [prompt for prompt in prompts for _ in range(group_size)]
     prompt_ids = [prompt.input_ids for prompt in samples]
     seed = step_seed(run.config.train.seed, run.state.step, f"sample-{run.world.rank}" if run.world.rank else "sample")
-    replies = generate(run, prompt_ids, run.sampling, seed)
+    replies, sampler_logprobs = generate(run, prompt_ids, run.sampling, seed)
     texts = [run.tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
     rewards, parts = run.reward([p.messages for p in samples], texts, [p.fields for p in samples])
     temperature, pieces = run.config.rl.temperature, []
@@ -139,13 +142,17 @@ def collect_rollout(run: RLRun, prompts: list[Prompt], group_size: int) -> Rollo
         reference,
         values,
         stopped=[bool(reply) and reply[-1] in run.stop_ids for reply in replies],
+        sampler_logprobs=torch.cat(sampler_logprobs).to(run.device) if sampler_logprobs is not None else None,
     )
 
 
 @torch.no_grad()
-def generate(run: RLRun, prompt_ids: list[list[int]], sampling: Sampling, seed: int) -> list[list[int]]:
-    """Replies from the policy as it is now. Under FSDP every rank keeps generating until all are done
-    (each token's forward gathers weights from all of them)."""
+def generate(
+    run: RLRun, prompt_ids: list[list[int]], sampling: Sampling, seed: int
+) -> tuple[list[list[int]], list[torch.Tensor] | None]:
+    """Replies from the policy as it is now, and when sampling their tokens' log-probabilities as the sampler
+    computed them (rollout.sample_replies). Under FSDP every rank keeps generating until all are done (each token's
+    forward gathers weights from all of them)."""
     synced = run.world.distributed and run.config.train.parallel == "fsdp"
     return run.policy_pass(sample_replies, prompt_ids, sampling, run.pad_id, run.stop_ids, seed, synced)
 
@@ -154,32 +161,42 @@ def generate(run: RLRun, prompt_ids: list[list[int]], sampling: Sampling, seed: 
 TokenLoss = Callable[[torch.nn.Module, Batch, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def update_policy(run: RLRun, rollout: Rollout, token_loss: TokenLoss) -> tuple[StepResult, dict[str, float]]:
+def update_policy(
+    run: RLRun, rollout: Rollout, token_loss: TokenLoss, aggregation: Aggregation | None = None
+) -> tuple[StepResult, dict[str, float]]:
     """`rl.update_epochs` passes over the samples, each in `rl.minibatches` optimizer updates (each split into
-    train.grad_accum micro-batches); the loss is the mean over a minibatch's reply tokens. Then one scheduler step.
+    train.grad_accum micro-batches); a minibatch's loss is its per-token losses summed as `aggregation` says
+    (train/grpo_losses.py; default: the mean over the minibatch's reply tokens). Then one scheduler step. A minibatch
+    that counts for nothing on any rank (every sample's weight 0, e.g. DAPO's dropped groups) is skipped.
 
     Returns the step's result (loss and grad norm: means over the updates) and the figures' means per token."""
     config, started = run.config, time.perf_counter()
     generator = torch.Generator().manual_seed(step_seed(config.train.seed, run.state.step, "minibatches"))
     lengths, parameters = rollout.lengths, [p for p in run.trained.parameters() if p.requires_grad]
+    aggregation = aggregation or token_mean(lengths, config.rl.max_new_tokens)
+    weights = rollout.per_token(aggregation.weights.float())  # (N,) each reply token's weight
     totals: dict[str, float] = {}
-    losses, norms, tokens, skipped = [], [], 0, False
+    losses, norms, tokens, counted, skipped = [], [], 0, 0, False
     lr, world = run.scheduler.get_last_lr()[0], run.world
     run.runner.train()
     for _ in range(config.rl.update_epochs):
         order = torch.randperm(len(lengths), generator=generator).tolist()
         for minibatch in split(order, config.rl.minibatches):
-            # the mean over the minibatch's reply tokens on every rank; DDP/FSDP average over the ranks
-            count, loss = world.sum([sum(lengths[s] for s in minibatch)], run.device)[0], 0.0
+            # the divisor over every rank's samples of the minibatch; DDP/FSDP average the gradients over the ranks
+            count, loss = world.sum([float(aggregation.divisors[minibatch].sum())], run.device)[0], 0.0
+            if count == 0:
+                continue
             micros = split(minibatch, config.train.grad_accum)
             for number, micro in enumerate(micros):
                 batch, index = rollout.batch(micro).to(run.device), rollout.token_index(micro)
                 with distributed.gradient_sync(run.runner, enabled=number == len(micros) - 1):
                     with autocast(run.device, run.amp_dtype):
                         per_token, figures = run.policy_pass(token_loss, batch, index)
-                    (per_token.sum() * (world.size / count)).backward()
-                loss += float(per_token.detach().sum()) / count
+                    weighted = per_token * weights[index]
+                    (weighted.sum() * (world.size / count)).backward()
+                loss += float(weighted.detach().sum()) / count
                 tokens += batch.num_tokens
+                counted += len(index)
                 for name, values in figures.items():
                     totals[name] = totals.get(name, 0.0) + float(values.detach().float().sum())
             loss = world.sum([loss], run.device)[0]
@@ -193,11 +210,14 @@ def update_policy(run: RLRun, rollout: Rollout, token_loss: TokenLoss) -> tuple[
             skipped |= not finite
             losses.append(loss)
             norms.append(norm)
-    run.scheduler.step()  # once per step, like the supervised loop: the schedule counts steps, not updates
-    totals = world.sum_figures({**totals, "tokens": tokens, "counted": sum(lengths) * config.rl.update_epochs})
+    with warnings.catch_warnings():  # a first step with no update (all of dapo's groups dropped) is no misuse
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        run.scheduler.step()  # once per step, like the supervised loop: the schedule counts steps, not updates
+    totals = world.sum_figures({**totals, "tokens": tokens, "counted": counted})
     tokens, counted = int(totals.pop("tokens")), totals.pop("counted")
+    updates = max(len(losses), 1)  # none when every minibatch was skipped: loss and norm 0
     result = StepResult(
-        sum(losses) / len(losses), tokens, counted, sum(norms) / len(norms), time.perf_counter() - started, skipped
+        sum(losses) / updates, tokens, counted, sum(norms) / updates, time.perf_counter() - started, skipped
     )
     return result, {"lr": lr, **{name: total / counted for name, total in totals.items()}}
 
@@ -208,7 +228,7 @@ def validation_reward(run: RLRun) -> dict[str, float]:
     shared, greedy = run.world.share(run.data.validation), Sampling(run.config.rl.max_new_tokens, 0.0)
     replies: list[list[int]] = []
     for chunk in split(list(range(len(shared))), -(-len(shared) // run.config.eval.batch_size)):
-        replies += generate(run, [shared[i][0].input_ids for i in chunk], greedy, 0)
+        replies += generate(run, [shared[i][0].input_ids for i in chunk], greedy, 0)[0]
     mine = [(prompt, reply) for (prompt, real), reply in zip(shared, replies) if real]
     texts = [run.tokenizer.decode(reply, skip_special_tokens=True).strip() for _, reply in mine]
     rewards, parts = run.reward([p.messages for p, _ in mine], texts, [p.fields for p, _ in mine])
@@ -244,8 +264,14 @@ def finish_step(run: RLRun, result: StepResult, figures: dict[str, float], stop:
         "tokens": state.tokens_seen,
         "tokens_per_s": result.tokens / result.seconds,
     }
+    warning = mismatch_warning(run, figures)
+    if warning:
+        run.progress.write(f"warning: {warning}")
+        record["warning"] = warning
     if state.step % config.train.log_every == 0 or done:
         run.log.write(record)
+    elif warning:
+        run.log.write({"step": state.step, "warning": warning})
     if run.data.validation and (state.step % config.train.eval_every == 0 or done):
         run.log.write({"step": state.step, **validation_reward(run)})
     session.evaluate_due(
@@ -271,6 +297,20 @@ def finish_step(run: RLRun, result: StepResult, figures: dict[str, float], stop:
             f"run the same command again to resume",
             128 + signal_number,
         )
+
+
+def mismatch_warning(run: RLRun, figures: dict[str, float]) -> str | None:
+    """The first time a step's sampler and trainer disagree by more than rl.mismatch_warn, what to do about it."""
+    limit, measured = run.config.rl.mismatch_warn, figures.get("sample_logprob_diff")
+    if run.warned_mismatch or limit is None or measured is None or not measured > limit:
+        return None
+    run.warned_mismatch = True
+    return (
+        f"step {run.state.step}: the sampler's log-probabilities of its tokens differ from the trainer's by "
+        f"{measured:.3g} on average (sample_logprob_diff; rl.mismatch_warn={limit:g}): the replies come from a "
+        f"slightly different policy than the one trained (dtype, kernels, KV cache); rl.tis_cap=2 corrects the "
+        f"loss for it, train.dtype=float32 narrows it"
+    )
 
 
 def save(run: RLRun, result: StepResult | None) -> RunResult:

@@ -1,5 +1,6 @@
 """The RL maths, one small function each (tests/test_rl.py checks them against hand-computed values): the KL
-estimate, GRPO's group advantages, PPO's GAE, the clipped policy and value losses, whitening, explained variance.
+estimate, GRPO's group advantages, PPO's GAE, the clipped policy and value losses, truncated importance weights,
+whitening, explained variance.
 """
 
 from __future__ import annotations
@@ -41,14 +42,27 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -
 
 
 def clipped_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip: float
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    clip: float,
+    clip_high: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token, PPO's clipped surrogate max(-A r, -A clip(r, 1 - c, 1 + c)), r = pi / pi_old; and where the
-    clipped term is the larger (the token gives no gradient: its ratio has moved far enough)."""
+    """Per token, PPO's clipped surrogate max(-A r, -A clip(r, 1 - c, 1 + c_high)), r = pi / pi_old, c_high = c
+    unless given (DAPO's clip-higher lets unlikely tokens gain more); and where the clipped term is the larger (the
+    token gives no gradient: its ratio has moved far enough)."""
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    clipped = -advantages * ratio.clamp(1 - clip, 1 + (clip if clip_high is None else clip_high))
     return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def truncated_importance_weights(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per token, min(pi_old / pi_sampler, cap) (truncated importance sampling; no gradient): the trainer's
+    sampling-time probability of a token over the probability the sampler drew it with, so that a loss computed
+    as if the trainer had sampled corrects for a sampler whose numbers differ (another dtype, kernel or cache);
+    the cap bounds the variance a rare large ratio would add."""
+    return torch.exp(logprobs - sampler_logprobs).clamp(max=cap).detach()
 
 
 def clipped_value_loss(
