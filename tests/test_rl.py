@@ -223,10 +223,13 @@ def test_prompt_rows_and_their_detection():
     # {"prompt"} alone is a prompt; with a completion, chosen/rejected or a response, the more specific format
     assert detect_format({"prompt": "p", "answer": "4"}) == "prompt"
     assert detect_format({"prompt": "p", "completion": "c"}) == "prompt_completion"
-    # messages rows are chats to learn from, unless the method takes prompts
-    row = {"messages": [{"role": "user", "content": "q"}]}
-    assert detect_format(row) == "messages" and detect_format(row, ("prompt", "chat")) == "prompt_messages"
-    assert detect_format(row, ("chat",)) == "messages"
+    # messages rows are chats to learn from, unless the method takes prompts; for any method (an upload), a chat
+    # without a reply can only be a prompt to continue (OpenAI's RFT rows)
+    chat_row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    assert detect_format(chat_row) == "messages" and detect_format(chat_row, ("prompt", "chat")) == "prompt_messages"
+    row = {"messages": [{"role": "developer", "content": "s"}, {"role": "user", "content": "q"}]}
+    assert detect_format(row) == "prompt_messages" and detect_format(row, ("chat",)) == "messages"
+    assert convert_prompt_messages(row).messages == [{"role": "system", "content": "s"}, row["messages"][1]]
 
 
 def test_chat_rows_become_prompts_with_their_reply_as_a_field(tmp_path, tiny_model):

@@ -37,6 +37,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size or defaults.batch_size,
         slice_by=args.slice_by,
         reward_model=args.reward_model,
+        grader=args.grader,
         rubric=args.rubric,
         # the run's own mapping describes the run's own eval.data
         columns=parse_columns(args.columns) if args.columns or args.data else run_columns(config),
@@ -189,6 +190,12 @@ def add_parsers(commands) -> None:
         "--reward-model",
         help="preference / regression task: rate the replies with this reward model "
         "(a reward run or a sequence-classification model directory)",
+    )
+    evaluate.add_argument(
+        "--grader",
+        type=Path,
+        help="reward task: rate each reply with this OpenAI grader (a YAML/JSON file, docs/graders.md), its row as "
+        "the item",
     )
     evaluate.add_argument("--slice-by", help="score per value of this row field, or 'length' for input-length terciles")
     evaluate.set_defaults(handler=cmd_eval)

@@ -33,6 +33,7 @@ def settings(args: argparse.Namespace):
         base_models=base_models,
         max_upload_bytes=getattr(args, "max_upload_mb", 512) << 20,
         processes=getattr(args, "nproc", 1) or 1,
+        reply_tokens=getattr(args, "reply_tokens", None) or Settings.reply_tokens,
         **kwargs,
         scratch=Path(args.scratch).expanduser() if getattr(args, "scratch", None) else None,
     )
@@ -203,6 +204,12 @@ def add_parsers(commands) -> None:
         )
         parser.add_argument("--nproc", type=int, default=1, help="torch.distributed processes per training job")
         parser.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted upload")
+        parser.add_argument(
+            "--reply-tokens",
+            type=int,
+            help="reinforcement jobs: the longest reply sampled, in tokens (rl.max_new_tokens; OpenAI's API has no "
+            "such parameter; default 128)",
+        )
         parser.add_argument(
             "--lease-seconds",
             type=float,

@@ -16,6 +16,9 @@ from typing import Any, Callable
 from tunesmith.registry import formats
 
 ROLES = ("system", "user", "assistant")
+# OpenAI's newer name for the system turn (its RFT and chat data use it): read as system, which is what a chat
+# template renders; every other spelling is refused
+MESSAGE_ROLES = {**{role: role for role in ROLES}, "developer": "system"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -115,7 +118,7 @@ def check_messages(
     The key names and the role spellings are parameters, so sharegpt's {from, value} with human/gpt is
     checked by the same code as OpenAI's {role, content}, with messages that use the user's own keys.
     """
-    roles = roles or {role: role for role in ROLES}
+    roles = roles or MESSAGE_ROLES
     if not isinstance(turns, list):
         raise RowError(
             f"field '{key}' must be a list of {{{role_key}, {content_key}}} objects, got {type(turns).__name__}"
@@ -438,6 +441,13 @@ def detect_format(row: dict[str, Any], kinds: tuple[str, ...] | None = None) -> 
         for name in same_keys:
             if formats.get(name).kind == kind:
                 return name
+    if kinds is None and len(same_keys) > 1:  # any method: the first of them that reads the row (a chat ending
+        for name in same_keys:  # with the user's turn is a prompt to continue, not a chat to learn from)
+            try:
+                formats.get(name).convert(row)
+                return name
+            except RowError:
+                continue
     return found[0]
 
 

@@ -142,7 +142,10 @@ class RewardScorer:
         return cls(for_inference(model, config.train), tokenizer, system_prompt, ScoreScale.load(run_dir / MODEL_DIR))
 
     @torch.no_grad()
-    def score(self, conversations: list[list[dict[str, str]]], batch_size: int = 16) -> list[float]:
+    def score(
+        self, conversations: list[list[dict[str, str]]], batch_size: int = 16, rows: list[dict] | None = None
+    ) -> list[float]:
+        """The reward of each conversation's last reply (`rows`, the data rows, are a grader's; unused here)."""
         scores: list[float] = []
         pad = self.model.config.pad_token_id
         for start in range(0, len(conversations), batch_size):

@@ -53,6 +53,7 @@ class EvalOptions:
     rubric: Path | None = None  # judge task or --judge: the judge's question (default: the built-in rubric)
     judge: str | None = None  # exact_match, generation: also score each reply against its reference with this judge
     judge_scale: int = 5  # the judge's scores run from 1 to this (--judge, and the judge task on scored replies)
+    grader: Path | None = None  # reward task: rate each reply with this OpenAI grader (YAML/JSON) and its row
     columns: dict[str, str] | None = None  # the data's columns under the format's field names (--columns)
 
 
@@ -227,6 +228,16 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
                 f"the model's own replies (--task reward), not {options.task}; fix: add --task reward"
             )
         context.reward = RewardScorer.load(target if reward_target else options.reward_model)
+    if options.grader is not None:
+        if options.task != "reward" or context.reward is not None:
+            raise UserError(
+                f"--grader rates the model's own replies (--task reward), in place of a reward model; fix: "
+                f"--task reward{' and drop --reward-model' if context.reward is not None else ''}"
+            )
+        from tunesmith.eval.graders import GraderRater
+        from tunesmith.eval.graders.batch import load_grader
+
+        context.reward = GraderRater(load_grader(options.grader))
     shots_file = options.shots_file or (config.data.train if config else None)
 
     predictions, timing, loaded = {}, {}, {}
@@ -366,6 +377,7 @@ def task_settings(task: Any, metric_task: str | None, options: EvalOptions, labe
         "labels": len(labels),
         "max_new_tokens": options.max_new_tokens,
         "reward_model": options.reward_model,
+        "grader": str(options.grader) if options.grader else None,
         "judge": options.judge,
         "rubric": str(options.rubric) if options.rubric else None,
         "judge_scale": options.judge_scale,

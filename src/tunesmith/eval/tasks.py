@@ -390,14 +390,20 @@ class JudgeAgreement:
         return nearest_score(prediction) == nearest_score(expected)
 
 
+def item_row(example: Example) -> dict[str, Any]:
+    """A row's fields as a grader reads them (its `item`), as rft does: a chat's final reply is `reference`."""
+    reference = example.meta.get("reference") if example.kind == "prompt" else last_reply(example)[1]
+    return {**example.fields, **({"reference": reference} if isinstance(reference, str) else {})}
+
+
 class RewardedGeneration:
-    """The model answers each prompt and a reward model rates the reply: the mean reward on held-out prompts,
-    which is what RL (ppo, grpo) raises. Prompts come from any rows: prompt rows, the prompt of each pair, or a
-    conversation up to its last reply."""
+    """The model answers each prompt and a reward model (or a grader, --grader) rates the reply: the mean reward on
+    held-out prompts, which is what RL (ppo, grpo, rft) raises. Prompts come from any rows: prompt rows, the prompt
+    of each pair, or a conversation up to its last reply."""
 
     metric_task = "reward"
     headline = ("mean_reward", "reply_words")  # the metrics printed in the summary table
-    settings = ("max_new_tokens", "reward_model")
+    settings = ("max_new_tokens", "reward_model", "grader")
 
     def items(self, examples: list[Example]) -> list[Item]:
         items = []
@@ -416,8 +422,9 @@ class RewardedGeneration:
             )
         prompts = [item.prompt for item in items]
         replies = generate_all(engine, prompts, context)
+        rows = [item_row(item.example) for item in items]  # a grader's items
         rewards = context.reward.score(
-            [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, replies)], context.batch_size
+            [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, replies)], context.batch_size, rows
         )
         return [{"reply": reply, "reward": reward} for reply, reward in zip(replies, rewards)]
 

@@ -174,7 +174,38 @@ def create_app(
             )
         with service.audited(caller.project, caller.key_id, "job.cancel", [job_id]):
             job = store.request_cancel(caller.project, job_id)
+        if status == "paused":  # no worker holds it: its sealed run and checkpoints go now
+            service.erase_run(job_id)
         return shapes.job_object(job)
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/pause")
+    def pause_job(job_id: str, caller: Caller = needs(Scope.WRITE)) -> dict:
+        job = service.job(caller.project, job_id)
+        if shapes.job_status(job) not in ("queued", "running"):
+            raise ApiError(
+                400,
+                f"Job {job_id} is {shapes.job_status(job)}: only a queued or running job can be paused",
+                "job_id",
+                "job_not_pausable",
+            )
+        with service.audited(caller.project, caller.key_id, "job.pause", [job_id]):
+            job = store.request_pause(caller.project, job_id)
+        return shapes.job_object(job)
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/resume")
+    def resume_job(job_id: str, caller: Caller = needs(Scope.WRITE)) -> dict:
+        job = service.job(caller.project, job_id)
+        if job["status"] != "paused":
+            raise ApiError(
+                400,
+                f"Job {job_id} is {shapes.job_status(job)}, not paused: only a paused job can be resumed",
+                "job_id",
+                "job_not_resumable",
+            )
+        with service.audited(caller.project, caller.key_id, "job.resume", [job_id]):
+            store.resume(caller.project, job_id)
+        store.add_event(job_id, "Fine-tuning job resumed: queued for a worker")
+        return shapes.job_object(service.job(caller.project, job_id))
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events")
     def job_events(job_id: str, limit: int = 20, after: str | None = None, caller: Caller = needs(Scope.READ)) -> dict:

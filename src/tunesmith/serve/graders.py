@@ -14,26 +14,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from tunesmith.errors import UserError
-from tunesmith.eval.graders import run_grader, validate_grader
+from tunesmith.eval.graders import run_grader
 from tunesmith.security.apikeys import Scope
 from tunesmith.serve.access import Caller, needs
 from tunesmith.serve.bodies import json_body
-from tunesmith.serve.shapes import ApiError
+from tunesmith.serve.shapes import ApiError, checked_grader
 
 router = APIRouter()
-
-
-def checked_grader(body: dict[str, Any]) -> dict[str, Any]:
-    """The body's `grader`, validated; every problem of it in one 400 whose param is the first one's field."""
-    if "grader" not in body:
-        raise ApiError(400, "Missing required parameter: 'grader'", "grader", "missing_required_parameter")
-    try:
-        validate_grader(body["grader"], "grader")
-    except UserError as error:
-        first = error.problems[0].where if error.problems else "grader"
-        raise ApiError(400, str(error), first, "invalid_grader") from None
-    return body["grader"]
 
 
 @router.post("/v1/fine_tuning/alpha/graders/validate")

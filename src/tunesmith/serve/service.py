@@ -41,6 +41,7 @@ class Settings:
     base_models: dict[str, str] = field(default_factory=dict)  # name a client uses -> model spec (registry name or dir)
     max_upload_bytes: int = 512 << 20
     processes: int = 1  # torch.distributed processes per training job
+    reply_tokens: int = job_spec.REPLY_TOKENS  # reinforcement jobs' longest sampled reply (rl.max_new_tokens)
     scratch: Path | None = None  # where running jobs keep their plaintext; None: default_scratch(home)
 
 
@@ -343,7 +344,12 @@ class Service:
                 row = self.store.file(job["project_id"], job[param])
                 if row is None:
                     raise ApiError(400, f"file {job[param]} was deleted", param, f"invalid_{param}")
-                counts[param] = len(self.check_file(row["id"], row["filename"], METHODS[job["method"]], param).examples)
+                loaded = self.check_file(row["id"], row["filename"], METHODS[job["method"]], param)
+                counts[param] = len(loaded.examples)
+                if job["grader"] is not None:
+                    job_spec.check_grader_fields(job["grader"], loaded.examples, row["filename"], param)
+            if job["method"] == "reinforcement":
+                job_spec.check_reinforcement(job, counts.get("validation_file", 0), self.base_models[job["model"]])
         except ApiError as error:
             self.store.update_job(
                 job["id"],
@@ -354,7 +360,9 @@ class Service:
             )
             self.store.add_event(job["id"], f"Validation failed: {error.message}", level="error")
             return
-        resolved = job_spec.resolve(job["hyperparameters"], counts["training_file"], job["method"])
+        resolved = job_spec.resolve(
+            job["hyperparameters"], counts["training_file"], job["method"], counts.get("validation_file", 0)
+        )
         if self.store.update_job(job["id"], ("validating_files",), status="queued", resolved=resolved):
             self.store.add_event(
                 job["id"],

@@ -70,6 +70,20 @@ def file_object(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+COMMON_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+METHOD_HYPERPARAMETERS = {  # a job method's hyperparameters, as its requests take them and its object shows them
+    "supervised": COMMON_HYPERPARAMETERS,
+    "dpo": (*COMMON_HYPERPARAMETERS, "beta"),
+    "reinforcement": (
+        *COMMON_HYPERPARAMETERS,
+        "eval_interval",
+        "eval_samples",
+        "compute_multiplier",
+        "reasoning_effort",
+    ),
+}
+
+
 def job_status(row: dict[str, Any]) -> str:
     """As OpenAI shows it: a running job whose cancel was requested is `cancelled` at once (its worker stops it
     within seconds; the store keeps `running` until then, so the worker's lease still ends it)."""
@@ -79,10 +93,10 @@ def job_status(row: dict[str, Any]) -> str:
 def job_object(row: dict[str, Any]) -> dict[str, Any]:
     given = row["hyperparameters"] or {}
     shown = {**given, **(row["resolved"] or {})}  # "auto" shows the number it became once the job knows it
-    hyperparameters = {key: shown.get(key, "auto") for key in ("n_epochs", "batch_size", "learning_rate_multiplier")}
-    method_hyper = dict(hyperparameters)
-    if row["method"] == "dpo":
-        method_hyper["beta"] = shown.get("beta", "auto")
+    hyperparameters = {key: shown.get(key, "auto") for key in COMMON_HYPERPARAMETERS}
+    method = {"hyperparameters": {key: shown.get(key, "auto") for key in METHOD_HYPERPARAMETERS[row["method"]]}}
+    if row.get("grader") is not None:
+        method["grader"] = row["grader"]
     return {
         "id": row["id"],
         "object": "fine_tuning.job",
@@ -96,7 +110,7 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
         "fine_tuned_model": row["fine_tuned_model"],
         "finished_at": row["finished_at"],
         "hyperparameters": hyperparameters,
-        "method": {"type": row["method"], row["method"]: {"hyperparameters": method_hyper}},
+        "method": {"type": row["method"], row["method"]: method},
         "result_files": row["result_files"] or [],
         "seed": row["seed"],
         "trained_tokens": row["trained_tokens"],
@@ -133,3 +147,19 @@ def checkpoint_object(row: dict[str, Any], fine_tuned_model: str) -> dict[str, A
 
 def model_object(model_id: str, created: int, owned_by: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by}
+
+
+def checked_grader(body: dict[str, Any], where: str = "grader") -> dict[str, Any]:
+    """The body's `grader` (`where` is its place in the request), validated; every problem of it in one 400 whose
+    param is the first one's field."""
+    if "grader" not in body:
+        raise ApiError(400, f"Missing required parameter: '{where}'", where, "missing_required_parameter")
+    from tunesmith.errors import UserError
+    from tunesmith.eval.graders import validate_grader
+
+    try:
+        validate_grader(body["grader"], where)
+    except UserError as error:
+        first = error.problems[0].where if error.problems else where
+        raise ApiError(400, str(error), first, "invalid_grader") from None
+    return body["grader"]

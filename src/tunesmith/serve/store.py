@@ -107,6 +107,21 @@ def older_than(table: sa.Table, last: dict[str, Any]) -> Any:
     )
 
 
+def add_new_columns(engine: sa.Engine) -> None:
+    """Add the columns a table gained since the database was made (each is nullable: old rows read None), so a
+    service's database keeps working across an upgrade. Tables it lacks entirely, create_all made already."""
+    inspector = sa.inspect(engine)
+    with engine.begin() as connection:
+        for table in metadata.sorted_tables:
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                assert column.nullable, f"{table.name}.{column.name}: a column added later must be nullable"
+                kind = column.type.compile(dialect=engine.dialect)
+                connection.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
+
+
 class Store:
     def __init__(self, url: str | None = None):
         self.url = url or default_url()
@@ -120,6 +135,7 @@ class Store:
         else:
             self.engine = sa.create_engine(self.url, pool_pre_ping=True)
         metadata.create_all(self.engine)
+        add_new_columns(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -240,10 +256,14 @@ class Store:
         return self._write(statement.values(**_encode(values))) == 1
 
     def request_cancel(self, project: str, job_id: str) -> dict[str, Any] | None:
-        """Queued jobs are cancelled at once; running ones are flagged and their worker stops them."""
+        """Queued and paused jobs are cancelled at once; running ones are flagged and their worker stops them."""
         self._write(
             jobs.update()
-            .where(jobs.c.id == job_id, jobs.c.project_id == project, jobs.c.status.in_(("validating_files", "queued")))
+            .where(
+                jobs.c.id == job_id,
+                jobs.c.project_id == project,
+                jobs.c.status.in_(("validating_files", "queued", "paused")),
+            )
             .values(status="cancelled", cancel_requested=True, finished_at=now())
         )
         self._write(
@@ -252,6 +272,43 @@ class Store:
             .values(cancel_requested=True)
         )
         return self.job(project, job_id)
+
+    def request_pause(self, project: str, job_id: str) -> dict[str, Any] | None:
+        """A queued job is paused at once; a running one is flagged, and its worker checkpoints it and pauses it."""
+        self._write(
+            jobs.update()
+            .where(jobs.c.id == job_id, jobs.c.project_id == project, jobs.c.status == "queued")
+            .values(status="paused")
+        )
+        self._write(
+            jobs.update()
+            .where(jobs.c.id == job_id, jobs.c.project_id == project, jobs.c.status == "running")
+            .values(pause_requested=True)
+        )
+        return self.job(project, job_id)
+
+    def resume(self, project: str, job_id: str) -> bool:
+        """A paused job is queued again (a worker takes it up from its sealed checkpoint); False if it was not
+        paused."""
+        return (
+            self._write(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.project_id == project, jobs.c.status == "paused")
+                .values(status="queued", pause_requested=None)
+            )
+            == 1
+        )
+
+    def pause(self, lease: Lease) -> bool:
+        """The worker's side of a pause: `running` -> `paused`, only while `lease` holds the job."""
+        return (
+            self._write(
+                jobs.update()
+                .where(held(lease))
+                .values(status="paused", pause_requested=None, lease_owner=None, lease_expires=0.0)
+            )
+            == 1
+        )
 
     def lease(self, owner: str, seconds: float) -> Lease | None:
         """Take the oldest queued job, or a running one whose worker stopped renewing its lease."""

@@ -52,8 +52,9 @@ jobs = sa.Table(
     sa.Column("model", sa.String(255), nullable=False),
     sa.Column("training_file", sa.String(64), nullable=False),
     sa.Column("validation_file", sa.String(64)),
-    sa.Column("method", sa.String(32), nullable=False),  # supervised | dpo
+    sa.Column("method", sa.String(32), nullable=False),  # supervised | dpo | reinforcement
     sa.Column("hyperparameters", TEXT_JSON, nullable=False),  # as the user gave them ("auto" kept)
+    sa.Column("grader", TEXT_JSON),  # reinforcement: the grader whose score is the reward
     sa.Column("resolved", TEXT_JSON),  # the numbers "auto" became
     sa.Column("suffix", sa.String(64)),
     sa.Column("seed", sa.BigInteger, nullable=False),
@@ -65,6 +66,7 @@ jobs = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("finished_at", sa.BigInteger),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("pause_requested", sa.Boolean),  # a running job's worker checkpoints it and leaves it `paused`
     sa.Column("lease_owner", sa.String(128)),
     sa.Column("lease_expires", sa.Float, nullable=False, default=0.0),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),

@@ -32,6 +32,7 @@ import sys
 import tarfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -49,10 +50,18 @@ LEASE_SECONDS = 30.0
 POLL_SECONDS = 1.0
 CANCEL_GRACE_SECONDS = 5.0
 USER_ERROR_EXIT = 2
-EVAL_HEADLINE = {"perplexity": "perplexity", "preference": "preference_accuracy"}  # the evaluation's task -> metric
+EVAL_HEADLINE = {
+    "perplexity": "perplexity",
+    "preference": "preference_accuracy",
+    "reward": "mean_reward",
+}  # the evaluation's task -> metric
 EVAL_MAX_EXAMPLES = 500  # validation examples the closing evaluation scores (each on the tuned and the base model)
 TUNESMITH = [sys.executable, "-m", "tunesmith"]  # how a run's process is started (`tunesmith train ...`)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+PAUSE_GRACE_SECONDS = 900.0  # a paused run finishes its step and checkpoints; killed (unpaused) past this
+GRADER_FILE = "grader.json"  # a reinforcement job's grader, for the closing evaluation
+EVAL_TASKS = {"dpo": "preference", "reinforcement": "reward"}  # the closing evaluation's task; else perplexity
+RL_EVENT_FIGURES = ("reward", "kl", "entropy", "response_length", "truncated_fraction", "clip_fraction")
 
 
 class CancelRequested(Exception):
@@ -142,7 +151,7 @@ class JobRun:
             command = ["train", "config.yaml"] + (["--nproc", str(job["processes"])] if job["processes"] > 1 else [])
             process = self.launch(command, "train.log")
             try:
-                outcome = self.supervise(process)
+                outcome = self.supervise(process, pausable=True)
                 if outcome == "exited" and process.returncode == 0 and job["validation_file"]:
                     outcome = self.evaluate()
             finally:
@@ -150,6 +159,8 @@ class JobRun:
                     self.sealing.join()
             if outcome == "lost":
                 return outcome
+            if outcome == "paused":
+                return self.pause()
             self.sync_run(seal=False)
             return self.conclude(outcome, process.returncode)
         except LeaseLost:
@@ -223,11 +234,23 @@ class JobRun:
                     for chunk in self.service.blobs.chunks(f"files/{self.job[param]}"):
                         sink.write(chunk)
             paths[param] = f"data/{target.name}"
+        validation = paths.get("validation_file")
+        if validation and self.job["method"] == "reinforcement":  # the evaluations score the first eval_samples
+            validation = "data/eval_samples.jsonl"
+            first_lines(
+                directory / paths["validation_file"], directory / validation, self.job["resolved"]["eval_samples"]
+            )
+            (directory / GRADER_FILE).write_text(json.dumps(self.job["grader"]), encoding="utf-8")
         config_path = directory / "config.yaml"
         if not config_path.exists():  # a resume keeps the config it started with (train refuses a changed one)
             base_spec = self.service.base_models[self.job["model"]]
             config = job_spec.build_config(
-                self.job, base_spec, paths["training_file"], paths.get("validation_file"), self.job["resolved"]
+                self.job,
+                base_spec,
+                paths["training_file"],
+                validation,
+                self.job["resolved"],
+                self.service.settings.reply_tokens,
             )
             config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         return resumed
@@ -252,7 +275,12 @@ class JobRun:
         Its report becomes the job's result file; a failed evaluation is reported and leaves the job's success
         alone. Returns the outcome, as `supervise`."""
         job = self.job
-        task = "preference" if job["method"] == "dpo" else "perplexity"
+        task = EVAL_TASKS.get(job["method"], "perplexity")
+        graded = (
+            ["--grader", GRADER_FILE, "--max-new-tokens", str(self.config.rl.max_new_tokens)]
+            if task == "reward"
+            else []
+        )
         self.add_event(
             f"Evaluating the fine-tuned model against its base on the validation file ({task}, up to "
             f"{EVAL_MAX_EXAMPLES} examples)",
@@ -272,6 +300,7 @@ class JobRun:
                 "eval",
                 "--max-examples",
                 str(EVAL_MAX_EXAMPLES),
+                *graded,
             ],
             "eval.log",
         )
@@ -302,13 +331,15 @@ class JobRun:
         )
         return outcome
 
-    def supervise(self, process: subprocess.Popen) -> str:
-        """Wait for the run, renewing the lease and copying progress; "exited", "cancelled" or "lost"."""
+    def supervise(self, process: subprocess.Popen, pausable: bool = False) -> str:
+        """Wait for the run, renewing the lease and copying progress; "exited", "cancelled", "lost", or (training,
+        `pausable`) "paused": the run was signalled, checkpointed its step and exited."""
+        pausing = None  # when the run was asked to checkpoint and exit
         try:
             while True:
                 try:
                     process.wait(timeout=self.worker.poll_seconds)
-                    return "exited"
+                    return "paused" if pausing is not None and process.returncode != 0 else "exited"
                 except subprocess.TimeoutExpired:
                     pass
                 # Renew first: a worker waking from a stall learns that it lost the job before it writes anything.
@@ -319,6 +350,13 @@ class JobRun:
                 if current["cancel_requested"]:
                     stop(process, CANCEL_GRACE_SECONDS)
                     return "cancelled"
+                if pausable and current["pause_requested"] and pausing is None:
+                    os.killpg(process.pid, signal.SIGTERM)  # train finishes its step, checkpoints and exits
+                    pausing = time.monotonic()
+                    self.add_event("Pausing: the run checkpoints its current step", key=f"pausing-{self.lease.epoch}")
+                if pausing is not None and time.monotonic() - pausing > PAUSE_GRACE_SECONDS:
+                    stop(process, 0)  # it did not checkpoint in time: the job resumes from its last checkpoint
+                    return "paused"
         except BaseException as error:
             stop(
                 process, CANCEL_GRACE_SECONDS
@@ -437,9 +475,19 @@ class JobRun:
                 "total_steps": row.get("total_steps"),
                 "tokens_per_s": row.get("tokens_per_s"),
                 "lr": row.get("lr"),
+                **rl_figures(row, ""),
             }
+            said = f", reward={row['reward']:.4f}" if "reward" in row else ""
             self.add_event(
-                f"Step {step}: training loss={row['loss']:.4f}", type="metrics", data=data, key=f"train-{step}"
+                f"Step {step}: training loss={row['loss']:.4f}{said}", type="metrics", data=data, key=f"train-{step}"
+            )
+        if "val_reward" in row:
+            self.last_metrics["valid_reward"] = row["val_reward"]
+            self.add_event(
+                f"Step {step}: validation reward={row['val_reward']:.4f}",
+                type="metrics",
+                data={"step": step, **rl_figures(row, "val_")},
+                key=f"val-reward-{step}",
             )
         if "val_loss" in row:
             self.last_metrics["valid_loss"] = row["val_loss"]
@@ -452,7 +500,34 @@ class JobRun:
 
     def checkpoint_metrics(self, step: int) -> dict[str, Any]:
         known = getattr(self, "last_metrics", {})
-        return {"step": step, **{key: known[key] for key in ("train_loss", "valid_loss") if key in known}}
+        return {
+            "step": step,
+            **{key: known[key] for key in ("train_loss", "valid_loss", "valid_reward") if key in known},
+        }
+
+    def pause(self) -> str:
+        """The run stopped at a checkpoint: seal it, leave the job `paused` (a resume queues it again and a worker
+        unseals the run), and erase the scratch directory, the only plaintext."""
+        job = self.job
+        try:
+            self.sync_run(seal=False)
+            newest = max(checkpoint_steps(self.directory / "run"), default=0)
+            if newest > self.sealed_step:
+                self.seal(newest)
+            with self.service.audited(job["project_id"], "worker", "job.paused", [job["id"]], step=self.sealed_step):
+                if not self.store.pause(self.lease):
+                    raise LeaseLost(self.lease)
+        except LeaseLost:
+            return "lost"
+        except ApiError as error:
+            if error.code != "audit_unavailable":
+                raise
+            return self.unaudited(error)
+        where = f"at step {self.sealed_step}" if self.sealed_step else "before its first checkpoint"
+        self.store.add_event(job["id"], f"Fine-tuning job paused {where}", key=f"paused-{self.lease.epoch}")
+        if newest == self.sealed_step:  # the sealed run holds everything: the scratch copy goes
+            shutil.rmtree(self.directory, ignore_errors=True)
+        return "paused"
 
     def conclude(self, outcome: str, returncode: int) -> str:
         """The run's end: the job succeeds (its adapter stored, its model registered), fails or is cancelled."""
@@ -545,6 +620,26 @@ class JobRun:
         path = self.directory / name
         text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
         return "\n".join(text.strip().splitlines()[-lines:]) or "training stopped without a message"
+
+
+def rl_figures(row: dict[str, Any], prefix: str) -> dict[str, float]:
+    """An RL step's figures from its metrics line (`prefix` val_: its evaluation's): the reward and each of its
+    sources' (reward_grader, and a multi grader's reward_grader_<name>), KL, entropy and reply length."""
+    names = [name for name in row if name.startswith(f"{prefix}reward")]
+    names += [f"{prefix}{name}" for name in RL_EVENT_FIGURES if name != "reward"]
+    return {name: row[name] for name in names if isinstance(row.get(name), (int, float))}
+
+
+def first_lines(source: Path, target: Path, count: int) -> None:
+    """The first `count` non-blank lines of `source` into `target` (private)."""
+    with open(source, "rb") as lines, open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+        kept = 0
+        for line in lines:
+            if kept == count:
+                break
+            if line.strip():
+                out.write(line if line.endswith(b"\n") else line + b"\n")
+                kept += 1
 
 
 def headline(result: dict[str, Any]) -> str:

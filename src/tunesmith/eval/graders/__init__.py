@@ -173,3 +173,20 @@ def run_grader(spec: dict, output_text: str, item: dict | None = None, context: 
         errors[DETAILS.get(failure.flag, f"{failure.flag}_details")] = failure.detail
     name, kind = str(spec.get("name", "")), str(spec.get("type"))
     return Grade(reward, dict(context.sub_rewards), name, kind, errors, time.perf_counter() - started)
+
+
+class GraderRater:
+    """A grader as a rater of replies, as a reward model is one (`tunesmith eval --task reward --grader FILE`):
+    each conversation's last reply graded with its data row as the item; a sample it fails on scores 0 (OpenAI's
+    rule), and `failures` counts those."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec, self.context, self.failures = spec, Context(), 0
+
+    def score(self, conversations: list[list[dict]], batch_size: int = 16, rows: list[dict] | None = None) -> list:
+        grades = [
+            run_grader(self.spec, conversation[-1]["content"], row, self.context)
+            for conversation, row in zip(conversations, rows or [{}] * len(conversations))
+        ]
+        self.failures += sum(any(value is True for value in grade.errors.values()) for grade in grades)
+        return [grade.reward for grade in grades]
