@@ -87,3 +87,15 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
+
+
+def first_lines(source: Path, target: Path, count: int) -> None:
+    """The first `count` non-blank lines of `source` into `target` (private)."""
+    with open(source, "rb") as lines, open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+        kept = 0
+        for line in lines:
+            if kept == count:
+                break
+            if line.strip():
+                out.write(line if line.endswith(b"\n") else line + b"\n")
+                kept += 1

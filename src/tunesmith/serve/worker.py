@@ -7,8 +7,10 @@ when the job is cancelled. Each new checkpoint seals the run directory (as of th
 encrypted blobs, and its LoRA adapter is stored too (the checkpoint model `...:ckpt-step-N`). A worker that
 dies stops renewing: once its lease runs out, any worker takes the job again and `train` resumes it from its
 newest checkpoint, found in the scratch directory when the worker left it there, else unsealed from the blobs
-(a restarted machine, another machine). When the run ends, its adapter is encrypted into the blob store, the
-model registered, and the scratch directory (the only plaintext) and the sealed run erased.
+(a restarted machine, another machine). A pause is the same path on purpose: the run is signalled, checkpoints its
+step and exits, the worker seals it, erases the scratch directory and leaves the job `paused`; a resume queues it
+and the next worker unseals it, so the run goes on bit for bit. When the run ends, its adapter is encrypted into
+the blob store, the model registered, and the scratch directory (the only plaintext) and the sealed run erased.
 
 A worker that stalls (a paused process, a frozen machine) past its lease must not run the job beside the worker
 that took it over. So every store write of the worker is fenced by its lease's epoch (see store.py), a blob is
@@ -32,7 +34,6 @@ import sys
 import tarfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -41,7 +42,8 @@ from tunesmith.config.schema import Config
 from tunesmith.models.adapters import checkpoint_adapter
 from tunesmith.rundir import checkpoint_steps, read_metrics, read_run_config
 from tunesmith.serve import jobs as job_spec
-from tunesmith.serve.scratch import Fenced, bytes_at, die_with_parent, run_members, stop, try_lock
+from tunesmith.serve import progress
+from tunesmith.serve.scratch import Fenced, bytes_at, die_with_parent, first_lines, run_members, stop, try_lock
 from tunesmith.serve.service import Service
 from tunesmith.serve.shapes import ApiError
 from tunesmith.serve.store import Lease, LeaseLost
@@ -50,18 +52,12 @@ LEASE_SECONDS = 30.0
 POLL_SECONDS = 1.0
 CANCEL_GRACE_SECONDS = 5.0
 USER_ERROR_EXIT = 2
-EVAL_HEADLINE = {
-    "perplexity": "perplexity",
-    "preference": "preference_accuracy",
-    "reward": "mean_reward",
-}  # the evaluation's task -> metric
 EVAL_MAX_EXAMPLES = 500  # validation examples the closing evaluation scores (each on the tuned and the base model)
 TUNESMITH = [sys.executable, "-m", "tunesmith"]  # how a run's process is started (`tunesmith train ...`)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PAUSE_GRACE_SECONDS = 900.0  # a paused run finishes its step and checkpoints; killed (unpaused) past this
 GRADER_FILE = "grader.json"  # a reinforcement job's grader, for the closing evaluation
 EVAL_TASKS = {"dpo": "preference", "reinforcement": "reward"}  # the closing evaluation's task; else perplexity
-RL_EVENT_FIGURES = ("reward", "kl", "entropy", "response_length", "truncated_fraction", "clip_fraction")
 
 
 class CancelRequested(Exception):
@@ -134,6 +130,7 @@ class JobRun:
         self.recorded = {row["step"] for row in self.store.checkpoints(self.job["id"], None, 1 << 20)}
         self.sealing: threading.Thread | None = None  # records new checkpoints and seals the run meanwhile
         self.result_file: str | None = None  # the evaluation report's file id
+        self.progress = progress.Progress()  # the newest figures read, for the checkpoints' records
 
     def execute(self) -> str:
         job = self.job
@@ -325,7 +322,7 @@ class JobRun:
             job["project_id"], f"{job['id']}-eval.json", json.dumps(result, indent=1, ensure_ascii=False).encode()
         )
         self.add_event(
-            f"Evaluation on {result['n']} validation examples: {headline(result)}",
+            f"Evaluation on {result['n']} validation examples: {progress.headline(result)}",
             data={"file": self.result_file, "task": task, "n": result["n"]},
             key="eval-done",
         )
@@ -434,7 +431,7 @@ class JobRun:
                 )
             for name, data in files.items():
                 self.put_blob(self.service.adapter_blob(self.job["id"], name, step), io.BytesIO(data))
-            self.store.add_checkpoint(self.job["id"], step, self.checkpoint_metrics(step), lease=self.lease)
+            self.store.add_checkpoint(self.job["id"], step, self.progress.checkpoint_metrics(step), lease=self.lease)
             self.recorded.add(step)
 
     def seal(self, step: int) -> None:
@@ -457,53 +454,8 @@ class JobRun:
         self.sealed_step = step
 
     def record_metrics(self, row: dict[str, Any]) -> None:
-        step = row.get("step")
-        if step is None:
-            return
-        if row.get("event") == "data":  # the run's opening line: what it trains on, how long, on how many processes
-            data = {key: row.get(key) for key in ("total_steps", "processes", "examples", "rows")}
-            self.add_event(
-                f"Training {data['total_steps']} steps on {data['processes']} process(es)", data=data, key="data"
-            )
-            return
-        self.last_metrics = {**getattr(self, "last_metrics", {}), "step": step}
-        if "loss" in row:
-            self.last_metrics["train_loss"] = row["loss"]
-            data = {
-                "step": step,
-                "train_loss": row["loss"],
-                "total_steps": row.get("total_steps"),
-                "tokens_per_s": row.get("tokens_per_s"),
-                "lr": row.get("lr"),
-                **rl_figures(row, ""),
-            }
-            said = f", reward={row['reward']:.4f}" if "reward" in row else ""
-            self.add_event(
-                f"Step {step}: training loss={row['loss']:.4f}{said}", type="metrics", data=data, key=f"train-{step}"
-            )
-        if "val_reward" in row:
-            self.last_metrics["valid_reward"] = row["val_reward"]
-            self.add_event(
-                f"Step {step}: validation reward={row['val_reward']:.4f}",
-                type="metrics",
-                data={"step": step, **rl_figures(row, "val_")},
-                key=f"val-reward-{step}",
-            )
-        if "val_loss" in row:
-            self.last_metrics["valid_loss"] = row["val_loss"]
-            self.add_event(
-                f"Step {step}: validation loss={row['val_loss']:.4f}",
-                type="metrics",
-                data={"step": step, "valid_loss": row["val_loss"]},
-                key=f"val-{step}",
-            )
-
-    def checkpoint_metrics(self, step: int) -> dict[str, Any]:
-        known = getattr(self, "last_metrics", {})
-        return {
-            "step": step,
-            **{key: known[key] for key in ("train_loss", "valid_loss", "valid_reward") if key in known},
-        }
+        for event in progress.events_of(row, self.progress):
+            self.add_event(event.message, type=event.type, data=event.data, key=event.key)
 
     def pause(self) -> str:
         """The run stopped at a checkpoint: seal it, leave the job `paused` (a resume queues it again and a worker
@@ -620,44 +572,6 @@ class JobRun:
         path = self.directory / name
         text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
         return "\n".join(text.strip().splitlines()[-lines:]) or "training stopped without a message"
-
-
-def rl_figures(row: dict[str, Any], prefix: str) -> dict[str, float]:
-    """An RL step's figures from its metrics line (`prefix` val_: its evaluation's): the reward and each of its
-    sources' (reward_grader, and a multi grader's reward_grader_<name>), KL, entropy and reply length."""
-    names = [name for name in row if name.startswith(f"{prefix}reward")]
-    names += [f"{prefix}{name}" for name in RL_EVENT_FIGURES if name != "reward"]
-    return {name: row[name] for name in names if isinstance(row.get(name), (int, float))}
-
-
-def first_lines(source: Path, target: Path, count: int) -> None:
-    """The first `count` non-blank lines of `source` into `target` (private)."""
-    with open(source, "rb") as lines, open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
-        kept = 0
-        for line in lines:
-            if kept == count:
-                break
-            if line.strip():
-                out.write(line if line.endswith(b"\n") else line + b"\n")
-                kept += 1
-
-
-def headline(result: dict[str, Any]) -> str:
-    """The report's first metric for the tuned model and the base, and their difference, with 95% intervals."""
-    from tunesmith.eval.stats import cell, difference
-
-    name = EVAL_HEADLINE.get(result.get("task"), "")
-    tuned = result.get("metrics", {}).get(name)
-    if tuned is None:
-        return "no metric"
-    parts = [f"{name} {cell(tuned, rate=False)} fine-tuned"]
-    base = result.get("baselines", {}).get("base", {}).get("metrics", {}).get(name)
-    if base is not None:
-        parts.append(f"{cell(base, rate=False)} base")
-    diff = result.get("comparisons", {}).get("base", {}).get(name)
-    if diff and diff.get("diff") is not None:
-        parts.append(f"difference {difference(diff, '+.4g')}")
-    return "; ".join(parts)
 
 
 def run(service: Service, concurrency: int = 1, lease_seconds: float = LEASE_SECONDS) -> int:
