@@ -14,6 +14,7 @@ from typing import Iterator
 import pytest
 from service_fixtures import live_app, make_key
 
+from tunesmith.serve import progress
 from tunesmith.serve.service import Service, Settings
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -31,6 +32,8 @@ FILENAME = "<b>x</b>.jsonl"
 EVIL_MESSAGE = "<img src=x id=injected> should show as text"
 TIMEOUT_MS = 8000
 LONG_STEPS = 130  # more than one page (100) of events
+RL_STEPS = 4
+RL_WARNING = "possible reward hacking: the training reward rose while val_reward fell"
 
 playwright_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]' (never `playwright install`)"
@@ -78,6 +81,10 @@ class Site:
             store.add_event(
                 self.long["id"], f"Step {step}", type="metrics", data={"step": step, "train_loss": 1 / step}
             )
+        self.rl = store.add_job(
+            PROJECT, **{**job, "method": "reinforcement"}, status="failed", created_at=1_700_000_070
+        )
+        self.add_rl_lines()
         self.queued = store.add_job(PROJECT, **job, status="queued", created_at=1_700_000_100)
         self.running = store.add_job(PROJECT, **job, status="running", created_at=1_700_000_200)
         store.add_event(self.running["id"], "Fine-tuning job started on worker w1")
@@ -97,6 +104,22 @@ class Site:
                     self.running["id"],
                     step,
                     {"step": step, "train_loss": self.train_loss(step), "valid_loss": valid_loss},
+                )
+
+    def add_rl_lines(self) -> None:
+        """A GRPO run's metrics lines, through the worker's own reading (serve/progress.py): the training reward
+        rises while the validation reward falls, and the reward-hacking monitor's line says so."""
+        lines = [
+            {"step": step, "loss": 0.1, "reward": 0.1 * step, "entropy": 2.0, "response_length": 30.0 + step}
+            for step in range(1, RL_STEPS + 1)
+        ]
+        lines += [{"step": 2, "val_reward": 0.8}, {"step": 4, "val_reward": 0.5}]
+        lines.append({"step": 4, "monitor": "reward_hacking", "warning": RL_WARNING})
+        known = progress.Progress()
+        for line in sorted(lines, key=lambda line: line["step"]):
+            for event in progress.events_of(line, known):
+                self.service.store.add_event(
+                    self.rl["id"], event.message, type=event.type, data=event.data, key=event.key
                 )
 
     @staticmethod
@@ -280,6 +303,24 @@ def test_curve_of_a_job_with_more_than_a_page_of_events(page, site):
     expect(page.locator("#events tbody tr")).to_have_count(LONG_STEPS)
     expect(page.locator("#job-status")).to_have_class(re.compile("status-failed"))
     expect(page.locator("#cancel")).to_be_hidden()
+
+
+def test_an_rl_job_shows_its_reward_curves_and_its_monitors_warning(page, site, tmp_path):
+    site, _ = site
+    enter_key(page, site.keys["read"])
+    job_row(page, site.running["id"]).click()
+    expect(page.locator("#chart svg")).to_have_attribute("data-valid-points", "2")  # rendered
+    expect(page.locator("#rl")).to_be_hidden()  # a supervised job has no RL section
+    job_row(page, site.rl["id"]).click()
+    expect(page.locator('#monitors li[data-monitor="reward_hacking"]')).to_have_text(f"step 4: {RL_WARNING}")
+    charts = page.locator("#rl-charts svg")
+    expect(charts).to_have_count(3)  # reward, reply length, entropy
+    expect(charts.nth(0)).to_have_attribute("aria-label", "reward")
+    expect(charts.nth(0)).to_have_attribute("data-train-points", str(RL_STEPS))
+    expect(charts.nth(0)).to_have_attribute("data-valid-points", "2")
+    expect(page.locator("#rl-charts line.monitor-mark")).to_have_count(3)  # the warning's step on each chart
+    expect(page.locator("#events")).to_contain_text(f"Step 4: warning: {RL_WARNING}")
+    save_screenshot(page, tmp_path / "rl.png", "/tmp/dashboard-rl.png")
 
 
 def test_cancel_needs_a_write_key(page, site, tmp_path):

@@ -24,6 +24,7 @@ class Event:
     data: dict[str, Any]
     key: str
     type: str = "metrics"
+    level: str = "info"
 
 
 @dataclass
@@ -48,7 +49,8 @@ def events_of(row: dict[str, Any], progress: Progress) -> list[Event]:
         ]
     if "monitor" in row:  # once per run and monitor: its name is its key
         data = {"step": step, "monitor": row["monitor"], "warning": row.get("warning")}
-        return [Event(f"Step {step}: warning: {row.get('warning')}", data, f"monitor-{row['monitor']}", "message")]
+        message = f"Step {step}: warning: {row.get('warning')}"
+        return [Event(message, data, f"monitor-{row['monitor']}", "message", "warning")]
     events = []
     if "loss" in row:
         progress.known["train_loss"] = row["loss"]

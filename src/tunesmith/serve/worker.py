@@ -455,7 +455,7 @@ class JobRun:
 
     def record_metrics(self, row: dict[str, Any]) -> None:
         for event in progress.events_of(row, self.progress):
-            self.add_event(event.message, type=event.type, data=event.data, key=event.key)
+            self.add_event(event.message, level=event.level, type=event.type, data=event.data, key=event.key)
 
     def pause(self) -> str:
         """The run stopped at a checkpoint: seal it, leave the job `paused` (a resume queues it again and a worker

@@ -12,27 +12,28 @@ from typing import Any
 
 class MetricsLog:
     """Append-only JSONL log. On resume, lines past the checkpoint's step are dropped, so a resumed
-    run's log reads exactly as the uninterrupted run's would. With no path (a distributed run's other ranks)
-    it writes nothing."""
+    run's log reads exactly as the uninterrupted run's would. `records` holds what the file holds (the kept lines
+    and those written since), for what reads the run's history as it trains (train/rl_monitors.py). With no path
+    (a distributed run's other ranks) it writes and holds nothing."""
 
     def __init__(self, path: Path | None, resume_step: int | None = None):
         self.path = path
+        self.records: list[dict[str, Any]] = []
         if path is None:
             return
         if resume_step is None:
             path.write_text("", encoding="utf-8")
         elif path.exists():
-            kept = [
-                line
-                for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            kept = [(line, record) for line in lines if (record := json.loads(line)).get("step", 0) <= resume_step]
+            self.records = [record for _, record in kept]
+            path.write_text("".join(line + "\n" for line, _ in kept), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         if self.path is None:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.records.append(clean)
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(clean) + "\n")
 

@@ -31,6 +31,7 @@ from tunesmith.train import distributed, session
 from tunesmith.train.grpo_losses import Aggregation, token_mean
 from tunesmith.train.policy import PolicyAndValue, Reference, ValueHead, build_reference, token_statistics
 from tunesmith.train.reward_functions import Reward, build_reward
+from tunesmith.train.rl_monitors import fired_monitors
 from tunesmith.train.rollout import Rollout, rollout_batch, sample_replies, split, step_seed
 from tunesmith.train.session import RunResult, Session, open_session
 from tunesmith.train.step import StepResult
@@ -244,7 +245,8 @@ def validation_reward(run: RLRun) -> dict[str, float]:
 
 
 def finish_step(run: RLRun, result: StepResult, figures: dict[str, float], stop: Any, started: float) -> None:
-    """Count the step, log it, evaluate and checkpoint when due; on a signal, checkpoint and stop."""
+    """Count the step, log it, evaluate and check the monitors (train/rl_monitors.py), checkpoint when due; on a
+    signal, checkpoint and stop."""
 
     config, state, world = run.config, run.state, run.world
     FREED_PAGES.step_finished()
@@ -274,6 +276,9 @@ def finish_step(run: RLRun, result: StepResult, figures: dict[str, float], stop:
         run.log.write({"step": state.step, "warning": warning})
     if run.data.validation and (state.step % config.train.eval_every == 0 or done):
         run.log.write({"step": state.step, **validation_reward(run)})
+    for name, monitor_warning in fired_monitors(run.log.records):  # main rank only: the others hold no records
+        run.progress.write(f"warning: step {state.step}: {monitor_warning}")
+        run.log.write({"step": state.step, "monitor": name, "warning": monitor_warning})
     session.evaluate_due(
         config,
         distributed.Runner(run.model),
