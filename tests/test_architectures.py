@@ -437,11 +437,12 @@ def test_distillation_and_rl_on_a_moe_carry_the_router_balance_loss(tmp_path, to
     """Distillation adds the routers' balance loss once per target, as the token loss does; the RL policy pass hands
     it to GRPO's and PPO's per-token losses, which add it to every reply token (their mean carries it once). With
     the weight at 0 each is its plain loss; a dense model has none."""
+    from functools import partial
     from types import SimpleNamespace
 
     from tunesmith.config.schema import RLConfig
     from tunesmith.recipes.grpo import grpo_token_loss
-    from tunesmith.registry import distill_losses
+    from tunesmith.registry import distill_losses, grpo_losses
     from tunesmith.train import policy
     from tunesmith.train.distill import Distiller, LiveTeacher
 
@@ -456,16 +457,22 @@ def test_distillation_and_rl_on_a_moe_carry_the_router_balance_loss(tmp_path, to
     plain = distiller(model, batch)
     logprobs, _, none = policy.policy_outputs(model, batch, 1.0)
     assert none is None
-    rollout = SimpleNamespace(logprobs=logprobs.detach(), advantages=torch.linspace(-1, 1, targets), ref_logprobs=None)
+    rollout = SimpleNamespace(
+        logprobs=logprobs.detach(),
+        advantages=torch.linspace(-1, 1, targets),
+        ref_logprobs=None,
+        sample_of_tokens=lambda: torch.zeros(targets, dtype=torch.long),
+    )
     tokens = torch.arange(targets)
-    plain_rl, figures = grpo_token_loss(RLConfig(), rollout, model, batch, tokens)
+    token_loss = partial(grpo_token_loss, RLConfig(), grpo_losses.get("grpo"), (0.2, 0.2))
+    plain_rl, figures = token_loss(rollout, model, batch, tokens)
     assert "router_balance" not in figures
     set_router_balance(model, 0.5)
     weighted = 0.5 * balance_loss(model, routed)
     torch.testing.assert_close(distiller(model, batch), plain + weighted * targets)
     _, _, balance = policy.policy_outputs(model, batch, 1.0)
     torch.testing.assert_close(balance, weighted)
-    with_balance, figures = grpo_token_loss(RLConfig(), rollout, model, batch, tokens)
+    with_balance, figures = token_loss(rollout, model, batch, tokens)
     torch.testing.assert_close(with_balance, plain_rl + weighted)
     torch.testing.assert_close(figures["router_balance"], weighted.detach().expand(targets))
     dense = lora_model(save_family("llama", tmp_path / "llama", tokenizer))

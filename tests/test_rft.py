@@ -87,3 +87,23 @@ def test_rows_without_a_field_the_grader_reads_are_refused_at_their_line(tmp_pat
     with pytest.raises(UserError) as refused:
         run(config)
     assert "reads the field 'answer'" in str(refused.value) and ":4" in str(refused.value)
+
+
+def test_the_gsm8k_graders_tell_format_from_answer():
+    """The shipped gsm8k graders: strict needs "#### N", lenient any last number; the rft examples train with the
+    strict file's grader (one grader, not copies that drift)."""
+    from pathlib import Path
+
+    from tunesmith.eval.graders import run_grader
+    from tunesmith.eval.graders.batch import load_grader
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    strict, lenient = (load_grader(examples / "graders" / f"gsm8k-{name}.yaml") for name in ("strict", "lenient"))
+    item = {"output": "2 + 3 = 5 apples in all\n#### 1,205"}
+    replies = {"so #### 1205": (1.0, 1.0), "the answer is 1,205.": (0.0, 1.0), "#### 12 then 1205": (0.0, 1.0)}
+    replies |= {"#### 1206": (0.0, 0.0), "no number": (0.0, 0.0)}
+    for reply, (want_strict, want_lenient) in replies.items():
+        assert run_grader(strict, reply, item).reward == want_strict, reply
+        assert run_grader(lenient, reply, item).reward == want_lenient, reply
+    for config in ("gsm8k-rft.yaml", "gsm8k-rft-after-sft.yaml"):
+        assert load_config(examples / config).rft.grader == strict, config

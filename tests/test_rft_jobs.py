@@ -8,8 +8,9 @@ import json
 
 import pytest
 from service_fixtures import live_app, make_key, wait_for, write_rows
-from test_rft import SPACES
+from test_rft import MULTI
 from test_rl import PROMPTS as RL_PROMPTS
+from test_service import finished
 
 openai = pytest.importorskip("openai")
 
@@ -20,19 +21,7 @@ HELD_OUT = [  # the validation file: with a developer message (read as the syste
     {"messages": [{"role": "developer", "content": "Answer."}, *row["messages"]], "answer": row["answer"]}
     for row in PROMPTS[:4]
 ]
-ANSWER = {  # reads a field of each row: a job whose rows lack it is refused
-    "type": "string_check",
-    "name": "answer",
-    "input": "{{ sample.output_text }}",
-    "reference": "{{ item.answer }}",
-    "operation": "like",
-}
-GRADER = {
-    "type": "multi",
-    "name": "both",
-    "graders": {"spaces": SPACES, "answer": ANSWER},
-    "calculate_output": "spaces + 0.1 * answer",
-}
+GRADER = MULTI  # its `answer` grader reads a field of each row: a job whose rows lack it is refused
 # A tiny model learns the spaces grader within these steps (test_rl.LEARNS_IN_8_STEPS, in the API's terms)
 LEARNABLE = {"n_epochs": 10, "batch_size": 4, "learning_rate_multiplier": 100, "compute_multiplier": 2}
 
@@ -49,15 +38,6 @@ def upload(api, rows: list[dict], name: str, tmp_path):
     return api.files.create(file=write_rows(tmp_path / name, rows).open("rb"), purpose="fine-tune")
 
 
-def finished(api, job_id: str, timeout: float = 300):
-    return wait_for(
-        lambda: (job := api.fine_tuning.jobs.retrieve(job_id)).status in ("succeeded", "failed", "cancelled") and job,
-        timeout,
-        interval=0.3,
-        what=f"job {job_id} to finish",
-    )
-
-
 def reinforcement(hyperparameters: dict, grader: dict = GRADER) -> dict:
     return {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hyperparameters}}
 
@@ -68,7 +48,7 @@ def adapter_tensors(service, job_id: str) -> dict:
     return load(service.adapter_files(job_id)["adapter_model.safetensors"])
 
 
-def test_a_reinforcement_job_learns_its_grader_and_a_paused_one_resumes_bit_for_bit(service, tmp_path):
+def test_a_reinforcement_job_learns_its_grader_and_its_result_file_compares_it_with_its_base(service, tmp_path):
     with live_app(service) as base_url:
         api = openai.OpenAI(api_key=make_key(service, "acme", "write"), base_url=base_url, max_retries=0, timeout=60)
         train = upload(api, PROMPTS, "train.jsonl", tmp_path)
@@ -104,22 +84,26 @@ def test_a_reinforcement_job_learns_its_grader_and_a_paused_one_resumes_bit_for_
         assert difference["diff"] == pytest.approx(tuned["value"] - base["value"])
         assert difference["ci95"][0] <= difference["diff"] <= difference["ci95"][1]
 
-        # the same job paused after its second step and resumed: the same adapter, bit for bit
-        again = api.fine_tuning.jobs.create(
-            model="tiny", training_file=train.id, validation_file=valid.id, seed=3, method=method
-        )
+
+def test_a_paused_job_resumes_where_it_stopped_bit_for_bit(service, tmp_path):
+    """Two reinforcement jobs alike, one paused after its first step and resumed: the same adapter, tensor for
+    tensor. Nothing of the paused job is plaintext meanwhile."""
+    with live_app(service) as base_url:
+        api = openai.OpenAI(api_key=make_key(service, "acme", "write"), base_url=base_url, max_retries=0, timeout=60)
+        train = upload(api, PROMPTS, "train.jsonl", tmp_path)
+        method = reinforcement({"n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": 100})
+        job = api.fine_tuning.jobs.create(model="tiny", training_file=train.id, seed=3, method=method)
+        again = api.fine_tuning.jobs.create(model="tiny", training_file=train.id, seed=3, method=method)
+        assert finished(api, job.id).status == "succeeded"
         wait_for(
-            lambda: any(
-                e.type == "metrics" and (e.data or {}).get("step", 0) >= 2
-                for e in api.fine_tuning.jobs.list_events(again.id, limit=50)
-            ),
+            lambda: any(e.type == "metrics" for e in api.fine_tuning.jobs.list_events(again.id, limit=50)),
             120,
-            what="two steps",
+            what="a step",
         )
         assert api.fine_tuning.jobs.pause(again.id).status == "running"  # until its worker has checkpointed it
         wait_for(lambda: api.fine_tuning.jobs.retrieve(again.id).status == "paused", 120, what="the pause")
         paused_at = max(c.step_number for c in api.fine_tuning.jobs.checkpoints.list(again.id))
-        assert 2 <= paused_at < 20
+        assert 1 <= paused_at < 8
         assert not service.work_dir(again.id).exists()  # no plaintext while paused: the run is sealed
         with pytest.raises(openai.BadRequestError) as refused:
             api.fine_tuning.jobs.pause(again.id)

@@ -459,22 +459,16 @@ class JobRun:
 
     def pause(self) -> str:
         """The run stopped at a checkpoint: seal it, leave the job `paused` (a resume queues it again and a worker
-        unseals the run), and erase the scratch directory, the only plaintext."""
+        unseals the run), and erase the scratch directory, the only plaintext. Part of `execute`, which tells a lost
+        lease and an unwritable audit log."""
         job = self.job
-        try:
-            self.sync_run(seal=False)
-            newest = max(checkpoint_steps(self.directory / "run"), default=0)
-            if newest > self.sealed_step:
-                self.seal(newest)
-            with self.service.audited(job["project_id"], "worker", "job.paused", [job["id"]], step=self.sealed_step):
-                if not self.store.pause(self.lease):
-                    raise LeaseLost(self.lease)
-        except LeaseLost:
-            return "lost"
-        except ApiError as error:
-            if error.code != "audit_unavailable":
-                raise
-            return self.unaudited(error)
+        self.sync_run(seal=False)
+        newest = max(checkpoint_steps(self.directory / "run"), default=0)
+        if newest > self.sealed_step:
+            self.seal(newest)
+        with self.service.audited(job["project_id"], "worker", "job.paused", [job["id"]], step=self.sealed_step):
+            if not self.store.pause(self.lease):
+                raise LeaseLost(self.lease)
         where = f"at step {self.sealed_step}" if self.sealed_step else "before its first checkpoint"
         self.store.add_event(job["id"], f"Fine-tuning job paused {where}", key=f"paused-{self.lease.epoch}")
         if newest == self.sealed_step:  # the sealed run holds everything: the scratch copy goes
