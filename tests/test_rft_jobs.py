@@ -21,6 +21,11 @@ HELD_OUT = [  # the validation file: with a developer message (read as the syste
     {"messages": [{"role": "developer", "content": "Answer."}, *row["messages"]], "answer": row["answer"]}
     for row in PROMPTS[:4]
 ]
+SLOW_GRADER = {
+    "type": "python",
+    "name": "length",
+    "source": "def grade(sample, item):\n    return min(len(sample['output_text']), 20) / 20\n",
+}
 GRADER = MULTI  # its `answer` grader reads a field of each row: a job whose rows lack it is refused
 # A tiny model learns the spaces grader within these steps (test_rl.LEARNS_IN_8_STEPS, in the API's terms)
 LEARNABLE = {"n_epochs": 10, "batch_size": 4, "learning_rate_multiplier": 100, "compute_multiplier": 2}
@@ -85,25 +90,35 @@ def test_a_reinforcement_job_learns_its_grader_and_its_result_file_compares_it_w
         assert difference["ci95"][0] <= difference["diff"] <= difference["ci95"][1]
 
 
-def test_a_paused_job_resumes_where_it_stopped_bit_for_bit(service, tmp_path):
-    """Two reinforcement jobs alike, one paused after its first step and resumed: the same adapter, tensor for
-    tensor. Nothing of the paused job is plaintext meanwhile."""
+def test_a_paused_job_resumes_where_it_stopped_bit_for_bit(service, tmp_path, monkeypatch):
+    """Two reinforcement jobs alike, one paused once its worker has read its first step (of 6) and resumed: the same
+    adapter, tensor for tensor. Nothing of the paused job is plaintext meanwhile."""
+    from tunesmith.serve.worker import JobRun
+
+    paused: list = []  # the pause request's reply, sent from the worker's thread as it reads step 1 of `again`
+    read = JobRun.record_metrics
+
+    def pause_at_step_one(run, row):
+        if target and run.job["id"] == target[0] and row.get("step") == 1 and "loss" in row and not paused:
+            paused.append(api.fine_tuning.jobs.pause(target[0]))
+        read(run, row)
+
+    monkeypatch.setattr(JobRun, "record_metrics", pause_at_step_one)
+    target: list = []
     with live_app(service) as base_url:
         api = openai.OpenAI(api_key=make_key(service, "acme", "write"), base_url=base_url, max_retries=0, timeout=60)
         train = upload(api, PROMPTS, "train.jsonl", tmp_path)
-        method = reinforcement({"n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": 100})
+        # a python grader: each step waits on its sandbox, so the run is still going when the pause lands
+        method = reinforcement({"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 100}, SLOW_GRADER)
         job = api.fine_tuning.jobs.create(model="tiny", training_file=train.id, seed=3, method=method)
-        again = api.fine_tuning.jobs.create(model="tiny", training_file=train.id, seed=3, method=method)
         assert finished(api, job.id).status == "succeeded"
-        wait_for(
-            lambda: any(e.type == "metrics" for e in api.fine_tuning.jobs.list_events(again.id, limit=50)),
-            120,
-            what="a step",
-        )
-        assert api.fine_tuning.jobs.pause(again.id).status == "running"  # until its worker has checkpointed it
+        again = api.fine_tuning.jobs.create(model="tiny", training_file=train.id, seed=3, method=method)
+        target.append(again.id)
+        wait_for(lambda: paused, 120, what="step 1")
+        assert paused[0].status == "running"  # until its worker has checkpointed it
         wait_for(lambda: api.fine_tuning.jobs.retrieve(again.id).status == "paused", 120, what="the pause")
         paused_at = max(c.step_number for c in api.fine_tuning.jobs.checkpoints.list(again.id))
-        assert 1 <= paused_at < 8
+        assert 1 <= paused_at < 6
         assert not service.work_dir(again.id).exists()  # no plaintext while paused: the run is sealed
         with pytest.raises(openai.BadRequestError) as refused:
             api.fine_tuning.jobs.pause(again.id)
