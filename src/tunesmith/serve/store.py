@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from tunesmith.paths import home
 from tunesmith.serve.tables import (
     JSON_COLUMNS,
+    add_new_columns,
     api_keys,
     audit_head,
     checkpoints,
@@ -105,21 +106,6 @@ def older_than(table: sa.Table, last: dict[str, Any]) -> Any:
         table.c.created_at < last["created_at"],
         sa.and_(table.c.created_at == last["created_at"], table.c.id < last["id"]),
     )
-
-
-def add_new_columns(engine: sa.Engine) -> None:
-    """Add the columns a table gained since the database was made (each is nullable: old rows read None), so a
-    service's database keeps working across an upgrade. Tables it lacks entirely, create_all made already."""
-    inspector = sa.inspect(engine)
-    with engine.begin() as connection:
-        for table in metadata.sorted_tables:
-            present = {column["name"] for column in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in present:
-                    continue
-                assert column.nullable, f"{table.name}.{column.name}: a column added later must be nullable"
-                kind = column.type.compile(dialect=engine.dialect)
-                connection.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
 
 
 class Store:

@@ -1,4 +1,5 @@
 """The service's tables (SQLAlchemy Core), the same on SQLite and PostgreSQL; serve/store.py reads and writes them.
+A column added since a database was made is added to it at start-up (`add_new_columns`).
 
 JSON columns are text (`TEXT_JSON`), encoded and decoded by the store, so both databases hold the same bytes.
 """
@@ -115,6 +116,22 @@ audit_head = sa.Table(  # one row (id 1): the audit log's newest record, so `aud
     sa.Column("hash", sa.String(64), nullable=False),
     sa.Column("updated_at", sa.BigInteger, nullable=False),
 )
+
+
+def add_new_columns(engine: sa.Engine) -> None:
+    """Add the columns a table gained since the database was made (each is nullable: old rows read None), so a
+    service's database keeps working across an upgrade. Tables it lacks entirely, create_all made already."""
+    inspector = sa.inspect(engine)
+    with engine.begin() as connection:
+        for table in metadata.sorted_tables:
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                assert column.nullable, f"{table.name}.{column.name}: a column added later must be nullable"
+                kind = column.type.compile(dialect=engine.dialect)
+                connection.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
+
 
 FINISHED = ("succeeded", "failed", "cancelled")
 JSON_COLUMNS = {
