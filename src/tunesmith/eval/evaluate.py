@@ -27,6 +27,7 @@ from tunesmith.errors import Problem, UserError
 from tunesmith.eval import metrics as metric_functions
 from tunesmith.eval.baselines import few_shot_prefix, label_set, parse_baseline, run_columns, run_config, system_context
 from tunesmith.eval.calibration import calibration_section
+from tunesmith.eval.graders.batch import grader_rater
 from tunesmith.eval.judge import Judge, Rubric, load_rubric
 from tunesmith.eval.preference_metrics import implicit_reward_accuracy
 from tunesmith.eval.stats import cell, difference
@@ -211,6 +212,8 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
     if classifier is not None:
         check_known_labels(items, classifier.labels, data)
     rubric = judge_rubric(task, items, options)  # a rubric file is read and checked before any model loads
+    rated = reward_target or options.reward_model is not None
+    grader = grader_rater(options.grader, options.task, rated) if options.grader else None  # and so is a grader
     engine = None if reward_target or classifier is not None else Engine.load(target)
     labels = label_set(items, config) if options.task == "classification" else []
     context = Context(
@@ -228,16 +231,8 @@ def evaluate(target: str, data: Path, options: EvalOptions, output: Path) -> dic
                 f"the model's own replies (--task reward), not {options.task}; fix: add --task reward"
             )
         context.reward = RewardScorer.load(target if reward_target else options.reward_model)
-    if options.grader is not None:
-        if options.task != "reward" or context.reward is not None:
-            raise UserError(
-                f"--grader rates the model's own replies (--task reward), in place of a reward model; fix: "
-                f"--task reward{' and drop --reward-model' if context.reward is not None else ''}"
-            )
-        from tunesmith.eval.graders import GraderRater
-        from tunesmith.eval.graders.batch import load_grader
-
-        context.reward = GraderRater(load_grader(options.grader))
+    if grader is not None:
+        context.reward = grader
     shots_file = options.shots_file or (config.data.train if config else None)
 
     predictions, timing, loaded = {}, {}, {}

@@ -34,6 +34,19 @@ def load_grader(path: Path) -> dict[str, Any]:
     return spec
 
 
+def grader_rater(path: Path, task: str, rated: bool) -> Any:
+    """`eval --grader PATH`: the grader, read and checked, as the reward task's rater (GraderRater); refused for
+    another task or beside a reward model (`rated`)."""
+    if task != "reward" or rated:
+        raise UserError(
+            f"--grader rates the model's own replies (--task reward), in place of a reward model; fix: "
+            f"--task reward{' and drop --reward-model' if rated else ''}"
+        )
+    from tunesmith.eval.graders import GraderRater
+
+    return GraderRater(load_grader(path))
+
+
 def located(problem: Problem, path: Path, locations: Location) -> Problem:
     """`problem` (its `where` a key path under ROOT) at the line of that key, or of its nearest written parent."""
     keys = tuple(problem.where.split(".")[1:]) if problem.where.startswith(ROOT) else ()
